@@ -1,0 +1,1 @@
+"""One module per `gdsllm` sub-command; each has `add_parser(sub)` (see gdsllm.cli)."""

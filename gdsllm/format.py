@@ -1,0 +1,307 @@
+"""The GdsLLM weight format: typed, validated descriptions of a model directory.
+
+A model directory holds `metadata.json` and one flat file per *unit* (`layer_000.bin`, ...):
+the embedding, each decoder block, then the final norm with the LM head. Every tensor starts at
+a 4 KiB-aligned offset and every file is padded to 4 KiB, so each unit can be read with
+O_DIRECT / cuFile in one aligned request. This module only describes and checks; the writer is
+`gdsllm.writer`, the readers are in `gdsllm.storage`.
+
+    >>> meta = load_model_meta("~/.cache/gdsllm/smollm2-135m-instruct")
+    >>> meta.units[1].tensors[0].name, meta.units[1].nbytes
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+FORMAT_NAME = "gdsllm"
+FORMAT_VERSION = 1
+ALIGN = 4096  # bytes; O_DIRECT and cuFile want 4 KiB-aligned offsets and lengths
+METADATA_FILE = "metadata.json"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
+UNIT_KINDS = ("embed", "block", "head")
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+class FormatError(ValueError):
+    """A model directory or one of its files is missing, malformed or corrupt."""
+
+
+def align_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """One tensor inside a unit file: `nbytes` bytes at `offset` (bytes, 4 KiB aligned)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class UnitMeta:
+    """One unit: a file of `nbytes` bytes (padded to 4 KiB) with its tensors and checksum."""
+
+    index: int
+    name: str  # "embed", "block.0" ... "block.N-1", "head"
+    kind: str  # one of UNIT_KINDS
+    layer: int | None  # decoder block index for kind == "block"
+    file: str
+    nbytes: int
+    checksum: str
+    tensors: tuple[TensorMeta, ...]
+
+    def tensor(self, name: str) -> TensorMeta:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(f"unit {self.name} ({self.file}) has no tensor {name!r}")
+
+
+@dataclass(frozen=True)
+class LlamaParams:
+    """Hyper-parameters of a LLaMA-family model, named as in Hugging Face's LlamaConfig."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: dict | None = None  # Llama-3 style: {"rope_type": "llama3", "factor": ...}
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything `metadata.json` says, validated. `root` is the model directory."""
+
+    root: Path
+    architecture: str
+    params: LlamaParams
+    dtype: str
+    units: tuple[UnitMeta, ...]
+    tokenizer_file: str | None = None
+    chat_template: str | None = None
+    extra_files: dict[str, str] = field(default_factory=dict)  # file name -> checksum
+    source: str = ""
+
+    def path(self, unit: UnitMeta) -> Path:
+        return self.root / unit.file
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(u.nbytes for u in self.units)
+
+    @property
+    def num_params(self) -> int:
+        # The LM head of a tied model is stored as a copy; count it once.
+        n = sum(t.numel for u in self.units for t in u.tensors)
+        if self.params.tie_word_embeddings:
+            n -= self.units[-1].tensor("lm_head.weight").numel
+        return n
+
+
+def unit_tensor_shapes(p: LlamaParams, kind: str) -> dict[str, tuple[int, ...]]:
+    """The tensors every unit of `kind` must hold, with their shapes (Hugging Face layout)."""
+    h, hd = p.hidden_size, p.head_dim
+    if kind == "embed":
+        return {"embed_tokens.weight": (p.vocab_size, h)}
+    if kind == "head":
+        return {"norm.weight": (h,), "lm_head.weight": (p.vocab_size, h)}
+    assert kind == "block", kind
+    return {
+        "input_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (p.num_attention_heads * hd, h),
+        "self_attn.k_proj.weight": (p.num_key_value_heads * hd, h),
+        "self_attn.v_proj.weight": (p.num_key_value_heads * hd, h),
+        "self_attn.o_proj.weight": (h, p.num_attention_heads * hd),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (p.intermediate_size, h),
+        "mlp.up_proj.weight": (p.intermediate_size, h),
+        "mlp.down_proj.weight": (h, p.intermediate_size),
+    }
+
+
+def unit_layout(p: LlamaParams) -> list[tuple[str, str, int | None]]:
+    """(name, kind, layer) of every unit in file order: embedding, blocks, head."""
+    units: list[tuple[str, str, int | None]] = [("embed", "embed", None)]
+    units += [(f"block.{i}", "block", i) for i in range(p.num_hidden_layers)]
+    units.append(("head", "head", None))
+    return units
+
+
+def unit_file_name(index: int) -> str:
+    return f"layer_{index:03d}.bin"
+
+
+def checksum(buf: torch.Tensor) -> str:
+    """Checksum of a unit's bytes: the wrapping sum of its little-endian 64-bit words, in hex.
+
+    Cheap enough to compute where the bytes land (host memory or a VRAM slot, with torch), and
+    any single corrupted word (so any flipped byte, padding included) changes it. It guards
+    against truncation and corruption, not against an adversary.
+    """
+    assert buf.dtype == torch.uint8 and buf.numel() % 8 == 0, "unit buffers are 4 KiB padded"
+    words = buf.view(torch.int64)
+    total = int(words.sum(dtype=torch.int64).item()) & 0xFFFFFFFFFFFFFFFF
+    return f"sum64:{total:016x}"
+
+
+def _require(cond: bool, where: Path, what: str) -> None:
+    if not cond:
+        raise FormatError(f"{where}: {what}")
+
+
+def _parse_tensor(d: dict, where: Path, unit_name: str) -> TensorMeta:
+    try:
+        t = TensorMeta(str(d["name"]), str(d["dtype"]), tuple(int(s) for s in d["shape"]),
+                       int(d["offset"]), int(d["nbytes"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{where}: unit {unit_name}: malformed tensor entry {d!r}: {e}") from None
+    _require(t.dtype in DTYPES, where, f"unit {unit_name} tensor {t.name}: unsupported dtype {t.dtype!r}")
+    _require(t.offset % ALIGN == 0, where, f"unit {unit_name} tensor {t.name}: offset {t.offset} "
+             f"is not {ALIGN}-byte aligned")
+    _require(t.nbytes == t.numel * ITEMSIZE[t.dtype], where,
+             f"unit {unit_name} tensor {t.name}: nbytes {t.nbytes} does not match shape {t.shape} "
+             f"of {t.dtype}")
+    return t
+
+
+def _parse_unit(d: dict, index: int, p: LlamaParams, where: Path) -> UnitMeta:
+    try:
+        u = UnitMeta(index=int(d["index"]), name=str(d["name"]), kind=str(d["kind"]),
+                     layer=None if d.get("layer") is None else int(d["layer"]),
+                     file=str(d["file"]), nbytes=int(d["nbytes"]), checksum=str(d["checksum"]),
+                     tensors=tuple(_parse_tensor(t, where, str(d.get("name"))) for t in d["tensors"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{where}: malformed unit entry #{index}: {e}") from None
+    _require(u.index == index, where, f"unit {u.name}: index {u.index}, expected {index}")
+    _require(u.kind in UNIT_KINDS, where, f"unit {u.name}: unknown kind {u.kind!r}")
+    _require("/" not in u.file and u.file not in ("", ".", ".."), where,
+             f"unit {u.name}: bad file name {u.file!r}")
+    _require(u.nbytes % ALIGN == 0, where, f"unit {u.name}: file size {u.nbytes} not padded to {ALIGN}")
+    expected = unit_tensor_shapes(p, u.kind)
+    names = [t.name for t in u.tensors]
+    _require(sorted(names) == sorted(expected), where,
+             f"unit {u.name}: tensors {sorted(names)}, expected {sorted(expected)}")
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in u.tensors)
+    for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
+        _require(a1 <= b0, where, f"unit {u.name}: tensors {an} and {bn} overlap")
+    _require(spans[-1][1] <= u.nbytes, where, f"unit {u.name}: tensor {spans[-1][2]} runs past the "
+             f"end of {u.file} ({u.nbytes} bytes)")
+    for t in u.tensors:
+        _require(t.shape == expected[t.name], where,
+                 f"unit {u.name} tensor {t.name}: shape {t.shape}, expected {expected[t.name]}")
+    return u
+
+
+def parse_params(cfg: dict, where: Path) -> LlamaParams:
+    try:
+        eos = cfg.get("eos_token_ids") or ()
+        p = LlamaParams(
+            vocab_size=int(cfg["vocab_size"]), hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=int(cfg["num_attention_heads"]),
+            num_key_value_heads=int(cfg["num_key_value_heads"]), head_dim=int(cfg["head_dim"]),
+            rms_norm_eps=float(cfg["rms_norm_eps"]), rope_theta=float(cfg["rope_theta"]),
+            max_position_embeddings=int(cfg["max_position_embeddings"]),
+            tie_word_embeddings=bool(cfg["tie_word_embeddings"]),
+            rope_scaling=cfg.get("rope_scaling"),
+            bos_token_id=None if cfg.get("bos_token_id") is None else int(cfg["bos_token_id"]),
+            eos_token_ids=tuple(int(e) for e in eos))
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{where}: malformed or missing hyper-parameter: {e}") from None
+    _require(p.num_attention_heads % p.num_key_value_heads == 0, where,
+             "num_attention_heads must be a multiple of num_key_value_heads")
+    return p
+
+
+def load_model_meta(root: str | os.PathLike, check_files: bool = True) -> ModelMeta:
+    """Read and validate `root/metadata.json`; with `check_files`, check every file's size.
+
+    Raises FormatError naming the file and the field at fault. Checksums are verified where the
+    bytes are read (`verify_unit`), not here: that would read the whole model.
+    """
+    root = Path(root).expanduser()
+    where = root / METADATA_FILE
+    try:
+        doc = json.loads(where.read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{where}: not found; is {root} a GdsLLM model directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{where}: not valid JSON: {e}") from None
+    _require(isinstance(doc, dict), where, "top level is not an object")
+    _require(doc.get("format") == FORMAT_NAME, where, f"format {doc.get('format')!r}, expected {FORMAT_NAME!r}")
+    _require(doc.get("format_version") == FORMAT_VERSION, where,
+             f"format_version {doc.get('format_version')!r}, this GdsLLM reads {FORMAT_VERSION}")
+    arch = doc.get("architecture")
+    _require(arch in SUPPORTED_ARCHITECTURES, where, f"unsupported architecture {arch!r}")
+    _require(isinstance(doc.get("config"), dict), where, "missing 'config' object")
+    params = parse_params(doc["config"], where)
+    _require(doc.get("dtype") in DTYPES, where, f"unsupported dtype {doc.get('dtype')!r}")
+    raw_units = doc.get("units")
+    _require(isinstance(raw_units, list), where, "missing 'units' list")
+    units = tuple(_parse_unit(u, i, params, where) for i, u in enumerate(raw_units))
+    layout = unit_layout(params)
+    _require([(u.name, u.kind, u.layer) for u in units] == layout, where,
+             f"units {[u.name for u in units]} do not match the layout of "
+             f"{params.num_hidden_layers} decoder blocks")
+    _require(len({u.file for u in units}) == len(units), where, "two units share a file")
+    meta = ModelMeta(root=root, architecture=arch, params=params, dtype=doc["dtype"], units=units,
+                     tokenizer_file=doc.get("tokenizer_file"), chat_template=doc.get("chat_template"),
+                     extra_files=dict(doc.get("extra_files") or {}), source=str(doc.get("source", "")))
+    if check_files:
+        for u in units:
+            path = meta.path(u)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise FormatError(f"{path}: missing (unit {u.name})") from None
+            _require(size == u.nbytes, path, f"size {size} bytes, metadata says {u.nbytes} "
+                     f"(unit {u.name}); truncated or wrong file")
+        for name in meta.extra_files:
+            _require((root / name).is_file(), root / name, "missing (listed in extra_files)")
+    return meta
+
+
+def verify_unit(meta: ModelMeta, unit: UnitMeta, buf: torch.Tensor) -> None:
+    """Raise FormatError if the bytes read for `unit` (uint8, any device) fail its checksum."""
+    got = checksum(buf[: unit.nbytes])
+    if got != unit.checksum:
+        raise FormatError(f"{meta.path(unit)}: checksum {got}, metadata says {unit.checksum} "
+                          f"(unit {unit.name}); the file is corrupt")
+
+
+def meta_to_json(params: LlamaParams) -> dict:
+    d = asdict(params)
+    d["eos_token_ids"] = list(params.eos_token_ids)
+    return d
