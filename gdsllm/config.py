@@ -1,0 +1,60 @@
+"""The one configuration object of a GdsLLM service, built once from the command line.
+
+    cfg = ServiceConfig(model=Path("~/models/x"), device="cuda", vram_budget=parse_size("8GiB"))
+
+It is frozen and passed down to every process; what is found at run time (the arena layout, the
+I/O path actually taken) goes into new objects, never back into the config.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20,
+          "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'8GiB' -> 8589934592, '500MB' -> 500000000, '4096' -> 4096 (bytes)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 8GiB, 500MB, 4096)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Settings of `gdsllm serve` (and of the one-request pipeline behind `gdsllm generate`).
+
+    vram_budget: bytes of device memory for weights (resident units plus streaming slots);
+    None means "everything resident". prefetch_window: streaming slots in rotation (reads in
+    flight at most). io_mode: "direct" (O_DIRECT / cuFile, no page cache) or "buffered"
+    (page-cache reads, an explicit opt-in).
+    """
+
+    model: Path
+    device: str = "cpu"
+    vram_budget: int | None = None
+    prefetch_window: int = 2
+    io_mode: str = "direct"
+    require_gds: bool = False
+    endpoint: str = "tcp://127.0.0.1:5555"
+    metrics_port: int | None = 9400  # None: no /metrics server
+    metrics_host: str = "127.0.0.1"
+    max_batch: int = 16  # sequences served by one weight pass
+    io_threads: int = 8
+    startup_timeout_s: float = 120.0
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.io_mode not in ("direct", "buffered"):
+            raise ValueError(f"--io must be direct or buffered, got {self.io_mode!r}")
+        if not 1 <= self.prefetch_window <= 64:
+            raise ValueError(f"--prefetch-window must be 1 to 64, got {self.prefetch_window}")
+        if self.vram_budget is not None and self.vram_budget <= 0:
+            raise ValueError(f"--vram-budget must be positive, got {self.vram_budget}")
+        if self.max_batch < 1:
+            raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")

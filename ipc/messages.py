@@ -1,0 +1,229 @@
+"""Every message that crosses a GdsLLM socket, in one place.
+
+Clients talk to the coordinator (ZeroMQ DEALER -> ROUTER); the coordinator drives the I/O worker and
+the compute worker (one PAIR socket each). All are msgpack maps with a `type` tag, encoded and
+validated by `ipc.codec` (`encode(msg)`, `decode(raw)`). Weight bytes never travel here: a LOAD says
+which unit goes into which arena slot, and the bytes move from storage into the slot directly.
+
+Units of fields: bytes for sizes and offsets, seconds for times.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .codec import ProtocolError, decode, encode, message  # noqa: F401  (re-exported)
+
+
+# ---------------------------------------------------------------- client <-> coordinator
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@message("generate")
+@dataclass(frozen=True)
+class Generate:
+    """Start a generation: exactly one of `prompt` (raw completion) or `messages` (chat)."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = True
+
+    def __post_init__(self):
+        if not self.request_id or len(self.request_id) > 128:
+            raise ValueError("request_id must be 1 to 128 characters")
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+
+
+@message("cancel")
+@dataclass(frozen=True)
+class Cancel:
+    request_id: str
+
+
+@message("health")
+@dataclass(frozen=True)
+class Health:
+    request_id: str = "health"
+
+
+@message("token")
+@dataclass(frozen=True)
+class TokenChunk:
+    """Streamed output: the text delta and the token ids it came from."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+
+
+@message("final")
+@dataclass(frozen=True)
+class Final:
+    """The end of a generation. finish_reason: "stop", "length" or "cancelled"."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    duration_s: float
+
+
+@message("error")
+@dataclass(frozen=True)
+class Error:
+    """A request failed. code: "bad_request", "not_found", "worker_died", "internal", "busy"."""
+
+    request_id: str
+    code: str
+    message: str
+
+
+@message("health_reply")
+@dataclass(frozen=True)
+class HealthReply:
+    request_id: str
+    status: str  # "ok", or "degraded" after a worker died
+    model: str
+    backend: str  # "cpu" or "cuda"
+    io_path: str  # "gds", "compat", "posix" or "buffered"
+    vram_budget_bytes: int
+    resident_units: list[str]
+    streamed_units: int
+    prefetch_window: int
+    requests_running: int
+    requests_waiting: int
+    detail: str = ""
+
+
+# ---------------------------------------------------------------- coordinator <-> I/O worker
+
+
+@message("io_ready")
+@dataclass(frozen=True)
+class IoReady:
+    """The I/O worker allocated the arena: `handle` opens it in another process (CUDA IPC handle
+    bytes, or the POSIX shared-memory name encoded as UTF-8)."""
+
+    pid: int
+    backend: str
+    handle: bytes
+    arena_bytes: int
+    io_path: str
+
+
+@message("load")
+@dataclass(frozen=True)
+class Load:
+    """Read unit `unit` into the arena at byte `offset` (the slot `slot`)."""
+
+    unit: int
+    slot: int
+    offset: int
+
+
+@message("loaded")
+@dataclass(frozen=True)
+class Loaded:
+    unit: int
+    slot: int
+    nbytes: int
+    seconds: float
+    io_path: str
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- coordinator <-> compute worker
+
+
+@message("compute_ready")
+@dataclass(frozen=True)
+class ComputeReady:
+    pid: int
+    device: str
+
+
+@dataclass(frozen=True)
+class SeqSampling:
+    """Sampling state of one sequence, sent when it joins (the generator lives in the worker)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+
+
+@message("start_pass")
+@dataclass(frozen=True)
+class StartPass:
+    """Begin a weight pass: `chunks` are [seq_id, new token ids]; `sampling` has an entry for each
+    sequence new in this pass."""
+
+    pass_id: int
+    chunks: list[tuple[int, list[int]]]
+    sampling: dict[int, SeqSampling]
+
+
+@message("run")
+@dataclass(frozen=True)
+class Run:
+    """Run unit `unit` of the current pass over the weights at arena byte `offset`."""
+
+    unit: int
+    slot: int
+    offset: int
+
+
+@message("done")
+@dataclass(frozen=True)
+class Done:
+    """Unit `unit` finished on the device: slot `slot` may be reused."""
+
+    unit: int
+    slot: int
+    seconds: float
+
+
+@message("pass_result")
+@dataclass(frozen=True)
+class PassResult:
+    """The sampled next token of each chunk, as [seq_id, token_id]."""
+
+    pass_id: int
+    tokens: list[tuple[int, int]]
+    seconds: float
+
+
+@message("release")
+@dataclass(frozen=True)
+class Release:
+    seq_ids: list[int]
+
+
+@message("worker_error")
+@dataclass(frozen=True)
+class WorkerError:
+    """A worker could not do what it was told; `fatal` means it is exiting."""
+
+    message: str
+    fatal: bool = False
+
+
+@message("shutdown")
+@dataclass(frozen=True)
+class Shutdown:
+    pass
