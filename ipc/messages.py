@@ -38,6 +38,7 @@ class Generate:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = True
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
     def __post_init__(self):
         if not self.request_id or len(self.request_id) > 128:
