@@ -1,0 +1,175 @@
+"""Measurements for `gdsllm bench` and `benchmarks/`: the storage ceiling, page-cache growth,
+peak RSS, and GdsLLM itself driven through a real `gdsllm serve` process and its client.
+
+    ceiling = storage_ceiling(model_files, threads=8)           # bytes/s, O_DIRECT, cold
+    with Served(model, device="cuda", vram_budget="8GiB") as srv:
+        r = srv.decode(prompt, n=16)                             # DecodeResult
+        peaks = srv.peak_rss()                                   # {pid: bytes}
+
+"Cold" means the page cache was dropped right before (`drop_caches()`, root only).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .storage import CHUNK, aligned_host_buffer
+
+
+def drop_caches() -> bool:
+    """Write back and drop the page cache (root only). Returns False where that is not allowed."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def meminfo_cached() -> int:
+    """`Cached` from /proc/meminfo, in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no Cached line")
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM (peak resident set) of a live process, in bytes; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    """All descendants of `pid` (from /proc/*/stat parent links)."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        frontier += kids
+    return out
+
+
+def storage_ceiling(files: list[Path], threads: int = 8) -> tuple[float, int]:
+    """Raw parallel O_DIRECT read of `files` into host memory: (bytes/s, bytes).
+
+    `threads` requests of CHUNK bytes are in flight, the way a tuned reader would drive the disk;
+    this is the bound any streaming runtime on this disk must be compared against.
+    """
+    bufs = [aligned_host_buffer(CHUNK) for _ in range(threads)]
+    jobs = []
+    for path in files:
+        size = path.stat().st_size
+        jobs += [(path, off, min(CHUNK, size - off)) for off in range(0, size, CHUNK)]
+    fds = {p: os.open(p, os.O_RDONLY | os.O_DIRECT) for p in files}
+
+    def work(k: int) -> int:
+        mv = memoryview(bufs[k].numpy())
+        n = 0
+        for path, off, length in jobs[k::threads]:
+            length_aligned = (length + 4095) // 4096 * 4096
+            n += os.preadv(fds[path], [mv[:length_aligned]], off)
+        return n
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        total = sum(pool.map(work, range(threads)))
+    dt = time.perf_counter() - t0
+    for fd in fds.values():
+        os.close(fd)
+    return total / dt, total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class DecodeResult:
+    tokens: int
+    prompt_tokens: int
+    ttft_s: float
+    total_s: float
+    token_ids: list[int]
+
+    @property
+    def decode_s_per_token(self) -> float:
+        """Seconds per generated token after the first (the steady streaming cost)."""
+        return (self.total_s - self.ttft_s) / max(self.tokens - 1, 1)
+
+
+class Served:
+    """A real `gdsllm serve` subprocess and a client for it; a context manager."""
+
+    def __init__(self, model: Path, *, device: str = "cuda", vram_budget: str | None = None,
+                 prefetch_window: int = 2, io: str = "direct", extra: list[str] | None = None,
+                 startup_s: float = 600.0, log: Path | None = None):
+        self.endpoint = f"tcp://127.0.0.1:{free_port()}"
+        cmd = [sys.executable, "-m", "gdsllm", "serve", "-m", str(model), "--device", device,
+               "--endpoint", self.endpoint, "--prefetch-window", str(prefetch_window), "--io", io,
+               "--metrics-port", str(free_port())]
+        if vram_budget:
+            cmd += ["--vram-budget", vram_budget]
+        self.cmd = cmd + (extra or [])
+        self.log = open(log, "ab") if log else subprocess.DEVNULL
+        self.startup_s = startup_s
+
+    def __enter__(self) -> "Served":
+        from .client import Client
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=self.log)
+        self.client = Client(self.endpoint)
+        deadline = time.monotonic() + self.startup_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gdsllm serve exited with {self.proc.returncode}: {' '.join(self.cmd)}")
+            try:
+                self.health = self.client.health(timeout=2.0)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.client.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def peak_rss(self) -> dict[int, int]:
+        return {p: peak_rss(p) for p in [self.proc.pid, *children(self.proc.pid)]}
+
+    def decode(self, prompt: str, n: int) -> DecodeResult:
+        r = self.client.generate(prompt=prompt, max_tokens=n, temperature=0.0, ignore_eos=True)
+        return DecodeResult(tokens=len(r.token_ids), prompt_tokens=r.prompt_tokens,
+                            ttft_s=r.time_to_first_token_s, total_s=r.duration_s,
+                            token_ids=list(r.token_ids))
