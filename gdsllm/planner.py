@@ -1,0 +1,240 @@
+"""The planner: which units stay resident, where everything lives in the arena, and when to load
+and run each streamed unit. Pure logic, no I/O: the coordinator feeds it events and sends the
+messages it returns.
+
+    plan = plan_residency(names, sizes, budget=parse_size("2GiB"), window=2)
+    sched = StreamSchedule(plan)
+    loads, runs = sched.step()          # Load(...)s for the I/O worker (prefetch), nothing to run yet
+    sched.begin_pass(); loads, runs = sched.step()   # Run(...)s for the compute worker
+    sched.on_loaded(unit, slot); sched.on_done(unit, slot); ...  then step() again
+
+Why static residency (DESIGN.md): decoding visits units in the same cycle every token, so LRU would
+evict exactly the unit needed next. The budget pins embed and head first (touched every pass and
+often the largest), then blocks in order while they fit beside W streaming slots sized for the
+largest streamed unit; the rest rotate through the slots. Streamed units form one endless cyclic
+sequence (pass p, streamed unit j -> sequence number p*m + j, slot seq % W), so the loads of the
+next pass start as soon as a slot frees, before the current pass has even sampled its tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ipc.messages import Load, Run
+
+ALIGN = 4096  # arena offsets: O_DIRECT and cuFile want 4 KiB-aligned destinations
+RESIDENT = -1  # the `slot` of a resident unit in Load/Run messages
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class ResidencyPlan:
+    """Where every unit lives in the arena (bytes, 4 KiB aligned).
+
+    `resident_offsets[u]`: arena offset of resident unit u. `streamed`: unit indices streamed every
+    pass, in order. `slot_offsets[s]`: arena offset of streaming slot s, each `slot_bytes` long.
+    """
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    budget: int | None
+    window: int
+    resident_offsets: dict[int, int]
+    streamed: tuple[int, ...]
+    slot_bytes: int
+    slot_offsets: tuple[int, ...]
+    arena_bytes: int
+
+    @property
+    def num_units(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slot_offsets)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.sizes[u] for u in self.resident_offsets)
+
+    @property
+    def resident_names(self) -> list[str]:
+        return [self.names[u] for u in sorted(self.resident_offsets)]
+
+    @property
+    def streamed_bytes_per_pass(self) -> int:
+        return sum(self.sizes[u] for u in self.streamed)
+
+
+def _need(sizes, pinned: set[int], window: int) -> int:
+    streamed = [sizes[u] for u in range(len(sizes)) if u not in pinned]
+    slots = min(window, len(streamed))
+    return sum(_align(sizes[u]) for u in pinned) + slots * (_align(max(streamed)) if streamed else 0)
+
+
+def plan_residency(names, sizes, budget: int | None, window: int) -> ResidencyPlan:
+    """Pin embed and head, then blocks in order, while the pinned units plus `window` slots of the
+    largest still-streamed unit fit `budget` bytes (None: everything resident).
+
+    Raises ValueError naming the smallest budget that works when even streaming everything does not
+    fit. Fewer than `window` slots are made when fewer units are streamed (a slot per streamed unit
+    would already allow keeping it resident).
+    """
+    names, sizes = tuple(names), tuple(int(s) for s in sizes)
+    assert len(names) == len(sizes) >= 1, (names, sizes)
+    if window < 1:
+        raise ValueError(f"prefetch window must be at least 1, got {window}")
+    n = len(sizes)
+    order = [i for i, nm in enumerate(names) if nm in ("embed", "head")]
+    order += [i for i in range(n) if i not in order]
+    pinned: set[int] = set()
+    if budget is None:
+        pinned = set(range(n))
+    else:
+        # Streaming everything needs W slots of the largest unit; pinning embed and head (often
+        # the largest units) may need less. Start from whichever fits.
+        starts = [set(), {u for u in order[:2] if names[u] in ("embed", "head")}]
+        fits = [s for s in starts if _need(sizes, s, window) <= budget]
+        if not fits:
+            minimum = min(_need(sizes, s, window) for s in starts)
+            big = max(range(n), key=lambda u: sizes[u])
+            raise ValueError(
+                f"--vram-budget {budget} bytes is too small: it needs at least {minimum} bytes "
+                f"({min(window, n)} streaming slot(s); the largest unit is {names[big]}, "
+                f"{sizes[big]} bytes); raise the budget or lower --prefetch-window")
+        pinned = set(fits[0])
+        for u in order:
+            if u in pinned:
+                continue
+            if _need(sizes, pinned | {u}, window) <= budget:
+                pinned.add(u)
+            elif names[u].startswith("block"):
+                break  # blocks are pinned in order: stop at the first that does not fit
+    offsets, off = {}, 0
+    for u in sorted(pinned):
+        offsets[u] = off
+        off += _align(sizes[u])
+    streamed = tuple(u for u in range(n) if u not in pinned)
+    slot_bytes = _align(max(sizes[u] for u in streamed)) if streamed else 0
+    slots = tuple(off + s * slot_bytes for s in range(min(window, len(streamed))))
+    arena = off + len(slots) * slot_bytes
+    assert budget is None or arena <= budget, (arena, budget)
+    return ResidencyPlan(names, sizes, budget, window, offsets, streamed, slot_bytes, slots,
+                         max(arena, ALIGN))
+
+
+class StreamSchedule:
+    """The streaming state machine over a ResidencyPlan (see the module docstring).
+
+    Slot states: free -> loading (Load sent) -> loaded (Loaded received) -> running (Run sent) ->
+    free (Done received). Invariants, asserted: at most `num_slots` loads in flight or slots
+    occupied; a slot is loaded again only after the Done of its previous unit; resident units are
+    never streamed; Runs go out in unit order, each streamed one only after its Loaded.
+    """
+
+    def __init__(self, plan: ResidencyPlan):
+        self.plan = plan
+        self.m = len(plan.streamed)
+        self.w = plan.num_slots
+        self.slot_seq: list[int | None] = [None] * self.w  # sequence number occupying each slot
+        self.slot_state: list[str] = ["free"] * self.w
+        self.next_load = 0  # sequence number of the next streamed load
+        self.next_run = 0   # sequence number of the next streamed run
+        self.pass_pos: int | None = None  # next unit index to run in the current pass, None: idle
+        self.runs_outstanding = 0  # Runs sent whose Done has not arrived
+        self.passes = 0
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def pass_running(self) -> bool:
+        return self.pass_pos is not None
+
+    @property
+    def slots_in_flight(self) -> int:
+        return sum(s != "free" for s in self.slot_state)
+
+    @property
+    def loads_in_flight(self) -> int:
+        return sum(s == "loading" for s in self.slot_state)
+
+    @property
+    def waiting_on_storage(self) -> bool:
+        """Compute is idle because the next unit of the running pass is not loaded yet (a stall)."""
+        if self.pass_pos is None or self.runs_outstanding or self.pass_pos >= self.plan.num_units:
+            return False
+        return self.pass_pos not in self.plan.resident_offsets
+
+    def _unit(self, seq: int) -> int:
+        return self.plan.streamed[seq % self.m]
+
+    def _slot(self, seq: int) -> int:
+        return seq % self.w
+
+    # ------------------------------------------------------------ events
+
+    def begin_pass(self) -> None:
+        assert self.pass_pos is None, "a pass is already running"
+        assert self.next_run == self.passes * self.m, (self.next_run, self.passes, self.m)
+        self.pass_pos = 0
+
+    def on_loaded(self, unit: int, slot: int) -> None:
+        assert 0 <= slot < self.w, f"Loaded for unknown slot {slot}"
+        seq = self.slot_seq[slot]
+        assert self.slot_state[slot] == "loading" and seq is not None and self._unit(seq) == unit, \
+            f"Loaded(unit={unit}, slot={slot}) but the slot is {self.slot_state[slot]} with seq {seq}"
+        self.slot_state[slot] = "loaded"
+
+    def on_done(self, unit: int, slot: int) -> bool:
+        """Record a Done; returns True when it completed the running pass."""
+        assert self.runs_outstanding > 0, f"Done(unit={unit}) without a Run outstanding"
+        if slot == RESIDENT:
+            assert unit in self.plan.resident_offsets, f"Done(unit={unit}) as resident, but it is streamed"
+        else:
+            seq = self.slot_seq[slot]
+            assert self.slot_state[slot] == "running" and seq is not None and self._unit(seq) == unit, \
+                f"Done(unit={unit}, slot={slot}) but the slot is {self.slot_state[slot]} with seq {seq}"
+            self.slot_state[slot], self.slot_seq[slot] = "free", None
+        self.runs_outstanding -= 1
+        if self.pass_pos == self.plan.num_units and self.runs_outstanding == 0:
+            self.pass_pos = None
+            self.passes += 1
+            return True
+        return False
+
+    def step(self) -> tuple[list[Load], list[Run]]:
+        """The Loads and Runs that may be issued now (call after every event)."""
+        loads: list[Load] = []
+        while self.m and self.slot_state[self._slot(self.next_load)] == "free":
+            # Loads run ahead of the runs by at most W: the slot of seq is free only once the
+            # unit W sequence numbers earlier is Done, across pass boundaries too.
+            seq, slot = self.next_load, self._slot(self.next_load)
+            unit = self._unit(seq)
+            assert unit not in self.plan.resident_offsets, f"resident unit {unit} streamed"
+            assert seq - self.next_run < self.w, (seq, self.next_run, self.w)
+            self.slot_state[slot], self.slot_seq[slot] = "loading", seq
+            loads.append(Load(unit, slot, self.plan.slot_offsets[slot]))
+            self.next_load += 1
+        runs: list[Run] = []
+        while self.pass_pos is not None and self.pass_pos < self.plan.num_units:
+            unit = self.pass_pos
+            if unit in self.plan.resident_offsets:
+                runs.append(Run(unit, RESIDENT, self.plan.resident_offsets[unit]))
+            else:
+                slot = self._slot(self.next_run)
+                if self.slot_state[slot] != "loaded":
+                    break
+                assert self.slot_seq[slot] == self.next_run and self._unit(self.next_run) == unit
+                self.slot_state[slot] = "running"
+                runs.append(Run(unit, slot, self.plan.slot_offsets[slot]))
+                self.next_run += 1
+            self.pass_pos += 1
+            self.runs_outstanding += 1
+        assert self.slots_in_flight <= self.w
+        return loads, runs
+
+    def resident_loads(self) -> list[Load]:
+        """The one-time loads of every resident unit, issued at start-up."""
+        return [Load(u, RESIDENT, off) for u, off in sorted(self.plan.resident_offsets.items())]
