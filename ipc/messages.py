@@ -151,6 +151,24 @@ class Loaded:
 # ---------------------------------------------------------------- coordinator <-> compute worker
 
 
+@message("open_arena")
+@dataclass(frozen=True)
+class OpenArena:
+    """Coordinator -> compute worker, after its ComputeReady: open the arena the I/O worker
+    announced (copy IoReady's backend, handle and arena_bytes). Replied with ArenaOpened, or
+    WorkerError(fatal=True) if it cannot be opened. Runs before it are refused."""
+
+    backend: str
+    handle: bytes
+    arena_bytes: int
+
+
+@message("arena_opened")
+@dataclass(frozen=True)
+class ArenaOpened:
+    arena_bytes: int
+
+
 @message("compute_ready")
 @dataclass(frozen=True)
 class ComputeReady:
@@ -218,10 +236,15 @@ class Release:
 @message("worker_error")
 @dataclass(frozen=True)
 class WorkerError:
-    """A worker could not do what it was told; `fatal` means it is exiting."""
+    """A worker could not do what it was told; `fatal` means it is exiting. From the compute
+    worker, `pass_id` / `unit` name the pass and unit that failed (None when not about one):
+    the rest of that pass's Runs are acknowledged with Done without computing, no PassResult
+    follows, and its sequences should be failed and Released."""
 
     message: str
     fatal: bool = False
+    pass_id: int | None = None
+    unit: int | None = None
 
 
 @message("shutdown")

@@ -1,0 +1,228 @@
+"""The compute worker process: runs the units the coordinator names over weights in the arena.
+
+    ctx = multiprocessing.get_context("spawn")          # CUDA needs spawn
+    p = ctx.Process(target=run_compute_process, args=(config, endpoint), daemon=True)
+
+`run_compute_process(config: ServiceConfig, endpoint: str) -> None` connects a PAIR socket to
+`endpoint` (the coordinator binds it), builds the Runner for `config.model` on `config.device`
+and replies `ComputeReady(pid, device)` (or `WorkerError(fatal=True)`). The coordinator then
+sends `OpenArena(backend, handle, arena_bytes)` copied from the I/O worker's IoReady; the worker
+opens the arena once and replies `ArenaOpened`. Then, until `Shutdown` or the parent's death:
+
+- `StartPass(pass_id, chunks, sampling)`: Runner.start_pass; a sampler (with its own seeded
+  generator) is made for each sequence named in `sampling`.
+- `Run(unit, slot, offset)`: the unit over the arena bytes at `offset`; `Done(unit, slot, seconds)`
+  only after Runner.fence(), so the slot may then be refilled. After the head unit: the logits are
+  sampled and `PassResult(pass_id, [[seq_id, token]], seconds)` follows the head's Done.
+- `Release(seq_ids)`: frees those sequences' KV caches and samplers.
+
+A failing step is `WorkerError(message, pass_id=, unit=)` naming the pass and unit; the pass is
+dropped (Runner.abort_pass), its remaining Runs get Done without computing, and the worker keeps
+serving. Messages are handled one at a time, in order: compute is the worker's only job.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import zmq
+
+from ipc import sockets
+from ipc.arena import Arena, ArenaSpec
+from ipc.messages import (ArenaOpened, ComputeReady, Done, OpenArena, PassResult, ProtocolError,
+                          Release, Run, SeqSampling, Shutdown, StartPass, WorkerError, decode)
+
+from .config import ServiceConfig
+from .format import DTYPES, load_model_meta
+
+POLL_S = 0.5  # how often an idle worker checks that its parent is alive
+SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
+
+
+def run_compute_process(config: ServiceConfig, endpoint: str) -> None:
+    """Entry point of the compute worker process (see the module docstring). Returns on
+    Shutdown, when the parent process dies, or after a fatal error it has reported."""
+    ComputeWorker(config, endpoint).run()
+
+
+class _Exit(Exception):
+    pass
+
+
+class ComputeWorker:
+    def __init__(self, config: ServiceConfig, endpoint: str):
+        self.config = config
+        self.parent = sockets.ParentWatch()
+        self.sock = sockets.pair(sockets.context(), endpoint, bind=False)
+        self.arena: Arena | None = None
+        self.samplers: dict[int, object] = {}
+        self.pass_id: int | None = None  # the pass in progress
+        self.pass_failed = False
+        self.pass_seconds = 0.0
+        self.pass_seqs: list[int] = []
+
+    def run(self) -> None:
+        try:
+            try:
+                ready = self._start()
+            except Exception as e:
+                self._send(WorkerError(f"compute worker failed to start: {type(e).__name__}: {e}",
+                                       fatal=True))
+                return
+            self._send(ready)
+            self._loop()
+        except (TimeoutError, _Exit):
+            pass  # told to stop, or the coordinator stopped reading
+        finally:
+            if self.arena is not None:
+                self.arena.close()
+            self.sock.close(linger=0)
+
+    def _start(self) -> ComputeReady:
+        from .runner import Runner  # imported here: torch model code is the slow part of start-up
+        self.meta = load_model_meta(self.config.model)
+        device = self.config.device
+        if device == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"
+        self.device = torch.device(device)
+        self.runner = Runner(self.meta.params, self.device, DTYPES[self.meta.dtype])
+        return ComputeReady(pid=os.getpid(), device=str(self.device))
+
+    def _loop(self) -> None:
+        while True:
+            ready = self.sock.poll(int(POLL_S * 1000), zmq.POLLIN)
+            if not self.parent.alive():
+                return
+            if ready:
+                while self.sock.poll(0, zmq.POLLIN):
+                    self._handle(self.sock.recv(zmq.NOBLOCK))
+
+    def _handle(self, raw: bytes) -> None:
+        try:
+            msg = decode(raw)
+        except ProtocolError as e:
+            self._send(WorkerError(f"compute worker: bad message: {e}"))
+            return
+        if isinstance(msg, Run):
+            self._run(msg)
+        elif isinstance(msg, StartPass):
+            self._start_pass(msg)
+        elif isinstance(msg, Release):
+            self._release(msg)
+        elif isinstance(msg, OpenArena):
+            self._open_arena(msg)
+        elif isinstance(msg, Shutdown):
+            raise _Exit
+        else:
+            self._send(WorkerError(f"compute worker: unexpected message {type(msg).__name__}"))
+
+    # ------------------------------------------------------------------ handlers
+
+    def _open_arena(self, msg: OpenArena) -> None:
+        if self.arena is not None:
+            self._send(WorkerError("compute worker: the arena is already open"))
+            return
+        try:
+            index = self.device.index or 0
+            self.arena = Arena.attach(ArenaSpec(msg.backend, msg.handle, msg.arena_bytes, index))
+        except Exception as e:
+            self._send(WorkerError(f"compute worker cannot open the arena: {e}", fatal=True))
+            raise _Exit from None
+        self._send(ArenaOpened(self.arena.spec.nbytes))
+
+    def _start_pass(self, msg: StartPass) -> None:
+        if self.pass_id is not None and not self.pass_failed:
+            self._send(WorkerError(f"pass {msg.pass_id}: pass {self.pass_id} is still in progress",
+                                   pass_id=msg.pass_id))
+            return
+        self.pass_id, self.pass_failed, self.pass_seconds = msg.pass_id, False, 0.0
+        self.pass_seqs = [sid for sid, _ in msg.chunks]
+        try:
+            for sid, s in msg.sampling.items():
+                self.samplers[sid] = _make_sampler(s)
+            missing = [sid for sid, _ in msg.chunks if sid not in self.samplers]
+            if missing:
+                raise ValueError(f"sequences {missing} have no sampling parameters")
+            self.runner.start_pass([(sid, list(toks)) for sid, toks in msg.chunks])
+        except Exception as e:
+            self.pass_failed = True
+            self._send(WorkerError(f"pass {msg.pass_id}: start failed: {type(e).__name__}: {e}",
+                                   pass_id=msg.pass_id))
+
+    def _run(self, msg: Run) -> None:
+        if self.pass_id is None or self.pass_failed:
+            if self.pass_id is None:
+                self._send(WorkerError(f"Run(unit {msg.unit}) outside a pass", unit=msg.unit))
+            self._send(Done(msg.unit, msg.slot, 0.0))  # nothing ran: the slot is free
+            return
+        from .bridge import unit_tensors
+        t0 = time.perf_counter()
+        head = False
+        try:
+            if self.arena is None:
+                raise RuntimeError("no arena is open (OpenArena first)")
+            if not 0 <= msg.unit < len(self.meta.units):
+                raise ValueError(f"unit {msg.unit} out of range: the model has "
+                                 f"{len(self.meta.units)} units")
+            unit = self.meta.units[msg.unit]
+            head = unit.kind == "head"
+            weights = unit_tensors(unit, self.arena.view(msg.offset, unit.nbytes))
+            self.runner.run_unit(unit, weights)
+            del weights
+            self.runner.fence()  # the slot may be refilled as soon as Done is sent
+        except Exception as e:
+            self._fail(msg, e)
+            return
+        seconds = time.perf_counter() - t0
+        self.pass_seconds += seconds
+        self._send(Done(msg.unit, msg.slot, seconds))
+        if head:
+            self._finish_pass(msg)
+
+    def _finish_pass(self, msg: Run) -> None:
+        t0 = time.perf_counter()
+        try:
+            seq_ids = self.pass_seqs
+            logits = self.runner.end_pass()
+            tokens = [(sid, _sample(self.samplers[sid], logits[i])) for i, sid in enumerate(seq_ids)]
+        except Exception as e:
+            self._fail(msg, e)
+            return
+        seconds = self.pass_seconds + time.perf_counter() - t0
+        self._send(PassResult(self.pass_id, tokens, seconds))
+        self.pass_id = None
+
+    def _fail(self, msg: Run, e: Exception) -> None:
+        unit = self.meta.units[msg.unit].name if 0 <= msg.unit < len(self.meta.units) else msg.unit
+        self.runner.abort_pass()
+        try:
+            self.runner.fence()
+        except Exception:
+            pass
+        self.pass_failed = True
+        self._send(WorkerError(f"pass {self.pass_id}, unit {unit}: {type(e).__name__}: {e}",
+                               pass_id=self.pass_id, unit=msg.unit))
+        self._send(Done(msg.unit, msg.slot, 0.0))
+
+    def _release(self, msg: Release) -> None:
+        for sid in msg.seq_ids:
+            try:
+                self.runner.release(sid)
+            except Exception as e:
+                self._send(WorkerError(f"release of sequence {sid}: {type(e).__name__}: {e}"))
+                continue
+            self.samplers.pop(sid, None)
+
+    def _send(self, msg) -> None:
+        sockets.send(self.sock, msg, SEND_TIMEOUT_S)
+
+
+def _make_sampler(s: SeqSampling):
+    from .sampling import Sampler, SamplingParams
+    return Sampler(SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                  seed=s.seed))
+
+
+def _sample(sampler, logits_row: torch.Tensor) -> int:
+    return int(sampler.sample(logits_row))

@@ -1,0 +1,194 @@
+"""The I/O worker process: owns the slot arena and fills it from storage as the coordinator says.
+
+    ctx = multiprocessing.get_context("spawn")          # CUDA needs spawn
+    p = ctx.Process(target=run_io_process, args=(config, endpoint, arena_bytes), daemon=True)
+
+`run_io_process(config: ServiceConfig, endpoint: str, arena_bytes: int) -> None` connects a PAIR
+socket to `endpoint` (the coordinator binds it), allocates the arena (POSIX shm on "cpu", one
+cudaMalloc on "cuda"), and replies `IoReady(pid, backend, handle, arena_bytes, io_path)`, or
+`WorkerError(fatal=True)` (bad model, no arena, `require_gds` without GDS). Then, until
+`Shutdown` or the parent's death: each `Load(unit, slot, offset)` reads unit file `unit` into the
+arena at byte `offset`, several at once, and is answered by `Loaded(unit, slot, nbytes, seconds,
+io_path)`; `seconds` is the read alone. The first load of each unit is checksummed where it
+landed; a failure (or any read error) is `Loaded(..., error=...)` naming the file. Replies come in
+completion order, not request order.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import zmq
+
+from ipc import sockets
+from ipc.arena import Arena
+from ipc.messages import IoReady, Load, Loaded, ProtocolError, Shutdown, WorkerError, decode
+
+from .config import ServiceConfig
+from .format import ALIGN, load_model_meta, verify_unit
+from .storage import HostReader, _kvikio, aligned_host_buffer, probe_io_path
+
+POLL_S = 0.5  # how often an idle worker checks that its parent is alive
+SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
+
+
+def run_io_process(config: ServiceConfig, endpoint: str, arena_bytes: int) -> None:
+    """Entry point of the I/O worker process (see the module docstring). Returns on Shutdown,
+    when the parent process dies, or after a fatal error it has reported."""
+    IoWorker(config, endpoint, arena_bytes).run()
+
+
+class IoWorker:
+    def __init__(self, config: ServiceConfig, endpoint: str, arena_bytes: int):
+        self.config, self.endpoint, self.arena_bytes = config, endpoint, arena_bytes
+        self.parent = sockets.ParentWatch()
+        self.sock = sockets.pair(sockets.context(), endpoint, bind=False)
+        self.arena: Arena | None = None
+        self.reader = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.done: queue.SimpleQueue[Loaded] = queue.SimpleQueue()
+        # Read threads wake the zmq poll through this pipe: zmq sockets must stay in one thread.
+        self.wake_r, self.wake_w = os.pipe()
+        self.verified: set[int] = set()  # units whose checksum matched once
+
+    def run(self) -> None:
+        try:
+            try:
+                ready = self._start()
+            except Exception as e:
+                self._send(WorkerError(f"I/O worker failed to start: {e}", fatal=True))
+                return
+            self._send(ready)
+            self._loop()
+        except TimeoutError:
+            pass  # the coordinator stopped reading: it is gone, so are we
+        finally:
+            self._close()
+
+    # ------------------------------------------------------------------ start-up
+
+    def _start(self) -> IoReady:
+        cfg = self.config
+        self.meta = load_model_meta(cfg.model)
+        direct = cfg.io_mode == "direct"
+        self.io_path = probe_io_path(cfg.device, direct)
+        if cfg.require_gds and self.io_path != "gds":
+            raise RuntimeError(f"--require-gds: reads would take the {self.io_path!r} path, not "
+                               f"'gds' (no GPUDirect Storage: device {cfg.device}, io {cfg.io_mode}, "
+                               f"nvidia-fs and a supported filesystem are needed)")
+        if cfg.device == "cuda" and _kvikio() is not None:
+            from .storage import CudaReader
+            self.reader = CudaReader(direct=direct, threads=cfg.io_threads)
+            self.io_path = self.reader.path
+        else:  # the CPU backend, or CUDA without KvikIO (read into host memory, then copy)
+            self.reader = HostReader(direct=direct, threads=cfg.io_threads)
+        self.arena = Arena.create(cfg.device, self.arena_bytes)
+        # A few whole-unit loads at once; each is itself split into parallel chunk reads.
+        self.pool = ThreadPoolExecutor(max_workers=max(2, cfg.prefetch_window),
+                                       thread_name_prefix="gdsllm-load")
+        spec = self.arena.spec
+        return IoReady(pid=os.getpid(), backend=spec.backend, handle=spec.handle,
+                       arena_bytes=spec.nbytes, io_path=self.io_path)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(int(POLL_S * 1000)))
+            if not self.parent.alive():
+                return
+            if self.wake_r in events:
+                os.read(self.wake_r, 4096)
+            self._publish()
+            if self.sock in events:
+                while self.sock.poll(0, zmq.POLLIN):
+                    if not self._handle(self.sock.recv(zmq.NOBLOCK)):
+                        return
+
+    def _handle(self, raw: bytes) -> bool:
+        """Act on one message; False on Shutdown."""
+        try:
+            msg = decode(raw)
+        except ProtocolError as e:
+            self._send(WorkerError(f"I/O worker: bad message: {e}"))
+            return True
+        if isinstance(msg, Shutdown):
+            return False
+        if not isinstance(msg, Load):
+            self._send(WorkerError(f"I/O worker: unexpected message {type(msg).__name__}"))
+            return True
+        error = self._check(msg)
+        if error:
+            self._send(Loaded(msg.unit, msg.slot, 0, 0.0, self.io_path, error=error))
+        else:
+            self.pool.submit(self._load, msg)
+        return True
+
+    def _check(self, msg: Load) -> str | None:
+        n = len(self.meta.units)
+        if not 0 <= msg.unit < n:
+            return f"unit {msg.unit} out of range: the model has {n} units"
+        unit = self.meta.units[msg.unit]
+        if msg.offset % ALIGN or msg.offset < 0 or msg.offset + unit.nbytes > self.arena_bytes:
+            return (f"unit {unit.name}: arena bytes [{msg.offset}, {msg.offset + unit.nbytes}) are not "
+                    f"{ALIGN}-aligned or fall outside the {self.arena_bytes}-byte arena")
+        return None
+
+    def _publish(self) -> None:
+        while True:
+            try:
+                reply = self.done.get_nowait()
+            except queue.Empty:
+                return
+            self._send(reply)
+
+    # ------------------------------------------------------------------ one load (a pool thread)
+
+    def _load(self, msg: Load) -> None:
+        unit = self.meta.units[msg.unit]
+        path = self.meta.path(unit)
+        try:
+            t0 = time.perf_counter()
+            self._read(path, msg.offset, unit.nbytes)
+            seconds = time.perf_counter() - t0
+            if msg.unit not in self.verified:
+                # First load only: a unit that read back right once is trusted afterwards.
+                verify_unit(self.meta, unit, self.arena.view(msg.offset, unit.nbytes))
+                self.verified.add(msg.unit)
+            reply = Loaded(msg.unit, msg.slot, unit.nbytes, seconds, self.io_path)
+        except Exception as e:
+            text = str(e) if str(path) in str(e) else f"{path}: {e}"
+            reply = Loaded(msg.unit, msg.slot, 0, 0.0, self.io_path,
+                           error=f"unit {unit.name}: {type(e).__name__}: {text}")
+        self.done.put(reply)
+        os.write(self.wake_w, b"x")
+
+    def _read(self, path, offset: int, nbytes: int) -> None:
+        if isinstance(self.reader, HostReader) and self.arena.spec.backend == "cuda":
+            host = aligned_host_buffer(nbytes)  # CUDA without KvikIO: bounce through host memory
+            self.reader.read(path, host, nbytes)
+            self.arena.view(offset, nbytes).copy_(host)
+            return
+        self.reader.read(path, self.arena.read_target(offset, nbytes), nbytes)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _send(self, msg) -> None:
+        sockets.send(self.sock, msg, SEND_TIMEOUT_S)
+
+    def _close(self) -> None:
+        if self.pool is not None:
+            # Reads in flight write into the arena: finish them before it is unmapped.
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if isinstance(self.reader, HostReader):
+            self.reader.close()
+        if self.arena is not None:
+            self.arena.close()
+        self.sock.close(linger=0)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
