@@ -34,12 +34,14 @@ def drop_caches() -> bool:
 
 
 def meminfo_cached() -> int:
-    """`Cached` from /proc/meminfo, in bytes."""
+    """Page cache in bytes: `Cached` less `Shmem` from /proc/meminfo (shared memory, such as the
+    CPU backend's arena, is counted in `Cached` but is not file pages)."""
+    fields = {}
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("Cached:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no Cached line")
+            key, value = line.split(":", 1)
+            fields[key] = int(value.split()[0]) * 1024
+    return fields["Cached"] - fields.get("Shmem", 0)
 
 
 def peak_rss(pid: int) -> int:

@@ -27,7 +27,9 @@ IO_PATHS = ("gds", "compat", "posix", "buffered")
 
 def aligned_host_buffer(nbytes: int) -> torch.Tensor:
     """A page-aligned (hence 4 KiB-aligned) uint8 host tensor of `nbytes` bytes, for O_DIRECT."""
-    m = mmap.mmap(-1, max(nbytes, ALIGN))
+    # MAP_PRIVATE: Python's default anonymous mmap is MAP_SHARED, i.e. shmem, which /proc/meminfo
+    # counts as `Cached` and would look like page-cache growth.
+    m = mmap.mmap(-1, max(nbytes, ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(m, dtype=torch.uint8)[:nbytes]
 
 
