@@ -1,0 +1,165 @@
+"""Converts a llama.cpp GGUF file (architecture llama) into the GdsLLM weight format.
+
+    from gdsllm.convert_gguf import convert_gguf
+    convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "~/models/smollm2", dtype="float32")
+
+Tensors of type F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are dequantized with `gguf.quants.dequantize`
+(the function transformers' GGUF loader uses, so values agree bit for bit), one unit at a time from
+the memory-mapped file. llama.cpp stores Q and K rows permuted for its rotary layout; they are
+permuted back exactly as transformers' `LlamaTensorProcessor` does. Hyper-parameters come from the
+`llama.*` keys, the tokenizer from `tokenizer.ggml.*` (see `gdsllm.gguf_tokenizer`), the chat
+template from `tokenizer.chat_template`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .convert_hf import _progress
+from .format import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
+from .gguf_tokenizer import _field, gguf_tokenizer_json
+from .writer import ModelWriter
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# Hugging Face name inside a unit -> GGUF name (blocks: "blk.{i}." + this)
+BLOCK_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+TOP_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+
+
+def open_gguf(path: Path):
+    import gguf
+    try:
+        return gguf.GGUFReader(str(path))
+    except FileNotFoundError:
+        raise FormatError(f"{path}: not found") from None
+    except Exception as e:  # ValueError / struct errors on a truncated or foreign file
+        raise FormatError(f"{path}: not a readable GGUF file: {e}") from None
+
+
+def params_from_gguf(reader, path: Path) -> LlamaParams:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise FormatError(f"{path}: general.architecture is {arch!r}; GdsLLM converts 'llama' GGUFs")
+
+    def get(key: str, default=None):
+        v = _field(reader, f"llama.{key}", default)
+        if v is None:
+            raise FormatError(f"{path}: missing hyper-parameter llama.{key}")
+        return v
+
+    names = {t.name for t in reader.tensors}
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = _field(reader, "llama.vocab_size") or (len(tokens) if tokens else None)
+    if vocab is None:
+        emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if emb is None:
+            raise FormatError(f"{path}: tensor token_embd.weight not found")
+        vocab = int(emb.shape[-1])
+    scaling = None
+    rope_type = _field(reader, "llama.rope.scaling.type")
+    if rope_type not in (None, "none"):
+        if rope_type != "linear":
+            raise FormatError(f"{path}: llama.rope.scaling.type {rope_type!r} is not supported")
+        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    eos = [_field(reader, f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id")]
+    return LlamaParams(
+        vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")), num_attention_heads=heads,
+        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv") or heads),
+        head_dim=int(_field(reader, "llama.rope.dimension_count") or hidden // heads),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names, rope_scaling=scaling,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)))
+
+
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's rotary row permutation of a Q (n_head = heads) or K (n_head = KV heads)
+    weight: rows go from (head, pair, 2) back to Hugging Face's (head, 2, pair) halves."""
+    dim = w.shape[0] // n_head // 2
+    assert n_head * dim * 2 == w.shape[0], (w.shape, n_head)
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+class GGUFTensors:
+    """Dequantized tensors of a GGUF by name, read one at a time from the memory-mapped file."""
+
+    def __init__(self, reader, path: Path, p: LlamaParams):
+        self.path, self.p = path, p
+        self.by_name = {t.name: t for t in reader.tensors}
+
+    def get(self, gname: str, shape: tuple[int, ...]) -> torch.Tensor:
+        from gguf.quants import dequantize
+        t = self.by_name.get(gname)
+        if t is None:
+            raise FormatError(f"{self.path}: tensor {gname} not found")
+        qtype = t.tensor_type.name
+        if qtype not in SUPPORTED_TYPES:
+            raise FormatError(f"{self.path}: tensor {gname} has type {qtype}; GdsLLM converts "
+                              f"{', '.join(SUPPORTED_TYPES)}")
+        # np.array copies: F32 data is a read-only view of the memory-mapped file.
+        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        if w.numel() != int(np.prod(shape)):
+            raise FormatError(f"{self.path}: tensor {gname} has {w.numel()} values, the "
+                              f"hyper-parameters say shape {shape}")
+        w = w.reshape(shape)
+        if gname.endswith("attn_q.weight"):
+            w = unpermute(w, self.p.num_attention_heads)
+        elif gname.endswith("attn_k.weight"):
+            w = unpermute(w, self.p.num_key_value_heads)
+        return w
+
+
+def gguf_units(reader, path: Path, p: LlamaParams):
+    """Yield (unit name, {tensor name: float32 tensor}) per unit, in file order."""
+    src = GGUFTensors(reader, path, p)
+    for uname, kind, layer in unit_layout(p):
+        tensors = {}
+        for name, shape in unit_tensor_shapes(p, kind).items():
+            if kind == "block":
+                gname = f"blk.{layer}.{BLOCK_NAMES[name]}"
+            elif name == "lm_head.weight" and p.tie_word_embeddings:
+                gname = TOP_NAMES["embed_tokens.weight"]  # tied: the head is a copy of the embedding
+            else:
+                gname = TOP_NAMES[name]
+            tensors[name] = src.get(gname, shape)
+        yield uname, tensors
+
+
+def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32",
+                 progress: bool = False, overwrite: bool = False) -> Path:
+    """Convert the GGUF file `src` into a GdsLLM model at `dst`; returns `dst`."""
+    src = Path(src).expanduser().resolve()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not src.is_file():
+        raise FormatError(f"{src}: not found (a .gguf file is expected)")
+    reader = open_gguf(src)
+    p = params_from_gguf(reader, src)
+    tokenizer = gguf_tokenizer_json(reader, src)  # fails early, before any weight is written
+    with ModelWriter(dst, p, dtype, chat_template=_field(reader, "tokenizer.chat_template"),
+                     source=f"gguf:{src}", overwrite=overwrite) as w:
+        units = gguf_units(reader, src, p)
+        for _, tensors in _progress(units, len(unit_layout(p)), f"convert {src.name}", progress):
+            w.add_unit(tensors)
+            del tensors  # one unit in memory at a time
+        w.add_file("tokenizer.json", tokenizer, tokenizer=True)
+    return w.dst
