@@ -1,0 +1,302 @@
+"""monitoring/ and compose.yaml: configs that promtool accepts, files and ports that agree, and a
+real Prometheus scraping a live service, through which every PromQL expression of the Grafana
+dashboard returns data.
+
+    python3 -m pytest tests/test_monitoring.py          # needs prometheus + promtool (.ci/install-prometheus.sh)
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gdsllm.metrics import ServiceMetrics
+
+ROOT = Path(__file__).resolve().parents[1]
+MON = ROOT / "monitoring"
+DASHBOARD = MON / "grafana" / "dashboards" / "gdsllm.json"
+DATASOURCES = MON / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+PROVIDERS = MON / "grafana" / "provisioning" / "dashboards" / "gdsllm.yml"
+RATE_WINDOW = "5m"  # what the tests put for Grafana's $__rate_interval
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is missing: run .ci/install-prometheus.sh (Debian's prometheus package)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    panels = [p for top in dash["panels"] for p in [top, *top.get("panels", [])]]  # rows nest
+    return [t["expr"] for p in panels for t in p.get("targets", [])]
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def serve_args() -> list[str]:
+    """The gdsllm service's `gdsllm serve ...` arguments, its shell wrapper undone (model unset)."""
+    cmd = compose()["services"]["gdsllm"]["command"]
+    text = cmd[0] if isinstance(cmd, list) else cmd
+    text = re.sub(r"\$\$\{GDSLLM_MODEL:\+[^}]*\}", "", text)  # the optional -m, empty when unset
+    assert "$" not in text, f"unexpected variable in the gdsllm command: {text}"
+    args = shlex.split(text)
+    assert args[:3] == ["exec", "gdsllm", "serve"], args
+    return args[2:]
+
+
+def option(args: list[str], name: str) -> str:
+    assert name in args, f"{name} missing from {args}"
+    return args[args.index(name) + 1]
+
+
+def published(service: dict) -> dict[int, str]:
+    """container port -> host address of a compose service's short-syntax `ports`."""
+    out = {}
+    for spec in service.get("ports", []):
+        host_ip, _host_port, container = str(spec).rsplit(":", 2) if str(spec).count(":") == 2 \
+            else ("0.0.0.0", *str(spec).split(":"))
+        out[int(container)] = host_ip
+    return out
+
+
+# ------------------------------------------------------------------ static checks
+
+
+def test_promtool_accepts_the_scrape_config():
+    r = subprocess.run([tool("promtool"), "check", "config", str(MON / "prometheus.yml")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_mounts_and_build_files_exist():
+    services = compose()["services"]
+    assert set(services) == {"gdsllm", "prometheus", "grafana"}
+    for name, svc in services.items():
+        for vol in svc.get("volumes", []):
+            src, dst = vol.split(":")[:2]
+            if not src.startswith("."):
+                assert src in compose()["volumes"], f"{name}: named volume {src} not declared"
+            elif dst != "/models":  # the user's converted models: docker creates ./models if missing
+                assert (ROOT / src).exists(), f"{name} mounts {src}, which does not exist"
+    assert services["gdsllm"]["build"] == "."
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
+    assert re.search(r"^FROM \$\{CUDA_IMAGE\}", dockerfile, re.M)
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:13\.\S+-runtime-", dockerfile, re.M)
+    assert "pip install '.[cuda]'" in dockerfile
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".git" in ignored and "models" in ignored
+
+
+def test_compose_ports_and_scrape_targets_agree():
+    services = compose()["services"]
+    gds = services["gdsllm"]
+    args = serve_args()
+    endpoint = urllib.parse.urlsplit(option(args, "--endpoint"))
+    metrics_port = int(option(args, "--metrics-port"))
+    # 0.0.0.0 inside the container only; the host publishes on loopback (no auth without CurveZMQ).
+    assert endpoint.scheme == "tcp" and endpoint.hostname == "0.0.0.0"
+    assert option(args, "--metrics-host") == "0.0.0.0" and option(args, "--device") == "cuda"
+    assert published(gds) == {endpoint.port: "127.0.0.1", metrics_port: "127.0.0.1"}
+    assert {endpoint.port, metrics_port} == {5555, 9400}
+    expose = re.search(r"^EXPOSE (.+)$", (ROOT / "Dockerfile").read_text(), re.M).group(1).split()
+    assert sorted(map(int, expose)) == sorted([endpoint.port, metrics_port])
+    gpu = gds["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+
+    prom = yaml.safe_load((MON / "prometheus.yml").read_text())
+    [job] = prom["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert job["static_configs"][0]["targets"] == [f"gdsllm:{metrics_port}"]
+    prom_svc = services["prometheus"]
+    assert "./monitoring/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom_svc["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prom_svc["command"]
+    assert published(prom_svc) == {9090: "127.0.0.1"}
+
+    [ds] = yaml.safe_load(DATASOURCES.read_text())["datasources"]
+    assert ds["type"] == "prometheus" and ds["url"] == "http://prometheus:9090"
+    assert ds["jsonData"]["timeInterval"] == prom["global"]["scrape_interval"]
+    graf = services["grafana"]
+    mounts = dict(v.split(":")[:2] for v in graf["volumes"])
+    assert mounts["./monitoring/grafana/provisioning/datasources"] == "/etc/grafana/provisioning/datasources"
+    assert mounts["./monitoring/grafana/provisioning/dashboards"] == "/etc/grafana/provisioning/dashboards"
+    [provider] = yaml.safe_load(PROVIDERS.read_text())["providers"]
+    assert provider["options"]["path"] == mounts["./monitoring/grafana/dashboards"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gdsllm.commands.serve") is None,
+                    reason="gdsllm serve is not built yet")
+def test_compose_serve_arguments_are_accepted_by_gdsllm():
+    from gdsllm.cli import build_parser
+
+    ns = build_parser().parse_args(serve_args() + ["-m", "/models/x"])
+    assert ns.command == "serve"
+
+
+def test_dashboard_uses_the_provisioned_datasource_and_known_metrics():
+    dash = json.loads(DASHBOARD.read_text())
+    [ds] = yaml.safe_load(DATASOURCES.read_text())["datasources"]
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)) and dash["uid"] == "gdsllm"
+    for p in dash["panels"]:
+        assert p["datasource"] == {"type": "prometheus", "uid": ds["uid"]}, p["title"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == ds["uid"] and t["expr"], p["title"]
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "info": ["_info"],
+                "gauge": [""]}
+    exposed = {f.name + s for f in ServiceMetrics().registry.collect() for s in suffixes[f.type]}
+    exprs = dashboard_exprs()
+    for e in exprs:
+        for name in re.findall(r"\bgdsllm_\w+", e):
+            assert name in exposed, f"dashboard queries {name}, which gdsllm.metrics does not export"
+    text = "\n".join(exprs)
+    for needed in ("rate(gdsllm_generation_tokens_total", "sum by (io_mode) (rate(gdsllm_storage_read",
+                   "rate(gdsllm_compute_stall_seconds_total", "gdsllm_requests_running",
+                   "gdsllm_requests_waiting", "gdsllm_vram_budget_bytes", "gdsllm_vram_resident_bytes",
+                   "gdsllm_slots_in_flight"):
+        assert needed in text, f"no panel queries {needed}"
+    for hist in ("time_to_first_token", "inter_token_latency", "layer_load", "layer_compute"):
+        for q in ("0.5", "0.95", "0.99"):
+            assert f"histogram_quantile({q}, sum by (le) (rate(gdsllm_{hist}_seconds_bucket" in text
+
+
+# ------------------------------------------------------------------ a real Prometheus
+
+
+class Prometheus:
+    """Debian's prometheus binary on a free port, scraping `target` with the repository's config."""
+
+    def __init__(self, target: str, workdir: Path):
+        cfg = yaml.safe_load((MON / "prometheus.yml").read_text())
+        cfg["global"]["scrape_interval"] = cfg["global"]["evaluation_interval"] = "500ms"
+        [job] = cfg["scrape_configs"]
+        job["static_configs"][0]["targets"] = [target]
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(cfg))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(workdir / "prometheus.log", "wb")
+        self.proc = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={workdir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir)
+        self.workdir = workdir
+        self.wait(lambda: self._get("/-/ready") is not None, "to become ready")
+
+    def _get(self, path: str):
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as r:
+                return r.read()
+        except OSError:
+            return None
+
+    def query(self, expr: str) -> list[dict]:
+        body = self._get("/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        assert body is not None, f"Prometheus did not answer {expr!r}"
+        reply = json.loads(body)
+        assert reply["status"] == "success", (expr, reply)
+        return reply["data"]["result"]
+
+    def value(self, expr: str) -> float | None:
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    def wait(self, cond, what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if self.proc.poll() is not None:
+                pytest.fail(f"prometheus exited {self.proc.returncode}: "
+                            f"{(self.workdir / 'prometheus.log').read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for prometheus {what}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def prometheus(tmp_path):
+    started = []
+
+    def start(target: str) -> Prometheus:
+        p = Prometheus(target, tmp_path)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.stop()
+
+
+def assert_dashboard_has_data(prom: Prometheus) -> None:
+    """Every dashboard expression, as Grafana would send it, returns finite samples."""
+    for expr in dashboard_exprs():
+        q = expr.replace("$__rate_interval", RATE_WINDOW)
+        assert "$" not in q, f"Grafana variable left in {expr!r}"
+        result = prom.query(q)
+        assert result, f"no data for dashboard query {q!r}"
+        for series in result:
+            assert math.isfinite(float(series["value"][1])), f"{q!r} gave {series}"
+
+
+def test_dashboard_has_data_from_a_scraped_service_metrics(prometheus):
+    """A ServiceMetrics fed by hand (no model): pins the dashboard to the metrics module."""
+    m = ServiceMetrics()
+    m.set_build_info("0.1.0", "cpu", "posix")
+    server = m.start_http("127.0.0.1", 0)
+    try:
+        prom = prometheus(f"127.0.0.1:{m.port}")
+        # Observations after the first scrape, so every rate() and quantile sees an increase.
+        prom.wait(lambda: prom.query("gdsllm_build_info"), "to scrape the service")
+        m.set_budget(1 << 30, 1 << 29)
+        for _ in range(3):
+            m.observe_load(1 << 20, 0.004, "posix")
+            m.observe_compute(0.002)
+            m.add_stall(0.001)
+        m.add_prompt_tokens(5)
+        m.add_generation_tokens(4)
+        m.observe_ttft(0.3)
+        m.observe_itl(0.02)
+        m.observe_request(0.4, "length")
+        m.set_requests(1, 0)
+        m.set_slots_in_flight(2)
+        prom.wait(lambda: prom.value("gdsllm_generation_tokens_total") == 4, "to see the tokens")
+        assert_dashboard_has_data(prom)
+        assert prom.value("gdsllm_storage_read_bytes_total") == 3 << 20
+    finally:
+        server.shutdown()
+        server.server_close()
