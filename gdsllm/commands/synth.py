@@ -1,0 +1,32 @@
+"""`gdsllm synth DST --shape {tiny,smollm2-135m,llama-7b,llama-13b} [--layers N] [--seed S]
+[--dtype float16] [--hf-out DIR]`: a random LLaMA-shaped model, written unit by unit (a 13.8 GB
+LLaMA-7B needs one unit of RAM), optionally with the same weights as a Hugging Face directory.
+"""
+from __future__ import annotations
+
+from ..format import DTYPES
+
+
+def add_parser(sub) -> None:
+    from ..synth import SHAPES
+    p = sub.add_parser("synth", help="write a random LLaMA-shaped model (benchmarks, tests)")
+    p.add_argument("dst", help="output model directory (must not exist)")
+    p.add_argument("--shape", default="tiny", choices=list(SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the shape's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    p.add_argument("--hf-out", default=None, metavar="DIR",
+                   help="also write the same weights as a Hugging Face directory")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..format import load_model_meta
+    from ..synth import synth
+    dst = synth(args.dst, args.shape, layers=args.layers, seed=args.seed, dtype=args.dtype,
+                hf_out=args.hf_out, progress=True)
+    meta = load_model_meta(dst)
+    print(f"{dst}: {meta.num_params / 1e6:.1f}M parameters, {meta.total_bytes / 1e9:.2f} GB "
+          f"in {len(meta.units)} units ({args.dtype})" + (f"; Hugging Face copy in {args.hf_out}"
+                                                           if args.hf_out else ""))
+    return 0

@@ -1,0 +1,190 @@
+"""Synthetic LLaMA-shaped models with random weights, for benchmarks and tests.
+
+    from gdsllm.synth import synth
+    synth("/tmp/llama7b", shape="llama-7b", dtype="float16", hf_out="/tmp/llama7b-hf")
+    synth("/tmp/odd", shape="tiny", overrides={"num_key_value_heads": 1, "tie_word_embeddings": False})
+
+Weights are generated unit by unit from seeded `torch.Generator`s (one per tensor, seeded from
+the model seed, unit index and tensor index), so a 13.8 GB LLaMA-7B never needs more than one
+unit in RAM and the same seed always gives the same model. Matrices are normal with std 0.02,
+norm weights 1 + small noise. With `hf_out`, the same (already cast) tensors are also written as a
+Hugging Face directory: `config.json` (LlamaForCausalLM), one safetensors shard per unit with
+`model.safetensors.index.json`, and the shared tokenizer (`gdsllm.synth_tokenizer`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .convert_hf import _progress
+from .format import DTYPES, LlamaParams, unit_layout, unit_tensor_shapes
+from .synth_tokenizer import CHAT_TEMPLATE, BOS_ID, EOS_ID, synth_tokenizer_json, tokenizer_config
+from .writer import ModelWriter
+
+_BASE = dict(rms_norm_eps=1e-5, rope_scaling=None, bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,))
+SHAPES: dict[str, LlamaParams] = {
+    "tiny": LlamaParams(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+                        max_position_embeddings=512, tie_word_embeddings=False, **_BASE),
+    "smollm2-135m": LlamaParams(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                head_dim=64, rope_theta=100000.0, max_position_embeddings=8192,
+                                tie_word_embeddings=True, **_BASE),
+    "llama-7b": LlamaParams(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                            head_dim=128, rope_theta=10000.0, max_position_embeddings=4096,
+                            tie_word_embeddings=False, **_BASE),
+    "llama-13b": LlamaParams(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                             num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                             head_dim=128, rope_theta=10000.0, max_position_embeddings=4096,
+                             tie_word_embeddings=False, **_BASE),
+}
+STD = 0.02
+THREADS = min(8, os.cpu_count() or 1)  # torch's normal_ fill is single-threaded: one tensor per thread
+
+
+def synth_params(shape: str, layers: int | None = None, overrides: dict | None = None) -> LlamaParams:
+    """The hyper-parameters of `shape`, with `layers` and any LlamaParams field overridden."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}")
+    o = dict(overrides or {})
+    if layers is not None:
+        o["num_hidden_layers"] = layers
+    if "head_dim" not in o and ("hidden_size" in o or "num_attention_heads" in o):
+        base = SHAPES[shape]
+        o["head_dim"] = o.get("hidden_size", base.hidden_size) // o.get("num_attention_heads",
+                                                                        base.num_attention_heads)
+    if "eos_token_ids" in o:
+        o["eos_token_ids"] = tuple(o["eos_token_ids"])
+    p = replace(SHAPES[shape], **o)
+    if p.num_hidden_layers < 1 or p.num_attention_heads % p.num_key_value_heads or p.head_dim % 2:
+        raise ValueError(f"inconsistent shape: {p}")
+    if p.vocab_size <= max(BOS_ID, EOS_ID):
+        raise ValueError(f"vocab_size {p.vocab_size} is too small for the special tokens")
+    return p
+
+
+def _tensor(seed: int, unit: int, k: int, name: str, shape: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed((seed * 1_000_003 + unit * 1009 + k) & 0x7FFF_FFFF_FFFF_FFFF)
+    t = torch.empty(shape, dtype=torch.float32)
+    t.normal_(0.0, STD, generator=g)
+    if name.endswith("norm.weight"):
+        t += 1.0  # RMSNorm gains near 1, as in trained models
+    return t.to(dt)
+
+
+def synth_units(p: LlamaParams, seed: int, dtype: str):
+    """Yield (unit name, kind, {name: tensor in dtype}) per unit; a tied head copies the embedding."""
+    dt = DTYPES[dtype]
+    with ThreadPoolExecutor(THREADS) as pool:
+        for index, (uname, kind, _) in enumerate(unit_layout(p)):
+            shapes = unit_tensor_shapes(p, kind)
+            futs = {n: pool.submit(_tensor, seed, index, k, n, s, dt) for k, (n, s) in enumerate(shapes.items())}
+            tensors = {n: f.result() for n, f in futs.items()}
+            if kind == "head" and p.tie_word_embeddings:  # same values as unit 0's embedding
+                tensors["lm_head.weight"] = _tensor(seed, 0, 0, "embed_tokens.weight",
+                                                    (p.vocab_size, p.hidden_size), dt)
+            yield uname, kind, tensors
+
+
+def hf_config(p: LlamaParams, dtype: str) -> dict:
+    rope = {"rope_theta": p.rope_theta, **(p.rope_scaling or {"rope_type": "default"})}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": dtype,
+            "torch_dtype": dtype, "vocab_size": p.vocab_size, "hidden_size": p.hidden_size,
+            "intermediate_size": p.intermediate_size, "num_hidden_layers": p.num_hidden_layers,
+            "num_attention_heads": p.num_attention_heads, "num_key_value_heads": p.num_key_value_heads,
+            "head_dim": p.head_dim, "hidden_act": "silu", "rms_norm_eps": p.rms_norm_eps,
+            "max_position_embeddings": p.max_position_embeddings,
+            "tie_word_embeddings": p.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
+            "rope_parameters": rope, "rope_theta": p.rope_theta, "rope_scaling": p.rope_scaling,
+            "bos_token_id": p.bos_token_id, "eos_token_id": list(p.eos_token_ids),
+            "pad_token_id": None, "use_cache": True}
+
+
+def _hf_names(kind: str, layer: int | None, tensors: dict, tied: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in tensors.items():
+        if kind == "block":
+            out[f"model.layers.{layer}.{name}"] = t
+        elif name == "lm_head.weight":
+            if not tied:  # a tied checkpoint has no lm_head.weight
+                out[name] = t
+        else:
+            out[f"model.{name}"] = t
+    return out
+
+
+class _HFWriter:
+    """Writes the Hugging Face twin into a temp dir beside `dst`, renamed into place at the end."""
+
+    def __init__(self, dst: Path, p: LlamaParams, dtype: str):
+        self.dst, self.p, self.dtype = dst, p, dtype
+        if dst.exists():
+            raise FileExistsError(f"{dst}: already exists (remove it or pick another path)")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+        self.n = len(unit_layout(p))
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        self.i = 0
+
+    def add(self, kind: str, layer: int | None, tensors: dict) -> None:
+        self.i += 1
+        shard = f"model-{self.i:05d}-of-{self.n:05d}.safetensors"
+        named = _hf_names(kind, layer, tensors, self.p.tie_word_embeddings)
+        save_file({k: v.contiguous() for k, v in named.items()}, str(self.tmp / shard),
+                  metadata={"format": "pt"})
+        for k, v in named.items():
+            self.weight_map[k] = shard
+            self.total += v.numel() * v.element_size()
+
+    def finish(self) -> None:
+        d = self.tmp
+        (d / "config.json").write_text(json.dumps(hf_config(self.p, self.dtype), indent=2))
+        (d / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": self.p.bos_token_id, "eos_token_id": list(self.p.eos_token_ids)}, indent=2))
+        (d / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, indent=2))
+        (d / "tokenizer.json").write_bytes(synth_tokenizer_json(self.p.vocab_size))
+        (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2))
+        os.rename(d, self.dst)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def synth(dst: str | os.PathLike, shape: str = "tiny", *, layers: int | None = None, seed: int = 0,
+          dtype: str = "float16", hf_out: str | os.PathLike | None = None,
+          overrides: dict | None = None, progress: bool = False) -> Path:
+    """Write a random model of `shape` to `dst` (and its Hugging Face twin to `hf_out`)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    p = synth_params(shape, layers, overrides)
+    hf = _HFWriter(Path(hf_out).expanduser().resolve(), p, dtype) if hf_out is not None else None
+    try:
+        source = f"synth:{shape}:seed={seed}" + (f":overrides={json.dumps(overrides, sort_keys=True)}"
+                                                 if overrides else "")
+        with ModelWriter(dst, p, dtype, chat_template=CHAT_TEMPLATE, source=source) as w:
+            units = synth_units(p, seed, dtype)
+            for (_, kind, layer), (_, _, tensors) in _progress(
+                    zip(unit_layout(p), units), len(unit_layout(p)), f"synth {shape}", progress):
+                w.add_unit(tensors)
+                if hf is not None:
+                    hf.add(kind, layer, tensors)
+                del tensors  # one unit in memory at a time
+            w.add_file("tokenizer.json", synth_tokenizer_json(p.vocab_size), tokenizer=True)
+        if hf is not None:
+            hf.finish()
+    except BaseException:
+        if hf is not None:
+            hf.abort()
+        raise
+    return w.dst
