@@ -1,0 +1,45 @@
+"""`gdsllm convert SRC DST [--dtype float16|bfloat16|float32]`: a Hugging Face LLaMA directory or
+a llama `.gguf` file into a GdsLLM model directory. The output appears atomically (temp dir +
+rename): an error or Ctrl-C leaves nothing behind. Progress on stderr.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..format import DTYPES, FormatError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert a Hugging Face directory or a GGUF file")
+    p.add_argument("src", help="Hugging Face model directory, or a .gguf file")
+    p.add_argument("dst", help="output model directory (must not exist)")
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    p.set_defaults(func=run)
+
+
+def convert(src: str | Path, dst: str | Path, dtype: str = "float16", progress: bool = False) -> Path:
+    """Dispatch on the source: a directory is Hugging Face, a `.gguf` file is GGUF."""
+    src = Path(src).expanduser()
+    if src.is_dir():
+        from ..convert_hf import convert_hf
+        return convert_hf(src, dst, dtype=dtype, progress=progress)
+    if src.suffix.lower() == ".gguf" or (src.is_file() and _magic(src) == b"GGUF"):
+        from ..convert_gguf import convert_gguf
+        return convert_gguf(src, dst, dtype=dtype, progress=progress)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or directory")
+    raise FormatError(f"{src}: neither a Hugging Face model directory nor a .gguf file")
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
+def run(args) -> int:
+    from ..format import load_model_meta
+    dst = convert(args.src, args.dst, args.dtype, progress=True)
+    meta = load_model_meta(dst)
+    print(f"{dst}: {meta.num_params / 1e6:.1f}M parameters, {meta.total_bytes / 1e9:.2f} GB in "
+          f"{len(meta.units)} units ({meta.dtype})")
+    return 0

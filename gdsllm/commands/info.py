@@ -1,0 +1,54 @@
+"""`gdsllm info [-m MODEL]`: what a model is (architecture, parameters, dtype, bytes per unit) and
+which I/O path this machine would take to stream it (gds / compat / posix).
+"""
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="describe a model and this machine's I/O path")
+    p.add_argument("-m", "--model", default=None, help="model directory (default: embedded model)")
+    p.set_defaults(func=run)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def describe(root) -> str:
+    """The report `gdsllm info` prints, for the model directory `root`."""
+    import torch
+
+    from ..format import load_model_meta
+    from ..storage import probe_io_path
+    meta = load_model_meta(root)
+    p = meta.params
+    lines = [
+        f"model         {meta.root}",
+        f"source        {meta.source or '-'}",
+        f"architecture  {meta.architecture} ({p.num_hidden_layers} layers, hidden {p.hidden_size}, "
+        f"heads {p.num_attention_heads}/{p.num_key_value_heads} kv, head_dim {p.head_dim}, "
+        f"ffn {p.intermediate_size}, vocab {p.vocab_size}, "
+        f"{'tied' if p.tie_word_embeddings else 'untied'} embeddings)",
+        f"rope          theta {p.rope_theta:g}" + (f", scaling {p.rope_scaling}" if p.rope_scaling else ""),
+        f"parameters    {meta.num_params:,} ({meta.num_params / 1e6:.1f}M)",
+        f"dtype         {meta.dtype}",
+        f"total bytes   {meta.total_bytes:,} ({_size(meta.total_bytes)}) in {len(meta.units)} units",
+        f"tokenizer     {meta.tokenizer_file or '-'}; chat template {'yes' if meta.chat_template else 'no'}",
+        "io path       cpu: " + probe_io_path("cpu") +
+        (f", cuda: {probe_io_path('cuda')}" if torch.cuda.is_available() else ", cuda: no GPU"),
+        "",
+        f"{'unit':<10} {'file':<15} {'bytes':>14} {'tensors':>8}",
+    ]
+    for u in meta.units:
+        lines.append(f"{u.name:<10} {u.file:<15} {u.nbytes:>14,} {len(u.tensors):>8}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from ..default_model import resolve_model
+    print(describe(resolve_model(args.model)))
+    return 0
