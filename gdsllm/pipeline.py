@@ -1,0 +1,106 @@
+"""The streaming service inside the current process, for one-shot and interactive use.
+
+    from gdsllm.pipeline import LocalService, generate_once
+    final = generate_once(config, "Once upon a time", {"max_tokens": 32, "temperature": 0},
+                          on_text=lambda d: print(d, end=""))           # what `gdsllm generate` runs
+    with LocalService(config) as svc:                                   # what `gdsllm run` runs
+        with Client(svc.endpoint) as c: ...
+
+LocalService runs a Coordinator (the same I/O and compute worker processes as `gdsllm serve`) on
+its own uvloop in a background thread, bound to a private `ipc://` endpoint in a 0700 temp dir
+unless the config names one, and shuts everything down on exit: workers, shared memory, sockets.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+
+from ipc import sockets
+
+from .config import ServiceConfig
+
+
+class LocalService:
+    def __init__(self, config: ServiceConfig, private_endpoint: bool = True, **coordinator_kwargs):
+        self.dir = sockets.EndpointDir() if private_endpoint else None
+        if self.dir is not None:
+            config = dataclasses.replace(config, endpoint=self.dir.endpoint("service"), metrics_port=None)
+        self.config, self.kwargs = config, coordinator_kwargs
+        self.endpoint = config.endpoint
+        self.coordinator = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._main, name="gdsllm-service", daemon=True)
+
+    def start(self) -> "LocalService":
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            self._cleanup()
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        import uvloop
+        self._loop = uvloop.new_event_loop()
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        from .coordinator import Coordinator
+        try:
+            self.coordinator = c = Coordinator(self.config, **self.kwargs)
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            return
+        try:
+            await c.start()
+        except BaseException as e:
+            self._error = e
+        self._ready.set()
+        try:
+            if self._error is None:
+                await c.serve()
+        finally:
+            await c.close()
+
+    def stop(self) -> None:
+        """Shut the service down and wait for it (workers joined, shm unlinked)."""
+        if self._loop is not None and self._thread.is_alive() and self.coordinator is not None:
+            self._loop.call_soon_threadsafe(self.coordinator.request_stop)
+        self._thread.join()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.dir is not None:
+            self.dir.close()
+
+    def __enter__(self) -> "LocalService":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def generate_once(config: ServiceConfig, prompt: str | None = None, params: dict | None = None, *,
+                  messages: list[dict] | None = None, on_text=None, timeout: float = 3600.0):
+    """Run the service for one request and shut it down; returns the Final message.
+
+    `params`: Generate fields (max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos).
+    `on_text(delta)` is called with the text as it streams.
+    """
+    from .client import Client
+    with LocalService(config) as svc, Client(svc.endpoint, timeout=timeout) as client:
+        final = None
+        for msg in client.stream_messages(prompt, messages=messages, **(params or {})):
+            if getattr(msg, "finish_reason", None) is not None:
+                final = msg
+            elif msg.text and on_text is not None:
+                on_text(msg.text)
+        return final

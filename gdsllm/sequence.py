@@ -1,0 +1,136 @@
+"""One generation request inside the coordinator: its validated parameters, its tokens, and the
+text it has produced so far (incremental detokenization, stop strings, max_tokens, eos).
+
+    seq = Sequence.from_request(msg, client, seq_id, tokenizer, eos_ids, max_context)  # ValueError
+    delta = seq.append(token_id)      # text safe to stream now ("" while held back)
+    if seq.finish_reason: ...         # "stop" (eos or a stop string) or "length"
+
+The coordinator owns the scheduling; this module only keeps one request's books.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from ipc.messages import Final, Generate, SeqSampling
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+def validate_request(msg: Generate) -> None:
+    """Raise ValueError with a clear message for sampling values no sampler should see."""
+    rid = msg.request_id
+    if not (math.isfinite(msg.temperature) and msg.temperature >= 0):
+        raise ValueError(f"request {rid}: temperature must be a finite number >= 0 (0 = greedy), "
+                         f"got {msg.temperature}")
+    if not (math.isfinite(msg.top_p) and 0 < msg.top_p <= 1):
+        raise ValueError(f"request {rid}: top_p must be in (0, 1], got {msg.top_p}")
+    if msg.top_k < 0:
+        raise ValueError(f"request {rid}: top_k must be >= 0 (0 = off), got {msg.top_k}")
+    if msg.max_tokens < 1:
+        raise ValueError(f"request {rid}: max_tokens must be >= 1, got {msg.max_tokens}")
+    if msg.seed is not None and not 0 <= msg.seed < 2**63:
+        raise ValueError(f"request {rid}: seed must be in [0, 2**63), got {msg.seed}")
+    if len(msg.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in msg.stop):
+        raise ValueError(f"request {rid}: stop takes at most {MAX_STOP_STRINGS} non-empty strings "
+                         f"of at most {MAX_STOP_CHARS} characters")
+    if msg.messages is not None:
+        if not msg.messages:
+            raise ValueError(f"request {rid}: messages is empty")
+        for m in msg.messages:
+            if m.role not in ("system", "user", "assistant", "tool"):
+                raise ValueError(f"request {rid}: unknown chat role {m.role!r}")
+    from .sampling import SamplingParams
+    try:  # the compute engine's own validation has the last word
+        SamplingParams(temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, seed=msg.seed,
+                       max_tokens=msg.max_tokens, stop=tuple(msg.stop)).validate()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"request {rid}: {e}") from None
+
+
+def encode_prompt(msg: Generate, tokenizer) -> list[int]:
+    """Token ids of the prompt (raw completion) or of the chat messages through the template,
+    exactly as gdsllm.LLM makes them."""
+    if msg.messages is not None:
+        msgs = [{"role": m.role, "content": m.content} for m in msg.messages]
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(msg.prompt))
+
+
+@dataclass
+class Sequence:
+    """The coordinator's books on one request (client identity + request id)."""
+
+    seq_id: int
+    client: bytes
+    request: Generate
+    prompt_ids: list[int]
+    tokenizer: object
+    eos_ids: frozenset[int]
+    max_new: int  # max_tokens, capped by the model's context length
+    arrived: float = field(default_factory=time.perf_counter)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # detokenized so far (before stop-string truncation)
+    emitted: int = 0  # characters of `text` already streamed
+    finish_reason: str | None = None
+    cancelled: bool = False
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    detok: object = None  # the tokenizer's IncrementalDetokenizer, primed with the prompt
+
+    def __post_init__(self):
+        if self.detok is None:
+            self.detok = self.tokenizer.detokenizer(self.prompt_ids)
+
+    @property
+    def key(self) -> tuple[bytes, str]:
+        return self.client, self.request.request_id
+
+    def sampling(self) -> SeqSampling:
+        r = self.request
+        return SeqSampling(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed)
+
+    def append(self, token: int) -> str:
+        """Record a sampled token; returns the text delta that may be streamed now. Same rules as
+        gdsllm.LLM: eos ends without text, a stop string ends before it, then max_tokens."""
+        assert self.finish_reason is None, f"request {self.request.request_id} already finished"
+        now = time.perf_counter()
+        self.first_token_at = self.first_token_at or now
+        self.last_token_at = now
+        self.token_ids.append(int(token))
+        if int(token) in self.eos_ids and not self.request.ignore_eos:
+            return self._finish("stop", len(self.text))
+        stops = self.request.stop
+        start = max(0, len(self.text) - max(map(len, stops), default=0))
+        self.text += self.detok.push(int(token))
+        hits = [i for i in (self.text.find(s, start) for s in stops) if i >= 0]
+        if hits:  # the stop string and what follows it are not part of the output
+            return self._finish("stop", min(hits))
+        if len(self.token_ids) >= self.max_new:
+            return self._finish("length", len(self.text))
+        # Hold back a tail that could still grow into a stop string.
+        hold = max(map(len, stops), default=1) - 1
+        return self._emit(len(self.text) - hold)
+
+    def _finish(self, reason: str, upto: int) -> str:
+        self.finish_reason = reason
+        self.text = self.text[: max(upto, self.emitted)]
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        delta = self.text[self.emitted: upto] if upto > self.emitted else ""
+        self.emitted = max(self.emitted, upto)
+        return delta
+
+    def final(self, finish_reason: str | None = None) -> Final:
+        now = time.perf_counter()
+        reason = finish_reason or self.finish_reason or "stop"
+        ttft = (self.first_token_at - self.arrived) if self.first_token_at else 0.0
+        return Final(request_id=self.request.request_id, text=self.text[: self.emitted]
+                     if reason == "cancelled" else self.text, token_ids=list(self.token_ids),
+                     finish_reason=reason, prompt_tokens=len(self.prompt_ids),
+                     completion_tokens=len(self.token_ids), time_to_first_token_s=ttft,
+                     duration_s=now - self.arrived)

@@ -1,0 +1,150 @@
+"""The coordinator's two worker processes: spawned, handshaken with a deadline, watched, stopped.
+
+    workers = WorkerSet(config, arena_bytes, on_death=callback)
+    io_ready = await workers.start()            # IoReady (arena handle, io path) or WorkerStartError
+    await workers.io.send(encode(Load(...)))    # zmq.asyncio PAIR sockets: .io and .compute
+    await workers.stop()                        # Shutdown, join, kill after a deadline, unlink shm
+
+Each worker gets one PAIR socket over `ipc://` in a private temp dir (the coordinator binds). A
+worker that exits unexpectedly is noticed through its process sentinel (an fd the event loop
+watches), and `on_death(name, exitcode)` is called once. Processes use the "spawn" context:
+CUDA cannot survive fork.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+
+import zmq
+import zmq.asyncio
+
+from ipc import sockets
+from ipc.messages import (ArenaOpened, ComputeReady, IoReady, OpenArena, Shutdown, WorkerError,
+                          decode, encode)
+
+log = logging.getLogger("gdsllm.workers")
+STOP_TIMEOUT_S = 10.0  # a worker told to Shutdown that has not exited by then is killed
+
+
+class WorkerStartError(RuntimeError):
+    """A worker did not start: it reported an error, died, or missed the handshake deadline."""
+
+
+class WorkerSet:
+    def __init__(self, config, arena_bytes: int, on_death=None, io_target=None, compute_target=None):
+        self.config, self.arena_bytes, self.on_death = config, arena_bytes, on_death
+        if io_target is None:
+            from .io_worker import run_io_process as io_target
+        if compute_target is None:
+            from .compute_worker import run_compute_process as compute_target
+        self.targets = {"io": io_target, "compute": compute_target}
+        self.ctx = zmq.asyncio.Context()
+        self.dir = sockets.EndpointDir()
+        self.procs: dict[str, multiprocessing.Process] = {}
+        self.io = sockets.pair(self.ctx, self.dir.endpoint("io"), bind=True)
+        self.compute = sockets.pair(self.ctx, self.dir.endpoint("compute"), bind=True)
+        for sock in (self.io, self.compute):
+            # Control messages are few and tiny: never let a send wait (the coordinator sends
+            # without awaiting, in order, from its single event loop).
+            sock.setsockopt(zmq.SNDHWM, 0)
+        self.shm_name: str | None = None
+        self.stopping = False
+        self._dead: set[str] = set()
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.procs.items()}
+
+    def _spawn(self, name: str, *args) -> None:
+        mp = multiprocessing.get_context("spawn")
+        p = mp.Process(target=self.targets[name], args=(self.config, *args),
+                       name=f"gdsllm-{name}", daemon=True)
+        p.start()
+        self.procs[name] = p
+        asyncio.get_running_loop().add_reader(p.sentinel, self._sentinel, name)
+
+    def _sentinel(self, name: str) -> None:
+        p = self.procs[name]
+        asyncio.get_running_loop().remove_reader(p.sentinel)
+        p.join(1)  # the sentinel fired: it has exited, reap it for its exit code
+        self._dead.add(name)
+        if not self.stopping:
+            log.error("%s worker (pid %s) died with exit code %s", name, p.pid, p.exitcode)
+            if self.on_death is not None:
+                self.on_death(name, p.exitcode)
+
+    async def _handshake(self, name: str, sock, expect: type, timeout: float):
+        """The worker's first message, within `timeout`, while watching that it stays alive."""
+        recv = asyncio.ensure_future(sock.recv())
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            while not recv.done():
+                await asyncio.wait([recv], timeout=0.1)
+                if name in self._dead or not self.procs[name].is_alive():
+                    raise WorkerStartError(f"{name} worker exited during start-up (exit code "
+                                           f"{self.procs[name].exitcode})")
+                if asyncio.get_running_loop().time() > deadline:
+                    raise WorkerStartError(f"{name} worker did not report ready within {timeout:.0f} s "
+                                           f"(startup_timeout_s)")
+            msg = decode(recv.result())
+        finally:
+            recv.cancel()
+        if isinstance(msg, WorkerError):
+            raise WorkerStartError(f"{name} worker: {msg.message}")
+        if not isinstance(msg, expect):
+            raise WorkerStartError(f"{name} worker sent {type(msg).__name__} instead of {expect.__name__}")
+        return msg
+
+    async def start(self) -> IoReady:
+        """Spawn both workers (they import torch in parallel), then handshake: IoReady, ComputeReady,
+        OpenArena -> ArenaOpened. Raises WorkerStartError; the caller then calls stop()."""
+        t = self.config.startup_timeout_s
+        self._spawn("io", self.dir.endpoint("io"), self.arena_bytes)
+        self._spawn("compute", self.dir.endpoint("compute"))
+        ready = await self._handshake("io", self.io, IoReady, t)
+        if ready.backend == "cpu":
+            self.shm_name = ready.handle.decode(errors="replace")
+        if ready.arena_bytes < self.arena_bytes:
+            raise WorkerStartError(f"io worker made a {ready.arena_bytes}-byte arena, "
+                                   f"{self.arena_bytes} were asked for")
+        await self._handshake("compute", self.compute, ComputeReady, t)
+        await self.compute.send(encode(OpenArena(ready.backend, ready.handle, ready.arena_bytes)))
+        await self._handshake("compute", self.compute, ArenaOpened, t)
+        return ready
+
+    async def stop(self) -> None:
+        """Tell both workers to Shutdown, join them, kill what is left after STOP_TIMEOUT_S, and
+        remove the sockets and any shared-memory arena a killed I/O worker left behind."""
+        self.stopping = True
+        loop = asyncio.get_running_loop()
+        for sock in (self.io, self.compute):
+            try:
+                await asyncio.wait_for(sock.send(encode(Shutdown())), 1.0)
+            except (zmq.ZMQError, asyncio.TimeoutError):
+                pass  # the peer is gone or never connected
+        deadline = loop.time() + STOP_TIMEOUT_S
+        for name, p in self.procs.items():
+            while p.is_alive() and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            if p.is_alive():
+                log.warning("%s worker (pid %s) ignored Shutdown; killing it", name, p.pid)
+                p.kill()
+            p.join(5)
+            try:
+                loop.remove_reader(p.sentinel)
+            except (ValueError, OSError):
+                pass
+            p.close()
+        self.procs.clear()
+        if self.shm_name and os.path.exists(f"/dev/shm/{self.shm_name}"):
+            log.warning("unlinking the shared-memory arena /dev/shm/%s left by the I/O worker", self.shm_name)
+            try:
+                os.unlink(f"/dev/shm/{self.shm_name}")
+            except OSError:
+                pass
+        self.io.close(linger=0)
+        self.compute.close(linger=0)
+        self.ctx.term()
+        self.dir.close()
