@@ -1,0 +1,152 @@
+"""The LLaMA math, one unit at a time: embedding, decoder block, final norm + LM head.
+
+Every function takes only its own unit's weights (the views `gdsllm.bridge.unit_tensors` gives),
+so unit k runs with nothing but unit k resident. Activations are flattened over all tokens of all
+sequences of a batch ([T, hidden]); only attention looks at sequence boundaries, through the
+`Segment`s the runner passes (one per sequence, each with its KV cache).
+
+The numerics follow Hugging Face transformers' `modeling_llama` exactly where it matters for
+bit-closeness: RMSNorm in float32 and cast back before the weight multiply, rotary cos/sin built in
+float32 and cast to the activation dtype, Llama-3 frequency scaling as `_compute_llama3_parameters`.
+
+    x = embed(w_embed, ids, dtype)
+    cos, sin = rope_cos_sin(rope_inv_freq(p, device), positions, dtype)
+    x = decoder_block(p, w_block, x, cos, sin, segments, layer)
+    logits = lm_head(p, w_head, x[last_token_rows])
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .format import LlamaParams
+from .kv_cache import KVCache
+
+
+def rope_inv_freq(p: LlamaParams, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Inverse rotary frequencies (float32, [head_dim // 2]), with Llama-3 scaling if configured."""
+    dim = p.head_dim
+    inv_freq = 1.0 / (p.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(
+        device=device, dtype=torch.float) / dim))
+    rs = p.rope_scaling or {}
+    rope_type = rs.get("rope_type", rs.get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type != "llama3":
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3')")
+    try:
+        factor = float(rs["factor"])
+        low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old_ctx = float(rs["original_max_position_embeddings"])
+    except KeyError as e:
+        raise ValueError(f"rope_scaling 'llama3' needs {e.args[0]!r}: got {rs}") from None
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [T, head_dim] for integer `positions` [T]; float32 math, cast to dtype."""
+    freqs = positions[:, None].float() * inv_freq[None, :].float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As transformers' LlamaRMSNorm: float32 statistics, cast back, then times the weight."""
+    in_dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.to(in_dtype) * h.to(in_dtype)
+
+
+def _w(weights: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
+    # On the CPU backend weights stored as fp16/bf16 are upcast here, once per unit and pass; on
+    # CUDA the compute dtype is the stored dtype and this is a no-op view.
+    return weights[name].to(dtype)
+
+
+def embed(weights: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T] token ids -> [T, hidden] activations."""
+    # Gather first, then cast: upcasting the whole table would copy vocab x hidden every pass.
+    return F.embedding(ids, weights["embed_tokens.weight"]).to(dtype)
+
+
+@dataclass
+class Segment:
+    """One sequence's rows [start, end) of the flattened batch, and its KV cache."""
+
+    start: int
+    end: int
+    cache: KVCache
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    """q: [heads, n, hd]; k, v: [kv_heads, past + n, hd] (cache included). Returns [n, heads*hd].
+
+    Causal within the new chunk; every new token sees all `past` cached tokens.
+    """
+    n = q.shape[1]
+    gqa = q.shape[0] != k.shape[0]
+    if n == 1:  # one new token attends to everything: no mask
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    elif past == 0:  # a whole prompt: SDPA's own causal mask (upper-left aligned, square here)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:  # a chunk after a cached prefix: row i sees keys [0, past + i]
+        rows = torch.arange(n, device=q.device)[:, None] + past
+        mask = torch.arange(past + n, device=q.device)[None, :] <= rows
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return out.transpose(0, 1).reshape(n, -1)
+
+
+def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment],
+                  layer: int) -> torch.Tensor:
+    """One decoder block over the flattened batch x [T, hidden]; appends to each KV cache."""
+    dt = x.dtype
+    T = x.shape[0]
+    hd, nh, nkv = p.head_dim, p.num_attention_heads, p.num_key_value_heads
+    h = rms_norm(x, weights["input_layernorm.weight"], p.rms_norm_eps)
+    # The projections run once over all tokens of all sequences: one large matmul per weight
+    # is what makes a weight pass serve a whole batch for the price of one.
+    q = F.linear(h, _w(weights, "self_attn.q_proj.weight", dt)).view(T, nh, hd)
+    k = F.linear(h, _w(weights, "self_attn.k_proj.weight", dt)).view(T, nkv, hd)
+    v = F.linear(h, _w(weights, "self_attn.v_proj.weight", dt)).view(T, nkv, hd)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    outs = []
+    for seg in segments:
+        past = seg.cache.length
+        ks, vs = seg.cache.update(layer, k[seg.start:seg.end].transpose(0, 1),
+                                  v[seg.start:seg.end].transpose(0, 1))
+        outs.append(attention(q[seg.start:seg.end].transpose(0, 1), ks, vs, past))
+    a = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    assert a.shape == (T, nh * hd), a.shape
+    x = x + F.linear(a, _w(weights, "self_attn.o_proj.weight", dt))
+    h = rms_norm(x, weights["post_attention_layernorm.weight"], p.rms_norm_eps)
+    gate = F.linear(h, _w(weights, "mlp.gate_proj.weight", dt))
+    up = F.linear(h, _w(weights, "mlp.up_proj.weight", dt))
+    return x + F.linear(F.silu(gate) * up, _w(weights, "mlp.down_proj.weight", dt))
+
+
+def lm_head(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Final norm and LM head over the rows given ([B, hidden]); float32 logits [B, vocab]."""
+    h = rms_norm(x, weights["norm.weight"], p.rms_norm_eps)
+    return F.linear(h, _w(weights, "lm_head.weight", x.dtype)).float()

@@ -1,0 +1,138 @@
+"""The batched step: one pass over the model's units serves a batch of sequences.
+
+Each sequence brings its own new tokens (a whole prompt, or one token) at its own position in its
+own KV cache; the matmuls run once over the tokens of all sequences flattened ([T, hidden]),
+attention runs per sequence. This is the shape continuous batching needs: a sequence may join
+(new seq_id) or leave (`release`) between any two passes.
+
+    runner = Runner(meta.params, "cpu", torch.float32)
+    runner.start_pass([(7, prompt_ids), (3, [last_token])])
+    for unit in meta.units:                    # embed, block.0 .. block.N-1, head, in order
+        runner.run_unit(unit, unit_tensors(unit, buf_holding(unit)))
+        runner.fence()                         # before the buffer is refilled (CUDA: async work)
+    logits = runner.end_pass()                 # float32 [2, vocab]: last token of each chunk
+    runner.release(7)                          # frees its KV cache
+
+This interface is what the compute worker process codes against; keep its names and meaning.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import model
+from .format import LlamaParams, UnitMeta, unit_layout
+from .kv_cache import KVCache
+
+
+class Runner:
+    def __init__(self, params: LlamaParams, device: str | torch.device, dtype: torch.dtype):
+        self.p, self.device, self.dtype = params, torch.device(device), dtype
+        self.layout = unit_layout(params)
+        self.caches: dict[int, KVCache] = {}
+        # Rotary frequencies depend only on the model: computed once, on the compute device.
+        self.inv_freq = model.rope_inv_freq(params, self.device)
+        self._pass: _Pass | None = None
+
+    def seq_len(self, seq_id: int) -> int:
+        """Tokens already in `seq_id`'s KV cache (0 for a sequence this runner does not know)."""
+        c = self.caches.get(seq_id)
+        return 0 if c is None else c.length
+
+    def release(self, seq_id: int) -> None:
+        """Free `seq_id`'s KV cache; a no-op for an unknown id (e.g. cancelled before it ran)."""
+        if self._pass is not None and seq_id in self._pass.seq_ids:
+            raise RuntimeError(f"sequence {seq_id} released in the middle of a pass that serves it")
+        self.caches.pop(seq_id, None)
+
+    def start_pass(self, chunks: list[tuple[int, list[int]]]) -> None:
+        """Begin one weight pass for `chunks`: (seq_id, new_token_ids) each, seq_ids distinct."""
+        if self._pass is not None:
+            raise RuntimeError("start_pass called while a pass is in progress (call end_pass first)")
+        if not chunks:
+            raise ValueError("start_pass: empty batch")
+        p = self.p
+        seq_ids = [sid for sid, _ in chunks]
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"start_pass: a sequence appears twice in one batch: {seq_ids}")
+        ids, positions, segments, last_rows, row = [], [], [], [], 0
+        for sid, toks in chunks:
+            toks = list(toks)
+            if not toks:
+                raise ValueError(f"sequence {sid}: no new tokens")
+            bad = [t for t in toks if not isinstance(t, int) or not 0 <= t < p.vocab_size]
+            if bad:
+                raise ValueError(f"sequence {sid}: token ids {bad[:5]} are outside the vocabulary "
+                                 f"[0, {p.vocab_size})")
+            past = self.seq_len(sid)
+            if past + len(toks) > p.max_position_embeddings:
+                raise ValueError(f"sequence {sid}: {past} cached + {len(toks)} new tokens exceed the "
+                                 f"model's context of {p.max_position_embeddings} tokens")
+            ids += toks
+            positions += range(past, past + len(toks))
+            segments.append((sid, row, row + len(toks)))
+            row += len(toks)
+            last_rows.append(row - 1)
+        for sid, _, _ in segments:
+            if sid not in self.caches:  # a new sequence starts at position 0
+                self.caches[sid] = KVCache(p.num_hidden_layers, p.num_key_value_heads, p.head_dim,
+                                           self.dtype, self.device, p.max_position_embeddings)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        cos, sin = model.rope_cos_sin(self.inv_freq, pos, self.dtype)
+        self._pass = _Pass(
+            seq_ids=seq_ids,
+            ids=torch.tensor(ids, dtype=torch.long, device=self.device),
+            cos=cos, sin=sin,
+            segments=[model.Segment(a, b, self.caches[sid]) for sid, a, b in segments],
+            last_rows=torch.tensor(last_rows, dtype=torch.long, device=self.device))
+
+    def run_unit(self, unit: UnitMeta, weights: dict[str, torch.Tensor]) -> None:
+        """Run the next unit of the pass with its weights (views valid until the caller fences)."""
+        ps = self._pass
+        if ps is None:
+            raise RuntimeError(f"run_unit({unit.name}) outside a pass (call start_pass first)")
+        if ps.next_unit >= len(self.layout) or (unit.name, unit.kind, unit.layer) != self.layout[ps.next_unit]:
+            want = self.layout[ps.next_unit][0] if ps.next_unit < len(self.layout) else "end_pass"
+            raise RuntimeError(f"run_unit: got unit {unit.name}, expected {want}")
+        p = self.p
+        if unit.kind == "embed":
+            ps.x = model.embed(weights, ps.ids, self.dtype)
+        elif unit.kind == "block":
+            ps.x = model.decoder_block(p, weights, ps.x, ps.cos, ps.sin, ps.segments, unit.layer)
+        else:
+            # Only each chunk's last token needs logits: norm + LM head on those rows alone.
+            ps.logits = model.lm_head(p, weights, ps.x.index_select(0, ps.last_rows))
+            ps.x = None
+        ps.next_unit += 1
+
+    def fence(self) -> None:
+        """Wait until all work issued so far has finished (weights' buffers may then be reused)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def end_pass(self) -> torch.Tensor:
+        """Finish the pass: commit the new tokens to the KV caches; float32 logits [chunks, vocab]."""
+        ps = self._pass
+        if ps is None:
+            raise RuntimeError("end_pass without start_pass")
+        if ps.next_unit != len(self.layout):
+            raise RuntimeError(f"end_pass after {ps.next_unit} of {len(self.layout)} units")
+        for seg in ps.segments:
+            seg.cache.advance(seg.end - seg.start)
+        self._pass = None
+        assert ps.logits is not None and ps.logits.dtype == torch.float32
+        return ps.logits
+
+    def abort_pass(self) -> None:
+        """Drop a pass that failed midway; caches keep only what earlier passes committed."""
+        self._pass = None
+
+
+class _Pass:
+    """State of the pass in flight: inputs, per-sequence segments, running activations."""
+
+    def __init__(self, seq_ids, ids, cos, sin, segments, last_rows):
+        self.seq_ids, self.ids, self.cos, self.sin = seq_ids, ids, cos, sin
+        self.segments, self.last_rows = segments, last_rows
+        self.x: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.next_unit = 0

@@ -1,0 +1,133 @@
+"""Sampling parameters and the per-request sampler: greedy, temperature, top-k, top-p, seed.
+
+    params = SamplingParams(max_tokens=64, temperature=0.7, top_p=0.9, seed=42)
+    params.validate()                                   # ValueError with a clear message
+    sampler = Sampler(params)                           # one per request: owns its generator
+    token = sampler.sample(logits_row)                  # float logits [vocab], any device
+    tokens = Sampler.sample_batch(logits, samplers)     # [B, vocab], each row its own sampler
+
+`temperature == 0` is greedy (argmax). Otherwise, as transformers and vLLM do: logits are divided
+by the temperature, then top-k, then top-p (nucleus) filter, then one draw from the softmax with
+the request's own `torch.Generator` on the logits' device, so a seed gives the same tokens
+whatever else shares the batch.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop; defaults follow llama.cpp's.
+
+    max_tokens: new tokens at most. temperature: 0 is greedy. top_p: nucleus mass in (0, 1],
+    1 disables. top_k: keep the k most likely tokens, 0 disables. seed: None draws a random one.
+    stop: strings that end the generation (not included in the text). stop_token_ids: token ids
+    that end it, besides the model's end-of-sequence ids (unless ignore_eos).
+    """
+
+    max_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        # Accept lists (JSON, msgpack) and a lone string, store tuples: the object stays hashable.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> "SamplingParams":
+        """Raise ValueError naming the first bad field; return self."""
+        def num(name, v, kind=(int, float)):
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+
+        num("max_tokens", self.max_tokens, int)
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        num("temperature", self.temperature)
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        num("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        num("top_k", self.top_k, int)
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.seed is not None:
+            num("seed", self.seed, int)
+            if not 0 <= self.seed < 2**63:
+                raise ValueError(f"seed must be in [0, 2^63), got {self.seed}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        for t in self.stop_token_ids:
+            num("stop_token_ids entries", t, int)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        return self
+
+
+class Sampler:
+    """Picks the next token of ONE request; its generator is seeded once, on first use."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params.validate()
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator: torch.Generator | None = None
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            assert self.generator is None, "a request's logits moved to another device"
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generator
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """One token id from float logits [vocab] (any device)."""
+        assert logits.dim() == 1, logits.shape
+        p = self.params
+        if p.greedy:
+            return int(logits.argmax())
+        x = logits.float() / p.temperature
+        vocab = x.shape[0]
+        if 0 < p.top_k < vocab:
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = x.masked_fill(x < kth, -math.inf)
+        if p.top_p < 1:
+            # Sort once; keep the smallest prefix whose mass reaches top_p (always the first).
+            sorted_x, order = torch.sort(x, descending=True)
+            probs = torch.softmax(sorted_x, dim=-1)
+            mass_before = torch.cumsum(probs, dim=-1) - probs
+            sorted_x = sorted_x.masked_fill(mass_before >= p.top_p, -math.inf)
+            x = torch.full_like(x, -math.inf).scatter(0, order, sorted_x)
+        probs = torch.softmax(x, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self._gen(probs.device)))
+
+    @staticmethod
+    def sample_batch(logits: torch.Tensor, samplers: list["Sampler"]) -> list[int]:
+        """Row i of float logits [B, vocab] sampled by samplers[i]."""
+        assert logits.dim() == 2 and logits.shape[0] == len(samplers), (logits.shape, len(samplers))
+        greedy = [i for i, s in enumerate(samplers) if s.params.greedy]
+        out: list[int] = [0] * len(samplers)
+        if greedy:  # one argmax over all greedy rows, one device sync
+            idx = torch.tensor(greedy, device=logits.device)
+            for i, t in zip(greedy, logits.index_select(0, idx).argmax(-1).tolist()):
+                out[i] = t
+        for i, s in enumerate(samplers):
+            if not s.params.greedy:
+                out[i] = s.sample(logits[i])
+        return out
