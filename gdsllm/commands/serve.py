@@ -1,0 +1,67 @@
+"""`gdsllm serve`: the streaming service (coordinator + I/O worker + compute worker) until Ctrl-C.
+
+    gdsllm serve -m ~/models/llama-7b --device cuda --vram-budget 4GiB --prefetch-window 2
+    gdsllm generate --endpoint tcp://127.0.0.1:5555 -p "Once upon a time"
+
+Binds 127.0.0.1 by default; /metrics (Prometheus) on --metrics-port (0 = a free port, -1 = off).
+"""
+from __future__ import annotations
+
+
+def add_service_options(p, endpoint_default: str | None = "tcp://127.0.0.1:5555") -> None:
+    """The options a service shares with `gdsllm run` / `generate` without --endpoint."""
+    p.add_argument("-m", "--model", default=None, help="model directory (default: embedded model)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="compute device (default: cuda if available, else cpu)")
+    p.add_argument("--vram-budget", default=None, metavar="SIZE",
+                   help="device memory for weights, e.g. 4GiB (default: everything resident)")
+    p.add_argument("--prefetch-window", type=int, default=2, metavar="W",
+                   help="streaming slots in rotation, reads in flight at most (default 2)")
+    p.add_argument("--io", choices=("direct", "buffered"), default="direct",
+                   help="direct: O_DIRECT / cuFile, no page cache (default); buffered: page cache")
+    p.add_argument("--require-gds", action="store_true", help="refuse to start without GPUDirect Storage")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences per weight pass")
+
+
+def service_config(args, **extra):
+    """ServiceConfig from parsed service options (resolving the default model)."""
+    from pathlib import Path
+
+    from ..config import ServiceConfig, parse_size
+    try:
+        from ..default_model import resolve_model
+        model = resolve_model(args.model)
+    except ImportError:
+        if args.model is None:
+            raise ValueError("no model given (-m MODEL)") from None
+        model = Path(args.model).expanduser()
+    device = args.device
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    budget = parse_size(args.vram_budget) if args.vram_budget else None
+    return ServiceConfig(model=Path(model), device=device, vram_budget=budget,
+                         prefetch_window=args.prefetch_window, io_mode=args.io,
+                         require_gds=args.require_gds, max_batch=args.max_batch, **extra)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over ZeroMQ (streaming weights from storage)")
+    add_service_options(p)
+    p.add_argument("--endpoint", default="tcp://127.0.0.1:5555",
+                   help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555)")
+    p.add_argument("--metrics-port", type=int, default=9400,
+                   help="Prometheus /metrics port on 127.0.0.1 (0: a free port, -1: off; default 9400)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..coordinator import run_coordinator
+    from ..worker_set import WorkerStartError
+    port = None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
+    config = service_config(args, endpoint=args.endpoint, metrics_port=port)
+    try:
+        run_coordinator(config)
+    except WorkerStartError as e:
+        raise ValueError(str(e)) from None
+    return 0
