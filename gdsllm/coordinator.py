@@ -14,18 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
-from collections import deque
 
 import zmq
 import zmq.asyncio
 
 from ipc import sockets
-from ipc.messages import (Cancel, Done, Error, Generate, Health, HealthReply, Loaded, PassResult,
-                          ProtocolError, Release, StartPass, TokenChunk, WorkerError, decode, encode)
+from ipc.messages import (Cancel, Error, Generate, Health, HealthReply, Loaded, ProtocolError,
+                          WorkerError, decode, encode)
 
 from .config import ServiceConfig
-from .planner import StreamSchedule, plan_residency
+from .planner import plan_residency
+from .scheduler import BatchScheduler
 from .sequence import Sequence, encode_prompt, validate_request
 from .worker_set import WorkerSet
 
@@ -58,19 +57,14 @@ class Coordinator:
         self.max_context = p.max_position_embeddings
         self.plan = plan_residency([u.name for u in self.meta.units], [u.nbytes for u in self.meta.units],
                                    config.vram_budget, config.prefetch_window)
-        self.sched = StreamSchedule(self.plan)
         self.metrics = _metrics()
         self.workers = WorkerSet(config, self.plan.arena_bytes, self._worker_died, io_target, compute_target)
+        self.batch = BatchScheduler(self.plan, self.workers, self._reply, self.metrics, config.max_batch)
         self.ctx = zmq.asyncio.Context()
         self.front = None
         self.io_path = "?"
         self.status, self.detail = "starting", ""
-        self.waiting: deque[Sequence] = deque()
-        self.running: dict[int, Sequence] = {}  # seq_id -> sequence with a KV cache
-        self.by_key: dict[tuple[bytes, str], Sequence] = {}
-        self.pass_id, self.pass_seqs, self.result_pending = 0, [], False
         self.next_seq = 1
-        self.stall_since: float | None = None
         self.stopped = asyncio.Event()
         self.http = None
         self.tasks: list[asyncio.Task] = []
@@ -81,7 +75,7 @@ class Coordinator:
         """Spawn and handshake the workers, load the resident units, bind the client endpoint."""
         ready = await self.workers.start()
         self.io_path = ready.io_path
-        for ld in self.sched.resident_loads():
+        for ld in self.batch.sched.resident_loads():
             await self.workers.io.send(encode(ld))
         pending = len(self.plan.resident_offsets)
         while pending:  # resident units come first: nothing runs before they are in place
@@ -103,7 +97,7 @@ class Coordinator:
             self.http = m.start_http(self.config.metrics_host, self.config.metrics_port)
         self.status = "ok"
         self.tasks = [asyncio.create_task(f()) for f in (self._front_loop, self._io_loop, self._compute_loop)]
-        self._pump()  # the first pass's streamed units load while the service waits for requests
+        self.batch.pump()  # the first pass's streamed units load while the service waits for requests
         log.info("serving %s on %s: %d resident units, %d streamed through %d slots, io %s",
                  self.meta.root, self.config.endpoint, len(self.plan.resident_offsets),
                  len(self.plan.streamed), self.plan.num_slots, self.io_path)
@@ -118,8 +112,7 @@ class Coordinator:
         """Stop serving, fail what is in flight, stop the workers, release every resource."""
         for t in self.tasks:
             t.cancel()
-        for seq in list(self.by_key.values()):
-            self._fail(seq, "internal", "the server is shutting down")
+        self.batch.fail_all("internal", "the server is shutting down")
         if self.front is not None:
             self.front.close(linger=0)
         await self.workers.stop()
@@ -147,11 +140,11 @@ class Coordinator:
         if isinstance(msg, Generate):
             self._generate(client, msg)
         elif isinstance(msg, Cancel):
-            seq = self.by_key.get((client, msg.request_id))
+            seq = self.batch.by_key.get((client, msg.request_id))
             if seq is None:
                 return self._reply(client, Error(msg.request_id, "not_found",
                                                  f"no request {msg.request_id!r} in flight"))
-            self._cancel(seq)
+            self.batch.cancel(seq)
         elif isinstance(msg, Health):
             self._reply(client, self._health(msg.request_id))
         else:
@@ -162,7 +155,7 @@ class Coordinator:
         rid = msg.request_id
         if self.status != "ok":
             return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
-        if (client, rid) in self.by_key:
+        if (client, rid) in self.batch.by_key:
             return self._reply(client, Error(rid, "bad_request", f"request {rid!r} is already in flight"))
         try:
             validate_request(msg)
@@ -177,20 +170,7 @@ class Coordinator:
         seq = Sequence(self.next_seq, client, msg, ids, self.tokenizer, self.eos_ids,
                        max_new=min(msg.max_tokens, self.max_context - len(ids)))
         self.next_seq += 1
-        self.by_key[seq.key] = seq
-        self.waiting.append(seq)
-        self.metrics.add_prompt_tokens(len(ids))
-        self._maybe_start_pass()
-        self._gauges()
-
-    def _cancel(self, seq: Sequence) -> None:
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-            self._finish(seq, "cancelled")
-        elif self.result_pending and seq.seq_id in self.pass_seqs:
-            seq.cancelled = True  # its KV cache is in use by this pass: it leaves at the result
-        else:
-            self._finish(seq, "cancelled")
+        self.batch.add(seq)
 
     def _reply(self, client: bytes, msg) -> bool:
         """Send to one client; False (and its requests cancelled) if it is gone or not reading."""
@@ -201,8 +181,7 @@ class Coordinator:
             return True
         if isinstance(e, zmq.ZMQError):  # EHOSTUNREACH (ROUTER_MANDATORY: the client left) or EAGAIN
             log.info("client %s unreachable (%s): cancelling its requests", client.hex(), e.strerror)
-            for seq in [s for s in self.by_key.values() if s.client == client]:
-                self._cancel(seq)
+            self.batch.cancel_client(client)
             return False
         raise e
 
@@ -211,132 +190,33 @@ class Coordinator:
                            backend=self.config.device, io_path=self.io_path,
                            vram_budget_bytes=self.config.vram_budget or self.plan.arena_bytes,
                            resident_units=self.plan.resident_names, streamed_units=len(self.plan.streamed),
-                           prefetch_window=self.plan.num_slots, requests_running=len(self.running),
-                           requests_waiting=len(self.waiting), detail=self.detail)
+                           prefetch_window=self.plan.num_slots,
+                           requests_running=len(self.batch.running),
+                           requests_waiting=len(self.batch.waiting), detail=self.detail)
 
-    # ------------------------------------------------------------------ finishing requests
-
-    def _finish(self, seq: Sequence, reason: str | None = None) -> None:
-        """Send the Final, forget the request and free its KV cache."""
-        self._forget(seq)
-        final = seq.final(reason)
-        self.metrics.observe_request(final.duration_s, final.finish_reason)
-        self._reply(seq.client, final)
-
-    def _fail(self, seq: Sequence, code: str, message: str) -> None:
-        self._forget(seq)
-        self.metrics.observe_request(time.perf_counter() - seq.arrived, "error")
-        self._reply(seq.client, Error(seq.request.request_id, code, message))
-
-    def _forget(self, seq: Sequence) -> None:
-        if self.by_key.pop(seq.key, None) is None:
-            return
-        if seq in self.waiting:
-            self.waiting.remove(seq)
-        if self.running.pop(seq.seq_id, None) is not None and self.status == "ok":
-            self.workers.compute.send(encode(Release([seq.seq_id])))
-        self._gauges()
-
-    def _gauges(self) -> None:
-        self.metrics.set_requests(len(self.running), len(self.waiting))
-
-    # ------------------------------------------------------------------ passes
-
-    def _maybe_start_pass(self) -> None:
-        if self.result_pending or self.sched.pass_running or self.status != "ok":
-            return
-        new = {}
-        while self.waiting and len(self.running) < self.config.max_batch:
-            seq = self.waiting.popleft()
-            self.running[seq.seq_id] = seq
-            new[seq.seq_id] = seq.sampling()
-        if not self.running:
-            return
-        chunks = [(s.seq_id, s.prompt_ids if s.seq_id in new else s.token_ids[-1:])
-                  for s in self.running.values()]
-        self.pass_id += 1
-        self.pass_seqs = [sid for sid, _ in chunks]
-        self.result_pending = True
-        self.workers.compute.send(encode(StartPass(self.pass_id, chunks, new)))
-        self.sched.begin_pass()
-        self._pump()
-        self._gauges()
-
-    def _pump(self) -> None:
-        """Send every Load and Run the schedule allows now; account compute stalls."""
-        loads, runs = self.sched.step()
-        for ld in loads:
-            self.workers.io.send(encode(ld))
-        for r in runs:
-            self.workers.compute.send(encode(r))
-        now = time.perf_counter()
-        if self.sched.waiting_on_storage:
-            self.stall_since = self.stall_since or now
-        elif self.stall_since is not None:
-            self.metrics.add_stall(now - self.stall_since)
-            self.stall_since = None
-        self.metrics.set_slots_in_flight(self.sched.slots_in_flight)
+    # ------------------------------------------------------------------ workers
 
     async def _io_loop(self) -> None:
-        while True:
-            msg = decode(await self.workers.io.recv())
-            if isinstance(msg, Loaded):
-                if msg.error:
-                    self._degrade(f"io worker: {msg.error}", "internal")
-                    continue
-                self.metrics.observe_load(msg.nbytes, msg.seconds, msg.io_path)
-                self.sched.on_loaded(msg.unit, msg.slot)
-                self._pump()
-            elif isinstance(msg, WorkerError):
-                log.error("io worker: %s", msg.message)
-                if msg.fatal:
-                    self._degrade(f"io worker: {msg.message}", "internal")
+        await self._worker_loop("io", self.workers.io, self.batch.on_io)
 
     async def _compute_loop(self) -> None:
-        while True:
-            msg = decode(await self.workers.compute.recv())
-            if isinstance(msg, Done):
-                self.metrics.observe_compute(msg.seconds)
-                self.sched.on_done(msg.unit, msg.slot)
-                self._pump()
-            elif isinstance(msg, PassResult):
-                assert msg.pass_id == self.pass_id, (msg.pass_id, self.pass_id)
-                self._pass_result(msg)
-            elif isinstance(msg, WorkerError):
-                log.error("compute worker: %s", msg.message)
-                if msg.fatal:
-                    self._degrade(f"compute worker: {msg.message}", "internal")
-                elif msg.pass_id == self.pass_id and self.result_pending:
-                    # the pass is dropped: its sequences' caches are undefined, fail them
-                    self.result_pending = False
-                    for sid in self.pass_seqs:
-                        if sid in self.running:
-                            self._fail(self.running[sid], "internal", msg.message)
-            if not self.sched.pass_running:
-                self._maybe_start_pass()
+        await self._worker_loop("compute", self.workers.compute, self.batch.on_compute)
 
-    def _pass_result(self, msg: PassResult) -> None:
-        self.result_pending = False
-        m = self.metrics
-        for sid, token in msg.tokens:
-            seq = self.running.get(sid)
-            if seq is None:
-                continue  # failed or vanished meanwhile
-            if seq.cancelled:
-                self._finish(seq, "cancelled")
-                continue
-            prev = seq.last_token_at
-            delta = seq.append(token)
-            m.add_generation_tokens(1)
-            if prev is None:
-                m.observe_ttft(seq.first_token_at - seq.arrived)
-            else:
-                m.observe_itl(seq.last_token_at - prev)
-            if seq.request.stream and (delta or seq.finish_reason is None):
-                if not self._reply(seq.client, TokenChunk(seq.request.request_id, delta, [token])):
-                    continue
-            if seq.finish_reason is not None:
-                self._finish(seq)
+    async def _worker_loop(self, name: str, sock, handle) -> None:
+        while True:
+            raw = await sock.recv()
+            try:
+                handle(decode(raw))
+            except Exception as e:  # a protocol violation or a bug: stop serving, say why
+                log.exception("handling a message from the %s worker", name)
+                self._degrade(f"internal error on a {name} worker message: {type(e).__name__}: {e}",
+                              "internal")
+            self._check_health()
+
+    def _check_health(self) -> None:
+        if not self.batch.healthy and self.status == "ok":
+            self.status, self.detail = "degraded", self.batch.failure
+            log.error("service degraded: %s", self.detail)
 
     # ------------------------------------------------------------------ failures
 
@@ -348,8 +228,7 @@ class Coordinator:
             return
         log.error("service degraded: %s", detail)
         self.status, self.detail = "degraded", detail
-        for seq in list(self.by_key.values()):
-            self._fail(seq, code, f"request {seq.request.request_id} failed: {detail}")
+        self.batch.fail_all(code, detail)
 
 
 def _guess_id(raw: bytes) -> str:
