@@ -157,8 +157,15 @@ def test_compose_ports_and_scrape_targets_agree():
 def test_compose_serve_arguments_are_accepted_by_gdsllm():
     from gdsllm.cli import build_parser
 
-    ns = build_parser().parse_args(serve_args() + ["-m", "/models/x"])
-    assert ns.command == "serve"
+    parser = build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    flags = {f for a in serve._actions for f in a.option_strings}
+    missing = {a for a in serve_args() if a.startswith("--")} - flags
+    # Without --metrics-host, /metrics binds 127.0.0.1 inside the container: Prometheus (another
+    # container) and the published port 9400 cannot reach it, and the dashboard stays empty.
+    assert not missing, f"compose.yaml passes {sorted(missing)}, which `gdsllm serve` does not accept"
+    ns = parser.parse_args(serve_args() + ["-m", "/models/x"])
+    assert ns.command == "serve" and ns.metrics_port == 9400 and ns.device == "cuda"
 
 
 def test_dashboard_uses_the_provisioned_datasource_and_known_metrics():
@@ -300,3 +307,107 @@ def test_dashboard_has_data_from_a_scraped_service_metrics(prometheus):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------------------ the real service
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def expected_read_bytes(meta, health, passes: int) -> int:
+    """Bytes the I/O worker reads for `passes` weight passes, from the metadata and the health reply:
+    every resident unit once at start-up, then the streamed units as one cyclic sequence that runs
+    `prefetch_window` loads ahead of compute (the next pass's first units load while idle)."""
+    sizes = {u.name: u.nbytes for u in meta.units}
+    streamed = [u.name for u in meta.units if u.name not in health.resident_units]
+    assert len(streamed) == health.streamed_units
+    loads = passes * len(streamed) + health.prefetch_window if streamed else 0
+    return (sum(sizes[n] for n in health.resident_units)
+            + sum(sizes[streamed[s % len(streamed)]] for s in range(loads)))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gdsllm.coordinator") is None,
+                    reason="gdsllm.coordinator (the service) is not built yet")
+def test_live_service_counters_and_dashboard(prometheus, tmp_path):
+    """`gdsllm serve` on the CPU backend, streaming part of a small model every pass, scraped by a
+    real Prometheus: after known generations the counters equal what the run did, and every
+    dashboard expression returns data."""
+    from gdsllm.client import Client
+    from gdsllm.format import load_model_meta
+    from gdsllm.planner import ALIGN
+    from gdsllm.synth import synth
+
+    model = synth(tmp_path / "model", "tiny", layers=6, seed=1, dtype="float32")
+    meta = load_model_meta(model)
+    aligned = {u.name: -(-u.nbytes // ALIGN) * ALIGN for u in meta.units}
+    block = max(aligned[n] for n in aligned if n.startswith("block"))
+    # embed, head and two blocks resident, two streaming slots: four blocks stream every pass.
+    budget = aligned["embed"] + aligned["head"] + 2 * aligned["block.0"] + 2 * block
+    endpoint, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gdsllm", "serve", "-m", str(model), "--device", "cpu",
+         "--endpoint", endpoint, "--metrics-port", str(metrics_port), "--vram-budget", str(budget),
+         "--prefetch-window", "2"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with Client(endpoint, timeout=5) as c:
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                try:
+                    health = c.health()
+                    break
+                except TimeoutError:
+                    assert time.monotonic() < deadline, "gdsllm serve did not start within 120 s"
+        assert health.status == "ok" and health.backend == "cpu"
+        assert health.resident_units == ["embed", "block.0", "block.1", "head"], health
+        assert health.streamed_units == 4 and health.prefetch_window == 2
+
+        prom = prometheus(f"127.0.0.1:{metrics_port}")
+        # Generate only after the first scrape, so every rate() and quantile sees the increase.
+        prom.wait(lambda: prom.query("gdsllm_build_info"), "to scrape gdsllm serve")
+        with Client(endpoint, timeout=120) as c:
+            finals = [c.generate("Once upon a time", max_tokens=5, temperature=0, ignore_eos=True),
+                      c.generate("Hello", max_tokens=3, temperature=0.8, seed=7, ignore_eos=True)]
+        assert [f.completion_tokens for f in finals] == [5, 3]
+        assert [f.finish_reason for f in finals] == ["length", "length"]
+        tokens = sum(f.completion_tokens for f in finals)
+        # One request at a time, one token per pass; the prefetched loads of the next pass land
+        # after the last reply, so wait for them.
+        want_bytes = expected_read_bytes(meta, health, passes=tokens)
+        prom.wait(lambda: prom.value("gdsllm_generation_tokens_total") == tokens
+                  and prom.value(f'gdsllm_storage_read_bytes_total{{io_mode="{health.io_path}"}}')
+                  == want_bytes, f"to see {tokens} tokens and {want_bytes} bytes read")
+
+        assert_dashboard_has_data(prom)
+        s = scrape(metrics_port)
+        io = (("io_mode", health.io_path),)
+        assert s[("gdsllm_generation_tokens_total", ())] == tokens
+        assert s[("gdsllm_storage_read_bytes_total", io)] == want_bytes
+        assert sum(v for (n, _), v in s.items() if n == "gdsllm_storage_read_bytes_total") == want_bytes
+        assert s[("gdsllm_prompt_tokens_total", ())] == sum(f.prompt_tokens for f in finals)
+        assert s[("gdsllm_requests_total", (("finish_reason", "length"),))] == 2
+        assert s[("gdsllm_time_to_first_token_seconds_count", ())] == 2
+        assert s[("gdsllm_inter_token_latency_seconds_count", ())] == tokens - 2
+        assert s[("gdsllm_layer_compute_seconds_count", ())] == tokens * len(meta.units)
+        assert s[("gdsllm_requests_running", ())] == 0 and s[("gdsllm_requests_waiting", ())] == 0
+        assert s[("gdsllm_vram_budget_bytes", ())] == budget
+        assert s[("gdsllm_vram_resident_bytes", ())] == sum(
+            u.nbytes for u in meta.units if u.name in health.resident_units)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+    assert server.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
