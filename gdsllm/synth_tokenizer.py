@@ -7,7 +7,8 @@
 Ids 0-2 are ChatML specials as in SmolLM2 (<|endoftext|>, <|im_start|> = BOS, <|im_end|> = EOS).
 With 259 ids or more it is a byte-level BPE: the 256 byte symbols, then two-symbol merges in a
 fixed order (common symbols first), then filler tokens if the vocabulary is larger than all
-pairs. Below 259 ids it is character level over printable ASCII, unknown characters -> id 0.
+pairs. Below 259 ids it is character level over printable ASCII (then fillers), unknown characters
+-> id 0.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def synth_tokenizer_json(vocab_size: int) -> bytes:
     if vocab_size < len(SPECIALS) + 256:
         for c in string.printable[: vocab_size - len(SPECIALS)]:
             vocab[c] = len(vocab)
+        while len(vocab) < vocab_size:  # 100 printable characters; the rest are fillers
+            vocab[f"<|filler_{len(vocab)}|>"] = len(vocab)
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIALS[UNK_ID]))
         tok.decoder = decoders.Fuse()
     else:
