@@ -277,6 +277,7 @@ def assert_dashboard_has_data(prom: Prometheus) -> None:
             assert math.isfinite(float(series["value"][1])), f"{q!r} gave {series}"
 
 
+@pytest.mark.slow
 def test_dashboard_has_data_from_a_scraped_service_metrics(prometheus):
     """A ServiceMetrics fed by hand (no model): pins the dashboard to the metrics module."""
     m = ServiceMetrics()
