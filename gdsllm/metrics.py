@@ -14,7 +14,6 @@ these names: rename one and the dashboard test fails.
 """
 from __future__ import annotations
 
-import threading
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
@@ -168,7 +167,6 @@ class ServiceMetrics:
             raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e} "
                           f"(--metrics-port picks another; 0 picks a free one)") from e
         self.port = server.server_port
-        assert isinstance(_thread, threading.Thread)
         return server
 
 
