@@ -38,6 +38,7 @@ from .format import DTYPES, load_model_meta
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
+FLUSH_MS = 2000  # bounded wait at exit for queued replies (the socket default is LINGER 0)
 
 
 def run_compute_process(config: ServiceConfig, endpoint: str) -> None:
@@ -77,7 +78,8 @@ class ComputeWorker:
         finally:
             if self.arena is not None:
                 self.arena.close()
-            self.sock.close(linger=0)
+            self.sock.close(linger=FLUSH_MS)  # a last WorkerError must reach the coordinator
+            sockets.context().term()  # returns once queued replies are out (or FLUSH_MS passed)
 
     def _start(self) -> ComputeReady:
         from .runner import Runner  # imported here: torch model code is the slow part of start-up
@@ -185,7 +187,9 @@ class ComputeWorker:
         try:
             seq_ids = self.pass_seqs
             logits = self.runner.end_pass()
-            tokens = [(sid, _sample(self.samplers[sid], logits[i])) for i, sid in enumerate(seq_ids)]
+            from .sampling import Sampler
+            picks = Sampler.sample_batch(logits, [self.samplers[sid] for sid in seq_ids])
+            tokens = list(zip(seq_ids, picks))
         except Exception as e:
             self._fail(msg, e)
             return
@@ -219,10 +223,8 @@ class ComputeWorker:
 
 
 def _make_sampler(s: SeqSampling):
+    """A sequence's sampler: its generator is seeded here, once, so its draws do not depend on
+    which other sequences share its passes."""
     from .sampling import Sampler, SamplingParams
     return Sampler(SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                   seed=s.seed))
-
-
-def _sample(sampler, logits_row: torch.Tensor) -> int:
-    return int(sampler.sample(logits_row))

@@ -32,6 +32,7 @@ from .storage import HostReader, _kvikio, aligned_host_buffer, probe_io_path
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
+FLUSH_MS = 2000  # bounded wait at exit for queued replies (the socket default is LINGER 0)
 
 
 def run_io_process(config: ServiceConfig, endpoint: str, arena_bytes: int) -> None:
@@ -189,6 +190,7 @@ class IoWorker:
             self.reader.close()
         if self.arena is not None:
             self.arena.close()
-        self.sock.close(linger=0)
+        self.sock.close(linger=FLUSH_MS)  # a last WorkerError must reach the coordinator
+        sockets.context().term()  # returns once queued replies are out (or FLUSH_MS passed)
         os.close(self.wake_r)
         os.close(self.wake_w)

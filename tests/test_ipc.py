@@ -139,7 +139,8 @@ def test_router_mandatory_raises_for_a_vanished_peer():
 
 
 def _shm_entries() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("gdsllm-")}
+    """This process's arenas (other suites may create theirs meanwhile)."""
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"gdsllm-{os.getpid()}-")}
 
 
 def _child_fill(spec_fields, offset, n, value):
