@@ -4,11 +4,15 @@
     Tokenizer.from_str(data.decode()).encode("Hello").ids
 
 A GGUF carries no `tokenizer.json`, only the vocabulary, merges, token types and special ids.
-This rebuilds the byte-level BPE tokenizer (`tokenizer.ggml.model == "gpt2"`) with exactly the
-settings transformers' GGUF loader uses (`transformers/integrations/gguf/gguf_tokenizer_mapping.py`:
-`byte_level_tokenizer`, `add_gguf_special_tokens`, `set_split_regex`, and the post-processor of
-`TokenizersBackend.update_post_processor`), so ids agree with `AutoTokenizer(gguf_file=...)`,
-without importing transformers at convert time.
+This rebuilds the tokenizer it describes, byte-level BPE (`tokenizer.ggml.model == "gpt2"`) or
+sentencepiece BPE (`"llama"`), with exactly the settings transformers' GGUF loader uses
+(`transformers/integrations/gguf/gguf_tokenizer_mapping.py`: `byte_level_tokenizer`,
+`sentencepiece_tokenizer` with `LlamaTokenizer`'s pieces, `add_gguf_special_tokens`,
+`set_split_regex`, `TokenizersBackend.update_post_processor`, and the special tokens transformers
+registers), so ids agree with `AutoTokenizer(gguf_file=...)`, without importing transformers at
+convert time. One deliberate difference: a default special token absent from the vocabulary
+(GPT-2's "<|endoftext|>" in a Llama-3 vocabulary) is not appended, since the model has no
+embedding row for it.
 """
 from __future__ import annotations
 
@@ -73,17 +77,19 @@ def _field(reader, key: str, default=None):
     return default if f is None else f.contents()
 
 
-def gguf_tokenizer_json(reader, path: Path) -> bytes:
-    """The tokenizer.json bytes for the GGUF opened as `reader` (a `gguf.GGUFReader` of `path`)."""
-    kind = _field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise FormatError(f"{path}: tokenizer.ggml.model is {kind!r}; GdsLLM builds tokenizers for "
-                          f"byte-level BPE ('gpt2') GGUFs only")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    merges = _field(reader, "tokenizer.ggml.merges")
-    if not tokens or merges is None:
-        raise FormatError(f"{path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
-    types = _field(reader, "tokenizer.ggml.token_type") or []
+def generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """Merges implied by a sentencepiece vocabulary, as transformers' `generate_merges` orders them:
+    every split of every piece into two known pieces, best score first."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
+        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
+    merges.sort(key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def _byte_level(tokens: list[str], merges: list[str]) -> tuple[Tokenizer, dict, set]:
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     # Tokens outside the byte alphabet are re-spelled byte by byte, as transformers does.
@@ -91,34 +97,81 @@ def gguf_tokenizer_json(reader, path: Path) -> bytes:
              for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
                                continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    split = PRE_TOKENIZER_SPLITS.get(_field(reader, "tokenizer.ggml.pre"))
-    if split is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok, vocab, alphabet
+
+
+def _sentencepiece(tokens: list[str], merges: list[str] | None, scores: list[float] | None,
+                   path: Path) -> tuple[Tokenizer, dict, None]:
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if merges is not None:
+        pairs = [tuple(m.split(" ")) for m in merges]
+    elif scores is not None:
+        pairs = generate_merges(vocab, dict(zip(tokens, scores)))
     else:
+        raise FormatError(f"{path}: tokenizer.ggml.merges and tokenizer.ggml.scores are both missing")
+    # LlamaTokenizer's pieces: byte fallback, "\u2581" for spaces, one prepended to the text.
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True, dropout=None))
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    return tok, vocab, None
+
+
+# The defaults of the transformers class each builder uses (GPT2Tokenizer, LlamaTokenizer); transformers
+# registers them as special tokens too.
+DEFAULT_SPECIALS = {"gpt2": ("<|endoftext|>",), "llama": ("<unk>", "<s>", "</s>")}
+
+
+def gguf_tokenizer_json(reader, path: Path) -> bytes:
+    """The tokenizer.json bytes for the GGUF opened as `reader` (a `gguf.GGUFReader` of `path`)."""
+    kind = _field(reader, "tokenizer.ggml.model")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if not tokens:
+        raise FormatError(f"{path}: tokenizer.ggml.tokens is missing")
+    types = _field(reader, "tokenizer.ggml.token_type") or []
+    if kind == "gpt2":
+        if merges is None:
+            raise FormatError(f"{path}: tokenizer.ggml.merges is missing (needed by a 'gpt2' tokenizer)")
+        tok, vocab, alphabet = _byte_level(tokens, merges)
+    elif kind == "llama":
+        tok, vocab, alphabet = _sentencepiece(tokens, merges, _field(reader, "tokenizer.ggml.scores"), path)
+    else:
+        raise FormatError(f"{path}: tokenizer.ggml.model is {kind!r}; GdsLLM builds 'gpt2' (byte-level "
+                          f"BPE) and 'llama' (sentencepiece BPE) tokenizers")
+    split = PRE_TOKENIZER_SPLITS.get(_field(reader, "tokenizer.ggml.pre"))
+    if split is not None:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|>, ...) are special and matched whole; one that is not spelled in
-    # the byte alphabet is a llama.cpp mislabel and is skipped (adding it would grow the vocabulary).
-    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types)
-               if ty == CONTROL and set(t) <= alphabet]
-    if control:
-        tok.add_special_tokens(control)
+    # Control tokens (<|im_start|>, ...) are special and matched whole; in a byte-level vocabulary
+    # one not spelled in the byte alphabet is a llama.cpp mislabel and is skipped.
+    special = [t for t, ty in zip(tokens, types)
+               if ty == CONTROL and (alphabet is None or set(t) <= alphabet)]
+
+    def special_id(key: str) -> int | None:
+        i = _field(reader, f"tokenizer.ggml.{key}")
+        return int(i) if i is not None and 0 <= int(i) < len(tokens) else None
+
+    ids = {k: special_id(f"{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
+    special += [tokens[i] for i in ids.values() if i is not None]
+    special += [t for t in DEFAULT_SPECIALS[kind] if t in vocab]
+    special = [t for t in dict.fromkeys(special) if t in vocab]  # never grow the vocabulary
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
     user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types)
-            if ty == USER_DEFINED and t in vocab]
+            if ty == USER_DEFINED and t in vocab and t not in special]
     if user:
         tok.add_tokens(user)
-
-    def special(key: str) -> tuple[str, int] | None:
-        i = _field(reader, f"tokenizer.ggml.{key}")
-        return None if i is None or not 0 <= int(i) < len(tokens) else (tokens[int(i)], int(i))
-
-    bos, eos = special("bos_token_id"), special("eos_token_id")
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
+    # The post-processor adds BOS/EOS as the file asks; sentencepiece vocabularies default to BOS.
+    bos, eos = ids["bos"], ids["eos"]
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")) and bos is not None
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
-    single = f"{bos[0] + ':0 ' if add_bos else ''}$A:0{' ' + eos[0] + ':0' if add_eos else ''}"
-    pair = f"{single}{' ' + bos[0] + ':1' if add_bos else ''} $B:1{' ' + eos[0] + ':1' if add_eos else ''}"
+    b, e = (tokens[bos] if bos is not None else ""), (tokens[eos] if eos is not None else "")
+    single = f"{b + ':0 ' if add_bos else ''}$A:0{' ' + e + ':0' if add_eos else ''}"
+    pair = f"{single}{' ' + b + ':1' if add_bos else ''} $B:1{' ' + e + ':1' if add_eos else ''}"
     tok.post_processor = processors.TemplateProcessing(
-        single=single, pair=pair, special_tokens=([bos] if add_bos else []) + ([eos] if add_eos else []))
+        single=single, pair=pair, special_tokens=([(b, bos)] if add_bos else []) + ([(e, eos)] if add_eos else []))
     return tok.to_str().encode()

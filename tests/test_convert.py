@@ -139,13 +139,33 @@ def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def spm_vocab(vocab: int) -> tuple[list[str], list[int], list[float]]:
+    """A sentencepiece-style vocabulary as llama.cpp stores it: <unk> <s> </s>, 256 byte tokens,
+    then pieces with "\u2581" for spaces, scored so that shorter, commoner pieces merge first."""
+    tokens, types = ["<unk>", "<s>", "</s>"], [2, 3, 3]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    chars = list("\u2581etaoinsrhldcumfpgwybvkxjqzETAOINS0123456789.,!?'-")
+    pieces = chars + [a + b for a in chars[:20] for b in chars[:20]]
+    pieces += ["\u2581the", "\u2581and", "ing", "\u2581\u2581\u2581\u2581", "<|user|>"]
+    for piece in pieces:
+        if len(tokens) < vocab and piece not in tokens:
+            tokens.append(piece)
+            types.append(4 if piece == "<|user|>" else 1)
+    while len(tokens) < vocab:
+        tokens.append(f"[PAD{len(tokens)}]")
+        types.append(5)  # unused
+    scores = [0.0] * 259 + [-float(i) for i in range(vocab - 259)]
+    return tokens, types, scores
+
+
 def write_gguf(path: Path, *, arch: str = "llama", types: dict[str, Q] | None = None, tied: bool = False,
-               pre: str = "smollm", add_bos: bool = False, seed: int = 0,
-               drop: tuple[str, ...] = (), bos: int = 1) -> dict[str, np.ndarray]:
+               pre: str = "smollm", add_bos: bool | None = False, seed: int = 0,
+               drop: tuple[str, ...] = (), bos: int = 1, spm: bool = False) -> dict[str, np.ndarray]:
     """A tiny llama GGUF (2 blocks, GQA 4/2); returns the float32 HF-layout weights it encodes."""
     from tokenizers import Tokenizer
     from gdsllm.synth_tokenizer import synth_tokenizer_json
-    h, ffn, heads, kv, hd, vocab, n = 64, 128, 4, 2, 16, 320, 2
+    h, ffn, heads, kv, hd, vocab, n = 64, 128, 4, 2, 16, (800 if spm else 320), 2
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny test")
@@ -153,14 +173,23 @@ def write_gguf(path: Path, *, arch: str = "llama", types: dict[str, Q] | None = 
     w.add_feed_forward_length(ffn), w.add_head_count(heads), w.add_head_count_kv(kv)
     w.add_layer_norm_rms_eps(1e-5), w.add_rope_freq_base(50000.0), w.add_rope_dimension_count(hd)
     w.add_vocab_size(vocab)
-    tj = json.loads(Tokenizer.from_str(synth_tokenizer_json(vocab).decode()).to_str())
-    tokens = sorted(tj["model"]["vocab"], key=tj["model"]["vocab"].get)
-    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    # 0-2 control; token 5 marked user-defined; BOS is id 1 unless `bos` says otherwise.
-    w.add_token_types([3, 3, 3] + [4 if i == 5 else 1 for i in range(3, vocab)])
-    w.add_token_merges([" ".join(m) for m in tj["model"]["merges"]])
-    w.add_bos_token_id(bos), w.add_eos_token_id(2), w.add_add_bos_token(add_bos)
+    if spm:
+        tokens, token_types, scores = spm_vocab(vocab)
+        w.add_tokenizer_model("llama"), w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens), w.add_token_types(token_types)
+        w.add_token_scores(scores)
+        w.add_unk_token_id(0), w.add_bos_token_id(1), w.add_eos_token_id(2)
+        if add_bos is not None:
+            w.add_add_bos_token(add_bos)
+    else:
+        tj = json.loads(Tokenizer.from_str(synth_tokenizer_json(vocab).decode()).to_str())
+        tokens = sorted(tj["model"]["vocab"], key=tj["model"]["vocab"].get)
+        w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        # 0-2 control; token 5 marked user-defined; BOS is id 1 unless `bos` says otherwise.
+        w.add_token_types([3, 3, 3] + [4 if i == 5 else 1 for i in range(3, vocab)])
+        w.add_token_merges([" ".join(m) for m in tj["model"]["merges"]])
+        w.add_bos_token_id(bos), w.add_eos_token_id(2), w.add_add_bos_token(bool(add_bos))
     w.add_chat_template("{{ messages[0]['content'] }}")
     hf: dict[str, np.ndarray] = {}
     plan = [("token_embd.weight", "model.embed_tokens.weight", (vocab, h))]
@@ -230,18 +259,20 @@ def test_unpermute_inverts_llamacpp_exactly(tmp_path):
         assert torch.equal(ours[name], torch.from_numpy(x)), name
 
 
-@pytest.mark.parametrize("pre,add_bos,bos", [("llama-bpe", True, 1), ("smollm", False, 1), ("qwen2", True, 1),
-                                             ("llama-bpe", True, 300), ("default", False, 5)])
-def test_tiny_gguf_tokenizer_encodes_like_transformers(tmp_path, pre, add_bos, bos):
+@pytest.mark.parametrize("pre,add_bos,bos,spm", [
+    ("llama-bpe", True, 1, False), ("smollm", False, 1, False), ("qwen2", True, 1, False),
+    ("llama-bpe", True, 300, False), ("default", False, 5, False),
+    ("default", None, 1, True), ("default", False, 1, True), ("llama-bpe", True, 1, True)])
+def test_tiny_gguf_tokenizer_encodes_like_transformers(tmp_path, pre, add_bos, bos, spm):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
     src = tmp_path / "tok.gguf"
-    write_gguf(src, pre=pre, add_bos=add_bos, bos=bos)
+    write_gguf(src, pre=pre, add_bos=add_bos, bos=bos, spm=spm)
     out = convert_gguf(src, tmp_path / "out")
     ours = Tokenizer.from_file(str(out / "tokenizer.json"))
     ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=src.name)
     bos_text = ours.decode([bos], skip_special_tokens=False)  # BOS may be an ordinary token
-    for s in TEXTS + [f"x{bos_text}y {bos_text}"]:
+    for s in TEXTS + [f"x{bos_text}y {bos_text}", "<|user|> hi<s>x</s> <unk>", "the andthe  ing"]:
         ids = ours.encode(s).ids
         assert ids == ref(s).input_ids, (pre, s)
         assert ours.decode(ids, skip_special_tokens=False) == ref.decode(ids, skip_special_tokens=False)
