@@ -44,6 +44,7 @@ FLUSH_MS = 2000  # bounded wait at exit for queued replies (the socket default i
 def run_compute_process(config: ServiceConfig, endpoint: str) -> None:
     """Entry point of the compute worker process (see the module docstring). Returns on
     Shutdown, when the parent process dies, or after a fatal error it has reported."""
+    sockets.worker_signals()
     ComputeWorker(config, endpoint).run()
 
 

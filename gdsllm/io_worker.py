@@ -38,6 +38,7 @@ FLUSH_MS = 2000  # bounded wait at exit for queued replies (the socket default i
 def run_io_process(config: ServiceConfig, endpoint: str, arena_bytes: int) -> None:
     """Entry point of the I/O worker process (see the module docstring). Returns on Shutdown,
     when the parent process dies, or after a fatal error it has reported."""
+    sockets.worker_signals()
     IoWorker(config, endpoint, arena_bytes).run()
 
 

@@ -129,3 +129,15 @@ class ParentWatch:
 
     def alive(self) -> bool:
         return os.getppid() == self.ppid
+
+
+def worker_signals() -> None:
+    """For worker processes: Ctrl-C (sent to the whole process group) is the coordinator's to
+    handle, it then sends Shutdown; SIGTERM exits through `finally` blocks, so arenas are freed."""
+    import signal
+
+    def _term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _term)

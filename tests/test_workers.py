@@ -268,6 +268,7 @@ def _gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["io", "compute"])
 def test_worker_exits_when_its_parent_dies(model, edir, which):
     ep = edir.endpoint(which)
@@ -332,16 +333,18 @@ def reference_tokens(meta, prompts: dict[int, list[int]], sampling: dict[int, Se
 class Pipeline:
     """The test as coordinator: embed and head resident, blocks streamed through 2 slots."""
 
-    def __init__(self, model: Path, edir):
+    def __init__(self, model: Path, edir, device: str = "cpu"):
         self.meta = meta = load_model_meta(model)
         self.resident = {0: 0, len(meta.units) - 1: meta.units[0].nbytes}
         base = meta.units[0].nbytes + meta.units[-1].nbytes
         slot = max(u.nbytes for u in meta.units)
         self.slots = [base, base + slot]
-        cfg = ServiceConfig(model=model, prefetch_window=2)
+        cfg = ServiceConfig(model=model, device=device, prefetch_window=2)
         self.io = Peer(run_io_process, (cfg, base + 2 * slot), edir, "io")
         self.compute = Peer(run_compute_process, (cfg,), edir, "compute")
-        assert isinstance(self.compute.hello, ComputeReady) and self.compute.hello.device == "cpu"
+        assert isinstance(self.io.hello, IoReady), self.io.hello
+        assert isinstance(self.compute.hello, ComputeReady), self.compute.hello
+        assert self.compute.hello.device.split(":")[0] == device
         r = self.io.hello
         self.compute.send(OpenArena(r.backend, r.handle, r.arena_bytes))
         assert self.compute.recv() == ArenaOpened(r.arena_bytes)
@@ -456,3 +459,33 @@ def test_compute_worker_without_an_arena(model, edir):
         assert c.proc.exitcode == 0
     finally:
         c.close()
+
+
+@pytest.mark.gpu
+def test_cuda_pipeline_matches_the_cpu_reference(model, edir):
+    """KvikIO into the CUDA IPC arena, compute on the GPU: the CPU reference's greedy tokens."""
+    pytest.importorskip("cupy", reason="the CUDA arena needs CuPy: pip install 'gdsllm[cuda]'")
+    p = Pipeline(model, edir, device="cuda")
+    try:
+        assert p.io.hello.backend == "cuda" and len(p.io.hello.handle) == 64
+        assert p.io.hello.io_path in ("gds", "compat", "posix")
+        prompts = {1: [3, 14, 15, 92, 65], 2: [7, 8]}
+        greedy = {1: SeqSampling(0.0, 1.0, 0, None), 2: SeqSampling(0.0, 1.0, 0, None)}
+        assert p.generate(prompts, greedy, 5) == reference_tokens(p.meta, prompts, greedy, 5)
+    finally:
+        p.close()
+
+
+def test_io_worker_ignores_sigint_and_cleans_up_on_sigterm(model, edir):
+    meta = load_model_meta(model)
+    io = Peer(run_io_process, (ServiceConfig(model=model), arena_size(meta)), edir, "io")
+    try:
+        os.kill(io.proc.pid, signal.SIGINT)  # Ctrl-C hits the whole group: the coordinator decides
+        load_all(io, meta)
+        assert shm_of(io.proc.pid) == [io.hello.handle.decode()]
+        os.kill(io.proc.pid, signal.SIGTERM)
+        io.proc.join(30)
+        assert io.proc.exitcode == 128 + signal.SIGTERM
+    finally:
+        io.close()
+    assert shm_of(io.proc.pid) == []
