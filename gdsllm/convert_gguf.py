@@ -105,6 +105,11 @@ class GGUFTensors:
     def __init__(self, reader, path: Path, p: LlamaParams):
         self.path, self.p = path, p
         self.by_name = {t.name: t for t in reader.tensors}
+        for t in reader.tensors:  # fail before writing anything, not at the last block
+            used = t.name.startswith("blk.") or t.name in TOP_NAMES.values()
+            if used and t.tensor_type.name not in SUPPORTED_TYPES:
+                raise FormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; GdsLLM "
+                                  f"converts {', '.join(SUPPORTED_TYPES)}")
 
     def get(self, gname: str, shape: tuple[int, ...]) -> torch.Tensor:
         from gguf.quants import dequantize
@@ -128,9 +133,8 @@ class GGUFTensors:
         return w
 
 
-def gguf_units(reader, path: Path, p: LlamaParams):
+def gguf_units(src: GGUFTensors, p: LlamaParams):
     """Yield (unit name, {tensor name: float32 tensor}) per unit, in file order."""
-    src = GGUFTensors(reader, path, p)
     for uname, kind, layer in unit_layout(p):
         tensors = {}
         for name, shape in unit_tensor_shapes(p, kind).items():
@@ -154,10 +158,11 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "f
         raise FormatError(f"{src}: not found (a .gguf file is expected)")
     reader = open_gguf(src)
     p = params_from_gguf(reader, src)
-    tokenizer = gguf_tokenizer_json(reader, src)  # fails early, before any weight is written
+    tensors = GGUFTensors(reader, src, p)  # these two fail early, before any weight is written
+    tokenizer = gguf_tokenizer_json(reader, src)
     with ModelWriter(dst, p, dtype, chat_template=_field(reader, "tokenizer.chat_template"),
                      source=f"gguf:{src}", overwrite=overwrite) as w:
-        units = gguf_units(reader, src, p)
+        units = gguf_units(tensors, p)
         for _, tensors in _progress(units, len(unit_layout(p)), f"convert {src.name}", progress):
             w.add_unit(tensors)
             del tensors  # one unit in memory at a time
