@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from gdsllm import default_model
 from gdsllm.convert_gguf import convert_gguf
 from gdsllm.convert_hf import convert_hf
-from gdsllm.format import FormatError, LlamaParams, load_model_meta, verify_unit
+from gdsllm.format import FormatError, load_model_meta, verify_unit
 from gdsllm.storage import HostReader, aligned_host_buffer
 from gdsllm.synth import synth, synth_params
 
