@@ -1,0 +1,196 @@
+"""The compute worker process over loaded arena slots: the same tokens as the Runner in-process.
+
+The test plays the coordinator with both real workers (spawn processes, PAIR sockets): embed and
+head resident, the blocks streamed through two rotating slots, Run after each Loaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gdsllm.compute_worker import run_compute_process
+from gdsllm.config import ServiceConfig
+from gdsllm.format import load_model_meta
+from gdsllm.io_worker import run_io_process
+from ipc.messages import (ArenaOpened, ComputeReady, Done, IoReady, Load, OpenArena, PassResult,
+                          Release, Run, SeqSampling, StartPass, WorkerError)
+from workerkit import Peer, edir, model  # noqa: F401  (fixtures)
+
+
+def reference_tokens(meta, prompts: dict[int, list[int]], sampling: dict[int, SeqSampling],
+                     steps: int) -> dict[int, list[int]]:
+    """The same generation in this process: Runner over the unit files, one Sampler per sequence."""
+    from gdsllm.bridge import unit_tensors
+    from gdsllm.runner import Runner
+    from gdsllm.sampling import Sampler, SamplingParams
+    from gdsllm.storage import HostReader, aligned_host_buffer
+
+    bufs = []
+    with HostReader() as r:
+        for u in meta.units:
+            bufs.append(aligned_host_buffer(u.nbytes))
+            r.read(meta.path(u), bufs[-1], u.nbytes)
+    runner = Runner(meta.params, "cpu", torch.float32)
+    samplers = {sid: Sampler(SamplingParams(temperature=s.temperature, top_p=s.top_p,
+                                            top_k=s.top_k, seed=s.seed)) for sid, s in sampling.items()}
+    out = {sid: [] for sid in prompts}
+    chunks = list(prompts.items())
+    for _ in range(steps):
+        runner.start_pass(chunks)
+        for u, b in zip(meta.units, bufs):
+            runner.run_unit(u, unit_tensors(u, b))
+        logits = runner.end_pass()
+        picks = Sampler.sample_batch(logits, [samplers[sid] for sid, _ in chunks])
+        chunks = []
+        for (sid, _), t in zip(list(out.items()), picks):
+            out[sid].append(t)
+            chunks.append((sid, [t]))
+    return out
+
+
+class Pipeline:
+    """The test as coordinator: embed and head resident, blocks streamed through 2 slots."""
+
+    def __init__(self, model: Path, edir, device: str = "cpu"):
+        self.meta = meta = load_model_meta(model)
+        self.resident = {0: 0, len(meta.units) - 1: meta.units[0].nbytes}
+        base = meta.units[0].nbytes + meta.units[-1].nbytes
+        slot = max(u.nbytes for u in meta.units)
+        self.slots = [base, base + slot]
+        cfg = ServiceConfig(model=model, device=device, prefetch_window=2)
+        self.io = Peer(run_io_process, (cfg, base + 2 * slot), edir, "io")
+        self.compute = Peer(run_compute_process, (cfg,), edir, "compute")
+        assert isinstance(self.io.hello, IoReady), self.io.hello
+        assert isinstance(self.compute.hello, ComputeReady), self.compute.hello
+        assert self.compute.hello.device.split(":")[0] == device
+        r = self.io.hello
+        self.compute.send(OpenArena(r.backend, r.handle, r.arena_bytes))
+        assert self.compute.recv() == ArenaOpened(r.arena_bytes)
+        for unit, off in self.resident.items():
+            self.io.send(Load(unit, -1, off))
+        assert all(self.io.recv().error is None for _ in self.resident)
+        self.pass_id = 0
+
+    def run_pass(self, chunks, sampling, units=None) -> list:
+        """One weight pass; returns every compute reply after StartPass, in order."""
+        self.pass_id += 1
+        self.compute.send(StartPass(self.pass_id, chunks, sampling))
+        replies = []
+        for i, u in enumerate(units if units is not None else range(len(self.meta.units))):
+            if u in self.resident:
+                slot, off = -1, self.resident[u]
+            else:
+                slot = i % 2
+                off = self.slots[slot]
+                self.io.send(Load(u, slot, off))
+                assert self.io.recv().error is None
+            self.compute.send(Run(u, slot, off))
+            while True:  # until this unit's Done: the slot is free again only then
+                m = self.compute.recv()
+                replies.append(m)
+                if isinstance(m, Done):
+                    assert (m.unit, m.slot) == (u, slot)
+                    break
+        if units is None and not any(isinstance(m, WorkerError) for m in replies):
+            replies.append(self.compute.recv())
+        return replies
+
+    def generate(self, prompts, sampling, steps) -> dict[int, list[int]]:
+        out = {sid: [] for sid in prompts}
+        chunks, new = list(prompts.items()), dict(sampling)
+        for _ in range(steps):
+            replies = self.run_pass(chunks, new)
+            new = {}
+            result = replies[-1]
+            assert isinstance(result, PassResult) and result.pass_id == self.pass_id, replies
+            assert all(isinstance(m, Done) for m in replies[:-1])
+            assert result.seconds >= 0 and [s for s, _ in result.tokens] == [s for s, _ in chunks]
+            for sid, t in result.tokens:
+                out[sid].append(t)
+            chunks = [(sid, [t]) for sid, t in result.tokens]
+        return out
+
+    def close(self) -> None:
+        assert self.compute.close() == 0
+        assert self.io.close() == 0
+
+
+@pytest.fixture
+def pipeline(model, edir):
+    p = Pipeline(model, edir)
+    yield p
+    p.close()
+
+
+def test_compute_worker_matches_runner_in_process(pipeline):
+    prompts = {1: [3, 14, 15, 92, 65], 2: [7], 5: [2, 71, 82, 81, 82, 84, 59, 0]}
+    sampling = {1: SeqSampling(0.0, 1.0, 0, None), 2: SeqSampling(0.9, 0.95, 20, 1234),
+                5: SeqSampling(1.3, 1.0, 0, 99)}
+    got = pipeline.generate(prompts, sampling, steps=6)
+    assert got == reference_tokens(pipeline.meta, prompts, sampling, steps=6)
+    pipeline.compute.send(Release([1, 2, 5]))
+    # released sequences start over: the same ids and prompts give the same tokens again
+    assert pipeline.generate(prompts, sampling, steps=6) == got
+
+
+def test_compute_worker_reports_a_failing_step_and_keeps_serving(pipeline):
+    meta, greedy = pipeline.meta, {1: SeqSampling(0.0, 1.0, 0, None)}
+    pipeline.compute.send(Run(0, -1, 0))  # no pass yet
+    assert "outside a pass" in pipeline.compute.recv().message
+    assert pipeline.compute.recv() == Done(0, -1, 0.0)
+    # block.1 before block.0: the Runner refuses; the error names the pass and the unit
+    replies = pipeline.run_pass([(1, [5, 6])], greedy, units=[0, 2, 1, 3])
+    assert isinstance(replies[0], Done) and replies[0].unit == 0 and replies[0].seconds > 0
+    err = replies[1]
+    assert isinstance(err, WorkerError) and not err.fatal
+    assert (err.pass_id, err.unit) == (pipeline.pass_id, 2)
+    assert f"pass {pipeline.pass_id}" in err.message and "block.1" in err.message
+    # the failed pass's units are all acknowledged (slots free), nothing else is computed
+    assert [(m.unit, m.seconds) for m in replies[2:]] == [(2, 0.0), (1, 0.0), (3, 0.0)]
+    # bad sampling values and unknown sequences fail the StartPass, not the worker
+    replies = pipeline.run_pass([(2, [1])], {2: SeqSampling(0.5, 2.0, 0, None)}, units=[0])
+    assert isinstance(replies[0], WorkerError) and "top_p" in replies[0].message
+    replies = pipeline.run_pass([(3, [1])], {}, units=[0])
+    assert "sequences [3] have no sampling parameters" in replies[0].message
+    replies = pipeline.run_pass([(4, [meta.params.vocab_size])], {4: greedy[1]}, units=[0])
+    assert "outside the vocabulary" in replies[0].message
+    pipeline.compute.sock.send(b"\xc1")
+    assert "bad message" in pipeline.compute.recv().message
+    # and the next good pass is served correctly
+    pipeline.compute.send(Release([1, 2, 3, 4]))
+    prompts = {1: [5, 6]}
+    assert pipeline.generate(prompts, greedy, 3) == reference_tokens(meta, prompts, greedy, 3)
+
+
+def test_compute_worker_without_an_arena(model, edir):
+    c = Peer(run_compute_process, (ServiceConfig(model=model),), edir, "compute")
+    try:
+        c.send(StartPass(1, [(1, [2])], {1: SeqSampling(0.0, 1.0, 0, None)}))
+        c.send(Run(0, 0, 0))
+        err = c.recv()
+        assert isinstance(err, WorkerError) and "no arena is open" in err.message and err.unit == 0
+        assert c.recv() == Done(0, 0, 0.0)
+        c.send(OpenArena("cpu", b"gdsllm-no-such-arena", 4096))
+        err = c.recv()
+        assert isinstance(err, WorkerError) and err.fatal and "cannot open" in err.message
+        c.proc.join(30)
+        assert c.proc.exitcode == 0
+    finally:
+        c.close()
+
+
+@pytest.mark.gpu
+def test_cuda_pipeline_matches_the_cpu_reference(model, edir):
+    """KvikIO into the CUDA IPC arena, compute on the GPU: the CPU reference's greedy tokens."""
+    pytest.importorskip("cupy", reason="the CUDA arena needs CuPy: pip install 'gdsllm[cuda]'")
+    p = Pipeline(model, edir, device="cuda")
+    try:
+        assert p.io.hello.backend == "cuda" and len(p.io.hello.handle) == 64
+        assert p.io.hello.io_path in ("gds", "compat", "posix")
+        prompts = {1: [3, 14, 15, 92, 65], 2: [7, 8]}
+        greedy = {1: SeqSampling(0.0, 1.0, 0, None), 2: SeqSampling(0.0, 1.0, 0, None)}
+        assert p.generate(prompts, greedy, 5) == reference_tokens(p.meta, prompts, greedy, 5)
+    finally:
+        p.close()

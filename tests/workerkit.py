@@ -1,0 +1,104 @@
+"""Shared by the worker tests: a tiny model, a worker process with the coordinator's socket end.
+
+    io = Peer(run_io_process, (ServiceConfig(model=path), arena_bytes), endpoint_dir, "io")
+    io.hello                      # its handshake (IoReady, ComputeReady or WorkerError)
+    io.send(Load(1, 0, 0)); io.recv()
+    io.close()                    # Shutdown, join (kill after a deadline); returns the exit code
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from gdsllm.format import LlamaParams, unit_layout, unit_tensor_shapes
+from gdsllm.writer import ModelWriter
+from ipc import sockets
+from ipc.messages import Load, Loaded, Shutdown
+
+SPAWN = mp.get_context("spawn")
+START_S = 120.0  # spawn + importing torch on a loaded 2-core CI machine
+REPLY_S = 60.0
+
+PARAMS = LlamaParams(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                     rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def write_model(dst: Path, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    with ModelWriter(dst, PARAMS, "float32", source="test") as w:
+        for _, kind, _ in unit_layout(PARAMS):
+            w.add_unit({k: torch.randn(s, generator=g) * (1.0 if k.endswith("norm.weight") else 0.1)
+                        + (1.0 if k.endswith("norm.weight") else 0.0)
+                        for k, s in unit_tensor_shapes(PARAMS, kind).items()})
+    return dst
+
+
+def shm_of(pid: int) -> list[str]:
+    """Shared-memory arenas created by process `pid` (other suites run beside this one)."""
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"gdsllm-{pid}-")]
+
+
+class Peer:
+    """A worker process and the coordinator's end of its PAIR socket."""
+
+    def __init__(self, target, args: tuple, endpoint_dir: sockets.EndpointDir, name: str):
+        ep = endpoint_dir.endpoint(name)
+        self.sock = sockets.pair(sockets.context(), ep, bind=True)
+        self.proc = SPAWN.Process(target=target, args=(args[0], ep, *args[1:]), daemon=True)
+        self.proc.start()
+        self.hello = sockets.recv(self.sock, START_S)
+
+    def send(self, msg) -> None:
+        sockets.send(self.sock, msg, REPLY_S)
+
+    def recv(self, timeout_s: float = REPLY_S):
+        return sockets.recv(self.sock, timeout_s)
+
+    def close(self) -> int | None:
+        if self.proc.is_alive():
+            try:
+                sockets.send(self.sock, Shutdown(), 2.0)
+            except TimeoutError:
+                pass  # it is exiting already (after a fatal error) and no longer connected
+            self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(10)
+        self.sock.close()
+        return self.proc.exitcode
+
+
+def load_all(io: Peer, meta, base: int = 0) -> list[int]:
+    """Load every unit back to back from `base`; several loads in flight; returns the offsets."""
+    offsets, off = [], base
+    for u in meta.units:
+        offsets.append(off)
+        off += u.nbytes
+    for u, o in zip(meta.units, offsets):
+        io.send(Load(u.index, u.index, o))
+    got = [io.recv() for _ in meta.units]
+    assert all(isinstance(m, Loaded) and m.error is None for m in got), got
+    assert sorted(m.unit for m in got) == list(range(len(meta.units)))
+    for m in got:
+        assert m.nbytes == meta.units[m.unit].nbytes and m.seconds >= 0 and m.io_path == io.hello.io_path
+    return offsets
+
+
+def arena_size(meta) -> int:
+    return sum(u.nbytes for u in meta.units) + 4096
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return write_model(tmp_path_factory.mktemp("workers") / "tiny")
+
+
+@pytest.fixture
+def edir():
+    with sockets.EndpointDir() as d:
+        yield d
