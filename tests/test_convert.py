@@ -76,9 +76,9 @@ def smollm2_model(xdg_cache, smollm2_gguf) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_transformers(smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                dtype=torch.float32)
+    """transformers' float32 load of the GGUF, shared with the compute tests (one ~18 s load)."""
+    from llama_ref import smollm2
+    return smollm2()[0]
 
 
 @pytest.mark.slow
@@ -106,12 +106,12 @@ TEXTS = ["Hello world", "  leading and trailing spaces  ", "naïve café — 日
 
 
 @pytest.mark.slow
-def test_smollm2_tokenizer_encodes_like_transformers(smollm2_model, smollm2_gguf):
+def test_smollm2_tokenizer_encodes_like_transformers(smollm2_model, smollm2_transformers):
+    from llama_ref import smollm2
     from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
     meta = load_model_meta(smollm2_model)
     ours = Tokenizer.from_file(str(smollm2_model / meta.tokenizer_file))
-    ref = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    ref = smollm2()[1]  # AutoTokenizer.from_pretrained(dir, gguf_file=...)
     for s in TEXTS:
         ids = ours.encode(s).ids
         assert ids == ref(s).input_ids, s
