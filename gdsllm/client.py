@@ -101,10 +101,10 @@ class Client:
                 if done:
                     return
         finally:
-            if not done:  # the caller stopped early (or a timeout): free the server's work
+            if not done and not self.sock.closed:  # the caller stopped early: free the server's work
                 try:
                     self._send(Cancel(req.request_id))
-                except TimeoutError:
+                except (TimeoutError, zmq.ZMQError):
                     pass
 
     def stream(self, prompt: str | None = None, *, messages=None, **params):

@@ -114,7 +114,7 @@ class Coordinator:
             t.cancel()
         self.batch.fail_all("internal", "the server is shutting down")
         if self.front is not None:
-            self.front.close(linger=0)
+            self.front.close(linger=1000)  # let the "shutting down" errors reach their clients
         await self.workers.stop()
         if self.http is not None:
             self.http.shutdown()

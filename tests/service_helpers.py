@@ -1,0 +1,69 @@
+"""Shared by the service tests: a tiny synth model, its single-process reference tokens, and a
+LocalService wrapper that checks the service left no worker process or /dev/shm arena behind."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from gdsllm.config import ServiceConfig
+from gdsllm.pipeline import LocalService
+
+PROMPTS = ["hello world", "the quick brown fox", "a b c d e f", "once upon a time there was",
+           "zzz", "1 2 3 4 5 6 7 8 9", "GdsLLM streams weights", "x y"]
+N = 12  # new tokens per request
+UNIT = 192512  # bytes of one float32 decoder block of the tiny shape (the largest unit)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from gdsllm.synth import synth
+    root = tmp_path_factory.mktemp("svc")
+    return synth(root / "tiny", shape="tiny", layers=4, dtype="float32", seed=7, hf_out=root / "hf")
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir) -> dict[str, list[int]]:
+    """Greedy ids of each prompt, generated alone by the single-process engine."""
+    from gdsllm.llm import LLM
+    from gdsllm.sampling import SamplingParams
+    with LLM(str(model_dir)) as llm:
+        return {p: llm.generate(p, SamplingParams(max_tokens=40, temperature=0)).token_ids
+                for p in PROMPTS}
+
+
+def shm_entries() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("gdsllm-")}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+class Service:
+    """A LocalService that also checks it left no processes or shared memory behind."""
+
+    def __init__(self, model_dir, **cfg):
+        self.svc = LocalService(ServiceConfig(model=model_dir, metrics_port=None, **cfg))
+
+    def __enter__(self):
+        self.svc.start()
+        self.pids = list(self.svc.coordinator.workers.pids.values())
+        self.shm = {self.svc.coordinator.workers.shm_name}
+        assert self.shm <= shm_entries(), "the CPU arena is a /dev/shm segment"
+        self.endpoint = self.svc.endpoint
+        return self
+
+    def __exit__(self, *exc):
+        self.svc.stop()
+        deadline = time.time() + 5
+        while any(alive(p) for p in self.pids) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(p) for p in self.pids), "worker processes outlived the service"
+        assert not (self.shm & shm_entries()), "the shared-memory arena outlived the service"

@@ -1,0 +1,90 @@
+"""The service's life cycle on the CPU backend: one-request pipeline, a killed worker, and
+`gdsllm serve` under SIGTERM, each checked for leaked processes and shared memory."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gdsllm.client import Client, ServiceError
+from gdsllm.config import ServiceConfig
+from gdsllm.pipeline import generate_once
+from service_helpers import (N, PROMPTS, UNIT, Service, alive, model_dir, reference,  # noqa: F401
+                             shm_entries)
+
+
+def test_generate_once_runs_one_request(model_dir, reference):
+    text = []
+    cfg = ServiceConfig(model=model_dir, vram_budget=2 * UNIT, prefetch_window=2, metrics_port=None)
+    final = generate_once(cfg, PROMPTS[7], {"max_tokens": N, "temperature": 0}, on_text=text.append)
+    assert final.token_ids == reference[PROMPTS[7]][:N] and "".join(text) == final.text
+    assert not [n for n in shm_entries() if n.startswith(f"gdsllm-{os.getpid()}-")]
+
+
+def test_killed_worker_fails_requests_cleanly(model_dir, reference):
+    with Service(model_dir, vram_budget=2 * UNIT, prefetch_window=2) as s, \
+            Client(s.endpoint, timeout=30) as c:
+        stream = c.stream_messages(PROMPTS[0], max_tokens=450, temperature=0, ignore_eos=True)
+        next(stream)
+        os.kill(s.svc.coordinator.workers.pids["compute"], signal.SIGKILL)
+        with pytest.raises(ServiceError) as err:
+            for _ in stream:
+                pass
+        assert err.value.code == "worker_died" and "compute worker died" in err.value.message
+        h = c.health()
+        assert h.status == "degraded" and "compute" in h.detail
+        with pytest.raises(ServiceError, match="worker_died"):
+            c.generate(PROMPTS[1], max_tokens=4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+@pytest.mark.slow
+def test_serve_command_sigterm_leaves_nothing_behind(model_dir, reference):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "gdsllm", "serve", "-m", str(model_dir), "--device",
+                             "cpu", "--endpoint", endpoint, "--metrics-port", "-1", "--vram-budget",
+                             str(3 * UNIT), "--prefetch-window", "3"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with Client(endpoint, timeout=60) as c:
+            assert c.health().status == "ok"
+            f = c.generate(PROMPTS[2], max_tokens=N, temperature=0)
+            assert f.token_ids == reference[PROMPTS[2]][:N]
+            kids = children(proc.pid)
+            ours = {n for n in shm_entries() if any(n.startswith(f"gdsllm-{k}-") for k in kids)}
+            assert len(kids) >= 2 and ours, "the CPU arena is a /dev/shm segment of a worker"
+            stream = c.stream_messages(PROMPTS[1], max_tokens=450, temperature=0, ignore_eos=True)
+            next(stream)
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ServiceError, match="shutting down"):
+                for _ in stream:
+                    pass
+            assert proc.wait(30) == 0, proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.time() + 10  # multiprocessing's resource tracker exits just after its parent
+    while [k for k in kids if alive(k)] and time.time() < deadline:
+        time.sleep(0.05)
+    assert not [k for k in kids if alive(k)], "worker processes outlived gdsllm serve"
+    assert not ours & shm_entries(), "gdsllm serve left shared memory behind"
