@@ -192,13 +192,13 @@ class ComputeWorker:
             picks = Sampler.sample_batch(logits, [self.samplers[sid] for sid in seq_ids])
             tokens = list(zip(seq_ids, picks))
         except Exception as e:
-            self._fail(msg, e)
+            self._fail(msg, e, done_sent=True)
             return
         seconds = self.pass_seconds + time.perf_counter() - t0
         self._send(PassResult(self.pass_id, tokens, seconds))
         self.pass_id = None
 
-    def _fail(self, msg: Run, e: Exception) -> None:
+    def _fail(self, msg: Run, e: Exception, done_sent: bool = False) -> None:
         unit = self.meta.units[msg.unit].name if 0 <= msg.unit < len(self.meta.units) else msg.unit
         self.runner.abort_pass()
         try:
@@ -208,7 +208,8 @@ class ComputeWorker:
         self.pass_failed = True
         self._send(WorkerError(f"pass {self.pass_id}, unit {unit}: {type(e).__name__}: {e}",
                                pass_id=self.pass_id, unit=msg.unit))
-        self._send(Done(msg.unit, msg.slot, 0.0))
+        if not done_sent:  # exactly one Done per Run: the coordinator frees the slot on it
+            self._send(Done(msg.unit, msg.slot, 0.0))
 
     def _release(self, msg: Release) -> None:
         for sid in msg.seq_ids:

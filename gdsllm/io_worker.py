@@ -53,6 +53,7 @@ class IoWorker:
         self.done: queue.SimpleQueue[Loaded] = queue.SimpleQueue()
         # Read threads wake the zmq poll through this pipe: zmq sockets must stay in one thread.
         self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)  # a full pipe already means "wake up": never block
         self.verified: set[int] = set()  # units whose checksum matched once
 
     def run(self) -> None:
@@ -168,7 +169,10 @@ class IoWorker:
             reply = Loaded(msg.unit, msg.slot, 0, 0.0, self.io_path,
                            error=f"unit {unit.name}: {type(e).__name__}: {text}")
         self.done.put(reply)
-        os.write(self.wake_w, b"x")
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass
 
     def _read(self, path, offset: int, nbytes: int) -> None:
         if isinstance(self.reader, HostReader) and self.arena.spec.backend == "cuda":

@@ -16,7 +16,7 @@ from gdsllm.format import load_model_meta
 from gdsllm.io_worker import run_io_process
 from ipc.messages import (ArenaOpened, ComputeReady, Done, IoReady, Load, OpenArena, PassResult,
                           Release, Run, SeqSampling, StartPass, WorkerError)
-from workerkit import Peer, edir, model  # noqa: F401  (fixtures)
+from workerkit import Peer, edir, model, write_model  # noqa: F401  (fixtures)
 
 
 def reference_tokens(meta, prompts: dict[int, list[int]], sampling: dict[int, SeqSampling],
@@ -162,6 +162,22 @@ def test_compute_worker_reports_a_failing_step_and_keeps_serving(pipeline):
     pipeline.compute.send(Release([1, 2, 3, 4]))
     prompts = {1: [5, 6]}
     assert pipeline.generate(prompts, greedy, 3) == reference_tokens(meta, prompts, greedy, 3)
+
+
+def test_compute_worker_sampling_failure_after_the_head(tmp_path, edir):
+    """The head ran (its Done is out), then sampling fails: an error, and no second Done."""
+    p = Pipeline(write_model(tmp_path / "nan", nan_head=True), edir)
+    try:
+        replies = p.run_pass([(1, [4, 5])], {1: SeqSampling(1.0, 1.0, 0, 7)}, units=[0, 1, 2, 3, 4])
+        assert [type(m) for m in replies] == [Done] * 5
+        err = p.compute.recv()
+        assert isinstance(err, WorkerError) and (err.pass_id, err.unit) == (p.pass_id, 4)
+        assert "unit head" in err.message
+        p.compute.send(Release([1]))
+        p.compute.send(Run(0, -1, 0))  # the failed pass is over: nothing more comes from it
+        assert p.compute.recv() == Done(0, -1, 0.0)
+    finally:
+        p.close()
 
 
 def test_compute_worker_without_an_arena(model, edir):

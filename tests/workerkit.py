@@ -28,13 +28,17 @@ PARAMS = LlamaParams(vocab_size=96, hidden_size=64, intermediate_size=112, num_h
                      rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
 
 
-def write_model(dst: Path, seed: int = 0) -> Path:
+def write_model(dst: Path, seed: int = 0, nan_head: bool = False) -> Path:
+    """A random 3-block LLaMA; `nan_head` poisons the LM head (logits NaN: sampling fails)."""
     g = torch.Generator().manual_seed(seed)
     with ModelWriter(dst, PARAMS, "float32", source="test") as w:
         for _, kind, _ in unit_layout(PARAMS):
-            w.add_unit({k: torch.randn(s, generator=g) * (1.0 if k.endswith("norm.weight") else 0.1)
-                        + (1.0 if k.endswith("norm.weight") else 0.0)
-                        for k, s in unit_tensor_shapes(PARAMS, kind).items()})
+            tensors = {k: torch.randn(s, generator=g) * (1.0 if k.endswith("norm.weight") else 0.1)
+                       + (1.0 if k.endswith("norm.weight") else 0.0)
+                       for k, s in unit_tensor_shapes(PARAMS, kind).items()}
+            if kind == "head" and nan_head:
+                tensors["lm_head.weight"][:] = float("nan")
+            w.add_unit(tensors)
     return dst
 
 
