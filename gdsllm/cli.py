@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FormatError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"gdsllm {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `gdsllm info | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"gdsllm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -45,6 +45,7 @@ class ModelWriter:
     def __enter__(self) -> "ModelWriter":
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-", dir=self.dst.parent))
+        os.chmod(self._tmp, 0o755)  # mkdtemp makes it 0700; a model is read by other users too
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
