@@ -213,16 +213,21 @@ class AsyncClient:
 
 
 def generate_cli(args) -> int:
-    """`gdsllm generate --endpoint URL ...`: stream the text of one request to stdout."""
+    """`gdsllm generate --endpoint URL ...`: stream the text of one request to stdout; a server
+    error or an unreachable server is one line on stderr and exit status 1."""
     import sys
     params = dict(max_tokens=getattr(args, "max_tokens", None), temperature=getattr(args, "temp", None),
                   top_p=getattr(args, "top_p", None), top_k=getattr(args, "top_k", None),
                   seed=getattr(args, "seed", None))
     prompt = args.prompt
     messages = [{"role": "user", "content": prompt}] if getattr(args, "chat", False) else None
-    with Client(args.endpoint, timeout=getattr(args, "timeout", None) or 300.0) as c:
-        for delta in c.stream(None if messages else prompt, messages=messages, **params):
-            sys.stdout.write(delta)
-            sys.stdout.flush()
+    try:
+        with Client(args.endpoint, timeout=getattr(args, "timeout", None) or 300.0) as c:
+            for delta in c.stream(None if messages else prompt, messages=messages, **params):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    except (ServiceError, TimeoutError) as e:
+        print(f"gdsllm generate: error: {e}", file=sys.stderr)
+        return 1
     sys.stdout.write("\n")
     return 0

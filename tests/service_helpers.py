@@ -14,6 +14,7 @@ from gdsllm.pipeline import LocalService
 PROMPTS = ["hello world", "the quick brown fox", "a b c d e f", "once upon a time there was",
            "zzz", "1 2 3 4 5 6 7 8 9", "GdsLLM streams weights", "x y"]
 N = 12  # new tokens per request
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
 UNIT = 192512  # bytes of one float32 decoder block of the tiny shape (the largest unit)
 
 
@@ -30,8 +31,12 @@ def reference(model_dir) -> dict[str, list[int]]:
     from gdsllm.llm import LLM
     from gdsllm.sampling import SamplingParams
     with LLM(str(model_dir)) as llm:
-        return {p: llm.generate(p, SamplingParams(max_tokens=40, temperature=0)).token_ids
-                for p in PROMPTS}
+        ref = {p: llm.generate(p, SamplingParams(max_tokens=40, temperature=0)).token_ids
+               for p in PROMPTS}
+        ref["chat"] = llm.generate(CHAT, SamplingParams(max_tokens=N, temperature=0)).token_ids
+        ref["seeded"] = llm.generate(PROMPTS[0], SamplingParams(max_tokens=N, temperature=0.9,
+                                                                 seed=1234)).token_ids
+        return ref
 
 
 def shm_entries() -> set[str]:

@@ -13,7 +13,8 @@ import pytest
 import zmq
 
 from gdsllm.client import AsyncClient, Client
-from service_helpers import N, PROMPTS, UNIT, Service, model_dir, reference  # noqa: F401 (fixtures)
+from service_helpers import (CHAT, N, PROMPTS, UNIT, Service, model_dir,  # noqa: F401 (fixtures)
+                             reference)
 
 @pytest.fixture(scope="module")
 def server(model_dir):
@@ -219,3 +220,40 @@ def test_cuda_pipeline_equals_cpu_reference(model_dir, reference):
         assert h.backend == "cuda" and h.io_path in ("gds", "compat", "posix")
         for p in PROMPTS[:3]:
             assert c.generate(p, max_tokens=N, temperature=0).token_ids == reference[p][:N]
+
+
+def test_chat_and_seeded_sampling_equal_llm(server, reference):
+    with Client(server.endpoint, timeout=30) as c:
+        assert c.generate(messages=CHAT, max_tokens=N, temperature=0).token_ids == reference["chat"]
+        seeded = [c.generate(PROMPTS[0], max_tokens=N, temperature=0.9, seed=1234).token_ids
+                  for _ in range(2)]
+    assert seeded[0] == seeded[1] == reference["seeded"]
+
+
+def test_generate_cli_and_chat_repl(server, reference, capsys):
+    import argparse
+    import io
+
+    from gdsllm.client import generate_cli
+    from gdsllm.commands.run import chat
+    from gdsllm.format import load_model_meta
+    from gdsllm.tokenizer import Tokenizer
+    tok = Tokenizer(load_model_meta(server.svc.config.model))
+    args = argparse.Namespace(prompt=PROMPTS[1], max_tokens=N, temp=0.0, top_p=None, top_k=None,
+                              seed=None, chat=False, endpoint=server.endpoint)
+    assert generate_cli(args) == 0
+    assert capsys.readouterr().out == tok.decode(reference[PROMPTS[1]][:N]) + "\n"
+    args.temp = -1.0
+    assert generate_cli(args) == 1 and "bad_request" in capsys.readouterr().err
+    out = io.StringIO()
+    repl = argparse.Namespace(system="be brief", max_tokens=N, temp=0.0, top_p=0.95, top_k=40, seed=None)
+    with Client(server.endpoint, timeout=30) as c:
+        chat(c, repl, stdin=io.StringIO("hi there\n/reset\nhi there\n/quit\n"), stdout=out)
+        answer = c.generate(messages=CHAT, max_tokens=N, temperature=0).text
+    # after /reset the same question (same system prompt: CHAT) gets the same answer
+    assert out.getvalue() == 2 * (answer + "\n")
+
+
+def test_client_timeout_is_clear():
+    with Client("tcp://127.0.0.1:9", timeout=0.3) as c, pytest.raises(TimeoutError, match="gdsllm serve"):
+        c.health()

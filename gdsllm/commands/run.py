@@ -54,12 +54,17 @@ def chat(client, args, stdin=sys.stdin, stdout=sys.stdout) -> None:
 
 
 def run(args) -> int:
-    from ..client import Client
-    if args.endpoint:
-        with Client(args.endpoint, timeout=300.0) as c:
+    from ..client import Client, ServiceError
+    try:
+        if args.endpoint:
+            with Client(args.endpoint, timeout=300.0) as c:
+                chat(c, args)
+            return 0
+        from ..pipeline import LocalService
+        with LocalService(service_config(args, metrics_port=None)) as svc, \
+                Client(svc.endpoint, timeout=300.0) as c:
             chat(c, args)
-        return 0
-    from ..pipeline import LocalService
-    with LocalService(service_config(args, metrics_port=None)) as svc, Client(svc.endpoint, timeout=300.0) as c:
-        chat(c, args)
+    except (ServiceError, TimeoutError) as e:
+        print(f"gdsllm run: error: {e}", file=sys.stderr)
+        return 1
     return 0
