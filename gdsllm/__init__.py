@@ -3,16 +3,22 @@
     from gdsllm import LLM, SamplingParams
     print(LLM().generate("Once upon a time", SamplingParams(max_tokens=32)).text)
 
-`LLM` and `SamplingParams` are imported lazily: `import gdsllm` stays cheap for the CLI.
+    with gdsllm.Client("tcp://127.0.0.1:5555") as c:     # a running `gdsllm serve`
+        print(c.generate("Once upon a time", max_tokens=32).text)
+
+`LLM`, `SamplingParams` and the clients are imported lazily: `import gdsllm` stays cheap for the CLI.
 """
 __version__ = "0.1.0"
-__all__ = ["LLM", "Output", "SamplingParams", "__version__"]
+__all__ = ["AsyncClient", "Client", "LLM", "Output", "SamplingParams", "ServiceError", "__version__"]
 
 
 def __getattr__(name: str):
     if name in ("LLM", "Output"):
         from . import llm
         return getattr(llm, name)
+    if name in ("Client", "AsyncClient", "ServiceError"):
+        from . import client
+        return getattr(client, name)
     if name == "SamplingParams":
         from .sampling import SamplingParams
         return SamplingParams
