@@ -101,7 +101,7 @@ def part_gdsllm(a, res):
         r = srv.decode(long_prompt, 2)
         res["ttft_512"] = {"prompt_tokens": r.prompt_tokens, "ttft_s": r.ttft_s}
         one = srv.decode("Alone in the pass", a.tokens)
-        clients = [srv.client.__class__(srv.endpoint) for _ in range(8)]
+        clients = [srv.client.__class__(srv.endpoint, timeout=600.0) for _ in range(8)]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(8) as pool:
             outs = list(pool.map(lambda c: c.generate(prompt=f"Request {id(c)}", max_tokens=a.tokens,
@@ -115,23 +115,24 @@ def part_gdsllm(a, res):
         print("concurrent8", json.dumps(res["concurrent8"]), flush=True)
 
 
-def peer(a, name, extra=()):
+def peer(a, name, tokens):
     out = sh([sys.executable, str(Path(__file__).with_name("peers.py")), name, str(a.hf),
-              "--tokens", str(a.tokens), *extra], a.log)
+              "--tokens", str(tokens)], a.log)
     line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
 
 
 def part_peers(a, res):
     c0 = meminfo_cached()
-    res["airllm_prepare"] = peer(a, "airllm")  # first run splits the model; not timed as cold
+    # AirLLM's first run splits the model into per-layer files: not timed as cold.
+    res["airllm_prepare"] = peer(a, "airllm", 1)
+    res["airllm_prepare"]["cache_growth_bytes"] = meminfo_cached() - c0
     drop_caches()
     c1 = meminfo_cached()
-    res["airllm_cold"] = peer(a, "airllm")
+    res["airllm_cold"] = peer(a, "airllm", a.peer_tokens)
     res["airllm_cold"]["cache_growth_bytes"] = meminfo_cached() - c1
-    res["airllm_warm"] = peer(a, "airllm")
-    res["airllm_prepare"]["cache_growth_bytes"] = c1 - c0
-    res["transformers"] = peer(a, "transformers", ["--tokens", str(max(a.tokens, 32))])
+    res["airllm_warm"] = peer(a, "airllm", a.peer_tokens)
+    res["transformers"] = peer(a, "transformers", max(a.tokens, 32))
 
 
 def part_table(a, res):
@@ -148,6 +149,7 @@ def main() -> None:
     ap.add_argument("--budget", default="8GiB")
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--peer-tokens", type=int, default=4, help="AirLLM's tokens (it is slow)")
     ap.add_argument("--parts", default="synth,ceiling,gdsllm,peers,table")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)

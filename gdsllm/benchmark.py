@@ -144,18 +144,18 @@ class Served:
     def __enter__(self) -> "Served":
         from .client import Client
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=self.log)
-        self.client = Client(self.endpoint)
         deadline = time.monotonic() + self.startup_s
-        while True:
+        while True:  # the handshake (resident units loaded) ends when health answers
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gdsllm serve exited with {self.proc.returncode}: {' '.join(self.cmd)}")
-            try:
-                self.health = self.client.health(timeout=2.0)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+            with Client(self.endpoint, timeout=2.0) as probe:
+                try:
+                    self.health = probe.health()
+                    break
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise
+        self.client = Client(self.endpoint, timeout=self.startup_s)
         return self
 
     def __exit__(self, *exc) -> None:
