@@ -51,7 +51,11 @@ def probe_io_path(device: str, direct: bool = True) -> str:
     kvikio = _kvikio()
     if kvikio is None:
         return "posix"  # CUDA without KvikIO: O_DIRECT into host memory, then a copy
-    return "compat" if kvikio.defaults.is_compat_mode_preferred() else "gds"
+    # Without the nvidia-fs driver cuFile itself falls back to its own compatibility path even
+    # when KvikIO's compat mode is off: only both together mean real GPUDirect Storage.
+    if kvikio.defaults.is_compat_mode_preferred() or not os.path.exists("/proc/driver/nvidia-fs"):
+        return "compat"
+    return "gds"
 
 
 class HostReader:
