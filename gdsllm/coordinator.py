@@ -26,7 +26,7 @@ from .config import ServiceConfig
 from .planner import plan_residency
 from .scheduler import BatchScheduler
 from .sequence import Sequence, encode_prompt, validate_request
-from .worker_set import WorkerSet
+from .worker_set import WorkerSet, WorkerStartError
 
 log = logging.getLogger("gdsllm.coordinator")
 SNDHWM = 100_000  # queued replies per client before it counts as gone (token chunks are tiny)
@@ -65,6 +65,7 @@ class Coordinator:
         self.front = None
         self.io_path = "?"
         self.status, self.detail = "starting", ""
+        self.degraded_code = "internal"  # the Error code new requests get once degraded
         self.next_seq = 1
         self.stopped = asyncio.Event()
         self.http = None
@@ -80,14 +81,19 @@ class Coordinator:
             await self.workers.io.send(encode(ld))
         pending = len(self.plan.resident_offsets)
         while pending:  # resident units come first: nothing runs before they are in place
-            msg = decode(await asyncio.wait_for(self.workers.io.recv(), self.config.startup_timeout_s))
+            try:
+                raw = await asyncio.wait_for(self.workers.io.recv(), self.config.startup_timeout_s)
+            except asyncio.TimeoutError:
+                raise WorkerStartError(f"resident units not loaded within {self.config.startup_timeout_s:.0f}"
+                                       f" s (startup_timeout_s)") from None
+            msg = decode(raw)
             if isinstance(msg, Loaded):
                 if msg.error:
-                    raise RuntimeError(f"loading resident unit {self.plan.names[msg.unit]}: {msg.error}")
+                    raise WorkerStartError(f"loading resident unit {self.plan.names[msg.unit]}: {msg.error}")
                 self.metrics.observe_load(msg.nbytes, msg.seconds, msg.io_path)
                 pending -= 1
             elif isinstance(msg, WorkerError):
-                raise RuntimeError(f"io worker: {msg.message}")
+                raise WorkerStartError(f"io worker: {msg.message}")
         self.front = sockets.router(self.ctx, self.config.endpoint)
         self.front.setsockopt(zmq.SNDHWM, SNDHWM)
         m = self.metrics
@@ -155,7 +161,7 @@ class Coordinator:
     def _generate(self, client: bytes, msg: Generate) -> None:
         rid = msg.request_id
         if self.status != "ok":
-            return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
+            return self._reply(client, Error(rid, self.degraded_code, f"service degraded: {self.detail}"))
         if len(self.batch.waiting) >= MAX_WAITING:
             return self._reply(client, Error(rid, "busy", f"{MAX_WAITING} requests are already "
                                              f"waiting; try again later"))
@@ -231,7 +237,7 @@ class Coordinator:
         if self.status == "degraded":
             return
         log.error("service degraded: %s", detail)
-        self.status, self.detail = "degraded", detail
+        self.status, self.detail, self.degraded_code = "degraded", detail, code
         self.batch.fail_all(code, detail)
 
 

@@ -88,3 +88,24 @@ def test_serve_command_sigterm_leaves_nothing_behind(model_dir, reference):
         time.sleep(0.05)
     assert not [k for k in kids if alive(k)], "worker processes outlived gdsllm serve"
     assert not ours & shm_entries(), "gdsllm serve left shared memory behind"
+
+
+def test_corrupt_unit_fails_start_or_requests_naming_the_file(model_dir, tmp_path):
+    import shutil
+
+    from gdsllm.worker_set import WorkerStartError
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    f = bad / "layer_002.bin"  # block.1
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(WorkerStartError, match="layer_002.bin"):
+        with Service(bad):  # everything resident: loaded (and checksummed) at start-up
+            pass
+    with Service(bad, vram_budget=2 * UNIT) as s, Client(s.endpoint, timeout=30) as c:
+        with pytest.raises(ServiceError, match="layer_002.bin") as err:
+            c.generate(PROMPTS[0], max_tokens=N, temperature=0)
+        assert err.value.code == "internal"
+        h = c.health()
+        assert h.status == "degraded" and "layer_002.bin" in h.detail
