@@ -236,6 +236,8 @@ class LLM:
         sp = r.params
         if (t in eos and not sp.ignore_eos) or t in sp.stop_token_ids:
             r.finish_reason = "stop"
+            if r.detok is not None:
+                r.text += r.detok.flush()
             return
         if r.detok is not None:
             start = max(0, len(r.text) - max((len(s) for s in sp.stop), default=0))
@@ -249,6 +251,8 @@ class LLM:
             r.finish_reason = "length"
         elif len(r.prompt_ids) + len(r.out_ids) >= self.meta.params.max_position_embeddings:
             r.finish_reason = "length"  # the context is full
+        if r.finish_reason is not None and r.detok is not None:
+            r.text += r.detok.flush()  # bytes of an unfinished character, as decode() shows them
 
 
 def _stop_holdback(text: str, stops: tuple[str, ...]) -> int:

@@ -122,3 +122,12 @@ class IncrementalDetokenizer:
         self.prefix, self.read = self.read, len(self.ids)
         self.text += delta
         return delta
+
+    def flush(self) -> str:
+        """At the end of the stream: whatever is held back, incomplete characters included."""
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        delta = after[len(before):] if len(after) > len(before) else ""
+        self.prefix = self.read = len(self.ids)
+        self.text += delta
+        return delta

@@ -66,6 +66,10 @@ def test_incremental_detokenizer_streams_whole_characters(smol):
     assert len(ids) > 1
     detok = tok.detokenizer()
     assert [detok.push(t) for t in ids] == [""] * (len(ids) - 1) + ["🚀"]
+    # a stream that ends mid-character: flush() gives what decode() shows for those bytes
+    detok = tok.detokenizer()
+    assert [detok.push(t) for t in ids[:-1]] == [""] * (len(ids) - 1)
+    assert detok.flush() == tok.decode(ids[:-1]) and detok.flush() == ""
 
 
 @pytest.fixture

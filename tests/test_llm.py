@@ -1,0 +1,214 @@
+"""`gdsllm.LLM` (units streamed one at a time from disk) and `gdsllm generate`, end to end."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gdsllm
+from gdsllm import LLM, SamplingParams
+from gdsllm.format import FormatError
+from llama_ref import greedy_reference, load, smollm2, synth_model
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random model (synth, with its byte-level tokenizer and chat template) and its HF twin."""
+    hf, d = synth_model(tmp_path_factory.mktemp("tiny"), seed=3, num_key_value_heads=1)
+    return hf, d
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    with LLM(str(tiny[1])) as m:
+        yield m
+
+
+def test_greedy_matches_transformers_and_batch_equals_alone(llm, tiny):
+    hf, _ = tiny
+    prompts = ["hello world", [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], "a",
+               [{"role": "user", "content": "hi there"}]]
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.finish_reason for o in outs] == ["length"] * 4
+    for p, o in zip(prompts, outs):
+        assert len(o.token_ids) == 12
+        assert o.token_ids == greedy_reference(hf, o.prompt_token_ids, 12)
+        alone = llm.generate(p, GREEDY)
+        assert alone.token_ids == o.token_ids and alone.text == o.text
+        assert o.text == llm.tokenizer.decode(o.token_ids)
+    assert outs[1].prompt_token_ids == prompts[1]
+    assert outs[0].prompt_token_ids == llm.tokenizer.encode("hello world")
+    chat = llm.tokenizer.apply_chat_template(prompts[3])
+    assert outs[3].prompt_token_ids == llm.tokenizer.encode(chat, add_special_tokens=False)
+    assert llm.runner.caches == {}  # every KV cache released
+
+
+def test_stream_equals_generate(llm):
+    params = SamplingParams(max_tokens=20, temperature=0.9, seed=11, ignore_eos=True)
+    text = "".join(llm.stream("stream me", params))
+    out = llm.generate("stream me", params)
+    assert text == out.text and len(out.token_ids) == 20  # same seed, same tokens
+    # seeded sampling is reproducible across calls and batch neighbours
+    batch = llm.generate(["stream me", "other"], [params, SamplingParams(max_tokens=5, seed=1)])
+    assert batch[0].token_ids == out.token_ids
+
+
+def test_stop_conditions(llm):
+    base = llm.generate("stop test", SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    ids = base.token_ids
+    # a stop token id: generation ends on it, included in token_ids, not in the text
+    out = llm.generate("stop test", SamplingParams(max_tokens=16, temperature=0, ignore_eos=True,
+                                                   stop_token_ids=(ids[3],)))
+    first = ids.index(ids[3])
+    assert out.finish_reason == "stop" and out.token_ids == ids[: first + 1]
+    assert out.text == llm.tokenizer.decode(ids[:first])
+    # a stop string: the text ends right before it, even when streamed
+    visible = base.text.strip("\ufffd")
+    stop = visible[len(visible) // 2: len(visible) // 2 + 2]
+    cut = base.text.index(stop)
+    p = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=(stop, "never-ever"))
+    out = llm.generate("stop test", p)
+    assert out.finish_reason == "stop" and out.text == base.text[:cut]
+    assert "".join(llm.stream("stop test", p)) == base.text[:cut]
+    # the model's end-of-sequence id stops unless ignore_eos
+    eos = llm.meta.params.eos_token_ids[0]
+    forced = llm.generate([1, 2, 3], SamplingParams(max_tokens=5, temperature=0,
+                                                    stop_token_ids=(eos,)))
+    assert forced.finish_reason in ("stop", "length")
+    assert llm.generate("x", SamplingParams(max_tokens=1)).finish_reason in ("stop", "length")
+
+
+def test_context_limit_ends_with_length(llm):
+    n_ctx = llm.meta.params.max_position_embeddings
+    out = llm.generate([5] * (n_ctx - 3), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    assert out.finish_reason == "length" and len(out.token_ids) == 3
+
+
+@pytest.mark.parametrize("prompt, params, msg", [
+    ("", None, "empty prompt"),
+    ([], None, "no prompts"),
+    ([[]], None, "empty prompt"),
+    ("hi", SamplingParams(temperature=-1), "temperature"),
+    ("hi", SamplingParams(top_p=0), "top_p"),
+    ("hi", SamplingParams(max_tokens=0), "max_tokens"),
+    ([1, 2, 10**6], None, "outside the vocabulary"),
+    ([1.5, 2], None, "a prompt is a string"),
+    ([{"content": "no role"}], None, "role"),
+    (["a", "b"], [SamplingParams()], "2 prompts but 1 SamplingParams"),
+    ("hi", {"temperature": 0}, "params must be SamplingParams"),
+])
+def test_bad_input(llm, prompt, params, msg):
+    with pytest.raises(ValueError, match=msg):
+        llm.generate(prompt, params)
+    assert llm.runner.caches == {}
+
+
+def test_prompt_too_long(llm):
+    n_ctx = llm.meta.params.max_position_embeddings
+    with pytest.raises(ValueError, match=f"prompt of {n_ctx} tokens does not fit .* {n_ctx}"):
+        llm.generate([5] * n_ctx)
+    with pytest.raises(ValueError, match="prompt 1: prompt of"):
+        llm.generate(["ok", "x" * (4 * n_ctx)])
+
+
+def test_corrupt_unit_is_caught_on_first_read(tiny, tmp_path):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(tiny[1], d)
+    meta = load(d)
+    unit = meta.units[2]
+    with open(d / unit.file, "r+b") as f:
+        f.seek(unit.tensors[0].offset + 3)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x40]))
+    with LLM(str(d)) as m, pytest.raises(FormatError, match=f"checksum .*unit {unit.name}"):
+        m.generate("x", GREEDY)
+
+
+def test_constructor_errors(tiny, tmp_path):
+    with pytest.raises(ValueError, match="device must be cpu or cuda"):
+        LLM(str(tiny[1]), device="tpu")
+    with pytest.raises(ValueError, match="io must be"):
+        LLM(str(tiny[1]), io="mmap")
+    with pytest.raises((FileNotFoundError, FormatError)):
+        LLM(str(tmp_path / "nope"))
+    assert gdsllm.SamplingParams is SamplingParams and gdsllm.LLM is LLM
+
+
+def _cli(*args, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "gdsllm", "generate", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_prints_only_the_text(llm, tiny):
+    d = str(tiny[1])
+    want = llm.generate("hello", SamplingParams(max_tokens=8, temperature=0))
+    r = _cli("-m", d, "-p", "hello", "-n", "8", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want.text + "\n"
+    assert "gdsllm.llm" in r.stderr  # logs go to stderr
+    want = llm.generate([{"role": "user", "content": "hello"}],
+                        SamplingParams(max_tokens=6, temperature=0.7, seed=5))
+    r = _cli("-m", d, "-p", "hello", "--chat", "-n", "6", "--temp", "0.7", "--seed", "5")
+    assert r.returncode == 0 and r.stdout == want.text + "\n", r.stderr
+    r = _cli("-m", d, "-p", "hello", "--top-p", "1.5")
+    assert r.returncode == 1 and r.stdout == "" and "top_p must be in (0, 1]" in r.stderr
+    r = _cli("-m", d, "-p", "")
+    assert r.returncode == 1 and "empty prompt" in r.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_streamed_from_disk_matches_transformers():
+    """The real model, every unit read with O_DIRECT into one buffer: raw and chat prompts in one
+    batch, 32 greedy tokens each equal to transformers'; a third request (the chat prompt without
+    ignore_eos) in the same passes ends at <|im_end|> as transformers' generate does."""
+    hf, tok, d = smollm2()
+    prompts = ["Once upon a time,", [{"role": "user", "content": "Name three colors."}]]
+    greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    with LLM(str(d)) as m:
+        assert m.io_path == "posix"
+        outs = m.generate(prompts + [prompts[1]],
+                          [greedy, greedy, SamplingParams(max_tokens=32, temperature=0)])
+    assert outs[0].prompt_token_ids == tok(prompts[0]).input_ids
+    assert outs[1].prompt_token_ids == tok.apply_chat_template(
+        prompts[1], add_generation_prompt=True, tokenize=True, return_dict=False)
+    for o in outs[:2]:
+        assert o.token_ids == greedy_reference(hf, o.prompt_token_ids, 32)
+        assert o.text == tok.decode(o.token_ids, skip_special_tokens=True)
+    eos = m.meta.params.eos_token_ids
+    ref = outs[1].token_ids
+    end = next(i for i, t in enumerate(ref) if t in eos)  # SmolLM2 answers in < 32 tokens
+    assert outs[2].finish_reason == "stop" and outs[2].token_ids == ref[: end + 1]
+    assert outs[2].text == tok.decode(ref[:end], skip_special_tokens=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_smollm2_cuda_llm_matches_transformers(dtype, tmp_path):
+    """LLM on CUDA (KvikIO into a CUDA buffer, or O_DIRECT + copy) in float16 / bfloat16:
+    32 greedy tokens equal transformers on the same device with the same rounded weights."""
+    import copy
+
+    from conftest import smollm2_gguf_path
+    from gdsllm.convert_gguf import convert_gguf
+    from gdsllm.format import DTYPES
+    hf32, tok, _ = smollm2()
+    hf = copy.deepcopy(hf32).to("cuda", DTYPES[dtype])
+    d = convert_gguf(smollm2_gguf_path(), tmp_path / dtype, dtype=dtype)
+    prompts = ["The capital of France is", [{"role": "user", "content": "What is 2+2?"}]]
+    with LLM(str(d), device="cuda") as m:
+        assert m.dtype == DTYPES[dtype]
+        outs = m.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    for o in outs:
+        assert o.token_ids == greedy_reference(hf, o.prompt_token_ids, 32), (dtype, o.text)
+    assert torch.cuda.is_available()
