@@ -47,6 +47,10 @@ def _metrics():
 
 
 class Coordinator:
+    """One service: the model's plan, the workers, the client frontend (DEALER clients; replies go
+    to the sender's identity). `io_target` / `compute_target` replace the worker entry points
+    (tests); by default gdsllm.io_worker.run_io_process and gdsllm.compute_worker.run_compute_process."""
+
     def __init__(self, config: ServiceConfig, *, io_target=None, compute_target=None):
         from .format import load_model_meta
         from .tokenizer import Tokenizer

@@ -257,3 +257,15 @@ def test_generate_cli_and_chat_repl(server, reference, capsys):
 def test_client_timeout_is_clear():
     with Client("tcp://127.0.0.1:9", timeout=0.3) as c, pytest.raises(TimeoutError, match="gdsllm serve"):
         c.health()
+
+
+async def test_max_batch_queues_the_rest(model_dir, reference):
+    """Five requests, two sequences per pass: the rest wait and join as others finish."""
+    with Service(model_dir, vram_budget=2 * UNIT, prefetch_window=2, max_batch=2) as s:
+        async with AsyncClient(s.endpoint, timeout=60) as c:
+            lengths = [N, 3, 7, N, 5]
+            finals = await asyncio.gather(*(c.generate(p, max_tokens=n, temperature=0)
+                                            for p, n in zip(PROMPTS, lengths)))
+            assert (await c.health()).requests_waiting == 0
+    for p, n, f in zip(PROMPTS, lengths, finals):
+        assert f.token_ids == reference[p][:n], f"prompt {p!r} queued behind a full batch"
