@@ -75,12 +75,13 @@ def _need(sizes, pinned: set[int], window: int) -> int:
 
 
 def plan_residency(names, sizes, budget: int | None, window: int) -> ResidencyPlan:
-    """Pin embed and head, then blocks in order, while the pinned units plus `window` slots of the
-    largest still-streamed unit fit `budget` bytes (None: everything resident).
+    """Pin embed and head first, then blocks in order, as far as the pinned units plus `window`
+    slots of the largest still-streamed unit fit `budget` bytes (None: everything resident).
 
-    Raises ValueError naming the smallest budget that works when even streaming everything does not
-    fit. Fewer than `window` slots are made when fewer units are streamed (a slot per streamed unit
-    would already allow keeping it resident).
+    Every prefix of that order is weighed and the one streaming the fewest bytes per pass wins:
+    pinning only the embedding can need MORE memory than pinning nothing (the head, as large, still
+    sets the slot size), while pinning both shrinks every slot to a block. Fewer than `window` slots
+    are made when fewer units are streamed. Raises ValueError naming the smallest budget that works.
     """
     names, sizes = tuple(names), tuple(int(s) for s in sizes)
     assert len(names) == len(sizes) >= 1, (names, sizes)
@@ -89,29 +90,20 @@ def plan_residency(names, sizes, budget: int | None, window: int) -> ResidencyPl
     n = len(sizes)
     order = [i for i, nm in enumerate(names) if nm in ("embed", "head")]
     order += [i for i in range(n) if i not in order]
-    pinned: set[int] = set()
     if budget is None:
         pinned = set(range(n))
     else:
-        # Streaming everything needs W slots of the largest unit; pinning embed and head (often
-        # the largest units) may need less. Start from whichever fits.
-        starts = [set(), {u for u in order[:2] if names[u] in ("embed", "head")}]
-        fits = [s for s in starts if _need(sizes, s, window) <= budget]
+        prefixes = [set(order[:k]) for k in range(n + 1)]
+        fits = [p for p in prefixes if _need(sizes, p, window) <= budget]
         if not fits:
-            minimum = min(_need(sizes, s, window) for s in starts)
+            minimum = min(_need(sizes, p, window) for p in prefixes)
             big = max(range(n), key=lambda u: sizes[u])
             raise ValueError(
                 f"--vram-budget {budget} bytes is too small: it needs at least {minimum} bytes "
                 f"({min(window, n)} streaming slot(s); the largest unit is {names[big]}, "
                 f"{sizes[big]} bytes); raise the budget or lower --prefetch-window")
-        pinned = set(fits[0])
-        for u in order:
-            if u in pinned:
-                continue
-            if _need(sizes, pinned | {u}, window) <= budget:
-                pinned.add(u)
-            elif names[u].startswith("block"):
-                break  # blocks are pinned in order: stop at the first that does not fit
+        # fewest streamed bytes per pass; on a tie, the longer prefix (more resident)
+        pinned = min(fits, key=lambda p: (sum(sizes[u] for u in range(n) if u not in p), -len(p)))
     offsets, off = {}, 0
     for u in sorted(pinned):
         offsets[u] = off

@@ -52,6 +52,16 @@ def test_arena_layout_is_aligned_and_disjoint():
     assert plan.slot_bytes >= max(sizes[u] for u in plan.streamed)
 
 
+def test_pinning_embed_and_head_shrinks_the_slots():
+    # SmolLM2-like: embedding and head 8x a block. Pinning only the embedding would need more than
+    # pinning nothing (the head still sets the slot size); pinning both shrinks every slot.
+    names, sizes = model_units(layers=30, embed=8 * MB, block=MB, head=8 * MB)
+    plan = plan_residency(names, sizes, 26 * MB, 3)
+    assert plan.resident_names[0] == "embed" and plan.resident_names[-1] == "head"
+    assert plan.resident_names[1:-1] == [f"block.{i}" for i in range(7)]  # 16 + 7 + 3 slots = 26
+    assert plan.slot_bytes == MB and plan.num_slots == 3
+
+
 def test_one_slot_minimum_budget_streams_everything():
     names, sizes = model_units()
     plan = plan_residency(names, sizes, 3 * MB, 1)
