@@ -109,3 +109,28 @@ def test_corrupt_unit_fails_start_or_requests_naming_the_file(model_dir, tmp_pat
         assert err.value.code == "internal"
         h = c.health()
         assert h.status == "degraded" and "layer_002.bin" in h.detail
+
+
+@pytest.mark.slow
+def test_real_smollm2_through_the_pipeline(smollm2_gguf, tmp_path):
+    """The real model (converted from the GGUF), embed/head and 7 blocks resident, 23 blocks
+    streamed through 3 slots: the same greedy tokens as the single-process engine."""
+    from gdsllm.convert_gguf import convert_gguf
+    from gdsllm.format import load_model_meta
+    from gdsllm.llm import LLM
+    from gdsllm.sampling import SamplingParams
+    root = convert_gguf(smollm2_gguf, tmp_path / "smollm2", dtype="float32")
+    units = load_model_meta(root).units
+    budget = units[0].nbytes + units[-1].nbytes + 10 * units[1].nbytes
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    with LLM(str(root)) as llm:
+        ref_chat = llm.generate(chat, SamplingParams(max_tokens=8, temperature=0))
+        ref_raw = llm.generate("The three primary colors are", SamplingParams(max_tokens=8, temperature=0))
+    with Service(root, vram_budget=budget, prefetch_window=3) as s, Client(s.endpoint, timeout=120) as c:
+        h = c.health()
+        assert h.resident_units == ["embed"] + [f"block.{i}" for i in range(7)] + ["head"]
+        assert h.streamed_units == 23
+        f = c.generate(messages=chat, max_tokens=8, temperature=0)
+        assert (f.token_ids, f.text) == (ref_chat.token_ids, ref_chat.text)
+        f = c.generate("The three primary colors are", max_tokens=8, temperature=0)
+        assert (f.token_ids, f.text) == (ref_raw.token_ids, ref_raw.text)
