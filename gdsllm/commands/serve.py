@@ -3,7 +3,8 @@
     gdsllm serve -m ~/models/llama-7b --device cuda --vram-budget 4GiB --prefetch-window 2
     gdsllm generate --endpoint tcp://127.0.0.1:5555 -p "Once upon a time"
 
-Binds 127.0.0.1 by default; /metrics (Prometheus) on --metrics-port (0 = a free port, -1 = off).
+Binds 127.0.0.1 by default; /metrics (Prometheus) on --metrics-host:--metrics-port (0 = a free
+port, -1 = off).
 """
 from __future__ import annotations
 
@@ -51,7 +52,9 @@ def add_parser(sub) -> None:
     p.add_argument("--endpoint", default="tcp://127.0.0.1:5555",
                    help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:5555)")
     p.add_argument("--metrics-port", type=int, default=9400,
-                   help="Prometheus /metrics port on 127.0.0.1 (0: a free port, -1: off; default 9400)")
+                   help="Prometheus /metrics port (0: a free port, -1: off; default 9400)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address /metrics binds (default 127.0.0.1; 0.0.0.0 inside a container)")
     p.set_defaults(func=run)
 
 
@@ -59,7 +62,7 @@ def run(args) -> int:
     from ..coordinator import run_coordinator
     from ..worker_set import WorkerStartError
     port = None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
-    config = service_config(args, endpoint=args.endpoint, metrics_port=port)
+    config = service_config(args, endpoint=args.endpoint, metrics_port=port, metrics_host=args.metrics_host)
     try:
         run_coordinator(config)
     except WorkerStartError as e:
