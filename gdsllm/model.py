@@ -10,7 +10,7 @@ bit-closeness: RMSNorm in float32 and cast back before the weight multiply, rota
 float32 and cast to the activation dtype, Llama-3 frequency scaling as `_compute_llama3_parameters`.
 
     x = embed(w_embed, ids, dtype)
-    cos, sin = rope_cos_sin(rope_inv_freq(p, device), positions, dtype)
+    cos, sin = rope_cos_sin(rope_inv_freq(p).to(device), positions, dtype)
     x = decoder_block(p, w_block, x, cos, sin, segments, layer)
     logits = lm_head(p, w_head, x[last_token_rows])
 """
@@ -26,11 +26,12 @@ from .format import LlamaParams
 from .kv_cache import KVCache
 
 
-def rope_inv_freq(p: LlamaParams, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Inverse rotary frequencies (float32, [head_dim // 2]), with Llama-3 scaling if configured."""
+def rope_inv_freq(p: LlamaParams) -> torch.Tensor:
+    """Inverse rotary frequencies (float32, [head_dim // 2], on the CPU as transformers computes
+    them, so they are bit-identical there; move them), with Llama-3 scaling if configured."""
     dim = p.head_dim
     inv_freq = 1.0 / (p.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(
-        device=device, dtype=torch.float) / dim))
+        dtype=torch.float) / dim))
     rs = p.rope_scaling or {}
     rope_type = rs.get("rope_type", rs.get("type", "default"))
     if rope_type == "default":
@@ -102,19 +103,22 @@ class Segment:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
     """q: [heads, n, hd]; k, v: [kv_heads, past + n, hd] (cache included). Returns [n, heads*hd].
 
-    Causal within the new chunk; every new token sees all `past` cached tokens.
+    Causal within the new chunk; every new token sees all `past` cached tokens. The SDPA call is
+    the one transformers makes (4-D, batch 1, enable_gqa, explicit scale, is_causal for a prompt,
+    no mask for one token), so the same fused kernel is picked on CUDA.
     """
-    n = q.shape[1]
-    gqa = q.shape[0] != k.shape[0]
+    n, hd = q.shape[1], q.shape[2]
+    q, k, v = q[None], k[None], v[None]
+    kw = dict(scale=hd ** -0.5, enable_gqa=q.shape[1] != k.shape[1])
     if n == 1:  # one new token attends to everything: no mask
-        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, **kw)
     elif past == 0:  # a whole prompt: SDPA's own causal mask (upper-left aligned, square here)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
     else:  # a chunk after a cached prefix: row i sees keys [0, past + i]
         rows = torch.arange(n, device=q.device)[:, None] + past
         mask = torch.arange(past + n, device=q.device)[None, :] <= rows
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    return out.transpose(0, 1).reshape(n, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+    return out[0].transpose(0, 1).reshape(n, -1)
 
 
 def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor,

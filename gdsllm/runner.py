@@ -29,8 +29,8 @@ class Runner:
         self.p, self.device, self.dtype = params, torch.device(device), dtype
         self.layout = unit_layout(params)
         self.caches: dict[int, KVCache] = {}
-        # Rotary frequencies depend only on the model: computed once, on the compute device.
-        self.inv_freq = model.rope_inv_freq(params, self.device)
+        # Rotary frequencies depend only on the model: computed once, kept on the compute device.
+        self.inv_freq = model.rope_inv_freq(params).to(self.device)
         self._pass: _Pass | None = None
 
     def seq_len(self, seq_id: int) -> int:

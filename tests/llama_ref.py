@@ -58,6 +58,13 @@ def smollm2():
     return hf, tok, d
 
 
+def smollm2_hf(device: str, dtype: torch.dtype):
+    """transformers' SmolLM2 from the GGUF loaded in `dtype` (as a user would), moved to `device`."""
+    gguf = smollm2_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                dtype=dtype).to(device).eval()
+
+
 def resident_weights(meta: ModelMeta, device: str = "cpu") -> dict[str, dict[str, torch.Tensor]]:
     """Every unit's bytes read plainly and viewed through the bridge (tests keep all resident)."""
     out = {}

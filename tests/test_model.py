@@ -8,20 +8,20 @@ batch compositions equal each sequence alone; bad input raises clear errors.
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import smollm2_gguf_path
 from gdsllm.convert_gguf import convert_gguf
+from gdsllm.convert_hf import convert_hf
 
 from gdsllm.bridge import unit_tensors
 from gdsllm.format import DTYPES
 from gdsllm.kv_cache import KVCache
 from gdsllm.runner import Runner
 from llama_ref import (greedy_reference, greedy_runner, load, reference_logits, rel_err,
-                       resident_weights, run_pass, smollm2, synth_model)
+                       resident_weights, run_pass, smollm2, smollm2_hf, synth_model)
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -190,6 +190,24 @@ def test_unknown_rope_type_is_refused(tmp_path):
         rope_inv_freq(replace(p, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_paths(tmp_path, dtype):
+    """Weights stored in half precision: computed in that dtype (the CUDA path, run here on the
+    CPU) the greedy tokens equal transformers loaded in that dtype; upcast to float32 (the CPU
+    path) the logits equal transformers' float32 model over the same rounded weights."""
+    _, _ = synth_model(tmp_path, seed=3, num_key_value_heads=1)
+    meta = load(convert_hf(tmp_path / "hf", tmp_path / dtype, dtype=dtype))
+    w = resident_weights(meta)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=DTYPES[dtype]).eval()
+    prompt = PROMPTS[0]
+    (half,), _ = greedy_runner(Runner(meta.params, "cpu", DTYPES[dtype]), meta, w, [prompt], 16)
+    assert half == greedy_reference(hf, prompt, 16)
+    (ours,), (lg,) = greedy_runner(Runner(meta.params, "cpu", torch.float32), meta, w, [prompt], 16)
+    hf = hf.float()  # the same rounded weights, in float32
+    assert ours == greedy_reference(hf, prompt, 16)
+    assert rel_err(lg, reference_logits(hf, prompt + ours)[len(prompt) - 1: -1]) < 1e-5
+
+
 # -- the real model ------------------------------------------------------------------------------
 
 SMOL_RAW = ["The capital of France is", "def fibonacci(n):"]
@@ -240,10 +258,11 @@ def test_smollm2_cuda_matches_transformers(smol, dtype, tmp_path):
     """On CUDA in float16 / bfloat16: greedy tokens equal transformers on the same device. Both
     sides round the same dequantized float32 weights to `dtype`; ours are bridge views over one
     CUDA buffer per unit."""
-    hf32, _, _, prompts = smol
-    hf = copy.deepcopy(hf32).to("cuda", DTYPES[dtype])
+    _, _, _, prompts = smol
+    hf = smollm2_hf("cuda", DTYPES[dtype])
     meta = load(convert_gguf(smollm2_gguf_path(), tmp_path / dtype, dtype=dtype))
     runner = Runner(meta.params, "cuda", DTYPES[dtype])
-    toks, _ = greedy_runner(runner, meta, resident_weights(meta, "cuda"), prompts, 32)
-    for prompt, ours in zip(prompts, toks):
+    w = resident_weights(meta, "cuda")
+    for prompt in prompts:  # one at a time: the same GEMM shapes as transformers, hence kernels
+        (ours,), _ = greedy_runner(runner, meta, w, [prompt], 32)
         assert ours == greedy_reference(hf, prompt, 32), (dtype, prompt)
