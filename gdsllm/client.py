@@ -222,7 +222,9 @@ def generate_cli(args) -> int:
     prompt = args.prompt
     messages = [{"role": "user", "content": prompt}] if getattr(args, "chat", False) else None
     try:
-        with Client(args.endpoint, timeout=getattr(args, "timeout", None) or 300.0) as c:
+        with Client(args.endpoint, timeout=10.0) as c:
+            c.health()  # a missing server is a clear error in seconds, not after the long timeout
+            c.timeout = getattr(args, "timeout", None) or 300.0  # one pass may take long: no hurry
             for delta in c.stream(None if messages else prompt, messages=messages, **params):
                 sys.stdout.write(delta)
                 sys.stdout.flush()
