@@ -84,12 +84,17 @@ class Coordinator:
         for ld in self.batch.sched.resident_loads():
             await self.workers.io.send(encode(ld))
         pending = len(self.plan.resident_offsets)
+        deadline = asyncio.get_running_loop().time() + self.config.startup_timeout_s
         while pending:  # resident units come first: nothing runs before they are in place
             try:
-                raw = await asyncio.wait_for(self.workers.io.recv(), self.config.startup_timeout_s)
+                raw = await asyncio.wait_for(self.workers.io.recv(), 0.5)
             except asyncio.TimeoutError:
-                raise WorkerStartError(f"resident units not loaded within {self.config.startup_timeout_s:.0f}"
-                                       f" s (startup_timeout_s)") from None
+                if self.status == "degraded":  # a worker died meanwhile
+                    raise WorkerStartError(self.detail) from None
+                if asyncio.get_running_loop().time() > deadline:
+                    raise WorkerStartError(f"resident units not loaded within "
+                                           f"{self.config.startup_timeout_s:.0f} s (startup_timeout_s)") from None
+                continue
             msg = decode(raw)
             if isinstance(msg, Loaded):
                 if msg.error:

@@ -82,9 +82,12 @@ class WorkerSet:
         try:
             while not recv.done():
                 await asyncio.wait([recv], timeout=0.1)
-                if name in self._dead or not self.procs[name].is_alive():
-                    raise WorkerStartError(f"{name} worker exited during start-up (exit code "
-                                           f"{self.procs[name].exitcode})")
+                if recv.done():
+                    break  # its message (a WorkerError says why it exits) wins over its exit
+                for other, p in self.procs.items():
+                    if other in self._dead or not p.is_alive():
+                        raise WorkerStartError(f"{other} worker exited during start-up (exit code "
+                                               f"{p.exitcode})")
                 if asyncio.get_running_loop().time() > deadline:
                     raise WorkerStartError(f"{name} worker did not report ready within {timeout:.0f} s "
                                            f"(startup_timeout_s)")

@@ -134,3 +134,10 @@ def test_real_smollm2_through_the_pipeline(smollm2_gguf, tmp_path):
         assert (f.token_ids, f.text) == (ref_chat.token_ids, ref_chat.text)
         f = c.generate("The three primary colors are", max_tokens=8, temperature=0)
         assert (f.token_ids, f.text) == (ref_raw.token_ids, ref_raw.text)
+
+
+def test_require_gds_refuses_to_start_on_the_cpu_backend(model_dir):
+    from gdsllm.worker_set import WorkerStartError
+    with pytest.raises(WorkerStartError, match="require-gds"):
+        with Service(model_dir, require_gds=True):
+            pass
