@@ -16,6 +16,7 @@ multi-process pipeline is tested against.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -53,21 +54,15 @@ class _Request:
     finish_reason: str | None = None
 
 
-def resolve(model: str | None) -> Path:
-    if model is not None and Path(model).expanduser().is_dir():
-        return Path(model).expanduser()
-    try:
-        from .default_model import resolve_model
-    except ImportError:
-        if model is None:
-            raise ValueError("no model given and no default model available: pass a model "
-                             "directory") from None
-        raise FileNotFoundError(f"{model}: not a GdsLLM model directory") from None
-    return Path(resolve_model(model))
+def resolve(model: str | os.PathLike | None) -> Path:
+    """`model` as a GdsLLM model directory; None: the embedded default (converted on first use)."""
+    from .default_model import resolve_model
+    return resolve_model(model)
 
 
 class LLM:
-    def __init__(self, model: str | None = None, device: str = "cpu", io: str = "direct"):
+    def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
+                 io: str = "direct"):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):

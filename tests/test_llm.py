@@ -191,6 +191,19 @@ def test_smollm2_streamed_from_disk_matches_transformers():
     assert outs[2].text == tok.decode(ref[:end], skip_special_tokens=True)
 
 
+@pytest.mark.slow
+def test_cli_default_model(tmp_path):
+    """Without -m: the embedded SmolLM2, converted once into the (here temporary) cache."""
+    _, _, d = smollm2()
+    with LLM(str(d)) as m:
+        want = m.generate("The sky is", SamplingParams(max_tokens=4, temperature=0)).text
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "gdsllm", "generate", "-p", "The sky is", "-n", "4",
+                        "--temp", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n" and (tmp_path / "gdsllm").is_dir()
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
