@@ -91,6 +91,9 @@ def embed(weights: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtyp
     return F.embedding(ids, weights["embed_tokens.weight"]).to(dtype)
 
 
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 @dataclass
 class Segment:
     """One sequence's rows [start, end) of the flattened batch, and its KV cache."""
@@ -109,7 +112,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> t
     """
     n, hd = q.shape[1], q.shape[2]
     q, k, v = q[None], k[None], v[None]
-    kw = dict(scale=hd ** -0.5, enable_gqa=q.shape[1] != k.shape[1])
+    kw: dict = dict(scale=hd ** -0.5)
+    if q.shape[1] != k.shape[1]:
+        if _SDPA_GQA:
+            kw["enable_gqa"] = True  # no copy of K/V per query head
+        else:  # torch < 2.5: repeat each KV head for its query heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if n == 1:  # one new token attends to everything: no mask
         out = F.scaled_dot_product_attention(q, k, v, **kw)
     elif past == 0:  # a whole prompt: SDPA's own causal mask (upper-left aligned, square here)

@@ -133,6 +133,11 @@ def test_corrupt_unit_is_caught_on_first_read(tiny, tmp_path):
         m.generate("x", GREEDY)
 
 
+def test_buffered_io_gives_the_same_tokens(llm, tiny):
+    with LLM(str(tiny[1]), io="buffered") as m:
+        assert m.generate("io", GREEDY).token_ids == llm.generate("io", GREEDY).token_ids
+
+
 def test_constructor_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="device must be cpu or cuda"):
         LLM(str(tiny[1]), device="tpu")
