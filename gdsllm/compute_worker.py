@@ -35,6 +35,7 @@ from ipc.messages import (ArenaOpened, ComputeReady, Done, OpenArena, PassResult
 
 from .config import ServiceConfig
 from .format import DTYPES, load_model_meta
+from .planner import RESIDENT
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
@@ -173,7 +174,11 @@ class ComputeWorker:
             weights = unit_tensors(unit, self.arena.view(msg.offset, unit.nbytes))
             self.runner.run_unit(unit, weights)
             del weights
-            self.runner.fence()  # the slot may be refilled as soon as Done is sent
+            if msg.slot != RESIDENT:
+                # A streamed slot may be refilled as soon as Done is sent, so its GPU work must be
+                # finished first. Resident weights are never overwritten: no fence, so the host
+                # queues the next units while the GPU runs (their `seconds` are then launch time).
+                self.runner.fence()
         except Exception as e:
             self._fail(msg, e)
             return
