@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/gdsllm-bench"))
     ap.add_argument("--shape", default="llama-7b")
     ap.add_argument("--budget", default="8GiB")
-    ap.add_argument("--window", type=int, default=4)
+    ap.add_argument("--window", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--peer-tokens", type=int, default=4, help="AirLLM's tokens (it is slow)")
     ap.add_argument("--parts", default="synth,ceiling,gdsllm,peers,table")
