@@ -34,7 +34,7 @@ from ipc.messages import (ArenaOpened, ComputeReady, Done, OpenArena, PassResult
                           Release, Run, SeqSampling, Shutdown, StartPass, WorkerError, decode)
 
 from .config import ServiceConfig
-from .format import DTYPES, load_model_meta
+from .format import load_model_meta
 from .planner import RESIDENT
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
@@ -84,13 +84,13 @@ class ComputeWorker:
             sockets.context().term()  # returns once queued replies are out (or FLUSH_MS passed)
 
     def _start(self) -> ComputeReady:
-        from .runner import Runner  # imported here: torch model code is the slow part of start-up
+        from .runner import Runner, compute_dtype  # imported here: torch model code is the slow part of start-up
         self.meta = load_model_meta(self.config.model)
         device = self.config.device
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
         self.device = torch.device(device)
-        self.runner = Runner(self.meta.params, self.device, DTYPES[self.meta.dtype])
+        self.runner = Runner(self.meta.params, self.device, compute_dtype(self.device, self.meta.dtype))
         return ComputeReady(pid=os.getpid(), device=str(self.device))
 
     def _loop(self) -> None:

@@ -24,8 +24,8 @@ from typing import Iterator
 import torch
 
 from .bridge import unit_tensors
-from .format import DTYPES, UnitMeta, load_model_meta, verify_unit
-from .runner import Runner
+from .format import UnitMeta, load_model_meta, verify_unit
+from .runner import Runner, compute_dtype
 from .sampling import Sampler, SamplingParams
 from .storage import CudaReader, HostReader, _kvikio, aligned_host_buffer, probe_io_path
 from .tokenizer import Tokenizer
@@ -72,8 +72,7 @@ class LLM:
             raise ValueError("device cuda: no CUDA GPU is available to torch")
         self.meta = load_model_meta(resolve(model))
         p = self.meta.params
-        # CPU: float32 math whatever the stored dtype; CUDA: the stored dtype (half the bytes).
-        self.dtype = torch.float32 if self.device.type == "cpu" else DTYPES[self.meta.dtype]
+        self.dtype = compute_dtype(self.device, self.meta.dtype)
         self.tokenizer = Tokenizer(self.meta) if self.meta.tokenizer_file else None
         self.runner = Runner(p, self.device, self.dtype)
         direct = io == "direct"

@@ -20,8 +20,14 @@ from __future__ import annotations
 import torch
 
 from . import model
-from .format import LlamaParams, UnitMeta, unit_layout
+from .format import DTYPES, LlamaParams, UnitMeta, unit_layout
 from .kv_cache import KVCache
+
+
+def compute_dtype(device: torch.device, stored: str) -> torch.dtype:
+    """CPU: float32 math whatever the stored dtype (half-precision matmuls are slow and drift
+    there); CUDA: the stored dtype, so no copy of the weights is made."""
+    return torch.float32 if torch.device(device).type == "cpu" else DTYPES[stored]
 
 
 class Runner:

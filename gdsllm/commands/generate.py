@@ -4,8 +4,9 @@
     gdsllm generate -m ~/models/x -p "Hi" --chat --temp 0  # wrapped in the model's chat template
     gdsllm generate -p "Hi" --endpoint tcp://127.0.0.1:5555  # through a running `gdsllm serve`
 
-Only the generated text goes to stdout; logs go to stderr. Without `--endpoint` it runs the
-single-process engine (`gdsllm.LLM`): one unit resident at a time, streamed from the model dir.
+Only the generated text goes to stdout; logs go to stderr. Without `--endpoint` it starts the
+same pipeline as `gdsllm serve` (I/O worker, compute worker, coordinator) for this one request;
+`--single-process` runs the reference engine `gdsllm.LLM` instead (one unit at a time, one buffer).
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import sys
 
 
 def add_parser(sub) -> None:
+    from .serve import add_service_options
     p = sub.add_parser("generate", help="generate text for one prompt (stdout: the text only)")
-    p.add_argument("-m", "--model", default=None, help="model directory (default: embedded model)")
+    add_service_options(p)
     p.add_argument("-p", "--prompt", required=True, help="the prompt (raw completion unless --chat)")
     p.add_argument("-n", "--max-tokens", type=int, default=None, help="new tokens at most (default 128)")
     p.add_argument("--temp", type=float, default=None, help="temperature, 0 = greedy (default 0.8)")
@@ -22,10 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely, 0 = off (default 40)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--io", choices=("direct", "buffered"), default="direct",
-                   help="direct: O_DIRECT/cuFile, no page cache (default); buffered: page cache")
     p.add_argument("--endpoint", default=None, help="send the request to a running gdsllm serve")
+    p.add_argument("--single-process", action="store_true",
+                   help="run the single-process reference engine instead of the pipeline")
     p.set_defaults(func=run)
 
 
@@ -43,12 +44,24 @@ def run(args) -> int:
     if args.endpoint:
         from ..client import generate_cli
         return generate_cli(args)
-    from ..llm import LLM
-    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    with LLM(args.model, device=args.device, io=args.io) as llm:
-        for delta in llm.stream(prompt, params):
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+    if args.single_process:
+        from ..llm import LLM
+        with LLM(args.model, device=args.device or "cpu", io=args.io) as llm:
+            for delta in llm.stream(messages or args.prompt, params):
+                _write(delta)
+    else:
+        from ..pipeline import generate_once
+        from .serve import service_config
+        config = service_config(args, metrics_port=None)
+        given = {"max_tokens": params.max_tokens, "temperature": params.temperature,
+                 "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed}
+        generate_once(config, None if messages else args.prompt, given, messages=messages,
+                      on_text=_write)
+    _write("\n")
     return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
