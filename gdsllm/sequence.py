@@ -102,6 +102,7 @@ class Sequence:
         self.last_token_at = now
         self.token_ids.append(int(token))
         if int(token) in self.eos_ids and not self.request.ignore_eos:
+            self.text += self.detok.flush()  # bytes of an unfinished character, as LLM shows them
             return self._finish("stop", len(self.text))
         stops = self.request.stop
         start = max(0, len(self.text) - max(map(len, stops), default=0))
@@ -110,6 +111,7 @@ class Sequence:
         if hits:  # the stop string and what follows it are not part of the output
             return self._finish("stop", min(hits))
         if len(self.token_ids) >= self.max_new:
+            self.text += self.detok.flush()
             return self._finish("length", len(self.text))
         # Hold back a tail that could still grow into a stop string.
         hold = max(map(len, stops), default=1) - 1

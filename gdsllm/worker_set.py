@@ -122,13 +122,17 @@ class WorkerSet:
         remove the sockets and any shared-memory arena a killed I/O worker left behind."""
         self.stopping = True
         loop = asyncio.get_running_loop()
-        for sock in (self.io, self.compute):
+        deadline = loop.time() + STOP_TIMEOUT_S
+        # Compute first: it has the I/O worker's CUDA IPC arena open, and the exporter must not
+        # free that memory while another process still maps it.
+        for name, sock in (("compute", self.compute), ("io", self.io)):
             try:
                 await asyncio.wait_for(sock.send(encode(Shutdown())), 1.0)
             except (zmq.ZMQError, asyncio.TimeoutError):
                 pass  # the peer is gone or never connected
-        deadline = loop.time() + STOP_TIMEOUT_S
-        for name, p in self.procs.items():
+            p = self.procs.get(name)
+            if p is None:
+                continue
             while p.is_alive() and loop.time() < deadline:
                 await asyncio.sleep(0.05)
             if p.is_alive():

@@ -60,8 +60,10 @@ class Service:
     def __enter__(self):
         self.svc.start()
         self.pids = list(self.svc.coordinator.workers.pids.values())
-        self.shm = {self.svc.coordinator.workers.shm_name}
-        assert self.shm <= shm_entries(), "the CPU arena is a /dev/shm segment"
+        name = self.svc.coordinator.workers.shm_name
+        self.shm = {name} if name else set()  # the CUDA arena is device memory, not /dev/shm
+        if self.svc.config.device == "cpu":
+            assert self.shm and self.shm <= shm_entries(), "the CPU arena is a /dev/shm segment"
         self.endpoint = self.svc.endpoint
         return self
 

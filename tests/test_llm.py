@@ -160,7 +160,10 @@ def test_cli_prints_only_the_text(llm, tiny):
     r = _cli("-m", d, "-p", "hello", "-n", "8", "--temp", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout == want.text + "\n"
-    assert "gdsllm.llm" in r.stderr  # logs go to stderr
+    assert "gdsllm.coordinator" in r.stderr  # the pipeline ran; its logs go to stderr
+    r = _cli("-m", d, "-p", "hello", "-n", "8", "--temp", "0", "--single-process")
+    assert r.returncode == 0 and r.stdout == want.text + "\n", r.stderr
+    assert "gdsllm.llm" in r.stderr
     want = llm.generate([{"role": "user", "content": "hello"}],
                         SamplingParams(max_tokens=6, temperature=0.7, seed=5))
     r = _cli("-m", d, "-p", "hello", "--chat", "-n", "6", "--temp", "0.7", "--seed", "5")

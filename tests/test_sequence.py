@@ -20,6 +20,9 @@ class FakeTokenizer:
     def push(self, t: int) -> str:
         return VOCAB[t]
 
+    def flush(self) -> str:
+        return ""  # every piece is whole text: nothing is ever held back
+
 
 def make(tokens, **kw) -> tuple[Sequence, list[str]]:
     req = Generate(request_id="r", prompt="x", **kw)
