@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gdsllm.benchmark import Served, drop_caches, meminfo_cached, storage_ceiling
+from gdsllm.benchmark import Served, cached_bytes, drop_caches, meminfo_cached, storage_ceiling
 from gdsllm.format import load_model_meta
 
 GB = 1e9
@@ -63,7 +63,7 @@ def streamed_bytes(meta, health) -> int:
 def decode_run(a, meta, key, res, *, budget, io="direct", cold=True, warm_first=False, n=None,
                prompt="The storage hierarchy of a language model"):
     n = n or a.tokens
-    with Served(a.model, device="cuda", vram_budget=budget, prefetch_window=a.window, io=io,
+    with Served(a.model, device=a.device, vram_budget=budget, prefetch_window=a.window, io=io,
                 log=a.log) as srv:
         if warm_first:
             srv.decode(prompt, 2)
@@ -72,12 +72,14 @@ def decode_run(a, meta, key, res, *, budget, io="direct", cold=True, warm_first=
         c0 = meminfo_cached()
         r = srv.decode(prompt, n)
         c1 = meminfo_cached()
+        model_cached = sum(cached_bytes(meta.path(u)) for u in meta.units)
         sb = streamed_bytes(meta, srv.health)
         res[key] = {"budget": budget, "io": io, "cold": cold, "tokens": r.tokens,
                     "prompt_tokens": r.prompt_tokens, "ttft_s": r.ttft_s, "total_s": r.total_s,
                     "s_per_token": r.decode_s_per_token, "streamed_bytes_per_pass": sb,
                     "streamed_GBps": sb / r.decode_s_per_token / GB if sb else 0.0,
-                    "cache_growth_bytes": c1 - c0, "peak_rss": srv.peak_rss(),
+                    "cache_growth_bytes": c1 - c0, "model_bytes_in_page_cache": model_cached,
+                    "peak_rss": srv.peak_rss(),
                     "io_path": srv.health.io_path, "resident_units": len(srv.health.resident_units),
                     "token_ids": r.token_ids}
         print(key, json.dumps({k: v for k, v in res[key].items() if k != "token_ids"}), flush=True)
@@ -92,7 +94,7 @@ def part_gdsllm(a, res):
     decode_run(a, meta, "gdsllm_resident", res, budget=None, cold=False, warm_first=True,
                n=max(a.tokens, 32))
     # Time to first token of a 512-token prompt, and eight requests at once, at the budget.
-    with Served(a.model, device="cuda", vram_budget=a.budget, prefetch_window=a.window,
+    with Served(a.model, device=a.device, vram_budget=a.budget, prefetch_window=a.window,
                 log=a.log) as srv:
         from gdsllm.tokenizer import Tokenizer
         tok = Tokenizer(meta)
@@ -147,6 +149,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/gdsllm-bench"))
     ap.add_argument("--shape", default="llama-7b")
     ap.add_argument("--budget", default="8GiB")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
     ap.add_argument("--window", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--peer-tokens", type=int, default=4, help="AirLLM's tokens (it is slow)")

@@ -35,7 +35,9 @@ def render(res: dict) -> str:
                 bound = f"bound {r['streamed_bytes_per_pass'] / c['bytes_per_s']:.3f} s/token; "
             out.append(_row(f"{label} (budget {r['budget'] or 'all'})", r["s_per_token"],
                             r["streamed_GBps"] or None, r["cache_growth_bytes"], rss,
-                            f"{bound}io {r['io_path']}, {r['resident_units']} units resident"))
+                            f"{bound}io {r['io_path']}, {r['resident_units']} units resident, "
+                            f"model files in page cache after: "
+                            f"{r.get('model_bytes_in_page_cache', 0) / GB:.2f} GB"))
     for key, label in [("airllm_cold", "AirLLM 4.0, cold"), ("airllm_warm", "AirLLM 4.0, warm"),
                        ("transformers", "transformers generate, all resident")]:
         r = res.get(key)

@@ -10,7 +10,10 @@ peak RSS, and GdsLLM itself driven through a real `gdsllm serve` process and its
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,6 +76,26 @@ def children(pid: int) -> list[int]:
         out += kids
         frontier += kids
     return out
+
+
+def cached_bytes(path: Path) -> int:
+    """Bytes of `path` in the page cache right now (fincore, else mincore(2) through ctypes)."""
+    if shutil.which("fincore"):
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                             check=True, capture_output=True, text=True).stdout
+        return int(out.split()[0])
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # writable view for ctypes; no page touched
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        addr = ctypes.c_void_p.from_buffer(m)  # the mapping's address
+        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(addr)), ctypes.c_size_t(size), vec)
+        del addr
+        m.close()
+        assert rc == 0, os.strerror(ctypes.get_errno())
+        return sum(v & 1 for v in vec) * mmap.PAGESIZE
 
 
 def storage_ceiling(files: list[Path], threads: int = 8) -> tuple[float, int]:

@@ -6,14 +6,12 @@ plays the coordinator: it binds the socket, receives the handshake and sends Loa
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
+from gdsllm.benchmark import cached_bytes
 from gdsllm.compute_worker import run_compute_process
 from gdsllm.config import ServiceConfig
 from gdsllm.format import load_model_meta
@@ -117,27 +115,6 @@ def test_io_worker_bad_model_dir_is_a_fatal_error(tmp_path, edir):
         io.close()
 
 
-def _cached_bytes(path: Path) -> int:
-    if shutil.which("fincore"):
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                             check=True, capture_output=True, text=True).stdout
-        return int(out.split()[0])
-    import ctypes
-    import mmap
-    libc = ctypes.CDLL(None, use_errno=True)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # writable view for ctypes; no page touched
-        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-        vec = (ctypes.c_ubyte * pages)()
-        addr = ctypes.c_void_p.from_buffer(m)  # noqa: the mapping's address
-        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(addr)), ctypes.c_size_t(size), vec)
-        del addr
-        m.close()
-        assert rc == 0, os.strerror(ctypes.get_errno())
-        return sum(v & 1 for v in vec) * mmap.PAGESIZE
-
-
 def _drop_cache(meta) -> None:
     for u in meta.units:
         fd = os.open(meta.path(u), os.O_RDONLY)
@@ -155,7 +132,7 @@ def test_direct_loads_leave_no_page_cache(tmp_path, edir, device, io_mode):
     m = write_model(tmp_path / "m", seed=3)
     meta = load_model_meta(m)
     _drop_cache(meta)
-    assert sum(_cached_bytes(meta.path(u)) for u in meta.units) == 0
+    assert sum(cached_bytes(meta.path(u)) for u in meta.units) == 0
     cfg = ServiceConfig(model=m, device=device, io_mode=io_mode)
     io = Peer(run_io_process, (cfg, arena_size(meta)), edir, "io")
     try:
@@ -168,7 +145,7 @@ def test_direct_loads_leave_no_page_cache(tmp_path, edir, device, io_mode):
         load_all(io, meta)
     finally:
         assert io.close() == 0
-    cached = sum(_cached_bytes(meta.path(u)) for u in meta.units)
+    cached = sum(cached_bytes(meta.path(u)) for u in meta.units)
     if io_mode == "direct":
         assert cached == 0
     elif device == "cpu" or probe_io_path("cuda") != "gds":  # (real GDS bypasses the cache anyway)
