@@ -46,13 +46,38 @@ def part_synth(a, res):
 
 
 def part_ceiling(a, res):
+    """The best of several raw readers, each cold: O_DIRECT preadv from 8 and 32 threads into host
+    memory, and (on a GPU) KvikIO straight into device memory, 4 files in flight."""
     meta = load_model_meta(a.model)
-    drop_caches()
-    bps, n = storage_ceiling([meta.path(u) for u in meta.units], threads=8)
-    res["ceiling"] = {"bytes_per_s": bps, "bytes": n}
-    dd = subprocess.run(["dd", f"if={meta.path(meta.units[1])}", "of=/dev/null", "bs=16M",
-                         "iflag=direct"], capture_output=True, text=True).stderr.strip().splitlines()
+    files = [meta.path(u) for u in meta.units]
+    got = {}
+    for threads in (8, 32):
+        drop_caches()
+        got[f"posix_{threads}_threads"], n = storage_ceiling(files, threads=threads)
+    if a.device == "cuda":
+        drop_caches()
+        got["kvikio_4_files_in_flight"] = kvikio_ceiling(meta)
+    best = max(got, key=got.get)
+    res["ceiling"] = {"bytes_per_s": got[best], "bytes": n, "reader": best, "all": got}
+    dd = subprocess.run(["dd", f"if={files[1]}", "of=/dev/null", "bs=16M", "iflag=direct"],
+                        capture_output=True, text=True).stderr.strip().splitlines()
     res["dd_one_unit"] = dd[-1] if dd else ""
+    print("ceiling", json.dumps(res["ceiling"]), flush=True)
+
+
+def kvikio_ceiling(meta) -> float:
+    import torch
+
+    from gdsllm.storage import CudaReader
+    size = max(u.nbytes for u in meta.units)
+    bufs = [torch.empty(size, dtype=torch.uint8, device="cuda") for _ in range(4)]
+    reader = CudaReader(direct=True)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        total = sum(pool.map(lambda i: sum(reader.read(meta.path(u), bufs[i], u.nbytes)
+                                           for u in meta.units[i::4]), range(4)))
+    torch.cuda.synchronize()
+    return total / (time.perf_counter() - t0)
 
 
 def streamed_bytes(meta, health) -> int:
@@ -68,7 +93,11 @@ def decode_run(a, meta, key, res, *, budget, io="direct", cold=True, warm_first=
         if warm_first:
             srv.decode(prompt, 2)
         if cold:
+            # Drop the page cache, then one token: it pages the Python and CUDA libraries back in
+            # (they count in `Cached` too). Direct reads never cache the weights, so every pass
+            # after it still reads them cold from the disk; `model_bytes_in_page_cache` checks.
             drop_caches()
+            srv.decode(prompt, 1)
         c0 = meminfo_cached()
         r = srv.decode(prompt, n)
         c1 = meminfo_cached()

@@ -16,11 +16,13 @@ float32 and cast to the activation dtype, Llama-3 frequency scaling as `_compute
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .format import LlamaParams
 from .kv_cache import KVCache
@@ -119,15 +121,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> t
         else:  # torch < 2.5: repeat each KV head for its query heads
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if n == 1:  # one new token attends to everything: no mask
-        out = F.scaled_dot_product_attention(q, k, v, **kw)
-    elif past == 0:  # a whole prompt: SDPA's own causal mask (upper-left aligned, square here)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-    else:  # a chunk after a cached prefix: row i sees keys [0, past + i]
-        rows = torch.arange(n, device=q.device)[:, None] + past
-        mask = torch.arange(past + n, device=q.device)[None, :] <= rows
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+    with _sdpa_backends(q.device):
+        if n == 1:  # one new token attends to everything: no mask
+            out = F.scaled_dot_product_attention(q, k, v, **kw)
+        elif past == 0:  # a whole prompt: SDPA's own causal mask (upper-left aligned, square here)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+        else:  # a chunk after a cached prefix: row i sees keys [0, past + i]
+            rows = torch.arange(n, device=q.device)[:, None] + past
+            mask = torch.arange(past + n, device=q.device)[None, :] <= rows
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
     return out[0].transpose(0, 1).reshape(n, -1)
+
+
+# Measured on an H200 (torch 2.11, LLaMA-7B shape, one sequence decoding): SDPA's cuDNN backend
+# spent 4.6 ms of host time per call (its plan is rebuilt as the KV length grows every token)
+# for 4 us of GPU work, 84% of all host time; decode ran at 42 ms/token for 8 blocks. Flash and
+# memory-efficient attention have no such set-up cost.
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa_backends(device: torch.device):
+    return sdpa_kernel(_CUDA_SDPA) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor,
