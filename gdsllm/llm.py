@@ -62,7 +62,7 @@ def resolve(model: str | os.PathLike | None) -> Path:
 
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
-                 io: str = "direct"):
+                 io: str = "direct", cudnn_attention: bool = False):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
@@ -74,7 +74,7 @@ class LLM:
         p = self.meta.params
         self.dtype = compute_dtype(self.device, self.meta.dtype)
         self.tokenizer = Tokenizer(self.meta) if self.meta.tokenizer_file else None
-        self.runner = Runner(p, self.device, self.dtype)
+        self.runner = Runner(p, self.device, self.dtype, cudnn_attention=cudnn_attention)
         direct = io == "direct"
         size = max(u.nbytes for u in self.meta.units)
         self._host = self._dev = self._cuda_reader = None

@@ -105,12 +105,14 @@ class Segment:
     cache: KVCache
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
+              cudnn: bool = False) -> torch.Tensor:
     """q: [heads, n, hd]; k, v: [kv_heads, past + n, hd] (cache included). Returns [n, heads*hd].
 
     Causal within the new chunk; every new token sees all `past` cached tokens. The SDPA call is
     the one transformers makes (4-D, batch 1, enable_gqa, explicit scale, is_causal for a prompt,
-    no mask for one token), so the same fused kernel is picked on CUDA.
+    no mask for one token), so with `cudnn=True` the same fused kernel is picked on CUDA; by
+    default cuDNN is left out there (see _CUDA_SDPA).
     """
     n, hd = q.shape[1], q.shape[2]
     q, k, v = q[None], k[None], v[None]
@@ -121,7 +123,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> t
         else:  # torch < 2.5: repeat each KV head for its query heads
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    with _sdpa_backends(q.device):
+    with _sdpa_backends(q.device, cudnn):
         if n == 1:  # one new token attends to everything: no mask
             out = F.scaled_dot_product_attention(q, k, v, **kw)
         elif past == 0:  # a whole prompt: SDPA's own causal mask (upper-left aligned, square here)
@@ -140,13 +142,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> t
 _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _sdpa_backends(device: torch.device):
-    return sdpa_kernel(_CUDA_SDPA) if device.type == "cuda" else contextlib.nullcontext()
+def _sdpa_backends(device: torch.device, cudnn: bool):
+    """`cudnn=True` leaves torch's own choice (cuDNN first on Hopper), the kernels transformers
+    gets: bit-for-bit comparisons with it need that; serving does not."""
+    if device.type != "cuda" or cudnn:
+        return contextlib.nullcontext()
+    return sdpa_kernel(_CUDA_SDPA)
 
 
 def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment],
-                  layer: int) -> torch.Tensor:
+                  layer: int, cudnn_attention: bool = False) -> torch.Tensor:
     """One decoder block over the flattened batch x [T, hidden]; appends to each KV cache."""
     dt = x.dtype
     T = x.shape[0]
@@ -163,7 +169,7 @@ def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Ten
         past = seg.cache.length
         ks, vs = seg.cache.update(layer, k[seg.start:seg.end].transpose(0, 1),
                                   v[seg.start:seg.end].transpose(0, 1))
-        outs.append(attention(q[seg.start:seg.end].transpose(0, 1), ks, vs, past))
+        outs.append(attention(q[seg.start:seg.end].transpose(0, 1), ks, vs, past, cudnn_attention))
     a = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
     assert a.shape == (T, nh * hd), a.shape
     x = x + F.linear(a, _w(weights, "self_attn.o_proj.weight", dt))

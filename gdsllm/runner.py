@@ -31,8 +31,12 @@ def compute_dtype(device: torch.device, stored: str) -> torch.dtype:
 
 
 class Runner:
-    def __init__(self, params: LlamaParams, device: str | torch.device, dtype: torch.dtype):
+    def __init__(self, params: LlamaParams, device: str | torch.device, dtype: torch.dtype, *,
+                 cudnn_attention: bool = False):
+        """`cudnn_attention`: let torch pick SDPA's cuDNN kernel on CUDA (as transformers does);
+        off by default, for its host cost (gdsllm.model._CUDA_SDPA says what was measured)."""
         self.p, self.device, self.dtype = params, torch.device(device), dtype
+        self.cudnn_attention = cudnn_attention
         self.layout = unit_layout(params)
         self.caches: dict[int, KVCache] = {}
         # Rotary frequencies depend only on the model: computed once, kept on the compute device.
@@ -103,7 +107,8 @@ class Runner:
         if unit.kind == "embed":
             ps.x = model.embed(weights, ps.ids, self.dtype)
         elif unit.kind == "block":
-            ps.x = model.decoder_block(p, weights, ps.x, ps.cos, ps.sin, ps.segments, unit.layer)
+            ps.x = model.decoder_block(p, weights, ps.x, ps.cos, ps.sin, ps.segments, unit.layer,
+                                       self.cudnn_attention)
         else:
             # Only each chunk's last token needs logits: norm + LM head on those rows alone.
             ps.logits = model.lm_head(p, weights, ps.x.index_select(0, ps.last_rows))

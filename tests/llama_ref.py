@@ -84,6 +84,31 @@ def greedy_reference(hf, prompt_ids: list[int], n: int) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
+def greedy_reference_scores(hf, prompt_ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy continuation and the float32 logits [n, vocab] each step chose from."""
+    ids = torch.tensor([prompt_ids], device=hf.device)
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                      eos_token_id=None, pad_token_id=0, output_logits=True,
+                      return_dict_in_generate=True)
+    return out.sequences[0, len(prompt_ids):].tolist(), torch.stack(out.logits)[:, 0].float().cpu()
+
+
+NEAR_TIE = {"float16": 0.05, "bfloat16": 0.25}  # logits of magnitude ~20: a few ulps of the dtype
+
+
+def assert_same_or_near_tie(ours: list[int], ref: list[int], ref_logits: torch.Tensor,
+                            tol: float, what) -> None:
+    """Greedy tokens equal up to the first step where they differ; there, our token must be a
+    near-tie in transformers' own logits (within `tol` of its maximum): a rounding difference
+    between two valid kernels, not a wrong computation. Past that step the texts differ."""
+    assert len(ours) == len(ref), what
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a != b:
+            gap = float(ref_logits[i, b] - ref_logits[i, a])
+            assert 0 <= gap <= tol, (what, f"step {i}: ours {a}, transformers {b}, gap {gap:.4f}")
+            return
+
+
 @torch.no_grad()
 def reference_logits(hf, ids: list[int]) -> torch.Tensor:
     """float32 logits [len(ids), vocab] of one forward over `ids`."""

@@ -216,11 +216,13 @@ def test_cli_default_model(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_smollm2_cuda_llm_matches_transformers(dtype, tmp_path):
-    """LLM on CUDA (KvikIO into a CUDA buffer, or O_DIRECT + copy) in float16 / bfloat16:
-    32 greedy tokens equal transformers on the same device with the same rounded weights."""
+    """LLM on CUDA (KvikIO into a CUDA buffer, or O_DIRECT + copy) in float16 / bfloat16: 32
+    greedy tokens equal transformers' on the same device with the same rounded weights, or part
+    at a near-tie of transformers' own logits."""
     from conftest import smollm2_gguf_path
     from gdsllm.convert_gguf import convert_gguf
     from gdsllm.format import DTYPES
+    from llama_ref import NEAR_TIE, assert_same_or_near_tie, greedy_reference_scores
     hf = smollm2_hf("cuda", DTYPES[dtype])
     d = convert_gguf(smollm2_gguf_path(), tmp_path / dtype, dtype=dtype)
     prompts = ["The capital of France is", [{"role": "user", "content": "What is 2+2?"}]]
@@ -229,6 +231,7 @@ def test_smollm2_cuda_llm_matches_transformers(dtype, tmp_path):
         # one at a time: the same GEMM shapes as transformers, hence the same kernels
         outs = [m.generate(p, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
                 for p in prompts]
-    for o in outs:
-        assert o.token_ids == greedy_reference(hf, o.prompt_token_ids, 32), (dtype, o.text)
+    for o in outs:  # our default attention kernels are not transformers' (cuDNN): see test_model
+        ref, ref_logits = greedy_reference_scores(hf, o.prompt_token_ids, 32)
+        assert_same_or_near_tie(o.token_ids, ref, ref_logits, NEAR_TIE[dtype], (dtype, o.text))
     assert torch.cuda.is_available()
