@@ -22,8 +22,10 @@ def render(res: dict) -> str:
            "| --- | --- | --- | --- | --- | --- | --- |"]
     c = res.get("ceiling")
     if c:
-        out.append(_row("storage ceiling (O_DIRECT, 8 threads, cold)", gbps=c["bytes_per_s"] / GB,
-                        note=f"{c['bytes'] / GB:.2f} GB read"))
+        others = ", ".join(f"{k} {v / GB:.2f}" for k, v in c.get("all", {}).items())
+        out.append(_row(f"storage ceiling, cold ({c.get('reader', 'O_DIRECT')})",
+                        gbps=c["bytes_per_s"] / GB,
+                        note=f"{c['bytes'] / GB:.2f} GB read; GB/s of each reader: {others}"))
     for key, label in [("gdsllm_direct_cold", "GdsLLM direct, cold"),
                        ("gdsllm_buffered_warm", "GdsLLM buffered, page cache warm"),
                        ("gdsllm_resident", "GdsLLM everything resident")]:
