@@ -12,8 +12,9 @@ O_DIRECT / cuFile in one aligned request. This module only describes and checks;
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,10 +54,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -299,9 +297,3 @@ def verify_unit(meta: ModelMeta, unit: UnitMeta, buf: torch.Tensor) -> None:
     if got != unit.checksum:
         raise FormatError(f"{meta.path(unit)}: checksum {got}, metadata says {unit.checksum} "
                           f"(unit {unit.name}); the file is corrupt")
-
-
-def meta_to_json(params: LlamaParams) -> dict:
-    d = asdict(params)
-    d["eos_token_ids"] = list(params.eos_token_ids)
-    return d

@@ -11,6 +11,7 @@ exit, so a crash or Ctrl-C leaves no half-written model. Only one unit is in mem
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .format import (ALIGN, DTYPES, FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, FormatError,
-                     LlamaParams, align_up, checksum, meta_to_json, unit_file_name, unit_layout,
+                     LlamaParams, align_up, checksum, unit_file_name, unit_layout,
                      unit_tensor_shapes)
 
 
@@ -111,7 +112,7 @@ class ModelWriter:
         if len(self._units) != len(self._layout):
             raise FormatError(f"{self.dst}: wrote {len(self._units)} of {len(self._layout)} units")
         doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "architecture": "llama",
-               "source": self.source, "dtype": self.dtype, "config": meta_to_json(self.params),
+               "source": self.source, "dtype": self.dtype, "config": _params_json(self.params),
                "tokenizer_file": self._tokenizer_file, "chat_template": self.chat_template,
                "extra_files": self._extra, "alignment": ALIGN, "units": self._units}
         (self._tmp / METADATA_FILE).write_text(json.dumps(doc, indent=1))
@@ -122,6 +123,12 @@ class ModelWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(self._tmp, self.dst)
+
+
+def _params_json(params: LlamaParams) -> dict:
+    d = dataclasses.asdict(params)
+    d["eos_token_ids"] = list(params.eos_token_ids)
+    return d
 
 
 def _write_file(path: Path, data: memoryview) -> None:
