@@ -29,13 +29,8 @@ def service_config(args, **extra):
     from pathlib import Path
 
     from ..config import ServiceConfig, parse_size
-    try:
-        from ..default_model import resolve_model
-        model = resolve_model(args.model)
-    except ImportError:
-        if args.model is None:
-            raise ValueError("no model given (-m MODEL)") from None
-        model = Path(args.model).expanduser()
+    from ..default_model import resolve_model
+    model = resolve_model(args.model)
     device = args.device
     if device is None:
         import torch
