@@ -141,8 +141,7 @@ class LLM:
                 raise ValueError(f"{where}: empty prompt")
             ids = self._tok(where).encode(prompt)
         elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            text = self._tok(where).apply_chat_template(prompt, add_generation_prompt=True)
-            ids = self._tok(where).encode(text, add_special_tokens=False)
+            ids = self._tok(where).encode_chat(prompt)
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < p.vocab_size]

@@ -9,7 +9,6 @@ The coordinator owns the scheduling; this module only keeps one request's books.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -20,19 +19,9 @@ MAX_STOP_CHARS = 256
 
 
 def validate_request(msg: Generate) -> None:
-    """Raise ValueError with a clear message for sampling values no sampler should see."""
+    """Raise ValueError with a clear message for what no sampler should see: the service's own
+    limits here, the sampling values through the compute engine's SamplingParams.validate()."""
     rid = msg.request_id
-    if not (math.isfinite(msg.temperature) and msg.temperature >= 0):
-        raise ValueError(f"request {rid}: temperature must be a finite number >= 0 (0 = greedy), "
-                         f"got {msg.temperature}")
-    if not (math.isfinite(msg.top_p) and 0 < msg.top_p <= 1):
-        raise ValueError(f"request {rid}: top_p must be in (0, 1], got {msg.top_p}")
-    if msg.top_k < 0:
-        raise ValueError(f"request {rid}: top_k must be >= 0 (0 = off), got {msg.top_k}")
-    if msg.max_tokens < 1:
-        raise ValueError(f"request {rid}: max_tokens must be >= 1, got {msg.max_tokens}")
-    if msg.seed is not None and not 0 <= msg.seed < 2**63:
-        raise ValueError(f"request {rid}: seed must be in [0, 2**63), got {msg.seed}")
     if len(msg.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in msg.stop):
         raise ValueError(f"request {rid}: stop takes at most {MAX_STOP_STRINGS} non-empty strings "
                          f"of at most {MAX_STOP_CHARS} characters")
@@ -43,7 +32,7 @@ def validate_request(msg: Generate) -> None:
             if m.role not in ("system", "user", "assistant", "tool"):
                 raise ValueError(f"request {rid}: unknown chat role {m.role!r}")
     from .sampling import SamplingParams
-    try:  # the compute engine's own validation has the last word
+    try:
         SamplingParams(temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, seed=msg.seed,
                        max_tokens=msg.max_tokens, stop=tuple(msg.stop)).validate()
     except (TypeError, ValueError) as e:
@@ -54,9 +43,7 @@ def encode_prompt(msg: Generate, tokenizer) -> list[int]:
     """Token ids of the prompt (raw completion) or of the chat messages through the template,
     exactly as gdsllm.LLM makes them."""
     if msg.messages is not None:
-        msgs = [{"role": m.role, "content": m.content} for m in msg.messages]
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in msg.messages])
     return list(tokenizer.encode(msg.prompt))
 
 

@@ -58,6 +58,12 @@ class Tokenizer:
     def detokenizer(self, prompt_ids: list[int] = ()) -> "IncrementalDetokenizer":
         return IncrementalDetokenizer(self, prompt_ids)
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a chat prompt: the template rendered with the generation prompt, encoded
+        without adding special tokens (the template writes them), as transformers does."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=True),
+                           add_special_tokens=False)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render `messages` ([{"role": ..., "content": ...}]) with the model's chat template."""
         if not self.chat_template:
