@@ -21,8 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gdsllm.benchmark import Served, cached_bytes, drop_caches, meminfo_cached, storage_ceiling
-from gdsllm.format import load_model_meta
+from gdsllm.service.benchmark import Served, cached_bytes, drop_caches, meminfo_cached, storage_ceiling
+from gdsllm.format.metadata import load_model_meta
 
 GB = 1e9
 
@@ -68,7 +68,7 @@ def part_ceiling(a, res):
 def kvikio_ceiling(meta) -> float:
     import torch
 
-    from gdsllm.storage import CudaReader
+    from gdsllm.format.storage import CudaReader
     size = max(u.nbytes for u in meta.units)
     bufs = [torch.empty(size, dtype=torch.uint8, device="cuda") for _ in range(4)]
     reader = CudaReader(direct=True)
@@ -125,7 +125,7 @@ def part_gdsllm(a, res):
     # Time to first token of a 512-token prompt, and eight requests at once, at the budget.
     with Served(a.model, device=a.device, vram_budget=a.budget, prefetch_window=a.window,
                 log=a.log) as srv:
-        from gdsllm.tokenizer import Tokenizer
+        from gdsllm.engine.tokenizer import Tokenizer
         tok = Tokenizer(meta)
         ids = tok.encode(" ".join(f"word{i}" for i in range(2000)))[:512]
         long_prompt = tok.decode(ids)

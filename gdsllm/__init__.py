@@ -14,12 +14,12 @@ __all__ = ["AsyncClient", "Client", "LLM", "Output", "SamplingParams", "ServiceE
 
 def __getattr__(name: str):
     if name in ("LLM", "Output"):
-        from . import llm
+        from gdsllm.engine import llm
         return getattr(llm, name)
     if name in ("Client", "AsyncClient", "ServiceError"):
-        from . import client
+        from gdsllm.service import client
         return getattr(client, name)
     if name == "SamplingParams":
-        from .sampling import SamplingParams
+        from gdsllm.engine.sampling import SamplingParams
         return SamplingParams
     raise AttributeError(f"module 'gdsllm' has no attribute {name!r}")

@@ -15,7 +15,7 @@ import importlib
 import logging
 import sys
 
-from .format import FormatError
+from gdsllm.format.metadata import FormatError
 
 COMMANDS = ("convert", "synth", "info", "generate", "run", "serve", "bench")
 

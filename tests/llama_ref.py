@@ -1,6 +1,6 @@
 """Reference models for the compute tests: Hugging Face LLaMAs and their GdsLLM directories.
 
-`synth_model(tmp, **overrides)` writes a random model with `gdsllm.synth` (and its HF twin),
+`synth_model(tmp, **overrides)` writes a random model with `gdsllm.convert.synth` (and its HF twin),
 converts the twin back with `convert_hf` and loads it with transformers; `smollm2()` loads the
 real SmolLM2 GGUF with transformers (float32, ~18 s) ONCE per process and converts it with
 `convert_gguf`. `greedy_reference` / `reference_logits` are what our outputs are compared against.
@@ -17,11 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from conftest import smollm2_gguf_path
-from gdsllm.bridge import unit_tensors
-from gdsllm.convert_gguf import convert_gguf
-from gdsllm.convert_hf import convert_hf
-from gdsllm.format import ModelMeta, load_model_meta
-from gdsllm.synth import synth
+from gdsllm.engine.views import unit_tensors
+from gdsllm.convert.gguf import convert_gguf
+from gdsllm.convert.hf import convert_hf
+from gdsllm.format.metadata import ModelMeta, load_model_meta
+from gdsllm.convert.synth import synth
 
 
 def synth_model(tmp: Path, seed: int = 0, shape: str = "tiny", **overrides) -> tuple[LlamaForCausalLM, Path]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gdsllm.config import ServiceConfig
-from gdsllm.pipeline import LocalService
+from gdsllm.service.pipeline import LocalService
 
 PROMPTS = ["hello world", "the quick brown fox", "a b c d e f", "once upon a time there was",
            "zzz", "1 2 3 4 5 6 7 8 9", "GdsLLM streams weights", "x y"]
@@ -20,7 +20,7 @@ UNIT = 192512  # bytes of one float32 decoder block of the tiny shape (the large
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from gdsllm.synth import synth
+    from gdsllm.convert.synth import synth
     root = tmp_path_factory.mktemp("svc")
     return synth(root / "tiny", shape="tiny", layers=4, dtype="float32", seed=7, hf_out=root / "hf")
 
@@ -28,8 +28,8 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(model_dir) -> dict[str, list[int]]:
     """Greedy ids of each prompt, generated alone by the single-process engine."""
-    from gdsllm.llm import LLM
-    from gdsllm.sampling import SamplingParams
+    from gdsllm.engine.llm import LLM
+    from gdsllm.engine.sampling import SamplingParams
     with LLM(str(model_dir)) as llm:
         ref = {p: llm.generate(p, SamplingParams(max_tokens=40, temperature=0)).token_ids
                for p in PROMPTS}

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gdsllm.compute_worker import run_compute_process
+from gdsllm.service.compute_worker import run_compute_process
 from gdsllm.config import ServiceConfig
-from gdsllm.format import load_model_meta
-from gdsllm.io_worker import run_io_process
+from gdsllm.format.metadata import load_model_meta
+from gdsllm.service.io_worker import run_io_process
 from ipc.messages import (ArenaOpened, ComputeReady, Done, IoReady, Load, OpenArena, PassResult,
                           Release, Run, SeqSampling, StartPass, WorkerError)
 from workerkit import Peer, edir, model, write_model  # noqa: F401  (fixtures)
@@ -22,10 +22,10 @@ from workerkit import Peer, edir, model, write_model  # noqa: F401  (fixtures)
 def reference_tokens(meta, prompts: dict[int, list[int]], sampling: dict[int, SeqSampling],
                      steps: int) -> dict[int, list[int]]:
     """The same generation in this process: Runner over the unit files, one Sampler per sequence."""
-    from gdsllm.bridge import unit_tensors
-    from gdsllm.runner import Runner
-    from gdsllm.sampling import Sampler, SamplingParams
-    from gdsllm.storage import HostReader, aligned_host_buffer
+    from gdsllm.engine.views import unit_tensors
+    from gdsllm.engine.runner import Runner
+    from gdsllm.engine.sampling import Sampler, SamplingParams
+    from gdsllm.format.storage import HostReader, aligned_host_buffer
 
     bufs = []
     with HostReader() as r:

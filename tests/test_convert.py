@@ -20,12 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gdsllm import default_model
-from gdsllm.convert_gguf import convert_gguf
-from gdsllm.convert_hf import convert_hf
-from gdsllm.format import FormatError, load_model_meta, verify_unit
-from gdsllm.storage import HostReader, aligned_host_buffer
-from gdsllm.synth import synth, synth_params
+from gdsllm.convert import default_model
+from gdsllm.convert.gguf import convert_gguf
+from gdsllm.convert.hf import convert_hf
+from gdsllm.format.metadata import FormatError, load_model_meta, verify_unit
+from gdsllm.format.storage import HostReader, aligned_host_buffer
+from gdsllm.convert.synth import synth, synth_params
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = gguf.GGMLQuantizationType
@@ -164,7 +164,7 @@ def write_gguf(path: Path, *, arch: str = "llama", types: dict[str, Q] | None = 
                drop: tuple[str, ...] = (), bos: int = 1, spm: bool = False) -> dict[str, np.ndarray]:
     """A tiny llama GGUF (2 blocks, GQA 4/2); returns the float32 HF-layout weights it encodes."""
     from tokenizers import Tokenizer
-    from gdsllm.synth_tokenizer import synth_tokenizer_json
+    from gdsllm.convert.synth_tokenizer import synth_tokenizer_json
     h, ffn, heads, kv, hd, vocab, n = 64, 128, 4, 2, 16, (800 if spm else 320), 2
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
@@ -302,7 +302,7 @@ def test_hf_roundtrip_exact(tmp_path, dtype, tied):
 def test_hf_from_transformers_rope_scaling_and_single_file(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
     from tokenizers import Tokenizer
-    from gdsllm.synth_tokenizer import synth_tokenizer_json
+    from gdsllm.convert.synth_tokenizer import synth_tokenizer_json
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
     cfg = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=1,
@@ -445,7 +445,7 @@ def test_cli_convert_ctrl_c_leaves_nothing(tmp_path, smollm2_gguf):
 
 def test_default_model_lock_converts_once_across_processes(tmp_path):
     write_gguf(tmp_path / "pkg.gguf", types={"attn_q": Q.Q4_1})
-    code = ("import sys; from pathlib import Path; from gdsllm import default_model as d; "
+    code = ("import sys; from pathlib import Path; from gdsllm.convert import default_model as d; "
             f"d.default_gguf = lambda: Path({str(tmp_path / 'pkg.gguf')!r}); "
             "print(d.default_model_dir(progress=False), d.conversions)")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")}

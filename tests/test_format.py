@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gdsllm.format import ALIGN, FormatError, load_model_meta, verify_unit
-from gdsllm.storage import HostReader, aligned_host_buffer
-from gdsllm.synth import synth
+from gdsllm.format.metadata import ALIGN, FormatError, load_model_meta, verify_unit
+from gdsllm.format.storage import HostReader, aligned_host_buffer
+from gdsllm.convert.synth import synth
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import torch
 
 import gdsllm
 from gdsllm import LLM, SamplingParams
-from gdsllm.format import FormatError
+from gdsllm.format.metadata import FormatError
 from llama_ref import greedy_reference, load, smollm2, smollm2_hf, synth_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,10 +160,10 @@ def test_cli_prints_only_the_text(llm, tiny):
     r = _cli("-m", d, "-p", "hello", "-n", "8", "--temp", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout == want.text + "\n"
-    assert "gdsllm.coordinator" in r.stderr  # the pipeline ran; its logs go to stderr
+    assert "gdsllm.service.coordinator" in r.stderr  # the pipeline ran; its logs go to stderr
     r = _cli("-m", d, "-p", "hello", "-n", "8", "--temp", "0", "--single-process")
     assert r.returncode == 0 and r.stdout == want.text + "\n", r.stderr
-    assert "gdsllm.llm" in r.stderr
+    assert "gdsllm.engine.llm" in r.stderr
     want = llm.generate([{"role": "user", "content": "hello"}],
                         SamplingParams(max_tokens=6, temperature=0.7, seed=5))
     r = _cli("-m", d, "-p", "hello", "--chat", "-n", "6", "--temp", "0.7", "--seed", "5")
@@ -220,8 +220,8 @@ def test_smollm2_cuda_llm_matches_transformers(dtype, tmp_path):
     greedy tokens equal transformers' on the same device with the same rounded weights, or part
     at a near-tie of transformers' own logits."""
     from conftest import smollm2_gguf_path
-    from gdsllm.convert_gguf import convert_gguf
-    from gdsllm.format import DTYPES
+    from gdsllm.convert.gguf import convert_gguf
+    from gdsllm.format.metadata import DTYPES
     from llama_ref import NEAR_TIE, assert_same_or_near_tie, greedy_reference_scores
     hf = smollm2_hf("cuda", DTYPES[dtype])
     d = convert_gguf(smollm2_gguf_path(), tmp_path / dtype, dtype=dtype)

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from gdsllm.metrics import LAYER_BUCKETS, TOKEN_BUCKETS, ServiceMetrics
+from gdsllm.service.metrics import LAYER_BUCKETS, TOKEN_BUCKETS, ServiceMetrics
 
 # DESIGN.md's list, as exposed (counters with _total, Info as _info).
 DESIGN_NAMES = [

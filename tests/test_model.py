@@ -13,13 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import smollm2_gguf_path
-from gdsllm.convert_gguf import convert_gguf
-from gdsllm.convert_hf import convert_hf
+from gdsllm.convert.gguf import convert_gguf
+from gdsllm.convert.hf import convert_hf
 
-from gdsllm.bridge import unit_tensors
-from gdsllm.format import DTYPES
-from gdsllm.kv_cache import KVCache
-from gdsllm.runner import Runner
+from gdsllm.engine.views import unit_tensors
+from gdsllm.format.metadata import DTYPES
+from gdsllm.engine.kv_cache import KVCache
+from gdsllm.engine.runner import Runner
 from llama_ref import (NEAR_TIE, assert_same_or_near_tie, greedy_reference, greedy_reference_scores,
                        greedy_runner, load, reference_logits, rel_err, resident_weights, run_pass,
                        smollm2, smollm2_hf, synth_model)
@@ -182,7 +182,7 @@ def test_runner_bad_input(random_llama):
 
 def test_unknown_rope_type_is_refused(tmp_path):
     from dataclasses import replace
-    from gdsllm.model import rope_inv_freq
+    from gdsllm.models.layers import rope_inv_freq
     _, d = synth_model(tmp_path)
     p = replace(load(d).params, rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ValueError, match="yarn"):

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gdsllm.metrics import ServiceMetrics
+from gdsllm.service.metrics import ServiceMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 MON = ROOT / "monitoring"
@@ -180,7 +180,7 @@ def test_dashboard_uses_the_provisioned_datasource_and_known_metrics():
     exprs = dashboard_exprs()
     for e in exprs:
         for name in re.findall(r"\bgdsllm_\w+", e):
-            assert name in exposed, f"dashboard queries {name}, which gdsllm.metrics does not export"
+            assert name in exposed, f"dashboard queries {name}, which gdsllm.service.metrics does not export"
     text = "\n".join(exprs)
     for needed in ("rate(gdsllm_generation_tokens_total", "sum by (io_mode) (rate(gdsllm_storage_read",
                    "rate(gdsllm_compute_stall_seconds_total", "gdsllm_requests_running",
@@ -331,16 +331,16 @@ def expected_read_bytes(meta, health, passes: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("gdsllm.coordinator") is None,
-                    reason="gdsllm.coordinator (the service) is not built yet")
+@pytest.mark.skipif(importlib.util.find_spec("gdsllm.service.coordinator") is None,
+                    reason="gdsllm.service.coordinator (the service) is not built yet")
 def test_live_service_counters_and_dashboard(prometheus, tmp_path):
     """`gdsllm serve` on the CPU backend, streaming part of a small model every pass, scraped by a
     real Prometheus: after known generations the counters equal what the run did, and every
     dashboard expression returns data."""
-    from gdsllm.client import Client
-    from gdsllm.format import load_model_meta
-    from gdsllm.planner import ALIGN
-    from gdsllm.synth import synth
+    from gdsllm.service.client import Client
+    from gdsllm.format.metadata import load_model_meta
+    from gdsllm.engine.planner import ALIGN
+    from gdsllm.convert.synth import synth
 
     model = synth(tmp_path / "model", "tiny", layers=6, seed=1, dtype="float32")
     meta = load_model_meta(model)

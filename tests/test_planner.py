@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from gdsllm.planner import ALIGN, RESIDENT, StreamSchedule, plan_residency
+from gdsllm.engine.planner import ALIGN, RESIDENT, StreamSchedule, plan_residency
 
 MB = 1 << 20
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdsllm.sampling import Sampler, SamplingParams
+from gdsllm.engine.sampling import Sampler, SamplingParams
 
 
 def _logits(seed: int = 0, vocab: int = 1000) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gdsllm.sequence import Sequence, validate_request
+from gdsllm.engine.sequence import Sequence, validate_request
 from ipc.messages import ChatMessage, Generate
 
 VOCAB = ["", "Hel", "lo", " wor", "ld", "!", " S", "TOP", " more", "<eos>"]

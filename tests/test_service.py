@@ -12,7 +12,7 @@ import msgpack
 import pytest
 import zmq
 
-from gdsllm.client import AsyncClient, Client
+from gdsllm.service.client import AsyncClient, Client
 from service_helpers import (CHAT, N, PROMPTS, UNIT, Service, model_dir,  # noqa: F401 (fixtures)
                              reference)
 
@@ -50,8 +50,8 @@ def test_pipeline_equals_transformers(model_dir, server):
     import torch
     from transformers import LlamaForCausalLM
 
-    from gdsllm.format import load_model_meta
-    from gdsllm.tokenizer import Tokenizer
+    from gdsllm.format.metadata import load_model_meta
+    from gdsllm.engine.tokenizer import Tokenizer
     hf = LlamaForCausalLM.from_pretrained(model_dir.parent / "hf", dtype=torch.float32).eval()
     ids = Tokenizer(load_model_meta(model_dir)).encode(PROMPTS[3])
     with torch.no_grad():
@@ -101,8 +101,8 @@ async def test_request_joining_mid_generation(server, reference):
 
 
 def test_stop_strings_and_cancel(server, reference):
-    from gdsllm.format import load_model_meta
-    from gdsllm.tokenizer import Tokenizer
+    from gdsllm.format.metadata import load_model_meta
+    from gdsllm.engine.tokenizer import Tokenizer
     tok = Tokenizer(load_model_meta(server.svc.config.model))
     full = tok.decode(reference[PROMPTS[0]][:N])
     stop = full[len(full) // 2: len(full) // 2 + 2]
@@ -234,10 +234,10 @@ def test_generate_cli_and_chat_repl(server, reference, capsys):
     import argparse
     import io
 
-    from gdsllm.client import generate_cli
+    from gdsllm.service.client import generate_cli
     from gdsllm.commands.run import chat
-    from gdsllm.format import load_model_meta
-    from gdsllm.tokenizer import Tokenizer
+    from gdsllm.format.metadata import load_model_meta
+    from gdsllm.engine.tokenizer import Tokenizer
     tok = Tokenizer(load_model_meta(server.svc.config.model))
     args = argparse.Namespace(prompt=PROMPTS[1], max_tokens=N, temp=0.0, top_p=None, top_k=None,
                               seed=None, chat=False, endpoint=server.endpoint)

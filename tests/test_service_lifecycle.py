@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gdsllm.client import Client, ServiceError
+from gdsllm.service.client import Client, ServiceError
 from gdsllm.config import ServiceConfig
-from gdsllm.pipeline import generate_once
+from gdsllm.service.pipeline import generate_once
 from service_helpers import (N, PROMPTS, UNIT, Service, alive, model_dir, reference,  # noqa: F401
                              shm_entries)
 
@@ -93,7 +93,7 @@ def test_serve_command_sigterm_leaves_nothing_behind(model_dir, reference):
 def test_corrupt_unit_fails_start_or_requests_naming_the_file(model_dir, tmp_path):
     import shutil
 
-    from gdsllm.worker_set import WorkerStartError
+    from gdsllm.service.worker_set import WorkerStartError
     bad = tmp_path / "bad"
     shutil.copytree(model_dir, bad)
     f = bad / "layer_002.bin"  # block.1
@@ -115,10 +115,10 @@ def test_corrupt_unit_fails_start_or_requests_naming_the_file(model_dir, tmp_pat
 def test_real_smollm2_through_the_pipeline(smollm2_gguf, tmp_path):
     """The real model (converted from the GGUF), embed/head and 7 blocks resident, 23 blocks
     streamed through 3 slots: the same greedy tokens as the single-process engine."""
-    from gdsllm.convert_gguf import convert_gguf
-    from gdsllm.format import load_model_meta
-    from gdsllm.llm import LLM
-    from gdsllm.sampling import SamplingParams
+    from gdsllm.convert.gguf import convert_gguf
+    from gdsllm.format.metadata import load_model_meta
+    from gdsllm.engine.llm import LLM
+    from gdsllm.engine.sampling import SamplingParams
     root = convert_gguf(smollm2_gguf, tmp_path / "smollm2", dtype="float32")
     units = load_model_meta(root).units
     budget = units[0].nbytes + units[-1].nbytes + 10 * units[1].nbytes
@@ -137,7 +137,7 @@ def test_real_smollm2_through_the_pipeline(smollm2_gguf, tmp_path):
 
 
 def test_require_gds_refuses_to_start_on_the_cpu_backend(model_dir):
-    from gdsllm.worker_set import WorkerStartError
+    from gdsllm.service.worker_set import WorkerStartError
     with pytest.raises(WorkerStartError, match="require-gds"):
         with Service(model_dir, require_gds=True):
             pass

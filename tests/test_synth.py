@@ -14,9 +14,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from gdsllm.format import load_model_meta, unit_layout, unit_tensor_shapes
-from gdsllm.synth import SHAPES, synth, synth_params
-from gdsllm.synth_tokenizer import synth_tokenizer_json
+from gdsllm.format.metadata import load_model_meta, unit_layout, unit_tensor_shapes
+from gdsllm.convert.synth import SHAPES, synth, synth_params
+from gdsllm.convert.synth_tokenizer import synth_tokenizer_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from gdsllm.format import FormatError
-from gdsllm.synth import synth
-from gdsllm.tokenizer import Tokenizer
+from gdsllm.format.metadata import FormatError
+from gdsllm.convert.synth import synth
+from gdsllm.engine.tokenizer import Tokenizer
 from llama_ref import load, smollm2
 
 TEXTS = ["Hello world", "  leading spaces and\ttabs\n\nnewlines", "naïve café — 東京 🚀🚀 ok",

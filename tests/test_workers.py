@@ -1,6 +1,6 @@
 """The I/O worker process, and how both workers end, driven over a real PAIR socket.
 
-Each worker is a real `spawn` process against a tiny model written by gdsllm.writer; the test
+Each worker is a real `spawn` process against a tiny model written by gdsllm.format.writer; the test
 plays the coordinator: it binds the socket, receives the handshake and sends Load messages.
 """
 from __future__ import annotations
@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from gdsllm.benchmark import cached_bytes
-from gdsllm.compute_worker import run_compute_process
+from gdsllm.service.benchmark import cached_bytes
+from gdsllm.service.compute_worker import run_compute_process
 from gdsllm.config import ServiceConfig
-from gdsllm.format import load_model_meta
-from gdsllm.io_worker import run_io_process
-from gdsllm.storage import probe_io_path
+from gdsllm.format.metadata import load_model_meta
+from gdsllm.service.io_worker import run_io_process
+from gdsllm.format.storage import probe_io_path
 from ipc import sockets
 from ipc.arena import Arena, ArenaSpec
 from ipc.messages import ComputeReady, IoReady, Load, Loaded, Run, WorkerError

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gdsllm.format import LlamaParams, unit_layout, unit_tensor_shapes
-from gdsllm.writer import ModelWriter
+from gdsllm.format.metadata import LlamaParams, unit_layout, unit_tensor_shapes
+from gdsllm.format.writer import ModelWriter
 from ipc import sockets
 from ipc.messages import Load, Loaded, Shutdown
 

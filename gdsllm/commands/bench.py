@@ -17,9 +17,9 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..benchmark import Served, drop_caches, meminfo_cached, storage_ceiling
-    from ..default_model import resolve_model
-    from ..format import load_model_meta
+    from gdsllm.service.benchmark import Served, drop_caches, meminfo_cached, storage_ceiling
+    from gdsllm.convert.default_model import resolve_model
+    from gdsllm.format.metadata import load_model_meta
 
     meta = load_model_meta(resolve_model(args.model))
     cold = drop_caches()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..format import DTYPES, FormatError
+from gdsllm.format.metadata import DTYPES, FormatError
 
 
 def add_parser(sub) -> None:
@@ -21,10 +21,10 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "float16", progress: 
     """Dispatch on the source: a directory is Hugging Face, a `.gguf` file is GGUF."""
     src = Path(src).expanduser()
     if src.is_dir():
-        from ..convert_hf import convert_hf
+        from gdsllm.convert.hf import convert_hf
         return convert_hf(src, dst, dtype=dtype, progress=progress)
     if src.suffix.lower() == ".gguf" or (src.is_file() and _magic(src) == b"GGUF"):
-        from ..convert_gguf import convert_gguf
+        from gdsllm.convert.gguf import convert_gguf
         return convert_gguf(src, dst, dtype=dtype, progress=progress)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or directory")
@@ -37,7 +37,7 @@ def _magic(path: Path) -> bytes:
 
 
 def run(args) -> int:
-    from ..format import load_model_meta
+    from gdsllm.format.metadata import load_model_meta
     dst = convert(args.src, args.dst, args.dtype, progress=True)
     meta = load_model_meta(dst)
     print(f"{dst}: {meta.num_params / 1e6:.1f}M parameters, {meta.total_bytes / 1e9:.2f} GB in "

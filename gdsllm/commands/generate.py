@@ -14,7 +14,7 @@ import sys
 
 
 def add_parser(sub) -> None:
-    from .serve import add_service_options
+    from gdsllm.commands.serve import add_service_options
     p = sub.add_parser("generate", help="generate text for one prompt (stdout: the text only)")
     add_service_options(p)
     p.add_argument("-p", "--prompt", required=True, help="the prompt (raw completion unless --chat)")
@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
 
 
 def sampling_params(args):
-    from ..sampling import SamplingParams
+    from gdsllm.engine.sampling import SamplingParams
     given = {"max_tokens": args.max_tokens, "temperature": args.temp, "top_p": args.top_p,
              "top_k": args.top_k, "seed": args.seed}
     return SamplingParams(**{k: v for k, v in given.items() if v is not None}).validate()
@@ -42,17 +42,17 @@ def run(args) -> int:
         raise ValueError("empty prompt (-p)")
     params = sampling_params(args)  # bad values fail here, before any model is loaded
     if args.endpoint:
-        from ..client import generate_cli
+        from gdsllm.service.client import generate_cli
         return generate_cli(args)
     messages = [{"role": "user", "content": args.prompt}] if args.chat else None
     if args.single_process:
-        from ..llm import LLM
+        from gdsllm.engine.llm import LLM
         with LLM(args.model, device=args.device or "cpu", io=args.io) as llm:
             for delta in llm.stream(messages or args.prompt, params):
                 _write(delta)
     else:
-        from ..pipeline import generate_once
-        from .serve import service_config
+        from gdsllm.service.pipeline import generate_once
+        from gdsllm.commands.serve import service_config
         config = service_config(args, metrics_port=None)
         given = {"max_tokens": params.max_tokens, "temperature": params.temperature,
                  "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed}

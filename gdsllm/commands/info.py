@@ -22,8 +22,8 @@ def describe(root) -> str:
     """The report `gdsllm info` prints, for the model directory `root`."""
     import torch
 
-    from ..format import load_model_meta
-    from ..storage import probe_io_path
+    from gdsllm.format.metadata import load_model_meta
+    from gdsllm.format.storage import probe_io_path
     meta = load_model_meta(root)
     p = meta.params
     lines = [
@@ -49,6 +49,6 @@ def describe(root) -> str:
 
 
 def run(args) -> int:
-    from ..default_model import resolve_model
+    from gdsllm.convert.default_model import resolve_model
     print(describe(resolve_model(args.model)))
     return 0

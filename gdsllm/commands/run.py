@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from .serve import add_service_options, service_config
+from gdsllm.commands.serve import add_service_options, service_config
 
 
 def add_parser(sub) -> None:
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 
 def chat(client, args, stdin=sys.stdin, stdout=sys.stdout) -> None:
-    """The REPL over a gdsllm.client.Client."""
+    """The REPL over a gdsllm.service.client.Client."""
     history = [{"role": "system", "content": args.system}] if args.system else []
     interactive = stdin.isatty()
     while True:
@@ -54,13 +54,13 @@ def chat(client, args, stdin=sys.stdin, stdout=sys.stdout) -> None:
 
 
 def run(args) -> int:
-    from ..client import Client, ServiceError
+    from gdsllm.service.client import Client, ServiceError
     try:
         if args.endpoint:
             with Client(args.endpoint, timeout=300.0) as c:
                 chat(c, args)
             return 0
-        from ..pipeline import LocalService
+        from gdsllm.service.pipeline import LocalService
         with LocalService(service_config(args, metrics_port=None)) as svc, \
                 Client(svc.endpoint, timeout=300.0) as c:
             chat(c, args)

@@ -28,8 +28,8 @@ def service_config(args, **extra):
     """ServiceConfig from parsed service options (resolving the default model)."""
     from pathlib import Path
 
-    from ..config import ServiceConfig, parse_size
-    from ..default_model import resolve_model
+    from gdsllm.config import ServiceConfig, parse_size
+    from gdsllm.convert.default_model import resolve_model
     model = resolve_model(args.model)
     device = args.device
     if device is None:
@@ -54,8 +54,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..coordinator import run_coordinator
-    from ..worker_set import WorkerStartError
+    from gdsllm.service.coordinator import run_coordinator
+    from gdsllm.service.worker_set import WorkerStartError
     port = None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
     config = service_config(args, endpoint=args.endpoint, metrics_port=port, metrics_host=args.metrics_host)
     try:

@@ -4,11 +4,11 @@ LLaMA-7B needs one unit of RAM), optionally with the same weights as a Hugging F
 """
 from __future__ import annotations
 
-from ..format import DTYPES
+from gdsllm.format.metadata import DTYPES
 
 
 def add_parser(sub) -> None:
-    from ..synth import SHAPES
+    from gdsllm.convert.synth import SHAPES
     p = sub.add_parser("synth", help="write a random LLaMA-shaped model (benchmarks, tests)")
     p.add_argument("dst", help="output model directory (must not exist)")
     p.add_argument("--shape", default="tiny", choices=list(SHAPES))
@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..format import load_model_meta
-    from ..synth import synth
+    from gdsllm.format.metadata import load_model_meta
+    from gdsllm.convert.synth import synth
     dst = synth(args.dst, args.shape, layers=args.layers, seed=args.seed, dtype=args.dtype,
                 hf_out=args.hf_out, progress=True)
     meta = load_model_meta(dst)

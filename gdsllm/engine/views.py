@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .format import DTYPES, ITEMSIZE, FormatError, UnitMeta
+from gdsllm.format.metadata import DTYPES, ITEMSIZE, FormatError, UnitMeta
 
 
 def unit_tensors(unit: UnitMeta, buf: torch.Tensor) -> dict[str, torch.Tensor]:

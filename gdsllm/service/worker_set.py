@@ -36,9 +36,9 @@ class WorkerSet:
     def __init__(self, config, arena_bytes: int, on_death=None, io_target=None, compute_target=None):
         self.config, self.arena_bytes, self.on_death = config, arena_bytes, on_death
         if io_target is None:
-            from .io_worker import run_io_process as io_target
+            from gdsllm.service.io_worker import run_io_process as io_target
         if compute_target is None:
-            from .compute_worker import run_compute_process as compute_target
+            from gdsllm.service.compute_worker import run_compute_process as compute_target
         self.targets = {"io": io_target, "compute": compute_target}
         self.ctx = zmq.asyncio.Context()
         self.dir = sockets.EndpointDir()

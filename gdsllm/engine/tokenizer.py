@@ -18,7 +18,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from .format import FormatError, ModelMeta
+from gdsllm.format.metadata import FormatError, ModelMeta
 
 # Tokens of prompt context the detokenizer decodes along with new tokens, so that decoders which
 # depend on neighbours (SentencePiece's leading space) render a token as they would mid-text.

@@ -1,6 +1,8 @@
-"""The LLaMA math, one unit at a time: embedding, decoder block, final norm + LM head.
+"""Pieces every model family shares, written once: rotary embeddings, RMSNorm, the embedding
+gather, the attention call over each sequence's KV cache, and `linear`, the one place where a
+stored weight meets a matmul (a quantized weight plugs in there).
 
-Every function takes only its own unit's weights (the views `gdsllm.bridge.unit_tensors` gives),
+Every function takes only its own unit's weights (the views `gdsllm.engine.views.unit_tensors` gives),
 so unit k runs with nothing but unit k resident. Activations are flattened over all tokens of all
 sequences of a batch ([T, hidden]); only attention looks at sequence boundaries, through the
 `Segment`s the runner passes (one per sequence, each with its KV cache).
@@ -11,8 +13,7 @@ float32 and cast to the activation dtype, Llama-3 frequency scaling as `_compute
 
     x = embed(w_embed, ids, dtype)
     cos, sin = rope_cos_sin(rope_inv_freq(p).to(device), positions, dtype)
-    x = decoder_block(p, w_block, x, cos, sin, segments, layer)
-    logits = lm_head(p, w_head, x[last_token_rows])
+    q = linear(weights, "self_attn.q_proj.weight", h)
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .format import LlamaParams
-from .kv_cache import KVCache
+from gdsllm.format.metadata import LlamaParams
+from gdsllm.engine.kv_cache import KVCache
 
 
 def rope_inv_freq(p: LlamaParams) -> torch.Tensor:
@@ -81,10 +82,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight.to(in_dtype) * h.to(in_dtype)
 
 
-def _w(weights: dict[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
-    # On the CPU backend weights stored as fp16/bf16 are upcast here, once per unit and pass; on
-    # CUDA the compute dtype is the stored dtype and this is a no-op view.
-    return weights[name].to(dtype)
+def linear(weights: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+    """x @ weights[name].T, in x's dtype. On the CPU backend weights stored as fp16/bf16 are upcast
+    here, once per unit and pass; on CUDA the compute dtype is the stored dtype and this is a
+    no-op view."""
+    return F.linear(x, weights[name].to(x.dtype))
 
 
 def embed(weights: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -150,36 +152,3 @@ def _sdpa_backends(device: torch.device, cudnn: bool):
     return sdpa_kernel(_CUDA_SDPA)
 
 
-def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment],
-                  layer: int, cudnn_attention: bool = False) -> torch.Tensor:
-    """One decoder block over the flattened batch x [T, hidden]; appends to each KV cache."""
-    dt = x.dtype
-    T = x.shape[0]
-    hd, nh, nkv = p.head_dim, p.num_attention_heads, p.num_key_value_heads
-    h = rms_norm(x, weights["input_layernorm.weight"], p.rms_norm_eps)
-    # The projections run once over all tokens of all sequences: one large matmul per weight
-    # is what makes a weight pass serve a whole batch for the price of one.
-    q = F.linear(h, _w(weights, "self_attn.q_proj.weight", dt)).view(T, nh, hd)
-    k = F.linear(h, _w(weights, "self_attn.k_proj.weight", dt)).view(T, nkv, hd)
-    v = F.linear(h, _w(weights, "self_attn.v_proj.weight", dt)).view(T, nkv, hd)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    outs = []
-    for seg in segments:
-        past = seg.cache.length
-        ks, vs = seg.cache.update(layer, k[seg.start:seg.end].transpose(0, 1),
-                                  v[seg.start:seg.end].transpose(0, 1))
-        outs.append(attention(q[seg.start:seg.end].transpose(0, 1), ks, vs, past, cudnn_attention))
-    a = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    assert a.shape == (T, nh * hd), a.shape
-    x = x + F.linear(a, _w(weights, "self_attn.o_proj.weight", dt))
-    h = rms_norm(x, weights["post_attention_layernorm.weight"], p.rms_norm_eps)
-    gate = F.linear(h, _w(weights, "mlp.gate_proj.weight", dt))
-    up = F.linear(h, _w(weights, "mlp.up_proj.weight", dt))
-    return x + F.linear(F.silu(gate) * up, _w(weights, "mlp.down_proj.weight", dt))
-
-
-def lm_head(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Final norm and LM head over the rows given ([B, hidden]); float32 logits [B, vocab]."""
-    h = rms_norm(x, weights["norm.weight"], p.rms_norm_eps)
-    return F.linear(h, _w(weights, "lm_head.weight", x.dtype)).float()

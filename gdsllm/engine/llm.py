@@ -23,14 +23,14 @@ from typing import Iterator
 
 import torch
 
-from .bridge import unit_tensors
-from .format import UnitMeta, load_model_meta, verify_unit
-from .runner import Runner, compute_dtype
-from .sampling import Sampler, SamplingParams
-from .storage import CudaReader, HostReader, _kvikio, aligned_host_buffer, probe_io_path
-from .tokenizer import Tokenizer
+from gdsllm.engine.views import unit_tensors
+from gdsllm.format.metadata import UnitMeta, load_model_meta, verify_unit
+from gdsllm.engine.runner import Runner, compute_dtype
+from gdsllm.engine.sampling import Sampler, SamplingParams
+from gdsllm.format.storage import CudaReader, HostReader, _kvikio, aligned_host_buffer, probe_io_path
+from gdsllm.engine.tokenizer import Tokenizer
 
-log = logging.getLogger("gdsllm.llm")
+log = logging.getLogger("gdsllm.engine.llm")
 
 
 @dataclass
@@ -56,7 +56,7 @@ class _Request:
 
 def resolve(model: str | os.PathLike | None) -> Path:
     """`model` as a GdsLLM model directory; None: the embedded default (converted on first use)."""
-    from .default_model import resolve_model
+    from gdsllm.convert.default_model import resolve_model
     return resolve_model(model)
 
 
@@ -74,7 +74,8 @@ class LLM:
         p = self.meta.params
         self.dtype = compute_dtype(self.device, self.meta.dtype)
         self.tokenizer = Tokenizer(self.meta) if self.meta.tokenizer_file else None
-        self.runner = Runner(p, self.device, self.dtype, cudnn_attention=cudnn_attention)
+        self.runner = Runner(p, self.device, self.dtype, cudnn_attention=cudnn_attention,
+                             architecture=self.meta.architecture)
         direct = io == "direct"
         size = max(u.nbytes for u in self.meta.units)
         self._host = self._dev = self._cuda_reader = None

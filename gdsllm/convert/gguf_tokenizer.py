@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from .format import FormatError
+from gdsllm.format.metadata import FormatError
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 

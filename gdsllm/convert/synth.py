@@ -1,6 +1,6 @@
 """Synthetic LLaMA-shaped models with random weights, for benchmarks and tests.
 
-    from gdsllm.synth import synth
+    from gdsllm.convert.synth import synth
     synth("/tmp/llama7b", shape="llama-7b", dtype="float16", hf_out="/tmp/llama7b-hf")
     synth("/tmp/odd", shape="tiny", overrides={"num_key_value_heads": 1, "tie_word_embeddings": False})
 
@@ -9,7 +9,7 @@ the model seed, unit index and tensor index), so a 13.8 GB LLaMA-7B never needs 
 unit in RAM and the same seed always gives the same model. Matrices are normal with std 0.02,
 norm weights 1 + small noise. With `hf_out`, the same (already cast) tensors are also written as a
 Hugging Face directory: `config.json` (LlamaForCausalLM), one safetensors shard per unit with
-`model.safetensors.index.json`, and the shared tokenizer (`gdsllm.synth_tokenizer`).
+`model.safetensors.index.json`, and the shared tokenizer (`gdsllm.convert.synth_tokenizer`).
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .convert_hf import _progress
-from .format import DTYPES, LlamaParams, unit_layout, unit_tensor_shapes
-from .synth_tokenizer import CHAT_TEMPLATE, BOS_ID, EOS_ID, synth_tokenizer_json, tokenizer_config
-from .writer import ModelWriter
+from gdsllm.convert.hf import _progress
+from gdsllm.format.metadata import DTYPES, LlamaParams, unit_layout, unit_tensor_shapes
+from gdsllm.convert.synth_tokenizer import CHAT_TEMPLATE, BOS_ID, EOS_ID, synth_tokenizer_json, tokenizer_config
+from gdsllm.format.writer import ModelWriter
 
 _BASE = dict(rms_norm_eps=1e-5, rope_scaling=None, bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,))
 SHAPES: dict[str, LlamaParams] = {

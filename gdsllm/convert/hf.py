@@ -1,6 +1,6 @@
 """Converts a Hugging Face LLaMA directory (safetensors) into the GdsLLM weight format.
 
-    from gdsllm.convert_hf import convert_hf
+    from gdsllm.convert.hf import convert_hf
     convert_hf("~/models/Llama-3.2-1B", "~/models/llama-3.2-1b.gdsllm", dtype="float16")
 
 The source is what `save_pretrained` writes for a `LlamaForCausalLM`: `config.json`,
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .format import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
-from .writer import ModelWriter
+from gdsllm.format.metadata import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
+from gdsllm.format.writer import ModelWriter
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"

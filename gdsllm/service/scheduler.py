@@ -9,7 +9,7 @@ A pass serves every running sequence at once: new ones bring their whole prompt,
 last token. A new request joins at the next pass (at most max_batch run together), finished ones
 leave after the pass that finished them (their KV caches are Released). The next pass starts as
 soon as the previous one's sampled tokens are back; its first streamed units are already loading
-(gdsllm.planner), so storage never waits for sampling. `reply(client, msg) -> bool` sends to a
+(gdsllm.engine.planner), so storage never waits for sampling. `reply(client, msg) -> bool` sends to a
 client; False means the client is gone, and its requests are cancelled.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from collections import deque
 
 from ipc.messages import Done, Error, Loaded, PassResult, Release, StartPass, TokenChunk, WorkerError, encode
 
-from .planner import ResidencyPlan, StreamSchedule
-from .sequence import Sequence
+from gdsllm.engine.planner import ResidencyPlan, StreamSchedule
+from gdsllm.engine.sequence import Sequence
 
-log = logging.getLogger("gdsllm.scheduler")
+log = logging.getLogger("gdsllm.service.scheduler")
 
 
 class BatchScheduler:

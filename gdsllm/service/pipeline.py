@@ -1,6 +1,6 @@
 """The streaming service inside the current process, for one-shot and interactive use.
 
-    from gdsllm.pipeline import LocalService, generate_once
+    from gdsllm.service.pipeline import LocalService, generate_once
     final = generate_once(config, "Once upon a time", {"max_tokens": 32, "temperature": 0},
                           on_text=lambda d: print(d, end=""))           # what `gdsllm generate` runs
     with LocalService(config) as svc:                                   # what `gdsllm run` runs
@@ -18,7 +18,7 @@ import threading
 
 from ipc import sockets
 
-from .config import ServiceConfig
+from gdsllm.config import ServiceConfig
 
 
 class LocalService:
@@ -52,7 +52,7 @@ class LocalService:
             self._loop.close()
 
     async def _serve(self) -> None:
-        from .coordinator import Coordinator
+        from gdsllm.service.coordinator import Coordinator
         try:
             self.coordinator = c = Coordinator(self.config, **self.kwargs)
         except BaseException as e:
@@ -95,7 +95,7 @@ def generate_once(config: ServiceConfig, prompt: str | None = None, params: dict
     `params`: Generate fields (max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos).
     `on_text(delta)` is called with the text as it streams.
     """
-    from .client import Client
+    from gdsllm.service.client import Client
     with LocalService(config) as svc, Client(svc.endpoint, timeout=timeout) as client:
         final = None
         for msg in client.stream_messages(prompt, messages=messages, **(params or {})):

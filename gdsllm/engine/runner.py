@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from . import model
-from .format import DTYPES, LlamaParams, UnitMeta, unit_layout
-from .kv_cache import KVCache
+from gdsllm.models import family, layers
+from gdsllm.format.metadata import DTYPES, LlamaParams, UnitMeta, unit_layout
+from gdsllm.engine.kv_cache import KVCache
 
 
 def compute_dtype(device: torch.device, stored: str) -> torch.dtype:
@@ -32,15 +32,16 @@ def compute_dtype(device: torch.device, stored: str) -> torch.dtype:
 
 class Runner:
     def __init__(self, params: LlamaParams, device: str | torch.device, dtype: torch.dtype, *,
-                 cudnn_attention: bool = False):
+                 cudnn_attention: bool = False, architecture: str = "llama"):
         """`cudnn_attention`: let torch pick SDPA's cuDNN kernel on CUDA (as transformers does);
-        off by default, for its host cost (gdsllm.model._CUDA_SDPA says what was measured)."""
+        off by default, for its host cost (gdsllm.models.layers._CUDA_SDPA says what was measured)."""
         self.p, self.device, self.dtype = params, torch.device(device), dtype
         self.cudnn_attention = cudnn_attention
+        self.family = family(architecture)
         self.layout = unit_layout(params)
         self.caches: dict[int, KVCache] = {}
         # Rotary frequencies depend only on the model: computed once, kept on the compute device.
-        self.inv_freq = model.rope_inv_freq(params).to(self.device)
+        self.inv_freq = layers.rope_inv_freq(params).to(self.device)
         self._pass: _Pass | None = None
 
     def seq_len(self, seq_id: int) -> int:
@@ -87,12 +88,12 @@ class Runner:
                 self.caches[sid] = KVCache(p.num_hidden_layers, p.num_key_value_heads, p.head_dim,
                                            self.dtype, self.device, p.max_position_embeddings)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        cos, sin = model.rope_cos_sin(self.inv_freq, pos, self.dtype)
+        cos, sin = layers.rope_cos_sin(self.inv_freq, pos, self.dtype)
         self._pass = _Pass(
             seq_ids=seq_ids,
             ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             cos=cos, sin=sin,
-            segments=[model.Segment(a, b, self.caches[sid]) for sid, a, b in segments],
+            segments=[layers.Segment(a, b, self.caches[sid]) for sid, a, b in segments],
             last_rows=torch.tensor(last_rows, dtype=torch.long, device=self.device))
 
     def run_unit(self, unit: UnitMeta, weights: dict[str, torch.Tensor]) -> None:
@@ -105,13 +106,13 @@ class Runner:
             raise RuntimeError(f"run_unit: got unit {unit.name}, expected {want}")
         p = self.p
         if unit.kind == "embed":
-            ps.x = model.embed(weights, ps.ids, self.dtype)
+            ps.x = layers.embed(weights, ps.ids, self.dtype)
         elif unit.kind == "block":
-            ps.x = model.decoder_block(p, weights, ps.x, ps.cos, ps.sin, ps.segments, unit.layer,
+            ps.x = self.family.decoder_block(p, weights, ps.x, ps.cos, ps.sin, ps.segments, unit.layer,
                                        self.cudnn_attention)
         else:
             # Only each chunk's last token needs logits: norm + LM head on those rows alone.
-            ps.logits = model.lm_head(p, weights, ps.x.index_select(0, ps.last_rows))
+            ps.logits = self.family.lm_head(p, weights, ps.x.index_select(0, ps.last_rows))
             ps.x = None
         ps.next_unit += 1
 

@@ -5,8 +5,8 @@
 or, inside a running event loop: `c = Coordinator(config); await c.start(); await c.serve(); ...
 c.request_stop()`. Clients (DEALER) send Generate / Cancel / Health to a ZeroMQ ROUTER; the
 coordinator tokenizes, batches continuously (a request joins at the next weight pass, finished ones
-leave, at most max_batch), plans residency and streaming (gdsllm.planner), drives the I/O and compute
-workers (gdsllm.worker_set) and streams TokenChunk then Final back. Malformed messages get
+leave, at most max_batch), plans residency and streaming (gdsllm.engine.planner), drives the I/O and compute
+workers (gdsllm.service.worker_set) and streams TokenChunk then Final back. Malformed messages get
 Error(bad_request) and everyone else is served on.
 """
 from __future__ import annotations
@@ -22,13 +22,13 @@ from ipc import sockets
 from ipc.messages import (Cancel, Error, Generate, Health, HealthReply, Loaded, ProtocolError,
                           WorkerError, decode, encode)
 
-from .config import ServiceConfig
-from .planner import plan_residency
-from .scheduler import BatchScheduler
-from .sequence import Sequence, encode_prompt, validate_request
-from .worker_set import WorkerSet, WorkerStartError
+from gdsllm.config import ServiceConfig
+from gdsllm.engine.planner import plan_residency
+from gdsllm.service.scheduler import BatchScheduler
+from gdsllm.engine.sequence import Sequence, encode_prompt, validate_request
+from gdsllm.service.worker_set import WorkerSet, WorkerStartError
 
-log = logging.getLogger("gdsllm.coordinator")
+log = logging.getLogger("gdsllm.service.coordinator")
 SNDHWM = 100_000  # queued replies per client before it counts as gone (token chunks are tiny)
 MAX_WAITING = 4096  # requests queued behind the running batch before new ones get Error(busy)
 
@@ -40,7 +40,7 @@ class _NoMetrics:
 
 def _metrics():
     try:
-        from .metrics import ServiceMetrics
+        from gdsllm.service.metrics import ServiceMetrics
     except ImportError:
         return _NoMetrics()
     return ServiceMetrics()
@@ -49,11 +49,11 @@ def _metrics():
 class Coordinator:
     """One service: the model's plan, the workers, the client frontend (DEALER clients; replies go
     to the sender's identity). `io_target` / `compute_target` replace the worker entry points
-    (tests); by default gdsllm.io_worker.run_io_process and gdsllm.compute_worker.run_compute_process."""
+    (tests); by default gdsllm.service.io_worker.run_io_process and gdsllm.service.compute_worker.run_compute_process."""
 
     def __init__(self, config: ServiceConfig, *, io_target=None, compute_target=None):
-        from .format import load_model_meta
-        from .tokenizer import Tokenizer
+        from gdsllm.format.metadata import load_model_meta
+        from gdsllm.engine.tokenizer import Tokenizer
         self.config = config
         self.meta = load_model_meta(config.model)
         self.tokenizer = Tokenizer(self.meta)
@@ -106,7 +106,7 @@ class Coordinator:
         self.front = sockets.router(self.ctx, self.config.endpoint)
         self.front.setsockopt(zmq.SNDHWM, SNDHWM)
         m = self.metrics
-        from . import __version__
+        from gdsllm import __version__
         m.set_build_info(__version__, self.config.device, self.io_path)
         m.set_budget(self.config.vram_budget, self.plan.resident_bytes)
         if self.config.metrics_port is not None:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .storage import CHUNK, aligned_host_buffer
+from gdsllm.format.storage import CHUNK, aligned_host_buffer
 
 
 def drop_caches() -> bool:
@@ -165,7 +165,7 @@ class Served:
         self.startup_s = startup_s
 
     def __enter__(self) -> "Served":
-        from .client import Client
+        from gdsllm.service.client import Client
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + self.startup_s
         while True:  # the handshake (resident units loaded) ends when health answers

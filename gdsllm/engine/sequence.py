@@ -31,7 +31,7 @@ def validate_request(msg: Generate) -> None:
         for m in msg.messages:
             if m.role not in ("system", "user", "assistant", "tool"):
                 raise ValueError(f"request {rid}: unknown chat role {m.role!r}")
-    from .sampling import SamplingParams
+    from gdsllm.engine.sampling import SamplingParams
     try:
         SamplingParams(temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, seed=msg.seed,
                        max_tokens=msg.max_tokens, stop=tuple(msg.stop)).validate()

@@ -1,6 +1,6 @@
 """Python clients of a GdsLLM server (`gdsllm serve`), synchronous and asyncio.
 
-    from gdsllm.client import Client
+    from gdsllm.service.client import Client
     with Client("tcp://127.0.0.1:5555") as c:
         print(c.generate("Once upon a time", max_tokens=32, temperature=0).text)
         for delta in c.stream(messages=[{"role": "user", "content": "Hi"}]):

@@ -33,9 +33,9 @@ from ipc.arena import Arena, ArenaSpec
 from ipc.messages import (ArenaOpened, ComputeReady, Done, OpenArena, PassResult, ProtocolError,
                           Release, Run, SeqSampling, Shutdown, StartPass, WorkerError, decode)
 
-from .config import ServiceConfig
-from .format import load_model_meta
-from .planner import RESIDENT
+from gdsllm.config import ServiceConfig
+from gdsllm.format.metadata import load_model_meta
+from gdsllm.engine.planner import RESIDENT
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
@@ -84,13 +84,14 @@ class ComputeWorker:
             sockets.context().term()  # returns once queued replies are out (or FLUSH_MS passed)
 
     def _start(self) -> ComputeReady:
-        from .runner import Runner, compute_dtype  # imported here: torch model code is the slow part of start-up
+        from gdsllm.engine.runner import Runner, compute_dtype  # imported here: torch model code is the slow part of start-up
         self.meta = load_model_meta(self.config.model)
         device = self.config.device
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
         self.device = torch.device(device)
-        self.runner = Runner(self.meta.params, self.device, compute_dtype(self.device, self.meta.dtype))
+        self.runner = Runner(self.meta.params, self.device, compute_dtype(self.device, self.meta.dtype),
+                             architecture=self.meta.architecture)
         return ComputeReady(pid=os.getpid(), device=str(self.device))
 
     def _loop(self) -> None:
@@ -160,7 +161,7 @@ class ComputeWorker:
                 self._send(WorkerError(f"Run(unit {msg.unit}) outside a pass", unit=msg.unit))
             self._send(Done(msg.unit, msg.slot, 0.0))  # nothing ran: the slot is free
             return
-        from .bridge import unit_tensors
+        from gdsllm.engine.views import unit_tensors
         t0 = time.perf_counter()
         head = False
         try:
@@ -193,7 +194,7 @@ class ComputeWorker:
         try:
             seq_ids = self.pass_seqs
             logits = self.runner.end_pass()
-            from .sampling import Sampler
+            from gdsllm.engine.sampling import Sampler
             picks = Sampler.sample_batch(logits, [self.samplers[sid] for sid in seq_ids])
             tokens = list(zip(seq_ids, picks))
         except Exception as e:
@@ -232,6 +233,6 @@ class ComputeWorker:
 def _make_sampler(s: SeqSampling):
     """A sequence's sampler: its generator is seeded here, once, so its draws do not depend on
     which other sequences share its passes."""
-    from .sampling import Sampler, SamplingParams
+    from gdsllm.engine.sampling import Sampler, SamplingParams
     return Sampler(SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                   seed=s.seed))

@@ -4,7 +4,7 @@ A model directory holds `metadata.json` and one flat file per *unit* (`layer_000
 the embedding, each decoder block, then the final norm with the LM head. Every tensor starts at
 a 4 KiB-aligned offset and every file is padded to 4 KiB, so each unit can be read with
 O_DIRECT / cuFile in one aligned request. This module only describes and checks; the writer is
-`gdsllm.writer`, the readers are in `gdsllm.storage`.
+`gdsllm.format.writer`, the readers are in `gdsllm.format.storage`.
 
     >>> meta = load_model_meta("~/.cache/gdsllm/smollm2-135m-instruct")
     >>> meta.units[1].tensors[0].name, meta.units[1].nbytes

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .format import (ALIGN, DTYPES, FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, FormatError,
+from gdsllm.format.metadata import (ALIGN, DTYPES, FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, FormatError,
                      LlamaParams, align_up, checksum, unit_file_name, unit_layout,
                      unit_tensor_shapes)
 

@@ -16,7 +16,7 @@ import string
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from .gguf_tokenizer import bytes_to_unicode
+from gdsllm.convert.gguf_tokenizer import bytes_to_unicode
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2

@@ -1,13 +1,13 @@
 """Converts a llama.cpp GGUF file (architecture llama) into the GdsLLM weight format.
 
-    from gdsllm.convert_gguf import convert_gguf
+    from gdsllm.convert.gguf import convert_gguf
     convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "~/models/smollm2", dtype="float32")
 
 Tensors of type F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are dequantized with `gguf.quants.dequantize`
 (the function transformers' GGUF loader uses, so values agree bit for bit), one unit at a time from
 the memory-mapped file. llama.cpp stores Q and K rows permuted for its rotary layout; they are
 permuted back exactly as transformers' `LlamaTensorProcessor` does. Hyper-parameters come from the
-`llama.*` keys, the tokenizer from `tokenizer.ggml.*` (see `gdsllm.gguf_tokenizer`), the chat
+`llama.*` keys, the tokenizer from `tokenizer.ggml.*` (see `gdsllm.convert.gguf_tokenizer`), the chat
 template from `tokenizer.chat_template`.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .convert_hf import _progress
-from .format import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
-from .gguf_tokenizer import _field, gguf_tokenizer_json
-from .writer import ModelWriter
+from gdsllm.convert.hf import _progress
+from gdsllm.format.metadata import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
+from gdsllm.convert.gguf_tokenizer import _field, gguf_tokenizer_json
+from gdsllm.format.writer import ModelWriter
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 # Hugging Face name inside a unit -> GGUF name (blocks: "blk.{i}." + this)

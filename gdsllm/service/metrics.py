@@ -19,7 +19,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import start_http_server
 
-from .storage import IO_PATHS
+from gdsllm.format.storage import IO_PATHS
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .format import ALIGN
+from gdsllm.format.metadata import ALIGN
 
 CHUNK = 16 << 20  # bytes per read request; large requests keep the device queue full
 IO_PATHS = ("gds", "compat", "posix", "buffered")

@@ -26,9 +26,9 @@ from ipc import sockets
 from ipc.arena import Arena
 from ipc.messages import IoReady, Load, Loaded, ProtocolError, Shutdown, WorkerError, decode
 
-from .config import ServiceConfig
-from .format import ALIGN, load_model_meta, verify_unit
-from .storage import HostReader, _kvikio, aligned_host_buffer, probe_io_path
+from gdsllm.config import ServiceConfig
+from gdsllm.format.metadata import ALIGN, load_model_meta, verify_unit
+from gdsllm.format.storage import HostReader, _kvikio, aligned_host_buffer, probe_io_path
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
@@ -82,7 +82,7 @@ class IoWorker:
                                f"'gds' (no GPUDirect Storage: device {cfg.device}, io {cfg.io_mode}, "
                                f"nvidia-fs and a supported filesystem are needed)")
         if cfg.device == "cuda" and _kvikio() is not None:
-            from .storage import CudaReader
+            from gdsllm.format.storage import CudaReader
             self.reader = CudaReader(direct=direct, threads=cfg.io_threads)
             self.io_path = self.reader.path
         else:  # the CPU backend, or CUDA without KvikIO (read into host memory, then copy)

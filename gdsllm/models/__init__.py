@@ -1,0 +1,28 @@
+"""Model families: the block math of each architecture, one module per family.
+
+A family module exposes `decoder_block(p, weights, x, cos, sin, segments, layer, cudnn_attention)`
+and `lm_head(p, weights, x)`; the pieces families share (rotary embeddings, RMSNorm, the embedding,
+attention over the KV cache, `linear`) live in `gdsllm.models.layers`. The runner picks the module
+by the architecture recorded in `metadata.json`:
+
+    fam = family(meta.architecture)        # gdsllm.models.llama
+    x = fam.decoder_block(meta.params, weights, x, cos, sin, segments, layer)
+
+A new family is a new module here plus one line in FAMILIES.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+from gdsllm.models import llama
+
+FAMILIES: dict[str, ModuleType] = {"llama": llama}
+
+
+def family(architecture: str) -> ModuleType:
+    """The module holding `architecture`'s block math; ValueError naming the supported ones."""
+    try:
+        return FAMILIES[architecture]
+    except KeyError:
+        raise ValueError(f"unsupported architecture {architecture!r}; supported: "
+                         f"{', '.join(sorted(FAMILIES))}") from None

@@ -1,0 +1,1 @@
+"""The service: coordinator, batch scheduler, worker processes, clients, metrics."""
