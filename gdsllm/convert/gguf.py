@@ -138,12 +138,8 @@ def gguf_units(src: GGUFTensors, p: LlamaParams):
     for uname, kind, layer in unit_layout(p):
         tensors = {}
         for name, shape in unit_tensor_shapes(p, kind).items():
-            if kind == "block":
-                gname = f"blk.{layer}.{BLOCK_NAMES[name]}"
-            elif name == "lm_head.weight" and p.tie_word_embeddings:
-                gname = TOP_NAMES["embed_tokens.weight"]  # tied: the head is a copy of the embedding
-            else:
-                gname = TOP_NAMES[name]
+            # A tied model (no output.weight) has no lm_head.weight: the embedding is stored once.
+            gname = f"blk.{layer}.{BLOCK_NAMES[name]}" if kind == "block" else TOP_NAMES[name]
             tensors[name] = src.get(gname, shape)
         yield uname, tensors
 
