@@ -121,10 +121,8 @@ class ModelMeta:
     @property
     def num_params(self) -> int:
         n = sum(t.numel for u in self.units for t in u.tensors)
-        head = {t.name: t for t in self.units[-1].tensors}
-        if self.params.tie_word_embeddings and "lm_head.weight" in head:  # a copy (older directories)
-            n -= head["lm_head.weight"].numel
-        return n
+        copy = [t.numel for t in self.units[-1].tensors if t.name == "lm_head.weight"]
+        return n - (copy[0] if self.params.tie_word_embeddings and copy else 0)  # older directories
 
 
 def unit_tensor_shapes(p: LlamaParams, kind: str, tied_copy: bool = False) -> dict[str, tuple[int, ...]]:
@@ -152,8 +150,10 @@ def unit_tensor_shapes(p: LlamaParams, kind: str, tied_copy: bool = False) -> di
 
 def unit_layout(p: LlamaParams) -> list[tuple[str, str, int | None]]:
     """(name, kind, layer) of every unit in file order: embedding, blocks, head."""
-    blocks = [(f"block.{i}", "block", i) for i in range(p.num_hidden_layers)]
-    return [("embed", "embed", None), *blocks, ("head", "head", None)]
+    units: list[tuple[str, str, int | None]] = [("embed", "embed", None)]
+    units += [(f"block.{i}", "block", i) for i in range(p.num_hidden_layers)]
+    units.append(("head", "head", None))
+    return units
 
 
 def unit_file_name(index: int) -> str:
