@@ -94,6 +94,7 @@ class ServiceMetrics:
             self.requests.labels(finish_reason=reason)
         for route in HTTP_ROUTES:
             self.http_requests.labels(route=route, status="200")
+            self.http_request_seconds.labels(route=route)
 
     # -------------------------------------------------------------- service state
 
