@@ -248,17 +248,26 @@ def test_503_while_loading_and_when_degraded(model, tmp_path):
         assert code == 503, body
         assert body["error"]["code"] == "service_unavailable" and "loading" in body["error"]["message"]
         s.wait_ready()
+        conn, resp = open_stream(s.port, "/v1/completions", {"prompt": PROMPT, "stream": True, **LONG})
+        assert resp.readline().startswith(b"data: ")
         workers = [p for p in s.children()
                    if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
         assert len(workers) == 2, workers  # the I/O and the compute worker
         os.kill(workers[-1], signal.SIGKILL)
+        # The stream already had its 200: the failure comes as an error event, then [DONE].
+        rest = resp.read().strip().split(b"\n\n")
+        assert rest[-1] == b"data: [DONE]", rest
+        events = [json.loads(e[6:]) for e in rest[:-1]]
+        conn.close()
+        assert events[-1]["error"]["code"] == "service_unavailable" and "died" in events[-1]["error"]["message"]
         wait_for(lambda: get(s.url + "/health")[0] == 503, "for /health to report degraded")
         status, h = get(s.url + "/health")
         assert h["status"] == "degraded" and "died" in h["detail"]
         status, body = post(s.url + "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})
         assert status == 503 and body["error"]["type"] == "server_error" and "died" in body["error"]["message"]
     finally:
-        s.stop()
+        rc = s.stop()
+    assert rc == 0, s.log_tail()
 
 
 def _try_post(s: HttpServe):
