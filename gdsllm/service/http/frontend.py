@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 
 from gdsllm.service.client import AsyncClient
@@ -47,7 +48,6 @@ class Frontend:
             return {"status": "loading", "detail": f"the coordinator at {self.endpoint} does not "
                                                     f"answer yet (starting up, or not running)"}
         if h.status == "ok" and self.model_id is None:
-            import time
             self.model_id, self.created = Path(h.model).name or h.model, int(time.time())
         return {"status": h.status, "model": self.model_id or Path(h.model).name, "backend": h.backend,
                 "io_path": h.io_path, "requests_running": h.requests_running,
