@@ -79,7 +79,8 @@ class HttpServe:
             [sys.executable, "-m", "gdsllm", "serve", "-m", str(model), "--device", "cpu",
              "--endpoint", self.endpoint, "--metrics-port", str(self.metrics_port),
              "--http-port", str(self.port), *extra],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=self.log,
+            cwd=ROOT, env={**{k: v for k, v in os.environ.items() if k != "GDSLLM_API_KEY"},
+                           "PYTHONPATH": str(ROOT)}, stdout=self.log,
             stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready()

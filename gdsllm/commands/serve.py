@@ -10,6 +10,8 @@ port, -1 = off); with --http-port, the OpenAI-compatible HTTP API and the chat p
 """
 from __future__ import annotations
 
+import os
+
 
 def add_service_options(p, endpoint_default: str | None = "tcp://127.0.0.1:5555") -> None:
     """The options a service shares with `gdsllm run` / `generate` without --endpoint."""
@@ -59,8 +61,9 @@ def add_parser(sub) -> None:
                    help="also serve the OpenAI-compatible HTTP API and the chat page (0: a free port)")
     p.add_argument("--http-host", default="127.0.0.1",
                    help="address the HTTP API binds (default 127.0.0.1; 0.0.0.0 inside a container)")
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="HTTP API key clients must send as 'Authorization: Bearer KEY' (default: none)")
+    p.add_argument("--api-key", default=os.environ.get("GDSLLM_API_KEY") or None, metavar="KEY",
+                   help="HTTP API key clients must send as 'Authorization: Bearer KEY' (default: "
+                        "$GDSLLM_API_KEY, else none)")
     p.set_defaults(func=run)
 
 
