@@ -474,6 +474,36 @@ def test_default_model_stale_cache_is_reconverted(tmp_path, monkeypatch):
     assert no_leftovers(first.parent) == []
 
 
+def test_default_model_with_a_tied_copy_is_reconverted(tmp_path, monkeypatch):
+    """A cached default model written when the head held a copy of the tied embedding still loads,
+    but is converted again once, to store the table once."""
+    from dataclasses import replace
+
+    from gdsllm.format.writer import ModelWriter
+    from llama_ref import resident_weights
+    write_gguf(tmp_path / "pkg.gguf", tied=True)
+    monkeypatch.setattr(default_model, "default_gguf", lambda: tmp_path / "pkg.gguf")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = default_model.resolve_model(None, progress=False)
+    meta = load_model_meta(first)
+    assert [t.name for t in meta.units[-1].tensors] == ["norm.weight"]
+    w = resident_weights(meta)  # rewrite it as it was: untied with a copy, then marked tied
+    with ModelWriter(first, replace(meta.params, tie_word_embeddings=False), meta.dtype,
+                     overwrite=True) as mw:
+        for u in meta.units:
+            mw.add_unit({**w[u.name], **({"lm_head.weight": w["embed"]["embed_tokens.weight"]}
+                                          if u.kind == "head" else {})})
+    doc = json.loads((first / "metadata.json").read_text())
+    doc["config"]["tie_word_embeddings"] = True
+    (first / "metadata.json").write_text(json.dumps(doc))
+    assert load_model_meta(first).units[-1].nbytes > meta.units[-1].nbytes  # loads, with the copy
+    n = default_model.conversions
+    assert default_model.resolve_model(None, progress=False) == first
+    assert default_model.conversions == n + 1
+    assert load_model_meta(first).units[-1].nbytes == meta.units[-1].nbytes
+    assert default_model.resolve_model(None, progress=False) == first and default_model.conversions == n + 1
+
+
 def test_resolve_model_paths(tmp_path):
     out = synth(tmp_path / "m", "tiny")
     assert default_model.resolve_model(str(out)) == out
