@@ -7,7 +7,7 @@
 
 Only the generated text goes to stdout; logs go to stderr. Without `--endpoint` it starts the
 same pipeline as `gdsllm serve` (I/O worker, compute worker, coordinator) for this one request;
-`--single-process` runs the reference engine `gdsllm.LLM` instead (one unit at a time, one buffer).
+`--single-process` runs the engine `gdsllm.LLM` in this process instead (same planner: --vram-budget).
 """
 from __future__ import annotations
 
