@@ -171,12 +171,18 @@ def gguf_family(gguf_arch: str, field, p_hidden: int, heads: int, n_layers: int,
         return "qwen3", dict(qk_norm=True, attention_bias=bias, attention_out_bias=bias)
     assert gguf_arch == "gemma3", gguf_arch
     # llama.cpp (src/llama-model.cpp): every 6th layer global, local rope base 10000, attention
-    # scale 1/sqrt(head_dim) except the 27B (62 layers), which uses hidden / heads.
-    types = tuple("sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n_layers))
+    # scale 1/sqrt(head_dim) except the 27B (62 layers), which uses hidden / heads; newer files
+    # may state the pattern (an int, or one bool per layer: true = sliding) and the local base.
+    pattern = field("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, (list, tuple)):
+        types = tuple("sliding_attention" if s else "full_attention" for s in pattern)
+    else:
+        types = tuple("sliding_attention" if (i + 1) % int(pattern) else "full_attention"
+                      for i in range(n_layers))
     scalar = p_hidden / heads if n_layers == 62 else head_dim
     return "gemma3", dict(
         qk_norm=True, feedforward_norms=True, norm_weight_offset=1.0, embed_scale=math.sqrt(p_hidden),
         hidden_act="gelu_pytorch_tanh", sliding_window=int(field("attention.sliding_window", 4096)),
-        layer_types=types, rope_local_theta=10000.0, query_pre_attn_scalar=float(scalar),
+        layer_types=types, rope_local_theta=float(field("rope.freq_base_swa", 10000.0)), query_pre_attn_scalar=float(scalar),
         final_logit_softcapping=field("final_logit_softcapping", None),
         attn_logit_softcapping=field("attn_logit_softcapping", None))
