@@ -43,8 +43,8 @@ class Runner:
         # Rotary frequencies depend only on the model: computed once, kept on the compute device;
         # one table per kind a layer uses ("global", and "local" for Gemma 3's sliding layers).
         self.windows = [params.layer_window(i) for i in range(params.num_hidden_layers)]
-        self.inv_freqs = {kind: layers.rope_inv_freq(params, kind).to(self.device)
-                          for kind in sorted({params.layer_rope(i) for i in range(params.num_hidden_layers)})}
+        kinds = sorted({params.layer_rope(i) for i in range(params.num_hidden_layers)})
+        self.inv_freqs = {k: layers.rope_inv_freq(params, k).to(self.device) for k in kinds}
         self._pass: _Pass | None = None
 
     def seq_len(self, seq_id: int) -> int:
@@ -95,7 +95,7 @@ class Runner:
         self._pass = _Pass(
             seq_ids=seq_ids,
             ids=torch.tensor(ids, dtype=torch.long, device=self.device),
-            rope={kind: layers.rope_cos_sin(f, pos, self.dtype) for kind, f in self.inv_freqs.items()},
+            rope={k: layers.rope_cos_sin(f, pos, self.dtype) for k, f in self.inv_freqs.items()},
             segments=[layers.Segment(a, b, self.caches[sid]) for sid, a, b in segments],
             last_rows=torch.tensor(last_rows, dtype=torch.long, device=self.device))
 

@@ -263,8 +263,7 @@ def load_model_meta(root: str | os.PathLike, check_files: bool = True) -> ModelM
     _require(doc.get("format_version") == FORMAT_VERSION, where,
              f"format_version {doc.get('format_version')!r}, this GdsLLM reads {FORMAT_VERSION}")
     arch = doc.get("architecture")
-    _require(arch in SUPPORTED_ARCHITECTURES, where, f"unsupported architecture {arch!r}; supported: "
-             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    _require(arch in SUPPORTED_ARCHITECTURES, where, f"unsupported architecture {arch!r}")
     _require(isinstance(doc.get("config"), dict), where, "missing 'config' object")
     params = parse_params(doc["config"], where)
     _require(doc.get("dtype") in DTYPES, where, f"unsupported dtype {doc.get('dtype')!r}")
