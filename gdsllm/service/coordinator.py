@@ -24,6 +24,7 @@ from ipc.messages import (Cancel, Error, Generate, Health, HealthReply, Loaded, 
 
 from gdsllm.config import ServiceConfig
 from gdsllm.engine.planner import plan_residency
+from gdsllm.service.metrics import ServiceMetrics
 from gdsllm.service.scheduler import BatchScheduler
 from gdsllm.engine.sequence import Sequence, encode_prompt, validate_request
 from gdsllm.service.worker_set import WorkerSet, WorkerStartError
@@ -31,19 +32,6 @@ from gdsllm.service.worker_set import WorkerSet, WorkerStartError
 log = logging.getLogger("gdsllm.service.coordinator")
 SNDHWM = 100_000  # queued replies per client before it counts as gone (token chunks are tiny)
 MAX_WAITING = 4096  # requests queued behind the running batch before new ones get Error(busy)
-
-
-class _NoMetrics:
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-
-def _metrics():
-    try:
-        from gdsllm.service.metrics import ServiceMetrics
-    except ImportError:
-        return _NoMetrics()
-    return ServiceMetrics()
 
 
 class Coordinator:
@@ -62,7 +50,7 @@ class Coordinator:
         self.max_context = p.max_position_embeddings
         self.plan = plan_residency([u.name for u in self.meta.units], [u.nbytes for u in self.meta.units],
                                    config.vram_budget, config.prefetch_window)
-        self.metrics = _metrics()
+        self.metrics = ServiceMetrics()
         self.workers = WorkerSet(config, self.plan.arena_bytes, self._worker_died, io_target, compute_target)
         self.batch = BatchScheduler(self.plan, self.workers, self._reply, self.metrics, config.max_batch)
         self.ctx = zmq.asyncio.Context()
@@ -199,7 +187,12 @@ class Coordinator:
         if e is None:
             return True
         if isinstance(e, zmq.ZMQError):  # EHOSTUNREACH (ROUTER_MANDATORY: the client left) or EAGAIN
-            log.info("client %s unreachable (%s): cancelling its requests", client.hex(), e.strerror)
+            n = sum(1 for seq in self.batch.by_key.values() if seq.client == client)
+            if n:
+                log.info("client %s unreachable (%s): cancelling its %d request(s)", client.hex(),
+                         e.strerror, n)
+            else:
+                log.debug("client %s left before a reply to it (%s)", client.hex(), e.strerror)
             self.batch.cancel_client(client)
             return False
         raise e
