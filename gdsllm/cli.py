@@ -31,9 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum, frame) -> None:
-    """SIGTERM (`kill`, `timeout`): unwind like Ctrl-C, so every `with` and `finally` runs and the
-    local service removes its processes, shared memory and sockets."""
+def _stop_signal(signum, frame) -> None:
+    """SIGINT or SIGTERM (`kill`, `timeout`): unwind like Ctrl-C, so every `with` and `finally`
+    runs and a local service removes its processes, shared memory and sockets. Repeats are ignored
+    from then on (`timeout` signals the process and then its group): an exception raised in the
+    middle of that clean-up would cut it short, and the clean-up has its own deadlines."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _stop_signal)
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # `gdsllm info | head`: the reader left; not an error of ours

@@ -6,6 +6,8 @@ when it is usable, else cpu.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="storage ceiling and decode speed on this machine")
@@ -22,7 +24,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     import tempfile
-    from pathlib import Path
 
     from gdsllm.commands.serve import pick_device
     from gdsllm.convert.default_model import resolve_model
