@@ -98,6 +98,40 @@ def test_prompt_longer_than_the_context_through_the_local_pipeline(model_dir):
     assert "unreachable" not in r.stderr and r.stdout == ""
 
 
+def test_busy_endpoint_is_an_error_not_a_hang():
+    """A socket whose bind fails is closed (an open one would hang ctx.term() forever)."""
+    import socket
+    import threading
+
+    import zmq
+
+    from ipc import sockets
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        endpoint = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
+        ctx = zmq.Context()
+        with pytest.raises(OSError, match=f"{endpoint}: Address already in use"):
+            sockets.router(ctx, endpoint)
+        t = threading.Thread(target=ctx.term, daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "ctx.term() hangs on the socket that failed to bind"
+        assert "Address already in use" in cli.user_error(OSError(98, f"{endpoint}: Address already in use"))
+
+
+@pytest.mark.slow
+def test_serve_on_a_busy_endpoint_exits_with_one_line(model_dir):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        endpoint = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
+        r = _gdsllm("serve", "-m", model_dir, "--device", "cpu", "--endpoint", endpoint,
+                    "--metrics-port", "-1", timeout=120)
+    _one_line_error(r, "serve", f"{endpoint}: Address already in use")
+
+
 # --- one server for the rest ---------------------------------------------------------------------
 
 class _Records(logging.Handler):
