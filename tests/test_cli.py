@@ -83,6 +83,9 @@ def test_bench_and_serve_say_why_cuda_cannot_be_used(model_dir):
 
 def test_user_errors_are_one_line(model_dir, tmp_path):
     _one_line_error(_gdsllm("info", "-m", tmp_path / "nope"), "info", "nope")
+    _one_line_error(_gdsllm("run", "--endpoint", "tcp://127.0.0.1:9"), "run", "is `gdsllm serve` running")
+    _one_line_error(_gdsllm("generate", "-m", model_dir, "-p", "hi", "--vram-budget", "1KB"),
+                    "generate", "--vram-budget 1000 bytes is too small")
     _one_line_error(_gdsllm("generate", "-m", model_dir, "-p", "hi", "-n", "1000000"), "generate",
                     "-n 1000000: the model's context holds 512 tokens")
     from gdsllm.service.worker_set import WorkerStartError

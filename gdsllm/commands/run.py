@@ -90,7 +90,9 @@ def chat(client, args, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr) ->
 def run(args) -> int:
     from gdsllm.service.client import Client
     if args.endpoint:
-        with Client(args.endpoint, timeout=300.0) as c:
+        with Client(args.endpoint, timeout=10.0) as c:
+            c.health()  # a missing server is a clear error in seconds, not at the first message
+            c.timeout = 300.0  # one pass may take long: no hurry
             chat(c, args)
         return 0
     from gdsllm.service.pipeline import LocalService
