@@ -31,6 +31,11 @@ def smollm2_gguf_path() -> Path | None:
     return files[0] if files else None
 
 
+def session_dir() -> Path:
+    """This run's scratch directory for large converted models (removed when the run ends)."""
+    return _dir()
+
+
 def _dir() -> Path:
     global _session_dir
     if _session_dir is None:
