@@ -201,15 +201,17 @@ def test_smollm2_streamed_from_disk_matches_transformers():
 
 @pytest.mark.slow
 def test_cli_default_model(tmp_path):
-    """Without -m: the embedded SmolLM2, converted once into the (here temporary) cache."""
-    _, _, d = smollm2()
-    with LLM(str(d)) as m:
-        want = m.generate("The sky is", SamplingParams(max_tokens=4, temperature=0)).text
+    """Without -m: the embedded SmolLM2 (kept quantized), converted once into the (here
+    temporary) cache, and what the CLI generates with it is what LLM generates with that model."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(tmp_path))
     r = subprocess.run([sys.executable, "-m", "gdsllm", "generate", "-p", "The sky is", "-n", "4",
                         "--temp", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == want + "\n" and (tmp_path / "gdsllm").is_dir()
+    (d,) = [p for p in (tmp_path / "gdsllm").iterdir() if p.is_dir()]
+    with LLM(str(d)) as m:
+        assert any(t.quant is not None for u in m.meta.units for t in u.tensors)
+        want = m.generate("The sky is", SamplingParams(max_tokens=4, temperature=0)).text
+    assert r.stdout == want + "\n"
 
 
 @pytest.mark.gpu

@@ -9,6 +9,11 @@ the memory-mapped file. llama.cpp stores Q and K rows permuted for its rotary la
 permuted back exactly as transformers' `LlamaTensorProcessor` does. Hyper-parameters come from the
 `llama.*` keys, the tokenizer from `tokenizer.ggml.*` (see `gdsllm.convert.gguf_tokenizer`), the chat
 template from `tokenizer.chat_template`.
+
+With `quant=None` (the CLI's default for a GGUF) quantized tensors stay quantized: Q4_0, Q4_1 and
+Q4_K blocks become int4, Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 int8 (`gdsllm.quant.gguf_blocks`, read
+from the memory-mapped blocks, no float copy); with "int4" / "int8" every projection is stored in
+that qtype (`gdsllm.quant.policy`); "none" dequantizes to `dtype` exactly as transformers does.
 """
 from __future__ import annotations
 
@@ -22,8 +27,12 @@ from gdsllm.convert.hf import _progress
 from gdsllm.format.metadata import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
 from gdsllm.convert.gguf_tokenizer import _field, gguf_tokenizer_json
 from gdsllm.format.writer import ModelWriter
+from gdsllm.quant.gguf_blocks import NATIVE, check_keepable, decode_named
+from gdsllm.quant.schemes import QTensor
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1",  # --quant none: dequantized
+                   "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+                   "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
 # Hugging Face name inside a unit -> GGUF name (blocks: "blk.{i}." + this)
 BLOCK_NAMES = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -102,12 +111,14 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 class GGUFTensors:
     """Dequantized tensors of a GGUF by name, read one at a time from the memory-mapped file."""
 
-    def __init__(self, reader, path: Path, p: LlamaParams):
-        self.path, self.p = path, p
+    def __init__(self, reader, path: Path, p: LlamaParams, keep_quant: bool = False):
+        self.path, self.p, self.keep_quant = path, p, keep_quant
         self.by_name = {t.name: t for t in reader.tensors}
         for t in reader.tensors:  # fail before writing anything, not at the last block
             used = t.name.startswith("blk.") or t.name in TOP_NAMES.values()
-            if used and t.tensor_type.name not in SUPPORTED_TYPES:
+            if used and keep_quant:
+                check_keepable(path, t.name, t.tensor_type.name)
+            elif used and t.tensor_type.name not in SUPPORTED_TYPES:
                 raise FormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; GdsLLM "
                                   f"converts {', '.join(SUPPORTED_TYPES)}")
 
@@ -120,17 +131,24 @@ class GGUFTensors:
         if qtype not in SUPPORTED_TYPES:
             raise FormatError(f"{self.path}: tensor {gname} has type {qtype}; GdsLLM converts "
                               f"{', '.join(SUPPORTED_TYPES)}")
+        if self.keep_quant and qtype in NATIVE:  # the blocks' values as they are, no float copy
+            return self._unpermute(gname, decode_named(self.path, gname, t, shape))
         # np.array copies: F32 data is a read-only view of the memory-mapped file.
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
         if w.numel() != int(np.prod(shape)):
             raise FormatError(f"{self.path}: tensor {gname} has {w.numel()} values, the "
                               f"hyper-parameters say shape {shape}")
-        w = w.reshape(shape)
-        if gname.endswith("attn_q.weight"):
-            w = unpermute(w, self.p.num_attention_heads)
-        elif gname.endswith("attn_k.weight"):
-            w = unpermute(w, self.p.num_key_value_heads)
-        return w
+        return self._unpermute(gname, w.reshape(shape))
+
+    def _unpermute(self, gname: str, w):
+        heads = {"attn_q.weight": self.p.num_attention_heads,
+                 "attn_k.weight": self.p.num_key_value_heads}.get(gname.rsplit(".", 2)[-2] + ".weight")
+        if heads is None:
+            return w
+        if isinstance(w, QTensor):  # rows move with their scales and zeros
+            return QTensor(w.qtype, unpermute(w.q, heads), unpermute(w.scale, heads),
+                           unpermute(w.zero, heads), w.group_size)
+        return unpermute(w, heads)
 
 
 def gguf_units(src: GGUFTensors, p: LlamaParams):
@@ -149,8 +167,10 @@ def gguf_units(src: GGUFTensors, p: LlamaParams):
 
 
 def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32",
-                 progress: bool = False, overwrite: bool = False) -> Path:
-    """Convert the GGUF file `src` into a GdsLLM model at `dst`; returns `dst`."""
+                 progress: bool = False, overwrite: bool = False, quant: str | None = "none",
+                 group_size: int = 64) -> Path:
+    """Convert the GGUF file `src` into a GdsLLM model at `dst`; returns `dst`. `quant`: None
+    keeps quantized blocks as they are, "int4"/"int8" quantizes, "none" dequantizes to `dtype`."""
     src = Path(src).expanduser().resolve()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -158,10 +178,11 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "f
         raise FormatError(f"{src}: not found (a .gguf file is expected)")
     reader = open_gguf(src)
     p = params_from_gguf(reader, src)
-    tensors = GGUFTensors(reader, src, p)  # these two fail early, before any weight is written
+    tensors = GGUFTensors(reader, src, p, keep_quant=quant != "none")  # these two fail early, before any weight is written
     tokenizer = gguf_tokenizer_json(reader, src)
     with ModelWriter(dst, p, dtype, chat_template=_field(reader, "tokenizer.chat_template"),
-                     source=f"gguf:{src}", overwrite=overwrite) as w:
+                     source=f"gguf:{src}", overwrite=overwrite,
+                     quant=None if quant == "none" else quant, group_size=group_size) as w:
         units = gguf_units(tensors, p)
         for _, tensors in _progress(units, len(unit_layout(p)), f"convert {src.name}", progress):
             w.add_unit(tensors)

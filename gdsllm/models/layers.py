@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gdsllm.format.metadata import LlamaParams
 from gdsllm.engine.kv_cache import KVCache
+from gdsllm.quant.schemes import QuantWeight
 
 
 def rope_inv_freq(p: LlamaParams) -> torch.Tensor:
@@ -82,17 +83,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight.to(in_dtype) * h.to(in_dtype)
 
 
-def linear(weights: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+def linear(weights: dict[str, torch.Tensor | QuantWeight], name: str, x: torch.Tensor) -> torch.Tensor:
     """x @ weights[name].T, in x's dtype. On the CPU backend weights stored as fp16/bf16 are upcast
     here, once per unit and pass; on CUDA the compute dtype is the stored dtype and this is a
-    no-op view."""
-    return F.linear(x, weights[name].to(x.dtype))
+    no-op view. A quantized weight goes to its backend's kernel (gdsllm.quant.kernels_*)."""
+    w = weights[name]
+    if isinstance(w, QuantWeight):
+        return w.linear(x)
+    return F.linear(x, w.to(x.dtype))
 
 
-def embed(weights: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def embed(weights: dict[str, torch.Tensor | QuantWeight], ids: torch.Tensor, dtype: torch.dtype
+          ) -> torch.Tensor:
     """[T] token ids -> [T, hidden] activations."""
+    w = weights["embed_tokens.weight"]
+    if isinstance(w, QuantWeight):  # only the gathered rows are dequantized
+        return w.dequantize(dtype, rows=ids)
     # Gather first, then cast: upcasting the whole table would copy vocab x hidden every pass.
-    return F.embedding(ids, weights["embed_tokens.weight"]).to(dtype)
+    return F.embedding(ids, w).to(dtype)
 
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
