@@ -1,6 +1,6 @@
 """`gdsllm convert SRC DST [--dtype float16|bfloat16|float32] [--quant none|int8|int4]
 [--group-size 32|64|128]`: a Hugging Face LLaMA directory or a llama `.gguf` file into a GdsLLM
-model directory. Without `--quant`, a GGUF's quantized blocks stay quantized (int4 / int8, see
+model directory, or a GdsLLM model directory re-quantized. Without `--quant`, a GGUF's quantized blocks stay quantized (int4 / int8, see
 gdsllm.convert.gguf) and a Hugging Face checkpoint stays float; `--quant none` dequantizes. The output appears atomically (temp dir +
 rename): an error or Ctrl-C leaves nothing behind. Progress on stderr.
 """
@@ -28,6 +28,9 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "float16", progress: 
             quant: str | None = None, group_size: int = 64) -> Path:
     """Dispatch on the source: a directory is Hugging Face, a `.gguf` file is GGUF."""
     src = Path(src).expanduser()
+    if src.is_dir() and (src / "metadata.json").is_file():  # a GdsLLM model: re-quantize it
+        from gdsllm.quant.requantize import requantize
+        return requantize(src, dst, quant or "none", group_size, dtype, progress=progress)
     if src.is_dir():
         from gdsllm.convert.hf import convert_hf
         return convert_hf(src, dst, dtype=dtype, progress=progress, quant=quant or "none",

@@ -59,10 +59,10 @@ def describe(root) -> str:
         "io path       cpu: " + probe_io_path("cpu") +
         (f", cuda: {probe_io_path('cuda')}" if torch.cuda.is_available() else ", cuda: no GPU"),
         "",
-        f"{'unit':<10} {'file':<15} {'qtype':<16} {'bytes':>14} {'tensors':>8}",
+        f"{'unit':<10} {'file':<15} {'bytes':>14} {'tensors':>8}  qtype",
     ]
     for u in meta.units:
-        lines.append(f"{u.name:<10} {u.file:<15} {unit_qtype(u):<16} {u.nbytes:>14,} {len(u.tensors):>8}")
+        lines.append(f"{u.name:<10} {u.file:<15} {u.nbytes:>14,} {len(u.tensors):>8}  {unit_qtype(u)}")
     return "\n".join(lines)
 
 
