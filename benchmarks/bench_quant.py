@@ -39,7 +39,7 @@ def with_model(a, q: str):
 
 
 def part_quantize(a, res):
-    for q in ("int8", "int4"):
+    for q in a.qtypes:
         dst = model_dir(a, q)
         if (dst / "metadata.json").exists():
             continue
@@ -48,7 +48,8 @@ def part_quantize(a, res):
             "--quant", q, "--group-size", str(a.group_size)], a.log)
         res.setdefault("quantize_s", {})[q] = time.perf_counter() - t0
     for q in QTYPES:
-        res.setdefault("model_bytes", {})[q] = load_model_meta(model_dir(a, q)).total_bytes
+        if (model_dir(a, q) / "metadata.json").exists():
+            res.setdefault("model_bytes", {})[q] = load_model_meta(model_dir(a, q)).total_bytes
     print("model_bytes", json.dumps(res["model_bytes"]), flush=True)
 
 
@@ -58,10 +59,12 @@ def part_stream(a, res):
         b = with_model(a, q)
         decode_run(b, load_model_meta(b.model), f"stream_{q}", res, budget=a.budget)
         r = res[f"stream_{q}"]
-        if ceiling:
+        if ceiling and r["streamed_bytes_per_pass"]:
             r["ceiling_s_per_token"] = r["streamed_bytes_per_pass"] / ceiling
             r["over_ceiling"] = r["s_per_token"] / r["ceiling_s_per_token"]
     f16 = res["stream_float16"]["streamed_bytes_per_pass"]
+    if not f16:
+        raise ValueError(f"float16 streams nothing at --budget {a.budget}: pick a smaller budget")
     for q in QTYPES:
         res[f"stream_{q}"]["bytes_vs_float16"] = res[f"stream_{q}"]["streamed_bytes_per_pass"] / f16
 
@@ -76,7 +79,7 @@ def part_resident(a, res):
 
 
 def part_table(a, res):
-    lines = [f"LLaMA-7B shape, budget {a.budget}, ceiling "
+    lines = [f"{a.shape} shape, budget {a.budget}, ceiling "
              f"{res.get('ceiling', {}).get('bytes_per_s', 0) / GB:.2f} GB/s "
              f"({res.get('ceiling', {}).get('reader', '?')}), int4/int8 groups of {a.group_size}",
              "", "| model | file GB | streamed GB/token | vs float16 | s/token | ceiling s/token "
@@ -106,7 +109,10 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=8)
     ap.add_argument("--parts", default="synth,quantize,ceiling,stream,resident,table")
+    ap.add_argument("--qtypes", default="int8,int4", help="quantize part: which to convert "
+                    "(each one is a command of its own if 10 minutes do not fit both)")
     a = ap.parse_args()
+    a.qtypes = [q for q in a.qtypes.split(",") if q]
     a.work.mkdir(parents=True, exist_ok=True)
     a.model, a.hf, a.log = a.work / "model", a.work / "model-hf", a.work / "bench-quant.log"
     rp = a.work / "results-quant.json"
