@@ -16,14 +16,10 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from gdsllm.format.family_params import FamilyParams, family_block_shapes, family_fields, family_problem
-
-if TYPE_CHECKING:
-    from gdsllm.quant.meta import QuantMeta
 
 FORMAT_NAME = "gdsllm"
 FORMAT_VERSION = 2  # 2: quantized tensors (int4, int8); version 1 files (all float) still read
@@ -51,15 +47,15 @@ def align_up(n: int, align: int = ALIGN) -> int:
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """One tensor inside a unit file: `nbytes` bytes at `offset` (bytes, 4 KiB aligned).
-    A quantized tensor has `quant` set, `dtype` equal to its qtype and its logical `shape`."""
+    """One tensor inside a unit file: `nbytes` bytes at `offset` (bytes, 4 KiB aligned); a
+    quantized one (`quant` set) has its qtype as `dtype` and its logical `shape`."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     offset: int
     nbytes: int
-    quant: QuantMeta | None = None  # gdsllm.quant.meta
+    quant: "QuantMeta | None" = None  # noqa: F821 (gdsllm.quant.meta.QuantMeta)
 
     @property
     def spans(self) -> list[tuple[int, int]]:
@@ -193,21 +189,15 @@ def _require(cond: bool, where: Path, what: str) -> None:
         raise FormatError(f"{where}: {what}")
 
 
-def _quant_meta(d: dict) -> "QuantMeta":
-    from gdsllm.quant.meta import QuantMeta
-    return QuantMeta.from_json(d)
-
-
 def _parse_tensor(d: dict, where: Path, unit_name: str) -> TensorMeta:
+    if isinstance(d, dict) and d.get("quant") is not None:  # read where the schemes live
+        from gdsllm.quant.meta import parse_tensor
+        return parse_tensor(d, where, unit_name)
     try:
         t = TensorMeta(str(d["name"]), str(d["dtype"]), tuple(int(s) for s in d["shape"]),
-                       int(d["offset"]), int(d["nbytes"]),
-                       None if d.get("quant") is None else _quant_meta(d["quant"]))
+                       int(d["offset"]), int(d["nbytes"]))
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{where}: unit {unit_name}: malformed tensor entry {d!r}: {e}") from None
-    if t.quant is not None:  # checked where the schemes live
-        from gdsllm.quant.meta import check_tensor
-        return check_tensor(t, where, unit_name)
     _require(t.dtype in DTYPES, where, f"unit {unit_name} tensor {t.name}: unsupported dtype {t.dtype!r}")
     _require(t.offset % ALIGN == 0, where, f"unit {unit_name} tensor {t.name}: offset {t.offset} "
              f"is not {ALIGN}-byte aligned")
@@ -283,8 +273,7 @@ def load_model_meta(root: str | os.PathLike, check_files: bool = True) -> ModelM
     _require(isinstance(doc, dict), where, "top level is not an object")
     _require(doc.get("format") == FORMAT_NAME, where, f"format {doc.get('format')!r}, expected {FORMAT_NAME!r}")
     _require(doc.get("format_version") in READABLE_VERSIONS, where,
-             f"format_version {doc.get('format_version')!r}, this GdsLLM reads "
-             f"{', '.join(map(str, READABLE_VERSIONS))}; convert the model again with this GdsLLM")
+             f"format_version {doc.get('format_version')!r}, this GdsLLM reads {', '.join(map(str, READABLE_VERSIONS))}")
     arch = doc.get("architecture")
     _require(arch in SUPPORTED_ARCHITECTURES, where, f"unsupported architecture {arch!r}")
     _require(isinstance(doc.get("config"), dict), where, "missing 'config' object")

@@ -41,6 +41,16 @@ class QuantMeta:
         return [(self.scales_offset, self.scales_offset + self.scales_nbytes)]
 
 
+def parse_tensor(d: dict, where: Path, unit_name: str) -> TensorMeta:
+    """The TensorMeta of a quantized entry of metadata.json, checked (FormatError if not sound)."""
+    try:
+        t = TensorMeta(str(d["name"]), str(d["dtype"]), tuple(int(s) for s in d["shape"]),
+                       int(d["offset"]), int(d["nbytes"]), QuantMeta.from_json(d["quant"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{where}: unit {unit_name}: malformed tensor entry {d!r}: {e}") from None
+    return check_tensor(t, where, unit_name)
+
+
 def check_tensor(t: TensorMeta, where: Path, unit_name: str) -> TensorMeta:
     """`t` if its quantized entry is consistent; FormatError naming the file and tensor if not."""
     q = t.quant
