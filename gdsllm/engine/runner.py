@@ -62,8 +62,9 @@ class Runner:
             raise RuntimeError(f"sequence {seq_id} released in the middle of a pass that serves it")
         self.caches.pop(seq_id, None)
 
-    def start_pass(self, chunks: list[tuple[int, list[int]]]) -> None:
-        """Begin one weight pass for `chunks`: (seq_id, new_token_ids) each, seq_ids distinct."""
+    def start_pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False) -> None:
+        """Begin one weight pass for `chunks`: (seq_id, new_token_ids) each, seq_ids distinct.
+        `all_logits`: end_pass returns logits for every new token, not only each chunk's last."""
         if self._pass is not None:
             raise RuntimeError("start_pass called while a pass is in progress (call end_pass first)")
         if not chunks:
@@ -88,8 +89,8 @@ class Runner:
             ids += toks
             positions += range(past, past + len(toks))
             segments.append((sid, row, row + len(toks)))
+            last_rows += range(row, row + len(toks)) if all_logits else [row + len(toks) - 1]
             row += len(toks)
-            last_rows.append(row - 1)
         for sid, _, _ in segments:
             if sid not in self.caches:  # a new sequence starts at position 0
                 self.caches[sid] = KVCache(p.num_hidden_layers, p.num_key_value_heads, p.head_dim,
