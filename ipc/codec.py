@@ -11,6 +11,9 @@
 
 `decode` never trusts its input: garbage bytes, an unknown tag, a missing or extra field or a value
 of the wrong type raise `ProtocolError` with a message fit for an error reply. No pickle anywhere.
+The size limit is the CLIENT limit (`MAX_MESSAGE_BYTES`); messages between the coordinator and its
+own workers are not bound by it (`decode(raw, max_bytes=None)`): one weight pass may carry many MiB
+of prompt token ids.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Any
 
 import msgpack
 
-MAX_MESSAGE_BYTES = 1 << 20  # control messages are small; weight bytes never cross a socket
+MAX_MESSAGE_BYTES = 1 << 20  # client messages are small; weight bytes never cross a socket
 _REGISTRY: dict[str, type] = {}
 
 
@@ -47,9 +50,10 @@ def encode(msg: Any) -> bytes:
     return msgpack.packb(d, use_bin_type=True)
 
 
-def decode(raw: bytes) -> Any:
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+def decode(raw: bytes, max_bytes: int | None = MAX_MESSAGE_BYTES) -> Any:
+    """One message from `raw`; `max_bytes=None` for internal (coordinator-worker) messages."""
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
     try:
         d = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several unrelated types on garbage

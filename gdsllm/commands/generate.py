@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.add_argument("--endpoint", default=None, help="send the request to a running gdsllm serve")
+    p.add_argument("--server-key", default=None, metavar="KEY",
+                   help="the server's CurveZMQ public key (40 characters, or its .key file)")
     p.add_argument("--single-process", action="store_true",
                    help="run the single-process reference engine instead of the pipeline")
     p.set_defaults(func=run)

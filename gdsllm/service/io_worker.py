@@ -9,14 +9,18 @@ cudaMalloc on "cuda"), and replies `IoReady(pid, backend, handle, arena_bytes, i
 `WorkerError(fatal=True)` (bad model, no arena, `require_gds` without GDS). Then, until
 `Shutdown` or the parent's death: each `Load(unit, slot, offset)` reads unit file `unit` into the
 arena at byte `offset`, several at once, and is answered by `Loaded(unit, slot, nbytes, seconds,
-io_path)`; `seconds` is the read alone. The first load of each unit is checksummed where it
-landed; a failure (or any read error) is `Loaded(..., error=...)` naming the file. Replies come in
-completion order, not request order.
+io_path)`; `seconds` is the read alone. A read that fails (OSError: EIO, a vanished or short
+file) is retried `config.read_retries` times with back-off before it counts. The first load of
+each unit (`--verify first`) or every load (`--verify always`) is checksummed where it landed; a
+mismatch (or a read that kept failing) is `Loaded(..., error=...)` naming the file. Replies come
+in completion order, not request order. Messages from the coordinator are internal: no client
+size limit.
 """
 from __future__ import annotations
 
 import os
 import queue
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,6 +37,7 @@ from gdsllm.format.storage import HostReader, _kvikio, aligned_host_buffer, prob
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
 FLUSH_MS = 2000  # bounded wait at exit for queued replies (the socket default is LINGER 0)
+RETRY_S = 0.1  # first back-off of a failed read; doubled on each retry
 
 
 def run_io_process(config: ServiceConfig, endpoint: str, arena_bytes: int) -> None:
@@ -116,7 +121,7 @@ class IoWorker:
     def _handle(self, raw: bytes) -> bool:
         """Act on one message; False on Shutdown."""
         try:
-            msg = decode(raw)
+            msg = decode(raw, max_bytes=None)
         except ProtocolError as e:
             self._send(WorkerError(f"I/O worker: bad message: {e}"))
             return True
@@ -157,10 +162,10 @@ class IoWorker:
         path = self.meta.path(unit)
         try:
             t0 = time.perf_counter()
-            self._read(path, msg.offset, unit.nbytes)
+            self._read_retrying(path, msg.offset, unit.nbytes)
             seconds = time.perf_counter() - t0
-            if msg.unit not in self.verified:
-                # First load only: a unit that read back right once is trusted afterwards.
+            if msg.unit not in self.verified or self.config.verify == "always":
+                # --verify first: a unit that read back right once is trusted afterwards.
                 verify_unit(self.meta, unit, self.arena.view(msg.offset, unit.nbytes))
                 self.verified.add(msg.unit)
             reply = Loaded(msg.unit, msg.slot, unit.nbytes, seconds, self.io_path)
@@ -173,6 +178,18 @@ class IoWorker:
             os.write(self.wake_w, b"x")
         except BlockingIOError:
             pass
+
+    def _read_retrying(self, path, offset: int, nbytes: int) -> None:
+        for attempt in range(self.config.read_retries + 1):
+            try:
+                return self._read(path, offset, nbytes)
+            except OSError as e:
+                if attempt == self.config.read_retries:
+                    raise
+                delay = RETRY_S * 2 ** attempt
+                print(f"gdsllm io worker: reading {path} failed ({e}); retrying in {delay:.2f} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(delay)
 
     def _read(self, path, offset: int, nbytes: int) -> None:
         if isinstance(self.reader, HostReader) and self.arena.spec.backend == "cuda":
