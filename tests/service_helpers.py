@@ -74,3 +74,12 @@ class Service:
             time.sleep(0.05)
         assert not any(alive(p) for p in self.pids), "worker processes outlived the service"
         assert not (self.shm & shm_entries()), "the shared-memory arena outlived the service"
+
+
+@pytest.fixture(scope="module", autouse=False)
+def single_thread_workers():
+    """Worker processes spawned meanwhile use one torch thread: tiny models gain nothing from more,
+    and on a shared CI machine spinning OpenMP threads make each small op take milliseconds."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
