@@ -73,7 +73,7 @@ def from_dict(cls: type, d: dict) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     extra = set(d) - set(fields)
     if extra:
-        raise ProtocolError(f"{cls.TYPE}: unknown field(s) {sorted(extra)}")
+        raise ProtocolError(f"{cls.TYPE}: unknown field(s) {sorted(extra, key=repr)}")
     kwargs = {}
     for name, f in fields.items():
         if name not in d:
@@ -141,8 +141,8 @@ def _check(value: Any, hint: Any, where: str) -> Any:
 def _plain(cls: type, d: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    if set(d) - names:
-        raise ProtocolError(f"{where}: unknown field(s) {sorted(set(d) - names)}")
+    if set(d) - names:  # keys of any type (msgpack maps may have int or bytes keys): sort by repr
+        raise ProtocolError(f"{where}: unknown field(s) {sorted(set(d) - names, key=repr)}")
     try:
         return cls(**{k: _check(v, hints[k], f"{where}.{k}") for k, v in d.items()})
     except TypeError as e:

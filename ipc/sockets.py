@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import zmq
+import zmq.auth
 import zmq.utils.z85
 
 from .codec import MAX_MESSAGE_BYTES, decode, encode
@@ -86,7 +87,6 @@ def _need_curve() -> None:
 
 def load_secret_key(path) -> tuple[bytes, bytes]:
     """(public, secret) Z85 keys from a ZeroMQ secret certificate file (`gdsllm keygen`)."""
-    import zmq.auth
     try:
         public, secret = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as e:
@@ -102,7 +102,6 @@ def load_public_key(key) -> bytes:
     if isinstance(key, (bytes, str)) and len(key) == 40 and not os.path.exists(str(key)):
         raw = key.encode() if isinstance(key, str) else key
     else:
-        import zmq.auth
         try:
             raw, _ = zmq.auth.load_certificate(str(key))
         except (OSError, ValueError) as e:

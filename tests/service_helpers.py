@@ -83,3 +83,13 @@ def single_thread_workers():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         yield
+
+
+@pytest.fixture(scope="module")
+def light_reference(model_dir) -> dict[str, list[int]]:
+    """Greedy ids (N tokens) of PROMPTS[:6] from the single-process engine: `reference`, cheaper."""
+    from gdsllm.engine.llm import LLM
+    from gdsllm.engine.sampling import SamplingParams
+    with LLM(str(model_dir)) as llm:
+        return {p: llm.generate(p, SamplingParams(max_tokens=N, temperature=0)).token_ids
+                for p in PROMPTS[:6]}

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from gdsllm.service.client import AsyncClient, Client, ServiceError
-from service_helpers import (N, PROMPTS, UNIT, Service, alive, model_dir, reference,  # noqa: F401
+from service_helpers import (N, PROMPTS, UNIT, Service, alive, light_reference, model_dir,  # noqa: F401
                              shm_entries, single_thread_workers)
 
 pytestmark = pytest.mark.usefixtures("single_thread_workers")
@@ -34,7 +34,7 @@ def wait_ok(c: Client, within: float) -> float:
     pytest.fail(f"health not ok within {within} s: {c.health()}")
 
 
-def test_sigkill_io_and_compute_workers_three_times_each(model_dir, reference):
+def test_sigkill_io_and_compute_workers_three_times_each(model_dir, light_reference):
     seen_pids, seen_shm = set(), set()
     with Service(model_dir, vram_budget=E_H + 2 * UNIT, prefetch_window=2) as s, \
             Client(s.endpoint, timeout=30) as c:
@@ -53,14 +53,14 @@ def test_sigkill_io_and_compute_workers_three_times_each(model_dir, reference):
             assert err.value.code == "worker_died" and f"the {name} worker died" in err.value.message
             wait_ok(c, within=30.0)
             f = c.generate(PROMPTS[3], max_tokens=N, temperature=0)
-            assert f.token_ids == reference[PROMPTS[3]][:N]
+            assert f.token_ids == light_reference[PROMPTS[3]]
         h = c.health()
         assert h.restarts == 6 and h.status == "ok"
         assert not [p for p in seen_pids if alive(p)], "a replaced worker is still running"
         assert not (seen_shm & shm_entries()), "a replaced I/O worker's arena was not unlinked"
 
 
-def test_watchdog_ends_a_pass_that_makes_no_progress(model_dir, reference):
+def test_watchdog_ends_a_pass_that_makes_no_progress(model_dir, light_reference):
     with Service(model_dir, vram_budget=E_H + 2 * UNIT, prefetch_window=2, pass_timeout_s=1.5) as s, \
             Client(s.endpoint, timeout=30) as c:
         stopped = s.svc.coordinator.workers.pids["compute"]
@@ -75,17 +75,17 @@ def test_watchdog_ends_a_pass_that_makes_no_progress(model_dir, reference):
         assert 1.5 <= time.monotonic() - t0 < 6.0
         wait_ok(c, within=30.0)
         assert not alive(stopped), "the stalled worker was not replaced"
-        assert c.generate(PROMPTS[1], max_tokens=N, temperature=0).token_ids == reference[PROMPTS[1]][:N]
+        assert c.generate(PROMPTS[1], max_tokens=N, temperature=0).token_ids == light_reference[PROMPTS[1]]
 
 
-def test_unit_corrupted_while_serving_is_caught_and_named(model_dir, reference, tmp_path):
+def test_unit_corrupted_while_serving_is_caught_and_named(model_dir, light_reference, tmp_path):
     root = tmp_path / "m"
     shutil.copytree(model_dir, root)
     f = root / "layer_002.bin"  # block.1, streamed
     good = f.read_bytes()
     with Service(root, vram_budget=E_H + 2 * UNIT, prefetch_window=2, verify="always") as s, \
             Client(s.endpoint, timeout=30) as c:
-        assert c.generate(PROMPTS[2], max_tokens=N, temperature=0).token_ids == reference[PROMPTS[2]][:N]
+        assert c.generate(PROMPTS[2], max_tokens=N, temperature=0).token_ids == light_reference[PROMPTS[2]]
         with open(f, "r+b") as fh:  # in place, same size: only the checksum can tell
             fh.seek(1000)
             fh.write(bytes([good[1000] ^ 0x55]))
@@ -102,20 +102,20 @@ def test_unit_corrupted_while_serving_is_caught_and_named(model_dir, reference, 
                 break
             except ServiceError as e:
                 assert e.code == "io_error"
-        assert f2.token_ids == reference[PROMPTS[2]][:N]
+        assert f2.token_ids == light_reference[PROMPTS[2]]
 
 
-def test_transient_read_error_is_retried_and_a_lasting_one_named(model_dir, reference, tmp_path, capfd):
+def test_transient_read_error_is_retried_and_a_lasting_one_named(model_dir, light_reference, tmp_path, capfd):
     root = tmp_path / "m"
     shutil.copytree(model_dir, root)
     f, away = root / "layer_004.bin", root / "away.bin"  # block.3: not among the prefetched first two
     with Service(root, vram_budget=E_H + 2 * UNIT, prefetch_window=2) as s, \
             Client(s.endpoint, timeout=30) as c:
-        assert c.generate(PROMPTS[0], max_tokens=2, temperature=0).token_ids == reference[PROMPTS[0]][:2]
+        assert c.generate(PROMPTS[0], max_tokens=2, temperature=0).token_ids == light_reference[PROMPTS[0]][:2]
         time.sleep(0.2)  # the next pass's first two units are prefetched; block.3 is read in the pass
         os.rename(f, away)
         threading.Timer(0.25, os.rename, (away, f)).start()  # back before the retries run out
-        assert c.generate(PROMPTS[1], max_tokens=N, temperature=0).token_ids == reference[PROMPTS[1]][:N]
+        assert c.generate(PROMPTS[1], max_tokens=N, temperature=0).token_ids == light_reference[PROMPTS[1]]
         assert "retrying" in capfd.readouterr().err
         time.sleep(0.2)
         os.rename(f, away)  # gone for good
