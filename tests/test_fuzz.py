@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 
 import msgpack
 import pytest
@@ -131,6 +132,9 @@ def test_fuzz_public_socket(model_dir, light_reference):
             dropped += not other.poll(300)
             other.close()
         assert dropped == OVERSIZED
+        codes = sorted(Counter(r.get("code", r["type"]) for r in replies).items())
+        print(f"fuzz: {sent} malformed messages, {len(replies)} replies {codes}, "
+              f"{dropped} oversized frames dropped")
         sock.close()
         ctx.term()
         with Client(s.endpoint, timeout=30) as c:
