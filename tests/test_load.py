@@ -140,3 +140,14 @@ def test_chunked_prefill_same_tokens_and_no_stall(model_dir, light_reference):
             assert f.token_ids == light_reference[p], p
         assert got[6].token_ids == seeded
         assert first.prompt_tokens > 300 and during >= 20, f"{during} tokens decoded during a 360-token prefill"
+
+
+@pytest.mark.gpu
+def test_kv_budget_derived_from_free_device_memory(model_dir, light_reference):
+    import torch
+    total = torch.cuda.get_device_properties(0).total_memory
+    with Service(model_dir, device="cuda") as s, Client(s.endpoint, timeout=60) as c:
+        h = c.health()
+        assert 0 < h.kv_budget_bytes < total, (h.kv_budget_bytes, total)
+        f = c.generate(PROMPTS[0], max_tokens=N, temperature=0)
+        assert f.finish_reason == "length" and len(f.token_ids) == N
