@@ -44,6 +44,7 @@ class ServiceConfig:
     metrics_port: int | None = 9400  # None: no /metrics server
     metrics_host: str = "127.0.0.1"
     max_batch: int = 16  # sequences served by one weight pass
+    max_waiting: int = 4096  # requests queued behind the batch before new ones get Error(busy)
     io_threads: int = 8
     startup_timeout_s: float = 120.0
     # ---- reliability and security (docs/RELIABILITY.md)
@@ -51,7 +52,6 @@ class ServiceConfig:
     insecure: bool = False  # allow a non-loopback endpoint without CurveZMQ
     kv_budget: int | None = None  # bytes of KV cache handed out; None: derived from free memory
     max_inflight_per_client: int = 64  # requests one client identity may have in flight
-    max_waiting: int = 4096  # requests queued behind the running batch; more get Error(busy)
     max_pass_tokens: int = 8192  # new tokens per weight pass (chunked prefill); 0: no limit
     pass_timeout_s: float = 300.0  # watchdog: a pass with no worker reply for this long fails
     restart_limit: int = 5  # worker restarts in a row (no pass completed between) before giving up
@@ -73,11 +73,13 @@ class ServiceConfig:
             raise ValueError(f"--verify must be first or always, got {self.verify!r}")
         if self.kv_budget is not None and self.kv_budget <= 0:
             raise ValueError(f"--kv-budget must be positive, got {self.kv_budget}")
-        if self.max_inflight_per_client < 1 or self.max_waiting < 0 or self.max_pass_tokens < 0:
-            raise ValueError("--max-inflight-per-client must be >= 1, --max-waiting and "
-                             "--max-pass-tokens >= 0")
+        if self.max_inflight_per_client < 1 or self.max_pass_tokens < 0 or self.restart_limit < 0:
+            raise ValueError("--max-inflight-per-client must be >= 1, --max-pass-tokens and "
+                             "--restart-limit >= 0")
         from ipc.sockets import is_loopback
         if self.curve_secret_key is None and not self.insecure and not is_loopback(self.endpoint):
             raise ValueError(f"refusing to bind {self.endpoint} without encryption: anyone who can "
                              f"reach it could use the service. Give --curve-secret-key FILE "
                              f"(`gdsllm keygen`), bind 127.0.0.1, or pass --insecure")
+        if self.max_waiting < 1:
+            raise ValueError(f"--max-waiting must be at least 1, got {self.max_waiting}")

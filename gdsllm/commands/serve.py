@@ -2,12 +2,17 @@
 
     gdsllm serve -m ~/models/llama-7b --device cuda --vram-budget 4GiB --prefetch-window 2
     gdsllm generate --endpoint tcp://127.0.0.1:5555 -p "Once upon a time"
+    gdsllm serve --http-port 8000 --api-key sekrit      # + OpenAI-compatible API, chat page at /
 
 Binds 127.0.0.1 by default; /metrics (Prometheus) on --metrics-host:--metrics-port (0 = a free
-port, -1 = off). Any other address needs CurveZMQ keys (`gdsllm keygen`, --curve-secret-key) or an
+port, -1 = off); with --http-port, the OpenAI-compatible HTTP API and the chat page
+(gdsllm.service.http) on --http-host:--http-port.
+Any other ZeroMQ address needs CurveZMQ keys (`gdsllm keygen`, --curve-secret-key) or an
 explicit --insecure. Limits and supervision: docs/RELIABILITY.md.
 """
 from __future__ import annotations
+
+import os
 
 
 def add_service_options(p, endpoint_default: str | None = "tcp://127.0.0.1:5555") -> None:
@@ -51,6 +56,16 @@ def add_parser(sub) -> None:
                    help="Prometheus /metrics port (0: a free port, -1: off; default 9400)")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address /metrics binds (default 127.0.0.1; 0.0.0.0 inside a container)")
+    p.add_argument("--max-waiting", type=int, default=4096, metavar="N",
+                   help="requests queued behind the batch before new ones are refused (busy, HTTP "
+                        "429; default 4096)")
+    p.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                   help="also serve the OpenAI-compatible HTTP API and the chat page (0: a free port)")
+    p.add_argument("--http-host", default="127.0.0.1",
+                   help="address the HTTP API binds (default 127.0.0.1; 0.0.0.0 inside a container)")
+    p.add_argument("--api-key", default=os.environ.get("GDSLLM_API_KEY") or None, metavar="KEY",
+                   help="HTTP API key clients must send as 'Authorization: Bearer KEY' (default: "
+                        "$GDSLLM_API_KEY, else none)")
     add_reliability_options(p)
     p.set_defaults(func=run)
 
@@ -67,14 +82,15 @@ def add_reliability_options(p) -> None:
                         "free memory)")
     p.add_argument("--max-inflight-per-client", type=int, default=64, metavar="N",
                    help="requests one client may have in flight; more get Error(busy) (default 64)")
-    p.add_argument("--max-waiting", type=int, default=4096, metavar="N",
-                   help="queued requests before new ones get Error(busy) (default 4096)")
     p.add_argument("--max-pass-tokens", type=int, default=8192, metavar="N",
                    help="new tokens per weight pass; longer prompts are prefilled in chunks "
                         "(default 8192, 0: no limit)")
     p.add_argument("--pass-timeout", type=float, default=300.0, metavar="S",
                    help="watchdog: a pass with no worker reply for S seconds fails and the workers "
                         "are restarted (default 300)")
+    p.add_argument("--restart-limit", type=int, default=5, metavar="N",
+                   help="worker restarts in a row (no pass completed between) before the service "
+                        "gives up and reports degraded (default 5; 0: never restart)")
     p.add_argument("--verify", choices=("first", "always"), default="first",
                    help="checksum each unit on its first load (default) or on every load")
 
@@ -87,9 +103,9 @@ def reliability_config(args) -> dict:
     key = Path(args.curve_secret_key).expanduser() if args.curve_secret_key else None
     return dict(curve_secret_key=key, insecure=args.insecure,
                 kv_budget=parse_size(args.kv_budget) if args.kv_budget else None,
-                max_inflight_per_client=args.max_inflight_per_client, max_waiting=args.max_waiting,
+                max_inflight_per_client=args.max_inflight_per_client,
                 max_pass_tokens=args.max_pass_tokens, pass_timeout_s=args.pass_timeout,
-                verify=args.verify)
+                restart_limit=args.restart_limit, verify=args.verify)
 
 
 def run(args) -> int:
@@ -97,9 +113,13 @@ def run(args) -> int:
     from gdsllm.service.worker_set import WorkerStartError
     port = None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
     config = service_config(args, endpoint=args.endpoint, metrics_port=port, metrics_host=args.metrics_host,
-                            **reliability_config(args))
+                            max_waiting=args.max_waiting, **reliability_config(args))
     try:
-        run_coordinator(config)
-    except WorkerStartError as e:
+        if args.http_port is not None:
+            from gdsllm.service.http.server import HttpOptions, run_with_http
+            run_with_http(config, HttpOptions(args.http_host, args.http_port, args.api_key))
+        else:
+            run_coordinator(config)
+    except (WorkerStartError, OSError) as e:
         raise ValueError(str(e)) from None
     return 0

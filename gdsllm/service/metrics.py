@@ -30,6 +30,8 @@ LAYER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 # every pass from a slow disk (AirLLM-class setups: ~10 s/token).
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                  20.0, 30.0, 60.0, 120.0)
+# HTTP requests: ms for /health and refusals, up to a whole generation for a non-streamed answer.
+HTTP_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                    600.0, 1800.0, 3600.0)
 
@@ -80,10 +82,19 @@ class ServiceMetrics:
                                    "in device memory", registry=r)
         self.slots_in_flight = Gauge("gdsllm_slots_in_flight", "Streaming slots holding a unit being "
                                      "read or computed", registry=r)
+        self.http_requests = Counter(
+            "gdsllm_http_requests", "HTTP API requests answered, by route and status code "
+            "(499: the client left first)", ["route", "status"], registry=r)
+        self.http_request_seconds = Histogram(
+            "gdsllm_http_request_duration_seconds", "Time to answer an HTTP API request (a stream: "
+            "until its last byte)", ["route"], buckets=REQUEST_BUCKETS, registry=r)
         # Known label values start at 0, so rate() and the dashboard have series before the first
         # event (Prometheus' advice for labelled counters).
         for reason in FINISH_REASONS:
             self.requests.labels(finish_reason=reason)
+        for route in HTTP_ROUTES:
+            self.http_requests.labels(route=route, status="200")
+            self.http_request_seconds.labels(route=route)
 
     # -------------------------------------------------------------- service state
 
@@ -149,6 +160,12 @@ class ServiceMetrics:
         assert seconds >= 0, seconds
         self.request_seconds.observe(seconds)
         self.requests.labels(finish_reason=finish_reason).inc()
+
+    def observe_http(self, route: str, status: int, seconds: float) -> None:
+        """One HTTP request of the OpenAI-compatible front end, answered (or abandoned: 499)."""
+        assert seconds >= 0, seconds
+        self.http_requests.labels(route=route, status=str(int(status))).inc()
+        self.http_request_seconds.labels(route=route).observe(seconds)
 
     # -------------------------------------------------------------- export
 
