@@ -44,11 +44,20 @@ def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
     return s
 
 
+def _attach(s: zmq.Socket, endpoint: str, bind: bool) -> zmq.Socket:
+    """Bind or connect `s`; on failure close it (an open socket would hang `ctx.term()`) and raise
+    OSError naming the endpoint (`tcp://127.0.0.1:5555: Address already in use`)."""
+    try:
+        (s.bind if bind else s.connect)(endpoint)
+    except zmq.ZMQError as e:
+        s.close(linger=0)
+        raise OSError(e.errno, f"{endpoint}: {e.strerror}") from None
+    return s
+
+
 def pair(ctx: zmq.Context, endpoint: str, bind: bool) -> zmq.Socket:
     """A PAIR socket, bound (coordinator side) or connected (worker side) to `endpoint`."""
-    s = _socket(ctx, zmq.PAIR)
-    (s.bind if bind else s.connect)(endpoint)
-    return s
+    return _attach(_socket(ctx, zmq.PAIR), endpoint, bind)
 
 
 def router(ctx: zmq.Context, endpoint: str, max_msg: int | None = None,
@@ -64,8 +73,7 @@ def router(ctx: zmq.Context, endpoint: str, max_msg: int | None = None,
         _need_curve()
         s.curve_publickey, s.curve_secretkey = curve
         s.curve_server = True
-    s.bind(endpoint)
-    return s
+    return _attach(s, endpoint, bind=True)
 
 
 def dealer(ctx: zmq.Context, endpoint: str, server_key: bytes | str | None = None) -> zmq.Socket:
@@ -76,8 +84,7 @@ def dealer(ctx: zmq.Context, endpoint: str, server_key: bytes | str | None = Non
         _need_curve()
         s.curve_serverkey = load_public_key(server_key)
         s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
-    s.connect(endpoint)
-    return s
+    return _attach(s, endpoint, bind=False)
 
 
 def _need_curve() -> None:

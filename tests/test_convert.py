@@ -55,24 +55,7 @@ def no_leftovers(parent: Path) -> list[str]:
 
 # --- the real model: SmolLM2-135M-Instruct Q4_1, via the default-model path ----------------------
 
-@pytest.fixture(scope="session")
-def xdg_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("xdg")
-
-
-@pytest.fixture(scope="session")
-def smollm2_model(xdg_cache, smollm2_gguf) -> Path:
-    """One float32 conversion of the default model for the whole session (via default_model)."""
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(xdg_cache)
-    try:
-        return default_model.default_model_dir(progress=False)
-    finally:
-        if old is None:
-            del os.environ["XDG_CACHE_HOME"]
-        else:
-            os.environ["XDG_CACHE_HOME"] = old
-
+# xdg_cache and smollm2_model (one float32 conversion per run) come from conftest.py.
 
 @pytest.fixture(scope="session")
 def smollm2_transformers(smollm2_gguf):
@@ -350,7 +333,7 @@ def _edit_shard(hf: Path, fn) -> Path:
                                   "missing_shard", "bad_json"])
 def test_hf_bad_input(tmp_path, case):
     hf = _hf(tmp_path)
-    expect = {"no_config": "config.json", "arch": "MistralForCausalLM", "no_tokenizer": "tokenizer.json",
+    expect = {"no_config": "config.json", "arch": "GPT2LMHeadModel", "no_tokenizer": "tokenizer.json",
               "bad_json": "config.json"}.get(case)
     if case == "no_config":
         (hf / "config.json").unlink()
@@ -358,7 +341,7 @@ def test_hf_bad_input(tmp_path, case):
         (hf / "config.json").write_text("{not json")
     elif case == "arch":
         cfg = json.loads((hf / "config.json").read_text())
-        cfg.update(architectures=["MistralForCausalLM"], model_type="mistral")
+        cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
         (hf / "config.json").write_text(json.dumps(cfg))
     elif case == "no_tokenizer":
         (hf / "tokenizer.json").unlink()
@@ -386,8 +369,8 @@ def test_gguf_bad_input(tmp_path, case):
         write_gguf(src, arch="gpt2")
         expect = "general.architecture is 'gpt2'"
     elif case == "qtype":
-        write_gguf(src, types={"ffn_up": Q.Q5_0})
-        expect = "tensor blk.0.ffn_up.weight has type Q5_0"
+        write_gguf(src, types={"ffn_up": Q.MXFP4})
+        expect = "tensor blk.0.ffn_up.weight has type MXFP4"
     elif case == "truncated":
         write_gguf(tmp_path / "ok.gguf")
         data = (tmp_path / "ok.gguf").read_bytes()

@@ -1,6 +1,7 @@
-"""`gdsllm convert SRC DST [--dtype float16|bfloat16|float32]`: a Hugging Face LLaMA directory or
-a llama `.gguf` file into a GdsLLM model directory. The output appears atomically (temp dir +
-rename): an error or Ctrl-C leaves nothing behind. Progress on stderr.
+"""`gdsllm convert SRC DST [--dtype float16|bfloat16|float32]`: a Hugging Face directory or
+a `.gguf` file (LLaMA, Qwen2/2.5, Qwen3, Mistral, Gemma 3 text) into a GdsLLM model directory.
+The output appears atomically (temp dir + rename): an error or Ctrl-C leaves nothing behind.
+Progress on stderr.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert a Hugging Face directory or a GGUF file")
     p.add_argument("src", help="Hugging Face model directory, or a .gguf file")
     p.add_argument("dst", help="output model directory (must not exist)")
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES),
+                   help="dtype the weights are stored (and computed) in (default float16)")
     p.set_defaults(func=run)
 
 

@@ -23,11 +23,14 @@ import zmq.asyncio
 
 from ipc import sockets
 from ipc.codec import MAX_MESSAGE_BYTES
-from ipc.messages import Cancel, Error, Generate, Health, HealthReply, ProtocolError, decode, encode
+from ipc.messages import (Cancel, Done, Error, Generate, Health, HealthReply, PassResult, ProtocolError,
+                          decode, encode)
 
 from gdsllm.config import ServiceConfig
 from gdsllm.engine.planner import plan_residency
 from gdsllm.service.admission import Admission
+from gdsllm.service.metrics import ServiceMetrics
+from gdsllm.service.progress import PassProgress
 from gdsllm.service.scheduler import BatchScheduler
 from gdsllm.engine.sequence import Sequence, encode_prompt, validate_request
 from gdsllm.service.supervisor import Supervisor
@@ -37,30 +40,11 @@ log = logging.getLogger("gdsllm.service.coordinator")
 SNDHWM = 100_000  # queued replies per client before it counts as gone (token chunks are tiny)
 
 
-class _NoMetrics:
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-
-def _metrics():
-    try:
-        from gdsllm.service.metrics import ServiceMetrics
-    except ImportError:
-        return _NoMetrics()
-    return ServiceMetrics()
-
-
 class Coordinator:
     """One service: the model's plan, the workers, the client frontend (DEALER clients; replies go
     to the sender's identity). `io_target` / `compute_target` replace the worker entry points
     (tests); by default gdsllm.service.io_worker.run_io_process and gdsllm.service.compute_worker.run_compute_process.
-
-    Supervision: a worker that dies, an error no pass can own, or a pass with no worker reply for
-    `pass_timeout_s` (the watchdog) fails the running requests at once (`worker_died`, `timeout`)
-    and replaces both workers, with back-off; waiting and new requests are served once the new
-    workers have loaded the resident units (health "restarting", then "ok"). After
-    `restart_limit` failures in a row with no pass completed between, the service is "degraded"
-    for good and says why."""
+    Dead or stalled workers are replaced by gdsllm.service.supervisor."""
 
     def __init__(self, config: ServiceConfig, *, io_target=None, compute_target=None):
         from gdsllm.format.metadata import load_model_meta
@@ -73,7 +57,7 @@ class Coordinator:
         self.max_context = p.max_position_embeddings
         self.plan = plan_residency([u.name for u in self.meta.units], [u.nbytes for u in self.meta.units],
                                    config.vram_budget, config.prefetch_window)
-        self.metrics = _metrics()
+        self.metrics = ServiceMetrics()
         self.targets = (io_target, compute_target)
         self.workers: WorkerSet | None = None
         self.batch: BatchScheduler | None = None
@@ -88,6 +72,7 @@ class Coordinator:
         self.http = None
         self.tasks: list[asyncio.Task] = []
         self.worker_tasks: list[asyncio.Task] = []
+        self.prefill = PassProgress()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -120,7 +105,7 @@ class Coordinator:
         """Relay the (new) workers' replies to the scheduler and start streaming."""
         self.worker_tasks = [asyncio.create_task(self._worker_loop("io", self.workers.io, self.batch.on_io)),
                              asyncio.create_task(self._worker_loop("compute", self.workers.compute,
-                                                                   self.batch.on_compute))]
+                                                                   self._on_compute))]
         self.batch.pump()  # the first pass's streamed units load while the service waits for requests
         self.batch.maybe_start_pass()
 
@@ -128,6 +113,29 @@ class Coordinator:
         for t in self.worker_tasks:
             t.cancel()
         self.worker_tasks = []
+
+    async def _load_resident(self, pending: int, progress: LoadProgress) -> None:
+        """Wait for the resident units' Loaded replies: nothing runs before they are in place."""
+        deadline = asyncio.get_running_loop().time() + self.config.startup_timeout_s
+        while pending:
+            try:
+                raw = await asyncio.wait_for(self.workers.io.recv(), 0.5)
+            except asyncio.TimeoutError:
+                if self.status == "degraded":  # a worker died meanwhile
+                    raise WorkerStartError(self.detail) from None
+                if asyncio.get_running_loop().time() > deadline:
+                    raise WorkerStartError(f"resident units not loaded within "
+                                           f"{self.config.startup_timeout_s:.0f} s (startup_timeout_s)") from None
+                continue
+            msg = decode(raw)
+            if isinstance(msg, Loaded):
+                if msg.error:
+                    raise WorkerStartError(f"loading resident unit {self.plan.names[msg.unit]}: {msg.error}")
+                self.metrics.observe_load(msg.nbytes, msg.seconds, msg.io_path)
+                progress.update(msg.nbytes)
+                pending -= 1
+            elif isinstance(msg, WorkerError):
+                raise WorkerStartError(f"io worker: {msg.message}")
 
     def request_stop(self) -> None:
         self.stopped.set()
@@ -220,7 +228,12 @@ class Coordinator:
         if e is None:
             return True
         if isinstance(e, zmq.ZMQError):  # EHOSTUNREACH (ROUTER_MANDATORY: the client left) or EAGAIN
-            log.info("client %s unreachable (%s): cancelling its requests", client.hex(), e.strerror)
+            n = sum(1 for seq in self.batch.by_key.values() if seq.client == client)
+            if n:
+                log.info("client %s unreachable (%s): cancelling its %d request(s)", client.hex(),
+                         e.strerror, n)
+            else:
+                log.debug("client %s left before a reply to it (%s)", client.hex(), e.strerror)
             self.batch.cancel_client(client)
             return False
         raise e
@@ -237,6 +250,14 @@ class Coordinator:
                            kv_reserved_bytes=self.admission.reserved)
 
     # ------------------------------------------------------------------ workers
+
+    def _on_compute(self, msg) -> None:
+        if isinstance(msg, Done):  # a long prefill is logged as it goes (gdsllm.service.progress)
+            self.prefill.unit_done(self.batch.pass_id, msg.unit + 1, len(self.meta.units), lambda: sum(
+                len(s.prompt_ids) for s in self.batch.running.values() if not s.token_ids))
+        elif isinstance(msg, PassResult):
+            self.prefill.pass_done(msg.pass_id)
+        self.batch.on_compute(msg)
 
     async def _worker_loop(self, name: str, sock, handle) -> None:
         while True:

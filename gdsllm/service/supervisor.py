@@ -23,6 +23,7 @@ import time
 from ipc.messages import Loaded, WorkerError, decode, encode
 
 from gdsllm.engine.planner import StreamSchedule
+from gdsllm.service.progress import LoadProgress
 from gdsllm.service.worker_set import WorkerSet, WorkerStartError
 
 log = logging.getLogger("gdsllm.service.supervisor")
@@ -44,11 +45,15 @@ class Supervisor:
         workers = WorkerSet(c.config, c.plan.arena_bytes, self.worker_died, *c.targets)
         c.workers = workers  # close() stops them even if start-up is interrupted
         try:
+            t0 = asyncio.get_running_loop().time()
+            log.info("starting the I/O and compute workers (device %s)", c.config.device)
             ready = await workers.start()
             c.io_path = ready.io_path
+            log.info("workers ready in %.1f s (io %s)", asyncio.get_running_loop().time() - t0, c.io_path)
             for ld in StreamSchedule(c.plan).resident_loads():
                 await workers.io.send(encode(ld))
             pending = len(c.plan.resident_offsets)
+            progress = LoadProgress(pending, c.plan.resident_bytes)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + c.config.startup_timeout_s
             while pending:  # resident units come first: nothing runs before they are in place
@@ -67,9 +72,11 @@ class Supervisor:
                     if msg.error:
                         raise WorkerStartError(f"loading resident unit {c.plan.names[msg.unit]}: {msg.error}")
                     c.metrics.observe_load(msg.nbytes, msg.seconds, msg.io_path)
+                    progress.update(msg.nbytes)
                     pending -= 1
                 elif isinstance(msg, WorkerError):
                     raise WorkerStartError(f"io worker: {msg.message}")
+            progress.close()
         except BaseException:
             await workers.stop(graceful=False)
             raise

@@ -55,6 +55,7 @@ class WorkerSet:
         self.stopping = self.closed = False
         self.free_bytes: int | None = None  # device memory left after the arena (ArenaOpened)
         self._dead: set[str] = set()
+        self._ready: set[str] = set()  # workers whose handshake completed (they read Shutdown)
 
     @property
     def dead(self) -> set[str]:
@@ -106,6 +107,7 @@ class WorkerSet:
             raise WorkerStartError(f"{name} worker: {msg.message}")
         if not isinstance(msg, expect):
             raise WorkerStartError(f"{name} worker sent {type(msg).__name__} instead of {expect.__name__}")
+        self._ready.add(name)
         return msg
 
     async def start(self) -> IoReady:
@@ -127,9 +129,10 @@ class WorkerSet:
         return ready
 
     async def stop(self, graceful: bool = True) -> None:
-        """Tell both workers to Shutdown, join them, kill what is left after STOP_TIMEOUT_S, and
-        remove the sockets and any shared-memory arena a killed I/O worker left behind.
-        `graceful=False`: kill both at once (workers being replaced after a fault). Idempotent."""
+        """Tell both workers to Shutdown (SIGTERM to one still starting: it would read no message),
+        join them, kill what is left after STOP_TIMEOUT_S, and remove the sockets and any
+        shared-memory arena a killed I/O worker left behind. `graceful=False`: kill both at once
+        (workers being replaced after a fault). Idempotent."""
         if self.closed:
             return
         self.closed = self.stopping = True
@@ -138,12 +141,17 @@ class WorkerSet:
         # Compute first: it has the I/O worker's CUDA IPC arena open, and the exporter must not
         # free that memory while another process still maps it.
         for name, sock in (("compute", self.compute), ("io", self.io)):
-            try:
-                if graceful:
-                    await asyncio.wait_for(sock.send(encode(Shutdown())), 1.0)
-            except (zmq.ZMQError, asyncio.TimeoutError):
-                pass  # the peer is gone or never connected
             p = self.procs.get(name)
+            if not graceful:
+                pass  # killed below, at once
+            elif p is not None and name not in self._ready and p.is_alive():
+                log.info("stopping the %s worker during its start-up", name)
+                p.terminate()  # SIGTERM: it exits through its `finally` blocks (worker_signals)
+            else:
+                try:
+                    await asyncio.wait_for(sock.send(encode(Shutdown())), 1.0)
+                except (zmq.ZMQError, asyncio.TimeoutError):
+                    pass  # the peer is gone or never connected
             if p is None:
                 continue
             while p.is_alive() and loop.time() < deadline:
