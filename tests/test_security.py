@@ -66,6 +66,11 @@ def test_curve_right_key_served_wrong_or_no_key_gets_nothing(model_dir, light_re
         raw.close()
         with Client(svc.endpoint, timeout=30, server_key=key) as c:  # the key itself
             assert c.health().status == "ok"
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        out = subprocess.run([sys.executable, "-m", "gdsllm", "generate", "--endpoint", svc.endpoint,
+                              "--server-key", str(public), "-p", PROMPTS[0], "-n", "4", "--temp", "0"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip(), out.stderr
 
 
 def test_non_loopback_bind_needs_keys_or_insecure(model_dir, tmp_path):
