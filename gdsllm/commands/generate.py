@@ -100,7 +100,7 @@ def generate_endpoint(args) -> int:
     messages = [{"role": "user", "content": args.prompt}] if getattr(args, "chat", False) else None
     final = None
     try:
-        with Client(args.endpoint, timeout=10.0, server_key=args.server_key) as c:
+        with Client(args.endpoint, timeout=10.0, server_key=getattr(args, "server_key", None)) as c:
             c.health()  # a missing server is a clear error in seconds, not after the long timeout
             c.timeout = getattr(args, "timeout", None) or 300.0  # one pass may take long: no hurry
             for msg in c.stream_messages(None if messages else args.prompt, messages=messages,

@@ -105,7 +105,8 @@ def run(args) -> int:
     from gdsllm.service.client import Client
     if args.endpoint:
         from gdsllm.service.http.client import connect
-        with connect(args.endpoint, timeout=10.0, api_key=args.api_key, server_key=args.server_key) as c:
+        with connect(args.endpoint, timeout=10.0, api_key=args.api_key,
+                     server_key=getattr(args, "server_key", None)) as c:
             c.health()  # a missing server is a clear error in seconds, not at the first message
             c.timeout = 300.0  # one pass may take long: no hurry
             chat(c, args)
