@@ -39,6 +39,7 @@ class Generate:
     stop: list[str] = field(default_factory=list)
     stream: bool = True
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # end it besides eos (checked by the engine)
 
     def __post_init__(self):
         if not self.request_id or len(self.request_id) > 128:

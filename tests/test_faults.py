@@ -209,7 +209,7 @@ def test_prompts_with_ids_above_65535_over_1mib_in_one_pass(narrow_dir):
         def inject():
             for i, ids in enumerate(prompts):
                 msg = Generate(request_id=f"r{i}", prompt="(ids)", max_tokens=2, temperature=0.0)
-                co.batch.add(Sequence(co.next_seq, b"repro", msg, ids, co.tokenizer, co.eos_ids, max_new=2))
+                co.batch.add(Sequence(co.next_seq, b"repro", msg, ids, co.tokenizer, co.eos_ids, co.max_context))
                 co.next_seq += 1
 
         async def scenario():

@@ -8,7 +8,7 @@
 Only the generated text goes to stdout; logs, errors and notes (a generation cut short by the
 model's context) go to stderr. Without `--endpoint` it starts the same pipeline as `gdsllm serve`
 (I/O worker, compute worker, coordinator) for this one request; `--single-process` runs the
-engine `gdsllm.LLM` in this process instead.
+engine `gdsllm.LLM` in this process instead (same planner: --vram-budget).
 """
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def run(args) -> int:
     messages = [{"role": "user", "content": args.prompt}] if args.chat else None
     if args.single_process:
         from gdsllm.engine.llm import LLM
-        with LLM(args.model, device=pick_device(args.device, service=False), io=args.io) as llm:
+        with LLM(args.model, device=pick_device(args.device, service=False), io=args.io,
+                 vram_budget=args.vram_budget) as llm:
             for delta in llm.stream(messages or args.prompt, params):
                 _write(delta)
         _write("\n")

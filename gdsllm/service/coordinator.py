@@ -27,7 +27,7 @@ from ipc.messages import (Cancel, Done, Error, Generate, Health, HealthReply, Pa
                           decode, encode)
 
 from gdsllm.config import ServiceConfig
-from gdsllm.engine.planner import plan_residency
+from gdsllm.engine.planner import plan_for
 from gdsllm.service.admission import Admission
 from gdsllm.service.metrics import ServiceMetrics
 from gdsllm.service.progress import PassProgress
@@ -55,8 +55,7 @@ class Coordinator:
         p = self.meta.params
         self.eos_ids = frozenset(p.eos_token_ids)
         self.max_context = p.max_position_embeddings
-        self.plan = plan_residency([u.name for u in self.meta.units], [u.nbytes for u in self.meta.units],
-                                   config.vram_budget, config.prefetch_window)
+        self.plan = plan_for(self.meta, config.vram_budget, config.prefetch_window)
         self.metrics = ServiceMetrics()
         self.targets = (io_target, compute_target)
         self.workers: WorkerSet | None = None
@@ -204,14 +203,8 @@ class Coordinator:
             return self._reply(client, Error(rid, "busy", f"request {rid}: {busy}"))
         try:
             validate_request(msg)
-            ids = encode_prompt(msg, self.tokenizer)
-            if not ids:
-                raise ValueError(f"request {rid}: the prompt is empty")
-            if len(ids) >= self.max_context:
-                raise ValueError(f"request {rid}: prompt of {len(ids)} tokens does not fit the "
-                                 f"model's context of {self.max_context}")
-            seq = Sequence(self.next_seq, client, msg, ids, self.tokenizer, self.eos_ids,
-                           max_new=min(msg.max_tokens, self.max_context - len(ids)))
+            ids = encode_prompt(msg, self.tokenizer, self.meta.params)  # the rules gdsllm.LLM applies
+            seq = Sequence(self.next_seq, client, msg, ids, self.tokenizer, self.eos_ids, self.max_context)
             too_big = self.admission.never_fits(seq)
             if too_big:
                 raise ValueError(too_big)
