@@ -88,7 +88,10 @@ class Final:
 @message("error")
 @dataclass(frozen=True)
 class Error:
-    """A request failed. code: "bad_request", "not_found", "worker_died", "internal", "busy"."""
+    """A request failed. code: "bad_request", "not_found", "worker_died", "internal", "busy"
+    (queue full or the client's in-flight cap reached: retry later), "timeout" (its pass made no
+    progress for the watchdog's deadline), "io_error" (a unit it needed could not be read or failed
+    its checksum; the message names the file)."""
 
     request_id: str
     code: str
@@ -99,7 +102,7 @@ class Error:
 @dataclass(frozen=True)
 class HealthReply:
     request_id: str
-    status: str  # "ok", or "degraded" after a worker died
+    status: str  # "ok"; "restarting" while dead workers are replaced; "degraded" when that failed
     model: str
     backend: str  # "cpu" or "cuda"
     io_path: str  # "gds", "compat", "posix" or "buffered"
@@ -110,6 +113,9 @@ class HealthReply:
     requests_running: int
     requests_waiting: int
     detail: str = ""
+    restarts: int = 0  # times the workers were replaced since start
+    kv_budget_bytes: int = 0  # KV-cache memory that admission control hands out
+    kv_reserved_bytes: int = 0
 
 
 # ---------------------------------------------------------------- coordinator <-> I/O worker
@@ -171,6 +177,7 @@ class OpenArena:
 @dataclass(frozen=True)
 class ArenaOpened:
     arena_bytes: int
+    free_bytes: int | None = None  # device memory still free (CUDA), for the KV budget
 
 
 @message("compute_ready")
@@ -194,11 +201,13 @@ class SeqSampling:
 @dataclass(frozen=True)
 class StartPass:
     """Begin a weight pass: `chunks` are [seq_id, new token ids]; `sampling` has an entry for each
-    sequence new in this pass."""
+    sequence new in this pass. `partial`: sequences whose chunk is not the end of their prompt
+    (chunked prefill): no token is sampled for them, and PassResult leaves them out."""
 
     pass_id: int
     chunks: list[tuple[int, list[int]]]
     sampling: dict[int, SeqSampling]
+    partial: list[int] = field(default_factory=list)
 
 
 @message("run")
