@@ -5,6 +5,7 @@
     k_all, v_all = cache.update(layer, k_new, v_new)   # [kv_heads, length + n, head_dim] views
     ...                                                # every layer of this pass appends n tokens
     cache.advance(n)                                   # then the pass commits them
+    cache.truncate(m)                                  # roll back to the first m tokens
 
 Nothing is preallocated for the full context: capacity starts small and doubles (capped at
 `max_len`), so a short chat costs kilobytes, not the model's whole context window.
@@ -58,6 +59,12 @@ class KVCache:
         """Commit the n tokens every layer has appended in this pass."""
         self.length += n
         assert self.length <= self.max_len
+
+    def truncate(self, n: int) -> None:
+        """Forget every token after the first `n` (speculative decoding's rejected drafts); the
+        next update overwrites them. Capacity is kept."""
+        assert 0 <= n <= self.length, (n, self.length)
+        self.length = n
 
     @property
     def nbytes(self) -> int:

@@ -6,6 +6,7 @@
     out.text, out.token_ids, out.finish_reason
     outs = llm.generate(["a", "b", [{"role": "user", "content": "Hi"}]], params)   # batched
     for delta in llm.stream("Tell me", params): print(delta, end="")
+    llm = LLM(target_dir, draft=draft_dir, draft_tokens=4)   # speculative decoding (engine.speculative)
 
 Every step is one pass over the model directory: each unit is read into ONE reusable buffer
 (O_DIRECT `preadv` into host memory on the CPU; KvikIO straight into a CUDA buffer on the GPU, or
@@ -62,7 +63,8 @@ def resolve(model: str | os.PathLike | None) -> Path:
 
 class LLM:
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
-                 io: str = "direct", cudnn_attention: bool = False):
+                 io: str = "direct", cudnn_attention: bool = False,
+                 draft: str | os.PathLike | None = None, draft_tokens: int = 4):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
@@ -91,6 +93,11 @@ class LLM:
             self.io_path = probe_io_path("cpu", direct)
         self._verified: set[str] = set()
         self._next_seq = 0
+        self.speculator = self.draft_tokens = None
+        if draft is not None:
+            from gdsllm.engine.speculative import make_speculator
+            self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens)
+            self.draft_tokens = draft_tokens
         log.info("model %s: %d units, %s, %.1f MB; device %s (%s compute); io path %s",
                  self.meta.root, len(self.meta.units), self.meta.dtype, self.meta.total_bytes / 1e6,
                  self.device, str(self.dtype).removeprefix("torch."), self.io_path)
@@ -123,8 +130,8 @@ class LLM:
             self._verified.add(unit.name)
         return unit_tensors(unit, buf)
 
-    def _pass(self, chunks: list[tuple[int, list[int]]]) -> torch.Tensor:
-        self.runner.start_pass(chunks)
+    def _pass(self, chunks: list[tuple[int, list[int]]], logit_rows=None) -> torch.Tensor:
+        self.runner.start_pass(chunks, logit_rows)
         try:
             for unit in self.meta.units:
                 self.runner.fence()  # the buffer still feeds the previous unit's queued kernels
@@ -211,19 +218,41 @@ class LLM:
         active = list(reqs)
         try:
             while active:
-                logits = self._pass([(r.seq_id, pending[r.seq_id]) for r in active])
-                tokens = Sampler.sample_batch(logits, [r.sampler for r in active])
-                for r, t in zip(active, tokens):
-                    self._accept(r, t, eos)
-                    pending[r.seq_id] = [t]
+                chunks = [(r.seq_id, pending[r.seq_id]) for r in active]
+                if self.speculator is None:
+                    logits = self._pass(chunks)
+                    new = [[t] for t in Sampler.sample_batch(logits, [r.sampler for r in active])]
+                else:
+                    new = self._speculate(chunks, active)
+                for r, ts in zip(active, new):
+                    for t in ts:  # a speculative pass may bring several; stop where the request ends
+                        self._accept(r, t, eos)
+                        if r.finish_reason is not None:
+                            break
+                    pending[r.seq_id] = ts[-1:]
                 for r in active:
                     if r.finish_reason is not None:
-                        self.runner.release(r.seq_id)
+                        self._release(r.seq_id)
                 active = [r for r in active if r.finish_reason is None]
                 yield
         finally:
             for r in reqs:  # also on errors and abandoned streams: free every KV cache
-                self.runner.release(r.seq_id)
+                self._release(r.seq_id)
+
+    def _speculate(self, chunks, active: list[_Request]) -> list[list[int]]:
+        """One target pass verifying each request's draft tokens (k capped by what it may still
+        produce); the new tokens of each request."""
+        ks = {r.seq_id: max(0, min(self.draft_tokens if r.params.draft_tokens is None
+                                   else r.params.draft_tokens, r.params.max_tokens - len(r.out_ids) - 1))
+              for r in active}
+        samplers = {r.seq_id: r.sampler for r in active}
+        out = self.speculator.step(self._pass, chunks, ks, samplers, self.runner)
+        return [out[r.seq_id] for r in active]
+
+    def _release(self, seq_id: int) -> None:
+        self.runner.release(seq_id)
+        if self.speculator is not None:
+            self.speculator.release(seq_id)
 
     def _accept(self, r: _Request, t: int, eos: set[int]) -> None:
         r.out_ids.append(t)

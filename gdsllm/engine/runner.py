@@ -13,6 +13,10 @@ attention runs per sequence. This is the shape continuous batching needs: a sequ
     logits = runner.end_pass()                 # float32 [2, vocab]: last token of each chunk
     runner.release(7)                          # frees its KV cache
 
+`start_pass(chunks, logit_rows={3: 4})` returns logits for the last 4 tokens of sequence 3's chunk
+(speculative decoding scores every drafted position), rows in chunk order; `truncate(3, n)` then
+rolls its KV cache back to its first n tokens (rejected draft tokens).
+
 This interface is what the compute worker process codes against; keep its names and meaning.
 """
 from __future__ import annotations
@@ -55,8 +59,17 @@ class Runner:
             raise RuntimeError(f"sequence {seq_id} released in the middle of a pass that serves it")
         self.caches.pop(seq_id, None)
 
-    def start_pass(self, chunks: list[tuple[int, list[int]]]) -> None:
-        """Begin one weight pass for `chunks`: (seq_id, new_token_ids) each, seq_ids distinct."""
+    def truncate(self, seq_id: int, n: int) -> None:
+        """Roll `seq_id`'s KV cache back to its first `n` tokens (rejected draft tokens)."""
+        if self._pass is not None and seq_id in self._pass.seq_ids:
+            raise RuntimeError(f"sequence {seq_id} truncated in the middle of a pass that serves it")
+        if n < self.seq_len(seq_id):
+            self.caches[seq_id].truncate(n)
+
+    def start_pass(self, chunks: list[tuple[int, list[int]]],
+                   logit_rows: dict[int, int] | None = None) -> None:
+        """Begin one weight pass for `chunks`: (seq_id, new_token_ids) each, seq_ids distinct.
+        `logit_rows[seq_id] = n`: logits for the last n tokens of that chunk (default 1)."""
         if self._pass is not None:
             raise RuntimeError("start_pass called while a pass is in progress (call end_pass first)")
         if not chunks:
@@ -80,9 +93,12 @@ class Runner:
                                  f"model's context of {p.max_position_embeddings} tokens")
             ids += toks
             positions += range(past, past + len(toks))
+            n_rows = (logit_rows or {}).get(sid, 1)
+            if not 1 <= n_rows <= len(toks):
+                raise ValueError(f"sequence {sid}: {n_rows} logit rows asked of a {len(toks)}-token chunk")
             segments.append((sid, row, row + len(toks)))
             row += len(toks)
-            last_rows.append(row - 1)
+            last_rows += range(row - n_rows, row)
         for sid, _, _ in segments:
             if sid not in self.caches:  # a new sequence starts at position 0
                 self.caches[sid] = KVCache(p.num_hidden_layers, p.num_key_value_heads, p.head_dim,
@@ -111,7 +127,7 @@ class Runner:
             ps.x = self.family.decoder_block(p, weights, ps.x, ps.cos, ps.sin, ps.segments, unit.layer,
                                        self.cudnn_attention)
         else:
-            # Only each chunk's last token needs logits: norm + LM head on those rows alone.
+            # Only the rows asked for (each chunk's last token by default): norm + LM head on those.
             ps.logits = self.family.lm_head(p, weights, ps.x.index_select(0, ps.last_rows))
             ps.x = None
         ps.next_unit += 1
@@ -122,7 +138,8 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     def end_pass(self) -> torch.Tensor:
-        """Finish the pass: commit the new tokens to the KV caches; float32 logits [chunks, vocab]."""
+        """Finish the pass: commit the new tokens to the KV caches; float32 logits [rows, vocab]
+        (one row per chunk, or logit_rows[seq_id] rows for those asked, in chunk order)."""
         ps = self._pass
         if ps is None:
             raise RuntimeError("end_pass without start_pass")
