@@ -39,6 +39,7 @@ class Generate:
     stop: list[str] = field(default_factory=list)
     stream: bool = True
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    draft_tokens: int | None = None  # speculative decoding: None = the server's --draft-tokens, 0 = off
 
     def __post_init__(self):
         if not self.request_id or len(self.request_id) > 128:
@@ -190,11 +191,14 @@ class SeqSampling:
 @dataclass(frozen=True)
 class StartPass:
     """Begin a weight pass: `chunks` are [seq_id, new token ids]; `sampling` has an entry for each
-    sequence new in this pass."""
+    sequence new in this pass. `draft[seq_id] = k`: the worker's draft model proposes up to k
+    tokens after that chunk and the pass verifies them (speculative decoding; a chunk must end
+    where the sequence's next token is to be predicted, i.e. not mid-prompt)."""
 
     pass_id: int
     chunks: list[tuple[int, list[int]]]
     sampling: dict[int, SeqSampling]
+    draft: dict[int, int] = field(default_factory=dict)
 
 
 @message("run")
@@ -220,11 +224,15 @@ class Done:
 @message("pass_result")
 @dataclass(frozen=True)
 class PassResult:
-    """The sampled next token of each chunk, as [seq_id, token_id]."""
+    """The sampled next token of each chunk, as [seq_id, token_id]. For a sequence that drafted:
+    `accepted[seq_id]` are the draft tokens the target accepted, which come BEFORE its token in
+    `tokens`, and `proposed[seq_id]` how many the draft proposed."""
 
     pass_id: int
     tokens: list[tuple[int, int]]
     seconds: float
+    accepted: dict[int, list[int]] = field(default_factory=dict)
+    proposed: dict[int, int] = field(default_factory=dict)
 
 
 @message("release")

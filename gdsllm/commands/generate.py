@@ -47,7 +47,8 @@ def run(args) -> int:
     messages = [{"role": "user", "content": args.prompt}] if args.chat else None
     if args.single_process:
         from gdsllm.engine.llm import LLM
-        with LLM(args.model, device=args.device or "cpu", io=args.io) as llm:
+        with LLM(args.model, device=args.device or "cpu", io=args.io, draft=args.draft,
+                 draft_tokens=args.draft_tokens) as llm:
             for delta in llm.stream(messages or args.prompt, params):
                 _write(delta)
     else:

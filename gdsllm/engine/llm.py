@@ -242,9 +242,9 @@ class LLM:
     def _speculate(self, chunks, active: list[_Request]) -> list[list[int]]:
         """One target pass verifying each request's draft tokens (k capped by what it may still
         produce); the new tokens of each request."""
-        ks = {r.seq_id: max(0, min(self.draft_tokens if r.params.draft_tokens is None
-                                   else r.params.draft_tokens, r.params.max_tokens - len(r.out_ids) - 1))
-              for r in active}
+        from gdsllm.engine.speculative import draft_count
+        ks = {r.seq_id: draft_count(r.params.draft_tokens, self.draft_tokens,
+                                    r.params.max_tokens - len(r.out_ids)) for r in active}
         samplers = {r.seq_id: r.sampler for r in active}
         out = self.speculator.step(self._pass, chunks, ks, samplers, self.runner)
         return [out[r.seq_id] for r in active]

@@ -34,7 +34,8 @@ def validate_request(msg: Generate) -> None:
     from gdsllm.engine.sampling import SamplingParams
     try:
         SamplingParams(temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, seed=msg.seed,
-                       max_tokens=msg.max_tokens, stop=tuple(msg.stop)).validate()
+                       max_tokens=msg.max_tokens, stop=tuple(msg.stop),
+                       draft_tokens=msg.draft_tokens).validate()
     except (TypeError, ValueError) as e:
         raise ValueError(f"request {rid}: {e}") from None
 

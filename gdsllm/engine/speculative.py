@@ -42,6 +42,30 @@ def make_speculator(target_meta, draft, device, draft_tokens: int = 4) -> "Specu
     return Speculator(DraftModel(meta, device), target_meta.params.max_position_embeddings)
 
 
+def reserve_draft(target_meta, draft, budget: int | None) -> tuple[int, int | None]:
+    """Check the draft at path `draft` against the target (ValueError naming both on a mismatch);
+    its bytes and what `budget` (None: unlimited) leaves for the target's weights."""
+    from pathlib import Path
+
+    from gdsllm.format.metadata import load_model_meta
+    meta = load_model_meta(Path(draft).expanduser())
+    check_draft(target_meta, meta)
+    n = meta.total_bytes
+    if budget is not None and budget - n <= 0:
+        raise ValueError(f"the draft model {meta.root} needs {n} bytes, the whole VRAM budget of "
+                         f"{budget} bytes: raise --vram-budget or pick a smaller draft")
+    return n, None if budget is None else budget - n
+
+
+def draft_count(requested: int | None, default: int, remaining: int) -> int:
+    """Tokens to draft for a sequence this pass: its request's choice (None: `default`, which is
+    0 without a draft model), never more than the `remaining` tokens it may produce minus the
+    target's own next one."""
+    if not default:
+        return 0
+    return max(0, min(default if requested is None else requested, remaining - 1))
+
+
 def accept_greedy(rows: torch.Tensor, drafts: list[int]) -> list[int]:
     """rows [k+1, vocab]: the drafts that equal the target's argmax, then the target's argmax."""
     best = rows.argmax(-1).tolist()

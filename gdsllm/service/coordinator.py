@@ -60,11 +60,16 @@ class Coordinator:
         p = self.meta.params
         self.eos_ids = frozenset(p.eos_token_ids)
         self.max_context = p.max_position_embeddings
+        budget, self.draft_bytes = config.vram_budget, 0
+        if config.draft is not None:  # speculative decoding: the resident draft's bytes come first
+            from gdsllm.engine.speculative import reserve_draft
+            self.draft_bytes, budget = reserve_draft(self.meta, config.draft, budget)
         self.plan = plan_residency([u.name for u in self.meta.units], [u.nbytes for u in self.meta.units],
-                                   config.vram_budget, config.prefetch_window)
+                                   budget, config.prefetch_window)
         self.metrics = _metrics()
         self.workers = WorkerSet(config, self.plan.arena_bytes, self._worker_died, io_target, compute_target)
         self.batch = BatchScheduler(self.plan, self.workers, self._reply, self.metrics, config.max_batch)
+        self.batch.draft_tokens = config.draft_tokens if config.draft is not None else 0
         self.ctx = zmq.asyncio.Context()
         self.front = None
         self.io_path = "?"
@@ -108,7 +113,7 @@ class Coordinator:
         m = self.metrics
         from gdsllm import __version__
         m.set_build_info(__version__, self.config.device, self.io_path)
-        m.set_budget(self.config.vram_budget, self.plan.resident_bytes)
+        m.set_budget(self.config.vram_budget, self.plan.resident_bytes + self.draft_bytes)
         if self.config.metrics_port is not None:
             self.http = m.start_http(self.config.metrics_host, self.config.metrics_port)
         self.status = "ok"

@@ -22,6 +22,7 @@ from ipc.messages import Done, Error, Loaded, PassResult, Release, StartPass, To
 
 from gdsllm.engine.planner import ResidencyPlan, StreamSchedule
 from gdsllm.engine.sequence import Sequence
+from gdsllm.engine.speculative import draft_count
 
 log = logging.getLogger("gdsllm.service.scheduler")
 
@@ -36,7 +37,8 @@ class BatchScheduler:
         self.pass_id, self.pass_seqs, self.result_pending = 0, [], False
         self.stall_since: float | None = None
         self.healthy = True
-        self.failure = ""  # why the service stopped serving, after fail_all
+        self.failure = ""
+        self.draft_tokens = 0  # speculative decoding: tokens drafted per sequence and pass (0: off)  # why the service stopped serving, after fail_all
 
     # ------------------------------------------------------------------ requests
 
@@ -106,10 +108,12 @@ class BatchScheduler:
             return
         chunks = [(s.seq_id, s.prompt_ids if s.seq_id in new else s.token_ids[-1:])
                   for s in self.running.values()]
+        draft = {s.seq_id: k for s in self.running.values() if (k := draft_count(
+            s.request.draft_tokens, self.draft_tokens, s.max_new - len(s.token_ids)))}
         self.pass_id += 1
         self.pass_seqs = [sid for sid, _ in chunks]
         self.result_pending = True
-        self.workers.compute.send(encode(StartPass(self.pass_id, chunks, new)))
+        self.workers.compute.send(encode(StartPass(self.pass_id, chunks, new, draft)))
         self.sched.begin_pass()
         self.pump()
         self._gauges()
@@ -175,14 +179,22 @@ class BatchScheduler:
                 self.finish(seq, "cancelled")
                 continue
             prev = seq.last_token_at
-            delta = seq.append(token)
-            m.add_generation_tokens(1)
+            delta, ids = "", []
+            for t in [*msg.accepted.get(sid, ()), token]:  # drafts the target accepted come first
+                delta += seq.append(t)
+                ids.append(t)
+                if seq.finish_reason is not None:
+                    break
+            m.add_generation_tokens(len(ids))
+            if sid in msg.proposed:
+                m.observe_speculation(msg.proposed[sid], len(msg.accepted.get(sid, ())))
             if prev is None:
                 m.observe_ttft(seq.first_token_at - seq.arrived)
             else:
-                m.observe_itl(seq.last_token_at - prev)
+                for _ in ids:  # tokens of one pass share its latency
+                    m.observe_itl((seq.last_token_at - prev) / len(ids))
             if seq.request.stream and (delta or seq.finish_reason is None):
-                if not self.reply(seq.client, TokenChunk(seq.request.request_id, delta, [token])):
+                if not self.reply(seq.client, TokenChunk(seq.request.request_id, delta, ids)):
                     continue  # the client is gone: its requests were cancelled
             if seq.finish_reason is not None:
                 self.finish(seq)
