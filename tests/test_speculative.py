@@ -205,11 +205,12 @@ def test_sampled_tokens_follow_the_targets_distribution(tmp_path):
 # ------------------------------------------------------------------ the service
 
 
-def test_service_mixed_batch_equals_llm(models, reference):
+def test_service_mixed_batch_equals_llm(models, reference, monkeypatch):
     """Requests with and without drafts in flight together through the service (draft resident in
     the compute worker, target streamed): greedy tokens equal the LLM without a draft; a seeded
     sampled request equals the LLM with the same draft; the counters show speculation."""
     import threading
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the worker processes' torch: tiny tensors
     target, draft = models
     seeded = SamplingParams(max_tokens=16, temperature=0.8, seed=99, ignore_eos=True)
     with LLM(str(target), draft=str(draft), draft_tokens=3) as llm:
