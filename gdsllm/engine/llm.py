@@ -130,8 +130,8 @@ class LLM:
             self._verified.add(unit.name)
         return unit_tensors(unit, buf)
 
-    def _pass(self, chunks: list[tuple[int, list[int]]], logit_rows=None) -> torch.Tensor:
-        self.runner.start_pass(chunks, logit_rows)
+    def _pass(self, chunks: list[tuple[int, list[int]]], *, logit_rows=None) -> torch.Tensor:
+        self.runner.start_pass(chunks, logit_rows=logit_rows)
         try:
             for unit in self.meta.units:
                 self.runner.fence()  # the buffer still feeds the previous unit's queued kernels

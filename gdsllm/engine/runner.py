@@ -66,7 +66,7 @@ class Runner:
         if n < self.seq_len(seq_id):
             self.caches[seq_id].truncate(n)
 
-    def start_pass(self, chunks: list[tuple[int, list[int]]],
+    def start_pass(self, chunks: list[tuple[int, list[int]]], *,
                    logit_rows: dict[int, int] | None = None) -> None:
         """Begin one weight pass for `chunks`: (seq_id, new_token_ids) each, seq_ids distinct.
         `logit_rows[seq_id] = n`: logits for the last n tokens of that chunk (default 1)."""

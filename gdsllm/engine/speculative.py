@@ -179,10 +179,10 @@ class Speculator:
         self.proposals = {}
 
     def step(self, run_pass, chunks, ks, samplers, target) -> dict[int, list[int]]:
-        """plan, `run_pass(chunks, logit_rows) -> logits`, finish: one speculative step."""
+        """plan, `run_pass(chunks, logit_rows=) -> logits`, finish: one speculative step."""
         chunks, rows = self.plan(chunks, ks, samplers)
         try:
-            logits = run_pass(chunks, rows)
+            logits = run_pass(chunks, logit_rows=rows)
         except BaseException:
             self.abort(target)
             raise

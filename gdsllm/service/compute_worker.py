@@ -164,7 +164,7 @@ class ComputeWorker:
                 chunks, rows = self.speculator.plan(chunks, msg.draft, self.samplers)
             elif msg.draft:
                 raise ValueError("draft tokens asked of a worker without a draft model")
-            self.runner.start_pass(chunks, rows)
+            self.runner.start_pass(chunks, logit_rows=rows)
         except Exception as e:
             if self.speculator is not None:
                 self.speculator.abort(self.runner)
