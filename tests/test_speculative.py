@@ -5,7 +5,6 @@ without drafts); sampled output follows the target's distribution (chi-square, f
 """
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -163,6 +162,30 @@ def test_mismatched_draft_is_a_clear_error(models, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "vocabulary of 300 tokens" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cli_generate_with_a_draft(models):
+    """`gdsllm generate --draft` through the pipeline prints what LLM prints without a draft."""
+    target, draft = models
+    with LLM(str(target)) as llm:
+        want = llm.generate("hello world", SamplingParams(max_tokens=12, temperature=0)).text
+    r = subprocess.run([sys.executable, "-m", "gdsllm", "generate", "-m", str(target), "--draft",
+                        str(draft), "--draft-tokens", "3", "-p", "hello world", "-n", "12",
+                        "--temp", "0", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+
+
+@pytest.mark.gpu
+def test_cuda_greedy_with_a_draft_equals_without(models):
+    target, draft = models
+    with LLM(str(target), device="cuda") as llm:
+        ref = [o.token_ids for o in llm.generate(PROMPTS, greedy(24))]
+    with LLM(str(target), device="cuda", draft=str(draft), draft_tokens=4) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, greedy(24))] == ref
+    with Service(target, device="cuda", vram_budget=load_model_meta(draft).total_bytes + 4 * 192512,
+                 draft=draft, draft_tokens=4) as s, Client(s.endpoint, timeout=60) as c:
+        assert c.generate(PROMPTS[0], max_tokens=24, temperature=0, ignore_eos=True).token_ids == ref[0]
 
 
 # ------------------------------------------------------------------ sampled: distribution
