@@ -29,8 +29,9 @@ COPY ipc ./ipc
 # [cuda]: KvikIO (cuFile) and CuPy (CUDA IPC of the slot arena) for CUDA 13.
 RUN pip install '.[cuda]'
 
-# 5555: the ZeroMQ endpoint; 9400: Prometheus /metrics. gdsllm binds 127.0.0.1 unless told
-# otherwise: compose.yaml passes 0.0.0.0 explicitly, inside the container only.
-EXPOSE 5555 9400
+# 5555: the ZeroMQ endpoint; 9400: Prometheus /metrics; 8000: the HTTP API (--http-port). gdsllm
+# binds 127.0.0.1 unless told otherwise: compose.yaml passes 0.0.0.0 explicitly, inside the
+# container only.
+EXPOSE 5555 9400 8000
 ENTRYPOINT ["gdsllm"]
 CMD ["--help"]

@@ -46,6 +46,7 @@ class ServiceConfig:
     metrics_port: int | None = 9400  # None: no /metrics server
     metrics_host: str = "127.0.0.1"
     max_batch: int = 16  # sequences served by one weight pass
+    max_waiting: int = 4096  # requests queued behind the batch before new ones get Error(busy)
     io_threads: int = 8
     startup_timeout_s: float = 120.0
     draft: Path | None = None
@@ -64,3 +65,5 @@ class ServiceConfig:
             raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")
         if not 1 <= self.draft_tokens <= 64:
             raise ValueError(f"--draft-tokens must be 1 to 64, got {self.draft_tokens}")
+        if self.max_waiting < 1:
+            raise ValueError(f"--max-waiting must be at least 1, got {self.max_waiting}")

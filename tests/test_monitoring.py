@@ -122,13 +122,16 @@ def test_compose_ports_and_scrape_targets_agree():
     args = serve_args()
     endpoint = urllib.parse.urlsplit(option(args, "--endpoint"))
     metrics_port = int(option(args, "--metrics-port"))
+    http_port = int(option(args, "--http-port"))
     # 0.0.0.0 inside the container only; the host publishes on loopback (no auth without CurveZMQ).
     assert endpoint.scheme == "tcp" and endpoint.hostname == "0.0.0.0"
     assert option(args, "--metrics-host") == "0.0.0.0" and option(args, "--device") == "cuda"
-    assert published(gds) == {endpoint.port: "127.0.0.1", metrics_port: "127.0.0.1"}
-    assert {endpoint.port, metrics_port} == {5555, 9400}
+    assert option(args, "--http-host") == "0.0.0.0"
+    assert published(gds) == {endpoint.port: "127.0.0.1", metrics_port: "127.0.0.1",
+                              http_port: "127.0.0.1"}
+    assert (endpoint.port, metrics_port, http_port) == (5555, 9400, 8000)
     expose = re.search(r"^EXPOSE (.+)$", (ROOT / "Dockerfile").read_text(), re.M).group(1).split()
-    assert sorted(map(int, expose)) == sorted([endpoint.port, metrics_port])
+    assert sorted(map(int, expose)) == sorted([endpoint.port, metrics_port, http_port])
     gpu = gds["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
 
@@ -163,6 +166,7 @@ def test_compose_serve_arguments_are_accepted_by_gdsllm():
     assert not unknown, f"compose.yaml passes {unknown}, which `gdsllm serve` does not accept"
     assert ns.command == "serve" and ns.metrics_port == 9400 and ns.device == "cuda"
     assert ns.endpoint == "tcp://0.0.0.0:5555" and ns.metrics_host == "0.0.0.0"
+    assert ns.http_port == 8000 and ns.http_host == "0.0.0.0"
 
 
 def test_dashboard_uses_the_provisioned_datasource_and_known_metrics():
@@ -186,9 +190,11 @@ def test_dashboard_uses_the_provisioned_datasource_and_known_metrics():
                    "rate(gdsllm_compute_stall_seconds_total", "gdsllm_requests_running",
                    "gdsllm_requests_waiting", "gdsllm_vram_budget_bytes", "gdsllm_vram_resident_bytes",
                    "gdsllm_slots_in_flight", "rate(gdsllm_draft_tokens_total",
-                   "rate(gdsllm_draft_accepted_tokens_total", "gdsllm_tokens_per_target_pass_sum"):
+                   "rate(gdsllm_draft_accepted_tokens_total", "gdsllm_tokens_per_target_pass_sum",
+                   "sum by (route, status) (rate(gdsllm_http_requests_total"):
         assert needed in text, f"no panel queries {needed}"
-    for hist in ("time_to_first_token", "inter_token_latency", "layer_load", "layer_compute"):
+    for hist in ("time_to_first_token", "inter_token_latency", "layer_load", "layer_compute",
+                 "http_request_duration"):
         for q in ("0.5", "0.95", "0.99"):
             assert f"histogram_quantile({q}, sum by (le) (rate(gdsllm_{hist}_seconds_bucket" in text
 
@@ -301,6 +307,8 @@ def test_dashboard_has_data_from_a_scraped_service_metrics(prometheus):
         m.observe_speculation(4, 3)
         m.set_requests(1, 0)
         m.set_slots_in_flight(2)
+        m.observe_http("/v1/chat/completions", 200, 1.5)
+        m.observe_http("/v1/completions", 429, 0.002)
         prom.wait(lambda: prom.value("gdsllm_generation_tokens_total") == 4, "to see the tokens")
         assert_dashboard_has_data(prom)
         assert prom.value("gdsllm_storage_read_bytes_total") == 3 << 20
@@ -350,12 +358,12 @@ def test_live_service_counters_and_dashboard(prometheus, tmp_path):
     block = max(aligned[n] for n in aligned if n.startswith("block"))
     # embed, head and two blocks resident, two streaming slots: four blocks stream every pass.
     budget = aligned["embed"] + aligned["head"] + 2 * aligned["block.0"] + 2 * block
-    endpoint, metrics_port = f"tcp://127.0.0.1:{free_port()}", free_port()
+    endpoint, metrics_port, http_port = f"tcp://127.0.0.1:{free_port()}", free_port(), free_port()
     log = open(tmp_path / "serve.log", "wb")
     server = subprocess.Popen(
         [sys.executable, "-m", "gdsllm", "serve", "-m", str(model), "--device", "cpu",
          "--endpoint", endpoint, "--metrics-port", str(metrics_port), "--vram-budget", str(budget),
-         "--prefetch-window", "2"],
+         "--prefetch-window", "2", "--http-port", str(http_port)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
     try:
         with Client(endpoint, timeout=5) as c:
@@ -377,6 +385,8 @@ def test_live_service_counters_and_dashboard(prometheus, tmp_path):
         with Client(endpoint, timeout=120) as c:
             finals = [c.generate("Once upon a time", max_tokens=5, temperature=0, ignore_eos=True),
                       c.generate("Hello", max_tokens=3, temperature=0.8, seed=7, ignore_eos=True)]
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=30) as r:
+            assert json.loads(r.read())["data"][0]["id"] == "model"  # an HTTP request, no tokens
         assert [f.completion_tokens for f in finals] == [5, 3]
         assert [f.finish_reason for f in finals] == ["length", "length"]
         tokens = sum(f.completion_tokens for f in finals)
@@ -399,6 +409,7 @@ def test_live_service_counters_and_dashboard(prometheus, tmp_path):
         assert s[("gdsllm_inter_token_latency_seconds_count", ())] == tokens - 2
         assert s[("gdsllm_layer_compute_seconds_count", ())] == tokens * len(meta.units)
         assert s[("gdsllm_requests_running", ())] == 0 and s[("gdsllm_requests_waiting", ())] == 0
+        assert s[("gdsllm_http_requests_total", (("route", "/v1/models"), ("status", "200")))] == 1
         assert s[("gdsllm_vram_budget_bytes", ())] == budget
         assert s[("gdsllm_vram_resident_bytes", ())] == sum(
             u.nbytes for u in meta.units if u.name in health.resident_units)

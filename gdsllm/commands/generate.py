@@ -3,6 +3,7 @@
     gdsllm generate -p "Once upon a time" -n 32            # raw completion, default model
     gdsllm generate -m ~/models/x -p "Hi" --chat --temp 0  # wrapped in the model's chat template
     gdsllm generate -p "Hi" --endpoint tcp://127.0.0.1:5555  # through a running `gdsllm serve`
+    gdsllm generate -p "Hi" --endpoint http://127.0.0.1:8000  # through its HTTP API (--http-port)
 
 Only the generated text goes to stdout; logs go to stderr. Without `--endpoint` it starts the
 same pipeline as `gdsllm serve` (I/O worker, compute worker, coordinator) for this one request;
@@ -24,7 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely, 0 = off (default 40)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--endpoint", default=None, help="send the request to a running gdsllm serve")
+    p.add_argument("--endpoint", default=None, help="send the request to a running gdsllm serve "
+                   "(tcp:// or ipc://: ZeroMQ; http://: its OpenAI-compatible API)")
+    p.add_argument("--api-key", default=None, help="HTTP API key (default: $GDSLLM_API_KEY)")
     p.add_argument("--single-process", action="store_true",
                    help="run the single-process reference engine instead of the pipeline")
     p.set_defaults(func=run)
@@ -42,7 +45,10 @@ def run(args) -> int:
         raise ValueError("empty prompt (-p)")
     params = sampling_params(args)  # bad values fail here, before any model is loaded
     if args.endpoint:
-        from gdsllm.service.client import generate_cli
+        if args.endpoint.startswith(("http://", "https://")):
+            from gdsllm.service.http.client import generate_cli
+        else:
+            from gdsllm.service.client import generate_cli
         return generate_cli(args)
     messages = [{"role": "user", "content": args.prompt}] if args.chat else None
     if args.single_process:

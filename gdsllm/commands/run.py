@@ -2,6 +2,7 @@
 
     gdsllm run -m ~/models/x --vram-budget 2GiB        # starts the service in this process
     gdsllm run --endpoint tcp://127.0.0.1:5555          # talks to a running `gdsllm serve`
+    gdsllm run --endpoint http://127.0.0.1:8000         # ... through its HTTP API (--http-port)
 
 Type a message and Enter; `/reset` forgets the conversation, `/quit` or Ctrl-D leaves.
 """
@@ -15,7 +16,9 @@ from gdsllm.commands.serve import add_service_options, service_config
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="interactive chat (local pipeline or --endpoint)")
     add_service_options(p)
-    p.add_argument("--endpoint", default=None, help="use a running server instead of a local pipeline")
+    p.add_argument("--endpoint", default=None, help="use a running server instead of a local pipeline "
+                   "(tcp:// or ipc://: ZeroMQ; http://: its OpenAI-compatible API)")
+    p.add_argument("--api-key", default=None, help="HTTP API key (default: $GDSLLM_API_KEY)")
     p.add_argument("-s", "--system", default=None, help="system prompt")
     p.add_argument("-n", "--max-tokens", type=int, default=512)
     p.add_argument("--temp", type=float, default=0.8)
@@ -57,7 +60,8 @@ def run(args) -> int:
     from gdsllm.service.client import Client, ServiceError
     try:
         if args.endpoint:
-            with Client(args.endpoint, timeout=300.0) as c:
+            from gdsllm.service.http.client import connect
+            with connect(args.endpoint, timeout=300.0, api_key=args.api_key) as c:
                 chat(c, args)
             return 0
         from gdsllm.service.pipeline import LocalService

@@ -3,11 +3,15 @@
     gdsllm serve -m ~/models/llama-7b --device cuda --vram-budget 4GiB --prefetch-window 2
     gdsllm serve -m ~/models/llama-7b --draft ~/models/llama-7b-int4 --draft-tokens 4
     gdsllm generate --endpoint tcp://127.0.0.1:5555 -p "Once upon a time"
+    gdsllm serve --http-port 8000 --api-key sekrit      # + OpenAI-compatible API, chat page at /
 
 Binds 127.0.0.1 by default; /metrics (Prometheus) on --metrics-host:--metrics-port (0 = a free
-port, -1 = off).
+port, -1 = off); with --http-port, the OpenAI-compatible HTTP API and the chat page
+(gdsllm.service.http) on --http-host:--http-port.
 """
 from __future__ import annotations
+
+import os
 
 
 def add_service_options(p, endpoint_default: str | None = "tcp://127.0.0.1:5555") -> None:
@@ -58,6 +62,16 @@ def add_parser(sub) -> None:
                    help="Prometheus /metrics port (0: a free port, -1: off; default 9400)")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="address /metrics binds (default 127.0.0.1; 0.0.0.0 inside a container)")
+    p.add_argument("--max-waiting", type=int, default=4096, metavar="N",
+                   help="requests queued behind the batch before new ones are refused (busy, HTTP "
+                        "429; default 4096)")
+    p.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                   help="also serve the OpenAI-compatible HTTP API and the chat page (0: a free port)")
+    p.add_argument("--http-host", default="127.0.0.1",
+                   help="address the HTTP API binds (default 127.0.0.1; 0.0.0.0 inside a container)")
+    p.add_argument("--api-key", default=os.environ.get("GDSLLM_API_KEY") or None, metavar="KEY",
+                   help="HTTP API key clients must send as 'Authorization: Bearer KEY' (default: "
+                        "$GDSLLM_API_KEY, else none)")
     p.set_defaults(func=run)
 
 
@@ -65,9 +79,14 @@ def run(args) -> int:
     from gdsllm.service.coordinator import run_coordinator
     from gdsllm.service.worker_set import WorkerStartError
     port = None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
-    config = service_config(args, endpoint=args.endpoint, metrics_port=port, metrics_host=args.metrics_host)
+    config = service_config(args, endpoint=args.endpoint, metrics_port=port, metrics_host=args.metrics_host,
+                            max_waiting=args.max_waiting)
     try:
-        run_coordinator(config)
-    except WorkerStartError as e:
+        if args.http_port is not None:
+            from gdsllm.service.http.server import HttpOptions, run_with_http
+            run_with_http(config, HttpOptions(args.http_host, args.http_port, args.api_key))
+        else:
+            run_coordinator(config)
+    except (WorkerStartError, OSError) as e:
         raise ValueError(str(e)) from None
     return 0

@@ -30,7 +30,6 @@ from gdsllm.service.worker_set import WorkerSet, WorkerStartError
 
 log = logging.getLogger("gdsllm.service.coordinator")
 SNDHWM = 100_000  # queued replies per client before it counts as gone (token chunks are tiny)
-MAX_WAITING = 4096  # requests queued behind the running batch before new ones get Error(busy)
 
 
 class _NoMetrics:
@@ -176,9 +175,9 @@ class Coordinator:
         rid = msg.request_id
         if self.status != "ok":
             return self._reply(client, Error(rid, self.degraded_code, f"service degraded: {self.detail}"))
-        if len(self.batch.waiting) >= MAX_WAITING:
-            return self._reply(client, Error(rid, "busy", f"{MAX_WAITING} requests are already "
-                                             f"waiting; try again later"))
+        if len(self.batch.waiting) >= self.config.max_waiting:  # ServiceConfig.max_waiting
+            return self._reply(client, Error(rid, "busy", f"{self.config.max_waiting} requests are "
+                                             f"already waiting; try again later"))
         if (client, rid) in self.batch.by_key:
             return self._reply(client, Error(rid, "bad_request", f"request {rid!r} is already in flight"))
         try:

@@ -32,6 +32,8 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
                  20.0, 30.0, 60.0, 120.0)
 # Tokens a sequence gains from one target pass that verified its draft: 1 (all rejected) to K + 1.
 SPEC_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 65)
+# HTTP requests: ms for /health and refusals, up to a whole generation for a non-streamed answer.
+HTTP_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                    600.0, 1800.0, 3600.0)
 
@@ -90,10 +92,19 @@ class ServiceMetrics:
             "gdsllm_tokens_per_target_pass", "Tokens one sequence gained from one target pass that "
             "verified its draft (accepted drafts plus the target's own token)",
             buckets=SPEC_BUCKETS, registry=r)
+        self.http_requests = Counter(
+            "gdsllm_http_requests", "HTTP API requests answered, by route and status code "
+            "(499: the client left first)", ["route", "status"], registry=r)
+        self.http_request_seconds = Histogram(
+            "gdsllm_http_request_duration_seconds", "Time to answer an HTTP API request (a stream: "
+            "until its last byte)", ["route"], buckets=REQUEST_BUCKETS, registry=r)
         # Known label values start at 0, so rate() and the dashboard have series before the first
         # event (Prometheus' advice for labelled counters).
         for reason in FINISH_REASONS:
             self.requests.labels(finish_reason=reason)
+        for route in HTTP_ROUTES:
+            self.http_requests.labels(route=route, status="200")
+            self.http_request_seconds.labels(route=route)
 
     # -------------------------------------------------------------- service state
 
@@ -166,6 +177,12 @@ class ServiceMetrics:
         assert seconds >= 0, seconds
         self.request_seconds.observe(seconds)
         self.requests.labels(finish_reason=finish_reason).inc()
+
+    def observe_http(self, route: str, status: int, seconds: float) -> None:
+        """One HTTP request of the OpenAI-compatible front end, answered (or abandoned: 499)."""
+        assert seconds >= 0, seconds
+        self.http_requests.labels(route=route, status=str(int(status))).inc()
+        self.http_request_seconds.labels(route=route).observe(seconds)
 
     # -------------------------------------------------------------- export
 
