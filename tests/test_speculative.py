@@ -327,6 +327,25 @@ def test_smollm2_greedy_with_drafts_equals_without_and_tokens_per_pass(smol, cap
 
 
 @pytest.mark.slow
+def test_smollm2_int4_draft(smol, smollm2_gguf, tmp_path, capsys):
+    """The issue's pairing: SmolLM2 float32 verified against its own int4 conversion."""
+    pytest.importorskip("gdsllm.quant", reason="needs the quantized-weights issue (gdsllm.quant)")
+    from gdsllm.convert.gguf import convert_gguf
+    target = smol[0]
+    int4 = convert_gguf(smollm2_gguf, tmp_path / "int4", dtype="float32", quant="int4")
+    n = 16
+    with LLM(str(target)) as llm:
+        ref = [o.token_ids for o in llm.generate(SMOL_PROMPTS[:2], greedy(n))]
+    with LLM(str(target), draft=str(int4), draft_tokens=4) as llm:
+        assert [o.token_ids for o in llm.generate(SMOL_PROMPTS[:2], greedy(n))] == ref
+        st = llm.speculator.stats
+    with capsys.disabled():
+        print(f"\nSmolLM2 f32 target, int4 draft, K=4: acceptance {st.acceptance:.2f}, "
+              f"{st.tokens_per_pass:.2f} tokens per target pass")
+    assert st.tokens_per_pass > 1.5  # an int4 copy agrees with its source most of the time
+
+
+@pytest.mark.slow
 def test_smollm2_service_with_draft_equals_llm(smol):
     target, bf16, _ = smol
     with LLM(str(target)) as llm:
