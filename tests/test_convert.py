@@ -350,7 +350,7 @@ def _edit_shard(hf: Path, fn) -> Path:
                                   "missing_shard", "bad_json"])
 def test_hf_bad_input(tmp_path, case):
     hf = _hf(tmp_path)
-    expect = {"no_config": "config.json", "arch": "MistralForCausalLM", "no_tokenizer": "tokenizer.json",
+    expect = {"no_config": "config.json", "arch": "GPT2LMHeadModel", "no_tokenizer": "tokenizer.json",
               "bad_json": "config.json"}.get(case)
     if case == "no_config":
         (hf / "config.json").unlink()
@@ -358,7 +358,7 @@ def test_hf_bad_input(tmp_path, case):
         (hf / "config.json").write_text("{not json")
     elif case == "arch":
         cfg = json.loads((hf / "config.json").read_text())
-        cfg.update(architectures=["MistralForCausalLM"], model_type="mistral")
+        cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
         (hf / "config.json").write_text(json.dumps(cfg))
     elif case == "no_tokenizer":
         (hf / "tokenizer.json").unlink()
@@ -386,8 +386,8 @@ def test_gguf_bad_input(tmp_path, case):
         write_gguf(src, arch="gpt2")
         expect = "general.architecture is 'gpt2'"
     elif case == "qtype":
-        write_gguf(src, types={"ffn_up": Q.Q5_0})
-        expect = "tensor blk.0.ffn_up.weight has type Q5_0"
+        write_gguf(src, types={"ffn_up": Q.MXFP4})
+        expect = "tensor blk.0.ffn_up.weight has type MXFP4"
     elif case == "truncated":
         write_gguf(tmp_path / "ok.gguf")
         data = (tmp_path / "ok.gguf").read_bytes()

@@ -1,6 +1,7 @@
-"""`gdsllm convert SRC DST [--dtype float16|bfloat16|float32]`: a Hugging Face LLaMA directory or
-a llama `.gguf` file into a GdsLLM model directory. The output appears atomically (temp dir +
-rename): an error or Ctrl-C leaves nothing behind. Progress on stderr.
+"""`gdsllm convert SRC DST [--dtype float16|bfloat16|float32]`: a Hugging Face directory or
+a `.gguf` file (LLaMA, Qwen2/2.5, Qwen3, Mistral, Gemma 3 text) into a GdsLLM model directory.
+The output appears atomically (temp dir + rename): an error or Ctrl-C leaves nothing behind.
+Progress on stderr.
 """
 from __future__ import annotations
 

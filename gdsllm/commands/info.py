@@ -18,6 +18,26 @@ def _size(n: int) -> str:
     raise AssertionError
 
 
+def _features(p) -> list[str]:
+    """What sets this model's family parameters apart from plain LLaMA, in words."""
+    out = []
+    if p.attention_bias or p.attention_out_bias or p.mlp_bias:
+        out.append("biases: " + "/".join(n for n, on in (("qkv", p.attention_bias), ("o", p.attention_out_bias),
+                                                        ("mlp", p.mlp_bias)) if on))
+    if p.qk_norm:
+        out.append("q/k norms")
+    if p.sliding_window is not None and "sliding_attention" in p.layer_types:
+        n = p.layer_types.count("sliding_attention")
+        out.append(f"sliding window {p.sliding_window} on {n}/{p.num_hidden_layers} layers")
+    if p.rope_local_theta is not None:
+        out.append(f"local rope theta {p.rope_local_theta:g}")
+    if p.hidden_act != "silu":
+        out.append(p.hidden_act)
+    if p.final_logit_softcapping is not None:
+        out.append(f"logit soft-cap {p.final_logit_softcapping:g}")
+    return out
+
+
 def describe(root) -> str:
     """The report `gdsllm info` prints, for the model directory `root`."""
     import torch
@@ -29,6 +49,7 @@ def describe(root) -> str:
     lines = [
         f"model         {meta.root}",
         f"source        {meta.source or '-'}",
+        f"family        {meta.architecture}" + (f" ({', '.join(_features(p))})" if _features(p) else ""),
         f"architecture  {meta.architecture} ({p.num_hidden_layers} layers, hidden {p.hidden_size}, "
         f"heads {p.num_attention_heads}/{p.num_key_value_heads} kv, head_dim {p.head_dim}, "
         f"ffn {p.intermediate_size}, vocab {p.vocab_size}, "

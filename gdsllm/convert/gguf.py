@@ -1,14 +1,17 @@
-"""Converts a llama.cpp GGUF file (architecture llama) into the GdsLLM weight format.
+"""Converts a llama.cpp GGUF file into the GdsLLM weight format: architectures llama (and Mistral,
+which llama.cpp writes as llama), qwen2, qwen3 and gemma3 (`gdsllm.convert.families`).
 
     from gdsllm.convert.gguf import convert_gguf
     convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "~/models/smollm2", dtype="float32")
 
-Tensors of type F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are dequantized with `gguf.quants.dequantize`
-(the function transformers' GGUF loader uses, so values agree bit for bit), one unit at a time from
-the memory-mapped file. llama.cpp stores Q and K rows permuted for its rotary layout; they are
-permuted back exactly as transformers' `LlamaTensorProcessor` does. Hyper-parameters come from the
-`llama.*` keys, the tokenizer from `tokenizer.ggml.*` (see `gdsllm.convert.gguf_tokenizer`), the chat
-template from `tokenizer.chat_template`.
+Tensors (F32, F16, BF16 and the Q4_0 ... Q8_0, K-quant block types) are dequantized with
+`gguf.quants.dequantize` (the function transformers' GGUF loader uses, so values agree bit for
+bit), one unit at a time from the memory-mapped file. Tensor names come from gguf-py's own table,
+as transformers' loader gets them. llama.cpp stores a llama's Q and K rows permuted for its rotary
+layout; they are permuted back exactly as transformers' `LlamaTensorProcessor` does; it stores
+Gemma's RMSNorm weights as (1 + w): 1 is subtracted back as `Gemma2TensorProcessor` does.
+Hyper-parameters come from the `{arch}.*` keys, the tokenizer from `tokenizer.ggml.*` (see
+`gdsllm.convert.gguf_tokenizer`), the chat template from `tokenizer.chat_template`.
 """
 from __future__ import annotations
 
@@ -18,24 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gdsllm.convert.families import GGUF_ARCHITECTURES, gguf_family, gguf_tensor_name
 from gdsllm.convert.hf import _progress
+from gdsllm.format.family_params import family_problem
 from gdsllm.format.metadata import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
 from gdsllm.convert.gguf_tokenizer import _field, gguf_tokenizer_json
 from gdsllm.format.writer import ModelWriter
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-# Hugging Face name inside a unit -> GGUF name (blocks: "blk.{i}." + this)
-BLOCK_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# GdsLLM's top-level tensor names -> GGUF's
 TOP_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
 
@@ -50,45 +45,57 @@ def open_gguf(path: Path):
         raise FormatError(f"{path}: not a readable GGUF file: {e}") from None
 
 
-def params_from_gguf(reader, path: Path) -> LlamaParams:
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise FormatError(f"{path}: general.architecture is {arch!r}; GdsLLM converts 'llama' GGUFs")
+def params_from_gguf(reader, path: Path) -> tuple[str, str, LlamaParams]:
+    """(GGUF architecture, GdsLLM architecture, hyper-parameters) of the GGUF `reader` reads."""
+    garch = _field(reader, "general.architecture")
+    if garch not in GGUF_ARCHITECTURES:
+        raise FormatError(f"{path}: general.architecture is {garch!r}; GdsLLM converts "
+                          f"{', '.join(GGUF_ARCHITECTURES)} GGUFs")
 
-    def get(key: str, default=None):
-        v = _field(reader, f"llama.{key}", default)
+    def opt(key: str, default=None):
+        return _field(reader, f"{garch}.{key}", default)
+
+    def get(key: str):
+        v = opt(key)
         if v is None:
-            raise FormatError(f"{path}: missing hyper-parameter llama.{key}")
+            raise FormatError(f"{path}: missing hyper-parameter {garch}.{key}")
         return v
 
     names = {t.name for t in reader.tensors}
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    n_layers = int(get("block_count"))
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = _field(reader, "llama.vocab_size") or (len(tokens) if tokens else None)
+    vocab = opt("vocab_size") or (len(tokens) if tokens else None)
     if vocab is None:
         emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         if emb is None:
             raise FormatError(f"{path}: tensor token_embd.weight not found")
         vocab = int(emb.shape[-1])
     scaling = None
-    rope_type = _field(reader, "llama.rope.scaling.type")
+    rope_type = opt("rope.scaling.type")
     if rope_type not in (None, "none"):
         if rope_type != "linear":
-            raise FormatError(f"{path}: llama.rope.scaling.type {rope_type!r} is not supported")
+            raise FormatError(f"{path}: {garch}.rope.scaling.type {rope_type!r} is not supported "
+                              f"(only 'linear')")
         scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    head_dim = int(opt("attention.key_length") or opt("rope.dimension_count") or hidden // heads)
+    arch, fam = gguf_family(garch, opt, hidden, heads, n_layers, head_dim, names,
+                            str(_field(reader, "general.name", "") or ""))
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     eos = [_field(reader, f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id")]
-    return LlamaParams(
+    p = LlamaParams(
         vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")), num_attention_heads=heads,
-        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv") or heads),
-        head_dim=int(_field(reader, "llama.rope.dimension_count") or hidden // heads),
+        num_hidden_layers=n_layers, num_attention_heads=heads,
+        num_key_value_heads=int(opt("attention.head_count_kv") or heads), head_dim=head_dim,
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
+        rope_theta=float(opt("rope.freq_base", 10000.0)),
+        max_position_embeddings=int(opt("context_length", 2048)),
         tie_word_embeddings="output.weight" not in names, rope_scaling=scaling,
         bos_token_id=None if bos is None else int(bos),
-        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)))
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)), **fam)
+    if (problem := family_problem(p)) is not None:
+        raise FormatError(f"{path}: {problem}")
+    return garch, arch, p
 
 
 def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -102,14 +109,26 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 class GGUFTensors:
     """Dequantized tensors of a GGUF by name, read one at a time from the memory-mapped file."""
 
-    def __init__(self, reader, path: Path, p: LlamaParams):
-        self.path, self.p = path, p
+    def __init__(self, reader, path: Path, garch: str, p: LlamaParams):
+        self.path, self.garch, self.p = path, garch, p
         self.by_name = {t.name: t for t in reader.tensors}
         for t in reader.tensors:  # fail before writing anything, not at the last block
             used = t.name.startswith("blk.") or t.name in TOP_NAMES.values()
             if used and t.tensor_type.name not in SUPPORTED_TYPES:
                 raise FormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; GdsLLM "
                                   f"converts {', '.join(SUPPORTED_TYPES)}")
+        wanted = {self.name("block", 0, n) for n in unit_tensor_shapes(p, "block")}
+        extra = sorted(n for n in self.by_name if n.startswith("blk.0.") and n not in wanted)
+        if extra:  # converting without them would be silently wrong
+            raise FormatError(f"{path}: tensors {extra} are not used by a {garch} model of GdsLLM")
+
+    def name(self, kind: str, layer: int | None, name: str) -> str:
+        """The GGUF name of GdsLLM tensor `name` of a unit."""
+        if kind == "block":
+            return gguf_tensor_name(self.garch, self.p.num_hidden_layers, f"model.layers.{layer}.{name}")
+        if name == "lm_head.weight" and self.p.tie_word_embeddings:
+            return TOP_NAMES["embed_tokens.weight"]  # tied: the head is a copy of the embedding
+        return TOP_NAMES[name]
 
     def get(self, gname: str, shape: tuple[int, ...]) -> torch.Tensor:
         from gguf.quants import dequantize
@@ -125,26 +144,24 @@ class GGUFTensors:
         if w.numel() != int(np.prod(shape)):
             raise FormatError(f"{self.path}: tensor {gname} has {w.numel()} values, the "
                               f"hyper-parameters say shape {shape}")
-        w = w.reshape(shape)
-        if gname.endswith("attn_q.weight"):
-            w = unpermute(w, self.p.num_attention_heads)
-        elif gname.endswith("attn_k.weight"):
-            w = unpermute(w, self.p.num_key_value_heads)
+        return self.fix(gname, w.reshape(shape))
+
+    def fix(self, gname: str, w: torch.Tensor) -> torch.Tensor:
+        """Undo llama.cpp's storage conventions (as transformers' tensor processors do)."""
+        if self.garch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
+            return unpermute(w, self.p.num_attention_heads if ".attn_q." in gname
+                             else self.p.num_key_value_heads)
+        if self.garch == "gemma3" and gname.endswith("norm.weight"):
+            return w - 1  # stored as (1 + w)
         return w
 
 
 def gguf_units(src: GGUFTensors, p: LlamaParams):
-    """Yield (unit name, {tensor name: float32 tensor}) per unit, in file order."""
+    """Yield (unit name, {tensor name: float32 tensor}) per unit, in file order. One tensor at a
+    time is dequantized; a step that keeps blocks quantized replaces `src.get` here."""
     for uname, kind, layer in unit_layout(p):
-        tensors = {}
-        for name, shape in unit_tensor_shapes(p, kind).items():
-            if kind == "block":
-                gname = f"blk.{layer}.{BLOCK_NAMES[name]}"
-            elif name == "lm_head.weight" and p.tie_word_embeddings:
-                gname = TOP_NAMES["embed_tokens.weight"]  # tied: the head is a copy of the embedding
-            else:
-                gname = TOP_NAMES[name]
-            tensors[name] = src.get(gname, shape)
+        tensors = {name: src.get(src.name(kind, layer, name), shape)
+                   for name, shape in unit_tensor_shapes(p, kind).items()}
         yield uname, tensors
 
 
@@ -157,11 +174,11 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "f
     if not src.is_file():
         raise FormatError(f"{src}: not found (a .gguf file is expected)")
     reader = open_gguf(src)
-    p = params_from_gguf(reader, src)
-    tensors = GGUFTensors(reader, src, p)  # these two fail early, before any weight is written
+    garch, arch, p = params_from_gguf(reader, src)
+    tensors = GGUFTensors(reader, src, garch, p)  # these two fail early, before any weight is written
     tokenizer = gguf_tokenizer_json(reader, src)
     with ModelWriter(dst, p, dtype, chat_template=_field(reader, "tokenizer.chat_template"),
-                     source=f"gguf:{src}", overwrite=overwrite) as w:
+                     source=f"gguf:{src}", overwrite=overwrite, architecture=arch) as w:
         units = gguf_units(tensors, p)
         for _, tensors in _progress(units, len(unit_layout(p)), f"convert {src.name}", progress):
             w.add_unit(tensors)

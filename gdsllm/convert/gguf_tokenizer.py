@@ -5,9 +5,9 @@
 
 A GGUF carries no `tokenizer.json`, only the vocabulary, merges, token types and special ids.
 This rebuilds the tokenizer it describes, byte-level BPE (`tokenizer.ggml.model == "gpt2"`) or
-sentencepiece BPE (`"llama"`), with exactly the settings transformers' GGUF loader uses
+sentencepiece BPE (`"llama"`; Gemma's variant for architectures gemma/gemma2/gemma3), with exactly the settings transformers' GGUF loader uses
 (`transformers/integrations/gguf/gguf_tokenizer_mapping.py`: `byte_level_tokenizer`,
-`sentencepiece_tokenizer` with `LlamaTokenizer`'s pieces, `add_gguf_special_tokens`,
+`sentencepiece_tokenizer` with `LlamaTokenizer`'s pieces, `gemma_tokenizer` with `GemmaTokenizer`'s, `add_gguf_special_tokens`,
 `set_split_regex`, `TokenizersBackend.update_post_processor`, and the special tokens transformers
 registers), so ids agree with `AutoTokenizer(gguf_file=...)`, without importing transformers at
 convert time. One deliberate difference: a default special token absent from the vocabulary
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from gdsllm.format.metadata import FormatError
 
@@ -120,9 +120,26 @@ def _sentencepiece(tokens: list[str], merges: list[str] | None, scores: list[flo
     return tok, vocab, None
 
 
-# The defaults of the transformers class each builder uses (GPT2Tokenizer, LlamaTokenizer); transformers
-# registers them as special tokens too.
-DEFAULT_SPECIALS = {"gpt2": ("<|endoftext|>",), "llama": ("<unk>", "<s>", "</s>")}
+def _gemma(tokens: list[str]) -> tuple[Tokenizer, dict, None]:
+    """transformers' `gemma_tokenizer`: whitespace-only tokens respelled with "\u2581", merges
+    recovered from the vocabulary ranked by file order (Gemma's scores do not follow it), and
+    `GemmaTokenizer`'s pieces (spaces -> "\u2581" by a normalizer, no prefix space)."""
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = generate_merges(vocab, {t: -i for i, t in enumerate(tokens)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, unk_token="<unk>",
+                               dropout=None, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    return tok, vocab, None
+
+
+GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+# The defaults of the transformers class each builder uses (GPT2Tokenizer, LlamaTokenizer,
+# GemmaTokenizer); transformers registers them as special tokens too.
+DEFAULT_SPECIALS = {"gpt2": ("<|endoftext|>",), "llama": ("<unk>", "<s>", "</s>"),
+                    "gemma": ("<unk>", "<bos>", "<eos>", "<pad>", "<mask>")}
 
 
 def gguf_tokenizer_json(reader, path: Path) -> bytes:
@@ -137,6 +154,9 @@ def gguf_tokenizer_json(reader, path: Path) -> bytes:
         if merges is None:
             raise FormatError(f"{path}: tokenizer.ggml.merges is missing (needed by a 'gpt2' tokenizer)")
         tok, vocab, alphabet = _byte_level(tokens, merges)
+    elif kind == "llama" and _field(reader, "general.architecture") in GEMMA_ARCHITECTURES:
+        tok, vocab, alphabet = _gemma(tokens)
+        kind = "gemma"
     elif kind == "llama":
         tok, vocab, alphabet = _sentencepiece(tokens, merges, _field(reader, "tokenizer.ggml.scores"), path)
     else:
@@ -167,7 +187,7 @@ def gguf_tokenizer_json(reader, path: Path) -> bytes:
         tok.add_tokens(user)
     # The post-processor adds BOS/EOS as the file asks; sentencepiece vocabularies default to BOS.
     bos, eos = ids["bos"], ids["eos"]
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", kind == "llama")) and bos is not None
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", kind != "gpt2")) and bos is not None
     add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
     b, e = (tokens[bos] if bos is not None else ""), (tokens[eos] if eos is not None else "")
     single = f"{b + ':0 ' if add_bos else ''}$A:0{' ' + e + ':0' if add_eos else ''}"

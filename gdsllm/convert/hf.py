@@ -1,9 +1,10 @@
-"""Converts a Hugging Face LLaMA directory (safetensors) into the GdsLLM weight format.
+"""Converts a Hugging Face directory (safetensors) into the GdsLLM weight format: LLaMA, Qwen2/2.5,
+Qwen3, Mistral and Gemma 3 text checkpoints (`gdsllm.convert.families` reads each one's config).
 
     from gdsllm.convert.hf import convert_hf
     convert_hf("~/models/Llama-3.2-1B", "~/models/llama-3.2-1b.gdsllm", dtype="float16")
 
-The source is what `save_pretrained` writes for a `LlamaForCausalLM`: `config.json`,
+The source is what `save_pretrained` writes for a `*ForCausalLM`: `config.json`,
 `model.safetensors` or shards with `model.safetensors.index.json`, `tokenizer.json`,
 `tokenizer_config.json` (chat template; transformers 5 may put it in `chat_template.jinja`) and
 `generation_config.json` (end-of-sequence ids). Tensors are read lazily with `safe_open`
@@ -18,7 +19,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from gdsllm.convert.families import HF_DEFAULTS, gemma3_rope, hf_architecture, hf_family
+from gdsllm.format.family_params import family_problem
 from gdsllm.format.metadata import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
+from gdsllm.models.layers import rope_inv_freq
 from gdsllm.format.writer import ModelWriter
 
 CONFIG = "config.json"
@@ -51,15 +55,15 @@ def _ids(v) -> list[int]:
     return [int(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
 
 
-def rope_from_config(cfg: dict) -> tuple[float, dict | None]:
+def rope_from_config(cfg: dict, default_theta: float = 10000.0) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling or None) from transformers 5 `rope_parameters` or the older
     top-level `rope_theta` / `rope_scaling` keys."""
     rp = cfg.get("rope_parameters")
     if isinstance(rp, dict) and rp:
-        theta = float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        theta = float(rp.get("rope_theta", cfg.get("rope_theta", default_theta)))
         scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
     else:
-        theta = float(cfg.get("rope_theta", 10000.0))
+        theta = float(cfg.get("rope_theta", default_theta))
         scaling = dict(cfg.get("rope_scaling") or {})
     if "type" in scaling and "rope_type" not in scaling:  # pre-4.45 spelling
         scaling["rope_type"] = scaling.pop("type")
@@ -68,34 +72,42 @@ def rope_from_config(cfg: dict) -> tuple[float, dict | None]:
     return theta, scaling
 
 
-def params_from_config(cfg: dict, gen: dict | None, where: Path) -> LlamaParams:
-    archs = cfg.get("architectures") or ["LlamaForCausalLM"]
-    if cfg.get("model_type") != "llama" or "LlamaForCausalLM" not in archs:
-        raise FormatError(f"{where}: unsupported architecture {archs} (model_type "
-                          f"{cfg.get('model_type')!r}); GdsLLM converts LlamaForCausalLM")
+def params_from_config(cfg: dict, gen: dict | None, where: Path) -> tuple[str, LlamaParams]:
+    """(GdsLLM architecture, hyper-parameters) of a Hugging Face config; FormatError naming the
+    field for anything unsupported."""
+    arch = hf_architecture(cfg, where)
+    d = HF_DEFAULTS[arch]
     try:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        theta, scaling = rope_from_config(cfg)
+        if arch == "gemma3":
+            theta, scaling, local = gemma3_rope(cfg, where)
+        else:
+            (theta, scaling), local = rope_from_config(cfg, d["rope_theta"]), None
         eos = _ids((gen or {}).get("eos_token_id")) + _ids(cfg.get("eos_token_id"))
         bos = cfg.get("bos_token_id", (gen or {}).get("bos_token_id"))
         p = LlamaParams(
-            vocab_size=int(cfg["vocab_size"]), hidden_size=hidden,
+            vocab_size=int(cfg.get("vocab_size") or d["vocab_size"]), hidden_size=hidden,
             intermediate_size=int(cfg["intermediate_size"]),
             num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=heads,
             num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            head_dim=int(cfg.get("head_dim") or d.get("head_dim") or hidden // heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", d["max_position_embeddings"])),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", d["tie_word_embeddings"])),
             rope_scaling=scaling, bos_token_id=None if bos is None else int(bos),
-            eos_token_ids=tuple(dict.fromkeys(eos)))  # de-duplicated, order kept
+            eos_token_ids=tuple(dict.fromkeys(eos)),  # de-duplicated, order kept
+            rope_local_theta=local, **hf_family(arch, cfg, where))
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{where}: malformed or missing hyper-parameter: {e}") from None
-    if p.num_attention_heads % p.num_key_value_heads:
-        raise FormatError(f"{where}: num_attention_heads {heads} is not a multiple of "
-                          f"num_key_value_heads {p.num_key_value_heads}")
-    return p
+    if (problem := family_problem(p)) is not None:
+        raise FormatError(f"{where}: {problem}")
+    try:  # an unimplemented rope type fails here, before anything is written
+        for kind in {p.layer_rope(i) for i in range(p.num_hidden_layers)}:
+            rope_inv_freq(p, kind)
+    except (KeyError, ValueError) as e:
+        raise FormatError(f"{where}: rope_scaling / rope_parameters: {e}") from None
+    return arch, p
 
 
 def chat_template_of(src: Path) -> str | None:
@@ -171,6 +183,7 @@ def _hf_name(kind: str, layer: int | None, name: str, head_tied: bool) -> str:
 def hf_units(src: Path, p: LlamaParams):
     """Yield (unit name, {tensor name: tensor}) for each unit, in file order, reading lazily."""
     st = SafetensorsDir(src)
+    _check_no_unused(st, p, src)
     for uname, kind, layer in unit_layout(p):
         tensors = {}
         for name in unit_tensor_shapes(p, kind):
@@ -184,6 +197,20 @@ def hf_units(src: Path, p: LlamaParams):
         yield uname, tensors
 
 
+def _check_no_unused(st: SafetensorsDir, p: LlamaParams, src: Path) -> None:
+    """A block tensor the config does not account for (a bias with attention_bias=false, ...)
+    would be dropped and the model silently wrong: refuse instead."""
+    wanted = set(unit_tensor_shapes(p, "block"))
+    for key in st.where:
+        parts = key.split(".")
+        if "layers" in parts and parts.index("layers") + 2 <= len(parts):
+            name = ".".join(parts[parts.index("layers") + 2:])
+            if name not in wanted and not name.endswith("rotary_emb.inv_freq"):
+                raise FormatError(f"{src}: tensor {key!r} is not used by a {p.num_hidden_layers}-layer "
+                                  f"model with this config.json (attention_bias / mlp_bias?); "
+                                  f"converting without it would be wrong")
+
+
 def convert_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32",
                progress: bool = False, overwrite: bool = False) -> Path:
     """Convert the Hugging Face directory `src` into a GdsLLM model at `dst`; returns `dst`."""
@@ -193,12 +220,12 @@ def convert_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "flo
     if not src.is_dir():
         raise FormatError(f"{src}: not a directory (a Hugging Face model directory is expected)")
     cfg = _read_json(src / CONFIG)
-    p = params_from_config(cfg, _read_json(src / GENERATION_CONFIG, required=False), src / CONFIG)
+    arch, p = params_from_config(cfg, _read_json(src / GENERATION_CONFIG, required=False), src / CONFIG)
     if not (src / TOKENIZER).is_file():
         raise FormatError(f"{src / TOKENIZER}: not found (GdsLLM needs a fast tokenizer file)")
     units = hf_units(src, p)
     with ModelWriter(dst, p, dtype, chat_template=chat_template_of(src), source=f"hf:{src}",
-                     overwrite=overwrite) as w:
+                     overwrite=overwrite, architecture=arch) as w:
         for _, tensors in _progress(units, len(unit_layout(p)), f"convert {src.name}", progress):
             w.add_unit(tensors)
             del tensors  # one unit in memory at a time

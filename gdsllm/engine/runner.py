@@ -44,8 +44,11 @@ class Runner:
         self.family = family(architecture)
         self.layout = unit_layout(params)
         self.caches: dict[int, KVCache] = {}
-        # Rotary frequencies depend only on the model: computed once, kept on the compute device.
-        self.inv_freq = layers.rope_inv_freq(params).to(self.device)
+        # Rotary frequencies depend only on the model: computed once, kept on the compute device;
+        # one table per kind a layer uses ("global", and "local" for Gemma 3's sliding layers).
+        self.windows = [params.layer_window(i) for i in range(params.num_hidden_layers)]
+        kinds = sorted({params.layer_rope(i) for i in range(params.num_hidden_layers)})
+        self.inv_freqs = {k: layers.rope_inv_freq(params, k).to(self.device) for k in kinds}
         self._pass: _Pass | None = None
 
     def seq_len(self, seq_id: int) -> int:
@@ -102,13 +105,13 @@ class Runner:
         for sid, _, _ in segments:
             if sid not in self.caches:  # a new sequence starts at position 0
                 self.caches[sid] = KVCache(p.num_hidden_layers, p.num_key_value_heads, p.head_dim,
-                                           self.dtype, self.device, p.max_position_embeddings)
+                                           self.dtype, self.device, p.max_position_embeddings,
+                                           windows=self.windows)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        cos, sin = layers.rope_cos_sin(self.inv_freq, pos, self.dtype)
         self._pass = _Pass(
             seq_ids=seq_ids,
             ids=torch.tensor(ids, dtype=torch.long, device=self.device),
-            cos=cos, sin=sin,
+            rope={k: layers.rope_cos_sin(f, pos, self.dtype) for k, f in self.inv_freqs.items()},
             segments=[layers.Segment(a, b, self.caches[sid]) for sid, a, b in segments],
             last_rows=torch.tensor(last_rows, dtype=torch.long, device=self.device))
 
@@ -122,10 +125,11 @@ class Runner:
             raise RuntimeError(f"run_unit: got unit {unit.name}, expected {want}")
         p = self.p
         if unit.kind == "embed":
-            ps.x = layers.embed(weights, ps.ids, self.dtype)
+            ps.x = layers.embed(weights, ps.ids, self.dtype, p.embed_scale)
         elif unit.kind == "block":
-            ps.x = self.family.decoder_block(p, weights, ps.x, ps.cos, ps.sin, ps.segments, unit.layer,
-                                       self.cudnn_attention)
+            cos, sin = ps.rope[p.layer_rope(unit.layer)]
+            ps.x = self.family.decoder_block(p, weights, ps.x, cos, sin, ps.segments, unit.layer,
+                                             self.cudnn_attention)
         else:
             # Only the rows asked for (each chunk's last token by default): norm + LM head on those.
             ps.logits = self.family.lm_head(p, weights, ps.x.index_select(0, ps.last_rows))
@@ -159,8 +163,8 @@ class Runner:
 class _Pass:
     """State of the pass in flight: inputs, per-sequence segments, running activations."""
 
-    def __init__(self, seq_ids, ids, cos, sin, segments, last_rows):
-        self.seq_ids, self.ids, self.cos, self.sin = seq_ids, ids, cos, sin
+    def __init__(self, seq_ids, ids, rope, segments, last_rows):
+        self.seq_ids, self.ids, self.rope = seq_ids, ids, rope  # rope: kind -> (cos, sin)
         self.segments, self.last_rows = segments, last_rows
         self.x: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from gdsllm.format.family_params import FamilyParams, family_block_shapes, family_fields, family_problem
+
 FORMAT_NAME = "gdsllm"
 FORMAT_VERSION = 1
 ALIGN = 4096  # bytes; O_DIRECT and cuFile want 4 KiB-aligned offsets and lengths
@@ -31,7 +33,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
 UNIT_KINDS = ("embed", "block", "head")
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
 
 
 class FormatError(ValueError):
@@ -78,8 +80,8 @@ class UnitMeta:
 
 
 @dataclass(frozen=True)
-class LlamaParams:
-    """Hyper-parameters of a LLaMA-family model, named as in Hugging Face's LlamaConfig."""
+class LlamaParams(FamilyParams):
+    """Hyper-parameters, named as in Hugging Face's LlamaConfig; other families' in FamilyParams."""
 
     vocab_size: int
     hidden_size: int
@@ -145,7 +147,7 @@ def unit_tensor_shapes(p: LlamaParams, kind: str) -> dict[str, tuple[int, ...]]:
         "mlp.gate_proj.weight": (p.intermediate_size, h),
         "mlp.up_proj.weight": (p.intermediate_size, h),
         "mlp.down_proj.weight": (h, p.intermediate_size),
-    }
+    } | family_block_shapes(p)  # biases, q/k norms, feed-forward norms
 
 
 def unit_layout(p: LlamaParams) -> list[tuple[str, str, int | None]]:
@@ -235,11 +237,10 @@ def parse_params(cfg: dict, where: Path) -> LlamaParams:
             tie_word_embeddings=bool(cfg["tie_word_embeddings"]),
             rope_scaling=cfg.get("rope_scaling"),
             bos_token_id=None if cfg.get("bos_token_id") is None else int(cfg["bos_token_id"]),
-            eos_token_ids=tuple(int(e) for e in eos))
+            eos_token_ids=tuple(int(e) for e in eos), **family_fields(cfg))
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{where}: malformed or missing hyper-parameter: {e}") from None
-    _require(p.num_attention_heads % p.num_key_value_heads == 0, where,
-             "num_attention_heads must be a multiple of num_key_value_heads")
+    _require((problem := family_problem(p)) is None, where, str(problem))
     return p
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gdsllm.format.metadata import (ALIGN, DTYPES, FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, FormatError,
-                     LlamaParams, align_up, checksum, unit_file_name, unit_layout,
+                     SUPPORTED_ARCHITECTURES, LlamaParams, align_up, checksum, unit_file_name, unit_layout,
                      unit_tensor_shapes)
 
 
@@ -29,9 +29,13 @@ class ModelWriter:
     """Context manager that writes a model directory; see the module docstring."""
 
     def __init__(self, dst: str | os.PathLike, params: LlamaParams, dtype: str, *,
-                 chat_template: str | None = None, source: str = "", overwrite: bool = False):
+                 chat_template: str | None = None, source: str = "", overwrite: bool = False,
+                 architecture: str = "llama"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {SUPPORTED_ARCHITECTURES}, got {architecture!r}")
+        self.architecture = architecture
         self.dst = Path(dst).expanduser().resolve()
         if self.dst.exists() and not overwrite:
             raise FileExistsError(f"{self.dst}: already exists (remove it or pick another path)")
@@ -111,7 +115,7 @@ class ModelWriter:
         assert self._tmp is not None
         if len(self._units) != len(self._layout):
             raise FormatError(f"{self.dst}: wrote {len(self._units)} of {len(self._layout)} units")
-        doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "architecture": "llama",
+        doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "architecture": self.architecture,
                "source": self.source, "dtype": self.dtype, "config": _params_json(self.params),
                "tokenizer_file": self._tokenizer_file, "chat_template": self.chat_template,
                "extra_files": self._extra, "alignment": ALIGN, "units": self._units}
@@ -128,6 +132,7 @@ class ModelWriter:
 def _params_json(params: LlamaParams) -> dict:
     d = dataclasses.asdict(params)
     d["eos_token_ids"] = list(params.eos_token_ids)
+    d["layer_types"] = list(params.layer_types)
     return d
 
 

@@ -8,15 +8,18 @@ by the architecture recorded in `metadata.json`:
     fam = family(meta.architecture)        # gdsllm.models.llama
     x = fam.decoder_block(meta.params, weights, x, cos, sin, segments, layer)
 
-A new family is a new module here plus one line in FAMILIES.
+A new family is a new module here plus one entry in FAMILIES (and in
+`gdsllm.format.metadata.SUPPORTED_ARCHITECTURES`, which the format checks without importing torch
+code). A family that is LLaMA with a switch re-exports llama's block; the switch is a parameter.
 """
 from __future__ import annotations
 
 from types import ModuleType
 
-from gdsllm.models import llama
+from gdsllm.models import gemma3, llama, mistral, qwen2, qwen3
 
-FAMILIES: dict[str, ModuleType] = {"llama": llama}
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3,
+                                   "mistral": mistral, "gemma3": gemma3}
 
 
 def family(architecture: str) -> ModuleType:

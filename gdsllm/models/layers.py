@@ -1,6 +1,8 @@
 """Pieces every model family shares, written once: rotary embeddings, RMSNorm, the embedding
-gather, the attention call over each sequence's KV cache, and `linear`, the one place where a
-stored weight meets a matmul (a quantized weight plugs in there).
+gather, the attention call over each sequence's KV cache (full or sliding window), the
+self-attention sub-block, the gated MLP, the final norm + LM head, and `linear`, the one place
+where a stored weight meets a matmul (a quantized weight plugs in there). What differs between
+families is read from the parameters (`gdsllm.format.family_params`), never from the family name.
 
 Every function takes only its own unit's weights (the views `gdsllm.engine.views.unit_tensors` gives),
 so unit k runs with nothing but unit k resident. Activations are flattened over all tokens of all
@@ -29,18 +31,26 @@ from gdsllm.format.metadata import LlamaParams
 from gdsllm.engine.kv_cache import KVCache
 
 
-def rope_inv_freq(p: LlamaParams) -> torch.Tensor:
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(p: LlamaParams, kind: str = "global") -> torch.Tensor:
     """Inverse rotary frequencies (float32, [head_dim // 2], on the CPU as transformers computes
-    them, so they are bit-identical there; move them), with Llama-3 scaling if configured."""
+    them, so they are bit-identical there; move them), with linear or Llama-3 scaling if
+    configured. `kind="local"`: the sliding layers' own base (`rope_local_theta`), unscaled."""
     dim = p.head_dim
-    inv_freq = 1.0 / (p.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(
+    theta = p.rope_local_theta if kind == "local" else p.rope_theta
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(
         dtype=torch.float) / dim))
-    rs = p.rope_scaling or {}
+    rs = (p.rope_scaling if kind == "global" else None) or {}
     rope_type = rs.get("rope_type", rs.get("type", "default"))
     if rope_type == "default":
         return inv_freq
-    if rope_type != "llama3":
-        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3')")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (GdsLLM implements "
+                         f"{', '.join(ROPE_TYPES)})")
+    if rope_type == "linear":
+        return inv_freq / float(rs["factor"])
     try:
         factor = float(rs["factor"])
         low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
@@ -74,25 +84,85 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As transformers' LlamaRMSNorm: float32 statistics, cast back, then times the weight."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """As transformers' LlamaRMSNorm: float32 statistics, cast back, then times the weight.
+    With `offset` (Gemma), as Gemma3RMSNorm: times (offset + weight) in float32, then cast back."""
     in_dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (h * (offset + weight.float())).to(in_dtype)
     return weight.to(in_dtype) * h.to(in_dtype)
 
 
 def linear(weights: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
-    """x @ weights[name].T, in x's dtype. On the CPU backend weights stored as fp16/bf16 are upcast
-    here, once per unit and pass; on CUDA the compute dtype is the stored dtype and this is a
-    no-op view."""
-    return F.linear(x, weights[name].to(x.dtype))
+    """x @ weights[name].T (+ its bias, "<stem>.bias", where the unit has one), in x's dtype. On
+    the CPU backend weights stored as fp16/bf16 are upcast here, once per unit and pass; on CUDA
+    the compute dtype is the stored dtype and this is a no-op view."""
+    bias = weights.get(name[: -len("weight")] + "bias")
+    return F.linear(x, weights[name].to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-def embed(weights: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[T] token ids -> [T, hidden] activations."""
+def embed(weights: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtype,
+          scale: float = 1.0) -> torch.Tensor:
+    """[T] token ids -> [T, hidden] activations, times `scale` (Gemma: sqrt(hidden), rounded to
+    the activation dtype first, as transformers' Gemma3TextScaledWordEmbedding does)."""
     # Gather first, then cast: upcasting the whole table would copy vocab x hidden every pass.
-    return F.embedding(ids, weights["embed_tokens.weight"]).to(dtype)
+    x = F.embedding(ids, weights["embed_tokens.weight"]).to(dtype)
+    return x if scale == 1.0 else x * torch.tensor(scale).to(dtype)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def gated_mlp(p: LlamaParams, weights: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """down(act(gate(h)) * up(h)): SwiGLU (silu) or GeGLU (tanh GELU), by `p.hidden_act`."""
+    act = ACTIVATIONS[p.hidden_act]
+    gate = linear(weights, "mlp.gate_proj.weight", h)
+    return linear(weights, "mlp.down_proj.weight", act(gate) * linear(weights, "mlp.up_proj.weight", h))
+
+
+def self_attention(p: LlamaParams, weights: dict[str, torch.Tensor], h: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], layer: int,
+                   cudnn: bool = False) -> torch.Tensor:
+    """The attention sub-block over the normed rows h [T, hidden]: q/k/v projections (biases
+    where stored), per-head q/k RMSNorm if `p.qk_norm`, rotary embedding, each sequence's KV
+    cache (full or this layer's sliding window), attention, o_proj. Returns [T, hidden]."""
+    T = h.shape[0]
+    hd, nh, nkv = p.head_dim, p.num_attention_heads, p.num_key_value_heads
+    # The projections run once over all tokens of all sequences: one large matmul per weight
+    # is what makes a weight pass serve a whole batch for the price of one.
+    q = linear(weights, "self_attn.q_proj.weight", h).view(T, nh, hd)
+    k = linear(weights, "self_attn.k_proj.weight", h).view(T, nkv, hd)
+    v = linear(weights, "self_attn.v_proj.weight", h).view(T, nkv, hd)
+    if p.qk_norm:
+        off = p.norm_weight_offset
+        q = rms_norm(q, weights["self_attn.q_norm.weight"], p.rms_norm_eps, off)
+        k = rms_norm(k, weights["self_attn.k_norm.weight"], p.rms_norm_eps, off)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scale = (p.query_pre_attn_scalar or hd) ** -0.5
+    window = p.layer_window(layer)
+    outs = []
+    for seg in segments:
+        past = seg.cache.length
+        ks, vs = seg.cache.update(layer, k[seg.start:seg.end].transpose(0, 1),
+                                  v[seg.start:seg.end].transpose(0, 1))
+        outs.append(attention(q[seg.start:seg.end].transpose(0, 1), ks, vs, past, cudnn,
+                              scale=scale, window=window))
+    a = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    assert a.shape == (T, nh * hd), a.shape
+    return linear(weights, "self_attn.o_proj.weight", a)
+
+
+def lm_head(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Final norm and LM head over the rows given ([B, hidden]); float32 logits [B, vocab],
+    soft-capped as cap * tanh(logits / cap) where `p.final_logit_softcapping` is set."""
+    h = rms_norm(x, weights["norm.weight"], p.rms_norm_eps, p.norm_weight_offset)
+    logits = linear(weights, "lm_head.weight", h)
+    cap = p.final_logit_softcapping
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
 
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -108,31 +178,40 @@ class Segment:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
-              cudnn: bool = False) -> torch.Tensor:
-    """q: [heads, n, hd]; k, v: [kv_heads, past + n, hd] (cache included). Returns [n, heads*hd].
+              cudnn: bool = False, scale: float | None = None, window: int | None = None
+              ) -> torch.Tensor:
+    """q: [heads, n, hd]; k, v: [kv_heads, L, hd], the cached keys the chunk may see and its own
+    (L = past + n for full attention; a sliding-window cache returns fewer, the first at
+    position past + n - L). Returns [n, heads*hd].
 
-    Causal within the new chunk; every new token sees all `past` cached tokens. The SDPA call is
-    the one transformers makes (4-D, batch 1, enable_gqa, explicit scale, is_causal for a prompt,
-    no mask for one token), so with `cudnn=True` the same fused kernel is picked on CUDA; by
-    default cuDNN is left out there (see _CUDA_SDPA).
+    Causal within the new chunk; every new token sees all `past` cached tokens, or with `window`
+    only the last `window` positions up to its own (transformers' sliding-window mask). The SDPA
+    call is the one transformers makes (4-D, batch 1, enable_gqa, explicit scale, is_causal for a
+    prompt, no mask for one token), so with `cudnn=True` the same fused kernel is picked on CUDA;
+    by default cuDNN is left out there (see _CUDA_SDPA). `scale`: default head_dim ** -0.5.
     """
-    n, hd = q.shape[1], q.shape[2]
+    n, hd, L = q.shape[1], q.shape[2], k.shape[1]
+    first = past + n - L  # position of k[:, 0]
     q, k, v = q[None], k[None], v[None]
-    kw: dict = dict(scale=hd ** -0.5)
+    kw: dict = dict(scale=hd ** -0.5 if scale is None else scale)
     if q.shape[1] != k.shape[1]:
         if _SDPA_GQA:
             kw["enable_gqa"] = True  # no copy of K/V per query head
         else:  # torch < 2.5: repeat each KV head for its query heads
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    windowed = window is not None and past + n > window  # else the window hides nothing
     with _sdpa_backends(q.device, cudnn):
-        if n == 1:  # one new token attends to everything: no mask
+        if n == 1 and (not windowed or L <= window):  # one new token sees all it was given
             out = F.scaled_dot_product_attention(q, k, v, **kw)
-        elif past == 0:  # a whole prompt: SDPA's own causal mask (upper-left aligned, square here)
+        elif past == 0 and not windowed:  # a whole prompt: SDPA's causal mask (square here)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-        else:  # a chunk after a cached prefix: row i sees keys [0, past + i]
+        else:  # row i (position past + i) sees keys at positions (past + i - window, past + i]
             rows = torch.arange(n, device=q.device)[:, None] + past
-            mask = torch.arange(past + n, device=q.device)[None, :] <= rows
+            keys = torch.arange(L, device=q.device)[None, :] + first
+            mask = keys <= rows
+            if windowed:
+                mask &= keys > rows - window
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
     return out[0].transpose(0, 1).reshape(n, -1)
 
