@@ -189,6 +189,24 @@ def test_cuda_greedy_with_a_draft_equals_without(models):
         assert c.generate(PROMPTS[0], max_tokens=24, temperature=0, ignore_eos=True).token_ids == ref[0]
 
 
+@pytest.mark.parametrize("case", ["mistral", "gemma3"])
+def test_sliding_window_families_roll_back_exactly(case, tmp_path):
+    """Rejected drafts rolled back from sliding-window caches: greedy output of a windowed model
+    (prompt and output longer than its window) with a random draft equals the output without."""
+    from families_ref import family_model
+    _, _, target = family_model(tmp_path, case)
+    draft = synth(tmp_path / "draft", "tiny", layers=1, dtype="float32", seed=5,
+                  overrides={"vocab_size": load_model_meta(target).params.vocab_size})
+    prompts = ["the quick brown fox jumps", "a b c d e f g h i j k l"]
+    with LLM(str(target)) as llm:
+        ref = [o.token_ids for o in llm.generate(prompts, greedy(32))]
+    for d in (draft, target):  # mostly rejected; always accepted
+        with LLM(str(target), draft=str(d), draft_tokens=3) as llm:
+            assert [o.token_ids for o in llm.generate(prompts, greedy(32))] == ref, (case, d)
+            st = llm.speculator.stats
+            assert st.draft_tokens > 0 and (st.accepted_tokens == st.draft_tokens) == (d == target)
+
+
 # ------------------------------------------------------------------ sampled: distribution
 
 

@@ -90,8 +90,12 @@ class KVCache:
 
     def truncate(self, n: int) -> None:
         """Forget every token after the first `n` (speculative decoding's rejected drafts); the
-        next update overwrites them. Capacity is kept."""
+        next update overwrites them. Capacity is kept. A sliding layer must still hold the
+        window before position n: true when n is at least the length before the last pass, as
+        it drops keys only while growing, before a pass appends."""
         assert 0 <= n <= self.length, (n, self.length)
+        for layer, w in enumerate(self.windows):
+            assert w is None or self.start[layer] <= max(0, n - (w - 1)), (layer, n, self.start[layer])
         self.length = n
 
     @property
