@@ -45,6 +45,8 @@ def run(args) -> int:
         raise ValueError("empty prompt (-p)")
     params = sampling_params(args)  # bad values fail here, before any model is loaded
     if args.endpoint:
+        if args.draft:
+            raise ValueError("--draft belongs to the server: start `gdsllm serve --draft MODEL`")
         if args.endpoint.startswith(("http://", "https://")):
             from gdsllm.service.http.client import generate_cli
         else:
