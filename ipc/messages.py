@@ -128,6 +128,9 @@ class IoReady:
     io_path: str
 
 
+RESIDENT = -1  # the `slot` of a resident unit in Load / Run / Loaded / Done (no streaming slot)
+
+
 @message("load")
 @dataclass(frozen=True)
 class Load:

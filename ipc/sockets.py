@@ -37,25 +37,31 @@ def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
     return s
 
 
+def _attach(s: zmq.Socket, endpoint: str, bind: bool) -> zmq.Socket:
+    """Bind or connect `s`; on failure close it (an open socket would hang `ctx.term()`) and raise
+    OSError naming the endpoint (`tcp://127.0.0.1:5555: Address already in use`)."""
+    try:
+        (s.bind if bind else s.connect)(endpoint)
+    except zmq.ZMQError as e:
+        s.close(linger=0)
+        raise OSError(e.errno, f"{endpoint}: {e.strerror}") from None
+    return s
+
+
 def pair(ctx: zmq.Context, endpoint: str, bind: bool) -> zmq.Socket:
     """A PAIR socket, bound (coordinator side) or connected (worker side) to `endpoint`."""
-    s = _socket(ctx, zmq.PAIR)
-    (s.bind if bind else s.connect)(endpoint)
-    return s
+    return _attach(_socket(ctx, zmq.PAIR), endpoint, bind)
 
 
 def router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     """A bound ROUTER whose sends to an unknown or departed peer raise zmq.ZMQError (EHOSTUNREACH)."""
     s = _socket(ctx, zmq.ROUTER)
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    s.bind(endpoint)
-    return s
+    return _attach(s, endpoint, bind=True)
 
 
 def dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    s = _socket(ctx, zmq.DEALER)
-    s.connect(endpoint)
-    return s
+    return _attach(_socket(ctx, zmq.DEALER), endpoint, bind=False)
 
 
 def wait(sock: zmq.Socket, event: int, timeout_s: float) -> bool:

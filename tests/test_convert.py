@@ -55,24 +55,7 @@ def no_leftovers(parent: Path) -> list[str]:
 
 # --- the real model: SmolLM2-135M-Instruct Q4_1, via the default-model path ----------------------
 
-@pytest.fixture(scope="session")
-def xdg_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("xdg")
-
-
-@pytest.fixture(scope="session")
-def smollm2_model(xdg_cache, smollm2_gguf) -> Path:
-    """One float32 conversion of the default model for the whole session (via default_model)."""
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(xdg_cache)
-    try:
-        return default_model.default_model_dir(progress=False)
-    finally:
-        if old is None:
-            del os.environ["XDG_CACHE_HOME"]
-        else:
-            os.environ["XDG_CACHE_HOME"] = old
-
+# xdg_cache and smollm2_model (one float32 conversion per run) come from conftest.py.
 
 @pytest.fixture(scope="session")
 def smollm2_transformers(smollm2_gguf):

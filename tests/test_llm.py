@@ -200,31 +200,30 @@ def test_smollm2_streamed_from_disk_matches_transformers():
 
 
 @pytest.mark.slow
-def test_cli_default_model(tmp_path):
-    """Without -m: the embedded SmolLM2, converted once into the (here temporary) cache."""
-    _, _, d = smollm2()
-    with LLM(str(d)) as m:
+def test_cli_default_model(smollm2_model, xdg_cache):
+    """Without -m: the embedded SmolLM2, from the cache this run converted it into (the
+    conversion itself: test_convert)."""
+    with LLM(str(smollm2_model)) as m:
         want = m.generate("The sky is", SamplingParams(max_tokens=4, temperature=0)).text
-    env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(tmp_path))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(xdg_cache))
     r = subprocess.run([sys.executable, "-m", "gdsllm", "generate", "-p", "The sky is", "-n", "4",
                         "--temp", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == want + "\n" and (tmp_path / "gdsllm").is_dir()
+    assert r.stdout == want + "\n" and "converting the default model" not in r.stderr
+    assert str(smollm2_model) in r.stderr  # the coordinator's "serving <model>" line
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_smollm2_cuda_llm_matches_transformers(dtype, tmp_path):
+def test_smollm2_cuda_llm_matches_transformers(dtype, smollm2_converted):
     """LLM on CUDA (KvikIO into a CUDA buffer, or O_DIRECT + copy) in float16 / bfloat16: 32
     greedy tokens equal transformers' on the same device with the same rounded weights, or part
     at a near-tie of transformers' own logits."""
-    from conftest import smollm2_gguf_path
-    from gdsllm.convert.gguf import convert_gguf
     from gdsllm.format.metadata import DTYPES
     from llama_ref import NEAR_TIE, assert_same_or_near_tie, greedy_reference_scores
     hf = smollm2_hf("cuda", DTYPES[dtype])
-    d = convert_gguf(smollm2_gguf_path(), tmp_path / dtype, dtype=dtype)
+    d = smollm2_converted(dtype)
     prompts = ["The capital of France is", [{"role": "user", "content": "What is 2+2?"}]]
     with LLM(str(d), device="cuda") as m:
         assert m.dtype == DTYPES[dtype]

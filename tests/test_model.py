@@ -12,8 +12,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import smollm2_gguf_path
-from gdsllm.convert.gguf import convert_gguf
 from gdsllm.convert.hf import convert_hf
 
 from gdsllm.engine.views import unit_tensors
@@ -255,14 +253,14 @@ def test_smollm2_batch_equals_alone(smol):
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_smollm2_cuda_matches_transformers(smol, dtype, tmp_path):
+def test_smollm2_cuda_matches_transformers(smol, dtype, smollm2_converted):
     """On CUDA in float16 / bfloat16, both sides rounding the same dequantized float32 weights to
     `dtype`, ours as bridge views over one CUDA buffer per unit. With the attention kernel
     transformers gets (cuDNN), the 32 greedy tokens are equal. With our default kernels (flash /
     memory-efficient) they are equal too, or part at a near-tie of transformers' own logits."""
     _, _, _, prompts = smol
     hf = smollm2_hf("cuda", DTYPES[dtype])
-    meta = load(convert_gguf(smollm2_gguf_path(), tmp_path / dtype, dtype=dtype))
+    meta = load(smollm2_converted(dtype))
     w = resident_weights(meta, "cuda")
     for prompt in prompts:  # one at a time: the same GEMM shapes as transformers, hence kernels
         ref, ref_logits = greedy_reference_scores(hf, prompt, 32)

@@ -6,7 +6,6 @@ dashboard returns data.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -123,7 +122,7 @@ def test_compose_ports_and_scrape_targets_agree():
     endpoint = urllib.parse.urlsplit(option(args, "--endpoint"))
     metrics_port = int(option(args, "--metrics-port"))
     http_port = int(option(args, "--http-port"))
-    # 0.0.0.0 inside the container only; the host publishes on loopback (no auth without CurveZMQ).
+    # 0.0.0.0 inside the container only; the host publishes on loopback (the endpoint has no authentication).
     assert endpoint.scheme == "tcp" and endpoint.hostname == "0.0.0.0"
     assert option(args, "--metrics-host") == "0.0.0.0" and option(args, "--device") == "cuda"
     assert option(args, "--http-host") == "0.0.0.0"
@@ -155,8 +154,6 @@ def test_compose_ports_and_scrape_targets_agree():
     assert provider["options"]["path"] == mounts["./monitoring/grafana/dashboards"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gdsllm.commands.serve") is None,
-                    reason="gdsllm serve is not built yet")
 def test_compose_serve_arguments_are_accepted_by_gdsllm():
     from gdsllm.cli import build_parser
 
@@ -341,8 +338,6 @@ def expected_read_bytes(meta, health, passes: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("gdsllm.service.coordinator") is None,
-                    reason="gdsllm.service.coordinator (the service) is not built yet")
 def test_live_service_counters_and_dashboard(prometheus, tmp_path):
     """`gdsllm serve` on the CPU backend, streaming part of a small model every pass, scraped by a
     real Prometheus: after known generations the counters equal what the run did, and every

@@ -234,7 +234,7 @@ def test_generate_cli_and_chat_repl(server, reference, capsys):
     import argparse
     import io
 
-    from gdsllm.service.client import generate_cli
+    from gdsllm.commands.generate import generate_endpoint as generate_cli
     from gdsllm.commands.run import chat
     from gdsllm.format.metadata import load_model_meta
     from gdsllm.engine.tokenizer import Tokenizer

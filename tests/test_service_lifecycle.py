@@ -112,14 +112,13 @@ def test_corrupt_unit_fails_start_or_requests_naming_the_file(model_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_real_smollm2_through_the_pipeline(smollm2_gguf, tmp_path):
+def test_real_smollm2_through_the_pipeline(smollm2_model):
     """The real model (converted from the GGUF), embed/head and 7 blocks resident, 23 blocks
     streamed through 3 slots: the same greedy tokens as the single-process engine."""
-    from gdsllm.convert.gguf import convert_gguf
     from gdsllm.format.metadata import load_model_meta
     from gdsllm.engine.llm import LLM
     from gdsllm.engine.sampling import SamplingParams
-    root = convert_gguf(smollm2_gguf, tmp_path / "smollm2", dtype="float32")
+    root = smollm2_model
     units = load_model_meta(root).units
     budget = units[0].nbytes + units[-1].nbytes + 10 * units[1].nbytes
     chat = [{"role": "user", "content": "What is the capital of France?"}]

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert a Hugging Face directory or a GGUF file")
     p.add_argument("src", help="Hugging Face model directory, or a .gguf file")
     p.add_argument("dst", help="output model directory (must not exist)")
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES),
+                   help="dtype the weights are stored (and computed) in (default float16)")
     p.set_defaults(func=run)
 
 

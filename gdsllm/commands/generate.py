@@ -5,9 +5,10 @@
     gdsllm generate -p "Hi" --endpoint tcp://127.0.0.1:5555  # through a running `gdsllm serve`
     gdsllm generate -p "Hi" --endpoint http://127.0.0.1:8000  # through its HTTP API (--http-port)
 
-Only the generated text goes to stdout; logs go to stderr. Without `--endpoint` it starts the
-same pipeline as `gdsllm serve` (I/O worker, compute worker, coordinator) for this one request;
-`--single-process` runs the reference engine `gdsllm.LLM` instead (one unit at a time, one buffer).
+Only the generated text goes to stdout; logs, errors and notes (a generation cut short by the
+model's context) go to stderr. Without `--endpoint` it starts the same pipeline as `gdsllm serve`
+(I/O worker, compute worker, coordinator) for this one request; `--single-process` runs the
+engine `gdsllm.LLM` in this process instead.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text for one prompt (stdout: the text only)")
     add_service_options(p)
     p.add_argument("-p", "--prompt", required=True, help="the prompt (raw completion unless --chat)")
-    p.add_argument("-n", "--max-tokens", type=int, default=None, help="new tokens at most (default 128)")
+    p.add_argument("-n", "--max-tokens", type=int, default=None,
+                   help="new tokens at most (default 128; less than the model's context)")
     p.add_argument("--temp", type=float, default=None, help="temperature, 0 = greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely, 0 = off (default 40)")
@@ -29,7 +31,7 @@ def add_parser(sub) -> None:
                    "(tcp:// or ipc://: ZeroMQ; http://: its OpenAI-compatible API)")
     p.add_argument("--api-key", default=None, help="HTTP API key (default: $GDSLLM_API_KEY)")
     p.add_argument("--single-process", action="store_true",
-                   help="run the single-process reference engine instead of the pipeline")
+                   help="run the single-process engine (gdsllm.LLM) instead of the pipeline")
     p.set_defaults(func=run)
 
 
@@ -38,6 +40,23 @@ def sampling_params(args):
     given = {"max_tokens": args.max_tokens, "temperature": args.temp, "top_p": args.top_p,
              "top_k": args.top_k, "seed": args.seed}
     return SamplingParams(**{k: v for k, v in given.items() if v is not None}).validate()
+
+
+def check_max_tokens(max_tokens: int, model) -> None:
+    """-n must leave room for a prompt in the model's context (ValueError otherwise)."""
+    from gdsllm.format.metadata import load_model_meta
+    context = load_model_meta(model).params.max_position_embeddings
+    if max_tokens >= context:
+        raise ValueError(f"-n {max_tokens}: the model's context holds {context} tokens, the prompt "
+                         f"included; ask for fewer new tokens")
+
+
+def context_note(final, max_tokens: int) -> str | None:
+    """The stderr line for a generation that the model's context, not -n, cut short."""
+    if final is None or final.finish_reason != "length" or final.completion_tokens >= max_tokens:
+        return None
+    return (f"stopped at the model's context limit ({final.prompt_tokens} prompt + "
+            f"{final.completion_tokens} new tokens), before the {max_tokens} asked for")
 
 
 def run(args) -> int:
@@ -49,25 +68,60 @@ def run(args) -> int:
             raise ValueError("--draft belongs to the server: start `gdsllm serve --draft MODEL`")
         if args.endpoint.startswith(("http://", "https://")):
             from gdsllm.service.http.client import generate_cli
-        else:
-            from gdsllm.service.client import generate_cli
-        return generate_cli(args)
+            return generate_cli(args)
+        return generate_endpoint(args)
+    from gdsllm.commands.serve import pick_device, service_config
+    from gdsllm.convert.default_model import resolve_model
+    check_max_tokens(params.max_tokens, resolve_model(args.model))
     messages = [{"role": "user", "content": args.prompt}] if args.chat else None
     if args.single_process:
         from gdsllm.engine.llm import LLM
-        with LLM(args.model, device=args.device or "cpu", io=args.io, draft=args.draft,
-                 draft_tokens=args.draft_tokens) as llm:
+        with LLM(args.model, device=pick_device(args.device, service=False), io=args.io,
+                 draft=args.draft, draft_tokens=args.draft_tokens) as llm:
             for delta in llm.stream(messages or args.prompt, params):
                 _write(delta)
-    else:
-        from gdsllm.service.pipeline import generate_once
-        from gdsllm.commands.serve import service_config
-        config = service_config(args, metrics_port=None)
-        given = {"max_tokens": params.max_tokens, "temperature": params.temperature,
-                 "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed}
-        generate_once(config, None if messages else args.prompt, given, messages=messages,
-                      on_text=_write)
+        _write("\n")
+        return 0
+    from gdsllm.service.pipeline import generate_once
+    config = service_config(args, metrics_port=None)
+    given = {"max_tokens": params.max_tokens, "temperature": params.temperature,
+             "top_p": params.top_p, "top_k": params.top_k, "seed": params.seed}
+    final = generate_once(config, None if messages else args.prompt, given, messages=messages,
+                          on_text=_write)
+    return _end(final, params.max_tokens)
+
+
+def generate_endpoint(args) -> int:
+    """`gdsllm generate --endpoint URL ...`: stream the text of one request to stdout; a server
+    error or an unreachable server is one line on stderr and exit status 1."""
+    from gdsllm.service.client import Client, ServiceError
+    params = dict(max_tokens=getattr(args, "max_tokens", None), temperature=getattr(args, "temp", None),
+                  top_p=getattr(args, "top_p", None), top_k=getattr(args, "top_k", None),
+                  seed=getattr(args, "seed", None))
+    messages = [{"role": "user", "content": args.prompt}] if getattr(args, "chat", False) else None
+    final = None
+    try:
+        with Client(args.endpoint, timeout=10.0) as c:
+            c.health()  # a missing server is a clear error in seconds, not after the long timeout
+            c.timeout = getattr(args, "timeout", None) or 300.0  # one pass may take long: no hurry
+            for msg in c.stream_messages(None if messages else args.prompt, messages=messages,
+                                         **params):
+                if getattr(msg, "finish_reason", None) is not None:
+                    final = msg
+                elif msg.text:
+                    _write(msg.text)
+    except (ServiceError, TimeoutError) as e:
+        print(f"gdsllm generate: error: {e}", file=sys.stderr)
+        return 1
+    from gdsllm.engine.sampling import SamplingParams
+    return _end(final, params["max_tokens"] or SamplingParams().max_tokens)
+
+
+def _end(final, max_tokens: int) -> int:
     _write("\n")
+    note = context_note(final, max_tokens)
+    if note is not None:
+        print(f"gdsllm generate: {note}", file=sys.stderr)
     return 0
 
 

@@ -34,6 +34,36 @@ def add_service_options(p, endpoint_default: str | None = "tcp://127.0.0.1:5555"
                    help="tokens the draft proposes per sequence and pass (default 4)")
 
 
+def cuda_problem(service: bool = True) -> str | None:
+    """Why CUDA cannot be used here, in one line; None when it can. The service also needs CuPy
+    (its VRAM arena is shared between processes through CUDA IPC); the single-process engine
+    (`service=False`) needs only a CUDA build of torch and a visible GPU."""
+    import importlib.util
+
+    import torch
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return f"torch {torch.__version__} is a CPU-only build"
+        return "torch sees no CUDA device (no GPU, no driver, or CUDA_VISIBLE_DEVICES hides it)"
+    if service and importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed (pip install 'gdsllm[cuda]'): the service shares VRAM through it"
+    return None
+
+
+def pick_device(requested: str | None, service: bool = True) -> str:
+    """`--device` as given (cuda checked: ValueError naming the cause), or by default cuda when it
+    is usable, else cpu."""
+    problem = cuda_problem(service) if requested in (None, "cuda") else None
+    if requested is None:
+        if problem is not None:
+            import logging
+            logging.getLogger("gdsllm.commands").info("device cpu (cuda not usable: %s)", problem)
+        return "cpu" if problem else "cuda"
+    if problem is not None:
+        raise ValueError(f"--device cuda: {problem}")
+    return requested
+
+
 def service_config(args, **extra):
     """ServiceConfig from parsed service options (resolving the default model)."""
     from pathlib import Path
@@ -41,10 +71,7 @@ def service_config(args, **extra):
     from gdsllm.config import ServiceConfig, parse_size
     from gdsllm.convert.default_model import resolve_model
     model = resolve_model(args.model)
-    device = args.device
-    if device is None:
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(args.device)
     budget = parse_size(args.vram_budget) if args.vram_budget else None
     return ServiceConfig(model=Path(model), device=device, vram_budget=budget,
                          prefetch_window=args.prefetch_window, io_mode=args.io,

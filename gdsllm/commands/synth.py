@@ -11,10 +11,12 @@ def add_parser(sub) -> None:
     from gdsllm.convert.synth import SHAPES
     p = sub.add_parser("synth", help="write a random LLaMA-shaped model (benchmarks, tests)")
     p.add_argument("dst", help="output model directory (must not exist)")
-    p.add_argument("--shape", default="tiny", choices=list(SHAPES))
+    p.add_argument("--shape", default="tiny", choices=list(SHAPES),
+                   help="the LLaMA shape to imitate (default tiny)")
     p.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the shape's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES),
+                   help="dtype of the stored weights (default float16)")
     p.add_argument("--hf-out", default=None, metavar="DIR",
                    help="also write the same weights as a Hugging Face directory")
     p.set_defaults(func=run)

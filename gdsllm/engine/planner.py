@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ipc.messages import Load, Run
+from ipc.messages import RESIDENT, Load, Run
 
 ALIGN = 4096  # arena offsets: O_DIRECT and cuFile want 4 KiB-aligned destinations
-RESIDENT = -1  # the `slot` of a resident unit in Load/Run messages
 
 
 def _align(n: int) -> int:

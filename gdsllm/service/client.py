@@ -95,7 +95,11 @@ class Client:
         done = False
         try:
             while True:
-                msg = self._recv(req.request_id)
+                try:
+                    msg = self._recv(req.request_id)
+                except ServiceError:
+                    done = True  # the server ended the request with an Error: nothing to cancel
+                    raise
                 done = isinstance(msg, Final)
                 yield msg
                 if done:
@@ -211,25 +215,3 @@ class AsyncClient:
             async for msg in replies:
                 return msg
 
-
-def generate_cli(args) -> int:
-    """`gdsllm generate --endpoint URL ...`: stream the text of one request to stdout; a server
-    error or an unreachable server is one line on stderr and exit status 1."""
-    import sys
-    params = dict(max_tokens=getattr(args, "max_tokens", None), temperature=getattr(args, "temp", None),
-                  top_p=getattr(args, "top_p", None), top_k=getattr(args, "top_k", None),
-                  seed=getattr(args, "seed", None))
-    prompt = args.prompt
-    messages = [{"role": "user", "content": prompt}] if getattr(args, "chat", False) else None
-    try:
-        with Client(args.endpoint, timeout=10.0) as c:
-            c.health()  # a missing server is a clear error in seconds, not after the long timeout
-            c.timeout = getattr(args, "timeout", None) or 300.0  # one pass may take long: no hurry
-            for delta in c.stream(None if messages else prompt, messages=messages, **params):
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-    except (ServiceError, TimeoutError) as e:
-        print(f"gdsllm generate: error: {e}", file=sys.stderr)
-        return 1
-    sys.stdout.write("\n")
-    return 0

@@ -35,12 +35,12 @@ import zmq
 
 from ipc import sockets
 from ipc.arena import Arena, ArenaSpec
-from ipc.messages import (ArenaOpened, ComputeReady, Done, OpenArena, PassResult, ProtocolError,
-                          Release, Run, SeqSampling, Shutdown, StartPass, WorkerError, decode)
+from ipc.messages import (RESIDENT, ArenaOpened, ComputeReady, Done, OpenArena, PassResult,
+                          ProtocolError, Release, Run, SeqSampling, Shutdown, StartPass, WorkerError,
+                          decode)
 
 from gdsllm.config import ServiceConfig
 from gdsllm.format.metadata import load_model_meta
-from gdsllm.engine.planner import RESIDENT
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone

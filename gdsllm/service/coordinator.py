@@ -19,30 +19,19 @@ import zmq
 import zmq.asyncio
 
 from ipc import sockets
-from ipc.messages import (Cancel, Error, Generate, Health, HealthReply, Loaded, ProtocolError,
-                          WorkerError, decode, encode)
+from ipc.messages import (Cancel, Done, Error, Generate, Health, HealthReply, Loaded, PassResult,
+                          ProtocolError, WorkerError, decode, encode)
 
 from gdsllm.config import ServiceConfig
 from gdsllm.engine.planner import plan_residency
+from gdsllm.service.metrics import ServiceMetrics
+from gdsllm.service.progress import LoadProgress, PassProgress
 from gdsllm.service.scheduler import BatchScheduler
 from gdsllm.engine.sequence import Sequence, encode_prompt, validate_request
 from gdsllm.service.worker_set import WorkerSet, WorkerStartError
 
 log = logging.getLogger("gdsllm.service.coordinator")
 SNDHWM = 100_000  # queued replies per client before it counts as gone (token chunks are tiny)
-
-
-class _NoMetrics:
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-
-def _metrics():
-    try:
-        from gdsllm.service.metrics import ServiceMetrics
-    except ImportError:
-        return _NoMetrics()
-    return ServiceMetrics()
 
 
 class Coordinator:
@@ -65,7 +54,7 @@ class Coordinator:
             self.draft_bytes, budget = reserve_draft(self.meta, config.draft, budget)
         self.plan = plan_residency([u.name for u in self.meta.units], [u.nbytes for u in self.meta.units],
                                    budget, config.prefetch_window)
-        self.metrics = _metrics()
+        self.metrics = ServiceMetrics()
         self.workers = WorkerSet(config, self.plan.arena_bytes, self._worker_died, io_target, compute_target)
         self.batch = BatchScheduler(self.plan, self.workers, self._reply, self.metrics, config.max_batch)
         self.batch.draft_tokens = config.draft_tokens if config.draft is not None else 0
@@ -78,35 +67,25 @@ class Coordinator:
         self.stopped = asyncio.Event()
         self.http = None
         self.tasks: list[asyncio.Task] = []
+        self.prefill = PassProgress()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Spawn and handshake the workers, load the resident units, bind the client endpoint."""
+        t0 = asyncio.get_running_loop().time()
+        log.info("starting the I/O and compute workers (device %s)", self.config.device)
         ready = await self.workers.start()
         self.io_path = ready.io_path
+        log.info("workers ready in %.1f s (io %s)", asyncio.get_running_loop().time() - t0, self.io_path)
         for ld in self.batch.sched.resident_loads():
             await self.workers.io.send(encode(ld))
         pending = len(self.plan.resident_offsets)
-        deadline = asyncio.get_running_loop().time() + self.config.startup_timeout_s
-        while pending:  # resident units come first: nothing runs before they are in place
-            try:
-                raw = await asyncio.wait_for(self.workers.io.recv(), 0.5)
-            except asyncio.TimeoutError:
-                if self.status == "degraded":  # a worker died meanwhile
-                    raise WorkerStartError(self.detail) from None
-                if asyncio.get_running_loop().time() > deadline:
-                    raise WorkerStartError(f"resident units not loaded within "
-                                           f"{self.config.startup_timeout_s:.0f} s (startup_timeout_s)") from None
-                continue
-            msg = decode(raw)
-            if isinstance(msg, Loaded):
-                if msg.error:
-                    raise WorkerStartError(f"loading resident unit {self.plan.names[msg.unit]}: {msg.error}")
-                self.metrics.observe_load(msg.nbytes, msg.seconds, msg.io_path)
-                pending -= 1
-            elif isinstance(msg, WorkerError):
-                raise WorkerStartError(f"io worker: {msg.message}")
+        progress = LoadProgress(pending, self.plan.resident_bytes)
+        try:
+            await self._load_resident(pending, progress)
+        finally:
+            progress.close()
         self.front = sockets.router(self.ctx, self.config.endpoint)
         self.front.setsockopt(zmq.SNDHWM, SNDHWM)
         m = self.metrics
@@ -121,6 +100,29 @@ class Coordinator:
         log.info("serving %s on %s: %d resident units, %d streamed through %d slots, io %s",
                  self.meta.root, self.config.endpoint, len(self.plan.resident_offsets),
                  len(self.plan.streamed), self.plan.num_slots, self.io_path)
+
+    async def _load_resident(self, pending: int, progress: LoadProgress) -> None:
+        """Wait for the resident units' Loaded replies: nothing runs before they are in place."""
+        deadline = asyncio.get_running_loop().time() + self.config.startup_timeout_s
+        while pending:
+            try:
+                raw = await asyncio.wait_for(self.workers.io.recv(), 0.5)
+            except asyncio.TimeoutError:
+                if self.status == "degraded":  # a worker died meanwhile
+                    raise WorkerStartError(self.detail) from None
+                if asyncio.get_running_loop().time() > deadline:
+                    raise WorkerStartError(f"resident units not loaded within "
+                                           f"{self.config.startup_timeout_s:.0f} s (startup_timeout_s)") from None
+                continue
+            msg = decode(raw)
+            if isinstance(msg, Loaded):
+                if msg.error:
+                    raise WorkerStartError(f"loading resident unit {self.plan.names[msg.unit]}: {msg.error}")
+                self.metrics.observe_load(msg.nbytes, msg.seconds, msg.io_path)
+                progress.update(msg.nbytes)
+                pending -= 1
+            elif isinstance(msg, WorkerError):
+                raise WorkerStartError(f"io worker: {msg.message}")
 
     def request_stop(self) -> None:
         self.stopped.set()
@@ -203,7 +205,12 @@ class Coordinator:
         if e is None:
             return True
         if isinstance(e, zmq.ZMQError):  # EHOSTUNREACH (ROUTER_MANDATORY: the client left) or EAGAIN
-            log.info("client %s unreachable (%s): cancelling its requests", client.hex(), e.strerror)
+            n = sum(1 for seq in self.batch.by_key.values() if seq.client == client)
+            if n:
+                log.info("client %s unreachable (%s): cancelling its %d request(s)", client.hex(),
+                         e.strerror, n)
+            else:
+                log.debug("client %s left before a reply to it (%s)", client.hex(), e.strerror)
             self.batch.cancel_client(client)
             return False
         raise e
@@ -223,7 +230,15 @@ class Coordinator:
         await self._worker_loop("io", self.workers.io, self.batch.on_io)
 
     async def _compute_loop(self) -> None:
-        await self._worker_loop("compute", self.workers.compute, self.batch.on_compute)
+        await self._worker_loop("compute", self.workers.compute, self._on_compute)
+
+    def _on_compute(self, msg) -> None:
+        if isinstance(msg, Done):  # a long prefill is logged as it goes (gdsllm.service.progress)
+            self.prefill.unit_done(self.batch.pass_id, msg.unit + 1, len(self.meta.units), lambda: sum(
+                len(s.prompt_ids) for s in self.batch.running.values() if not s.token_ids))
+        elif isinstance(msg, PassResult):
+            self.prefill.pass_done(msg.pass_id)
+        self.batch.on_compute(msg)
 
     async def _worker_loop(self, name: str, sock, handle) -> None:
         while True:

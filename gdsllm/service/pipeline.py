@@ -8,17 +8,21 @@
 
 LocalService runs a Coordinator (the same I/O and compute worker processes as `gdsllm serve`) on
 its own uvloop in a background thread, bound to a private `ipc://` endpoint in a 0700 temp dir
-unless the config names one, and shuts everything down on exit: workers, shared memory, sockets.
+unless the config names one, and shuts everything down on exit: workers, shared memory, sockets,
+also when Ctrl-C or SIGTERM (which `gdsllm` turns into SystemExit) interrupts its start-up.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 
 from ipc import sockets
 
 from gdsllm.config import ServiceConfig
+
+log = logging.getLogger("gdsllm.service.pipeline")
 
 
 class LocalService:
@@ -32,13 +36,21 @@ class LocalService:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._stop_requested = False
         self._thread = threading.Thread(target=self._main, name="gdsllm-service", daemon=True)
 
     def start(self) -> "LocalService":
+        """Start the service and wait until it serves. Interrupted (Ctrl-C, SIGTERM) or failed,
+        it first undoes what had started, then raises."""
         self._thread.start()
-        self._ready.wait()
+        try:
+            self._ready.wait()
+        except BaseException:
+            self.stop()
+            raise
         if self._error is not None:
-            self._thread.join()
+            self._join()
             self._cleanup()
             raise self._error
         return self
@@ -53,7 +65,10 @@ class LocalService:
 
     async def _serve(self) -> None:
         from gdsllm.service.coordinator import Coordinator
+        self._task = asyncio.current_task()
         try:
+            if self._stop_requested:
+                raise asyncio.CancelledError
             self.coordinator = c = Coordinator(self.config, **self.kwargs)
         except BaseException as e:
             self._error = e
@@ -61,7 +76,9 @@ class LocalService:
             return
         try:
             await c.start()
-        except BaseException as e:
+        except BaseException as e:  # CancelledError too: stop() during start-up
+            if isinstance(e, asyncio.CancelledError):
+                self._task.uncancel()  # the close below must still be able to wait
             self._error = e
         self._ready.set()
         try:
@@ -70,12 +87,35 @@ class LocalService:
         finally:
             await c.close()
 
+    def _stop_in_loop(self) -> None:
+        if self._ready.is_set():
+            if self.coordinator is not None:
+                self.coordinator.request_stop()
+        elif self._task is not None:
+            self._task.cancel()  # still starting: abandon the start-up, then close
+
     def stop(self) -> None:
-        """Shut the service down and wait for it (workers joined, shm unlinked)."""
-        if self._loop is not None and self._thread.is_alive() and self.coordinator is not None:
-            self._loop.call_soon_threadsafe(self.coordinator.request_stop)
-        self._thread.join()
+        """Shut the service down and wait for it (workers joined, shm unlinked, sockets removed)."""
+        self._stop_requested = True
+        loop = self._loop
+        if loop is not None and self._thread.is_alive():
+            try:
+                loop.call_soon_threadsafe(self._stop_in_loop)
+            except RuntimeError:
+                pass  # the loop has just closed: the thread is ending by itself
+        self._join()
         self._cleanup()
+
+    def _join(self) -> None:
+        """Wait for the service thread; a second Ctrl-C or SIGTERM does not cut the clean-up short
+        (it is bounded: workers that ignore Shutdown are killed after STOP_TIMEOUT_S)."""
+        if self._thread.ident is None:
+            return
+        while self._thread.is_alive():
+            try:
+                self._thread.join()
+            except (KeyboardInterrupt, SystemExit):
+                log.warning("still shutting the service down (workers, shared memory, sockets)")
 
     def _cleanup(self) -> None:
         if self.dir is not None:

@@ -52,6 +52,7 @@ class WorkerSet:
         self.shm_name: str | None = None
         self.stopping = False
         self._dead: set[str] = set()
+        self._ready: set[str] = set()  # workers whose handshake completed (they read Shutdown)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -98,6 +99,7 @@ class WorkerSet:
             raise WorkerStartError(f"{name} worker: {msg.message}")
         if not isinstance(msg, expect):
             raise WorkerStartError(f"{name} worker sent {type(msg).__name__} instead of {expect.__name__}")
+        self._ready.add(name)
         return msg
 
     async def start(self) -> IoReady:
@@ -118,19 +120,24 @@ class WorkerSet:
         return ready
 
     async def stop(self) -> None:
-        """Tell both workers to Shutdown, join them, kill what is left after STOP_TIMEOUT_S, and
-        remove the sockets and any shared-memory arena a killed I/O worker left behind."""
+        """Tell both workers to Shutdown (SIGTERM to one still starting: it would read no message),
+        join them, kill what is left after STOP_TIMEOUT_S, and remove the sockets and any
+        shared-memory arena a killed I/O worker left behind."""
         self.stopping = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STOP_TIMEOUT_S
         # Compute first: it has the I/O worker's CUDA IPC arena open, and the exporter must not
         # free that memory while another process still maps it.
         for name, sock in (("compute", self.compute), ("io", self.io)):
-            try:
-                await asyncio.wait_for(sock.send(encode(Shutdown())), 1.0)
-            except (zmq.ZMQError, asyncio.TimeoutError):
-                pass  # the peer is gone or never connected
             p = self.procs.get(name)
+            if p is not None and name not in self._ready and p.is_alive():
+                log.info("stopping the %s worker during its start-up", name)
+                p.terminate()  # SIGTERM: it exits through its `finally` blocks (worker_signals)
+            else:
+                try:
+                    await asyncio.wait_for(sock.send(encode(Shutdown())), 1.0)
+                except (zmq.ZMQError, asyncio.TimeoutError):
+                    pass  # the peer is gone or never connected
             if p is None:
                 continue
             while p.is_alive() and loop.time() < deadline:

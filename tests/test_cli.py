@@ -1,0 +1,256 @@
+"""What a new user meets at the `gdsllm` command: help on every option, the device chosen for them,
+one-line errors (never a traceback), the context limit said out loud, the `run` REPL's commands,
+and what the service shows while it starts and while a long prefill runs.
+
+    python3 -m pytest tests/test_cli.py
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gdsllm import cli
+from gdsllm.service.client import Client
+from service_helpers import UNIT, Service, model_dir  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gdsllm(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "gdsllm", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(r, command: str, words: str) -> None:
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith(f"gdsllm {command}: error: ")]
+    assert len(errors) == 1 and words in errors[0], r.stderr
+
+
+# --- the parser ----------------------------------------------------------------------------------
+
+def test_every_option_of_every_command_has_help():
+    parser = cli.build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == set(cli.COMMANDS)
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items()
+               for a in p._actions if not a.help]
+    assert missing == []
+
+
+def test_a_command_that_fails_to_import_is_an_error_not_a_missing_command(monkeypatch):
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + ("no_such_command",))
+    with pytest.raises(ModuleNotFoundError, match="no_such_command"):
+        cli.build_parser()
+
+
+# --- the device ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gpu, cupy, want", [(False, False, "cpu"), (True, False, "cpu"),
+                                             (True, True, "cuda")])
+def test_default_device_is_cuda_only_where_usable(monkeypatch, gpu, cupy, want):
+    import importlib.util
+
+    from gdsllm.commands.serve import pick_device
+    real = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if cupy else None) if name == "cupy" else real(name, *a))
+    assert pick_device(None) == want
+    assert pick_device(None, service=False) == ("cuda" if gpu else "cpu")  # LLM needs no CuPy
+    assert pick_device("cpu") == "cpu"
+    if want == "cpu":
+        with pytest.raises(ValueError, match="CuPy" if gpu else "--device cuda"):
+            pick_device("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
+def test_bench_and_serve_say_why_cuda_cannot_be_used(model_dir):
+    for command in ("bench", "serve"):
+        r = _gdsllm(command, "-m", model_dir, "--device", "cuda")
+        _one_line_error(r, command, "--device cuda: torch")
+
+
+def test_user_errors_are_one_line(model_dir, tmp_path):
+    _one_line_error(_gdsllm("info", "-m", tmp_path / "nope"), "info", "nope")
+    _one_line_error(_gdsllm("run", "--endpoint", "tcp://127.0.0.1:9"), "run", "is `gdsllm serve` running")
+    _one_line_error(_gdsllm("generate", "-m", model_dir, "-p", "hi", "--vram-budget", "1KB"),
+                    "generate", "--vram-budget 1000 bytes is too small")
+    _one_line_error(_gdsllm("generate", "-m", model_dir, "-p", "hi", "-n", "1000000"), "generate",
+                    "-n 1000000: the model's context holds 512 tokens")
+    from gdsllm.service.worker_set import WorkerStartError
+    assert "'cupy' is not installed" in cli.user_error(ModuleNotFoundError("no cupy", name="cupy"))
+    assert cli.user_error(WorkerStartError("io worker: x")) == "io worker: x"
+    assert cli.user_error(KeyError("a bug")) is None  # a bug keeps its traceback
+
+
+@pytest.mark.slow
+def test_prompt_longer_than_the_context_through_the_local_pipeline(model_dir):
+    r = _gdsllm("generate", "-m", model_dir, "-p", "hello " * 400, "-n", "4")
+    _one_line_error(r, "generate", "does not fit the model's context of 512")
+    assert "unreachable" not in r.stderr and r.stdout == ""
+
+
+def test_busy_endpoint_is_an_error_not_a_hang():
+    """A socket whose bind fails is closed (an open one would hang ctx.term() forever)."""
+    import socket
+    import threading
+
+    import zmq
+
+    from ipc import sockets
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        endpoint = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
+        ctx = zmq.Context()
+        with pytest.raises(OSError, match=f"{endpoint}: Address already in use"):
+            sockets.router(ctx, endpoint)
+        t = threading.Thread(target=ctx.term, daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "ctx.term() hangs on the socket that failed to bind"
+        assert "Address already in use" in cli.user_error(OSError(98, f"{endpoint}: Address already in use"))
+
+
+@pytest.mark.slow
+def test_serve_on_a_busy_endpoint_exits_with_one_line(model_dir):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        endpoint = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
+        r = _gdsllm("serve", "-m", model_dir, "--device", "cpu", "--endpoint", endpoint,
+                    "--metrics-port", "-1", timeout=120)
+    _one_line_error(r, "serve", f"{endpoint}: Address already in use")
+
+
+# --- one server for the rest ---------------------------------------------------------------------
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """A server with progress lines at every step (EVERY_S = 0) and its log records kept."""
+    from gdsllm.service import progress
+    logger, records, every = logging.getLogger("gdsllm"), _Records(), progress.EVERY_S
+    level = logger.level
+    logger.addHandler(records)
+    logger.setLevel(logging.INFO)
+    progress.EVERY_S = 0.0
+    try:
+        with Service(model_dir, vram_budget=131072 + 135168 + 2 * UNIT, prefetch_window=2) as s:
+            yield s, records
+    finally:
+        progress.EVERY_S = every
+        logger.removeHandler(records)
+        logger.setLevel(level)
+
+
+def _prompt_of(tokens: int, tok) -> str:
+    """A raw prompt of exactly `tokens` tokens for the model's tokenizer."""
+    text = ""
+    while len(tok.encode(text + "a")) <= tokens:
+        text += "a"
+    assert len(tok.encode(text)) == tokens
+    return text
+
+
+def _tokenizer(server):
+    from gdsllm.engine.tokenizer import Tokenizer
+    from gdsllm.format.metadata import load_model_meta
+    return Tokenizer(load_model_meta(server.svc.config.model))
+
+
+def test_start_up_phases_and_prefill_progress_are_logged(server):
+    s, records = server
+    text = records.text()
+    for words in ("starting the I/O and compute workers", "workers ready in",
+                  "loaded 2 resident units", "serving"):
+        assert words in text, text
+    with Client(s.endpoint, timeout=60) as c:
+        c.generate(_prompt_of(40, _tokenizer(s)), max_tokens=2, temperature=0)
+    for unit in range(1, 7):  # embed, 4 blocks, head
+        assert f"prefill of 40 prompt tokens: {unit} of 6 units" in records.text()
+    assert "prefill of 40 prompt tokens done in" in records.text()
+
+
+def test_resident_load_progress_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, caplog):
+    from gdsllm.service import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    tty = Terminal()
+    bar = progress.LoadProgress(3, 3 << 20, stream=tty)
+    for _ in range(3):
+        bar.update(1 << 20)
+    bar.close()
+    assert "loading resident units" in tty.getvalue() and "3.00M" in tty.getvalue()
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="gdsllm"):
+        lines = progress.LoadProgress(3, 3 << 20, stream=io.StringIO())
+        for _ in range(3):
+            lines.update(1 << 20)
+        lines.close()
+    assert "loading resident units: 1 of 3" in caplog.text and "loaded 3 resident units" in caplog.text
+
+
+def test_context_limit_is_said_and_an_error_reply_is_not_a_vanished_client(server, capsys):
+    from gdsllm.commands.generate import generate_endpoint
+    s, records = server
+    prompt = _prompt_of(508, _tokenizer(s))  # the context is 512: room for 4 new tokens
+    args = argparse.Namespace(prompt=prompt, max_tokens=20, temp=0.0, top_p=None, top_k=None,
+                              seed=None, chat=False, endpoint=s.endpoint)
+    assert generate_endpoint(args) == 0
+    err = capsys.readouterr().err
+    assert "stopped at the model's context limit (508 prompt + 4 new tokens), before the 20" in err
+    args.max_tokens = 4  # -n itself ended it: nothing to say
+    assert generate_endpoint(args) == 0 and "context limit" not in capsys.readouterr().err
+    args.prompt = prompt + "a" * 20
+    assert generate_endpoint(args) == 1
+    assert "does not fit the model's context" in capsys.readouterr().err
+    with Client(s.endpoint, timeout=30) as c:  # the coordinator has handled everything before
+        assert c.health().status == "ok"
+    assert "unreachable" not in records.text(), records.text()
+
+
+def test_run_repl_help_reset_unknown_commands_and_errors(server):
+    from gdsllm.commands.run import HELP, chat
+    s, _ = server
+    long_message = "hello " * 400
+    stdin = io.StringIO(f"/help\n/nosuch\nhi there\n/reset\n{long_message}\nhi there\n/quit\n")
+    out, err = io.StringIO(), io.StringIO()
+    repl = argparse.Namespace(system="be brief", max_tokens=6, temp=0.0, top_p=0.95, top_k=40, seed=None)
+    with Client(s.endpoint, timeout=60) as c:
+        chat(c, repl, stdin=stdin, stdout=out, stderr=err)
+        answer = c.generate(messages=[{"role": "system", "content": "be brief"},
+                                      {"role": "user", "content": "hi there"}],
+                            max_tokens=6, temperature=0).text
+    notes = err.getvalue()
+    assert HELP in notes and all(cmd in HELP for cmd in ("/help", "/reset", "/quit"))
+    assert "unknown command /nosuch" in notes
+    assert "conversation reset (system prompt kept)" in notes
+    assert "does not fit the model's context" in notes
+    # the failed turn was not kept: the question after it gets the same answer as after /reset
+    assert out.getvalue() == 2 * (answer + "\n")
