@@ -39,6 +39,7 @@ class Generate:
     stop: list[str] = field(default_factory=list)
     stream: bool = True
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    stop_token_ids: list[int] = field(default_factory=list)  # end it besides eos (checked by the engine)
     draft_tokens: int | None = None  # speculative decoding: None = the server's --draft-tokens, 0 = off
 
     def __post_init__(self):

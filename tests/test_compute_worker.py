@@ -53,10 +53,12 @@ def reference_tokens(meta, prompts: dict[int, list[int]], sampling: dict[int, Se
 class Pipeline:
     """The test as coordinator: embed and head resident, blocks streamed through 2 slots."""
 
-    def __init__(self, model: Path, edir, device: str = "cpu"):
+    def __init__(self, model: Path, edir, device: str = "cpu", resident=(0, -1)):
         self.meta = meta = load_model_meta(model)
-        self.resident = {0: 0, len(meta.units) - 1: meta.units[0].nbytes}
-        base = meta.units[0].nbytes + meta.units[-1].nbytes
+        self.resident, base = {}, 0
+        for u in sorted(r % len(meta.units) for r in resident):
+            self.resident[u] = base
+            base += meta.units[u].nbytes
         slot = max(u.nbytes for u in meta.units)
         self.slots = [base, base + slot]
         cfg = ServiceConfig(model=model, device=device, prefetch_window=2)
@@ -195,6 +197,28 @@ def test_compute_worker_without_an_arena(model, edir):
         assert c.proc.exitcode == 0
     finally:
         c.close()
+
+
+def test_compute_worker_tied_head_reads_the_resident_embedding(tmp_path, edir):
+    """A tied model stored once: the head multiplies by the resident embed unit's table (the
+    reference runs every unit from its own buffer); an embedding in a streaming slot, which
+    could be refilled before the head runs, is refused."""
+    model = write_model(tmp_path / "tied", tied=True)
+    p = Pipeline(model, edir)
+    try:
+        assert [t.name for t in p.meta.units[-1].tensors] == ["norm.weight"]
+        prompts, greedy = {1: [3, 14, 15], 2: [7]}, {1: SeqSampling(0.0, 1.0, 0, None),
+                                                     2: SeqSampling(0.8, 0.9, 0, 5)}
+        assert p.generate(prompts, greedy, 4) == reference_tokens(p.meta, prompts, greedy, 4)
+    finally:
+        p.close()
+    p = Pipeline(model, edir, resident=(-1,))
+    try:
+        replies = p.run_pass([(1, [2])], {1: SeqSampling(0.0, 1.0, 0, None)}, units=[0])
+        assert isinstance(replies[0], WorkerError) and "must be resident" in replies[0].message
+        assert isinstance(replies[1], Done) and replies[1].unit == 0
+    finally:
+        p.close()
 
 
 @pytest.mark.gpu

@@ -32,7 +32,8 @@ Q = gguf.GGMLQuantizationType
 
 
 def read_model(root) -> dict[str, torch.Tensor]:
-    """Every tensor of a GdsLLM model, read with O_DIRECT and checksum-verified, by HF name."""
+    """Every tensor of a GdsLLM model, read with O_DIRECT and checksum-verified, by HF name (a
+    tied model's lm_head.weight is its embedding, as transformers' state_dict shows it)."""
     meta = load_model_meta(root)
     out = {}
     with HostReader(direct=True) as r:
@@ -46,6 +47,9 @@ def read_model(root) -> dict[str, torch.Tensor]:
                 prefix = f"model.layers.{u.layer}." if u.kind == "block" else \
                     ("" if t.name == "lm_head.weight" else "model.")
                 out[prefix + t.name] = v.clone()
+    if meta.params.tie_word_embeddings:
+        assert "lm_head.weight" not in out, "a tied model stores its embedding once"
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 
 
@@ -228,9 +232,8 @@ def test_tiny_gguf_every_type_equals_transformers(tmp_path, tied):
             assert torch.equal(ours[name], x), name
         else:
             assert (ours[name] - x).norm() / x.norm() < 0.3, name
-    if tied:
-        assert torch.equal(ours["lm_head.weight"], ours["model.embed_tokens.weight"])
     meta = load_model_meta(tmp_path / "out")
+    assert [t.name for t in meta.units[-1].tensors] == ["norm.weight"] + ([] if tied else ["lm_head.weight"])
     assert meta.params.tie_word_embeddings == tied and meta.params.rope_theta == 50000.0
     assert meta.chat_template == "{{ messages[0]['content'] }}" and meta.source.startswith("gguf:")
 
@@ -452,6 +455,36 @@ def test_default_model_stale_cache_is_reconverted(tmp_path, monkeypatch):
     assert default_model.conversions == n + 1
     load_model_meta(first)
     assert no_leftovers(first.parent) == []
+
+
+def test_default_model_with_a_tied_copy_is_reconverted(tmp_path, monkeypatch):
+    """A cached default model written when the head held a copy of the tied embedding still loads,
+    but is converted again once, to store the table once."""
+    from dataclasses import replace
+
+    from gdsllm.format.writer import ModelWriter
+    from llama_ref import resident_weights
+    write_gguf(tmp_path / "pkg.gguf", tied=True)
+    monkeypatch.setattr(default_model, "default_gguf", lambda: tmp_path / "pkg.gguf")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = default_model.resolve_model(None, progress=False)
+    meta = load_model_meta(first)
+    assert [t.name for t in meta.units[-1].tensors] == ["norm.weight"]
+    w = resident_weights(meta)  # rewrite it as it was: untied with a copy, then marked tied
+    with ModelWriter(first, replace(meta.params, tie_word_embeddings=False), meta.dtype,
+                     overwrite=True) as mw:
+        for u in meta.units:
+            mw.add_unit({**w[u.name], **({"lm_head.weight": w["embed"]["embed_tokens.weight"]}
+                                          if u.kind == "head" else {})})
+    doc = json.loads((first / "metadata.json").read_text())
+    doc["config"]["tie_word_embeddings"] = True
+    (first / "metadata.json").write_text(json.dumps(doc))
+    assert load_model_meta(first).units[-1].nbytes > meta.units[-1].nbytes  # loads, with the copy
+    n = default_model.conversions
+    assert default_model.resolve_model(None, progress=False) == first
+    assert default_model.conversions == n + 1
+    assert load_model_meta(first).units[-1].nbytes == meta.units[-1].nbytes
+    assert default_model.resolve_model(None, progress=False) == first and default_model.conversions == n + 1
 
 
 def test_resolve_model_paths(tmp_path):

@@ -25,12 +25,14 @@ MSG = [{"role": "user", "content": "hi"}]
 def test_defaults_follow_openai():
     c = openai.parse_request({"prompt": "x"}, chat=False)
     assert c.params == dict(max_tokens=16, temperature=1.0, top_p=1.0, top_k=0, seed=None, stop=[],
-                            ignore_eos=False)
+                            stop_token_ids=[], ignore_eos=False)
     assert not c.stream and c.prompt == "x" and c.messages is None
     chat = openai.parse_request({"messages": MSG, "max_completion_tokens": 7, "stop": "\n",
                                  "top_k": -1, "stream": True, "stream_options": {"include_usage": True}},
                                 chat=True)
     assert chat.params["max_tokens"] == 7 and chat.params["stop"] == ["\n"] and chat.params["top_k"] == 0
+    assert openai.parse_request({"prompt": "x", "stop_token_ids": [2, 5]}, chat=False
+                                ).params["stop_token_ids"] == [2, 5]  # vLLM's extension, onto the wire
     assert chat.stream and chat.include_usage
     assert openai.parse_request({"messages": MSG}, chat=True).params["max_tokens"] == openai.CHAT_MAX_TOKENS
 
@@ -67,6 +69,8 @@ def test_messages_roles_and_text_parts():
     ({"messages": MSG, "presence_penalty": 0.5}, True, "presence_penalty"),
     ({"messages": MSG, "response_format": {"type": "json_object"}}, True, "response_format"),
     ({"prompt": "x", "stop": [1]}, False, "stop"),
+    ({"prompt": "x", "stop_token_ids": ["2"]}, False, "stop_token_ids"),
+    ({"prompt": "x", "stop_token_ids": 2}, False, "stop_token_ids"),
     ({"prompt": "x", "model": 3}, False, "model"),
 ])
 def test_bad_bodies_are_400_naming_the_field(body, chat, param):

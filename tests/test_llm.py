@@ -118,7 +118,9 @@ def test_prompt_too_long(llm):
         llm.generate(["ok", "x" * (4 * n_ctx)])
 
 
-def test_corrupt_unit_is_caught_on_first_read(tiny, tmp_path):
+@pytest.mark.parametrize("resident", [True, False])
+def test_corrupt_unit_is_caught_on_first_read(tiny, tmp_path, resident):
+    """Resident: when it is loaded at start-up; streamed: at the first step that reads it."""
     import shutil
     d = tmp_path / "m"
     shutil.copytree(tiny[1], d)
@@ -129,8 +131,36 @@ def test_corrupt_unit_is_caught_on_first_read(tiny, tmp_path):
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0x40]))
-    with LLM(str(d)) as m, pytest.raises(FormatError, match=f"checksum .*unit {unit.name}"):
-        m.generate("x", GREEDY)
+    budget = None if resident else max(u.nbytes for u in meta.units)  # one slot, all streamed
+    with pytest.raises(FormatError, match=f"checksum .*unit {unit.name}"):
+        with LLM(str(d), vram_budget=budget) as m:
+            assert not resident and m.plan.resident_offsets == {}
+            m.generate("x", GREEDY)
+
+
+def test_resident_units_are_read_once(llm, tiny):
+    """By default the whole (small) model is resident: a generation reads nothing from storage.
+    With a budget the planner pins what fits (embed and head first) and streams the rest through
+    one slot, reading exactly the streamed units every step; the tokens are the same."""
+    meta = llm.meta
+    assert llm.plan.streamed == () and llm.loader.bytes_read == meta.total_bytes
+    want = llm.generate("resident", GREEDY)
+    assert llm.loader.bytes_read == meta.total_bytes  # not one unit re-read
+    block = max(u.nbytes for u in meta.units[1:-1])
+    budget = meta.units[0].nbytes + meta.units[-1].nbytes + block  # embed, head and one slot
+    with LLM(str(tiny[1]), vram_budget=budget) as m:
+        assert m.plan.resident_names == ["embed", "head"] and m.plan.num_slots == 1
+        start = m.loader.bytes_read
+        assert start == m.plan.resident_bytes
+        out = m.generate("resident", GREEDY)
+        assert out.token_ids == want.token_ids and out.text == want.text
+        assert m.loader.bytes_read - start == GREEDY.max_tokens * m.plan.streamed_bytes_per_pass
+    with LLM(str(tiny[1]), vram_budget="1GiB") as m:  # sizes as the CLI takes them
+        assert m.plan.streamed == () and m.generate("resident", GREEDY).token_ids == want.token_ids
+    with pytest.raises(ValueError, match="too small"):
+        LLM(str(tiny[1]), vram_budget=4096)
+    with pytest.raises(ValueError, match="vram_budget must be"):
+        LLM(str(tiny[1]), vram_budget=-5)
 
 
 def test_buffered_io_gives_the_same_tokens(llm, tiny):

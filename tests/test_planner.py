@@ -68,6 +68,17 @@ def test_one_slot_minimum_budget_streams_everything():
     assert plan.resident_offsets == {} and len(plan.streamed) == len(names) and plan.num_slots == 1
 
 
+def test_pinned_units_stay_resident_whatever_the_budget():
+    # a tied model's embed unit: pinned even where streaming everything would stream fewer bytes
+    names, sizes = model_units(embed=3 * MB, head=MB // 2)
+    plan = plan_residency(names, sizes, 5 * MB, 1, pin=("embed",))
+    assert plan.resident_names[0] == "embed" and plan.arena_bytes <= 5 * MB
+    assert 0 not in plan.streamed and plan.num_slots == 1
+    with pytest.raises(ValueError, match="too small.*embed stays resident"):
+        plan_residency(names, sizes, 4 * MB, 1, pin=("embed",))  # 3 MB pinned + a 2 MB slot
+    assert plan_residency(names, sizes, 4 * MB, 1).resident_offsets == {}  # unpinned: a 3 MB slot
+
+
 def test_too_small_budget_is_a_clear_error():
     names, sizes = model_units()
     with pytest.raises(ValueError, match="too small.*largest unit is embed"):

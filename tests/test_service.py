@@ -119,6 +119,27 @@ def test_stop_strings_and_cancel(server, reference):
         assert c.generate(PROMPTS[2], max_tokens=N, temperature=0).token_ids == reference[PROMPTS[2]][:N]
 
 
+async def test_stop_token_ids_end_as_in_llm(server, reference, model_dir):
+    """stop_token_ids through the wire (sync and async clients): the generation ends on the first
+    such id, included in token_ids and not in the text, exactly as gdsllm.LLM ends it."""
+    from gdsllm.engine.llm import LLM
+    from gdsllm.engine.sampling import SamplingParams
+    ids = reference[PROMPTS[1]][:N]
+    stop = ids[4]
+    with LLM(str(model_dir)) as llm:
+        want = llm.generate(PROMPTS[1], SamplingParams(max_tokens=N, temperature=0,
+                                                       stop_token_ids=(stop, 10**6)))
+    assert want.finish_reason == "stop" and want.token_ids == ids[: ids.index(stop) + 1]
+    with Client(server.endpoint, timeout=30) as c:
+        f = c.generate(PROMPTS[1], max_tokens=N, temperature=0, stop_token_ids=(stop, 10**6))
+        streamed = "".join(c.stream(PROMPTS[1], max_tokens=N, temperature=0, stop_token_ids=[stop]))
+    assert (f.finish_reason, f.token_ids, f.text) == ("stop", want.token_ids, want.text)
+    assert streamed == want.text
+    async with AsyncClient(server.endpoint, timeout=30) as c:
+        f = await c.generate(PROMPTS[1], max_tokens=N, temperature=0, stop_token_ids=[stop])
+    assert (f.finish_reason, f.token_ids, f.text) == ("stop", want.token_ids, want.text)
+
+
 def raw_exchange(endpoint, payload: bytes, timeout=10.0):
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
@@ -158,6 +179,9 @@ BAD = {
     "zero max_tokens": gen(max_tokens=0),
     "huge seed": gen(seed=2**64 - 1),
     "empty stop string": gen(stop=[""]),
+    "negative stop token id": gen(stop_token_ids=[-1]),
+    "stop token id not an integer": gen(stop_token_ids=["2"]),
+    "too many stop token ids": gen(stop_token_ids=list(range(65))),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,14 +29,16 @@ PARAMS = LlamaParams(vocab_size=96, hidden_size=64, intermediate_size=112, num_h
                      rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
 
 
-def write_model(dst: Path, seed: int = 0, nan_head: bool = False) -> Path:
-    """A random 3-block LLaMA; `nan_head` poisons the LM head (logits NaN: sampling fails)."""
+def write_model(dst: Path, seed: int = 0, nan_head: bool = False, tied: bool = False) -> Path:
+    """A random 3-block LLaMA; `nan_head` poisons the LM head (logits NaN: sampling fails);
+    `tied`: the head is the embedding, stored once (the head unit holds the norm alone)."""
     g = torch.Generator().manual_seed(seed)
-    with ModelWriter(dst, PARAMS, "float32", source="test") as w:
-        for _, kind, _ in unit_layout(PARAMS):
+    params = replace(PARAMS, tie_word_embeddings=tied)
+    with ModelWriter(dst, params, "float32", source="test") as w:
+        for _, kind, _ in unit_layout(params):
             tensors = {k: torch.randn(s, generator=g) * (1.0 if k.endswith("norm.weight") else 0.1)
                        + (1.0 if k.endswith("norm.weight") else 0.0)
-                       for k, s in unit_tensor_shapes(PARAMS, kind).items()}
+                       for k, s in unit_tensor_shapes(params, kind).items()}
             if kind == "head" and nan_head:
                 tensors["lm_head.weight"][:] = float("nan")
             w.add_unit(tensors)

@@ -8,7 +8,7 @@
 Only the generated text goes to stdout; logs, errors and notes (a generation cut short by the
 model's context) go to stderr. Without `--endpoint` it starts the same pipeline as `gdsllm serve`
 (I/O worker, compute worker, coordinator) for this one request; `--single-process` runs the
-engine `gdsllm.LLM` in this process instead.
+engine `gdsllm.LLM` in this process instead (same planner: --vram-budget).
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def run(args) -> int:
     if args.single_process:
         from gdsllm.engine.llm import LLM
         with LLM(args.model, device=pick_device(args.device, service=False), io=args.io,
-                 draft=args.draft, draft_tokens=args.draft_tokens) as llm:
+                 vram_budget=args.vram_budget, draft=args.draft,
+                 draft_tokens=args.draft_tokens) as llm:
             for delta in llm.stream(messages or args.prompt, params):
                 _write(delta)
         _write("\n")

@@ -7,7 +7,8 @@ The default model is SmolLM2-135M-Instruct, shipped as a GGUF (Q4_1) by the `llm
 package. On first use it is converted once into `$XDG_CACHE_HOME/gdsllm/<name>` (default
 `~/.cache/gdsllm`) and reused afterwards. A lock file (`fcntl.flock`) makes concurrent first uses
 convert once: the second process waits and then finds the finished model. A cache entry whose
-metadata does not load (an older format, a hand-edited file) is converted again.
+metadata does not load (an older format, a hand-edited file), or whose head unit still holds a
+copy of the tied embedding (113 MB, written before it was stored once), is converted again.
 
 Why float32: the dequantized Q4_1 values (d * q + m, in float32) are not all representable in
 float16, so float32 keeps them exactly, and a model loaded by transformers from the same GGUF in
@@ -51,10 +52,11 @@ def default_gguf() -> Path:
 
 def _usable(root: Path) -> bool:
     try:
-        load_model_meta(root)
-        return True
+        meta = load_model_meta(root)
     except FormatError:
         return False
+    copy = any(t.name == "lm_head.weight" for t in meta.units[-1].tensors)
+    return not (meta.params.tie_word_embeddings and copy)
 
 
 def default_model_dir(progress: bool = True) -> Path:

@@ -126,8 +126,6 @@ class GGUFTensors:
         """The GGUF name of GdsLLM tensor `name` of a unit."""
         if kind == "block":
             return gguf_tensor_name(self.garch, self.p.num_hidden_layers, f"model.layers.{layer}.{name}")
-        if name == "lm_head.weight" and self.p.tie_word_embeddings:
-            return TOP_NAMES["embed_tokens.weight"]  # tied: the head is a copy of the embedding
         return TOP_NAMES[name]
 
     def get(self, gname: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -160,6 +158,7 @@ def gguf_units(src: GGUFTensors, p: LlamaParams):
     """Yield (unit name, {tensor name: float32 tensor}) per unit, in file order. One tensor at a
     time is dequantized; a step that keeps blocks quantized replaces `src.get` here."""
     for uname, kind, layer in unit_layout(p):
+        # A tied model (no output.weight) has no lm_head.weight: the embedding is stored once.
         tensors = {name: src.get(src.name(kind, layer, name), shape)
                    for name, shape in unit_tensor_shapes(p, kind).items()}
         yield uname, tensors

@@ -172,22 +172,21 @@ class SafetensorsDir:
         return t
 
 
-def _hf_name(kind: str, layer: int | None, name: str, head_tied: bool) -> str:
+def _hf_name(kind: str, layer: int | None, name: str) -> str:
     if kind == "block":
         return f"model.layers.{layer}.{name}"
-    if name == "lm_head.weight":
-        return "model.embed_tokens.weight" if head_tied else "lm_head.weight"
-    return f"model.{name}"
+    return name if name == "lm_head.weight" else f"model.{name}"
 
 
 def hf_units(src: Path, p: LlamaParams):
-    """Yield (unit name, {tensor name: tensor}) for each unit, in file order, reading lazily."""
+    """Yield (unit name, {tensor name: tensor}) for each unit, in file order, reading lazily. A
+    tied model's head unit has no lm_head.weight: the embedding is stored once."""
     st = SafetensorsDir(src)
     _check_no_unused(st, p, src)
     for uname, kind, layer in unit_layout(p):
         tensors = {}
         for name in unit_tensor_shapes(p, kind):
-            key = _hf_name(kind, layer, name, p.tie_word_embeddings)
+            key = _hf_name(kind, layer, name)
             if key not in st and key.startswith("model.") and key[6:] in st:
                 key = key[6:]  # a bare LlamaModel checkpoint without the "model." prefix
             if key == "lm_head.weight" and key not in st:

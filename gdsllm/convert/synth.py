@@ -82,17 +82,13 @@ def _tensor(seed: int, unit: int, k: int, name: str, shape: tuple[int, ...], dt:
 
 
 def synth_units(p: LlamaParams, seed: int, dtype: str):
-    """Yield (unit name, kind, {name: tensor in dtype}) per unit; a tied head copies the embedding."""
+    """Yield (unit name, kind, {name: tensor in dtype}) per unit (a tied head: the norm alone)."""
     dt = DTYPES[dtype]
     with ThreadPoolExecutor(THREADS) as pool:
         for index, (uname, kind, _) in enumerate(unit_layout(p)):
             shapes = unit_tensor_shapes(p, kind)
             futs = {n: pool.submit(_tensor, seed, index, k, n, s, dt) for k, (n, s) in enumerate(shapes.items())}
-            tensors = {n: f.result() for n, f in futs.items()}
-            if kind == "head" and p.tie_word_embeddings:  # same values as unit 0's embedding
-                tensors["lm_head.weight"] = _tensor(seed, 0, 0, "embed_tokens.weight",
-                                                    (p.vocab_size, p.hidden_size), dt)
-            yield uname, kind, tensors
+            yield uname, kind, {n: f.result() for n, f in futs.items()}
 
 
 def hf_config(p: LlamaParams, dtype: str) -> dict:
@@ -109,16 +105,14 @@ def hf_config(p: LlamaParams, dtype: str) -> dict:
             "pad_token_id": None, "use_cache": True}
 
 
-def _hf_names(kind: str, layer: int | None, tensors: dict, tied: bool) -> dict[str, torch.Tensor]:
+def _hf_names(kind: str, layer: int | None, tensors: dict) -> dict[str, torch.Tensor]:
+    """Hugging Face names (a tied checkpoint has no lm_head.weight, nor does a tied head unit)."""
     out = {}
     for name, t in tensors.items():
         if kind == "block":
             out[f"model.layers.{layer}.{name}"] = t
-        elif name == "lm_head.weight":
-            if not tied:  # a tied checkpoint has no lm_head.weight
-                out[name] = t
         else:
-            out[f"model.{name}"] = t
+            out[name if name == "lm_head.weight" else f"model.{name}"] = t
     return out
 
 
@@ -139,7 +133,7 @@ class _HFWriter:
     def add(self, kind: str, layer: int | None, tensors: dict) -> None:
         self.i += 1
         shard = f"model-{self.i:05d}-of-{self.n:05d}.safetensors"
-        named = _hf_names(kind, layer, tensors, self.p.tie_word_embeddings)
+        named = _hf_names(kind, layer, tensors)
         save_file({k: v.contiguous() for k, v in named.items()}, str(self.tmp / shard),
                   metadata={"format": "pt"})
         for k, v in named.items():

@@ -1,4 +1,4 @@
-"""`gdsllm.LLM`: the single-process engine, one unit resident at a time.
+"""`gdsllm.LLM`: the single-process engine.
 
     from gdsllm import LLM, SamplingParams
     llm = LLM("~/models/smollm2", device="cpu")          # None: the embedded default model
@@ -6,32 +6,39 @@
     out.text, out.token_ids, out.finish_reason
     outs = llm.generate(["a", "b", [{"role": "user", "content": "Hi"}]], params)   # batched
     for delta in llm.stream("Tell me", params): print(delta, end="")
+    LLM("~/models/llama-7b", device="cuda", vram_budget="4GiB")   # pin what fits, stream the rest
     llm = LLM(target_dir, draft=draft_dir, draft_tokens=4)   # speculative decoding (engine.speculative)
 
-Every step is one pass over the model directory: each unit is read into ONE reusable buffer
-(O_DIRECT `preadv` into host memory on the CPU; KvikIO straight into a CUDA buffer on the GPU, or
-O_DIRECT + copy without KvikIO), its checksum verified on first read, viewed through the torch
-bridge and run for all active sequences at once. This is the MVP path and the reference the
-multi-process pipeline is tested against.
+Weights live in one buffer laid out by the service's planner (gdsllm.engine.planner): what
+`vram_budget` allows stays resident, loaded once at start-up; the rest is streamed through one slot
+every step. Every read goes through gdsllm.engine.loader (O_DIRECT `preadv` into host memory on
+the CPU; KvikIO straight into CUDA memory, or O_DIRECT + copy without KvikIO), its checksum
+verified on first read. The request rules (prompts, stop strings, eos, stop ids, max_tokens, the
+context limit) are gdsllm.engine.sequence's, the service's own. Each step runs all active
+sequences at once; this is the reference the multi-process pipeline is tested against.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from gdsllm.engine.views import unit_tensors
-from gdsllm.format.metadata import UnitMeta, load_model_meta, verify_unit
+from gdsllm.engine.loader import UnitLoader
+from gdsllm.engine.planner import plan_for
 from gdsllm.engine.runner import Runner, compute_dtype
 from gdsllm.engine.sampling import Sampler, SamplingParams
-from gdsllm.format.storage import CudaReader, HostReader, _kvikio, aligned_host_buffer, probe_io_path
+from gdsllm.engine.sequence import Generation, prompt_ids
 from gdsllm.engine.tokenizer import Tokenizer
+from gdsllm.engine.views import unit_tensors
+from gdsllm.format.metadata import load_model_meta
+from gdsllm.format.storage import aligned_host_buffer
 
 log = logging.getLogger("gdsllm.engine.llm")
+FIT = 0.9  # share of the device's free memory the default budget may take for weights
 
 
 @dataclass
@@ -45,14 +52,9 @@ class Output:
 @dataclass
 class _Request:
     seq_id: int
-    prompt_ids: list[int]
     params: SamplingParams
     sampler: Sampler
-    detok: object | None
-    out_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # chars of `text` already streamed
-    finish_reason: str | None = None
+    gen: Generation
 
 
 def resolve(model: str | os.PathLike | None) -> Path:
@@ -61,10 +63,31 @@ def resolve(model: str | os.PathLike | None) -> Path:
     return resolve_model(model)
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free for weights on `device`: free VRAM on CUDA, MemAvailable on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class LLM:
+    """The model on one device. `vram_budget`: bytes (or a size such as "4GiB") of device memory
+    for weights (host memory on the CPU): resident units plus one streaming slot, as the
+    service's --vram-budget. The default, None, keeps everything resident when the model fits
+    in 90% of the device's free memory (free VRAM; MemAvailable on the CPU), and otherwise pins
+    as much as fits there and streams the rest from storage every step."""
+
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
                  io: str = "direct", cudnn_attention: bool = False,
-                 draft: str | os.PathLike | None = None, draft_tokens: int = 4):
+                 vram_budget: int | str | None = None, draft: str | os.PathLike | None = None,
+                 draft_tokens: int = 4):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
@@ -73,38 +96,60 @@ class LLM:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda: no CUDA GPU is available to torch")
         self.meta = load_model_meta(resolve(model))
-        p = self.meta.params
         self.dtype = compute_dtype(self.device, self.meta.dtype)
         self.tokenizer = Tokenizer(self.meta) if self.meta.tokenizer_file else None
-        self.runner = Runner(p, self.device, self.dtype, cudnn_attention=cudnn_attention,
-                             architecture=self.meta.architecture)
-        direct = io == "direct"
-        size = max(u.nbytes for u in self.meta.units)
-        self._host = self._dev = self._cuda_reader = None
-        if self.device.type == "cuda" and _kvikio() is not None:
-            self._cuda_reader = CudaReader(direct=direct)
-            self._dev = torch.empty(size, dtype=torch.uint8, device=self.device)
-            self.io_path = self._cuda_reader.path
-        else:
-            self._reader = HostReader(direct=direct)
-            self._host = aligned_host_buffer(size)
-            if self.device.type == "cuda":
-                self._dev = torch.empty(size, dtype=torch.uint8, device=self.device)
-            self.io_path = probe_io_path("cpu", direct)
-        self._verified: set[str] = set()
+        self.runner = Runner(self.meta.params, self.device, self.dtype,
+                             cudnn_attention=cudnn_attention, architecture=self.meta.architecture)
+        budget = self._budget(vram_budget)
+        if draft is not None:  # speculative decoding: the resident draft's bytes come first
+            from gdsllm.engine.speculative import reserve_draft
+            budget = reserve_draft(self.meta, draft, budget)[1]
+        self.plan = plan_for(self.meta, budget, window=1)
+        self.loader = UnitLoader(self.meta, self.device, direct=io == "direct")
+        self.io_path = self.loader.io_path
+        try:
+            self._load_resident()
+        except BaseException:
+            self.loader.close()
+            raise
         self._next_seq = 0
         self.speculator = self.draft_tokens = None
         if draft is not None:
             from gdsllm.engine.speculative import make_speculator
             self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens)
             self.draft_tokens = draft_tokens
-        log.info("model %s: %d units, %s, %.1f MB; device %s (%s compute); io path %s",
-                 self.meta.root, len(self.meta.units), self.meta.dtype, self.meta.total_bytes / 1e6,
-                 self.device, str(self.dtype).removeprefix("torch."), self.io_path)
+        p = self.plan
+        log.info("model %s: %d units, %s, %.1f MB; device %s (%s compute); io path %s; "
+                 "%d units resident (%.1f MB), %d streamed per step", self.meta.root,
+                 len(self.meta.units), self.meta.dtype, self.meta.total_bytes / 1e6, self.device,
+                 str(self.dtype).removeprefix("torch."), self.io_path, len(p.resident_offsets),
+                 p.resident_bytes / 1e6, len(p.streamed))
+
+    def _budget(self, vram_budget) -> int | None:
+        if vram_budget is None:
+            room = int(free_memory(self.device) * FIT)
+            return None if self.meta.total_bytes <= room else room
+        from gdsllm.config import parse_size
+        budget = parse_size(vram_budget) if isinstance(vram_budget, str) else vram_budget
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
+            raise ValueError(f"vram_budget must be a positive number of bytes, got {vram_budget!r}")
+        return budget
+
+    def _load_resident(self) -> None:
+        """Allocate the buffer the plan lays out; read (and verify) every resident unit once."""
+        n = self.plan.arena_bytes
+        self._arena = (aligned_host_buffer(n) if self.device.type == "cpu"
+                       else torch.empty(n, dtype=torch.uint8, device=self.device))
+        self._slot = self.plan.slot_offsets[0] if self.plan.streamed else None
+        self._resident: dict[int, dict[str, torch.Tensor]] = {}
+        for u, off in sorted(self.plan.resident_offsets.items()):
+            unit = self.meta.units[u]
+            buf = self._arena[off: off + unit.nbytes]
+            self.loader.load(unit, buf)
+            self._resident[u] = unit_tensors(unit, buf)
 
     def close(self) -> None:
-        if self._cuda_reader is None:
-            self._reader.close()
+        self.loader.close()
 
     def __enter__(self) -> "LLM":
         return self
@@ -113,62 +158,21 @@ class LLM:
         self.close()
 
     # -- weights -------------------------------------------------------------------------------
-    def _load(self, unit: UnitMeta) -> dict[str, torch.Tensor]:
-        """Read `unit` into the one buffer and view it; the caller fenced the previous unit."""
-        path, n = self.meta.path(unit), unit.nbytes
-        if self._cuda_reader is not None:
-            self._cuda_reader.read(path, self._dev, n)
-            buf = self._dev[:n]
-        else:
-            self._reader.read(path, self._host, n)
-            buf = self._host[:n]
-            if self._dev is not None:  # no KvikIO: O_DIRECT into host memory, then one copy
-                self._dev[:n].copy_(buf)
-                buf = self._dev[:n]
-        if unit.name not in self._verified:
-            verify_unit(self.meta, unit, buf)
-            self._verified.add(unit.name)
-        return unit_tensors(unit, buf)
-
     def _pass(self, chunks: list[tuple[int, list[int]]], *, logit_rows=None) -> torch.Tensor:
         self.runner.start_pass(chunks, logit_rows=logit_rows)
         try:
             for unit in self.meta.units:
-                self.runner.fence()  # the buffer still feeds the previous unit's queued kernels
-                self.runner.run_unit(unit, self._load(unit))
+                weights = self._resident.get(unit.index)
+                if weights is None:
+                    self.runner.fence()  # the slot still feeds the previous streamed unit's kernels
+                    buf = self._arena[self._slot: self._slot + unit.nbytes]
+                    self.loader.load(unit, buf)
+                    weights = unit_tensors(unit, buf)
+                self.runner.run_unit(unit, weights)
             return self.runner.end_pass()
         except BaseException:
             self.runner.abort_pass()
             raise
-
-    # -- prompts -------------------------------------------------------------------------------
-    def _prompt_ids(self, prompt, where: str) -> list[int]:
-        p = self.meta.params
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError(f"{where}: empty prompt")
-            ids = self._tok(where).encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            ids = self._tok(where).encode_chat(prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < p.vocab_size]
-            if bad:
-                raise ValueError(f"{where}: token ids {bad[:5]} outside the vocabulary [0, {p.vocab_size})")
-        else:
-            raise ValueError(f"{where}: a prompt is a string, a list of token ids or a list of chat "
-                             f"messages, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError(f"{where}: empty prompt (no tokens)")
-        if len(ids) >= p.max_position_embeddings:
-            raise ValueError(f"{where}: prompt of {len(ids)} tokens does not fit the model's context "
-                             f"of {p.max_position_embeddings} tokens (room is needed for one more)")
-        return ids
-
-    def _tok(self, where: str) -> Tokenizer:
-        if self.tokenizer is None:
-            raise ValueError(f"{where}: the model has no tokenizer; pass token ids")
-        return self.tokenizer
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None):
@@ -180,18 +184,17 @@ class LLM:
         reqs = self._requests(prompts if batch else [prompts], params)
         for _ in self._run(reqs):
             pass
-        outs = [Output(r.text, r.out_ids, r.prompt_ids, r.finish_reason) for r in reqs]
+        outs = [Output(r.gen.text, r.gen.token_ids, r.gen.prompt_ids, r.gen.finish_reason)
+                for r in reqs]
         return outs if batch else outs[0]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
-        """Text deltas of one prompt's generation as they are produced."""
+        """Text deltas of one prompt's generation as they are produced (a tail that could still
+        grow into a stop string is held back until it cannot)."""
         reqs = self._requests([prompt], params)
-        for _ in self._run(reqs):
-            r = reqs[0]
-            hold = _stop_holdback(r.text, r.params.stop) if r.finish_reason is None else 0
-            if len(r.text) - hold > r.emitted:
-                yield r.text[r.emitted: len(r.text) - hold]
-                r.emitted = len(r.text) - hold
+        for deltas in self._run(reqs):
+            if deltas[0]:
+                yield deltas[0]
 
     def _requests(self, prompts: list, params) -> list[_Request]:
         if params is None:
@@ -199,22 +202,22 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"generate: {len(prompts)} prompts but {len(plist)} SamplingParams")
-        reqs = []
+        reqs, p = [], self.meta.params
         for i, (prompt, sp) in enumerate(zip(prompts, plist)):
             where = f"prompt {i}" if len(prompts) > 1 else "prompt"
             if not isinstance(sp, SamplingParams):
                 raise ValueError(f"{where}: params must be SamplingParams, got {type(sp).__name__}")
             sp.validate()
-            ids = self._prompt_ids(prompt, where)
+            ids = prompt_ids(prompt, self.tokenizer, p, where)
             detok = self.tokenizer.detokenizer(ids) if self.tokenizer is not None else None
-            reqs.append(_Request(self._next_seq, ids, sp, Sampler(sp), detok))
+            gen = Generation(ids, sp, p.eos_token_ids, p.max_position_embeddings, detok)
+            reqs.append(_Request(self._next_seq, sp, Sampler(sp), gen))
             self._next_seq += 1
         return reqs
 
-    def _run(self, reqs: list[_Request]) -> Iterator[None]:
-        """Step all requests to completion; yields after every pass."""
-        eos = set(self.meta.params.eos_token_ids)
-        pending = {r.seq_id: r.prompt_ids for r in reqs}
+    def _run(self, reqs: list[_Request]) -> Iterator[list[str]]:
+        """Step all requests to completion; yields each request's text delta after every pass."""
+        pending = {r.seq_id: r.gen.prompt_ids for r in reqs}
         active = list(reqs)
         try:
             while active:
@@ -224,17 +227,17 @@ class LLM:
                     new = [[t] for t in Sampler.sample_batch(logits, [r.sampler for r in active])]
                 else:
                     new = self._speculate(chunks, active)
+                deltas = dict.fromkeys((r.seq_id for r in active), "")
                 for r, ts in zip(active, new):
                     for t in ts:  # a speculative pass may bring several; stop where the request ends
-                        self._accept(r, t, eos)
-                        if r.finish_reason is not None:
+                        deltas[r.seq_id] += r.gen.append(t)
+                        if r.gen.finish_reason is not None:
                             break
                     pending[r.seq_id] = ts[-1:]
-                for r in active:
-                    if r.finish_reason is not None:
+                    if r.gen.finish_reason is not None:
                         self._release(r.seq_id)
-                active = [r for r in active if r.finish_reason is None]
-                yield
+                active = [r for r in active if r.gen.finish_reason is None]
+                yield [deltas.get(r.seq_id, "") for r in reqs]
         finally:
             for r in reqs:  # also on errors and abandoned streams: free every KV cache
                 self._release(r.seq_id)
@@ -244,7 +247,7 @@ class LLM:
         produce); the new tokens of each request."""
         from gdsllm.engine.speculative import draft_count
         ks = {r.seq_id: draft_count(r.params.draft_tokens, self.draft_tokens,
-                                    r.params.max_tokens - len(r.out_ids)) for r in active}
+                                    r.gen.max_new - len(r.gen.token_ids)) for r in active}
         samplers = {r.seq_id: r.sampler for r in active}
         out = self.speculator.step(self._pass, chunks, ks, samplers, self.runner)
         return [out[r.seq_id] for r in active]
@@ -253,37 +256,3 @@ class LLM:
         self.runner.release(seq_id)
         if self.speculator is not None:
             self.speculator.release(seq_id)
-
-    def _accept(self, r: _Request, t: int, eos: set[int]) -> None:
-        r.out_ids.append(t)
-        sp = r.params
-        if (t in eos and not sp.ignore_eos) or t in sp.stop_token_ids:
-            r.finish_reason = "stop"
-            if r.detok is not None:
-                r.text += r.detok.flush()
-            return
-        if r.detok is not None:
-            start = max(0, len(r.text) - max((len(s) for s in sp.stop), default=0))
-            r.text += r.detok.push(t)
-            hits = [i for i in (r.text.find(s, start) for s in sp.stop) if i >= 0]
-            if hits:
-                r.text = r.text[: min(hits)]
-                r.finish_reason = "stop"
-                return
-        if len(r.out_ids) >= sp.max_tokens:
-            r.finish_reason = "length"
-        elif len(r.prompt_ids) + len(r.out_ids) >= self.meta.params.max_position_embeddings:
-            r.finish_reason = "length"  # the context is full
-        if r.finish_reason is not None and r.detok is not None:
-            r.text += r.detok.flush()  # bytes of an unfinished character, as decode() shows them
-
-
-def _stop_holdback(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best

@@ -3,6 +3,7 @@ and run each streamed unit. Pure logic, no I/O: the coordinator feeds it events 
 messages it returns.
 
     plan = plan_residency(names, sizes, budget=parse_size("2GiB"), window=2)
+    plan = plan_for(meta, budget, window)   # the same for a model: its tied embedding pinned
     sched = StreamSchedule(plan)
     loads, runs = sched.step()          # Load(...)s for the I/O worker (prefetch), nothing to run yet
     sched.begin_pass(); loads, runs = sched.step()   # Run(...)s for the compute worker
@@ -73,9 +74,30 @@ def _need(sizes, pinned: set[int], window: int) -> int:
     return sum(_align(sizes[u]) for u in pinned) + slots * (_align(max(streamed)) if streamed else 0)
 
 
-def plan_residency(names, sizes, budget: int | None, window: int) -> ResidencyPlan:
+def shared_embedding(meta) -> bool:
+    """A tied model stored once (gdsllm.format.metadata): its head unit holds no LM head and
+    multiplies by the embed unit's table (older directories hold a copy in the head)."""
+    return all(t.name != "lm_head.weight" for t in meta.units[-1].tensors)
+
+
+def plan_for(meta, budget: int | None, window: int) -> ResidencyPlan:
+    """The plan of a model (gdsllm.format.metadata.ModelMeta), for the service and gdsllm.LLM.
+
+    A tied model's head reads the embedding table, so the embed unit is pinned whatever the
+    budget: streaming it instead would read the same bytes twice per pass (for the embedding,
+    then for the head) and would need a second slot kept for it from the first unit of a pass to
+    the last; pinned, its views simply stay valid for the whole pass in every process (the
+    compute worker checks this), and the planner's own first choice is to pin it anyway.
+    """
+    pin = ("embed",) if shared_embedding(meta) else ()
+    return plan_residency([u.name for u in meta.units], [u.nbytes for u in meta.units], budget,
+                          window, pin=pin)
+
+
+def plan_residency(names, sizes, budget: int | None, window: int, pin=()) -> ResidencyPlan:
     """Pin embed and head first, then blocks in order, as far as the pinned units plus `window`
     slots of the largest still-streamed unit fit `budget` bytes (None: everything resident).
+    Units named in `pin` are resident whatever the budget.
 
     Every prefix of that order is weighed and the one streaming the fewest bytes per pass wins:
     pinning only the embedding can need MORE memory than pinning nothing (the head, as large, still
@@ -89,10 +111,11 @@ def plan_residency(names, sizes, budget: int | None, window: int) -> ResidencyPl
     n = len(sizes)
     order = [i for i, nm in enumerate(names) if nm in ("embed", "head")]
     order += [i for i in range(n) if i not in order]
+    must = {i for i, nm in enumerate(names) if nm in pin}
     if budget is None:
         pinned = set(range(n))
     else:
-        prefixes = [set(order[:k]) for k in range(n + 1)]
+        prefixes = [set(order[:k]) | must for k in range(n + 1)]
         fits = [p for p in prefixes if _need(sizes, p, window) <= budget]
         if not fits:
             minimum = min(_need(sizes, p, window) for p in prefixes)
@@ -100,7 +123,8 @@ def plan_residency(names, sizes, budget: int | None, window: int) -> ResidencyPl
             raise ValueError(
                 f"--vram-budget {budget} bytes is too small: it needs at least {minimum} bytes "
                 f"({min(window, n)} streaming slot(s); the largest unit is {names[big]}, "
-                f"{sizes[big]} bytes); raise the budget or lower --prefetch-window")
+                f"{sizes[big]} bytes{''.join(f'; {names[u]} stays resident' for u in sorted(must))}"
+                f"); raise the budget or lower --prefetch-window")
         # fewest streamed bytes per pass; on a tie, the longer prefix (more resident)
         pinned = min(fits, key=lambda p: (sum(sizes[u] for u in range(n) if u not in p), -len(p)))
     offsets, off = {}, 0

@@ -17,6 +17,10 @@ attention runs per sequence. This is the shape continuous batching needs: a sequ
 (speculative decoding scores every drafted position), rows in chunk order; `truncate(3, n)` then
 rolls its KV cache back to its first n tokens (rejected draft tokens).
 
+A tied model stored once has no LM head in its head unit: the head multiplies by the embedding
+table the embed unit of the same pass was given, so that unit's buffer must still hold it when the
+head runs (gdsllm.engine.planner.plan_for keeps it resident).
+
 This interface is what the compute worker process codes against; keep its names and meaning.
 """
 from __future__ import annotations
@@ -126,14 +130,19 @@ class Runner:
         p = self.p
         if unit.kind == "embed":
             ps.x = layers.embed(weights, ps.ids, self.dtype, p.embed_scale)
+            ps.embedding = weights["embed_tokens.weight"]
         elif unit.kind == "block":
             cos, sin = ps.rope[p.layer_rope(unit.layer)]
             ps.x = self.family.decoder_block(p, weights, ps.x, cos, sin, ps.segments, unit.layer,
                                              self.cudnn_attention)
         else:
+            if "lm_head.weight" not in weights:  # tied, stored once: the head is the embedding
+                if not p.tie_word_embeddings:
+                    raise RuntimeError(f"unit {unit.name} has no lm_head.weight and the model is not tied")
+                weights = {**weights, "lm_head.weight": ps.embedding}
             # Only the rows asked for (each chunk's last token by default): norm + LM head on those.
             ps.logits = self.family.lm_head(p, weights, ps.x.index_select(0, ps.last_rows))
-            ps.x = None
+            ps.x = ps.embedding = None
         ps.next_unit += 1
 
     def fence(self) -> None:
@@ -167,5 +176,6 @@ class _Pass:
         self.seq_ids, self.ids, self.rope = seq_ids, ids, rope  # rope: kind -> (cos, sin)
         self.segments, self.last_rows = segments, last_rows
         self.x: torch.Tensor | None = None
+        self.embedding: torch.Tensor | None = None  # the embed unit's table, for a tied head
         self.logits: torch.Tensor | None = None
         self.next_unit = 0

@@ -81,6 +81,8 @@ class SamplingParams:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
             num("stop_token_ids entries", t, int)
+            if t < 0:
+                raise ValueError(f"stop_token_ids must be token ids (>= 0), got {t}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.draft_tokens is not None:

@@ -122,20 +122,20 @@ class ModelMeta:
 
     @property
     def num_params(self) -> int:
-        # The LM head of a tied model is stored as a copy; count it once.
         n = sum(t.numel for u in self.units for t in u.tensors)
-        if self.params.tie_word_embeddings:
-            n -= self.units[-1].tensor("lm_head.weight").numel
-        return n
+        copy = [t.numel for t in self.units[-1].tensors if t.name == "lm_head.weight"]
+        return n - (copy[0] if self.params.tie_word_embeddings and copy else 0)  # older directories
 
 
-def unit_tensor_shapes(p: LlamaParams, kind: str) -> dict[str, tuple[int, ...]]:
-    """The tensors every unit of `kind` must hold, with their shapes (Hugging Face layout)."""
+def unit_tensor_shapes(p: LlamaParams, kind: str, tied_copy: bool = False) -> dict[str, tuple[int, ...]]:
+    """The tensors every unit of `kind` must hold, with their shapes (Hugging Face layout). A tied
+    head has no lm_head.weight (the embedding is stored once) unless `tied_copy` (older directories)."""
     h, hd = p.hidden_size, p.head_dim
     if kind == "embed":
         return {"embed_tokens.weight": (p.vocab_size, h)}
     if kind == "head":
-        return {"norm.weight": (h,), "lm_head.weight": (p.vocab_size, h)}
+        tied = p.tie_word_embeddings and not tied_copy
+        return {"norm.weight": (h,)} | ({} if tied else {"lm_head.weight": (p.vocab_size, h)})
     assert kind == "block", kind
     return {
         "input_layernorm.weight": (h,),
@@ -170,8 +170,7 @@ def checksum(buf: torch.Tensor) -> str:
     against truncation and corruption, not against an adversary.
     """
     assert buf.dtype == torch.uint8 and buf.numel() % 8 == 0, "unit buffers are 4 KiB padded"
-    words = buf.view(torch.int64)
-    total = int(words.sum(dtype=torch.int64).item()) & 0xFFFFFFFFFFFFFFFF
+    total = int(buf.view(torch.int64).sum(dtype=torch.int64).item()) & 0xFFFFFFFFFFFFFFFF
     return f"sum64:{total:016x}"
 
 
@@ -208,8 +207,8 @@ def _parse_unit(d: dict, index: int, p: LlamaParams, where: Path) -> UnitMeta:
     _require("/" not in u.file and u.file not in ("", ".", ".."), where,
              f"unit {u.name}: bad file name {u.file!r}")
     _require(u.nbytes % ALIGN == 0, where, f"unit {u.name}: file size {u.nbytes} not padded to {ALIGN}")
-    expected = unit_tensor_shapes(p, u.kind)
     names = [t.name for t in u.tensors]
+    expected = unit_tensor_shapes(p, u.kind, tied_copy="lm_head.weight" in names)
     _require(sorted(names) == sorted(expected), where,
              f"unit {u.name}: tensors {sorted(names)}, expected {sorted(expected)}")
     spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in u.tensors)

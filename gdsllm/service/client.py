@@ -3,6 +3,7 @@
     from gdsllm.service.client import Client
     with Client("tcp://127.0.0.1:5555") as c:
         print(c.generate("Once upon a time", max_tokens=32, temperature=0).text)
+        c.generate("Count:", max_tokens=64, stop=["\n"], stop_token_ids=[2])   # any Generate field
         for delta in c.stream(messages=[{"role": "user", "content": "Hi"}]):
             print(delta, end="", flush=True)
         print(c.health().status)
@@ -46,6 +47,8 @@ def _request(prompt, messages, request_id, params) -> Generate:
     params = {k: v for k, v in params.items() if v is not None or k == "seed"}
     if "stop" in params:
         params["stop"] = [params["stop"]] if isinstance(params["stop"], str) else list(params["stop"])
+    if "stop_token_ids" in params:  # token ids that end the generation besides end-of-sequence
+        params["stop_token_ids"] = list(params["stop_token_ids"])
     return Generate(request_id=request_id or uuid.uuid4().hex, prompt=prompt, messages=messages,
                     **params)
 

@@ -41,6 +41,7 @@ from ipc.messages import (RESIDENT, ArenaOpened, ComputeReady, Done, OpenArena, 
 
 from gdsllm.config import ServiceConfig
 from gdsllm.format.metadata import load_model_meta
+from gdsllm.engine.planner import shared_embedding
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
@@ -98,6 +99,7 @@ class ComputeWorker:
         self.device = torch.device(device)
         self.runner = Runner(self.meta.params, self.device, compute_dtype(self.device, self.meta.dtype),
                              architecture=self.meta.architecture)
+        self.shared_embedding = shared_embedding(self.meta)  # the head reads the embed unit's bytes
         if self.config.draft is not None:
             from gdsllm.engine.speculative import make_speculator
             self.speculator = make_speculator(self.meta, self.config.draft, self.device,
@@ -189,6 +191,8 @@ class ComputeWorker:
                                  f"{len(self.meta.units)} units")
             unit = self.meta.units[msg.unit]
             head = unit.kind == "head"
+            if unit.kind == "embed" and self.shared_embedding and msg.slot != RESIDENT:
+                raise ValueError("the embedding of a tied model must be resident: the head reads it")
             weights = unit_tensors(unit, self.arena.view(msg.offset, unit.nbytes))
             self.runner.run_unit(unit, weights)
             del weights

@@ -23,7 +23,7 @@ from ipc.messages import (Cancel, Done, Error, Generate, Health, HealthReply, Lo
                           ProtocolError, WorkerError, decode, encode)
 
 from gdsllm.config import ServiceConfig
-from gdsllm.engine.planner import plan_residency
+from gdsllm.engine.planner import plan_for
 from gdsllm.service.metrics import ServiceMetrics
 from gdsllm.service.progress import LoadProgress, PassProgress
 from gdsllm.service.scheduler import BatchScheduler
@@ -52,8 +52,7 @@ class Coordinator:
         if config.draft is not None:  # speculative decoding: the resident draft's bytes come first
             from gdsllm.engine.speculative import reserve_draft
             self.draft_bytes, budget = reserve_draft(self.meta, config.draft, budget)
-        self.plan = plan_residency([u.name for u in self.meta.units], [u.nbytes for u in self.meta.units],
-                                   budget, config.prefetch_window)
+        self.plan = plan_for(self.meta, budget, config.prefetch_window)
         self.metrics = ServiceMetrics()
         self.workers = WorkerSet(config, self.plan.arena_bytes, self._worker_died, io_target, compute_target)
         self.batch = BatchScheduler(self.plan, self.workers, self._reply, self.metrics, config.max_batch)
@@ -184,16 +183,10 @@ class Coordinator:
             return self._reply(client, Error(rid, "bad_request", f"request {rid!r} is already in flight"))
         try:
             validate_request(msg)
-            ids = encode_prompt(msg, self.tokenizer)
-            if not ids:
-                raise ValueError(f"request {rid}: the prompt is empty")
-            if len(ids) >= self.max_context:
-                raise ValueError(f"request {rid}: prompt of {len(ids)} tokens does not fit the "
-                                 f"model's context of {self.max_context}")
+            ids = encode_prompt(msg, self.tokenizer, self.meta.params)  # the rules gdsllm.LLM applies
         except Exception as e:  # ValueError, or a template/tokenizer failure on user input
             return self._reply(client, Error(rid, "bad_request", str(e)))
-        seq = Sequence(self.next_seq, client, msg, ids, self.tokenizer, self.eos_ids,
-                       max_new=min(msg.max_tokens, self.max_context - len(ids)))
+        seq = Sequence(self.next_seq, client, msg, ids, self.tokenizer, self.eos_ids, self.max_context)
         self.next_seq += 1
         self.batch.add(seq)
 

@@ -9,15 +9,14 @@ cudaMalloc on "cuda"), and replies `IoReady(pid, backend, handle, arena_bytes, i
 `WorkerError(fatal=True)` (bad model, no arena, `require_gds` without GDS). Then, until
 `Shutdown` or the parent's death: each `Load(unit, slot, offset)` reads unit file `unit` into the
 arena at byte `offset`, several at once, and is answered by `Loaded(unit, slot, nbytes, seconds,
-io_path)`; `seconds` is the read alone. The first load of each unit is checksummed where it
-landed; a failure (or any read error) is `Loaded(..., error=...)` naming the file. Replies come in
-completion order, not request order.
+io_path)`; `seconds` is the read alone. Reads go through gdsllm.engine.loader (as gdsllm.LLM's
+do): the first load of each unit is checksummed where it landed; a failure (or any read error) is
+`Loaded(..., error=...)` naming the file. Replies come in completion order, not request order.
 """
 from __future__ import annotations
 
 import os
 import queue
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import zmq
@@ -27,8 +26,8 @@ from ipc.arena import Arena
 from ipc.messages import IoReady, Load, Loaded, ProtocolError, Shutdown, WorkerError, decode
 
 from gdsllm.config import ServiceConfig
-from gdsllm.format.metadata import ALIGN, load_model_meta, verify_unit
-from gdsllm.format.storage import HostReader, _kvikio, aligned_host_buffer, probe_io_path
+from gdsllm.engine.loader import UnitLoader
+from gdsllm.format.metadata import ALIGN, load_model_meta
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
@@ -48,13 +47,12 @@ class IoWorker:
         self.parent = sockets.ParentWatch()
         self.sock = sockets.pair(sockets.context(), endpoint, bind=False)
         self.arena: Arena | None = None
-        self.reader = None
+        self.loader: UnitLoader | None = None
         self.pool: ThreadPoolExecutor | None = None
         self.done: queue.SimpleQueue[Loaded] = queue.SimpleQueue()
         # Read threads wake the zmq poll through this pipe: zmq sockets must stay in one thread.
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)  # a full pipe already means "wake up": never block
-        self.verified: set[int] = set()  # units whose checksum matched once
 
     def run(self) -> None:
         try:
@@ -75,18 +73,12 @@ class IoWorker:
     def _start(self) -> IoReady:
         cfg = self.config
         self.meta = load_model_meta(cfg.model)
-        direct = cfg.io_mode == "direct"
-        self.io_path = probe_io_path(cfg.device, direct)
+        self.loader = UnitLoader(self.meta, cfg.device, cfg.io_mode == "direct", cfg.io_threads)
+        self.io_path = self.loader.io_path
         if cfg.require_gds and self.io_path != "gds":
             raise RuntimeError(f"--require-gds: reads would take the {self.io_path!r} path, not "
                                f"'gds' (no GPUDirect Storage: device {cfg.device}, io {cfg.io_mode}, "
                                f"nvidia-fs and a supported filesystem are needed)")
-        if cfg.device == "cuda" and _kvikio() is not None:
-            from gdsllm.format.storage import CudaReader
-            self.reader = CudaReader(direct=direct, threads=cfg.io_threads)
-            self.io_path = self.reader.path
-        else:  # the CPU backend, or CUDA without KvikIO (read into host memory, then copy)
-            self.reader = HostReader(direct=direct, threads=cfg.io_threads)
         self.arena = Arena.create(cfg.device, self.arena_bytes)
         # A few whole-unit loads at once; each is itself split into parallel chunk reads.
         self.pool = ThreadPoolExecutor(max_workers=max(2, cfg.prefetch_window),
@@ -156,13 +148,8 @@ class IoWorker:
         unit = self.meta.units[msg.unit]
         path = self.meta.path(unit)
         try:
-            t0 = time.perf_counter()
-            self._read(path, msg.offset, unit.nbytes)
-            seconds = time.perf_counter() - t0
-            if msg.unit not in self.verified:
-                # First load only: a unit that read back right once is trusted afterwards.
-                verify_unit(self.meta, unit, self.arena.view(msg.offset, unit.nbytes))
-                self.verified.add(msg.unit)
+            seconds = self.loader.load(unit, self.arena.view(msg.offset, unit.nbytes),
+                                       self.arena.read_target(msg.offset, unit.nbytes))
             reply = Loaded(msg.unit, msg.slot, unit.nbytes, seconds, self.io_path)
         except Exception as e:
             text = str(e) if str(path) in str(e) else f"{path}: {e}"
@@ -174,14 +161,6 @@ class IoWorker:
         except BlockingIOError:
             pass
 
-    def _read(self, path, offset: int, nbytes: int) -> None:
-        if isinstance(self.reader, HostReader) and self.arena.spec.backend == "cuda":
-            host = aligned_host_buffer(nbytes)  # CUDA without KvikIO: bounce through host memory
-            self.reader.read(path, host, nbytes)
-            self.arena.view(offset, nbytes).copy_(host)
-            return
-        self.reader.read(path, self.arena.read_target(offset, nbytes), nbytes)
-
     # ------------------------------------------------------------------ shutdown
 
     def _send(self, msg) -> None:
@@ -191,8 +170,8 @@ class IoWorker:
         if self.pool is not None:
             # Reads in flight write into the arena: finish them before it is unmapped.
             self.pool.shutdown(wait=True, cancel_futures=True)
-        if isinstance(self.reader, HostReader):
-            self.reader.close()
+        if self.loader is not None:
+            self.loader.close()
         if self.arena is not None:
             self.arena.close()
         self.sock.close(linger=FLUSH_MS)  # a last WorkerError must reach the coordinator

@@ -8,8 +8,8 @@ ApiError naming the bad field), and build completion / chat objects and stream c
 
 Only `n=1` is served. Fields GdsLLM cannot honour (logprobs, tools, penalties, ...) are refused
 with 400 when set to anything but their neutral value; unknown fields are ignored, as vLLM does,
-so clients that send extras keep working. `top_k` and `ignore_eos` are accepted as vLLM's
-extensions.
+so clients that send extras keep working. `top_k`, `ignore_eos` and `stop_token_ids` are
+accepted as vLLM's extensions.
 """
 from __future__ import annotations
 
@@ -145,6 +145,14 @@ def _stop(v) -> list[str]:
     return v
 
 
+def _token_ids(v) -> list[int]:
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        raise bad("'stop_token_ids' must be a list of integers", "stop_token_ids")
+    return v
+
+
 def parse_request(body, chat: bool) -> Request:
     """Validate a request body; raise ApiError(400) naming the first bad field."""
     if not isinstance(body, dict):
@@ -187,6 +195,7 @@ def parse_request(body, chat: bool) -> Request:
                       top_k=0 if top_k == -1 else top_k,  # vLLM's -1: off
                       seed=_number(body, "seed", None, integer=True),
                       stop=_stop(body.get("stop")),
+                      stop_token_ids=_token_ids(body.get("stop_token_ids")),
                       ignore_eos=_bool(body, "ignore_eos"))
     if isinstance(req.params["temperature"], int):
         req.params["temperature"] = float(req.params["temperature"])
