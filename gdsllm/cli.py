@@ -19,7 +19,7 @@ import threading
 
 from gdsllm.format.metadata import FormatError
 
-COMMANDS = ("convert", "synth", "info", "generate", "run", "serve", "bench")
+COMMANDS = ("convert", "synth", "info", "generate", "run", "serve", "bench", "perplexity")
 
 
 def build_parser() -> argparse.ArgumentParser:

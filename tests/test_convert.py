@@ -59,7 +59,7 @@ def no_leftovers(parent: Path) -> list[str]:
 
 # --- the real model: SmolLM2-135M-Instruct Q4_1, via the default-model path ----------------------
 
-# xdg_cache and smollm2_model (one float32 conversion per run) come from conftest.py.
+# xdg_cache and smollm2_model (the default model, quantized, once per run) come from conftest.py.
 
 @pytest.fixture(scope="session")
 def smollm2_transformers(smollm2_gguf):
@@ -69,7 +69,9 @@ def smollm2_transformers(smollm2_gguf):
 
 
 @pytest.mark.slow
-def test_smollm2_equals_transformers_dequantized(smollm2_model, smollm2_transformers):
+def test_smollm2_equals_transformers_dequantized(smollm2_transformers):
+    from llama_ref import smollm2
+    smollm2_model = smollm2()[2]  # convert_gguf(..., quant="none"): the float conversion
     ours = read_model(smollm2_model)
     ref = smollm2_transformers.state_dict()
     assert set(ours) == set(ref)
@@ -146,6 +148,18 @@ def spm_vocab(vocab: int) -> tuple[list[str], list[int], list[float]]:
     return tokens, types, scores
 
 
+RAW_F16_FIELDS = {Q.Q8_1: (0,), Q.IQ4_NL: (0,)}  # byte offsets of each block's float16 scales
+
+
+def random_blocks(shape: tuple[int, int], qt: Q, rng) -> np.ndarray:
+    """Random raw blocks of type `qt`, their float16 scales set to a small finite value."""
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
+    for off in RAW_F16_FIELDS[qt]:
+        raw[..., off:off + 2] = np.array([0.002], dtype=np.float16).view(np.uint8)
+    return raw.reshape(shape[0], -1)
+
+
 def write_gguf(path: Path, *, arch: str = "llama", types: dict[str, Q] | None = None, tied: bool = False,
                pre: str = "smollm", add_bos: bool | None = False, seed: int = 0,
                drop: tuple[str, ...] = (), bos: int = 1, spm: bool = False) -> dict[str, np.ndarray]:
@@ -204,6 +218,8 @@ def write_gguf(path: Path, *, arch: str = "llama", types: dict[str, Q] | None = 
             w.add_tensor(gname, x)
         elif qt == Q.F16:
             w.add_tensor(gname, x.astype(np.float16))
+        elif qt in RAW_F16_FIELDS:  # gguf-py cannot quantize into it: random blocks
+            w.add_tensor(gname, random_blocks(shape, qt, rng), raw_dtype=qt)
         else:
             w.add_tensor(gname, gguf.quants.quantize(x, qt), raw_dtype=qt)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()

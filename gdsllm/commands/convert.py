@@ -1,7 +1,9 @@
-"""`gdsllm convert SRC DST [--dtype float16|bfloat16|float32]`: a Hugging Face directory or
-a `.gguf` file (LLaMA, Qwen2/2.5, Qwen3, Mistral, Gemma 3 text) into a GdsLLM model directory.
-The output appears atomically (temp dir + rename): an error or Ctrl-C leaves nothing behind.
-Progress on stderr.
+"""`gdsllm convert SRC DST [--dtype float16|bfloat16|float32] [--quant none|int8|int4]
+[--group-size 32|64|128]`: a Hugging Face directory or a `.gguf` file (LLaMA, Qwen2/2.5, Qwen3,
+Mistral, Gemma 3 text) into a GdsLLM model directory, or a GdsLLM model directory re-quantized.
+Without `--quant`, a GGUF's quantized blocks stay quantized (int4 / int8, see gdsllm.convert.gguf)
+and a Hugging Face checkpoint stays float; `--quant none` dequantizes. The output appears
+atomically (temp dir + rename): an error or Ctrl-C leaves nothing behind. Progress on stderr.
 """
 from __future__ import annotations
 
@@ -16,18 +18,29 @@ def add_parser(sub) -> None:
     p.add_argument("dst", help="output model directory (must not exist)")
     p.add_argument("--dtype", default="float16", choices=list(DTYPES),
                    help="dtype the weights are stored (and computed) in (default float16)")
+    p.add_argument("--quant", default=None, choices=["none", "int8", "int4"],
+                   help="quantize the projections (embedding and LM head: int8); default: a GGUF "
+                        "keeps its quantized blocks, a Hugging Face checkpoint stays float")
+    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
+                   help="inputs per (scale, zero) group when quantizing (default 64)")
     p.set_defaults(func=run)
 
 
-def convert(src: str | Path, dst: str | Path, dtype: str = "float16", progress: bool = False) -> Path:
+def convert(src: str | Path, dst: str | Path, dtype: str = "float16", progress: bool = False,
+            quant: str | None = None, group_size: int = 64) -> Path:
     """Dispatch on the source: a directory is Hugging Face, a `.gguf` file is GGUF."""
     src = Path(src).expanduser()
+    if src.is_dir() and (src / "metadata.json").is_file():  # a GdsLLM model: re-quantize it
+        from gdsllm.quant.requantize import requantize
+        return requantize(src, dst, quant or "none", group_size, dtype, progress=progress)
     if src.is_dir():
         from gdsllm.convert.hf import convert_hf
-        return convert_hf(src, dst, dtype=dtype, progress=progress)
+        return convert_hf(src, dst, dtype=dtype, progress=progress, quant=quant or "none",
+                          group_size=group_size)
     if src.suffix.lower() == ".gguf" or (src.is_file() and _magic(src) == b"GGUF"):
         from gdsllm.convert.gguf import convert_gguf
-        return convert_gguf(src, dst, dtype=dtype, progress=progress)
+        return convert_gguf(src, dst, dtype=dtype, progress=progress, quant=quant,
+                            group_size=group_size)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or directory")
     raise FormatError(f"{src}: neither a Hugging Face model directory nor a .gguf file")
@@ -40,8 +53,10 @@ def _magic(path: Path) -> bytes:
 
 def run(args) -> int:
     from gdsllm.format.metadata import load_model_meta
-    dst = convert(args.src, args.dst, args.dtype, progress=True)
+    dst = convert(args.src, args.dst, args.dtype, progress=True, quant=args.quant,
+                  group_size=args.group_size)
     meta = load_model_meta(dst)
+    qtypes = sorted({t.dtype for u in meta.units for t in u.tensors if t.quant is not None})
     print(f"{dst}: {meta.num_params / 1e6:.1f}M parameters, {meta.total_bytes / 1e9:.2f} GB in "
-          f"{len(meta.units)} units ({meta.dtype})")
+          f"{len(meta.units)} units ({meta.dtype}{''.join(', ' + q for q in qtypes)})")
     return 0

@@ -1,4 +1,4 @@
-"""`gdsllm info [-m MODEL]`: what a model is (architecture, parameters, dtype, bytes per unit) and
+"""`gdsllm info [-m MODEL]`: what a model is (architecture, parameters, dtype, qtype and bytes per unit) and
 which I/O path this machine would take to stream it (gds / compat / posix).
 """
 from __future__ import annotations
@@ -16,6 +16,23 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     raise AssertionError
+
+
+def unit_qtype(unit) -> str:
+    """The storage types of a unit's weights, largest first: "int4+float32", "int8", "float16"."""
+    by = {}
+    for t in unit.tensors:
+        by[t.dtype] = by.get(t.dtype, 0) + t.nbytes
+    return "+".join(sorted(by, key=by.get, reverse=True))
+
+
+def _quantized(meta) -> list[str]:
+    qs = {}
+    for u in meta.units:
+        for t in u.tensors:
+            if t.quant is not None:
+                qs.setdefault(t.quant.qtype, set()).add(t.quant.group_size)
+    return [f"{q} (groups of {', '.join(map(str, sorted(g)))})" for q, g in sorted(qs.items())]
 
 
 def _features(p) -> list[str]:
@@ -56,16 +73,17 @@ def describe(root) -> str:
         f"{'tied' if p.tie_word_embeddings else 'untied'} embeddings)",
         f"rope          theta {p.rope_theta:g}" + (f", scaling {p.rope_scaling}" if p.rope_scaling else ""),
         f"parameters    {meta.num_params:,} ({meta.num_params / 1e6:.1f}M)",
-        f"dtype         {meta.dtype}",
+        f"dtype         {meta.dtype}" + (f"; quantized: {', '.join(_quantized(meta))}"
+                                            if _quantized(meta) else ""),
         f"total bytes   {meta.total_bytes:,} ({_size(meta.total_bytes)}) in {len(meta.units)} units",
         f"tokenizer     {meta.tokenizer_file or '-'}; chat template {'yes' if meta.chat_template else 'no'}",
         "io path       cpu: " + probe_io_path("cpu") +
         (f", cuda: {probe_io_path('cuda')}" if torch.cuda.is_available() else ", cuda: no GPU"),
         "",
-        f"{'unit':<10} {'file':<15} {'bytes':>14} {'tensors':>8}",
+        f"{'unit':<10} {'file':<15} {'bytes':>14} {'tensors':>8}  qtype",
     ]
     for u in meta.units:
-        lines.append(f"{u.name:<10} {u.file:<15} {u.nbytes:>14,} {len(u.tensors):>8}")
+        lines.append(f"{u.name:<10} {u.file:<15} {u.nbytes:>14,} {len(u.tensors):>8}  {unit_qtype(u)}")
     return "\n".join(lines)
 
 

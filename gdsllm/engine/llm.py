@@ -158,8 +158,9 @@ class LLM:
         self.close()
 
     # -- weights -------------------------------------------------------------------------------
-    def _pass(self, chunks: list[tuple[int, list[int]]], *, logit_rows=None) -> torch.Tensor:
-        self.runner.start_pass(chunks, logit_rows=logit_rows)
+    def _pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False, *,
+              logit_rows=None) -> torch.Tensor:
+        self.runner.start_pass(chunks, all_logits, logit_rows=logit_rows)
         try:
             for unit in self.meta.units:
                 weights = self._resident.get(unit.index)
@@ -173,6 +174,15 @@ class LLM:
         except BaseException:
             self.runner.abort_pass()
             raise
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """float32 logits [len(token_ids), vocab] of one fresh sequence, every position (one pass)."""
+        seq = self._next_seq
+        self._next_seq += 1
+        try:
+            return self._pass([(seq, list(token_ids))], all_logits=True)
+        finally:
+            self.runner.release(seq)
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None):

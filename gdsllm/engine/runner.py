@@ -73,9 +73,10 @@ class Runner:
         if n < self.seq_len(seq_id):
             self.caches[seq_id].truncate(n)
 
-    def start_pass(self, chunks: list[tuple[int, list[int]]], *,
+    def start_pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False, *,
                    logit_rows: dict[int, int] | None = None) -> None:
         """Begin one weight pass for `chunks`: (seq_id, new_token_ids) each, seq_ids distinct.
+        `all_logits`: end_pass returns logits for every new token, not only each chunk's last;
         `logit_rows[seq_id] = n`: logits for the last n tokens of that chunk (default 1)."""
         if self._pass is not None:
             raise RuntimeError("start_pass called while a pass is in progress (call end_pass first)")
@@ -104,8 +105,9 @@ class Runner:
             if not 1 <= n_rows <= len(toks):
                 raise ValueError(f"sequence {sid}: {n_rows} logit rows asked of a {len(toks)}-token chunk")
             segments.append((sid, row, row + len(toks)))
+            n_rows = len(toks) if all_logits else n_rows
+            last_rows += range(row + len(toks) - n_rows, row + len(toks))
             row += len(toks)
-            last_rows += range(row - n_rows, row)
         for sid, _, _ in segments:
             if sid not in self.caches:  # a new sequence starts at position 0
                 self.caches[sid] = KVCache(p.num_hidden_layers, p.num_key_value_heads, p.head_dim,

@@ -22,7 +22,8 @@ import torch
 from gdsllm.format.family_params import FamilyParams, family_block_shapes, family_fields, family_problem
 
 FORMAT_NAME = "gdsllm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantized tensors (int4, int8); version 1 files (all float) still read
+READABLE_VERSIONS = (1, 2)
 ALIGN = 4096  # bytes; O_DIRECT and cuFile want 4 KiB-aligned offsets and lengths
 METADATA_FILE = "metadata.json"
 
@@ -46,13 +47,21 @@ def align_up(n: int, align: int = ALIGN) -> int:
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """One tensor inside a unit file: `nbytes` bytes at `offset` (bytes, 4 KiB aligned)."""
+    """One tensor inside a unit file: `nbytes` bytes at `offset` (bytes, 4 KiB aligned); a
+    quantized one (`quant` set) has its qtype as `dtype` and its logical `shape`."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     offset: int
     nbytes: int
+    quant: "QuantMeta | None" = None  # noqa: F821 (gdsllm.quant.meta.QuantMeta)
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """Byte ranges [start, end) of the tensor in its unit file, its scales included."""
+        q = self.quant
+        return [(self.offset, self.offset + self.nbytes)] + (q.spans if q else [])
 
     @property
     def numel(self) -> int:
@@ -180,6 +189,9 @@ def _require(cond: bool, where: Path, what: str) -> None:
 
 
 def _parse_tensor(d: dict, where: Path, unit_name: str) -> TensorMeta:
+    if isinstance(d, dict) and d.get("quant") is not None:  # read where the schemes live
+        from gdsllm.quant.meta import parse_tensor
+        return parse_tensor(d, where, unit_name)
     try:
         t = TensorMeta(str(d["name"]), str(d["dtype"]), tuple(int(s) for s in d["shape"]),
                        int(d["offset"]), int(d["nbytes"]))
@@ -211,7 +223,7 @@ def _parse_unit(d: dict, index: int, p: LlamaParams, where: Path) -> UnitMeta:
     expected = unit_tensor_shapes(p, u.kind, tied_copy="lm_head.weight" in names)
     _require(sorted(names) == sorted(expected), where,
              f"unit {u.name}: tensors {sorted(names)}, expected {sorted(expected)}")
-    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in u.tensors)
+    spans = sorted((a, b, t.name) for t in u.tensors for a, b in t.spans)
     for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
         _require(a1 <= b0, where, f"unit {u.name}: tensors {an} and {bn} overlap")
     _require(spans[-1][1] <= u.nbytes, where, f"unit {u.name}: tensor {spans[-1][2]} runs past the "
@@ -259,8 +271,8 @@ def load_model_meta(root: str | os.PathLike, check_files: bool = True) -> ModelM
         raise FormatError(f"{where}: not valid JSON: {e}") from None
     _require(isinstance(doc, dict), where, "top level is not an object")
     _require(doc.get("format") == FORMAT_NAME, where, f"format {doc.get('format')!r}, expected {FORMAT_NAME!r}")
-    _require(doc.get("format_version") == FORMAT_VERSION, where,
-             f"format_version {doc.get('format_version')!r}, this GdsLLM reads {FORMAT_VERSION}")
+    _require(doc.get("format_version") in READABLE_VERSIONS, where,
+             f"format_version {doc.get('format_version')!r}, this GdsLLM reads {', '.join(map(str, READABLE_VERSIONS))}")
     arch = doc.get("architecture")
     _require(arch in SUPPORTED_ARCHITECTURES, where, f"unsupported architecture {arch!r}")
     _require(isinstance(doc.get("config"), dict), where, "missing 'config' object")

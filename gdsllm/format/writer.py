@@ -6,6 +6,11 @@
         w.add_unit({"norm.weight": n, "lm_head.weight": head})
         w.add_file("tokenizer.json", src_path_or_bytes)
 
+With `quant="int4"` or `"int8"` (and `group_size`) the writer quantizes each unit as it comes
+(gdsllm.quant.policy says which tensors); a `QTensor` passed in (a GGUF block type) is stored as
+it is unless a qtype is requested. Quantized tensors are laid out like the others: packed values
+and their (scale, zero) pairs each at a 4 KiB-aligned offset, inside the unit's checksum.
+
 Everything is written into a temporary directory beside `dst` and renamed into place on a clean
 exit, so a crash or Ctrl-C leaves no half-written model. Only one unit is in memory at a time.
 """
@@ -23,6 +28,9 @@ import torch
 from gdsllm.format.metadata import (ALIGN, DTYPES, FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, FormatError,
                      SUPPORTED_ARCHITECTURES, LlamaParams, align_up, checksum, unit_file_name, unit_layout,
                      unit_tensor_shapes)
+from gdsllm.quant.meta import QuantMeta
+from gdsllm.quant.policy import prepare
+from gdsllm.quant.schemes import LAYOUTS, QTensor
 
 
 class ModelWriter:
@@ -30,7 +38,10 @@ class ModelWriter:
 
     def __init__(self, dst: str | os.PathLike, params: LlamaParams, dtype: str, *,
                  chat_template: str | None = None, source: str = "", overwrite: bool = False,
-                 architecture: str = "llama"):
+                 architecture: str = "llama", quant: str | None = None, group_size: int = 64):
+        from gdsllm.quant.policy import target_qtype
+        target_qtype("", quant)  # ValueError on an unknown --quant, before anything is written
+        self.quant, self.group_size = quant, group_size
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if architecture not in SUPPORTED_ARCHITECTURES:
@@ -69,8 +80,9 @@ class ModelWriter:
         """(name, kind, layer) of the unit `add_unit` expects next."""
         return self._layout[len(self._units)]
 
-    def add_unit(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Write the next unit; tensors are cast to the model dtype and laid out 4 KiB-aligned."""
+    def add_unit(self, tensors: dict[str, torch.Tensor | QTensor]) -> None:
+        """Write the next unit; float tensors are cast to the model dtype (or quantized, see
+        `quant`) and everything is laid out 4 KiB-aligned."""
         assert self._tmp is not None, "use ModelWriter as a context manager"
         if len(self._units) >= len(self._layout):
             raise FormatError(f"{self.dst}: more units than the {len(self._layout)} the model has")
@@ -79,21 +91,34 @@ class ModelWriter:
         if sorted(tensors) != sorted(expected):
             raise FormatError(f"unit {name}: got tensors {sorted(tensors)}, expected {sorted(expected)}")
         dt = DTYPES[self.dtype]
-        offset, entries = 0, []
+        offset, entries, blobs = 0, [], []
         for tname in expected:  # canonical order, so files are reproducible
-            t = tensors[tname]
+            t = prepare(tname, tensors[tname], self.quant, self.group_size, f"unit {name}")
             if tuple(t.shape) != expected[tname]:
                 raise FormatError(f"unit {name} tensor {tname}: shape {tuple(t.shape)}, "
                                   f"expected {expected[tname]}")
-            nbytes = t.numel() * t.new_empty((), dtype=dt).element_size()
+            if isinstance(t, QTensor):
+                data, scales = t.packed()
+                sc_off = align_up(offset + data.numel() * data.element_size())
+                q = QuantMeta(t.qtype, t.group_size, LAYOUTS[t.qtype][0], sc_off,
+                              scales.numel() * scales.element_size())
+                entries.append({"name": tname, "dtype": t.qtype, "shape": list(t.shape),
+                                "offset": offset, "nbytes": data.numel() * data.element_size(),
+                                "quant": q.to_json()})
+                blobs += [(offset, data), (sc_off, scales)]
+                offset = align_up(sc_off + q.scales_nbytes)
+                continue
+            src = t.detach().to("cpu", dt).contiguous().reshape(-1)
+            nbytes = src.numel() * src.element_size()
             entries.append({"name": tname, "dtype": self.dtype, "shape": list(t.shape),
                             "offset": offset, "nbytes": nbytes})
+            blobs.append((offset, src))
             offset = align_up(offset + nbytes)
         size = max(offset, ALIGN)
         buf = torch.zeros(size, dtype=torch.uint8)
-        for e in entries:
-            src = tensors[e["name"]].detach().to("cpu", dt).contiguous().reshape(-1)
-            buf[e["offset"]: e["offset"] + e["nbytes"]] = src.view(torch.uint8)
+        for off, src in blobs:
+            raw = src.contiguous().reshape(-1).view(torch.uint8)
+            buf[off: off + raw.numel()] = raw
         index = len(self._units)
         fname = unit_file_name(index)
         _write_file(self._tmp / fname, memoryview(buf.numpy()))

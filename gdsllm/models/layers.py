@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gdsllm.format.metadata import LlamaParams
 from gdsllm.engine.kv_cache import KVCache
+from gdsllm.quant.schemes import QuantWeight
 
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -95,20 +96,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     return weight.to(in_dtype) * h.to(in_dtype)
 
 
-def linear(weights: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+def linear(weights: dict[str, torch.Tensor | QuantWeight], name: str, x: torch.Tensor) -> torch.Tensor:
     """x @ weights[name].T (+ its bias, "<stem>.bias", where the unit has one), in x's dtype. On
     the CPU backend weights stored as fp16/bf16 are upcast here, once per unit and pass; on CUDA
-    the compute dtype is the stored dtype and this is a no-op view."""
+    the compute dtype is the stored dtype and this is a no-op view. A quantized weight goes to its
+    backend's kernel (gdsllm.quant.kernels_*)."""
+    w = weights[name]
     bias = weights.get(name[: -len("weight")] + "bias")
-    return F.linear(x, weights[name].to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if isinstance(w, QuantWeight):
+        y = w.linear(x)
+        return y if bias is None else y + bias.to(x.dtype)
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-def embed(weights: dict[str, torch.Tensor], ids: torch.Tensor, dtype: torch.dtype,
+def embed(weights: dict[str, torch.Tensor | QuantWeight], ids: torch.Tensor, dtype: torch.dtype,
           scale: float = 1.0) -> torch.Tensor:
     """[T] token ids -> [T, hidden] activations, times `scale` (Gemma: sqrt(hidden), rounded to
     the activation dtype first, as transformers' Gemma3TextScaledWordEmbedding does)."""
-    # Gather first, then cast: upcasting the whole table would copy vocab x hidden every pass.
-    x = F.embedding(ids, weights["embed_tokens.weight"]).to(dtype)
+    w = weights["embed_tokens.weight"]
+    if isinstance(w, QuantWeight):  # only the gathered rows are dequantized
+        x = w.dequantize(dtype, rows=ids)
+    else:  # gather first, then cast: upcasting the whole table would copy vocab x hidden
+        x = F.embedding(ids, w).to(dtype)
     return x if scale == 1.0 else x * torch.tensor(scale).to(dtype)
 
 

@@ -1,0 +1,74 @@
+"""The int4 tile layout of torch's `_convert_weight_to_int4pack` (tinygemm), in plain torch ops.
+
+For a weight [N, K] of 4-bit values q, torch (2.5 and later, CUDA) packs the bytes
+`(q[:, 2i] << 4) | q[:, 2i + 1]` into int32 words of shape [N/8, K/(16*t), 32, t/2] (t: inner
+k-tiles, 2, 4 or 8), the B operand of an m16n8k16 tensor-core tile: lane `l` of a warp holds row
+n = 8*tile + l // 4 and, for each pair of k-tiles, the bytes l%4, l%4+4, l%4+8, l%4+12 of that
+pair's 16 bytes, their high nibbles in the word's low 16 bits, their low nibbles above.
+
+The layout is deterministic, so the converter writes it (on a machine without a GPU) and CUDA
+hands the streamed bytes to `_weight_int4pack_mm` as they landed. `probe_torch_layout()` checks,
+once per process on CUDA, that this torch still packs that way: a model written in a layout the
+running torch does not produce is refused, never computed with wrong numbers.
+
+    data = pack_int4(q)                  # q: uint8 [N, K] in 0..15 -> int32 tiles
+    assert torch.equal(unpack_int4(data, q.shape), q)
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from gdsllm.quant.schemes import INT4_LAYOUT, inner_k_tiles
+
+_SHIFTS = torch.arange(8, dtype=torch.int64) * 4
+
+
+def _tiles(n: int, k: int) -> tuple[int, int, int]:
+    assert n % 8 == 0, n
+    t = inner_k_tiles(k)
+    return n // 8, k // (16 * t), t
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] values in 0..15 -> int32 [N/8, K/(16t), 32, t/2] (any device)."""
+    n, k = q.shape
+    nt, ko, t = _tiles(n, k)
+    # k = 2 * (ko*8t + 16j + 4i + c) + odd; lane = 4r + c; nibble p of the word = 4 * odd + i
+    nib = q.reshape(nt, 8, ko, t // 2, 4, 4, 2).permute(0, 2, 1, 5, 3, 6, 4)
+    nib = nib.reshape(nt, ko, 32, t // 2, 8).to(torch.int64)
+    word = (nib << _SHIFTS.to(q.device)).sum(-1)
+    word = torch.where(word >= 2 ** 31, word - 2 ** 32, word)
+    return word.to(torch.int32).contiguous()
+
+
+def unpack_int4(data: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The inverse of `pack_int4`: int32 tiles -> uint8 [N, K] (any device)."""
+    n, k = shape
+    nt, ko, t = _tiles(n, k)
+    assert tuple(data.shape) == (nt, ko, 32, t // 2), (tuple(data.shape), shape)
+    shifts = _SHIFTS.to(device=data.device, dtype=torch.int32)
+    nib = ((data[..., None] >> shifts) & 15).to(torch.uint8)  # [nt, ko, 32, t/2, 8]
+    # nibble p = 4 * (odd k) + i of byte v_i; lane = 4 * r + c; k = 2 * (ko*8t + 16j + 4i + c) + odd
+    nib = nib.view(nt, ko, 8, 4, t // 2, 2, 4).permute(0, 2, 1, 4, 6, 3, 5)
+    return nib.reshape(n, k)
+
+
+@functools.lru_cache(maxsize=None)
+def probe_torch_layout(device: str = "cuda") -> str | None:
+    """None if this torch's `_convert_weight_to_int4pack` on `device` packs exactly as
+    `pack_int4` (every inner k-tiles value); otherwise why not, in words."""
+    g = torch.Generator().manual_seed(0)
+    for k in (64, 128, 256):  # inner k-tiles 2, 4, 8
+        q = torch.randint(0, 16, (16, k), dtype=torch.uint8, generator=g)
+        ours = pack_int4(q)
+        try:
+            packed = (q[:, 0::2] << 4 | q[:, 1::2]).to(device)
+            theirs = torch.ops.aten._convert_weight_to_int4pack(packed, inner_k_tiles(k)).cpu()
+        except Exception as e:  # an older torch (int32 input) or a build without the op
+            return f"torch {torch.__version__} cannot pack int4 on {device}: {e}".splitlines()[0]
+        if theirs.shape != ours.shape or not torch.equal(theirs, ours):
+            return (f"torch {torch.__version__} packs int4 differently from the {INT4_LAYOUT} "
+                    f"layout this model was written in")
+    return None

@@ -1,0 +1,165 @@
+"""Quantization schemes: what an int4 / int8 weight is in memory, on disk and in metadata.
+
+A quantized weight of logical shape [N, K] (out, in) is split into groups of `group_size`
+consecutive inputs; each group of each row has a scale s and a zero z (float), and
+
+    int8:  w = q * s + z           q int8 in [-128, 127], stored row-major [N, K] (1 byte each)
+    int4:  w = (q - 8) * s + z     q in [0, 15], stored in the int32 tile layout of torch's
+                                   `_convert_weight_to_int4pack` (tinygemm, see `int4pack`)
+
+The companion tensor `scales` holds (s, z) pairs as [K / group_size, N, 2], the layout
+`torch.ops.aten._weight_int4pack_mm` takes: bfloat16 for int4 (what that kernel reads), float16
+for int8 (a GGUF Q8_0 scale is a float16, kept exactly). Both live in the unit file, each at a
+4 KiB-aligned offset, inside the unit's checksum.
+
+    qt = QTensor.from_values("int4", q, scale, zero, group_size=32)   # writing side
+    qw = QuantWeight(...)            # compute side: views over a unit's bytes (engine/views.py)
+    y = qw.linear(x)                 # the backend kernel (kernels_cpu / kernels_cuda)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QTYPES = ("int4", "int8")
+INT4_LAYOUT = "tinygemm-int32"  # the only int4 layout this GdsLLM writes and reads
+LAYOUTS = {"int4": (INT4_LAYOUT,), "int8": ("rowmajor-int8",)}
+SCALE_DTYPE = {"int4": torch.bfloat16, "int8": torch.float16}
+SCALE_DTYPE_NAME = {"int4": "bfloat16", "int8": "float16"}
+DATA_DTYPE = {"int4": torch.int32, "int8": torch.int8}
+GROUP_SIZES = {"int4": (32, 64, 128, 256), "int8": (16, 32, 64, 128, 256)}  # 16: GGUF Q6_K
+
+
+def inner_k_tiles(k: int) -> int:
+    """Inner k-tiles of the int4 tile layout for an input dimension k: the largest of 8, 4, 2
+    with k a multiple of 16 * tiles (the kernel's widest loads where the shape allows)."""
+    for t in (8, 4, 2):
+        if k % (16 * t) == 0:
+            return t
+    raise ValueError(f"int4 needs an input dimension that is a multiple of 32, got {k}")
+
+
+def check_shape(qtype: str, shape: tuple[int, ...], group_size: int, where: str) -> None:
+    """ValueError naming `where` if `shape` cannot be quantized as `qtype` in groups of that size."""
+    if qtype not in QTYPES:
+        raise ValueError(f"{where}: unknown qtype {qtype!r} (this GdsLLM knows {', '.join(QTYPES)})")
+    if len(shape) != 2:
+        raise ValueError(f"{where}: only 2-D weights are quantized, got shape {tuple(shape)}")
+    n, k = shape
+    if group_size not in GROUP_SIZES[qtype]:
+        raise ValueError(f"{where}: {qtype} group size must be one of {GROUP_SIZES[qtype]}, "
+                         f"got {group_size}")
+    if k % group_size:
+        raise ValueError(f"{where}: group size {group_size} does not divide the input dimension "
+                         f"{k} of shape {tuple(shape)}; pick a --group-size that does")
+    if qtype == "int4" and n % 8:
+        raise ValueError(f"{where}: int4 needs an output dimension that is a multiple of 8, got {n}")
+
+
+def data_shape(qtype: str, shape: tuple[int, int]) -> tuple[int, ...]:
+    """Shape of the stored quantized values of a [N, K] weight (dtype DATA_DTYPE[qtype])."""
+    n, k = shape
+    if qtype == "int8":
+        return (n, k)
+    t = inner_k_tiles(k)
+    return (n // 8, k // (16 * t), 32, t // 2)
+
+
+def scales_shape(shape: tuple[int, int], group_size: int) -> tuple[int, int, int]:
+    n, k = shape
+    return (k // group_size, n, 2)
+
+
+def data_nbytes(qtype: str, shape: tuple[int, int]) -> int:
+    n, k = shape
+    return n * k // 2 if qtype == "int4" else n * k
+
+
+def scales_nbytes(qtype: str, shape: tuple[int, int], group_size: int) -> int:
+    n, k = shape
+    return (k // group_size) * n * 2 * 2  # two 2-byte floats per group and row
+
+
+@dataclass
+class QTensor:
+    """A quantized weight in host memory, as converters hand it to the writer: integer values
+    `q` [N, K] (int4: uint8 0..15; int8: int8), float32 `scale` and `zero` [N, K / group]."""
+
+    qtype: str
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K]: the values this weight stands for (scales as stored, rounded)."""
+        sd = SCALE_DTYPE[self.qtype]
+        s = self.scale.to(sd).float().repeat_interleave(self.group_size, dim=1)
+        z = self.zero.to(sd).float().repeat_interleave(self.group_size, dim=1)
+        q = self.q.float() - (8 if self.qtype == "int4" else 0)
+        return q * s + z
+
+    def to_int8(self) -> "QTensor":
+        """Exact: an int4 value q stands for (q - 8) * s + z, an int8 value of q - 8."""
+        if self.qtype == "int8":
+            return self
+        return QTensor("int8", (self.q.to(torch.int16) - 8).to(torch.int8), self.scale, self.zero,
+                       self.group_size)
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(data, scales) exactly as stored: DATA_DTYPE / SCALE_DTYPE tensors, see the layout."""
+        from gdsllm.quant.int4pack import pack_int4
+        sc = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
+        sc = sc.to(SCALE_DTYPE[self.qtype])
+        data = pack_int4(self.q) if self.qtype == "int4" else self.q.to(torch.int8).contiguous()
+        return data, sc
+
+
+@dataclass
+class QuantWeight:
+    """A quantized weight as the compute sees it: views over the unit's bytes (no copy).
+
+    `data`: DATA_DTYPE[qtype] in the stored layout; `scales`: [K / group, N, 2]; `shape`: the
+    logical [N, K]. `linear(x)` is x @ W.T by the backend kernel of x's device.
+    """
+
+    qtype: str
+    shape: tuple[int, int]
+    group_size: int
+    data: torch.Tensor
+    scales: torch.Tensor
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda":
+            from gdsllm.quant import kernels_cuda as k
+        else:
+            from gdsllm.quant import kernels_cpu as k
+        return k.linear(self, x)
+
+    def values(self) -> torch.Tensor:
+        """Integer values [N, K] as int16 with the int4 offset removed (q - 8), on data's device."""
+        if self.qtype == "int8":
+            return self.data.to(torch.int16)
+        from gdsllm.quant.int4pack import unpack_int4
+        return unpack_int4(self.data, self.shape).to(torch.int16) - 8
+
+    def dequantize(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float weight [N, K] (or only `rows` of it) in `dtype`: a temporary copy."""
+        q = self.values() if rows is None else self.values_rows(rows)
+        sc = self.scales if rows is None else self.scales.index_select(1, rows)
+        g = self.group_size
+        n = q.shape[0]
+        s = sc[..., 0].t().to(dtype)  # [n, groups]
+        z = sc[..., 1].t().to(dtype)
+        w = q.to(dtype).view(n, -1, g) * s[..., None] + z[..., None]
+        return w.view(n, -1)
+
+    def values_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.qtype == "int8":
+            return self.data.index_select(0, rows).to(torch.int16)
+        return self.values().index_select(0, rows)
