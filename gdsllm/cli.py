@@ -1,4 +1,4 @@
-"""The `gdsllm` command: convert, synth, info, generate, run, serve, bench.
+"""The `gdsllm` command: convert, synth, info, generate, run, serve, bench, keygen.
 
     gdsllm info                      # the embedded default model (SmolLM2-135M-Instruct)
     gdsllm generate -p "Once upon a time" -n 32
@@ -19,7 +19,7 @@ import threading
 
 from gdsllm.format.metadata import FormatError
 
-COMMANDS = ("convert", "synth", "info", "generate", "run", "serve", "bench", "perplexity")
+COMMANDS = ("convert", "synth", "info", "generate", "run", "serve", "bench", "perplexity", "keygen")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,16 @@ class ServiceConfig:
     startup_timeout_s: float = 120.0
     draft: Path | None = None
     draft_tokens: int = 4
+    # ---- reliability and security (docs/RELIABILITY.md)
+    curve_secret_key: Path | None = None  # ZeroMQ secret certificate: CurveZMQ on the endpoint
+    insecure: bool = False  # allow a non-loopback endpoint without CurveZMQ
+    kv_budget: int | None = None  # bytes of KV cache handed out; None: derived from free memory
+    max_inflight_per_client: int = 64  # requests one client identity may have in flight
+    max_pass_tokens: int = 8192  # new tokens per weight pass (chunked prefill); 0: no limit
+    pass_timeout_s: float = 300.0  # watchdog: a pass with no worker reply for this long fails
+    restart_limit: int = 5  # worker restarts in a row (no pass completed between) before giving up
+    verify: str = "first"  # checksum each unit's first load ("first") or every load ("always")
+    read_retries: int = 3  # a failed unit read is retried this many times (with back-off)
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -65,5 +75,17 @@ class ServiceConfig:
             raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")
         if not 1 <= self.draft_tokens <= 64:
             raise ValueError(f"--draft-tokens must be 1 to 64, got {self.draft_tokens}")
+        if self.verify not in ("first", "always"):
+            raise ValueError(f"--verify must be first or always, got {self.verify!r}")
+        if self.kv_budget is not None and self.kv_budget <= 0:
+            raise ValueError(f"--kv-budget must be positive, got {self.kv_budget}")
+        if self.max_inflight_per_client < 1 or self.max_pass_tokens < 0 or self.restart_limit < 0:
+            raise ValueError("--max-inflight-per-client must be >= 1, --max-pass-tokens and "
+                             "--restart-limit >= 0")
+        from ipc.sockets import is_loopback
+        if self.curve_secret_key is None and not self.insecure and not is_loopback(self.endpoint):
+            raise ValueError(f"refusing to bind {self.endpoint} without encryption: anyone who can "
+                             f"reach it could use the service. Give --curve-secret-key FILE "
+                             f"(`gdsllm keygen`), bind 127.0.0.1, or pass --insecure")
         if self.max_waiting < 1:
             raise ValueError(f"--max-waiting must be at least 1, got {self.max_waiting}")

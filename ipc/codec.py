@@ -11,6 +11,9 @@
 
 `decode` never trusts its input: garbage bytes, an unknown tag, a missing or extra field or a value
 of the wrong type raise `ProtocolError` with a message fit for an error reply. No pickle anywhere.
+The size limit is the CLIENT limit (`MAX_MESSAGE_BYTES`); messages between the coordinator and its
+own workers are not bound by it (`decode(raw, max_bytes=None)`): one weight pass may carry many MiB
+of prompt token ids.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Any
 
 import msgpack
 
-MAX_MESSAGE_BYTES = 1 << 20  # control messages are small; weight bytes never cross a socket
+MAX_MESSAGE_BYTES = 1 << 20  # client messages are small; weight bytes never cross a socket
 _REGISTRY: dict[str, type] = {}
 
 
@@ -47,9 +50,10 @@ def encode(msg: Any) -> bytes:
     return msgpack.packb(d, use_bin_type=True)
 
 
-def decode(raw: bytes) -> Any:
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+def decode(raw: bytes, max_bytes: int | None = MAX_MESSAGE_BYTES) -> Any:
+    """One message from `raw`; `max_bytes=None` for internal (coordinator-worker) messages."""
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
     try:
         d = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several unrelated types on garbage
@@ -69,7 +73,7 @@ def from_dict(cls: type, d: dict) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     extra = set(d) - set(fields)
     if extra:
-        raise ProtocolError(f"{cls.TYPE}: unknown field(s) {sorted(extra)}")
+        raise ProtocolError(f"{cls.TYPE}: unknown field(s) {sorted(extra, key=repr)}")
     kwargs = {}
     for name, f in fields.items():
         if name not in d:
@@ -137,8 +141,8 @@ def _check(value: Any, hint: Any, where: str) -> Any:
 def _plain(cls: type, d: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    if set(d) - names:
-        raise ProtocolError(f"{where}: unknown field(s) {sorted(set(d) - names)}")
+    if set(d) - names:  # keys of any type (msgpack maps may have int or bytes keys): sort by repr
+        raise ProtocolError(f"{where}: unknown field(s) {sorted(set(d) - names, key=repr)}")
     try:
         return cls(**{k: _check(v, hints[k], f"{where}.{k}") for k, v in d.items()})
     except TypeError as e:

@@ -89,7 +89,10 @@ class Final:
 @message("error")
 @dataclass(frozen=True)
 class Error:
-    """A request failed. code: "bad_request", "not_found", "worker_died", "internal", "busy"."""
+    """A request failed. code: "bad_request", "not_found", "worker_died", "internal", "busy"
+    (queue full or the client's in-flight cap reached: retry later), "timeout" (its pass made no
+    progress for the watchdog's deadline), "io_error" (a unit it needed could not be read or failed
+    its checksum; the message names the file)."""
 
     request_id: str
     code: str
@@ -100,7 +103,7 @@ class Error:
 @dataclass(frozen=True)
 class HealthReply:
     request_id: str
-    status: str  # "ok", or "degraded" after a worker died
+    status: str  # "ok"; "restarting" while dead workers are replaced; "degraded" when that failed
     model: str
     backend: str  # "cpu" or "cuda"
     io_path: str  # "gds", "compat", "posix" or "buffered"
@@ -111,6 +114,9 @@ class HealthReply:
     requests_running: int
     requests_waiting: int
     detail: str = ""
+    restarts: int = 0  # times the workers were replaced since start
+    kv_budget_bytes: int = 0  # KV-cache memory that admission control hands out
+    kv_reserved_bytes: int = 0
 
 
 # ---------------------------------------------------------------- coordinator <-> I/O worker
@@ -172,6 +178,7 @@ class OpenArena:
 @dataclass(frozen=True)
 class ArenaOpened:
     arena_bytes: int
+    free_bytes: int | None = None  # device memory still free (CUDA), for the KV budget
 
 
 @message("compute_ready")
@@ -195,13 +202,16 @@ class SeqSampling:
 @dataclass(frozen=True)
 class StartPass:
     """Begin a weight pass: `chunks` are [seq_id, new token ids]; `sampling` has an entry for each
-    sequence new in this pass. `draft[seq_id] = k`: the worker's draft model proposes up to k
-    tokens after that chunk and the pass verifies them (speculative decoding; a chunk must end
-    where the sequence's next token is to be predicted, i.e. not mid-prompt)."""
+    sequence new in this pass. `partial`: sequences whose chunk is not the end of their prompt
+    (chunked prefill): no token is sampled for them, and PassResult leaves them out.
+    `draft[seq_id] = k`: the worker's draft model proposes up to k tokens after that chunk and the
+    pass verifies them (speculative decoding; never for a `partial` chunk, which does not end where
+    the sequence's next token is to be predicted)."""
 
     pass_id: int
     chunks: list[tuple[int, list[int]]]
     sampling: dict[int, SeqSampling]
+    partial: list[int] = field(default_factory=list)
     draft: dict[int, int] = field(default_factory=dict)
 
 

@@ -10,6 +10,11 @@
 Every socket has LINGER 0 (closing never blocks on undelivered messages), every send and receive
 polls with a deadline first, and ROUTER sockets set ROUTER_MANDATORY so a reply to a vanished
 peer raises instead of being dropped silently.
+
+The public socket: `router(ctx, endpoint, max_msg=MAX_MESSAGE_BYTES, curve=load_secret_key(path))`
+drops (disconnects) a peer whose frame exceeds the limit before it is buffered whole, and with a
+CurveZMQ key pair only clients given the server's public key (`dealer(..., server_key=pub)`) get
+through the handshake. Keys are ZeroMQ certificate files (`gdsllm keygen`).
 """
 from __future__ import annotations
 
@@ -20,8 +25,10 @@ import time
 from typing import Any
 
 import zmq
+import zmq.auth
+import zmq.utils.z85
 
-from .codec import decode, encode
+from .codec import MAX_MESSAGE_BYTES, decode, encode
 
 MAX_IPC_PATH = 100  # bytes; sockaddr_un holds about 107, leave room for the "ipc://" prefix
 
@@ -53,15 +60,79 @@ def pair(ctx: zmq.Context, endpoint: str, bind: bool) -> zmq.Socket:
     return _attach(_socket(ctx, zmq.PAIR), endpoint, bind)
 
 
-def router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    """A bound ROUTER whose sends to an unknown or departed peer raise zmq.ZMQError (EHOSTUNREACH)."""
+def router(ctx: zmq.Context, endpoint: str, max_msg: int | None = None,
+           curve: tuple[bytes, bytes] | None = None) -> zmq.Socket:
+    """A bound ROUTER whose sends to an unknown or departed peer raise zmq.ZMQError (EHOSTUNREACH).
+    `max_msg`: bytes; a peer sending a larger frame is disconnected (zmq.MAXMSGSIZE). `curve`:
+    the server's (public, secret) Z85 key pair; clients must then know the public key."""
     s = _socket(ctx, zmq.ROUTER)
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if max_msg is not None:
+        s.setsockopt(zmq.MAXMSGSIZE, max_msg)
+    if curve is not None:
+        _need_curve()
+        s.curve_publickey, s.curve_secretkey = curve
+        s.curve_server = True
     return _attach(s, endpoint, bind=True)
 
 
-def dealer(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
-    return _attach(_socket(ctx, zmq.DEALER), endpoint, bind=False)
+def dealer(ctx: zmq.Context, endpoint: str, server_key: bytes | str | None = None) -> zmq.Socket:
+    """A connected DEALER; with `server_key` (the server's Z85 public key, or a file holding it)
+    the connection is CurveZMQ-encrypted under a fresh client key pair."""
+    s = _socket(ctx, zmq.DEALER)
+    if server_key is not None:
+        _need_curve()
+        s.curve_serverkey = load_public_key(server_key)
+        s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+    return _attach(s, endpoint, bind=False)
+
+
+def _need_curve() -> None:
+    if not zmq.has("curve"):
+        raise RuntimeError("this pyzmq/libzmq has no CurveZMQ support (built without libsodium)")
+
+
+def load_secret_key(path) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys from a ZeroMQ secret certificate file (`gdsllm keygen`)."""
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable ZeroMQ certificate: {e}") from None
+    if secret is None:
+        raise ValueError(f"{path}: holds no secret key (give the .key_secret file, not the public "
+                         f".key one)")
+    return public, secret
+
+
+def load_public_key(key) -> bytes:
+    """A Z85 public key (40 characters), given as the key itself or a certificate file."""
+    if isinstance(key, (bytes, str)) and len(key) == 40 and not os.path.exists(str(key)):
+        raw = key.encode() if isinstance(key, str) else key
+    else:
+        try:
+            raw, _ = zmq.auth.load_certificate(str(key))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{key}: not a Z85 public key nor a ZeroMQ certificate: {e}") from None
+    try:
+        zmq.utils.z85.decode(raw)
+    except Exception:
+        raise ValueError(f"server key {raw!r}: not a Z85-encoded 32-byte key") from None
+    return raw
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc:// and inproc:// endpoints and tcp:// ones on a loopback address."""
+    import ipaddress
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name, a host name or "*": not provably loopback
 
 
 def wait(sock: zmq.Socket, event: int, timeout_s: float) -> bool:
@@ -80,11 +151,12 @@ def send_raw(sock: zmq.Socket, raw: bytes, timeout_s: float) -> None:
     sock.send(raw, zmq.NOBLOCK)
 
 
-def recv(sock: zmq.Socket, timeout_s: float) -> Any:
-    """Receive and decode one message; TimeoutError after `timeout_s`, ProtocolError if malformed."""
+def recv(sock: zmq.Socket, timeout_s: float, max_bytes: int | None = MAX_MESSAGE_BYTES) -> Any:
+    """Receive and decode one message; TimeoutError after `timeout_s`, ProtocolError if malformed.
+    `max_bytes=None` between the coordinator and its workers (no client limit there)."""
     if not wait(sock, zmq.POLLIN, timeout_s):
         raise TimeoutError(f"no message within {timeout_s:.1f} s")
-    return decode(sock.recv(zmq.NOBLOCK))
+    return decode(sock.recv(zmq.NOBLOCK), max_bytes)
 
 
 class Deadline:

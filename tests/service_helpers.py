@@ -74,3 +74,22 @@ class Service:
             time.sleep(0.05)
         assert not any(alive(p) for p in self.pids), "worker processes outlived the service"
         assert not (self.shm & shm_entries()), "the shared-memory arena outlived the service"
+
+
+@pytest.fixture(scope="module", autouse=False)
+def single_thread_workers():
+    """Worker processes spawned meanwhile use one torch thread: tiny models gain nothing from more,
+    and on a shared CI machine spinning OpenMP threads make each small op take milliseconds."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def light_reference(model_dir) -> dict[str, list[int]]:
+    """Greedy ids (N tokens) of PROMPTS[:6] from the single-process engine: `reference`, cheaper."""
+    from gdsllm.engine.llm import LLM
+    from gdsllm.engine.sampling import SamplingParams
+    with LLM(str(model_dir)) as llm:
+        return {p: llm.generate(p, SamplingParams(max_tokens=N, temperature=0)).token_ids
+                for p in PROMPTS[:6]}

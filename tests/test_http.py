@@ -238,7 +238,7 @@ def test_client_disconnect_before_a_full_answer_cancels_it(server):
 
 @pytest.mark.slow
 def test_503_while_loading_and_when_degraded(model, tmp_path):
-    s = HttpServe(model, tmp_path / "serve.log", wait=False)
+    s = HttpServe(model, tmp_path / "serve.log", "--restart-limit", "0", wait=False)  # no restart
     try:
         # The HTTP port is bound before the model loads: the first answer is "loading".
         status = wait_for(lambda: _try_post(s), "for the HTTP port", timeout=120, proc=s.proc)

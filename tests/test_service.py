@@ -187,6 +187,12 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_gets_an_error_and_the_server_serves_on(server, reference, case):
+    if case == "oversized message":  # zmq.MAXMSGSIZE: the sender is disconnected, never buffered
+        with pytest.raises(AssertionError, match="no reply"):
+            raw_exchange(server.endpoint, BAD[case], timeout=2.0)
+        with Client(server.endpoint, timeout=30) as c:
+            assert c.generate(PROMPTS[4], max_tokens=N, temperature=0).token_ids == reference[PROMPTS[4]][:N]
+        return
     reply = raw_exchange(server.endpoint, BAD[case])
     assert reply["type"] == "error" and reply["code"] == "bad_request", reply
     assert reply["message"]

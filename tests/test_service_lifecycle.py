@@ -28,7 +28,8 @@ def test_generate_once_runs_one_request(model_dir, reference):
 
 
 def test_killed_worker_fails_requests_cleanly(model_dir, reference):
-    with Service(model_dir, vram_budget=2 * UNIT, prefetch_window=2) as s, \
+    # restart_limit=0: no restart (tests/test_faults.py covers those), the service says it gave up
+    with Service(model_dir, vram_budget=2 * UNIT, prefetch_window=2, restart_limit=0) as s, \
             Client(s.endpoint, timeout=30) as c:
         stream = c.stream_messages(PROMPTS[0], max_tokens=450, temperature=0, ignore_eos=True)
         next(stream)
@@ -106,9 +107,8 @@ def test_corrupt_unit_fails_start_or_requests_naming_the_file(model_dir, tmp_pat
     with Service(bad, vram_budget=2 * UNIT) as s, Client(s.endpoint, timeout=30) as c:
         with pytest.raises(ServiceError, match="layer_002.bin") as err:
             c.generate(PROMPTS[0], max_tokens=N, temperature=0)
-        assert err.value.code == "internal"
-        h = c.health()
-        assert h.status == "degraded" and "layer_002.bin" in h.detail
+        assert err.value.code == "io_error"  # the requests that needed it fail, the service stays up
+        assert c.health().status == "ok"
 
 
 @pytest.mark.slow

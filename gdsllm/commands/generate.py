@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument("--endpoint", default=None, help="send the request to a running gdsllm serve "
                    "(tcp:// or ipc://: ZeroMQ; http://: its OpenAI-compatible API)")
     p.add_argument("--api-key", default=None, help="HTTP API key (default: $GDSLLM_API_KEY)")
+    p.add_argument("--server-key", default=None, metavar="KEY",
+                   help="the server's CurveZMQ public key (40 characters, or its .key file)")
     p.add_argument("--single-process", action="store_true",
                    help="run the single-process engine (gdsllm.LLM) instead of the pipeline")
     p.set_defaults(func=run)
@@ -102,7 +104,7 @@ def generate_endpoint(args) -> int:
     messages = [{"role": "user", "content": args.prompt}] if getattr(args, "chat", False) else None
     final = None
     try:
-        with Client(args.endpoint, timeout=10.0) as c:
+        with Client(args.endpoint, timeout=10.0, server_key=getattr(args, "server_key", None)) as c:
             c.health()  # a missing server is a clear error in seconds, not after the long timeout
             c.timeout = getattr(args, "timeout", None) or 300.0  # one pass may take long: no hurry
             for msg in c.stream_messages(None if messages else args.prompt, messages=messages,

@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     add_service_options(p)
     p.add_argument("--endpoint", default=None, help="use a running server instead of a local pipeline "
                    "(tcp:// or ipc://: ZeroMQ; http://: its OpenAI-compatible API)")
+    p.add_argument("--server-key", default=None, metavar="KEY",
+                   help="the server's CurveZMQ public key (40 characters, or its .key file)")
     p.add_argument("--api-key", default=None, help="HTTP API key (default: $GDSLLM_API_KEY)")
     p.add_argument("-s", "--system", default=None, help="system prompt")
     p.add_argument("-n", "--max-tokens", type=int, default=512, help="new tokens per reply at most (default 512)")
@@ -103,7 +105,8 @@ def run(args) -> int:
     from gdsllm.service.client import Client
     if args.endpoint:
         from gdsllm.service.http.client import connect
-        with connect(args.endpoint, timeout=10.0, api_key=args.api_key) as c:
+        with connect(args.endpoint, timeout=10.0, api_key=args.api_key,
+                     server_key=getattr(args, "server_key", None)) as c:
             c.health()  # a missing server is a clear error in seconds, not at the first message
             c.timeout = 300.0  # one pass may take long: no hurry
             chat(c, args)

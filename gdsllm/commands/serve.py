@@ -8,6 +8,8 @@
 Binds 127.0.0.1 by default; /metrics (Prometheus) on --metrics-host:--metrics-port (0 = a free
 port, -1 = off); with --http-port, the OpenAI-compatible HTTP API and the chat page
 (gdsllm.service.http) on --http-host:--http-port.
+Any other ZeroMQ address needs CurveZMQ keys (`gdsllm keygen`, --curve-secret-key) or an
+explicit --insecure. Limits and supervision: docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
@@ -99,7 +101,46 @@ def add_parser(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("GDSLLM_API_KEY") or None, metavar="KEY",
                    help="HTTP API key clients must send as 'Authorization: Bearer KEY' (default: "
                         "$GDSLLM_API_KEY, else none)")
+    add_reliability_options(p)
     p.set_defaults(func=run)
+
+
+def add_reliability_options(p) -> None:
+    """Security, admission control and supervision settings (docs/RELIABILITY.md)."""
+    p.add_argument("--curve-secret-key", default=None, metavar="FILE",
+                   help="CurveZMQ secret certificate (`gdsllm keygen`): encrypt and authenticate "
+                        "the endpoint; clients need the matching public key")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow binding a non-loopback address without --curve-secret-key")
+    p.add_argument("--kv-budget", default=None, metavar="SIZE",
+                   help="KV-cache memory for admission control, e.g. 2GiB (default: derived from "
+                        "free memory)")
+    p.add_argument("--max-inflight-per-client", type=int, default=64, metavar="N",
+                   help="requests one client may have in flight; more get Error(busy) (default 64)")
+    p.add_argument("--max-pass-tokens", type=int, default=8192, metavar="N",
+                   help="new tokens per weight pass; longer prompts are prefilled in chunks "
+                        "(default 8192, 0: no limit)")
+    p.add_argument("--pass-timeout", type=float, default=300.0, metavar="S",
+                   help="watchdog: a pass with no worker reply for S seconds fails and the workers "
+                        "are restarted (default 300)")
+    p.add_argument("--restart-limit", type=int, default=5, metavar="N",
+                   help="worker restarts in a row (no pass completed between) before the service "
+                        "gives up and reports degraded (default 5; 0: never restart)")
+    p.add_argument("--verify", choices=("first", "always"), default="first",
+                   help="checksum each unit on its first load (default) or on every load")
+
+
+def reliability_config(args) -> dict:
+    """ServiceConfig fields from add_reliability_options' arguments."""
+    from pathlib import Path
+
+    from gdsllm.config import parse_size
+    key = Path(args.curve_secret_key).expanduser() if args.curve_secret_key else None
+    return dict(curve_secret_key=key, insecure=args.insecure,
+                kv_budget=parse_size(args.kv_budget) if args.kv_budget else None,
+                max_inflight_per_client=args.max_inflight_per_client,
+                max_pass_tokens=args.max_pass_tokens, pass_timeout_s=args.pass_timeout,
+                restart_limit=args.restart_limit, verify=args.verify)
 
 
 def run(args) -> int:
@@ -107,7 +148,7 @@ def run(args) -> int:
     from gdsllm.service.worker_set import WorkerStartError
     port = None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
     config = service_config(args, endpoint=args.endpoint, metrics_port=port, metrics_host=args.metrics_host,
-                            max_waiting=args.max_waiting)
+                            max_waiting=args.max_waiting, **reliability_config(args))
     try:
         if args.http_port is not None:
             from gdsllm.service.http.server import HttpOptions, run_with_http

@@ -136,16 +136,18 @@ class Speculator:
                for sid, new in chunks]
         return out, dict(self._rows)
 
-    def finish(self, logits: torch.Tensor, samplers: dict[int, Sampler], target) -> dict[int, list[int]]:
+    def finish(self, logits: torch.Tensor, samplers: dict[int, Sampler], target, skip=()
+               ) -> dict[int, list[int]]:
         """The new tokens of each sequence of the pass from its logits (rows as `plan` asked);
-        rolls back rejected drafts in `target` (its Runner) and in the draft."""
+        rolls back rejected drafts in `target` (its Runner) and in the draft. Sequences in `skip`
+        (mid-prompt chunks of a chunked prefill, never drafted) get no token."""
         spans, row = {}, 0
         for sid in self._order:
             n = self._rows.get(sid, 1)
             spans[sid] = (row, row + n)
             row += n
         assert row == logits.shape[0], (row, logits.shape)
-        plain = [sid for sid in self._order if sid not in self.proposals]
+        plain = [sid for sid in self._order if sid not in self.proposals and sid not in skip]
         out: dict[int, list[int]] = {}
         if plain:
             last = torch.tensor([spans[s][1] - 1 for s in plain], device=logits.device)
@@ -167,7 +169,7 @@ class Speculator:
             st.target_passes += 1
             st.tokens += len(toks)
         self.proposals = {}
-        return {sid: out[sid] for sid in self._order}
+        return {sid: out[sid] for sid in self._order if sid in out}
 
     def abort(self, target) -> None:
         """The target pass failed: forget its chunks (hist back to what `target` holds)."""

@@ -9,8 +9,10 @@ and replies `ComputeReady(pid, device)` (or `WorkerError(fatal=True)`). The coor
 sends `OpenArena(backend, handle, arena_bytes)` copied from the I/O worker's IoReady; the worker
 opens the arena once and replies `ArenaOpened`. Then, until `Shutdown` or the parent's death:
 
-- `StartPass(pass_id, chunks, sampling)`: Runner.start_pass; a sampler (with its own seeded
-  generator) is made for each sequence named in `sampling`.
+- `StartPass(pass_id, chunks, sampling, partial)`: Runner.start_pass; a sampler (with its own
+  seeded generator) is made for each sequence named in `sampling`; sequences in `partial` (a
+  chunk in the middle of their prompt) are not sampled. Messages from the coordinator are
+  internal: no client size limit.
 - `Run(unit, slot, offset)`: the unit over the arena bytes at `offset`; `Done(unit, slot, seconds)`
   only after Runner.fence(), so the slot may then be refilled. After the head unit: the logits are
   sampled and `PassResult(pass_id, [[seq_id, token]], seconds)` follows the head's Done.
@@ -71,6 +73,7 @@ class ComputeWorker:
         self.pass_seconds = 0.0
         self.pass_seqs: list[int] = []
         self.speculator = None  # with config.draft: gdsllm.engine.speculative.Speculator
+        self.pass_partial: set[int] = set()
 
     def run(self) -> None:
         try:
@@ -117,7 +120,7 @@ class ComputeWorker:
 
     def _handle(self, raw: bytes) -> None:
         try:
-            msg = decode(raw)
+            msg = decode(raw, max_bytes=None)  # internal: a pass may carry many MiB of prompt ids
         except ProtocolError as e:
             self._send(WorkerError(f"compute worker: bad message: {e}"))
             return
@@ -146,7 +149,8 @@ class ComputeWorker:
         except Exception as e:
             self._send(WorkerError(f"compute worker cannot open the arena: {e}", fatal=True))
             raise _Exit from None
-        self._send(ArenaOpened(self.arena.spec.nbytes))
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        self._send(ArenaOpened(self.arena.spec.nbytes, free))
 
     def _start_pass(self, msg: StartPass) -> None:
         if self.pass_id is not None and not self.pass_failed:
@@ -155,6 +159,7 @@ class ComputeWorker:
             return
         self.pass_id, self.pass_failed, self.pass_seconds = msg.pass_id, False, 0.0
         self.pass_seqs = [sid for sid, _ in msg.chunks]
+        self.pass_partial = set(msg.partial)  # mid-prompt chunks: nothing is sampled for them
         try:
             for sid, s in msg.sampling.items():
                 self.samplers[sid] = _make_sampler(s)
@@ -213,17 +218,20 @@ class ComputeWorker:
     def _finish_pass(self, msg: Run) -> None:
         t0 = time.perf_counter()
         try:
-            seq_ids = self.pass_seqs
             logits = self.runner.end_pass()
             accepted, proposed = {}, {}
+            seq_ids = [sid for sid in self.pass_seqs if sid not in self.pass_partial]
             if self.speculator is not None:
                 proposed = {sid: len(p.tokens) for sid, p in self.speculator.proposals.items()}
-                out = self.speculator.finish(logits, self.samplers, self.runner)
+                out = self.speculator.finish(logits, self.samplers, self.runner, skip=self.pass_partial)
                 tokens = [(sid, out[sid][-1]) for sid in seq_ids]
                 accepted = {sid: out[sid][:-1] for sid in proposed}
             else:
+                if len(seq_ids) < len(self.pass_seqs):  # mid-prompt chunks sample nothing
+                    rows = [i for i, sid in enumerate(self.pass_seqs) if sid not in self.pass_partial]
+                    logits = logits[rows]
                 from gdsllm.engine.sampling import Sampler
-                picks = Sampler.sample_batch(logits, [self.samplers[sid] for sid in seq_ids])
+                picks = Sampler.sample_batch(logits, [self.samplers[sid] for sid in seq_ids]) if seq_ids else []
                 tokens = list(zip(seq_ids, picks))
         except Exception as e:
             self._fail(msg, e, done_sent=True)

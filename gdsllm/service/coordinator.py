@@ -7,7 +7,10 @@ c.request_stop()`. Clients (DEALER) send Generate / Cancel / Health to a ZeroMQ 
 coordinator tokenizes, batches continuously (a request joins at the next weight pass, finished ones
 leave, at most max_batch), plans residency and streaming (gdsllm.engine.planner), drives the I/O and compute
 workers (gdsllm.service.worker_set) and streams TokenChunk then Final back. Malformed messages get
-Error(bad_request) and everyone else is served on.
+Error(bad_request) and everyone else is served on; frames over 1 MiB disconnect their sender
+(zmq.MAXMSGSIZE), requests beyond a client's in-flight cap or a full queue get Error(busy), and
+with `curve_secret_key` only CurveZMQ clients holding the server's public key get through.
+Supervision (dead workers replaced, the watchdog): see Coordinator.
 """
 from __future__ import annotations
 
@@ -19,16 +22,19 @@ import zmq
 import zmq.asyncio
 
 from ipc import sockets
-from ipc.messages import (Cancel, Done, Error, Generate, Health, HealthReply, Loaded, PassResult,
-                          ProtocolError, WorkerError, decode, encode)
+from ipc.codec import MAX_MESSAGE_BYTES
+from ipc.messages import (Cancel, Done, Error, Generate, Health, HealthReply, PassResult, ProtocolError,
+                          decode, encode)
 
 from gdsllm.config import ServiceConfig
 from gdsllm.engine.planner import plan_for
+from gdsllm.service.admission import Admission
 from gdsllm.service.metrics import ServiceMetrics
-from gdsllm.service.progress import LoadProgress, PassProgress
+from gdsllm.service.progress import PassProgress
 from gdsllm.service.scheduler import BatchScheduler
 from gdsllm.engine.sequence import Sequence, encode_prompt, validate_request
-from gdsllm.service.worker_set import WorkerSet, WorkerStartError
+from gdsllm.service.supervisor import Supervisor
+from gdsllm.service.worker_set import WorkerSet, WorkerStartError  # noqa: F401  (re-exported)
 
 log = logging.getLogger("gdsllm.service.coordinator")
 SNDHWM = 100_000  # queued replies per client before it counts as gone (token chunks are tiny)
@@ -37,7 +43,8 @@ SNDHWM = 100_000  # queued replies per client before it counts as gone (token ch
 class Coordinator:
     """One service: the model's plan, the workers, the client frontend (DEALER clients; replies go
     to the sender's identity). `io_target` / `compute_target` replace the worker entry points
-    (tests); by default gdsllm.service.io_worker.run_io_process and gdsllm.service.compute_worker.run_compute_process."""
+    (tests); by default gdsllm.service.io_worker.run_io_process and gdsllm.service.compute_worker.run_compute_process.
+    Dead or stalled workers are replaced by gdsllm.service.supervisor."""
 
     def __init__(self, config: ServiceConfig, *, io_target=None, compute_target=None):
         from gdsllm.format.metadata import load_model_meta
@@ -54,38 +61,34 @@ class Coordinator:
             self.draft_bytes, budget = reserve_draft(self.meta, config.draft, budget)
         self.plan = plan_for(self.meta, budget, config.prefetch_window)
         self.metrics = ServiceMetrics()
-        self.workers = WorkerSet(config, self.plan.arena_bytes, self._worker_died, io_target, compute_target)
-        self.batch = BatchScheduler(self.plan, self.workers, self._reply, self.metrics, config.max_batch)
-        self.batch.draft_tokens = config.draft_tokens if config.draft is not None else 0
+        self.targets = (io_target, compute_target)
+        self.workers: WorkerSet | None = None
+        self.batch: BatchScheduler | None = None
+        self.admission: Admission | None = None
         self.ctx = zmq.asyncio.Context()
         self.front = None
         self.io_path = "?"
         self.status, self.detail = "starting", ""
-        self.degraded_code = "internal"  # the Error code new requests get once degraded
+        self.supervisor = Supervisor(self)
         self.next_seq = 1
         self.stopped = asyncio.Event()
         self.http = None
         self.tasks: list[asyncio.Task] = []
+        self.worker_tasks: list[asyncio.Task] = []
         self.prefill = PassProgress()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Spawn and handshake the workers, load the resident units, bind the client endpoint."""
-        t0 = asyncio.get_running_loop().time()
-        log.info("starting the I/O and compute workers (device %s)", self.config.device)
-        ready = await self.workers.start()
-        self.io_path = ready.io_path
-        log.info("workers ready in %.1f s (io %s)", asyncio.get_running_loop().time() - t0, self.io_path)
-        for ld in self.batch.sched.resident_loads():
-            await self.workers.io.send(encode(ld))
-        pending = len(self.plan.resident_offsets)
-        progress = LoadProgress(pending, self.plan.resident_bytes)
-        try:
-            await self._load_resident(pending, progress)
-        finally:
-            progress.close()
-        self.front = sockets.router(self.ctx, self.config.endpoint)
+        workers = await self.supervisor.bring_up()
+        self.admission = Admission.for_model(self.meta, self.config, workers.free_bytes)
+        self.batch = BatchScheduler(self.plan, workers, self._reply, self.metrics, self.config,
+                                    self.admission, self.supervisor.fault)
+        curve = None
+        if self.config.curve_secret_key is not None:
+            curve = sockets.load_secret_key(self.config.curve_secret_key)
+        self.front = sockets.router(self.ctx, self.config.endpoint, max_msg=MAX_MESSAGE_BYTES, curve=curve)
         self.front.setsockopt(zmq.SNDHWM, SNDHWM)
         m = self.metrics
         from gdsllm import __version__
@@ -94,11 +97,25 @@ class Coordinator:
         if self.config.metrics_port is not None:
             self.http = m.start_http(self.config.metrics_host, self.config.metrics_port)
         self.status = "ok"
-        self.tasks = [asyncio.create_task(f()) for f in (self._front_loop, self._io_loop, self._compute_loop)]
+        self.tasks = [asyncio.create_task(f()) for f in (self._front_loop, self.supervisor.watchdog)]
+        self.serve_workers()
+        log.info("serving %s on %s: %d resident units, %d streamed through %d slots, io %s, "
+                 "KV budget %d bytes%s", self.meta.root, self.config.endpoint,
+                 len(self.plan.resident_offsets), len(self.plan.streamed), self.plan.num_slots,
+                 self.io_path, self.admission.budget, ", CurveZMQ" if curve else "")
+
+    def serve_workers(self) -> None:
+        """Relay the (new) workers' replies to the scheduler and start streaming."""
+        self.worker_tasks = [asyncio.create_task(self._worker_loop("io", self.workers.io, self.batch.on_io)),
+                             asyncio.create_task(self._worker_loop("compute", self.workers.compute,
+                                                                   self._on_compute))]
         self.batch.pump()  # the first pass's streamed units load while the service waits for requests
-        log.info("serving %s on %s: %d resident units, %d streamed through %d slots, io %s",
-                 self.meta.root, self.config.endpoint, len(self.plan.resident_offsets),
-                 len(self.plan.streamed), self.plan.num_slots, self.io_path)
+        self.batch.maybe_start_pass()
+
+    def stop_worker_loops(self) -> None:
+        for t in self.worker_tasks:
+            t.cancel()
+        self.worker_tasks = []
 
     async def _load_resident(self, pending: int, progress: LoadProgress) -> None:
         """Wait for the resident units' Loaded replies: nothing runs before they are in place."""
@@ -131,12 +148,15 @@ class Coordinator:
 
     async def close(self) -> None:
         """Stop serving, fail what is in flight, stop the workers, release every resource."""
-        for t in self.tasks:
-            t.cancel()
-        self.batch.fail_all("internal", "the server is shutting down")
+        for t in self.tasks + self.worker_tasks + [self.supervisor.task]:
+            if t is not None:
+                t.cancel()
+        if self.batch is not None:
+            self.batch.fail_all("internal", "the server is shutting down")
         if self.front is not None:
             self.front.close(linger=1000)  # let the "shutting down" errors reach their clients
-        await self.workers.stop()
+        if self.workers is not None:
+            await self.workers.stop()
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
@@ -153,7 +173,11 @@ class Coordinator:
                 log.exception("error handling a client message")
 
     def _client_message(self, frames: list[bytes]) -> None:
-        client, raw = frames[0], frames[-1]
+        client = frames[0]
+        if len(frames) != 2:  # a DEALER sends one frame per message; ROUTER adds the identity
+            return self._reply(client, Error("", "bad_request", f"expected one frame per message, "
+                                             f"got {len(frames) - 1}"))
+        raw = frames[1]
         try:
             msg = decode(raw)
         except ProtocolError as e:
@@ -174,19 +198,22 @@ class Coordinator:
 
     def _generate(self, client: bytes, msg: Generate) -> None:
         rid = msg.request_id
-        if self.status != "ok":
-            return self._reply(client, Error(rid, self.degraded_code, f"service degraded: {self.detail}"))
-        if len(self.batch.waiting) >= self.config.max_waiting:  # ServiceConfig.max_waiting
-            return self._reply(client, Error(rid, "busy", f"{self.config.max_waiting} requests are "
-                                             f"already waiting; try again later"))
+        if self.status == "degraded":
+            return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
         if (client, rid) in self.batch.by_key:
             return self._reply(client, Error(rid, "bad_request", f"request {rid!r} is already in flight"))
+        busy = self.admission.refuse(client, len(self.batch.waiting))
+        if busy:
+            return self._reply(client, Error(rid, "busy", f"request {rid}: {busy}"))
         try:
             validate_request(msg)
             ids = encode_prompt(msg, self.tokenizer, self.meta.params)  # the rules gdsllm.LLM applies
+            seq = Sequence(self.next_seq, client, msg, ids, self.tokenizer, self.eos_ids, self.max_context)
+            too_big = self.admission.never_fits(seq)
+            if too_big:
+                raise ValueError(too_big)
         except Exception as e:  # ValueError, or a template/tokenizer failure on user input
             return self._reply(client, Error(rid, "bad_request", str(e)))
-        seq = Sequence(self.next_seq, client, msg, ids, self.tokenizer, self.eos_ids, self.max_context)
         self.next_seq += 1
         self.batch.add(seq)
 
@@ -215,15 +242,11 @@ class Coordinator:
                            resident_units=self.plan.resident_names, streamed_units=len(self.plan.streamed),
                            prefetch_window=self.plan.num_slots,
                            requests_running=len(self.batch.running),
-                           requests_waiting=len(self.batch.waiting), detail=self.detail)
+                           requests_waiting=len(self.batch.waiting), detail=self.detail,
+                           restarts=self.supervisor.restarts, kv_budget_bytes=self.admission.budget,
+                           kv_reserved_bytes=self.admission.reserved)
 
     # ------------------------------------------------------------------ workers
-
-    async def _io_loop(self) -> None:
-        await self._worker_loop("io", self.workers.io, self.batch.on_io)
-
-    async def _compute_loop(self) -> None:
-        await self._worker_loop("compute", self.workers.compute, self._on_compute)
 
     def _on_compute(self, msg) -> None:
         if isinstance(msg, Done):  # a long prefill is logged as it goes (gdsllm.service.progress)
@@ -237,30 +260,11 @@ class Coordinator:
         while True:
             raw = await sock.recv()
             try:
-                handle(decode(raw))
-            except Exception as e:  # a protocol violation or a bug: stop serving, say why
+                handle(decode(raw, max_bytes=None))  # internal: no client size limit
+            except Exception as e:  # a protocol violation or a bug: replace the workers, say why
                 log.exception("handling a message from the %s worker", name)
-                self._degrade(f"internal error on a {name} worker message: {type(e).__name__}: {e}",
-                              "internal")
-            self._check_health()
-
-    def _check_health(self) -> None:
-        if not self.batch.healthy and self.status == "ok":
-            self.status, self.detail = "degraded", self.batch.failure
-            log.error("service degraded: %s", self.detail)
-
-    # ------------------------------------------------------------------ failures
-
-    def _worker_died(self, name: str, exitcode) -> None:
-        self._degrade(f"the {name} worker died (exit code {exitcode})", "worker_died")
-
-    def _degrade(self, detail: str, code: str) -> None:
-        if self.status == "degraded":
-            return
-        log.error("service degraded: %s", detail)
-        self.status, self.detail, self.degraded_code = "degraded", detail, code
-        self.batch.fail_all(code, detail)
-
+                self.supervisor.fault(f"internal error on a {name} worker message: {type(e).__name__}: {e}",
+                            "internal")
 
 def _guess_id(raw: bytes) -> str:
     """The request_id of an undecodable message, where one can be read, for the error reply."""

@@ -10,13 +10,18 @@ cudaMalloc on "cuda"), and replies `IoReady(pid, backend, handle, arena_bytes, i
 `Shutdown` or the parent's death: each `Load(unit, slot, offset)` reads unit file `unit` into the
 arena at byte `offset`, several at once, and is answered by `Loaded(unit, slot, nbytes, seconds,
 io_path)`; `seconds` is the read alone. Reads go through gdsllm.engine.loader (as gdsllm.LLM's
-do): the first load of each unit is checksummed where it landed; a failure (or any read error) is
-`Loaded(..., error=...)` naming the file. Replies come in completion order, not request order.
+do). A read that fails (OSError: EIO, a vanished or short file) is retried `config.read_retries`
+times with back-off before it counts. The first load of each unit (`--verify first`) or every
+load (`--verify always`) is checksummed where it landed; a mismatch (or a read that kept failing)
+is `Loaded(..., error=...)` naming the file. Replies come in completion order, not request order.
+Messages from the coordinator are internal: no client size limit.
 """
 from __future__ import annotations
 
 import os
 import queue
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import zmq
@@ -32,6 +37,7 @@ from gdsllm.format.metadata import ALIGN, load_model_meta
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
 FLUSH_MS = 2000  # bounded wait at exit for queued replies (the socket default is LINGER 0)
+RETRY_S = 0.1  # first back-off of a failed read; doubled on each retry
 
 
 def run_io_process(config: ServiceConfig, endpoint: str, arena_bytes: int) -> None:
@@ -108,7 +114,7 @@ class IoWorker:
     def _handle(self, raw: bytes) -> bool:
         """Act on one message; False on Shutdown."""
         try:
-            msg = decode(raw)
+            msg = decode(raw, max_bytes=None)
         except ProtocolError as e:
             self._send(WorkerError(f"I/O worker: bad message: {e}"))
             return True
@@ -148,8 +154,7 @@ class IoWorker:
         unit = self.meta.units[msg.unit]
         path = self.meta.path(unit)
         try:
-            seconds = self.loader.load(unit, self.arena.view(msg.offset, unit.nbytes),
-                                       self.arena.read_target(msg.offset, unit.nbytes))
+            seconds = self._load_retrying(unit, msg)
             reply = Loaded(msg.unit, msg.slot, unit.nbytes, seconds, self.io_path)
         except Exception as e:
             text = str(e) if str(path) in str(e) else f"{path}: {e}"
@@ -160,6 +165,22 @@ class IoWorker:
             os.write(self.wake_w, b"x")
         except BlockingIOError:
             pass
+
+    def _load_retrying(self, unit, msg: Load) -> float:
+        for attempt in range(self.config.read_retries + 1):
+            if self.config.verify == "always":
+                self.loader.verified.discard(unit.index)  # checksummed again, on every load
+            try:
+                return self.loader.load(unit, self.arena.view(msg.offset, unit.nbytes),
+                                        self.arena.read_target(msg.offset, unit.nbytes))
+            except OSError as e:  # a checksum mismatch is a FormatError: not retried
+                if attempt == self.config.read_retries:
+                    raise
+                delay = RETRY_S * 2 ** attempt
+                print(f"gdsllm io worker: reading {self.meta.path(unit)} failed ({e}); retrying in "
+                      f"{delay:.2f} s", file=sys.stderr, flush=True)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ shutdown
 

@@ -4,11 +4,13 @@
     io_ready = await workers.start()            # IoReady (arena handle, io path) or WorkerStartError
     await workers.io.send(encode(Load(...)))    # zmq.asyncio PAIR sockets: .io and .compute
     await workers.stop()                        # Shutdown, join, kill after a deadline, unlink shm
+    await workers.stop(graceful=False)          # SIGKILL both at once (a replaced, faulty pair)
 
 Each worker gets one PAIR socket over `ipc://` in a private temp dir (the coordinator binds). A
 worker that exits unexpectedly is noticed through its process sentinel (an fd the event loop
-watches), and `on_death(name, exitcode)` is called once. Processes use the "spawn" context:
-CUDA cannot survive fork.
+watches), and `on_death(name, exitcode)` is called once; the coordinator then replaces the whole
+set (gdsllm.service.coordinator). Messages from the workers are internal: no client size limit.
+Processes use the "spawn" context: CUDA cannot survive fork.
 """
 from __future__ import annotations
 
@@ -46,13 +48,19 @@ class WorkerSet:
         self.io = sockets.pair(self.ctx, self.dir.endpoint("io"), bind=True)
         self.compute = sockets.pair(self.ctx, self.dir.endpoint("compute"), bind=True)
         for sock in (self.io, self.compute):
-            # Control messages are few and tiny: never let a send wait (the coordinator sends
-            # without awaiting, in order, from its single event loop).
+            # Never let a send wait (the coordinator sends without awaiting, in order, from its
+            # single event loop); a pass start may carry many MiB of prompt token ids.
             sock.setsockopt(zmq.SNDHWM, 0)
         self.shm_name: str | None = None
-        self.stopping = False
+        self.stopping = self.closed = False
+        self.free_bytes: int | None = None  # device memory left after the arena (ArenaOpened)
         self._dead: set[str] = set()
         self._ready: set[str] = set()  # workers whose handshake completed (they read Shutdown)
+
+    @property
+    def dead(self) -> set[str]:
+        """Names of the workers that exited."""
+        return set(self._dead)
 
     @property
     def pids(self) -> dict[str, int]:
@@ -92,7 +100,7 @@ class WorkerSet:
                 if asyncio.get_running_loop().time() > deadline:
                     raise WorkerStartError(f"{name} worker did not report ready within {timeout:.0f} s "
                                            f"(startup_timeout_s)")
-            msg = decode(recv.result())
+            msg = decode(recv.result(), max_bytes=None)
         finally:
             recv.cancel()
         if isinstance(msg, WorkerError):
@@ -116,21 +124,27 @@ class WorkerSet:
                                    f"{self.arena_bytes} were asked for")
         await self._handshake("compute", self.compute, ComputeReady, t)
         await self.compute.send(encode(OpenArena(ready.backend, ready.handle, ready.arena_bytes)))
-        await self._handshake("compute", self.compute, ArenaOpened, t)
+        opened = await self._handshake("compute", self.compute, ArenaOpened, t)
+        self.free_bytes = opened.free_bytes
         return ready
 
-    async def stop(self) -> None:
+    async def stop(self, graceful: bool = True) -> None:
         """Tell both workers to Shutdown (SIGTERM to one still starting: it would read no message),
         join them, kill what is left after STOP_TIMEOUT_S, and remove the sockets and any
-        shared-memory arena a killed I/O worker left behind."""
-        self.stopping = True
+        shared-memory arena a killed I/O worker left behind. `graceful=False`: kill both at once
+        (workers being replaced after a fault). Idempotent."""
+        if self.closed:
+            return
+        self.closed = self.stopping = True
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + STOP_TIMEOUT_S
+        deadline = loop.time() + (STOP_TIMEOUT_S if graceful else 0.0)
         # Compute first: it has the I/O worker's CUDA IPC arena open, and the exporter must not
         # free that memory while another process still maps it.
         for name, sock in (("compute", self.compute), ("io", self.io)):
             p = self.procs.get(name)
-            if p is not None and name not in self._ready and p.is_alive():
+            if not graceful:
+                pass  # killed below, at once
+            elif p is not None and name not in self._ready and p.is_alive():
                 log.info("stopping the %s worker during its start-up", name)
                 p.terminate()  # SIGTERM: it exits through its `finally` blocks (worker_signals)
             else:
@@ -143,7 +157,8 @@ class WorkerSet:
             while p.is_alive() and loop.time() < deadline:
                 await asyncio.sleep(0.05)
             if p.is_alive():
-                log.warning("%s worker (pid %s) ignored Shutdown; killing it", name, p.pid)
+                if graceful:
+                    log.warning("%s worker (pid %s) ignored Shutdown; killing it", name, p.pid)
                 p.kill()
             p.join(5)
             try:

@@ -24,11 +24,12 @@ from gdsllm.service.client import Client, ServiceError
 from gdsllm.service.http import sse
 
 
-def connect(endpoint: str, timeout: float = 300.0, api_key: str | None = None):
-    """HttpClient for http(s):// endpoints, the ZeroMQ Client for tcp:// and ipc://."""
+def connect(endpoint: str, timeout: float = 300.0, api_key: str | None = None, server_key=None):
+    """HttpClient for http(s):// endpoints, the ZeroMQ Client for tcp:// and ipc:// (with the
+    server's CurveZMQ public key `server_key`, if it has one)."""
     if endpoint.startswith(("http://", "https://")):
         return HttpClient(endpoint, timeout=timeout, api_key=api_key)
-    return Client(endpoint, timeout=timeout)
+    return Client(endpoint, timeout=timeout, server_key=server_key)
 
 
 class HttpClient:

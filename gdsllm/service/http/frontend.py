@@ -28,10 +28,10 @@ class ClientGone(Exception):
 
 
 class Frontend:
-    def __init__(self, endpoint: str, *, timeout: float = 600.0, metrics=None):
-        self.endpoint = endpoint
-        self.client = AsyncClient(endpoint, timeout=timeout)  # generations: replies may be slow
-        self.probe = AsyncClient(endpoint, timeout=PROBE_TIMEOUT)  # health: answered at once
+    def __init__(self, endpoint: str, *, timeout: float = 600.0, metrics=None, server_key=None):
+        self.endpoint = endpoint  # `server_key`: the coordinator's CurveZMQ public key, if it has one
+        self.client = AsyncClient(endpoint, timeout=timeout, server_key=server_key)  # replies may be slow
+        self.probe = AsyncClient(endpoint, timeout=PROBE_TIMEOUT, server_key=server_key)  # health: at once
         self.metrics = metrics
         self.model_id: str | None = None
         self.created = 0

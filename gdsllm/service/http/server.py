@@ -90,7 +90,11 @@ async def _run(config: ServiceConfig, http: HttpOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, c.request_stop)
-    fe = Frontend(local_endpoint(config.endpoint), metrics=c.metrics)
+    key = None
+    if config.curve_secret_key is not None:  # the front end is a CurveZMQ client like any other
+        from ipc.sockets import load_secret_key
+        key = load_secret_key(config.curve_secret_key)[0]
+    fe = Frontend(local_endpoint(config.endpoint), metrics=c.metrics, server_key=key)
     server = HttpServer(build_app(fe, api_key=http.api_key, metrics=c.metrics), http.host, http.port)
     try:
         await server.start()

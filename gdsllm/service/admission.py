@@ -1,0 +1,109 @@
+"""Admission control: which requests may take KV-cache memory now, and which clients must wait.
+
+    adm = Admission.for_model(meta, config, free_bytes=None)   # budget from --kv-budget or free memory
+    why = adm.refuse(client, waiting=len(queue))   # "busy" reason, or None (then adm.enter(client))
+    why = adm.never_fits(seq)                      # "bad_request" reason: larger than the whole budget
+    if adm.fits(seq): adm.reserve(seq)             # at admission into the running batch
+    adm.release(seq); adm.leave(client)            # when it finishes, fails or is cancelled
+
+A request is admitted into the batch only when the KV cache of its prompt plus its max_tokens fits
+beside what the running requests hold, so an out-of-memory cannot fail a whole pass; the rest wait
+in order. The reservation is the capacity the cache really grows to (gdsllm.engine.kv_cache
+doubles from MIN_CAPACITY tokens up to the model's context). Without `--kv-budget`, the budget is
+half the host's available memory on the CPU backend, 90% of the device memory left free once the
+arena is allocated on CUDA (the compute worker reports it in ArenaOpened).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from gdsllm.engine.kv_cache import MIN_CAPACITY
+
+CPU_FRACTION = 0.5
+CUDA_FRACTION = 0.9
+
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (bytes)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/meminfo has no MemAvailable line")
+
+
+def kv_bytes_per_token(params, itemsize: int) -> int:
+    """Keys and values of one token in every decoder layer."""
+    return 2 * params.num_hidden_layers * params.num_key_value_heads * params.head_dim * itemsize
+
+
+class Admission:
+    def __init__(self, budget: int, per_token: int, max_context: int, per_client: int,
+                 max_waiting: int):
+        self.budget, self.per_token, self.max_context = budget, per_token, max_context
+        self.per_client, self.max_waiting = per_client, max_waiting
+        self.reserved = 0
+        self.held: dict[int, int] = {}  # seq_id -> bytes reserved
+        self.clients: Counter[bytes] = Counter()  # requests in flight per client identity
+
+    @classmethod
+    def for_model(cls, meta, config, free_bytes: int | None = None) -> "Admission":
+        from gdsllm.format.metadata import ITEMSIZE
+        p = meta.params
+        itemsize = 4 if config.device == "cpu" else ITEMSIZE[meta.dtype]  # engine.runner.compute_dtype
+        budget = config.kv_budget
+        if budget is None:
+            if config.device == "cpu" or free_bytes is None:
+                budget = int(host_available_bytes() * CPU_FRACTION)
+            else:
+                budget = int(free_bytes * CUDA_FRACTION)
+        return cls(budget, kv_bytes_per_token(p, itemsize), p.max_position_embeddings,
+                   config.max_inflight_per_client, config.max_waiting)
+
+    # ------------------------------------------------------------------ clients and the queue
+
+    def refuse(self, client: bytes, waiting: int) -> str | None:
+        """Why a new request of `client` gets Error(busy) now, or None."""
+        if self.clients[client] >= self.per_client:
+            return (f"this client already has {self.per_client} requests in flight "
+                    f"(--max-inflight-per-client); wait for one to finish")
+        if waiting >= self.max_waiting:
+            return f"{self.max_waiting} requests are already waiting; try again later"
+        return None
+
+    def enter(self, client: bytes) -> None:
+        self.clients[client] += 1
+
+    def leave(self, client: bytes) -> None:
+        self.clients[client] -= 1
+        if self.clients[client] <= 0:
+            del self.clients[client]
+
+    # ------------------------------------------------------------------ KV memory
+
+    def need(self, seq) -> int:
+        """Bytes of the KV cache `seq` grows to with its prompt and every token it may generate."""
+        n = len(seq.prompt_ids) + seq.max_new
+        cap = MIN_CAPACITY
+        while cap < n:
+            cap *= 2
+        return min(cap, max(self.max_context, n)) * self.per_token
+
+    def never_fits(self, seq) -> str | None:
+        need = self.need(seq)
+        if need <= self.budget:
+            return None
+        return (f"request {seq.request.request_id}: its prompt ({len(seq.prompt_ids)} tokens) plus "
+                f"max_tokens ({seq.max_new}) need {need} bytes of KV cache, more than the whole "
+                f"{self.budget}-byte budget (--kv-budget); lower max_tokens or shorten the prompt")
+
+    def fits(self, seq) -> bool:
+        return self.reserved + self.need(seq) <= self.budget
+
+    def reserve(self, seq) -> None:
+        n = self.need(seq)
+        self.held[seq.seq_id] = n
+        self.reserved += n
+
+    def release(self, seq) -> None:
+        self.reserved -= self.held.pop(seq.seq_id, 0)

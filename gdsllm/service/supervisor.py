@@ -1,0 +1,143 @@
+"""Supervision of the coordinator's workers: bring them up, notice faults, replace them.
+
+    sup = Supervisor(coordinator)
+    workers = await sup.bring_up()          # spawn, handshake, load the resident units
+    sup.fault("the io worker died (exit code -9)", "worker_died")   # from any callback
+    asyncio.create_task(sup.watchdog())
+
+A fault (a worker died, an error no pass can own, a pass with no worker reply for
+`pass_timeout_s`) fails the RUNNING requests at once with its code (`worker_died`, `timeout`,
+`internal`): their KV caches die with the workers. Waiting and new requests stay queued. Both
+workers are then killed and a fresh pair is brought up, after a back-off of BACKOFF_S * 2**(k-1)
+seconds before attempt k; health says "restarting" until the new workers have loaded the resident
+units, then "ok". After `restart_limit` faults or failed attempts in a row with no pass completed
+between them (a crash loop: a corrupt resident unit, a worker that cannot start), the service is
+"degraded" for good, every request fails with `worker_died`, and health says why.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ipc.messages import Loaded, WorkerError, decode, encode
+
+from gdsllm.engine.planner import StreamSchedule
+from gdsllm.service.progress import LoadProgress
+from gdsllm.service.worker_set import WorkerSet, WorkerStartError
+
+log = logging.getLogger("gdsllm.service.supervisor")
+BACKOFF_S, MAX_BACKOFF_S = 0.25, 10.0
+
+
+class Supervisor:
+    def __init__(self, coordinator):
+        self.c = coordinator
+        self.restarts = 0  # successful replacements since start
+        self.failures = 0  # faults and failed attempts in a row, no pass completed between
+        self.passes_seen = 0
+        self.task: asyncio.Task | None = None
+
+    async def bring_up(self) -> WorkerSet:
+        """Spawn and handshake a pair of workers and load the resident units into their arena;
+        WorkerStartError (the pair is then stopped) if any of it fails."""
+        c = self.c
+        workers = WorkerSet(c.config, c.plan.arena_bytes, self.worker_died, *c.targets)
+        c.workers = workers  # close() stops them even if start-up is interrupted
+        try:
+            t0 = asyncio.get_running_loop().time()
+            log.info("starting the I/O and compute workers (device %s)", c.config.device)
+            ready = await workers.start()
+            c.io_path = ready.io_path
+            log.info("workers ready in %.1f s (io %s)", asyncio.get_running_loop().time() - t0, c.io_path)
+            for ld in StreamSchedule(c.plan).resident_loads():
+                await workers.io.send(encode(ld))
+            pending = len(c.plan.resident_offsets)
+            progress = LoadProgress(pending, c.plan.resident_bytes)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + c.config.startup_timeout_s
+            while pending:  # resident units come first: nothing runs before they are in place
+                try:
+                    raw = await asyncio.wait_for(workers.io.recv(), 0.5)
+                except asyncio.TimeoutError:
+                    if workers.dead:
+                        raise WorkerStartError(f"the {' and '.join(sorted(workers.dead))} worker "
+                                               f"died while the resident units loaded") from None
+                    if loop.time() > deadline:
+                        raise WorkerStartError(f"resident units not loaded within {c.config.startup_timeout_s:.0f} s "
+                                               f"(startup_timeout_s)") from None
+                    continue
+                msg = decode(raw, max_bytes=None)
+                if isinstance(msg, Loaded):
+                    if msg.error:
+                        raise WorkerStartError(f"loading resident unit {c.plan.names[msg.unit]}: {msg.error}")
+                    c.metrics.observe_load(msg.nbytes, msg.seconds, msg.io_path)
+                    progress.update(msg.nbytes)
+                    pending -= 1
+                elif isinstance(msg, WorkerError):
+                    raise WorkerStartError(f"io worker: {msg.message}")
+            progress.close()
+        except BaseException:
+            await workers.stop(graceful=False)
+            raise
+        return workers
+
+    async def watchdog(self) -> None:
+        """A pass with no worker reply for pass_timeout_s is a fault (code "timeout")."""
+        limit = self.c.config.pass_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            b = self.c.batch
+            if self.c.status == "ok" and b.in_pass and time.monotonic() - b.last_progress > limit:
+                self.fault(f"pass {b.pass_id} made no progress for {limit:g} s (watchdog, "
+                           f"--pass-timeout)", "timeout")
+
+    def worker_died(self, name: str, exitcode) -> None:
+        self.fault(f"the {name} worker died (exit code {exitcode})", "worker_died")
+
+    def fault(self, detail: str, code: str) -> None:
+        """Fail the running requests now and replace both workers (in the background)."""
+        c = self.c
+        if c.status != "ok":
+            return  # starting (start() reports it), already restarting, or degraded
+        log.error("%s: failing the running requests and restarting the workers", detail)
+        c.status, c.detail = "restarting", detail
+        if c.batch.passes_completed > self.passes_seen:
+            self.failures = 0  # it served since the last fault: a new incident, not a crash loop
+        c.batch.abort_running(code, detail)
+        c.stop_worker_loops()
+        if self.failures >= c.config.restart_limit:
+            self._give_up()
+            self.task = asyncio.create_task(c.workers.stop(graceful=False))
+        else:
+            self.task = asyncio.create_task(self._restart())
+
+    def _give_up(self) -> None:
+        c = self.c
+        c.status = "degraded"
+        c.detail = (f"gave up after {self.failures} worker restarts in a row (restart_limit "
+                    f"{c.config.restart_limit}): {c.detail}")
+        log.error("service degraded: %s", c.detail)
+        c.batch.fail_all("worker_died", c.detail)
+
+    async def _restart(self) -> None:
+        c = self.c
+        await c.workers.stop(graceful=False)
+        while True:
+            if self.failures >= c.config.restart_limit:
+                return self._give_up()
+            self.failures += 1
+            await asyncio.sleep(min(BACKOFF_S * 2 ** (self.failures - 1), MAX_BACKOFF_S))
+            try:
+                workers = await self.bring_up()
+            except WorkerStartError as e:
+                log.error("restarting the workers failed: %s", e)
+                c.detail = f"{c.detail}; restart failed: {e}"
+                continue
+            break
+        self.restarts += 1
+        self.passes_seen = c.batch.passes_completed
+        c.batch.attach(workers)
+        c.status, c.detail = "ok", f"workers restarted after: {c.detail}"
+        log.info("workers restarted (%d restarts so far): serving again", self.restarts)
+        c.serve_workers()
