@@ -285,6 +285,19 @@ def test_service_mixed_batch_equals_llm(models, reference, monkeypatch):
         assert proposed > 0 and 0 <= accepted <= proposed
 
 
+def test_service_draft_with_chunked_prefill_equals_llm(models, reference, monkeypatch):
+    """Prompts fed in pieces of 3 tokens (chunked prefill): no draft for a mid-prompt piece, drafts
+    once the prompt is in, and greedy tokens equal those without a draft."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    target, draft = models
+    texts = [p for p in PROMPTS if isinstance(p, str)]
+    with Service(target, draft=draft, draft_tokens=3, max_pass_tokens=3) as s:
+        with Client(s.endpoint, timeout=60) as cl:
+            got = [cl.generate(p, max_tokens=24, temperature=0, ignore_eos=True).token_ids for p in texts]
+        assert got == reference[:len(texts)]
+        assert s.svc.coordinator.metrics.draft_tokens._value.get() > 0
+
+
 def test_service_refuses_a_draft_larger_than_the_budget(models):
     target, draft = models
     with pytest.raises(ValueError, match="needs .* bytes, the whole VRAM budget"):
