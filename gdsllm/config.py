@@ -31,7 +31,9 @@ class ServiceConfig:
     vram_budget: bytes of device memory for weights (resident units plus streaming slots);
     None means "everything resident". prefetch_window: streaming slots in rotation (reads in
     flight at most). io_mode: "direct" (O_DIRECT / cuFile, no page cache) or "buffered"
-    (page-cache reads, an explicit opt-in).
+    (page-cache reads, an explicit opt-in). draft: a draft model directory for speculative
+    decoding (fully resident in the compute worker, its bytes taken from vram_budget);
+    draft_tokens: what it proposes per sequence and pass unless a request says otherwise.
     """
 
     model: Path
@@ -47,6 +49,8 @@ class ServiceConfig:
     max_waiting: int = 4096  # requests queued behind the batch before new ones get Error(busy)
     io_threads: int = 8
     startup_timeout_s: float = 120.0
+    draft: Path | None = None
+    draft_tokens: int = 4
     # ---- reliability and security (docs/RELIABILITY.md)
     curve_secret_key: Path | None = None  # ZeroMQ secret certificate: CurveZMQ on the endpoint
     insecure: bool = False  # allow a non-loopback endpoint without CurveZMQ
@@ -69,6 +73,8 @@ class ServiceConfig:
             raise ValueError(f"--vram-budget must be positive, got {self.vram_budget}")
         if self.max_batch < 1:
             raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if not 1 <= self.draft_tokens <= 64:
+            raise ValueError(f"--draft-tokens must be 1 to 64, got {self.draft_tokens}")
         if self.verify not in ("first", "always"):
             raise ValueError(f"--verify must be first or always, got {self.verify!r}")
         if self.kv_budget is not None and self.kv_budget <= 0:

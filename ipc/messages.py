@@ -40,6 +40,7 @@ class Generate:
     stream: bool = True
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
     stop_token_ids: list[int] = field(default_factory=list)  # end it besides eos (checked by the engine)
+    draft_tokens: int | None = None  # speculative decoding: None = the server's --draft-tokens, 0 = off
 
     def __post_init__(self):
         if not self.request_id or len(self.request_id) > 128:
@@ -202,12 +203,16 @@ class SeqSampling:
 class StartPass:
     """Begin a weight pass: `chunks` are [seq_id, new token ids]; `sampling` has an entry for each
     sequence new in this pass. `partial`: sequences whose chunk is not the end of their prompt
-    (chunked prefill): no token is sampled for them, and PassResult leaves them out."""
+    (chunked prefill): no token is sampled for them, and PassResult leaves them out.
+    `draft[seq_id] = k`: the worker's draft model proposes up to k tokens after that chunk and the
+    pass verifies them (speculative decoding; never for a `partial` chunk, which does not end where
+    the sequence's next token is to be predicted)."""
 
     pass_id: int
     chunks: list[tuple[int, list[int]]]
     sampling: dict[int, SeqSampling]
     partial: list[int] = field(default_factory=list)
+    draft: dict[int, int] = field(default_factory=dict)
 
 
 @message("run")
@@ -233,11 +238,15 @@ class Done:
 @message("pass_result")
 @dataclass(frozen=True)
 class PassResult:
-    """The sampled next token of each chunk, as [seq_id, token_id]."""
+    """The sampled next token of each chunk, as [seq_id, token_id]. For a sequence that drafted:
+    `accepted[seq_id]` are the draft tokens the target accepted, which come BEFORE its token in
+    `tokens`, and `proposed[seq_id]` how many the draft proposed."""
 
     pass_id: int
     tokens: list[tuple[int, int]]
     seconds: float
+    accepted: dict[int, list[int]] = field(default_factory=dict)
+    proposed: dict[int, int] = field(default_factory=dict)
 
 
 @message("release")

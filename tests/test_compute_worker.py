@@ -69,7 +69,8 @@ class Pipeline:
         assert self.compute.hello.device.split(":")[0] == device
         r = self.io.hello
         self.compute.send(OpenArena(r.backend, r.handle, r.arena_bytes))
-        assert self.compute.recv() == ArenaOpened(r.arena_bytes)
+        opened = self.compute.recv()  # free_bytes: the device's free memory on CUDA, None on the CPU
+        assert isinstance(opened, ArenaOpened) and opened.arena_bytes == r.arena_bytes, opened
         for unit, off in self.resident.items():
             self.io.send(Load(unit, -1, off))
         assert all(self.io.recv().error is None for _ in self.resident)

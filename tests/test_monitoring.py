@@ -186,7 +186,9 @@ def test_dashboard_uses_the_provisioned_datasource_and_known_metrics():
     for needed in ("rate(gdsllm_generation_tokens_total", "sum by (io_mode) (rate(gdsllm_storage_read",
                    "rate(gdsllm_compute_stall_seconds_total", "gdsllm_requests_running",
                    "gdsllm_requests_waiting", "gdsllm_vram_budget_bytes", "gdsllm_vram_resident_bytes",
-                   "gdsllm_slots_in_flight", "sum by (route, status) (rate(gdsllm_http_requests_total"):
+                   "gdsllm_slots_in_flight", "rate(gdsllm_draft_tokens_total",
+                   "rate(gdsllm_draft_accepted_tokens_total", "gdsllm_tokens_per_target_pass_sum",
+                   "sum by (route, status) (rate(gdsllm_http_requests_total"):
         assert needed in text, f"no panel queries {needed}"
     for hist in ("time_to_first_token", "inter_token_latency", "layer_load", "layer_compute",
                  "http_request_duration"):
@@ -299,6 +301,7 @@ def test_dashboard_has_data_from_a_scraped_service_metrics(prometheus):
         m.observe_ttft(0.3)
         m.observe_itl(0.02)
         m.observe_request(0.4, "length")
+        m.observe_speculation(4, 3)
         m.set_requests(1, 0)
         m.set_slots_in_flight(2)
         m.observe_http("/v1/chat/completions", 200, 1.5)

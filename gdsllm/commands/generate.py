@@ -66,6 +66,8 @@ def run(args) -> int:
         raise ValueError("empty prompt (-p)")
     params = sampling_params(args)  # bad values fail here, before any model is loaded
     if args.endpoint:
+        if args.draft:
+            raise ValueError("--draft belongs to the server: start `gdsllm serve --draft MODEL`")
         if args.endpoint.startswith(("http://", "https://")):
             from gdsllm.service.http.client import generate_cli
             return generate_cli(args)
@@ -77,7 +79,8 @@ def run(args) -> int:
     if args.single_process:
         from gdsllm.engine.llm import LLM
         with LLM(args.model, device=pick_device(args.device, service=False), io=args.io,
-                 vram_budget=args.vram_budget) as llm:
+                 vram_budget=args.vram_budget, draft=args.draft,
+                 draft_tokens=args.draft_tokens) as llm:
             for delta in llm.stream(messages or args.prompt, params):
                 _write(delta)
         _write("\n")

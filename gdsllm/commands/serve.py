@@ -1,6 +1,7 @@
 """`gdsllm serve`: the streaming service (coordinator + I/O worker + compute worker) until Ctrl-C.
 
     gdsllm serve -m ~/models/llama-7b --device cuda --vram-budget 4GiB --prefetch-window 2
+    gdsllm serve -m ~/models/llama-7b --draft ~/models/llama-7b-int4 --draft-tokens 4
     gdsllm generate --endpoint tcp://127.0.0.1:5555 -p "Once upon a time"
     gdsllm serve --http-port 8000 --api-key sekrit      # + OpenAI-compatible API, chat page at /
 
@@ -28,6 +29,11 @@ def add_service_options(p, endpoint_default: str | None = "tcp://127.0.0.1:5555"
                    help="direct: O_DIRECT / cuFile, no page cache (default); buffered: page cache")
     p.add_argument("--require-gds", action="store_true", help="refuse to start without GPUDirect Storage")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences per weight pass")
+    p.add_argument("--draft", default=None, metavar="MODEL",
+                   help="draft model directory for speculative decoding (same tokenizer; fully "
+                        "resident, its bytes taken from --vram-budget)")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
+                   help="tokens the draft proposes per sequence and pass (default 4)")
 
 
 def cuda_problem(service: bool = True) -> str | None:
@@ -71,7 +77,9 @@ def service_config(args, **extra):
     budget = parse_size(args.vram_budget) if args.vram_budget else None
     return ServiceConfig(model=Path(model), device=device, vram_budget=budget,
                          prefetch_window=args.prefetch_window, io_mode=args.io,
-                         require_gds=args.require_gds, max_batch=args.max_batch, **extra)
+                         require_gds=args.require_gds, max_batch=args.max_batch,
+                         draft=Path(args.draft).expanduser() if args.draft else None,
+                         draft_tokens=args.draft_tokens, **extra)
 
 
 def add_parser(sub) -> None:

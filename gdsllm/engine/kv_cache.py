@@ -6,6 +6,7 @@ sliding-window layer keeps only the keys its window can still see.
     k_all, v_all = cache.update(layer, k_new, v_new)   # [kv_heads, length + n, head_dim] views
     ...                                                # every layer of this pass appends n tokens
     cache.advance(n)                                   # then the pass commits them
+    cache.truncate(m)                                  # roll back to the first m tokens
 
 Nothing is preallocated for the full context: capacity starts small and doubles (capped at
 `max_len`), so a short chat costs kilobytes, not the model's whole context window.
@@ -86,6 +87,16 @@ class KVCache:
         """Commit the n tokens every layer has appended in this pass."""
         self.length += n
         assert self.length <= self.max_len
+
+    def truncate(self, n: int) -> None:
+        """Forget every token after the first `n` (speculative decoding's rejected drafts); the
+        next update overwrites them. Capacity is kept. A sliding layer must still hold the
+        window before position n: true when n is at least the length before the last pass, as
+        it drops keys only while growing, before a pass appends."""
+        assert 0 <= n <= self.length, (n, self.length)
+        for layer, w in enumerate(self.windows):
+            assert w is None or self.start[layer] <= max(0, n - (w - 1)), (layer, n, self.start[layer])
+        self.length = n
 
     @property
     def nbytes(self) -> int:

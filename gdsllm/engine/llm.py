@@ -7,6 +7,7 @@
     outs = llm.generate(["a", "b", [{"role": "user", "content": "Hi"}]], params)   # batched
     for delta in llm.stream("Tell me", params): print(delta, end="")
     LLM("~/models/llama-7b", device="cuda", vram_budget="4GiB")   # pin what fits, stream the rest
+    llm = LLM(target_dir, draft=draft_dir, draft_tokens=4)   # speculative decoding (engine.speculative)
 
 Weights live in one buffer laid out by the service's planner (gdsllm.engine.planner): what
 `vram_budget` allows stays resident, loaded once at start-up; the rest is streamed through one slot
@@ -85,7 +86,8 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
                  io: str = "direct", cudnn_attention: bool = False,
-                 vram_budget: int | str | None = None):
+                 vram_budget: int | str | None = None, draft: str | os.PathLike | None = None,
+                 draft_tokens: int = 4):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
@@ -98,7 +100,11 @@ class LLM:
         self.tokenizer = Tokenizer(self.meta) if self.meta.tokenizer_file else None
         self.runner = Runner(self.meta.params, self.device, self.dtype,
                              cudnn_attention=cudnn_attention, architecture=self.meta.architecture)
-        self.plan = plan_for(self.meta, self._budget(vram_budget), window=1)
+        budget = self._budget(vram_budget)
+        if draft is not None:  # speculative decoding: the resident draft's bytes come first
+            from gdsllm.engine.speculative import reserve_draft
+            budget = reserve_draft(self.meta, draft, budget)[1]
+        self.plan = plan_for(self.meta, budget, window=1)
         self.loader = UnitLoader(self.meta, self.device, direct=io == "direct")
         self.io_path = self.loader.io_path
         try:
@@ -107,6 +113,11 @@ class LLM:
             self.loader.close()
             raise
         self._next_seq = 0
+        self.speculator = self.draft_tokens = None
+        if draft is not None:
+            from gdsllm.engine.speculative import make_speculator
+            self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens)
+            self.draft_tokens = draft_tokens
         p = self.plan
         log.info("model %s: %d units, %s, %.1f MB; device %s (%s compute); io path %s; "
                  "%d units resident (%.1f MB), %d streamed per step", self.meta.root,
@@ -147,8 +158,9 @@ class LLM:
         self.close()
 
     # -- weights -------------------------------------------------------------------------------
-    def _pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False) -> torch.Tensor:
-        self.runner.start_pass(chunks, all_logits)
+    def _pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False, *,
+              logit_rows=None) -> torch.Tensor:
+        self.runner.start_pass(chunks, all_logits, logit_rows=logit_rows)
         try:
             for unit in self.meta.units:
                 weights = self._resident.get(unit.index)
@@ -219,15 +231,38 @@ class LLM:
         active = list(reqs)
         try:
             while active:
-                logits = self._pass([(r.seq_id, pending[r.seq_id]) for r in active])
-                tokens = Sampler.sample_batch(logits, [r.sampler for r in active])
-                deltas = {r.seq_id: r.gen.append(t) for r, t in zip(active, tokens)}
-                for r, t in zip(active, tokens):
-                    pending[r.seq_id] = [t]
+                chunks = [(r.seq_id, pending[r.seq_id]) for r in active]
+                if self.speculator is None:
+                    logits = self._pass(chunks)
+                    new = [[t] for t in Sampler.sample_batch(logits, [r.sampler for r in active])]
+                else:
+                    new = self._speculate(chunks, active)
+                deltas = dict.fromkeys((r.seq_id for r in active), "")
+                for r, ts in zip(active, new):
+                    for t in ts:  # a speculative pass may bring several; stop where the request ends
+                        deltas[r.seq_id] += r.gen.append(t)
+                        if r.gen.finish_reason is not None:
+                            break
+                    pending[r.seq_id] = ts[-1:]
                     if r.gen.finish_reason is not None:
-                        self.runner.release(r.seq_id)
+                        self._release(r.seq_id)
                 active = [r for r in active if r.gen.finish_reason is None]
                 yield [deltas.get(r.seq_id, "") for r in reqs]
         finally:
             for r in reqs:  # also on errors and abandoned streams: free every KV cache
-                self.runner.release(r.seq_id)
+                self._release(r.seq_id)
+
+    def _speculate(self, chunks, active: list[_Request]) -> list[list[int]]:
+        """One target pass verifying each request's draft tokens (k capped by what it may still
+        produce); the new tokens of each request."""
+        from gdsllm.engine.speculative import draft_count
+        ks = {r.seq_id: draft_count(r.params.draft_tokens, self.draft_tokens,
+                                    r.gen.max_new - len(r.gen.token_ids)) for r in active}
+        samplers = {r.seq_id: r.sampler for r in active}
+        out = self.speculator.step(self._pass, chunks, ks, samplers, self.runner)
+        return [out[r.seq_id] for r in active]
+
+    def _release(self, seq_id: int) -> None:
+        self.runner.release(seq_id)
+        if self.speculator is not None:
+            self.speculator.release(seq_id)

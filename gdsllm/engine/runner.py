@@ -13,6 +13,10 @@ attention runs per sequence. This is the shape continuous batching needs: a sequ
     logits = runner.end_pass()                 # float32 [2, vocab]: last token of each chunk
     runner.release(7)                          # frees its KV cache
 
+`start_pass(chunks, logit_rows={3: 4})` returns logits for the last 4 tokens of sequence 3's chunk
+(speculative decoding scores every drafted position), rows in chunk order; `truncate(3, n)` then
+rolls its KV cache back to its first n tokens (rejected draft tokens).
+
 A tied model stored once has no LM head in its head unit: the head multiplies by the embedding
 table the embed unit of the same pass was given, so that unit's buffer must still hold it when the
 head runs (gdsllm.engine.planner.plan_for keeps it resident).
@@ -62,9 +66,18 @@ class Runner:
             raise RuntimeError(f"sequence {seq_id} released in the middle of a pass that serves it")
         self.caches.pop(seq_id, None)
 
-    def start_pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False) -> None:
+    def truncate(self, seq_id: int, n: int) -> None:
+        """Roll `seq_id`'s KV cache back to its first `n` tokens (rejected draft tokens)."""
+        if self._pass is not None and seq_id in self._pass.seq_ids:
+            raise RuntimeError(f"sequence {seq_id} truncated in the middle of a pass that serves it")
+        if n < self.seq_len(seq_id):
+            self.caches[seq_id].truncate(n)
+
+    def start_pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False, *,
+                   logit_rows: dict[int, int] | None = None) -> None:
         """Begin one weight pass for `chunks`: (seq_id, new_token_ids) each, seq_ids distinct.
-        `all_logits`: end_pass returns logits for every new token, not only each chunk's last."""
+        `all_logits`: end_pass returns logits for every new token, not only each chunk's last;
+        `logit_rows[seq_id] = n`: logits for the last n tokens of that chunk (default 1)."""
         if self._pass is not None:
             raise RuntimeError("start_pass called while a pass is in progress (call end_pass first)")
         if not chunks:
@@ -88,8 +101,12 @@ class Runner:
                                  f"model's context of {p.max_position_embeddings} tokens")
             ids += toks
             positions += range(past, past + len(toks))
+            n_rows = (logit_rows or {}).get(sid, 1)
+            if not 1 <= n_rows <= len(toks):
+                raise ValueError(f"sequence {sid}: {n_rows} logit rows asked of a {len(toks)}-token chunk")
             segments.append((sid, row, row + len(toks)))
-            last_rows += range(row, row + len(toks)) if all_logits else [row + len(toks) - 1]
+            n_rows = len(toks) if all_logits else n_rows
+            last_rows += range(row + len(toks) - n_rows, row + len(toks))
             row += len(toks)
         for sid, _, _ in segments:
             if sid not in self.caches:  # a new sequence starts at position 0
@@ -125,7 +142,7 @@ class Runner:
                 if not p.tie_word_embeddings:
                     raise RuntimeError(f"unit {unit.name} has no lm_head.weight and the model is not tied")
                 weights = {**weights, "lm_head.weight": ps.embedding}
-            # Only each chunk's last token needs logits: norm + LM head on those rows alone.
+            # Only the rows asked for (each chunk's last token by default): norm + LM head on those.
             ps.logits = self.family.lm_head(p, weights, ps.x.index_select(0, ps.last_rows))
             ps.x = ps.embedding = None
         ps.next_unit += 1
@@ -136,7 +153,8 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     def end_pass(self) -> torch.Tensor:
-        """Finish the pass: commit the new tokens to the KV caches; float32 logits [chunks, vocab]."""
+        """Finish the pass: commit the new tokens to the KV caches; float32 logits [rows, vocab]
+        (one row per chunk, or logit_rows[seq_id] rows for those asked, in chunk order)."""
         ps = self._pass
         if ps is None:
             raise RuntimeError("end_pass without start_pass")

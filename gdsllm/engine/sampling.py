@@ -5,6 +5,7 @@
     sampler = Sampler(params)                           # one per request: owns its generator
     token = sampler.sample(logits_row)                  # float logits [vocab], any device
     tokens = Sampler.sample_batch(logits, samplers)     # [B, vocab], each row its own sampler
+    probs = sampler.probs(logits_rows)                  # [..., vocab]: the distribution sampled
 
 `temperature == 0` is greedy (argmax). Otherwise, as transformers and vLLM do: logits are divided
 by the temperature, then top-k, then top-p (nucleus) filter, then one draw from the softmax with
@@ -27,7 +28,9 @@ class SamplingParams:
     max_tokens: new tokens at most. temperature: 0 is greedy. top_p: nucleus mass in (0, 1],
     1 disables. top_k: keep the k most likely tokens, 0 disables. seed: None draws a random one.
     stop: strings that end the generation (not included in the text). stop_token_ids: token ids
-    that end it, besides the model's end-of-sequence ids (unless ignore_eos).
+    that end it, besides the model's end-of-sequence ids (unless ignore_eos). draft_tokens: how
+    many tokens a draft model may propose per pass for this request (speculative decoding; None:
+    the engine's default, 0: none); it changes speed, never the output distribution.
     """
 
     max_tokens: int = 128
@@ -38,6 +41,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    draft_tokens: int | None = None
 
     def __post_init__(self):
         # Accept lists (JSON, msgpack) and a lone string, store tuples: the object stays hashable.
@@ -81,6 +85,10 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be token ids (>= 0), got {t}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.draft_tokens is not None:
+            num("draft_tokens", self.draft_tokens, int)
+            if not 0 <= self.draft_tokens <= 64:
+                raise ValueError(f"draft_tokens must be 0 to 64, got {self.draft_tokens}")
         return self
 
 
@@ -101,23 +109,36 @@ class Sampler:
     def sample(self, logits: torch.Tensor) -> int:
         """One token id from float logits [vocab] (any device)."""
         assert logits.dim() == 1, logits.shape
-        p = self.params
-        if p.greedy:
+        if self.params.greedy:
             return int(logits.argmax())
+        return self.draw(self.probs(logits))
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """One token id drawn from `probs` [vocab] with this request's generator."""
+        return int(torch.multinomial(probs, 1, generator=self._gen(probs.device)))
+
+    def uniform(self, device: torch.device) -> float:
+        """One draw from U[0, 1) with this request's generator (speculative acceptance)."""
+        return float(torch.rand(1, generator=self._gen(torch.device(device)), device=device))
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution `sample` draws from, for float logits [..., vocab] (each row alone):
+        temperature, then top-k, then top-p. Not for greedy parameters."""
+        p = self.params
+        assert not p.greedy, "greedy sampling has no distribution"
         x = logits.float() / p.temperature
-        vocab = x.shape[0]
+        vocab = x.shape[-1]
         if 0 < p.top_k < vocab:
-            kth = torch.topk(x, p.top_k).values[-1]
+            kth = torch.topk(x, p.top_k, dim=-1).values[..., -1:]
             x = x.masked_fill(x < kth, -math.inf)
         if p.top_p < 1:
             # Sort once; keep the smallest prefix whose mass reaches top_p (always the first).
-            sorted_x, order = torch.sort(x, descending=True)
+            sorted_x, order = torch.sort(x, dim=-1, descending=True)
             probs = torch.softmax(sorted_x, dim=-1)
             mass_before = torch.cumsum(probs, dim=-1) - probs
             sorted_x = sorted_x.masked_fill(mass_before >= p.top_p, -math.inf)
-            x = torch.full_like(x, -math.inf).scatter(0, order, sorted_x)
-        probs = torch.softmax(x, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._gen(probs.device)))
+            x = torch.full_like(x, -math.inf).scatter(-1, order, sorted_x)
+        return torch.softmax(x, dim=-1)
 
     @staticmethod
     def sample_batch(logits: torch.Tensor, samplers: list["Sampler"]) -> list[int]:

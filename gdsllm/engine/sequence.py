@@ -75,7 +75,8 @@ def sampling_params(msg: Generate) -> SamplingParams:
     """The engine's SamplingParams of a wire request (not validated: see validate_request)."""
     return SamplingParams(temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
                           seed=msg.seed, max_tokens=msg.max_tokens, stop=tuple(msg.stop),
-                          stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos)
+                          stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
+                          draft_tokens=msg.draft_tokens)
 
 
 def validate_request(msg: Generate) -> None:

@@ -18,6 +18,11 @@ opens the arena once and replies `ArenaOpened`. Then, until `Shutdown` or the pa
   sampled and `PassResult(pass_id, [[seq_id, token]], seconds)` follows the head's Done.
 - `Release(seq_ids)`: frees those sequences' KV caches and samplers.
 
+With `config.draft` the worker also holds a draft model, fully resident (gdsllm.engine.draft):
+for each sequence in `StartPass.draft` it proposes up to k tokens before the target pass starts,
+the pass scores them with the chunk, and PassResult carries the accepted ones
+(gdsllm.engine.speculative: greedy or speculative-sampling acceptance, KV rollback).
+
 A failing step is `WorkerError(message, pass_id=, unit=)` naming the pass and unit; the pass is
 dropped (Runner.abort_pass), its remaining Runs get Done without computing, and the worker keeps
 serving. Messages are handled one at a time, in order: compute is the worker's only job.
@@ -67,6 +72,7 @@ class ComputeWorker:
         self.pass_failed = False
         self.pass_seconds = 0.0
         self.pass_seqs: list[int] = []
+        self.speculator = None  # with config.draft: gdsllm.engine.speculative.Speculator
         self.pass_partial: set[int] = set()
 
     def run(self) -> None:
@@ -97,6 +103,10 @@ class ComputeWorker:
         self.runner = Runner(self.meta.params, self.device, compute_dtype(self.device, self.meta.dtype),
                              architecture=self.meta.architecture)
         self.shared_embedding = shared_embedding(self.meta)  # the head reads the embed unit's bytes
+        if self.config.draft is not None:
+            from gdsllm.engine.speculative import make_speculator
+            self.speculator = make_speculator(self.meta, self.config.draft, self.device,
+                                              self.config.draft_tokens)
         return ComputeReady(pid=os.getpid(), device=str(self.device))
 
     def _loop(self) -> None:
@@ -156,8 +166,15 @@ class ComputeWorker:
             missing = [sid for sid, _ in msg.chunks if sid not in self.samplers]
             if missing:
                 raise ValueError(f"sequences {missing} have no sampling parameters")
-            self.runner.start_pass([(sid, list(toks)) for sid, toks in msg.chunks])
+            chunks, rows = [(sid, list(toks)) for sid, toks in msg.chunks], None
+            if self.speculator is not None:
+                chunks, rows = self.speculator.plan(chunks, msg.draft, self.samplers)
+            elif msg.draft:
+                raise ValueError("draft tokens asked of a worker without a draft model")
+            self.runner.start_pass(chunks, logit_rows=rows)
         except Exception as e:
+            if self.speculator is not None:
+                self.speculator.abort(self.runner)
             self.pass_failed = True
             self._send(WorkerError(f"pass {msg.pass_id}: start failed: {type(e).__name__}: {e}",
                                    pass_id=msg.pass_id))
@@ -202,23 +219,32 @@ class ComputeWorker:
         t0 = time.perf_counter()
         try:
             logits = self.runner.end_pass()
-            rows = [i for i, sid in enumerate(self.pass_seqs) if sid not in self.pass_partial]
-            seq_ids = [self.pass_seqs[i] for i in rows]
-            if len(rows) < len(self.pass_seqs):
-                logits = logits[rows]
-            from gdsllm.engine.sampling import Sampler
-            picks = Sampler.sample_batch(logits, [self.samplers[sid] for sid in seq_ids]) if rows else []
-            tokens = list(zip(seq_ids, picks))
+            accepted, proposed = {}, {}
+            seq_ids = [sid for sid in self.pass_seqs if sid not in self.pass_partial]
+            if self.speculator is not None:
+                proposed = {sid: len(p.tokens) for sid, p in self.speculator.proposals.items()}
+                out = self.speculator.finish(logits, self.samplers, self.runner, skip=self.pass_partial)
+                tokens = [(sid, out[sid][-1]) for sid in seq_ids]
+                accepted = {sid: out[sid][:-1] for sid in proposed}
+            else:
+                if len(seq_ids) < len(self.pass_seqs):  # mid-prompt chunks sample nothing
+                    rows = [i for i, sid in enumerate(self.pass_seqs) if sid not in self.pass_partial]
+                    logits = logits[rows]
+                from gdsllm.engine.sampling import Sampler
+                picks = Sampler.sample_batch(logits, [self.samplers[sid] for sid in seq_ids]) if seq_ids else []
+                tokens = list(zip(seq_ids, picks))
         except Exception as e:
             self._fail(msg, e, done_sent=True)
             return
         seconds = self.pass_seconds + time.perf_counter() - t0
-        self._send(PassResult(self.pass_id, tokens, seconds))
+        self._send(PassResult(self.pass_id, tokens, seconds, accepted, proposed))
         self.pass_id = None
 
     def _fail(self, msg: Run, e: Exception, done_sent: bool = False) -> None:
         unit = self.meta.units[msg.unit].name if 0 <= msg.unit < len(self.meta.units) else msg.unit
         self.runner.abort_pass()
+        if self.speculator is not None:
+            self.speculator.abort(self.runner)
         try:
             self.runner.fence()
         except Exception:
@@ -233,6 +259,8 @@ class ComputeWorker:
         for sid in msg.seq_ids:
             try:
                 self.runner.release(sid)
+                if self.speculator is not None:
+                    self.speculator.release(sid)
             except Exception as e:
                 self._send(WorkerError(f"release of sequence {sid}: {type(e).__name__}: {e}"))
                 continue

@@ -55,7 +55,11 @@ class Coordinator:
         p = self.meta.params
         self.eos_ids = frozenset(p.eos_token_ids)
         self.max_context = p.max_position_embeddings
-        self.plan = plan_for(self.meta, config.vram_budget, config.prefetch_window)
+        budget, self.draft_bytes = config.vram_budget, 0
+        if config.draft is not None:  # speculative decoding: the resident draft's bytes come first
+            from gdsllm.engine.speculative import reserve_draft
+            self.draft_bytes, budget = reserve_draft(self.meta, config.draft, budget)
+        self.plan = plan_for(self.meta, budget, config.prefetch_window)
         self.metrics = ServiceMetrics()
         self.targets = (io_target, compute_target)
         self.workers: WorkerSet | None = None
@@ -89,7 +93,7 @@ class Coordinator:
         m = self.metrics
         from gdsllm import __version__
         m.set_build_info(__version__, self.config.device, self.io_path)
-        m.set_budget(self.config.vram_budget, self.plan.resident_bytes)
+        m.set_budget(self.config.vram_budget, self.plan.resident_bytes + self.draft_bytes)
         if self.config.metrics_port is not None:
             self.http = m.start_http(self.config.metrics_host, self.config.metrics_port)
         self.status = "ok"

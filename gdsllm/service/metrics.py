@@ -30,6 +30,8 @@ LAYER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 # every pass from a slow disk (AirLLM-class setups: ~10 s/token).
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                  20.0, 30.0, 60.0, 120.0)
+# Tokens a sequence gains from one target pass that verified its draft: 1 (all rejected) to K + 1.
+SPEC_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 65)
 # HTTP requests: ms for /health and refusals, up to a whole generation for a non-streamed answer.
 HTTP_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -82,6 +84,14 @@ class ServiceMetrics:
                                    "in device memory", registry=r)
         self.slots_in_flight = Gauge("gdsllm_slots_in_flight", "Streaming slots holding a unit being "
                                      "read or computed", registry=r)
+        self.draft_tokens = Counter("gdsllm_draft_tokens", "Tokens proposed by the draft model "
+                                    "(speculative decoding)", registry=r)
+        self.draft_accepted_tokens = Counter(
+            "gdsllm_draft_accepted_tokens", "Draft tokens the target model accepted", registry=r)
+        self.tokens_per_target_pass = Histogram(
+            "gdsllm_tokens_per_target_pass", "Tokens one sequence gained from one target pass that "
+            "verified its draft (accepted drafts plus the target's own token)",
+            buckets=SPEC_BUCKETS, registry=r)
         self.http_requests = Counter(
             "gdsllm_http_requests", "HTTP API requests answered, by route and status code "
             "(499: the client left first)", ["route", "status"], registry=r)
@@ -153,6 +163,13 @@ class ServiceMetrics:
     def observe_itl(self, seconds: float) -> None:
         assert seconds >= 0, seconds
         self.itl_seconds.observe(seconds)
+
+    def observe_speculation(self, proposed: int, accepted: int) -> None:
+        """One sequence's target pass over its `proposed` draft tokens, `accepted` of them kept."""
+        assert 0 <= accepted <= proposed, (proposed, accepted)
+        self.draft_tokens.inc(proposed)
+        self.draft_accepted_tokens.inc(accepted)
+        self.tokens_per_target_pass.observe(accepted + 1)
 
     def observe_request(self, seconds: float, finish_reason: str) -> None:
         if finish_reason not in FINISH_REASONS:

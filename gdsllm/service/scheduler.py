@@ -33,6 +33,7 @@ from ipc.messages import Done, Error, Loaded, PassResult, Release, StartPass, To
 
 from gdsllm.engine.planner import ResidencyPlan, StreamSchedule
 from gdsllm.engine.sequence import Sequence
+from gdsllm.engine.speculative import draft_count
 
 log = logging.getLogger("gdsllm.service.scheduler")
 
@@ -51,6 +52,8 @@ class BatchScheduler:
         self.largest_pass_bytes = 0  # the largest StartPass sent (bytes)
         self.healthy = True
         self.failure = ""  # why the service stopped serving, after fail_all
+        # speculative decoding: tokens drafted per sequence and pass (0: off)
+        self.draft_tokens = config.draft_tokens if config.draft is not None else 0
         self.attach(workers)
 
     def attach(self, workers) -> None:
@@ -158,10 +161,14 @@ class BatchScheduler:
             budget -= self._chunk(seq, budget, chunks, partial)
         if not chunks:
             return
+        # Drafts only for chunks that end where the next token is predicted (never mid-prompt).
+        ends = {sid for sid, _ in chunks} - set(partial)
+        draft = {s.seq_id: k for s in self.running.values() if s.seq_id in ends and (k := draft_count(
+            s.request.draft_tokens, self.draft_tokens, s.max_new - len(s.token_ids)))}
         self.pass_id += 1
         self.pass_seqs = [sid for sid, _ in chunks]
         self.result_pending = True
-        raw = encode(StartPass(self.pass_id, chunks, new, partial))
+        raw = encode(StartPass(self.pass_id, chunks, new, partial, draft))
         self.largest_pass_bytes = max(self.largest_pass_bytes, len(raw))
         self.workers.compute.send(raw)
         self.last_progress = time.monotonic()
@@ -265,14 +272,22 @@ class BatchScheduler:
             if seq is None:
                 continue  # failed or vanished meanwhile
             prev = seq.last_token_at
-            delta = seq.append(token)
-            m.add_generation_tokens(1)
+            delta, ids = "", []
+            for t in [*msg.accepted.get(sid, ()), token]:  # drafts the target accepted come first
+                delta += seq.append(t)
+                ids.append(t)
+                if seq.finish_reason is not None:
+                    break
+            m.add_generation_tokens(len(ids))
+            if sid in msg.proposed:
+                m.observe_speculation(msg.proposed[sid], len(msg.accepted.get(sid, ())))
             if prev is None:
                 m.observe_ttft(seq.first_token_at - seq.arrived)
             else:
-                m.observe_itl(seq.last_token_at - prev)
+                for _ in ids:  # tokens of one pass share its latency
+                    m.observe_itl((seq.last_token_at - prev) / len(ids))
             if seq.request.stream and (delta or seq.finish_reason is None):
-                if not self.reply(seq.client, TokenChunk(seq.request.request_id, delta, [token])):
+                if not self.reply(seq.client, TokenChunk(seq.request.request_id, delta, ids)):
                     continue  # the client is gone: its requests were cancelled
             if seq.finish_reason is not None:
                 self.finish(seq)

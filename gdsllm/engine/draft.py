@@ -1,0 +1,135 @@
+"""The draft model of speculative decoding: small, fully resident, proposing tokens for the target.
+
+    draft = DraftModel(draft_dir, device="cpu")          # every unit read once, kept in memory
+    check_draft(target_meta, draft.meta)                 # ValueError naming both models on mismatch
+    props = draft.propose([(seq_id, tokens, k, sampler)])  # {seq_id: Proposal(tokens, probs)}
+    draft.truncate(seq_id, n)                            # keep the first n tokens (rejections)
+    draft.release(seq_id)
+
+`tokens` is the sequence as the target knows it (prompt and every token since); the draft feeds
+itself whatever part of it its own KV cache does not hold yet, then proposes `k` tokens one pass
+each, all sequences batched together. Greedy requests get the draft's argmax; sampled ones a draw
+from the draft's own distribution under the request's parameters (`Proposal.probs`, q in the
+speculative-sampling rule of gdsllm.engine.speculative), with the request's generator.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from gdsllm.engine.runner import Runner, compute_dtype
+from gdsllm.engine.sampling import Sampler
+from gdsllm.engine.views import unit_tensors
+from gdsllm.format.metadata import ModelMeta, load_model_meta, verify_unit
+from gdsllm.format.storage import HostReader, aligned_host_buffer
+
+
+@dataclass
+class Proposal:
+    tokens: list[int] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)  # q per token (sampled requests only)
+
+
+def check_draft(target: ModelMeta, draft: ModelMeta) -> None:
+    """Raise ValueError unless `draft` speaks `target`'s vocabulary: the same number of logits and,
+    where the models have tokenizers, the same token -> id table (names both models)."""
+    where = f"draft model {draft.root} does not match target model {target.root}"
+    if draft.params.vocab_size != target.params.vocab_size:
+        raise ValueError(f"{where}: vocabulary of {draft.params.vocab_size} tokens, the target's "
+                         f"has {target.params.vocab_size}")
+    if bool(draft.tokenizer_file) != bool(target.tokenizer_file):
+        has, lacks = (target, draft) if target.tokenizer_file else (draft, target)
+        raise ValueError(f"{where}: {has.root} has a tokenizer, {lacks.root} has none")
+    if target.tokenizer_file:
+        from tokenizers import Tokenizer as HFTokenizer
+        a = HFTokenizer.from_file(str(target.root / target.tokenizer_file)).get_vocab(True)
+        b = HFTokenizer.from_file(str(draft.root / draft.tokenizer_file)).get_vocab(True)
+        if a != b:
+            diff = sorted(set(a.items()) ^ set(b.items()))[:3]
+            raise ValueError(f"{where}: the tokenizers differ ({len(set(a.items()) ^ set(b.items()))} "
+                             f"token ids disagree, e.g. {diff})")
+
+
+def load_resident(meta: ModelMeta, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Every unit of `meta` read once (O_DIRECT), checksum verified, kept on `device`."""
+    out = {}
+    with HostReader(direct=True) as reader:
+        for u in meta.units:
+            buf = aligned_host_buffer(u.nbytes)
+            reader.read(meta.path(u), buf, u.nbytes)
+            verify_unit(meta, u, buf)
+            dev = buf[: u.nbytes].to(device) if device.type != "cpu" else buf[: u.nbytes]
+            out[u.name] = unit_tensors(u, dev)
+    return out
+
+
+class DraftModel:
+    def __init__(self, model: str | os.PathLike | ModelMeta, device: str | torch.device = "cpu"):
+        self.meta = model if isinstance(model, ModelMeta) else load_model_meta(Path(model).expanduser())
+        self.device = torch.device(device)
+        self.runner = Runner(self.meta.params, self.device, compute_dtype(self.device, self.meta.dtype),
+                             architecture=self.meta.architecture)
+        self.weights = load_resident(self.meta, self.device)
+        self.passes = 0  # draft passes run (each a pass over the resident draft)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes the draft's weights occupy (what the VRAM budget must set aside)."""
+        return self.meta.total_bytes
+
+    @property
+    def max_context(self) -> int:
+        return self.meta.params.max_position_embeddings
+
+    def seq_len(self, seq_id: int) -> int:
+        return self.runner.seq_len(seq_id)
+
+    def truncate(self, seq_id: int, n: int) -> None:
+        self.runner.truncate(seq_id, n)
+
+    def release(self, seq_id: int) -> None:
+        self.runner.release(seq_id)
+
+    def _pass(self, chunks: list[tuple[int, list[int]]]) -> torch.Tensor:
+        self.runner.start_pass(chunks)
+        try:
+            for u in self.meta.units:
+                self.runner.run_unit(u, self.weights[u.name])
+            self.passes += 1
+            return self.runner.end_pass()
+        except BaseException:
+            self.runner.abort_pass()
+            raise
+
+    def propose(self, items: list[tuple[int, list[int], int, Sampler]]) -> dict[int, Proposal]:
+        """Up to k tokens for each (seq_id, tokens, k, sampler); one batched draft pass per
+        proposed position. The draft's cache then holds tokens + all proposals but the last."""
+        out = {sid: Proposal() for sid, _, _, _ in items}
+        want = {sid: (k, s) for sid, _, k, s in items if k > 0}
+        feed = {}
+        for sid, tokens, k, _ in items:
+            if k > 0:
+                have = self.runner.seq_len(sid)
+                assert have < len(tokens), f"draft of sequence {sid} holds {have} of {len(tokens)}"
+                feed[sid] = list(tokens[have:])
+        while feed:
+            sids = list(feed)
+            logits = self._pass([(sid, feed[sid]) for sid in sids])
+            greedy = [i for i, sid in enumerate(sids) if want[sid][1].params.greedy]
+            picks = dict.fromkeys(sids, 0)
+            if greedy:
+                idx = torch.tensor(greedy, device=logits.device)
+                for i, t in zip(greedy, logits.index_select(0, idx).argmax(-1).tolist()):
+                    picks[sids[i]] = t
+            for i, sid in enumerate(sids):
+                sampler = want[sid][1]
+                if not sampler.params.greedy:
+                    q = sampler.probs(logits[i])
+                    picks[sid] = sampler.draw(q)
+                    out[sid].probs.append(q)
+                out[sid].tokens.append(picks[sid])
+            feed = {sid: [picks[sid]] for sid in sids if len(out[sid].tokens) < want[sid][0]}
+        return out

@@ -1,0 +1,195 @@
+"""Speculative decoding: a resident draft proposes up to K tokens per sequence, the (streamed) target
+scores them all in ONE weight pass, and the longest acceptable prefix is kept.
+
+    spec = Speculator(DraftModel(draft_dir), target_context=meta.params.max_position_embeddings)
+    chunks, rows = spec.plan(chunks, ks={seq_id: 4}, samplers={seq_id: sampler})
+    logits = run_target_pass(chunks, logit_rows=rows)       # Runner.start_pass(chunks, rows) ...
+    out = spec.finish(logits, samplers, target_runner)      # {seq_id: [new tokens, in order]}
+    spec.release(seq_id)
+    # or, when the pass is a function call: out = spec.step(run_pass, chunks, ks, samplers, runner)
+
+For each sequence with k > 0 the target's chunk is its new tokens followed by the k drafts, and
+logits come back for the last k + 1 positions: row i scores draft i, row k the token after them.
+Greedy requests keep the drafts while they equal the target's argmax, then the target's own
+argmax (`accept_greedy`): the output is token for token the output without a draft. Sampled
+requests follow the speculative-sampling rule of Leviathan et al. and Chen et al. (2023)
+(`accept_sampled`): draft d_i ~ q_i is accepted with probability min(1, p_i(d_i) / q_i(d_i));
+the first rejection is replaced by a draw from normalize(max(0, p_i - q_i)); when every draft is
+accepted one more token is drawn from p_k. Each emitted token is then distributed exactly as the
+target's own sampler would draw it (p: the target's distribution after temperature, top-k and
+top-p), all draws from the request's seeded generator. Rejected positions are rolled back from
+both KV caches. Sequences with k = 0 share the pass and are sampled as without a draft.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gdsllm.engine.draft import DraftModel, Proposal, check_draft
+from gdsllm.engine.sampling import Sampler
+
+
+def make_speculator(target_meta, draft, device, draft_tokens: int = 4) -> "Speculator":
+    """The draft at path `draft` loaded resident on `device`, checked against the target."""
+    from pathlib import Path
+
+    from gdsllm.format.metadata import load_model_meta
+    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 64:
+        raise ValueError(f"draft_tokens must be 1 to 64, got {draft_tokens!r}")
+    meta = load_model_meta(Path(draft).expanduser())
+    check_draft(target_meta, meta)
+    return Speculator(DraftModel(meta, device), target_meta.params.max_position_embeddings)
+
+
+def reserve_draft(target_meta, draft, budget: int | None) -> tuple[int, int | None]:
+    """Check the draft at path `draft` against the target (ValueError naming both on a mismatch);
+    its bytes and what `budget` (None: unlimited) leaves for the target's weights."""
+    from pathlib import Path
+
+    from gdsllm.format.metadata import load_model_meta
+    meta = load_model_meta(Path(draft).expanduser())
+    check_draft(target_meta, meta)
+    n = meta.total_bytes
+    if budget is not None and budget - n <= 0:
+        raise ValueError(f"the draft model {meta.root} needs {n} bytes, the whole VRAM budget of "
+                         f"{budget} bytes: raise --vram-budget or pick a smaller draft")
+    return n, None if budget is None else budget - n
+
+
+def draft_count(requested: int | None, default: int, remaining: int) -> int:
+    """Tokens to draft for a sequence this pass: its request's choice (None: `default`, which is
+    0 without a draft model), never more than the `remaining` tokens it may produce minus the
+    target's own next one."""
+    if not default:
+        return 0
+    return max(0, min(default if requested is None else requested, remaining - 1))
+
+
+def accept_greedy(rows: torch.Tensor, drafts: list[int]) -> list[int]:
+    """rows [k+1, vocab]: the drafts that equal the target's argmax, then the target's argmax."""
+    best = rows.argmax(-1).tolist()
+    j = 0
+    while j < len(drafts) and drafts[j] == best[j]:
+        j += 1
+    return drafts[:j] + [best[j]]
+
+
+def accept_sampled(rows: torch.Tensor, drafts: list[int], q: list[torch.Tensor],
+                   sampler: Sampler) -> list[int]:
+    """rows [k+1, vocab] target logits; q[i] the draft distribution d_i was drawn from."""
+    p = sampler.probs(rows)
+    for i, d in enumerate(drafts):
+        qi, pi = q[i].to(p.device), p[i]
+        if sampler.uniform(p.device) * float(qi[d]) < float(pi[d]):  # u < p(d) / q(d)
+            continue
+        residual = (pi - qi).clamp_min(0)
+        mass = float(residual.sum())
+        # mass == 0 only where p == q to rounding, when the draft is accepted with probability 1
+        return drafts[:i] + [sampler.draw(residual / mass if mass > 0 else pi)]
+    return drafts + [sampler.draw(p[len(drafts)])]
+
+
+@dataclass
+class SpecStats:
+    """Counts since start: tokens drafted, drafts accepted, target passes that verified a draft
+    (per sequence) and the tokens those passes produced."""
+
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    target_passes: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.tokens / self.target_passes if self.target_passes else 0.0
+
+
+class Speculator:
+    def __init__(self, draft: DraftModel, target_context: int):
+        self.draft, self.target_context = draft, target_context
+        self.hist: dict[int, list[int]] = {}  # per sequence: the tokens fed to the target
+        self.stats = SpecStats()
+        self._order: list[int] = []
+        self._rows: dict[int, int] = {}
+        self.proposals: dict[int, Proposal] = {}  # of the pass in flight
+
+    def plan(self, chunks: list[tuple[int, list[int]]], ks: dict[int, int],
+             samplers: dict[int, Sampler]) -> tuple[list[tuple[int, list[int]]], dict[int, int]]:
+        """Draft up to ks[seq_id] tokens per sequence; the target's chunks and logit rows."""
+        items = []
+        for sid, new in chunks:
+            h = self.hist.setdefault(sid, [])
+            h.extend(new)
+            k = min(ks.get(sid, 0), self.target_context - len(h),  # the target holds len(h) + k
+                    self.draft.max_context - len(h) + 1)  # the draft len(h) + k - 1
+            if k > 0:
+                items.append((sid, h, k, samplers[sid]))
+        self.proposals = self.draft.propose(items) if items else {}
+        self._order = [sid for sid, _ in chunks]
+        self._rows = {sid: len(p.tokens) + 1 for sid, p in self.proposals.items()}
+        out = [(sid, list(new) + (self.proposals[sid].tokens if sid in self.proposals else []))
+               for sid, new in chunks]
+        return out, dict(self._rows)
+
+    def finish(self, logits: torch.Tensor, samplers: dict[int, Sampler], target, skip=()
+               ) -> dict[int, list[int]]:
+        """The new tokens of each sequence of the pass from its logits (rows as `plan` asked);
+        rolls back rejected drafts in `target` (its Runner) and in the draft. Sequences in `skip`
+        (mid-prompt chunks of a chunked prefill, never drafted) get no token."""
+        spans, row = {}, 0
+        for sid in self._order:
+            n = self._rows.get(sid, 1)
+            spans[sid] = (row, row + n)
+            row += n
+        assert row == logits.shape[0], (row, logits.shape)
+        plain = [sid for sid in self._order if sid not in self.proposals and sid not in skip]
+        out: dict[int, list[int]] = {}
+        if plain:
+            last = torch.tensor([spans[s][1] - 1 for s in plain], device=logits.device)
+            picks = Sampler.sample_batch(logits.index_select(0, last), [samplers[s] for s in plain])
+            out.update((s, [t]) for s, t in zip(plain, picks))
+        st = self.stats
+        for sid, prop in self.proposals.items():
+            a, b = spans[sid]
+            s = samplers[sid]
+            toks = (accept_greedy(logits[a:b], prop.tokens) if s.params.greedy
+                    else accept_sampled(logits[a:b], prop.tokens, prop.probs, s))
+            out[sid] = toks
+            h = self.hist[sid]
+            h.extend(toks[:-1])  # accepted drafts are in the target's cache; the last token is not
+            target.truncate(sid, len(h))
+            self.draft.truncate(sid, len(h))
+            st.draft_tokens += len(prop.tokens)
+            st.accepted_tokens += len(toks) - 1
+            st.target_passes += 1
+            st.tokens += len(toks)
+        self.proposals = {}
+        return {sid: out[sid] for sid in self._order if sid in out}
+
+    def abort(self, target) -> None:
+        """The target pass failed: forget its chunks (hist back to what `target` holds)."""
+        for sid in self._order:
+            h = self.hist.get(sid)
+            if h is not None:
+                del h[target.seq_len(sid):]
+                self.draft.truncate(sid, len(h))
+        self.proposals = {}
+
+    def step(self, run_pass, chunks, ks, samplers, target) -> dict[int, list[int]]:
+        """plan, `run_pass(chunks, logit_rows=) -> logits`, finish: one speculative step."""
+        chunks, rows = self.plan(chunks, ks, samplers)
+        try:
+            logits = run_pass(chunks, logit_rows=rows)
+        except BaseException:
+            self.abort(target)
+            raise
+        return self.finish(logits, samplers, target)
+
+    def release(self, seq_id: int) -> None:
+        self.hist.pop(seq_id, None)
+        self.draft.release(seq_id)
