@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh wait-prep   # until prep is done (or 7 minutes)
 #   bash benchmarks/gpu_session.sh quant       # bench_quant: ceiling, stream, resident, table
 #   bash benchmarks/gpu_session.sh verify      # --verify always against first (verify_cost.py)
+#   bash benchmarks/gpu_session.sh rerun       # a few named GPU tests again (edit the step)
 #   bash benchmarks/gpu_session.sh spec        # speculative decoding (bench_spec.py)
 #   bash benchmarks/gpu_session.sh bench peers # bench_7b.py: the streamed 7B and its peers
 # Carry .whl (../shared/tools/device-wheels.sh gguf==0.19.0) in every call. The SmolLM2 GGUF
@@ -51,6 +52,11 @@ for step in "$@"; do
     verify)
       [ -f benchmarks/verify_cost.py ] && python3 benchmarks/verify_cost.py -m /root/gq/model --vram-budget 2GiB 2>&1 \
         | tee "$OUT/verify.log" | tail -20 ;;
+    rerun)
+      # the tests that failed in an earlier call, and the speculative-decoding CUDA test
+      python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_compute_worker.py tests/test_speculative.py \
+        tests/test_perplexity.py::test_cuda_quantized_service_streams_like_float 2>&1 \
+        | tee "$OUT/gpu-rerun.log" | tail -30 ;;
     spec)
       [ -f benchmarks/bench_spec.py ] && python3 benchmarks/bench_spec.py --work /root/gq 2>&1 \
         | tee "$OUT/spec.log" | tail -30 ;;
