@@ -205,4 +205,7 @@ def test_cuda_quantized_service_streams_like_float(quantized, smollm2_float, tmp
         tokens[name] = r.tokens
         assert sum(cached_bytes(meta.path(u)) for u in meta.units) < 0.05 * meta.total_bytes, name
     assert tokens["int4"] == tokens["float"] == 8
-    assert peaks["int4"] <= peaks["float"] * 1.1, peaks
+    # The quantized kernels' libraries (Triton, loaded by the compute worker) add a constant: about
+    # 130 MB on an H200 (2026-11-28: 1.30 GB against 1.17 GB), the same at the 7B shape
+    # (docs/BENCHMARKS.md). RSS must not grow with the model: a fixed allowance, not a ratio.
+    assert peaks["int4"] <= peaks["float"] + (256 << 20), peaks
