@@ -117,29 +117,6 @@ class Coordinator:
             t.cancel()
         self.worker_tasks = []
 
-    async def _load_resident(self, pending: int, progress: LoadProgress) -> None:
-        """Wait for the resident units' Loaded replies: nothing runs before they are in place."""
-        deadline = asyncio.get_running_loop().time() + self.config.startup_timeout_s
-        while pending:
-            try:
-                raw = await asyncio.wait_for(self.workers.io.recv(), 0.5)
-            except asyncio.TimeoutError:
-                if self.status == "degraded":  # a worker died meanwhile
-                    raise WorkerStartError(self.detail) from None
-                if asyncio.get_running_loop().time() > deadline:
-                    raise WorkerStartError(f"resident units not loaded within "
-                                           f"{self.config.startup_timeout_s:.0f} s (startup_timeout_s)") from None
-                continue
-            msg = decode(raw)
-            if isinstance(msg, Loaded):
-                if msg.error:
-                    raise WorkerStartError(f"loading resident unit {self.plan.names[msg.unit]}: {msg.error}")
-                self.metrics.observe_load(msg.nbytes, msg.seconds, msg.io_path)
-                progress.update(msg.nbytes)
-                pending -= 1
-            elif isinstance(msg, WorkerError):
-                raise WorkerStartError(f"io worker: {msg.message}")
-
     def request_stop(self) -> None:
         self.stopped.set()
 
