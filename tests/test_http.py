@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import openai
 import pytest
@@ -240,16 +241,22 @@ def test_client_disconnect_before_a_full_answer_cancels_it(server):
 def test_503_while_loading_and_when_degraded(model, tmp_path):
     s = HttpServe(model, tmp_path / "serve.log", "--restart-limit", "0", wait=False)  # no restart
     try:
-        # The HTTP port is bound before the model loads: the first answer is "loading".
-        status = wait_for(lambda: _try_post(s), "for the HTTP port", timeout=120, proc=s.proc)
+        # The HTTP port is bound before the model loads: the first answer is "loading". A tiny
+        # model loads in a moment, so the first worker is held (SIGSTOP) as soon as it exists,
+        # and "loading" lasts until the test lets it go (without that, a loaded machine raced it).
+        first = wait_for(lambda: _workers(s)[:1], "for a worker process", timeout=120, proc=s.proc)[0]
+        os.kill(first, signal.SIGSTOP)
+        try:
+            status = wait_for(lambda: _try_post(s), "for the HTTP port", timeout=120, proc=s.proc)
+        finally:
+            os.kill(first, signal.SIGCONT)
         code, body = status
         assert code == 503, body
         assert body["error"]["code"] == "service_unavailable" and "loading" in body["error"]["message"]
         s.wait_ready()
         conn, resp = open_stream(s.port, "/v1/completions", {"prompt": PROMPT, "stream": True, **LONG})
         assert resp.readline().startswith(b"data: ")
-        workers = [p for p in s.children()
-                   if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+        workers = _workers(s)
         assert len(workers) == 2, workers  # the I/O and the compute worker
         os.kill(workers[-1], signal.SIGKILL)
         # The stream already had its 200: the failure comes as an error event, then [DONE].
@@ -266,6 +273,18 @@ def test_503_while_loading_and_when_degraded(model, tmp_path):
     finally:
         rc = s.stop()
     assert rc == 0, s.log_tail()
+
+
+def _workers(s: HttpServe) -> list[int]:
+    """The server's worker processes (multiprocessing spawn children), oldest first."""
+    out = []
+    for pid in s.children():
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
+            pass  # exited meanwhile
+    return out
 
 
 def _try_post(s: HttpServe):
