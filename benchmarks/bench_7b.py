@@ -186,13 +186,18 @@ def main() -> None:
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     a.model, a.hf, a.log = a.work / "model", a.work / "model-hf", a.work / "bench.log"
-    rp = a.work / "results.json"
+    run_parts(a, {name[5:]: f for name, f in globals().items() if name.startswith("part_")},
+              a.work / "results.json")
+
+
+def run_parts(a, parts: dict, rp: Path) -> None:
+    """Run the parts named in a.parts in order, results accumulating in the JSON file `rp`."""
     res = json.loads(rp.read_text()) if rp.exists() else {}
     for part in a.parts.split(","):
         print(f"== {part}", flush=True)
         t0 = time.perf_counter()
         try:
-            globals()[f"part_{part}"](a, res)
+            parts[part](a, res)
         except Exception as e:  # one failed part must not lose the others' numbers
             res.setdefault("errors", {})[part] = f"{type(e).__name__}: {e}"
             print(f"part {part} failed: {e}", flush=True)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bench_7b import GB, decode_run, part_ceiling, part_synth, sh
+from benchmarks.bench_7b import GB, decode_run, part_ceiling, part_synth, run_parts, sh
 from gdsllm.format.metadata import load_model_meta
 
 QTYPES = ("float16", "int8", "int4")
@@ -115,21 +115,9 @@ def main() -> None:
     a.qtypes = [q for q in a.qtypes.split(",") if q]
     a.work.mkdir(parents=True, exist_ok=True)
     a.model, a.hf, a.log = a.work / "model", a.work / "model-hf", a.work / "bench-quant.log"
-    rp = a.work / "results-quant.json"
-    res = json.loads(rp.read_text()) if rp.exists() else {}
     parts = {"synth": part_synth, "quantize": part_quantize, "ceiling": part_ceiling,
              "stream": part_stream, "resident": part_resident, "table": part_table}
-    for part in a.parts.split(","):
-        print(f"== {part}", flush=True)
-        t0 = time.perf_counter()
-        try:
-            parts[part](a, res)
-        except Exception as e:  # one failed part must not lose the others' numbers
-            res.setdefault("errors", {})[part] = f"{type(e).__name__}: {e}"
-            print(f"part {part} failed: {e}", flush=True)
-        res.setdefault("part_seconds", {})[part] = time.perf_counter() - t0
-        rp.write_text(json.dumps(res, indent=1))
-
+    run_parts(a, parts, a.work / "results-quant.json")
 
 if __name__ == "__main__":
     main()
