@@ -77,10 +77,13 @@ def decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
 def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                             window: int | None = None, *, num_splits: int | None = None,
-                            block_n: int | None = None) -> torch.Tensor:
-    """The Triton kernel (module docstring). `num_splits` (splits of each sequence's positions)
-    and `block_n` (keys per tile, a power of two >= 16) default to _num_splits / _block_n; they
-    are arguments for the benchmark and the tests. Runs on CPU tensors under TRITON_INTERPRET=1."""
+                            block_n: int | None = None, num_warps: int | None = None,
+                            num_stages: int | None = None) -> torch.Tensor:
+    """The Triton kernel (module docstring). `num_splits` (splits of each sequence's positions),
+    `block_n` (keys per tile, a power of two >= 16), `num_warps` and `num_stages` (Triton's
+    launch options; the stages pipeline the K/V tile loads) default to _num_splits / _config;
+    they are arguments for the benchmark and the tests. Runs on CPU tensors under
+    TRITON_INTERPRET=1."""
     if triton is None:
         raise RuntimeError("decode_attention_triton needs triton (pip install triton)")
     b, h, d = q.shape
@@ -96,7 +99,8 @@ def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     group = h // kvh
     max_blocks = block_tables.shape[1]
     splits = num_splits or _num_splits(b, kvh, max_blocks * bs, q.device)
-    bn = block_n or _block_n(d)
+    bn, warps, stages = _config(d, k_pool.dtype)
+    bn, warps, stages = block_n or bn, num_warps or warps, num_stages or stages
     out = torch.empty(b, h, d, dtype=q.dtype, device=q.device)
     if splits > 1:
         part = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
@@ -104,15 +108,15 @@ def decode_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch
     else:  # written straight into out: the scratch arguments are unused
         part, lse = out, out
     sk = k_pool.stride()
-    warps = 4 if d <= 128 else 8
     _decode_kernel[(b, kvh, splits)](
         q, k_pool, v_pool, block_tables, seq_lens, out, part, lse,
         q.stride(0), q.stride(1), sk[0], sk[1], sk[2], block_tables.stride(0),
-        scale * _LOG2E, window or 0, group, d,
-        BLOCK_SIZE=bs, NUM_SPLITS=splits, BLOCK_N=bn, BLOCK_G=max(16, _pow2(group)),
-        BLOCK_D=max(16, _pow2(d)), IEEE=k_pool.dtype == torch.float32, num_warps=warps)
+        scale * _LOG2E, window or 0, splits, group, d,
+        BLOCK_SIZE=bs, SPLIT=splits > 1, BLOCK_N=bn, BLOCK_G=max(16, _pow2(group)),
+        BLOCK_D=max(16, _pow2(d)), IEEE=k_pool.dtype == torch.float32, num_warps=warps,
+        num_stages=stages)
     if splits > 1:
-        _merge_kernel[(b, h)](part, lse, out, d, NUM_SPLITS=splits, BLOCK_S=_pow2(splits),
+        _merge_kernel[(b, h)](part, lse, out, splits, d, BLOCK_S=_pow2(splits),
                               BLOCK_D=max(16, _pow2(d)))
     return out.reshape(b, h * d)
 
@@ -121,9 +125,13 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _block_n(d: int) -> int:
-    """Keys per tile: a K and a V tile of 64 x 128 half floats (32 KiB) per step."""
-    return 64 if d <= 128 else 32
+def _config(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages). Chosen by compiling for sm_90 without a GPU (no
+    register spills; K/V tiles loaded with cp.async, pipelined); not measured yet: the lead picks
+    by benchmarks/bench_attention.py --sweep on the H200."""
+    if dtype == torch.float32:  # tests and CPU-sized models: (64, 4, *) spills in float32
+        return 32, 8, 2
+    return (32, 8, 3) if d > 128 else (64, 4, 3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,8 +155,9 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, part_ptr, lse_ptr,
                        stride_qb, stride_qh, stride_kb, stride_ko, stride_kh, stride_bt,
-                       qk_scale, window, group, head_dim,
-                       BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       qk_scale, window, num_splits, group: tl.constexpr,
+                       head_dim: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
+                       BLOCK_N: tl.constexpr,
                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
         """One (sequence, kv head, split): the `group` query heads over positions [s0, s1)."""
         b = tl.program_id(0)
@@ -163,7 +172,7 @@ if triton is not None:
                     mask=mask_g[:, None] & mask_d[None, :], other=0.0)
         end = tl.load(len_ptr + b)
         start = tl.where(window > 0, tl.maximum(end - window, 0), 0)
-        per = tl.cdiv(tl.cdiv(end - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        per = tl.cdiv(tl.cdiv(end - start, num_splits), BLOCK_N) * BLOCK_N
         s0 = start + split * per
         s1 = tl.minimum(s0 + per, end)
         m = tl.full((BLOCK_G,), float("-inf"), tl.float32)
@@ -196,33 +205,33 @@ if triton is not None:
             m = m_new
         has = l > 0
         res = acc / tl.where(has, l, 1.0)[:, None]
-        if NUM_SPLITS == 1:
+        if not SPLIT:
             tl.store(out_ptr + (b * (group * tl.num_programs(1)) + heads)[:, None] * head_dim
                      + offs_d[None, :], res.to(out_ptr.dtype.element_ty),
                      mask=mask_g[:, None] & mask_d[None, :])
         else:
             row_bh = b * (group * tl.num_programs(1)) + heads  # [BLOCK_G] rows of part / lse
-            tl.store(part_ptr + ((row_bh * NUM_SPLITS + split) * head_dim)[:, None]
+            tl.store(part_ptr + ((row_bh * num_splits + split) * head_dim)[:, None]
                      + offs_d[None, :], res, mask=mask_g[:, None] & mask_d[None, :])
-            tl.store(lse_ptr + row_bh * NUM_SPLITS + split,
+            tl.store(lse_ptr + row_bh * num_splits + split,
                      tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")),
                      mask=mask_g)
 
     @triton.jit
-    def _merge_kernel(part_ptr, lse_ptr, out_ptr, head_dim, NUM_SPLITS: tl.constexpr,
+    def _merge_kernel(part_ptr, lse_ptr, out_ptr, num_splits, head_dim: tl.constexpr,
                       BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         """One (sequence, query head): the splits' partial outputs weighted by 2^lse."""
         row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
-        mask_s = offs_s < NUM_SPLITS
+        mask_s = offs_s < num_splits
         mask_d = offs_d < head_dim
-        lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"))
+        lse = tl.load(lse_ptr + row * num_splits + offs_s, mask=mask_s, other=float("-inf"))
         top = tl.max(lse, axis=0)
         top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: seq_lens 0
         w = tl.exp2(lse - top)
         total = tl.sum(w, axis=0)
-        part = tl.load(part_ptr + (row * NUM_SPLITS + offs_s)[:, None] * head_dim
+        part = tl.load(part_ptr + (row * num_splits + offs_s)[:, None] * head_dim
                        + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
         res = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + row * head_dim + offs_d, res.to(out_ptr.dtype.element_ty),
