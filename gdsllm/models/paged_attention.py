@@ -8,7 +8,8 @@ token at position t of sequence b lives in block `block_tables[b, t // block_siz
 `t % block_size` (block_tables int32 [B, max_blocks], seq_lens int32 [B], both on q's device).
 seq_lens[b] counts the cached tokens including the new one, whose key/value are already in the
 pool; row b is the query at position seq_lens[b] - 1 and sees positions
-[max(0, len - window), len), or all of [0, len) with window None. Returns [B, H * D] in q's dtype.
+[max(0, len - window), len), or all of [0, len) with window None (seq_lens[b] <= max_blocks *
+block_size: the kernel does not check it on the device). Returns [B, H * D] in q's dtype.
 Entries of block_tables past a sequence's blocks may be any block index (they are never read by
 the kernel, and masked by the reference); a row with seq_lens 0 (batch padding) returns zeros.
 
