@@ -117,6 +117,34 @@ def sweep(args_, scale, iters, repeats):
     return rows
 
 
+def bench_shape(a, h: int, kvh: int, d: int, batch: int, ctx: int) -> dict:
+    q, k_pool, v_pool, tables, lens, keys, values = make_inputs(h, kvh, d, batch, ctx)
+    scale = d ** -0.5
+    args_ = (q, k_pool, v_pool, tables, lens)
+    row = dict(heads=h, kv_heads=kvh, head_dim=d, batch=batch, context=ctx)
+
+    def tri():
+        return decode_attention_triton(*args_, scale)
+
+    def old():
+        return sdpa_loop(q, keys, values, scale)
+    ref = decode_attention_ref(*args_, scale).float()
+    row["max_err"] = (tri().float() - ref).abs().max().item()
+    row["max_err_old"] = (old().float() - ref).abs().max().item()
+    row["triton_us"] = round(time_us(tri, a.iters, a.repeats), 2)
+    row["triton_graph_us"] = graph_us(tri, a.iters, a.repeats)
+    row["ref_us"] = round(time_us(lambda: decode_attention_ref(*args_, scale),
+                                  max(1, a.iters // 5), a.repeats), 2)
+    row["sdpa_loop_us"] = round(time_us(old, a.iters, a.repeats), 2)
+    row["sdpa_loop_graph_us"] = graph_us(old, a.iters, a.repeats)
+    kv_bytes = 2 * batch * ctx * kvh * d * 2  # K and V, float16
+    row["kv_gbps"] = round(kv_bytes / row["triton_us"] / 1e3, 1)
+    if a.sweep:
+        row["sweep"] = sweep(args_, scale, a.iters, a.repeats)
+        row["best"] = min(row["sweep"], key=lambda r: r["triton_us"], default=None)
+    return row
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -136,34 +164,10 @@ def main(argv=None) -> int:
         res["triton"] = None
     for (name, (h, kvh, d)), batch, ctx in itertools.product(SHAPES.items(), (1, 16),
                                                              (512, 4096)):
-        q, k_pool, v_pool, tables, lens, keys, values = make_inputs(h, kvh, d, batch, ctx)
-        scale = d ** -0.5
-        args_ = (q, k_pool, v_pool, tables, lens)
-        row = dict(shape=name, heads=h, kv_heads=kvh, head_dim=d, batch=batch, context=ctx)
-
-        def tri():
-            return decode_attention_triton(*args_, scale)
-        ref = decode_attention_ref(*args_, scale)
-        old = sdpa_loop(q, keys, values, scale)
-        row["max_err"] = (tri().float() - ref.float()).abs().max().item()
-        row["max_err_old"] = (old.float() - ref.float()).abs().max().item()
-        row["triton_us"] = round(time_us(tri, a.iters, a.repeats), 2)
-        row["triton_graph_us"] = graph_us(tri, a.iters, a.repeats)
-        row["ref_us"] = round(time_us(lambda: decode_attention_ref(*args_, scale),
-                                      max(1, a.iters // 5), a.repeats), 2)
-        row["sdpa_loop_us"] = round(time_us(lambda: sdpa_loop(q, keys, values, scale),
-                                            a.iters, a.repeats), 2)
-        row["sdpa_loop_graph_us"] = graph_us(lambda: sdpa_loop(q, keys, values, scale),
-                                             a.iters, a.repeats)
-        kv_bytes = 2 * batch * ctx * kvh * d * 2
-        row["kv_gbps"] = round(kv_bytes / row["triton_us"] / 1e3, 1)
-        if a.sweep:
-            row["sweep"] = sweep(args_, scale, a.iters, a.repeats)
-            row["best"] = min(row["sweep"], key=lambda r: r["triton_us"], default=None)
-        res["results"].append(row)
+        row = bench_shape(a, h, kvh, d, batch, ctx)
+        res["results"].append(dict(shape=name, **row))
         print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), file=sys.stderr,
               flush=True)
-        del q, k_pool, v_pool, keys, values, args_
         torch.cuda.empty_cache()
     text = json.dumps(res)
     a.out.write_text(text + "\n")
