@@ -71,6 +71,7 @@ def decode_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
         valid &= pos >= lens - window
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with seq_lens 0: all masked
+    v = torch.where(valid[:, :, None, None], v, 0.0)  # unwritten slots may hold NaN; 0 * NaN = NaN
     out = torch.einsum("bkgl,blkd->bkgd", probs, v)
     return out.reshape(b, h * d).to(q.dtype)
 
