@@ -217,3 +217,22 @@ def test_prefetch_of_next_pass_starts_before_it_begins():
     assert not sched.pass_running and sched.loads_in_flight == 2
     with pytest.raises(AssertionError):
         sched.on_done(0, 0)  # a Done without a Run is a protocol violation
+
+
+def test_consecutive_resident_units_go_as_one_run():
+    """Everything resident: one Run (count = all units) per pass, one Done ends it; with blocks
+    streamed, each run of resident units between them is one Run."""
+    names, sizes = model_units()
+    sched = StreamSchedule(plan_residency(names, sizes, None, 2))
+    sched.begin_pass()
+    _, runs = sched.step()
+    assert [(r.unit, r.slot, r.count) for r in runs] == [(0, RESIDENT, len(sizes))]
+    assert sched.on_done(0, RESIDENT) and not sched.pass_running
+    plan = plan_residency(names, sizes, sum(sizes) - 1, 1)  # the last blocks no longer fit
+    sched = StreamSchedule(plan)
+    sched.step()
+    sched.begin_pass()
+    _, runs = sched.step()
+    first_streamed = plan.streamed[0]
+    assert [(r.unit, r.count) for r in runs] == [(0, first_streamed)]
+    assert set(range(first_streamed)) <= set(plan.resident_offsets)

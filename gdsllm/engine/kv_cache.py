@@ -66,6 +66,11 @@ class PagedKVCache:
         return len(self._free)
 
     @property
+    def capacity(self) -> int:
+        """Tokens the cache holds (the scratch block left out)."""
+        return (self.num_blocks - 1) * self.block_size
+
+    @property
     def token_bytes(self) -> int:
         """Bytes one token takes over all layers (keys and values)."""
         return 2 * len(self.k) * self.kv_heads * self.head_dim * self.k[0].element_size()

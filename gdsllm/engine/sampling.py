@@ -142,15 +142,21 @@ class Sampler:
 
     @staticmethod
     def sample_batch(logits: torch.Tensor, samplers: list["Sampler"]) -> list[int]:
-        """Row i of float logits [B, vocab] sampled by samplers[i]."""
+        """Row i of float logits [B, vocab] sampled by samplers[i]. One device sync for the
+        whole batch: one argmax over the greedy rows, each other row drawn on the device with
+        its own generator (the same draws as `sample`), all read back together."""
         assert logits.dim() == 2 and logits.shape[0] == len(samplers), (logits.shape, len(samplers))
         greedy = [i for i, s in enumerate(samplers) if s.params.greedy]
-        out: list[int] = [0] * len(samplers)
-        if greedy:  # one argmax over all greedy rows, one device sync
-            idx = torch.tensor(greedy, device=logits.device)
-            for i, t in zip(greedy, logits.index_select(0, idx).argmax(-1).tolist()):
-                out[i] = t
+        rows, picks = [], []
+        if greedy:
+            g = logits if len(greedy) == len(samplers) else logits[greedy]
+            rows += greedy
+            picks.append(g.argmax(-1))
         for i, s in enumerate(samplers):
             if not s.params.greedy:
-                out[i] = s.sample(logits[i])
+                rows.append(i)
+                picks.append(torch.multinomial(s.probs(logits[i]), 1, generator=s._gen(logits.device)))
+        out: list[int] = [0] * len(samplers)
+        for i, t in zip(rows, torch.cat(picks).tolist() if picks else []):
+            out[i] = t
         return out

@@ -4,21 +4,19 @@
     p = ctx.Process(target=run_compute_process, args=(config, endpoint), daemon=True)
 
 `run_compute_process(config: ServiceConfig, endpoint: str) -> None` connects a PAIR socket to
-`endpoint` (the coordinator binds it), builds the Runner for `config.model` on `config.device`
-and replies `ComputeReady(pid, device)` (or `WorkerError(fatal=True)`). The coordinator then
-sends `OpenArena(backend, handle, arena_bytes, resident)` copied from the I/O worker's IoReady
-plus the resident units' offsets; the worker opens the arena once, allocates its paged KV cache
-in what memory is left (gdsllm.service.admission.kv_cache_tokens), pins the resident units and
-replies `ArenaOpened` with the cache's size. Then, until `Shutdown` or the parent's death:
+`endpoint` (the coordinator binds it), loads `config.model`'s metadata and replies
+`ComputeReady(pid, device)` (or `WorkerError(fatal=True)`). Then `OpenArena(backend, handle,
+arena_bytes, resident)` (IoReady's fields plus the resident units' offsets): the worker opens the
+arena, builds the Runner with its paged KV cache in the memory left
+(gdsllm.service.admission.kv_cache_tokens), pins the resident units and replies `ArenaOpened`
+with the cache's size. Then, until `Shutdown` or the parent's death:
 
-- `StartPass(pass_id, chunks, sampling, partial)`: Runner.start_pass; a sampler (with its own
-  seeded generator) is made for each sequence named in `sampling`; sequences in `partial` (a
-  chunk in the middle of their prompt) are not sampled. Messages from the coordinator are
-  internal: no client size limit.
+- `StartPass(pass_id, chunks, sampling, partial)`: Runner.start_pass; a seeded sampler for each
+  sequence named in `sampling`; `partial` ones (mid-prompt chunks) are not sampled. Messages
+  from the coordinator are internal: no client size limit.
 - `Run(unit, slot, offset, count)`: the unit over the arena bytes at `offset` (or `count`
   consecutive resident units); `Done(unit, slot, seconds, count)` only after Runner.fence(), so
-  the slot may then be refilled. After the head unit: the logits are
-  sampled and `PassResult(pass_id, [[seq_id, token]], seconds)` follows the head's Done.
+  the slot may then be refilled. After the head: `PassResult(pass_id, [[seq_id, token]], seconds)`.
 - `Release(seq_ids)`: frees those sequences' KV caches and samplers.
 
 With `config.draft` the worker also holds a draft model, fully resident (gdsllm.engine.draft):
@@ -27,8 +25,8 @@ the pass scores them with the chunk, and PassResult carries the accepted ones
 (gdsllm.engine.speculative: greedy or speculative-sampling acceptance, KV rollback).
 
 A failing step is `WorkerError(message, pass_id=, unit=)` naming the pass and unit; the pass is
-dropped (Runner.abort_pass), its remaining Runs get Done without computing, and the worker keeps
-serving. Messages are handled one at a time, in order: compute is the worker's only job.
+dropped (Runner.abort_pass), its remaining Runs get Done without computing; the worker serves
+on. Messages are handled one at a time, in order: compute is the worker's only job.
 """
 from __future__ import annotations
 
@@ -47,6 +45,7 @@ from ipc.messages import (RESIDENT, ArenaOpened, ComputeReady, Done, OpenArena, 
 from gdsllm.config import ServiceConfig
 from gdsllm.format.metadata import load_model_meta
 from gdsllm.engine.planner import shared_embedding
+from gdsllm.engine.views import unit_tensors
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
@@ -61,7 +60,7 @@ def run_compute_process(config: ServiceConfig, endpoint: str) -> None:
 
 
 class _Exit(Exception):
-    pass
+    """Shutdown, or a fatal error already reported: leave the loop."""
 
 
 class ComputeWorker:
@@ -71,7 +70,6 @@ class ComputeWorker:
         self.sock = sockets.pair(sockets.context(), endpoint, bind=False)
         self.arena: Arena | None = None
         self.runner = None  # made once the arena is open (gdsllm.engine.runner.Runner)
-        self.kv_tokens = 0
         self.samplers: dict[int, object] = {}
         self.pass_id: int | None = None  # the pass in progress
         self.pass_failed = False
@@ -147,34 +145,29 @@ class ComputeWorker:
         if self.arena is not None:
             self._send(WorkerError("compute worker: the arena is already open"))
             return
+        what = "open the arena"
         try:
             index = self.device.index or 0
             self.arena = Arena.attach(ArenaSpec(msg.backend, msg.handle, msg.arena_bytes, index))
-        except Exception as e:
-            self._send(WorkerError(f"compute worker cannot open the arena: {e}", fatal=True))
-            raise _Exit from None
-        try:  # the KV cache comes after the arena: it takes a share of the memory left
+            what = "allocate its KV cache"  # after the arena: it takes a share of the memory left
             self._make_runner(msg.resident)
         except Exception as e:
-            self._send(WorkerError(f"compute worker cannot allocate its KV cache: {e}", fatal=True))
+            self._send(WorkerError(f"compute worker cannot {what}: {e}", fatal=True))
             raise _Exit from None
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
-        self._send(ArenaOpened(self.arena.spec.nbytes, free, self.kv_tokens, self.runner.cache.block_size))
+        self._send(ArenaOpened(self.arena.spec.nbytes, free, self.runner.cache.capacity,
+                                 self.runner.cache.block_size))
 
     def _make_runner(self, resident: dict[int, int]) -> None:
         """The Runner with its paged KV cache, the resident units pinned (CUDA graphs run them)."""
         from gdsllm.engine.runner import Runner
-        from gdsllm.engine.views import unit_tensors
         from gdsllm.service.admission import kv_cache_tokens
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
-        self.kv_tokens = kv_cache_tokens(self.meta, self.config, free)
-        self.runner = Runner(self.meta.params, self.device, self.dtype,
-                             architecture=self.meta.architecture, kv_tokens=self.kv_tokens)
-        self.kv_tokens = (self.runner.cache.num_blocks - 1) * self.runner.cache.block_size
+        self.runner = Runner(self.meta.params, self.device, self.dtype, architecture=self.meta.architecture,
+                             kv_tokens=kv_cache_tokens(self.meta, self.config, free))
         for u, off in resident.items():
-            if not 0 <= u < len(self.meta.units):
-                raise ValueError(f"resident unit {u} out of range")
-            self.runner.pin(u, unit_tensors(self.meta.units[u], self.arena.view(off, self.meta.units[u].nbytes)))
+            unit = self.meta.units[u]  # an index out of range fails the start-up, as it should
+            self.runner.pin(u, unit_tensors(unit, self.arena.view(off, unit.nbytes)))
 
     def _start_pass(self, msg: StartPass) -> None:
         if self.pass_id is not None and not self.pass_failed:
@@ -202,8 +195,7 @@ class ComputeWorker:
             if self.speculator is not None:
                 self.speculator.abort(self.runner)
             self.pass_failed = True
-            self._send(WorkerError(f"pass {msg.pass_id}: start failed: {type(e).__name__}: {e}",
-                                   pass_id=msg.pass_id))
+            self._send(WorkerError(f"pass {msg.pass_id}: start failed: {type(e).__name__}: {e}", pass_id=msg.pass_id))
 
     def _run(self, msg: Run) -> None:
         if self.pass_id is None or self.pass_failed:
@@ -211,17 +203,13 @@ class ComputeWorker:
                 self._send(WorkerError(f"Run(unit {msg.unit}) outside a pass", unit=msg.unit))
             self._send(Done(msg.unit, msg.slot, 0.0, msg.count))  # nothing ran: the slot is free
             return
-        from gdsllm.engine.views import unit_tensors
         t0 = time.perf_counter()
-        head = False
         try:
             if self.arena is None:
                 raise RuntimeError("no arena is open (OpenArena first)")
-            if not 0 <= msg.unit < len(self.meta.units):
-                raise ValueError(f"unit {msg.unit} out of range: the model has "
+            if not 0 <= msg.unit <= msg.unit + msg.count - 1 < len(self.meta.units):
+                raise ValueError(f"unit {msg.unit} (count {msg.count}) out of range: the model has "
                                  f"{len(self.meta.units)} units")
-            if msg.unit + msg.count > len(self.meta.units):
-                raise ValueError(f"units {msg.unit}..{msg.unit + msg.count - 1} out of range")
             for i in range(msg.unit, msg.unit + msg.count):
                 unit = self.meta.units[i]
                 head = unit.kind == "head"
@@ -233,11 +221,9 @@ class ComputeWorker:
                         raise ValueError(f"unit {i} was not announced resident (OpenArena)")
                     weights = unit_tensors(unit, self.arena.view(msg.offset, unit.nbytes))
                 self.runner.run_unit(unit, weights)
-                del weights
             if msg.slot != RESIDENT:
-                # A streamed slot may be refilled as soon as Done is sent, so its GPU work must be
-                # finished first. Resident weights are never overwritten: no fence, so the host
-                # queues the next units while the GPU runs (their `seconds` are then launch time).
+                # A streamed slot may be refilled once Done is sent: its GPU work must be over.
+                # Resident weights are never overwritten: no fence (`seconds` is launch time).
                 self.runner.fence()
         except Exception as e:
             self._fail(msg, e)
@@ -261,8 +247,7 @@ class ComputeWorker:
                 accepted = {sid: out[sid][:-1] for sid in proposed}
             else:
                 if len(seq_ids) < len(self.pass_seqs):  # mid-prompt chunks sample nothing
-                    rows = [i for i, sid in enumerate(self.pass_seqs) if sid not in self.pass_partial]
-                    logits = logits[rows]
+                    logits = logits[[i for i, s in enumerate(self.pass_seqs) if s not in self.pass_partial]]
                 from gdsllm.engine.sampling import Sampler
                 picks = Sampler.sample_batch(logits, [self.samplers[sid] for sid in seq_ids]) if seq_ids else []
                 tokens = list(zip(seq_ids, picks))
@@ -308,8 +293,6 @@ class ComputeWorker:
 
 
 def _make_sampler(s: SeqSampling):
-    """A sequence's sampler: its generator is seeded here, once, so its draws do not depend on
-    which other sequences share its passes."""
+    """A sequence's sampler, seeded once: its draws do not depend on who shares its passes."""
     from gdsllm.engine.sampling import Sampler, SamplingParams
-    return Sampler(SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                  seed=s.seed))
+    return Sampler(SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed))

@@ -1,0 +1,121 @@
+"""The paged KV cache, the batched decode path and the CUDA graphs of the Runner.
+
+Blocks are handed out and taken back exactly; a decode pass (batched paged attention, on CUDA a
+graph replay) gives the logits of the per-sequence path; a full pool is a clear error that leaks
+nothing; on CUDA, graphs on and off give the same tokens, with padding rows (a batch of 3 runs
+in the bucket of 4) and with streamed units between the pinned runs.
+
+    python3 -m pytest tests/test_kv_cache.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gdsllm.engine.kv_cache import SCRATCH_BLOCK, KVCacheFull, PagedKVCache, blocks_for
+from gdsllm.engine.runner import Runner
+from llama_ref import greedy_runner, load, rel_err, resident_weights, run_pass, synth_model
+
+PROMPTS = [[1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 7, 9, 11, 13, 15, 17, 19],
+           [1, 300, 17], [5]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    _, d = synth_model(tmp_path_factory.mktemp("kv"), seed=3, num_attention_heads=4,
+                       num_key_value_heads=2)
+    meta = load(d)
+    return meta, resident_weights(meta)
+
+
+def test_blocks_are_handed_out_and_taken_back():
+    c = PagedKVCache(2, 2, 4, torch.float32, "cpu", num_blocks=5, block_size=4)
+    assert c.free_blocks == 4  # block 0 is scratch
+    c.grow(7, 5)  # 5 tokens: 2 blocks
+    assert len(c.tables[7]) == 2 and SCRATCH_BLOCK not in c.tables[7] and c.free_blocks == 2
+    c.advance(7, 5)
+    c.grow(7, 3)  # 8 tokens fit the 2 blocks it has
+    assert len(c.tables[7]) == 2
+    c.grow(8, 8)
+    assert c.free_blocks == 0
+    with pytest.raises(KVCacheFull, match=r"sequence 9: the KV cache needs 1 more blocks of 4 tokens "
+                                          r"and has 0 free of 4"):
+        c.grow(9, 1)
+    c.free(7)
+    assert c.free_blocks == 2 and 7 not in c and c.length(7) == 0
+    c.free(7)  # unknown: a no-op
+    assert c.free_blocks == 2
+    assert blocks_for(17, 16) == 2 and blocks_for(16, 16) == 1
+
+
+def test_slots_address_the_tokens_written():
+    c = PagedKVCache(1, 2, 3, torch.float32, "cpu", num_blocks=8, block_size=4)
+    c.grow(1, 6)
+    c.grow(2, 3)
+    slots = torch.tensor(c.slot_list(1, 0, 6) + c.slot_list(2, 0, 3))
+    k = torch.arange(9 * 2 * 3, dtype=torch.float32).view(9, 2, 3)
+    c.write(0, slots, k, -k)
+    c.advance(1, 6)
+    c.advance(2, 3)
+    ks, vs = c.gather(0, torch.tensor(c.slot_list(1, 2, 6)))
+    assert torch.equal(ks, k[2:6].transpose(0, 1)) and torch.equal(vs, -k[2:6].transpose(0, 1))
+    c.truncate(1, 4)  # rolled back: the next token overwrites position 4, the blocks stay
+    assert c.length(1) == 4 and len(c.tables[1]) == 2
+    assert c.table_row(2, 4) == c.tables[2] + [SCRATCH_BLOCK] * 3
+
+
+def test_a_batched_decode_equals_each_sequence_alone(tiny):
+    """One decode pass for three sequences of different lengths (block tables of different
+    widths, padded) against each decoded in a batch of its own, past block boundaries."""
+    meta, w = tiny
+    batched = Runner(meta.params, "cpu", torch.float32, kv_tokens=256)
+    alone = Runner(meta.params, "cpu", torch.float32, kv_tokens=256)
+    run_pass(batched, meta, w, list(enumerate(PROMPTS)))
+    for i, p in enumerate(PROMPTS):
+        run_pass(alone, meta, w, [(i, p)])
+    toks = [3, 4, 5]
+    for _ in range(20):
+        lg = run_pass(batched, meta, w, [(i, [t]) for i, t in enumerate(toks)])
+        for i, t in enumerate(toks):
+            assert rel_err(lg[i], run_pass(alone, meta, w, [(i, [t])])[0]) < 1e-5
+        toks = [int(x) for x in lg.argmax(-1)]
+    assert [batched.seq_len(i) for i in range(3)] == [len(p) + 20 for p in PROMPTS]
+
+
+def test_a_full_cache_is_a_clear_error_and_leaks_nothing(tiny):
+    meta, w = tiny
+    r = Runner(meta.params, "cpu", torch.float32, kv_tokens=32)  # 2 blocks of 16
+    run_pass(r, meta, w, [(0, list(range(1, 17)))])
+    with pytest.raises(KVCacheFull, match="sequence 1"):
+        r.start_pass([(0, [1]), (1, list(range(1, 20)))])
+    assert r.sequences == {0} and r.cache.free_blocks == 0  # 0 grew into the last block
+    r.release(0)
+    assert r.cache.free_blocks == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("streamed", [False, True], ids=["all-pinned", "streamed-between"])
+def test_cuda_graphs_give_the_eager_tokens(tiny, streamed):
+    """Three sequences (the bucket of 4: one padding row) decoded with graphs and without, in
+    float32 on CUDA so that the two orders of the same kernels agree; with `streamed`, block 1 is
+    not pinned, so two graph runs surround an eager unit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    meta, _ = tiny
+    w = resident_weights(meta, "cuda")
+    outs = []
+    for graphs in (False, True):
+        r = Runner(meta.params, "cuda", torch.float32, kv_tokens=512, cuda_graphs=graphs)
+        for u in meta.units:
+            if not (streamed and u.name == "block.1"):
+                r.pin(u.index, w[u.name])
+        toks, logits = greedy_runner(r, meta, w, PROMPTS, 24)
+        outs.append((toks, logits))
+        if graphs:
+            assert r.graphs._graphs, "no graph was captured"
+            assert {k[2] for k in r.graphs._graphs} == {4}  # 3 sequences: the bucket of 4
+            assert len({k[:2] for k in r.graphs._graphs}) == (2 if streamed else 1)
+    (eager, le), (graphed, lg) = outs
+    assert graphed == eager
+    for a, b in zip(le, lg):
+        assert rel_err(a, b) < 1e-4
