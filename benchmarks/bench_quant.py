@@ -78,6 +78,23 @@ def part_resident(a, res):
     res["resident_int4_speedup"] = f["s_per_token"] / i["s_per_token"]
 
 
+def part_resident_llm(a, res):
+    """The same comparison through `LLM` (CUDA graphs, no service messages): batch-1 ms/token."""
+    import torch
+
+    from benchmarks.bench_resident import llm_decode
+    from gdsllm import LLM
+    for q in ("float16", "int4"):
+        llm = LLM(with_model(a, q).model, device="cuda")
+        res[f"resident_llm_{q}"] = llm_decode(llm, 1, 64)
+        print(f"resident_llm_{q}", json.dumps(res[f"resident_llm_{q}"]), flush=True)
+        llm.close()
+        del llm
+        torch.cuda.empty_cache()
+    res["resident_llm_int4_speedup"] = (res["resident_llm_float16"]["ms_per_step"]
+                                        / res["resident_llm_int4"]["ms_per_step"])
+
+
 def part_table(a, res):
     lines = [f"{a.shape} shape, budget {a.budget}, ceiling "
              f"{res.get('ceiling', {}).get('bytes_per_s', 0) / GB:.2f} GB/s "
@@ -116,6 +133,7 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     a.model, a.hf, a.log = a.work / "model", a.work / "model-hf", a.work / "bench-quant.log"
     parts = {"synth": part_synth, "quantize": part_quantize, "ceiling": part_ceiling,
+             "resident_llm": part_resident_llm,
              "stream": part_stream, "resident": part_resident, "table": part_table}
     run_parts(a, parts, a.work / "results-quant.json")
 
