@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_session.sh quant       # bench_quant: ceiling, stream, resident, table
 #   bash benchmarks/gpu_session.sh verify      # --verify always against first (verify_cost.py)
 #   bash benchmarks/gpu_session.sh rerun       # a few named GPU tests again (edit the step)
-#   bash benchmarks/gpu_session.sh spec        # speculative decoding (bench_spec.py)
+#   bash benchmarks/gpu_session.sh spec        # speculative decoding (bench_spec.py), after prep
 #   bash benchmarks/gpu_session.sh bench peers # bench_7b.py: the streamed 7B and its peers
 # Carry .whl (../shared/tools/device-wheels.sh gguf==0.19.0) in every call. The SmolLM2 GGUF
 # (98 MB) is larger than one call may carry, so it travels in two parts (.deva/, .devb/, ignored
@@ -58,8 +58,11 @@ for step in "$@"; do
         tests/test_perplexity.py::test_cuda_quantized_service_streams_like_float 2>&1 \
         | tee "$OUT/gpu-rerun.log" | tail -30 ;;
     spec)
-      [ -f benchmarks/bench_spec.py ] && python3 benchmarks/bench_spec.py --work /root/gq 2>&1 \
-        | tee "$OUT/spec.log" | tail -30 ;;
+      # after prep (the float16 model and its int4 copy in /root/gq); one part per call if need be:
+      # SPEC_PARTS=nodraft,fixed bash benchmarks/gpu_session.sh spec
+      python3 benchmarks/bench_spec.py --work /root/gq --parts "${SPEC_PARTS:-models,nodraft,fixed,adaptive,table}" 2>&1 \
+        | tee "$OUT/spec.log" | tail -30
+      cp /root/gq/results-spec.json /root/gq/table-spec.md "$OUT/" 2>/dev/null ;;
     bench)
       python3 benchmarks/bench_7b.py --work /root/gb --parts synth,ceiling,gdsllm 2>&1 | tee "$OUT/bench.log"
       cp /root/gb/results.json "$OUT/" ;;
