@@ -87,7 +87,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
                  io: str = "direct", cudnn_attention: bool = False,
                  vram_budget: int | str | None = None, draft: str | os.PathLike | None = None,
-                 draft_tokens: int = 4):
+                 draft_tokens: int = 4, draft_adaptive: bool = False):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
@@ -116,7 +116,8 @@ class LLM:
         self.speculator = self.draft_tokens = None
         if draft is not None:
             from gdsllm.engine.speculative import make_speculator
-            self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens)
+            self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens,
+                                              adaptive=draft_adaptive)
             self.draft_tokens = draft_tokens
         p = self.plan
         log.info("model %s: %d units, %s, %.1f MB; device %s (%s compute); io path %s; "

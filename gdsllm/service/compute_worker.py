@@ -106,7 +106,8 @@ class ComputeWorker:
         if self.config.draft is not None:
             from gdsllm.engine.speculative import make_speculator
             self.speculator = make_speculator(self.meta, self.config.draft, self.device,
-                                              self.config.draft_tokens)
+                                              self.config.draft_tokens,
+                                              adaptive=self.config.draft_adaptive)
         return ComputeReady(pid=os.getpid(), device=str(self.device))
 
     def _loop(self) -> None:
