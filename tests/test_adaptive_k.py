@@ -106,3 +106,32 @@ def test_service_with_adaptive_k_equals_llm(models, monkeypatch):
                       if x.name.endswith("_count"))
     assert got == ref[:len(got)]
     assert 0 < proposed < 4 * passes  # the worker's K fell below --draft-tokens (rejections)
+
+
+def test_seeded_sampled_requests_keep_k_and_their_tokens(models):
+    """A seed's tokens must not depend on timings: seeded sampled requests draft K every pass, so
+    with adaptive K on they give the tokens, and draft the tokens, they do with it off."""
+    target, draft, _ = models
+    p = SamplingParams(max_tokens=17, temperature=0.9, seed=5, ignore_eos=True)
+    got = {}
+    for adaptive in (False, True):
+        with LLM(str(target), draft=str(draft), draft_tokens=4, draft_adaptive=adaptive) as llm:
+            outs = [o.token_ids for o in llm.generate(PROMPTS, p)]
+            st = llm.speculator.stats
+            got[adaptive] = (outs, st.draft_tokens, st.target_passes)
+    assert got[True] == got[False]
+    assert got[True][1] > 0
+
+
+def test_cli_no_draft_adaptive(models):
+    """`gdsllm generate --draft ... --no-draft-adaptive` (fixed K) prints the no-draft text."""
+    import subprocess
+    import sys
+    target, draft, _ = models
+    with LLM(str(target)) as llm:
+        want = llm.generate("hello world", SamplingParams(max_tokens=10, temperature=0)).text
+    r = subprocess.run([sys.executable, "-m", "gdsllm", "generate", "-m", str(target), "--draft",
+                        str(draft), "--no-draft-adaptive", "-p", "hello world", "-n", "10",
+                        "--temp", "0", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"

@@ -132,7 +132,7 @@ def test_self_draft_accepts_everything_and_stops_where_without(models, reference
     """The target as its own draft: every draft accepted (K + 1 tokens per target pass), and the
     request rules (max_tokens, stop ids met inside an accepted run) end it where they would."""
     target, _ = models
-    with LLM(str(target), draft=str(target), draft_tokens=3) as llm:
+    with LLM(str(target), draft=str(target), draft_tokens=3, draft_adaptive=False) as llm:
         out = llm.generate(PROMPTS[0], greedy(24))
         assert out.token_ids == reference[0]
         st = llm.speculator.stats

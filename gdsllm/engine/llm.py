@@ -87,7 +87,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
                  io: str = "direct", cudnn_attention: bool = False,
                  vram_budget: int | str | None = None, draft: str | os.PathLike | None = None,
-                 draft_tokens: int = 4, draft_adaptive: bool = False):
+                 draft_tokens: int = 4, draft_adaptive: bool = True):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):

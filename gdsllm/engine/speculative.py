@@ -21,6 +21,8 @@ top-p), all draws from the request's seeded generator. Rejected positions are ro
 both KV caches. Sequences with k = 0 share the pass and are sampled as without a draft.
 With `adaptive=True` each sequence drafts only as many of its k as pay off, by its recent
 acceptance and the measured cost of a draft pass against a target pass (gdsllm.engine.adaptive_k).
+Seeded sampled requests keep their k: the tokens a seed gives must not depend on timings (which
+draws happen depends on k; their distribution never does).
 """
 from __future__ import annotations
 
@@ -137,7 +139,8 @@ class Speculator:
             h.extend(new)
             k = min(ks.get(sid, 0), self.target_context - len(h),  # the target holds len(h) + k
                     self.draft.max_context - len(h) + 1)  # the draft len(h) + k - 1
-            if self.adaptive is not None:
+            p = samplers[sid].params
+            if self.adaptive is not None and (p.greedy or p.seed is None):
                 k = self.adaptive.k(sid, k)
             if k > 0:
                 items.append((sid, h, k, samplers[sid]))

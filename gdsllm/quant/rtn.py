@@ -23,6 +23,8 @@ a GPU), writes exactly the bytes of the CPU path. Rows go through in chunks that
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from gdsllm.quant.schemes import SCALE_DTYPE, QTensor, check_shape
@@ -88,13 +90,24 @@ def quantize(w: torch.Tensor, qtype: str, group_size: int, where: str = "weight"
     n, k = w.shape
     dev = torch.device(device) if device is not None else w.device
     step = max(1, CHUNK.get(dev.type, CHUNK["cuda"]) // k)
-    qs, ss, zs = [], [], []
-    for r in range(0, n, step):
+
+    def chunk(r: int) -> tuple[torch.Tensor, ...]:
         rows = w[r: r + step].detach().to(dev)
         m = rows.shape[0] * (k // group_size)
         g = rows.reshape(m, group_size).t().to(torch.float32).contiguous()  # [group_size, m]
         q, s, z = _quantize_groups(g, qtype, refine)
-        qs.append(q.t().reshape(-1, k))
-        ss.append(s.view(-1, k // group_size))
-        zs.append(z.view(-1, k // group_size))
-    return QTensor(qtype, torch.cat(qs), torch.cat(ss), torch.cat(zs), group_size)
+        return q.t().reshape(-1, k), s.view(-1, k // group_size), z.view(-1, k // group_size)
+
+    starts = range(0, n, step)
+    threads = torch.get_num_threads()
+    if dev.type != "cpu" or threads == 1 or len(starts) == 1:
+        parts = [chunk(r) for r in starts]
+    else:  # small chunks, one thread each: torch's own threads would split every small op
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                parts = list(pool.map(chunk, starts))
+        finally:
+            torch.set_num_threads(threads)
+    q, s, z = (torch.cat(x) for x in zip(*parts))
+    return QTensor(qtype, q, s, z, group_size)
