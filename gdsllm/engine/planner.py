@@ -236,7 +236,13 @@ class StreamSchedule:
         while self.pass_pos is not None and self.pass_pos < self.plan.num_units:
             unit = self.pass_pos
             if unit in self.plan.resident_offsets:
-                runs.append(Run(unit, RESIDENT, self.plan.resident_offsets[unit]))
+                # Consecutive resident units go as one Run: one message (and on CUDA one graph
+                # replay) instead of one per unit.
+                count = 1
+                while unit + count in self.plan.resident_offsets:
+                    count += 1
+                runs.append(Run(unit, RESIDENT, self.plan.resident_offsets[unit], count))
+                self.pass_pos += count - 1
             else:
                 slot = self._slot(self.next_run)
                 if self.slot_state[slot] != "loaded":

@@ -82,7 +82,7 @@ class Coordinator:
     async def start(self) -> None:
         """Spawn and handshake the workers, load the resident units, bind the client endpoint."""
         workers = await self.supervisor.bring_up()
-        self.admission = Admission.for_model(self.meta, self.config, workers.free_bytes)
+        self.admission = Admission.for_model(self.meta, self.config, workers.free_bytes, workers.opened)
         self.batch = BatchScheduler(self.plan, workers, self._reply, self.metrics, self.config,
                                     self.admission, self.supervisor.fault)
         curve = None
