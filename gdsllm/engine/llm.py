@@ -119,8 +119,10 @@ class LLM:
         self.speculator = self.draft_tokens = None
         if draft is not None:
             from gdsllm.engine.speculative import make_speculator
+            c = self.runner.cache  # the draft holds the same sequences: the same KV room
             self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens,
-                                              adaptive=draft_adaptive)
+                                              adaptive=draft_adaptive,
+                                              kv_tokens=(c.num_blocks - 1) * c.block_size)
             self.draft_tokens = draft_tokens
         p = self.plan
         log.info("model %s: %d units, %s, %.1f MB; device %s (%s compute); io path %s; "

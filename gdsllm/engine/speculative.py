@@ -36,10 +36,11 @@ from gdsllm.engine.draft import DraftModel, Proposal, check_draft
 from gdsllm.engine.sampling import Sampler
 
 
-def make_speculator(target_meta, draft, device, draft_tokens: int = 4, adaptive: bool = False
-                    ) -> "Speculator":
+def make_speculator(target_meta, draft, device, draft_tokens: int = 4, adaptive: bool = False,
+                    kv_tokens: int | None = None) -> "Speculator":
     """The draft at path `draft` loaded resident on `device`, checked against the target;
-    `adaptive`: K per sequence within [1, its k] (gdsllm.engine.adaptive_k)."""
+    `adaptive`: K per sequence within [1, its k] (gdsllm.engine.adaptive_k); `kv_tokens`: the
+    target's KV cache size (the draft holds the same sequences)."""
     from pathlib import Path
 
     from gdsllm.format.metadata import load_model_meta
@@ -47,7 +48,7 @@ def make_speculator(target_meta, draft, device, draft_tokens: int = 4, adaptive:
         raise ValueError(f"draft_tokens must be 1 to 64, got {draft_tokens!r}")
     meta = load_model_meta(Path(draft).expanduser())
     check_draft(target_meta, meta)
-    return Speculator(DraftModel(meta, device), target_meta.params.max_position_embeddings,
+    return Speculator(DraftModel(meta, device, kv_tokens), target_meta.params.max_position_embeddings,
                       adaptive=adaptive)
 
 

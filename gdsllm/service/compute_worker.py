@@ -172,6 +172,8 @@ class ComputeWorker:
         self.runner = Runner(self.meta.params, self.device, self.dtype,
                              architecture=self.meta.architecture, kv_tokens=self.kv_tokens)
         self.kv_tokens = (self.runner.cache.num_blocks - 1) * self.runner.cache.block_size
+        if self.speculator is not None:  # the draft holds the same sequences: the same KV room
+            self.speculator.draft.size_kv(self.kv_tokens)
         for u, off in resident.items():
             if not 0 <= u < len(self.meta.units):
                 raise ValueError(f"resident unit {u} out of range")
