@@ -5,7 +5,9 @@ a time (latency), each configuration run `--rounds` times in alternation (a shar
 The float32 target is the dequantized SmolLM2 GGUF (Q4_1, groups of 32); converting that GGUF to
 int4 keeps its blocks, i.e. the very same weights (every draft accepted). So the draft here is
 the float32 target re-quantized by `gdsllm convert --quant int4 --group-size 64` (RTN; its 576
-inputs rule out 128): the target's own int4 copy, as a float checkpoint's would be.
+inputs rule out 128): the target's own int4 copy, as a float checkpoint's would be. On a CPU that
+draft is no cheaper than the target (its kernel dequantizes every weight each pass), so
+`--draft-kind first8` also measures a draft that is: the target's first 8 of 30 blocks (float32).
 
     PYTHONPATH=. python3 benchmarks/spec_adaptive_cpu.py --work /tmp/spec-cpu --tokens 24 --rounds 2
 
@@ -37,13 +39,34 @@ def smollm2_gguf() -> Path:
     return sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0]
 
 
-def models(work: Path) -> tuple[Path, Path]:
+def first_blocks(src: Path, dst: Path, layers: int) -> Path:
+    """The embedding, the first `layers` blocks and the head of `src` (its tokenizer too)."""
+    from dataclasses import replace
+
+    from gdsllm.engine.views import unit_tensors
+    from gdsllm.format.metadata import load_model_meta
+    from gdsllm.format.writer import ModelWriter
+    meta = load_model_meta(src)
+    with ModelWriter(dst, replace(meta.params, num_hidden_layers=layers), meta.dtype,
+                     chat_template=meta.chat_template, source=f"first {layers} blocks of {src}") as w:
+        for u in meta.units:
+            if u.kind != "block" or u.layer < layers:
+                buf = torch.frombuffer(bytearray(meta.path(u).read_bytes()), dtype=torch.uint8)
+                w.add_unit({k: v.clone() for k, v in unit_tensors(u, buf).items()})
+        w.add_file(meta.tokenizer_file, meta.root / meta.tokenizer_file, tokenizer=True)
+    return dst
+
+
+def models(work: Path, kind: str) -> tuple[Path, Path]:
     from gdsllm.convert.gguf import convert_gguf
     gg = smollm2_gguf()
     from gdsllm.commands.convert import convert
     t, d = work / "smollm2-f32", work / "smollm2-f32-int4g64"
     if not (t / "metadata.json").exists():
         convert_gguf(gg, t, dtype="float32")
+    if kind == "first8":
+        d = work / "smollm2-f32-first8"
+        return t, d if (d / "metadata.json").exists() else first_blocks(t, d, 8)
     if not (d / "metadata.json").exists():
         convert(t, d, dtype="float32", quant="int4", group_size=64)
     return t, d
@@ -77,13 +100,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--draft-kind", choices=("int4", "first8"), default="int4")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default; "
                     "1 on a shared machine, where OpenMP threads of several processes thrash)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     a.work.mkdir(parents=True, exist_ok=True)
-    target, draft = models(a.work)
+    target, draft = models(a.work, a.draft_kind)
     configs = {"no draft": (None, a.k, False), f"K={a.k} fixed": (draft, a.k, False),
                f"K<={a.k} adaptive": (draft, a.k, True), "K=1 fixed": (draft, 1, False)}
     got: dict[str, list[dict]] = {c: [] for c in configs}
@@ -92,7 +116,7 @@ def main() -> None:
             got[name].append(run(target, d, k, ad, a.tokens))
             print(name, r, json.dumps({x: y for x, y in got[name][-1].items() if x != "ids"}), flush=True)
     ref = got["no draft"][0]["ids"]
-    print(f"\nSmolLM2-135M float32 target, int4 draft, {len(PROMPTS)} prompts x {a.tokens} greedy "
+    print(f"\nSmolLM2-135M float32 target, draft {draft.name}, {len(PROMPTS)} prompts x {a.tokens} greedy "
           f"tokens, one at a time, torch threads {torch.get_num_threads()}, median of {a.rounds} rounds")
     print("| configuration | tokens/target pass | drafted | wasted | draft passes | s/token | same tokens |")
     print("|---|---|---|---|---|---|---|")
@@ -105,7 +129,7 @@ def main() -> None:
                   f"| {x['draft_passes']} | {s:.4f} | {same} |")
         else:
             print(f"| {name} | 1 | - | - | - | {s:.4f} | {same} |")
-    (a.work / "spec_adaptive_cpu.json").write_text(json.dumps(got, indent=1))
+    (a.work / f"spec_adaptive_cpu_{a.draft_kind}.json").write_text(json.dumps(got, indent=1))
 
 
 if __name__ == "__main__":
