@@ -14,8 +14,8 @@ Parts (in order; results accumulate in WORK/results-spec.json, so they may run i
 calls on one machine): models (WORK/model and its Hugging Face copy WORK/model-hf by `gdsllm
 synth --shape S --dtype float16`, and the draft WORK/model-int4 by `gdsllm convert --quant int4
 --group-size G`, on the GPU when there is one, each only if missing), nodraft, fixed (--draft
-WORK/model-int4 --draft-tokens K), adaptive (the same with --draft-adaptive), table. Each decode
-part starts `gdsllm serve` at the same --budget (the draft's bytes come out of it), decodes
+WORK/model-int4 --draft-tokens K --no-draft-adaptive), adaptive (--draft-adaptive), table. Each
+decode part starts `gdsllm serve` at the same --budget (the draft's bytes come out of it), decodes
 --tokens greedy tokens for each prompt, cold on CUDA, and records s/token and, from /metrics,
 draft tokens, accepted tokens and tokens per target pass; greedy tokens are compared with the
 no-draft run. A random model's acceptance says nothing about a trained one's: pass --model /
@@ -120,7 +120,8 @@ def part_nodraft(a, res):
 
 
 def part_fixed(a, res):
-    decode(a, res, "fixed", ["--draft", str(a.draft), "--draft-tokens", str(a.draft_tokens)])
+    decode(a, res, "fixed", ["--draft", str(a.draft), "--draft-tokens", str(a.draft_tokens),
+                             "--no-draft-adaptive"])
 
 
 def part_adaptive(a, res):
