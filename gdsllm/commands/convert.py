@@ -1,6 +1,7 @@
 """`gdsllm convert SRC DST [--dtype float16|bfloat16|float32] [--quant none|int8|int4]
 [--group-size 32|64|128] [--device auto|cpu|cuda]`: a Hugging Face directory or a `.gguf` file
-(LLaMA, Qwen2/2.5, Qwen3, Mistral, Gemma 3 text) into a GdsLLM model directory, or a GdsLLM model directory re-quantized.
+(LLaMA, Qwen2/2.5, Qwen3, Mistral, Gemma 3 text) into a GdsLLM model directory, or a GdsLLM
+model directory re-quantized.
 Without `--quant`, a GGUF's quantized blocks stay quantized (int4 / int8, see gdsllm.convert.gguf)
 and a Hugging Face checkpoint stays float; `--quant none` dequantizes. The output appears
 atomically (temp dir + rename): an error or Ctrl-C leaves nothing behind. Progress on stderr.
