@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_session.sh quant       # bench_quant: ceiling, stream, resident, table
 #   bash benchmarks/gpu_session.sh verify      # --verify always against first (verify_cost.py)
 #   bash benchmarks/gpu_session.sh rerun       # a few named GPU tests again (edit the step)
-#   bash benchmarks/gpu_session.sh spec        # speculative decoding (bench_spec.py)
+#   bash benchmarks/gpu_session.sh spec        # speculative decoding (bench_spec.py), after prep
 #   bash benchmarks/gpu_session.sh bench peers # bench_7b.py: the streamed 7B and its peers
 #   bash benchmarks/gpu_session.sh rprep       # background: synth the 7B float16 model for resident
 #   bash benchmarks/gpu_session.sh attn        # bench_attention.py --sweep (paged decode attention)
@@ -61,8 +61,11 @@ for step in "$@"; do
         tests/test_perplexity.py::test_cuda_quantized_service_streams_like_float 2>&1 \
         | tee "$OUT/gpu-rerun.log" | tail -30 ;;
     spec)
-      [ -f benchmarks/bench_spec.py ] && python3 benchmarks/bench_spec.py --work /root/gq 2>&1 \
-        | tee "$OUT/spec.log" | tail -30 ;;
+      # after prep (the float16 model and its int4 copy in /root/gq); one part per call if need be:
+      # SPEC_PARTS=nodraft,fixed bash benchmarks/gpu_session.sh spec
+      python3 benchmarks/bench_spec.py --work /root/gq --parts "${SPEC_PARTS:-models,nodraft,fixed,adaptive,table}" 2>&1 \
+        | tee "$OUT/spec.log" | tail -30
+      cp /root/gq/results-spec.json /root/gq/table-spec.md "$OUT/" 2>/dev/null ;;
     rprep)
       rm -f /root/gb-prep.done
       setsid nohup bash -c "python3 benchmarks/bench_resident.py --work /root/gb --parts synth \

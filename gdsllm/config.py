@@ -33,7 +33,9 @@ class ServiceConfig:
     flight at most). io_mode: "direct" (O_DIRECT / cuFile, no page cache) or "buffered"
     (page-cache reads, an explicit opt-in). draft: a draft model directory for speculative
     decoding (fully resident in the compute worker, its bytes taken from vram_budget);
-    draft_tokens: what it proposes per sequence and pass unless a request says otherwise.
+    draft_tokens: what it proposes per sequence and pass unless a request says otherwise;
+    draft_adaptive: K per sequence within [1, draft_tokens] (gdsllm.engine.adaptive_k; seeded
+    sampled requests keep draft_tokens, so a seed's tokens do not depend on timings).
     """
 
     model: Path
@@ -51,6 +53,7 @@ class ServiceConfig:
     startup_timeout_s: float = 120.0
     draft: Path | None = None
     draft_tokens: int = 4
+    draft_adaptive: bool = True
     # ---- reliability and security (docs/RELIABILITY.md)
     curve_secret_key: Path | None = None  # ZeroMQ secret certificate: CurveZMQ on the endpoint
     insecure: bool = False  # allow a non-loopback endpoint without CurveZMQ

@@ -132,7 +132,7 @@ def test_self_draft_accepts_everything_and_stops_where_without(models, reference
     """The target as its own draft: every draft accepted (K + 1 tokens per target pass), and the
     request rules (max_tokens, stop ids met inside an accepted run) end it where they would."""
     target, _ = models
-    with LLM(str(target), draft=str(target), draft_tokens=3) as llm:
+    with LLM(str(target), draft=str(target), draft_tokens=3, draft_adaptive=False) as llm:
         out = llm.generate(PROMPTS[0], greedy(24))
         assert out.token_ids == reference[0]
         st = llm.speculator.stats
@@ -234,7 +234,8 @@ def test_sampled_tokens_follow_the_targets_distribution(tmp_path):
     q1, _ = exact_distributions(draft, prompt, T)
     params = [SamplingParams(max_tokens=3, temperature=T, top_k=0, top_p=1.0, seed=i,
                              ignore_eos=True) for i in range(N)]
-    with LLM(str(target), draft=str(draft), draft_tokens=2) as llm:
+    # the whole batch at once: a KV block per sequence (target and draft, which follows its size)
+    with LLM(str(target), draft=str(draft), draft_tokens=2, kv_tokens=N * 16) as llm:
         outs = llm.generate([prompt] * N, params)
         st = llm.speculator.stats
     assert 0.15 < st.acceptance < 0.85, st  # both branches of the rule ran many times

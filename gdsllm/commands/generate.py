@@ -80,7 +80,7 @@ def run(args) -> int:
         from gdsllm.engine.llm import LLM
         with LLM(args.model, device=pick_device(args.device, service=False), io=args.io,
                  vram_budget=args.vram_budget, draft=args.draft,
-                 draft_tokens=args.draft_tokens) as llm:
+                 draft_tokens=args.draft_tokens, draft_adaptive=args.draft_adaptive) as llm:
             for delta in llm.stream(messages or args.prompt, params):
                 _write(delta)
         _write("\n")

@@ -13,6 +13,8 @@ explicit --insecure. Limits and supervision: docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
+import argparse
+
 import os
 
 
@@ -34,6 +36,10 @@ def add_service_options(p, endpoint_default: str | None = "tcp://127.0.0.1:5555"
                         "resident, its bytes taken from --vram-budget)")
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
                    help="tokens the draft proposes per sequence and pass (default 4)")
+    p.add_argument("--draft-adaptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="per sequence, draft only as many of the K tokens as pay off (recent "
+                        "acceptance, measured draft / target pass cost; default on; seeded "
+                        "sampled requests keep K)")
 
 
 def cuda_problem(service: bool = True) -> str | None:
@@ -79,7 +85,8 @@ def service_config(args, **extra):
                          prefetch_window=args.prefetch_window, io_mode=args.io,
                          require_gds=args.require_gds, max_batch=args.max_batch,
                          draft=Path(args.draft).expanduser() if args.draft else None,
-                         draft_tokens=args.draft_tokens, **extra)
+                         draft_tokens=args.draft_tokens,
+                         draft_adaptive=getattr(args, "draft_adaptive", True), **extra)
 
 
 def add_parser(sub) -> None:

@@ -181,7 +181,7 @@ def gguf_units(src: GGUFTensors, p: LlamaParams):
 
 def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32",
                  progress: bool = False, overwrite: bool = False, quant: str | None = "none",
-                 group_size: int = 64) -> Path:
+                 group_size: int = 64, quant_device: str | None = None) -> Path:
     """Convert the GGUF file `src` into a GdsLLM model at `dst`; returns `dst`. `quant`: None
     keeps quantized blocks as they are, "int4"/"int8" quantizes, "none" dequantizes to `dtype`."""
     src = Path(src).expanduser().resolve()
@@ -195,7 +195,8 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "f
     tokenizer = gguf_tokenizer_json(reader, src)
     with ModelWriter(dst, p, dtype, chat_template=_field(reader, "tokenizer.chat_template"),
                      source=f"gguf:{src}", overwrite=overwrite, architecture=arch,
-                     quant=None if quant == "none" else quant, group_size=group_size) as w:
+                     quant=None if quant == "none" else quant, group_size=group_size,
+                     quant_device=quant_device) as w:
         units = gguf_units(tensors, p)
         for _, tensors in _progress(units, len(unit_layout(p)), f"convert {src.name}", progress):
             w.add_unit(tensors)

@@ -212,9 +212,10 @@ def _check_no_unused(st: SafetensorsDir, p: LlamaParams, src: Path) -> None:
 
 def convert_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "float32",
                progress: bool = False, overwrite: bool = False, quant: str = "none",
-               group_size: int = 64) -> Path:
+               group_size: int = 64, quant_device: str | None = None) -> Path:
     """Convert the Hugging Face directory `src` into a GdsLLM model at `dst`; returns `dst`.
-    `quant` "int4" / "int8": group-wise round-to-nearest at write time (gdsllm.quant.policy)."""
+    `quant` "int4" / "int8": group-wise round-to-nearest at write time (gdsllm.quant.policy),
+    computed on `quant_device` ("cuda": the same bytes, much faster)."""
     src = Path(src).expanduser().resolve()
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -227,7 +228,7 @@ def convert_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "flo
     units = hf_units(src, p)
     with ModelWriter(dst, p, dtype, chat_template=chat_template_of(src), source=f"hf:{src}",
                      overwrite=overwrite, architecture=arch, quant=None if quant == "none" else quant,
-                     group_size=group_size) as w:
+                     group_size=group_size, quant_device=quant_device) as w:
         for _, tensors in _progress(units, len(unit_layout(p)), f"convert {src.name}", progress):
             w.add_unit(tensors)
             del tensors  # one unit in memory at a time

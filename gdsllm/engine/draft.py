@@ -1,6 +1,7 @@
 """The draft model of speculative decoding: small, fully resident, proposing tokens for the target.
 
     draft = DraftModel(draft_dir, device="cpu")          # every unit read once, kept in memory
+    draft.size_kv(target_kv_tokens)                      # room for every sequence the target holds
     check_draft(target_meta, draft.meta)                 # ValueError naming both models on mismatch
     props = draft.propose([(seq_id, tokens, k, sampler)])  # {seq_id: Proposal(tokens, probs)}
     draft.truncate(seq_id, n)                            # keep the first n tokens (rejections)
@@ -67,13 +68,21 @@ def load_resident(meta: ModelMeta, device: torch.device) -> dict[str, dict[str, 
 
 
 class DraftModel:
-    def __init__(self, model: str | os.PathLike | ModelMeta, device: str | torch.device = "cpu"):
+    def __init__(self, model: str | os.PathLike | ModelMeta, device: str | torch.device = "cpu",
+                 kv_tokens: int | None = None):
         self.meta = model if isinstance(model, ModelMeta) else load_model_meta(Path(model).expanduser())
         self.device = torch.device(device)
-        self.runner = Runner(self.meta.params, self.device, compute_dtype(self.device, self.meta.dtype),
-                             architecture=self.meta.architecture)
+        self.size_kv(kv_tokens)
         self.weights = load_resident(self.meta, self.device)
         self.passes = 0  # draft passes run (each a pass over the resident draft)
+
+    def size_kv(self, kv_tokens: int | None) -> None:
+        """A KV cache of `kv_tokens` tokens (None: the runner's default): the target's size, since
+        the draft holds every sequence the target does. Only while no sequence is held."""
+        if getattr(self, "runner", None) is not None and self.runner.sequences:
+            raise RuntimeError("the draft's KV cache is resized only while it holds no sequence")
+        self.runner = Runner(self.meta.params, self.device, compute_dtype(self.device, self.meta.dtype),
+                             architecture=self.meta.architecture, kv_tokens=kv_tokens)
 
     @property
     def nbytes(self) -> int:

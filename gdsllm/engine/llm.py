@@ -88,7 +88,8 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
                  io: str = "direct", cudnn_attention: bool = False,
                  vram_budget: int | str | None = None, draft: str | os.PathLike | None = None,
-                 draft_tokens: int = 4, kv_tokens: int | None = None, cuda_graphs: bool = True):
+                 draft_tokens: int = 4, kv_tokens: int | None = None, cuda_graphs: bool = True,
+                 draft_adaptive: bool = True):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
@@ -118,7 +119,10 @@ class LLM:
         self.speculator = self.draft_tokens = None
         if draft is not None:
             from gdsllm.engine.speculative import make_speculator
-            self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens)
+            c = self.runner.cache  # the draft holds the same sequences: the same KV room
+            self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens,
+                                              adaptive=draft_adaptive,
+                                              kv_tokens=(c.num_blocks - 1) * c.block_size)
             self.draft_tokens = draft_tokens
         p = self.plan
         log.info("model %s: %d units, %s, %.1f MB; device %s (%s compute); io path %s; "

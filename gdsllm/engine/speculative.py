@@ -19,19 +19,28 @@ accepted one more token is drawn from p_k. Each emitted token is then distribute
 target's own sampler would draw it (p: the target's distribution after temperature, top-k and
 top-p), all draws from the request's seeded generator. Rejected positions are rolled back from
 both KV caches. Sequences with k = 0 share the pass and are sampled as without a draft.
+With `adaptive=True` each sequence drafts only as many of its k as pay off, by its recent
+acceptance and the measured cost of a draft pass against a target pass (gdsllm.engine.adaptive_k).
+Seeded sampled requests keep their k: the tokens a seed gives must not depend on timings (which
+draws happen depends on k; their distribution never does).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
+from gdsllm.engine.adaptive_k import AdaptiveK
 from gdsllm.engine.draft import DraftModel, Proposal, check_draft
 from gdsllm.engine.sampling import Sampler
 
 
-def make_speculator(target_meta, draft, device, draft_tokens: int = 4) -> "Speculator":
-    """The draft at path `draft` loaded resident on `device`, checked against the target."""
+def make_speculator(target_meta, draft, device, draft_tokens: int = 4, adaptive: bool = False,
+                    kv_tokens: int | None = None) -> "Speculator":
+    """The draft at path `draft` loaded resident on `device`, checked against the target;
+    `adaptive`: K per sequence within [1, its k] (gdsllm.engine.adaptive_k); `kv_tokens`: the
+    target's KV cache size (the draft holds the same sequences)."""
     from pathlib import Path
 
     from gdsllm.format.metadata import load_model_meta
@@ -39,7 +48,8 @@ def make_speculator(target_meta, draft, device, draft_tokens: int = 4) -> "Specu
         raise ValueError(f"draft_tokens must be 1 to 64, got {draft_tokens!r}")
     meta = load_model_meta(Path(draft).expanduser())
     check_draft(target_meta, meta)
-    return Speculator(DraftModel(meta, device), target_meta.params.max_position_embeddings)
+    return Speculator(DraftModel(meta, device, kv_tokens), target_meta.params.max_position_embeddings,
+                      adaptive=adaptive)
 
 
 def reserve_draft(target_meta, draft, budget: int | None) -> tuple[int, int | None]:
@@ -93,12 +103,13 @@ def accept_sampled(rows: torch.Tensor, drafts: list[int], q: list[torch.Tensor],
 @dataclass
 class SpecStats:
     """Counts since start: tokens drafted, drafts accepted, target passes that verified a draft
-    (per sequence) and the tokens those passes produced."""
+    (per sequence), the tokens those passes produced and the (batched) draft passes run."""
 
     draft_tokens: int = 0
     accepted_tokens: int = 0
     target_passes: int = 0
     tokens: int = 0
+    draft_passes: int = 0
 
     @property
     def acceptance(self) -> float:
@@ -110,8 +121,10 @@ class SpecStats:
 
 
 class Speculator:
-    def __init__(self, draft: DraftModel, target_context: int):
+    def __init__(self, draft: DraftModel, target_context: int, adaptive: bool = False):
         self.draft, self.target_context = draft, target_context
+        self.adaptive = AdaptiveK() if adaptive else None
+        self._t_plan: tuple[float, int, float] | None = None  # (draft s, draft passes, plan end)
         self.hist: dict[int, list[int]] = {}  # per sequence: the tokens fed to the target
         self.stats = SpecStats()
         self._order: list[int] = []
@@ -127,9 +140,15 @@ class Speculator:
             h.extend(new)
             k = min(ks.get(sid, 0), self.target_context - len(h),  # the target holds len(h) + k
                     self.draft.max_context - len(h) + 1)  # the draft len(h) + k - 1
+            p = samplers[sid].params
+            if self.adaptive is not None and (p.greedy or p.seed is None):
+                k = self.adaptive.k(sid, k)
             if k > 0:
                 items.append((sid, h, k, samplers[sid]))
+        t0, n0 = time.perf_counter(), self.draft.passes
         self.proposals = self.draft.propose(items) if items else {}
+        t1 = time.perf_counter()
+        self._t_plan = (t1 - t0, self.draft.passes - n0, t1) if items else None
         self._order = [sid for sid, _ in chunks]
         self._rows = {sid: len(p.tokens) + 1 for sid, p in self.proposals.items()}
         out = [(sid, list(new) + (self.proposals[sid].tokens if sid in self.proposals else []))
@@ -168,6 +187,13 @@ class Speculator:
             st.accepted_tokens += len(toks) - 1
             st.target_passes += 1
             st.tokens += len(toks)
+            if self.adaptive is not None:
+                self.adaptive.observe(sid, len(prop.tokens), len(toks) - 1)
+        if self.adaptive is not None and self._t_plan is not None:
+            draft_s, passes, plan_end = self._t_plan
+            self.adaptive.timing(draft_s, passes, time.perf_counter() - plan_end)
+        st.draft_passes += self._t_plan[1] if self._t_plan else 0
+        self._t_plan = None
         self.proposals = {}
         return {sid: out[sid] for sid in self._order if sid in out}
 
@@ -178,7 +204,7 @@ class Speculator:
             if h is not None:
                 del h[target.seq_len(sid):]
                 self.draft.truncate(sid, len(h))
-        self.proposals = {}
+        self.proposals, self._t_plan = {}, None
 
     def step(self, run_pass, chunks, ks, samplers, target) -> dict[int, list[int]]:
         """plan, `run_pass(chunks, logit_rows=) -> logits`, finish: one speculative step."""
@@ -192,4 +218,6 @@ class Speculator:
 
     def release(self, seq_id: int) -> None:
         self.hist.pop(seq_id, None)
+        if self.adaptive is not None:
+            self.adaptive.release(seq_id)
         self.draft.release(seq_id)

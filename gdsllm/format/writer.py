@@ -8,7 +8,8 @@
 
 With `quant="int4"` or `"int8"` (and `group_size`) the writer quantizes each unit as it comes
 (gdsllm.quant.policy says which tensors); a `QTensor` passed in (a GGUF block type) is stored as
-it is unless a qtype is requested. Quantized tensors are laid out like the others: packed values
+it is unless a qtype is requested; `quant_device="cuda"` quantizes on the GPU (the same bytes as
+on the CPU, gdsllm.quant.rtn). Quantized tensors are laid out like the others: packed values
 and their (scale, zero) pairs each at a 4 KiB-aligned offset, inside the unit's checksum.
 
 Everything is written into a temporary directory beside `dst` and renamed into place on a clean
@@ -38,10 +39,11 @@ class ModelWriter:
 
     def __init__(self, dst: str | os.PathLike, params: LlamaParams, dtype: str, *,
                  chat_template: str | None = None, source: str = "", overwrite: bool = False,
-                 architecture: str = "llama", quant: str | None = None, group_size: int = 64):
+                 architecture: str = "llama", quant: str | None = None, group_size: int = 64,
+                 quant_device: str | None = None):
         from gdsllm.quant.policy import target_qtype
         target_qtype("", quant)  # ValueError on an unknown --quant, before anything is written
-        self.quant, self.group_size = quant, group_size
+        self.quant, self.group_size, self.quant_device = quant, group_size, quant_device
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if architecture not in SUPPORTED_ARCHITECTURES:
@@ -93,12 +95,13 @@ class ModelWriter:
         dt = DTYPES[self.dtype]
         offset, entries, blobs = 0, [], []
         for tname in expected:  # canonical order, so files are reproducible
-            t = prepare(tname, tensors[tname], self.quant, self.group_size, f"unit {name}")
+            t = prepare(tname, tensors[tname], self.quant, self.group_size, f"unit {name}",
+                        device=self.quant_device)
             if tuple(t.shape) != expected[tname]:
                 raise FormatError(f"unit {name} tensor {tname}: shape {tuple(t.shape)}, "
                                   f"expected {expected[tname]}")
             if isinstance(t, QTensor):
-                data, scales = t.packed()
+                data, scales = (x.cpu() for x in t.packed())
                 sc_off = align_up(offset + data.numel() * data.element_size())
                 q = QuantMeta(t.qtype, t.group_size, LAYOUTS[t.qtype][0], sc_off,
                               scales.numel() * scales.element_size())

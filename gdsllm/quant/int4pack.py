@@ -37,10 +37,9 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     nt, ko, t = _tiles(n, k)
     # k = 2 * (ko*8t + 16j + 4i + c) + odd; lane = 4r + c; nibble p of the word = 4 * odd + i
     nib = q.reshape(nt, 8, ko, t // 2, 4, 4, 2).permute(0, 2, 1, 5, 3, 6, 4)
-    nib = nib.reshape(nt, ko, 32, t // 2, 8).to(torch.int64)
-    word = (nib << _SHIFTS.to(q.device)).sum(-1)
-    word = torch.where(word >= 2 ** 31, word - 2 ** 32, word)
-    return word.to(torch.int32).contiguous()
+    nib = nib.reshape(nt, ko, 32, t // 2, 4, 2)  # nibbles 2b, 2b + 1 make byte b of the word
+    byte = (nib[..., 0] | (nib[..., 1] << 4)).contiguous()  # little-endian: byte 0 is the lowest
+    return byte.view(torch.int32).reshape(nt, ko, 32, t // 2).contiguous()
 
 
 def unpack_int4(data: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -34,8 +34,9 @@ def target_qtype(name: str, quant: str | None) -> str | None:
 
 
 def prepare(name: str, value: torch.Tensor | QTensor, quant: str | None, group_size: int,
-            where: str) -> torch.Tensor | QTensor:
-    """`value` as it will be stored: a float tensor, or a QTensor of the target qtype."""
+            where: str, device: str | torch.device | None = None) -> torch.Tensor | QTensor:
+    """`value` as it will be stored: a float tensor, or a QTensor of the target qtype (quantized
+    on `device`, default the tensor's own: the same bytes either way, see gdsllm.quant.rtn)."""
     at = f"{where} tensor {name}"
     if isinstance(value, QTensor):
         target = value.qtype if quant is None else target_qtype(name, quant)
@@ -47,6 +48,6 @@ def prepare(name: str, value: torch.Tensor | QTensor, quant: str | None, group_s
             return value
         if target == "int8":
             return value.to_int8()
-        return quantize(value.dequantize(), target, group_size, at)
+        return quantize(value.dequantize(), target, group_size, at, device=device)
     target = None if quant is None else target_qtype(name, quant)
-    return value if target is None else quantize(value, target, group_size, at)
+    return value if target is None else quantize(value, target, group_size, at, device=device)

@@ -108,7 +108,8 @@ class ComputeWorker:
         if self.config.draft is not None:
             from gdsllm.engine.speculative import make_speculator
             self.speculator = make_speculator(self.meta, self.config.draft, self.device,
-                                              self.config.draft_tokens)
+                                              self.config.draft_tokens,
+                                              adaptive=self.config.draft_adaptive)
         return ComputeReady(pid=os.getpid(), device=str(self.device))
 
     def _loop(self) -> None:
@@ -165,6 +166,8 @@ class ComputeWorker:
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         self.runner = Runner(self.meta.params, self.device, self.dtype, architecture=self.meta.architecture,
                              kv_tokens=kv_cache_tokens(self.meta, self.config, free))
+        if self.speculator is not None:  # the draft holds the same sequences: the same KV room
+            self.speculator.draft.size_kv(self.runner.cache.capacity)
         for u, off in resident.items():
             unit = self.meta.units[u]  # an index out of range fails the start-up, as it should
             self.runner.pin(u, unit_tensors(unit, self.arena.view(off, unit.nbytes)))
