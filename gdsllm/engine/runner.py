@@ -11,6 +11,8 @@ attention runs per sequence. This is the shape continuous batching needs: a sequ
         runner.run_unit(unit, unit_tensors(unit, buf_holding(unit)))
         runner.fence()                         # before the buffer is refilled (CUDA: async work)
     logits = runner.end_pass()                 # float32 [2, vocab]: last token of each chunk
+    # A mixture of experts: after each block unit, runner.routed_experts() names the experts the
+    # batch needs; runner.run_expert(expert_unit, weights) for each (gdsllm.engine.experts).
     runner.release(7)                          # frees its KV cache
 
 `start_pass(chunks, logit_rows={3: 4})` returns logits for the last 4 tokens of sequence 3's chunk
@@ -46,7 +48,8 @@ class Runner:
         self.p, self.device, self.dtype = params, torch.device(device), dtype
         self.cudnn_attention = cudnn_attention
         self.family = family(architecture)
-        self.layout = unit_layout(params)
+        # The units run_unit takes; a MoE model's expert units go through run_expert instead.
+        self.layout = [u for u in unit_layout(params) if u[1] != "expert"]
         self.caches: dict[int, KVCache] = {}
         # Rotary frequencies depend only on the model: computed once, kept on the compute device;
         # one table per kind a layer uses ("global", and "local" for Gemma 3's sliding layers).
@@ -130,13 +133,20 @@ class Runner:
             want = self.layout[ps.next_unit][0] if ps.next_unit < len(self.layout) else "end_pass"
             raise RuntimeError(f"run_unit: got unit {unit.name}, expected {want}")
         p = self.p
+        if ps.moe is not None:  # the previous block was a mixture of experts: its experts ran
+            ps.x, ps.moe = ps.moe.output(), None
         if unit.kind == "embed":
             ps.x = layers.embed(weights, ps.ids, self.dtype, p.embed_scale)
             ps.embedding = weights["embed_tokens.weight"]
         elif unit.kind == "block":
             cos, sin = ps.rope[p.layer_rope(unit.layer)]
-            ps.x = self.family.decoder_block(p, weights, ps.x, cos, sin, ps.segments, unit.layer,
-                                             self.cudnn_attention)
+            if p.num_experts:  # attention + router; the routed experts follow (run_expert)
+                ps.moe = self.family.route(p, weights, ps.x, cos, sin, ps.segments, unit.layer,
+                                           self.cudnn_attention)
+                ps.x = None
+            else:
+                ps.x = self.family.decoder_block(p, weights, ps.x, cos, sin, ps.segments,
+                                                 unit.layer, self.cudnn_attention)
         else:
             if "lm_head.weight" not in weights:  # tied, stored once: the head is the embedding
                 if not p.tie_word_embeddings:
@@ -146,6 +156,21 @@ class Runner:
             ps.logits = self.family.lm_head(p, weights, ps.x.index_select(0, ps.last_rows))
             ps.x = ps.embedding = None
         ps.next_unit += 1
+
+    def routed_experts(self) -> list[int]:
+        """The experts the MoE block just run routed any token of the pass to (ascending); each
+        must go through `run_expert` before the next unit runs."""
+        if self._pass is None or self._pass.moe is None:
+            raise RuntimeError("routed_experts: no mixture-of-experts block is waiting for its experts")
+        return self._pass.moe.experts()
+
+    def run_expert(self, unit: UnitMeta, weights: dict[str, torch.Tensor]) -> None:
+        """Run expert unit `unit` ("block.i.expert.j") of the waiting MoE block over its rows."""
+        ps = self._pass
+        if ps is None or ps.moe is None or unit.kind != "expert" or \
+                self.layout[ps.next_unit - 1][2] != unit.layer:
+            raise RuntimeError(f"run_expert({unit.name}): its block is not waiting for experts")
+        ps.moe.add(unit.expert, weights)
 
     def fence(self) -> None:
         """Wait until all work issued so far has finished (weights' buffers may then be reused)."""
@@ -180,4 +205,5 @@ class _Pass:
         self.x: torch.Tensor | None = None
         self.embedding: torch.Tensor | None = None  # the embed unit's table, for a tied head
         self.logits: torch.Tensor | None = None
+        self.moe = None  # gdsllm.models.moe.Routing of a MoE block waiting for its experts
         self.next_unit = 0
