@@ -184,7 +184,7 @@ def hf_tensor_key(arch: str, kind: str, layer: int | None, expert: int | None, n
 
 # ---- GGUF --------------------------------------------------------------------------------------
 
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")  # general.architecture values read
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "qwen3moe")  # general.architecture values
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,6 +207,12 @@ def gguf_tensor_name(gguf_arch: str, n_blocks: int, hf_name: str) -> str:
 def gguf_family(gguf_arch: str, field, p_hidden: int, heads: int, n_layers: int, head_dim: int,
                 names: set[str], general_name: str) -> tuple[str, dict]:
     """(GdsLLM architecture, family fields) of a GGUF; `field(key, default)` reads "{arch}.key"."""
+    if gguf_arch == "llama" and field("expert_count", 0):  # llama.cpp writes Mixtral as llama
+        return "mixtral", gguf_moe(field, norm=True)
+    if gguf_arch == "qwen3moe":  # llama.cpp renormalises Qwen3-MoE's top-k (norm_w = true)
+        bias = "blk.0.attn_q.bias" in names
+        return "qwen3_moe", dict(qk_norm=True, attention_bias=bias, attention_out_bias=bias,
+                                 **gguf_moe(field, norm=bool(field("expert_weights_norm", True))))
     if gguf_arch == "llama":
         window = field("attention.sliding_window", None)
         arch = "mistral" if "mistral" in general_name.lower() else "llama"
@@ -239,3 +245,19 @@ def gguf_family(gguf_arch: str, field, p_hidden: int, heads: int, n_layers: int,
         layer_types=types, rope_local_theta=float(field("rope.freq_base_swa", 10000.0)), query_pre_attn_scalar=float(scalar),
         final_logit_softcapping=field("final_logit_softcapping", None),
         attn_logit_softcapping=field("attn_logit_softcapping", None))
+
+
+def gguf_moe(field, norm: bool) -> dict:
+    """The mixture-of-experts fields of a GGUF (`{arch}.expert_count`, `expert_used_count`,
+    `expert_feed_forward_length`, which defaults to `feed_forward_length` as in Mixtral)."""
+    return dict(num_experts=int(field("expert_count", 0)),
+                num_experts_per_tok=int(field("expert_used_count", 0)),
+                moe_intermediate_size=int(field("expert_feed_forward_length", None)
+                                          or field("feed_forward_length", 0)),
+                norm_topk_prob=norm)
+
+
+def gguf_expert_stem(name: str) -> str:
+    """The HF-style stem gguf-py maps to an expert tensor ("gate_proj.weight" -> "mlp.experts.gate_proj",
+    GGUF "blk.{i}.ffn_gate_exps": all of a layer's experts in one 3-D tensor)."""
+    return "mlp.experts." + name.removesuffix(".weight")
