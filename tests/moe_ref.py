@@ -23,10 +23,10 @@ _BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_la
 # case -> (config class, overrides, GdsLLM architecture)
 MOE_CASES = {
     "mixtral": (MixtralConfig, dict(num_local_experts=8, rope_theta=1e6), "mixtral"),
-    "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=8, moe_intermediate_size=48, norm_topk_prob=False),
+    "qwen3_moe": (Qwen3MoeConfig, dict(num_experts=8, moe_intermediate_size=64, norm_topk_prob=False),
                   "qwen3_moe"),
     "qwen3_moe_norm": (Qwen3MoeConfig, dict(num_experts=6, num_experts_per_tok=3,
-                                            moe_intermediate_size=40, norm_topk_prob=True,
+                                            moe_intermediate_size=32, norm_topk_prob=True,
                                             attention_bias=True), "qwen3_moe"),
 }
 
@@ -76,3 +76,31 @@ def simulate_lru(unions: list[list[set[int]]], slots: int) -> tuple[int, int]:
                 lru[key] = None
                 loads += 1
     return loads, hits
+
+
+def dequantized_hf(meta, hf_dir: Path, dst: Path):
+    """transformers' model of the weights GdsLLM stored (quantized ones dequantized): the exact
+    reference for a quantized model. A copy of `hf_dir` with its safetensors rewritten."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from gdsllm.convert.families import hf_tensor_key
+    from gdsllm.engine.views import unit_tensors
+    from gdsllm.format.storage import HostReader, aligned_host_buffer
+    from gdsllm.quant.schemes import QuantWeight
+
+    shutil.copytree(hf_dir, dst)
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    out = {}
+    with HostReader() as r:
+        for u in meta.units:
+            buf = aligned_host_buffer(u.nbytes)
+            r.read(meta.path(u), buf, u.nbytes)
+            for name, w in unit_tensors(u, buf).items():
+                w = w.dequantize(torch.float32) if isinstance(w, QuantWeight) else w.float()
+                out[hf_tensor_key(meta.architecture, u.kind, u.layer, u.expert, name)] = w.clone()
+    save_file(out, str(dst / "model.safetensors"))
+    return AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
