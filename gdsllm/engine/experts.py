@@ -51,8 +51,9 @@ class ExpertSlots:
 
 
 def plan_moe(meta, budget: int | None, window: int = 1) -> tuple[ResidencyPlan, ExpertSlots]:
-    """The dense units' plan (indices of `meta.units`, expert units in neither list) and the
-    expert slots after it; ValueError naming the smallest budget when even one slot cannot fit."""
+    """The dense units' plan (indices of `meta.units`, expert units in neither list; its
+    arena_bytes include the expert slots) and the expert slots after the dense part; ValueError
+    naming the smallest budget when even one slot cannot fit."""
     dense = [u for u in meta.units if u.kind != "expert"]
     experts = [u for u in meta.units if u.kind == "expert"]
     slot = _align(max(u.nbytes for u in experts))
@@ -72,11 +73,14 @@ def plan_moe(meta, budget: int | None, window: int = 1) -> tuple[ResidencyPlan, 
         count = min(len(experts), (budget - dplan.arena_bytes) // slot)
         assert count >= 1, (budget, dplan.arena_bytes, slot)
     idx = [u.index for u in dense]
+    slots = ExpertSlots(_align(dplan.arena_bytes), slot, count)
     plan = replace(dplan, names=tuple(u.name for u in meta.units),
                    sizes=tuple(u.nbytes for u in meta.units),
                    resident_offsets={idx[u]: off for u, off in dplan.resident_offsets.items()},
-                   streamed=tuple(idx[u] for u in dplan.streamed))
-    return plan, ExpertSlots(_align(dplan.arena_bytes), slot, count)
+                   streamed=tuple(idx[u] for u in dplan.streamed),
+                   arena_bytes=slots.offset + slots.nbytes)
+    assert budget is None or plan.arena_bytes <= budget, (plan.arena_bytes, budget)
+    return plan, slots
 
 
 class ExpertCache:

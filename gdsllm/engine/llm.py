@@ -143,7 +143,7 @@ class LLM:
     def _load_resident(self) -> None:
         """Allocate the buffer the plan lays out; read (and verify) every resident unit once."""
         es = self._expert_slots
-        n = self.plan.arena_bytes if es is None else es.offset + es.nbytes
+        n = self.plan.arena_bytes  # a mixture of experts: its expert slots included
         self._arena = (aligned_host_buffer(n) if self.device.type == "cpu"
                        else torch.empty(n, dtype=torch.uint8, device=self.device))
         self._slot = self.plan.slot_offsets[0] if self.plan.streamed else None

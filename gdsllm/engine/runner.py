@@ -164,6 +164,11 @@ class Runner:
             raise RuntimeError("routed_experts: no mixture-of-experts block is waiting for its experts")
         return self._pass.moe.experts()
 
+    @property
+    def pending_routing(self):
+        """The gdsllm.models.moe.Routing of the MoE block waiting for its experts, or None."""
+        return None if self._pass is None else self._pass.moe
+
     def run_expert(self, unit: UnitMeta, weights: dict[str, torch.Tensor]) -> None:
         """Run expert unit `unit` ("block.i.expert.j") of the waiting MoE block over its rows."""
         ps = self._pass
