@@ -188,7 +188,10 @@ def test_dashboard_uses_the_provisioned_datasource_and_known_metrics():
                    "gdsllm_requests_waiting", "gdsllm_vram_budget_bytes", "gdsllm_vram_resident_bytes",
                    "gdsllm_slots_in_flight", "rate(gdsllm_draft_tokens_total",
                    "rate(gdsllm_draft_accepted_tokens_total", "gdsllm_tokens_per_target_pass_sum",
-                   "sum by (route, status) (rate(gdsllm_http_requests_total"):
+                   "sum by (route, status) (rate(gdsllm_http_requests_total",
+                   "rate(gdsllm_expert_loads_total", "rate(gdsllm_expert_cache_hits_total",
+                   "rate(gdsllm_expert_prefetch_hits_total", "rate(gdsllm_expert_prefetch_misses_total",
+                   "rate(gdsllm_expert_read_bytes_total"):
         assert needed in text, f"no panel queries {needed}"
     for hist in ("time_to_first_token", "inter_token_latency", "layer_load", "layer_compute",
                  "http_request_duration"):
