@@ -214,3 +214,52 @@ def test_unsupported_qwen3_moe_configs_are_refused(tmp_path, change, match):
     (src / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(FormatError, match=match):
         convert_hf(src, tmp_path / "out")
+
+
+# ---- GPU ---------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+def test_moe_on_cuda_gives_cpu_tokens(tmp_path, case):
+    """float32 on CUDA, experts through the cache under a budget of 3 expert slots: transformers'
+    greedy tokens (the logits within 1e-3 of the CPU's), and the LRU counts of the CPU run."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    hf, _, d = moe_model(tmp_path, case)
+    meta = load(d)
+    dense = sum(u.nbytes for u in meta.units if u.kind != "expert")
+    slot = max(u.nbytes for u in meta.units if u.kind == "expert")
+    ref, _ = greedy_reference_scores(hf, PROMPTS[1], N)
+    stats = []
+    for device in ("cpu", "cuda"):
+        with LLM(str(d), device=device, vram_budget=dense + 3 * slot) as llm:
+            assert llm.generate(list(PROMPTS[1]), GREEDY).token_ids == ref, device
+            stats.append(llm.experts.stats())
+            logits = llm.logits(PROMPTS[1]).cpu()
+            if device == "cpu":
+                cpu_logits = logits
+    assert stats[0] == stats[1]
+    assert float((logits - cpu_logits).abs().max()) < 1e-3
+
+
+@pytest.mark.gpu
+def test_moe_service_on_cuda(tmp_path):
+    """The service on CUDA (experts in VRAM slots of the arena, prefetch on): transformers' tokens."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from gdsllm.engine.tokenizer import Tokenizer
+    from gdsllm.service.client import Client
+    from service_helpers import Service
+    hf, _, d = moe_model(tmp_path, "qwen3_moe_norm")
+    meta = load(d)
+    ids = Tokenizer(meta).encode("the quick brown fox")
+    ref, _ = greedy_reference_scores(hf, ids, N)
+    slot = max(u.nbytes for u in meta.units if u.kind == "expert")
+    dense = sum(u.nbytes for u in meta.units if u.kind != "expert")
+    with Service(d, device="cuda", vram_budget=dense + 4 * slot) as s, Client(s.endpoint, timeout=120) as c:
+        f = c.generate("the quick brown fox", max_tokens=N, temperature=0, ignore_eos=True)
+        totals = s.svc.coordinator.batch.experts.totals
+    assert f.token_ids == ref
+    assert totals["hits"] + totals["loads"] == totals["routed"] > 0

@@ -80,3 +80,68 @@ def test_expert_messages_are_validated():
     m = RunExperts(4, 7, [(8, 4096), (9, 8192)])
     assert decode(encode(m), max_bytes=None) == m
     assert decode(encode(ExpertsDone(4, 7, [8, 9], 0.5)), max_bytes=None).experts == [8, 9]
+
+
+# ---- the coordinator's logic alone (no processes) -----------------------------------------------
+
+def test_stream_schedule_holds_runs_until_the_experts_ran(tmp_path):
+    from gdsllm.convert.synth import synth
+    from gdsllm.engine.experts import plan_moe
+    from gdsllm.engine.planner import StreamSchedule
+    meta = load(synth(tmp_path / "m", "tiny-moe", dtype="float32"))
+    plan, _ = plan_moe(meta, None)
+    sched = StreamSchedule(plan)
+    sched.begin_pass()
+    _, runs = sched.step()
+    names = [meta.units[r.unit].name for r in runs]
+    assert names == ["embed", "block.0"] and sched.held == 1  # no expert unit is ever Run
+    for r in runs:
+        sched.on_done(r.unit, r.slot)
+    assert sched.step()[1] == []  # held: block.1 waits for block.0's experts
+    sched.release(1)
+    _, runs = sched.step()
+    assert [meta.units[r.unit].name for r in runs] == ["block.1"]
+    sched.on_done(runs[0].unit, runs[0].slot)
+    sched.ungate()  # a failed pass: nothing waits for experts any more
+    _, runs = sched.step()
+    assert [meta.units[r.unit].name for r in runs] == ["head"]
+    assert sched.on_done(runs[0].unit, runs[0].slot)  # the pass is complete
+
+
+def test_expert_scheduler_lru_prefetch_and_errors(tmp_path):
+    from gdsllm.convert.synth import synth
+    from gdsllm.engine.experts import ExpertSlots
+    from gdsllm.service.experts import ExpertScheduler
+    from ipc.messages import Loaded
+    meta = load(synth(tmp_path / "m", "tiny-moe", dtype="float32"))
+    b0, b1 = (next(u.index for u in meta.units if u.name == f"block.{i}") for i in (0, 1))
+    size = max(u.nbytes for u in meta.units if u.kind == "expert")
+    ex = ExpertScheduler(meta, ExpertSlots(1 << 20, size, 2))
+
+    def loaded(ld, error=None):
+        return ex.on_loaded(Loaded(ld.unit, ld.slot, 0 if error else size, 0.01, "posix", error))
+
+    loads, runs = ex.on_routed(Routed(1, b0, [3, 5], predicted=[6]))
+    assert runs == [] and [meta.units[ld.unit].name for ld in loads] == ["block.0.expert.3",
+                                                                         "block.0.expert.5"]
+    assert {ld.offset for ld in loads} == {1 << 20, (1 << 20) + size}  # both slots, no guess yet
+    more, runs = loaded(loads[0])
+    assert more == [] and [u for u, _ in runs[0].experts] == [loads[0].unit]
+    more, runs2 = loaded(loads[1])
+    assert more == [] and len(runs2) == 1
+    more, _, block = ex.on_done(ExpertsDone(1, b0, [loads[0].unit], 0.1))
+    assert block is None and [meta.units[ld.unit].name for ld in more] == ["block.1.expert.6"]
+    more2, _, block = ex.on_done(ExpertsDone(1, b0, [loads[1].unit], 0.1))
+    assert block == b0 and more2 == []  # the guess is in flight; block.0 is done
+    loaded(more[0])  # the guessed expert is in
+    loads, runs = ex.on_routed(Routed(1, b1, [6, 1]))
+    assert [u for u, _ in runs[0].experts] == [more[0].unit]  # the guess was right: runs at once
+    assert [meta.units[ld.unit].name for ld in loads] == ["block.1.expert.1"]
+    t = ex.totals
+    assert (t["prefetch_hits"], t["prefetch_misses"], t["hits"], t["loads"], t["prefetch_loads"]) == \
+        (1, 0, 1, 3, 1)
+    _, runs = loaded(loads[0], error="unit block.1.expert.1: OSError: EIO")
+    assert len(runs) == 1  # a failed read still runs (its pass fails) ...
+    ex.on_done(ExpertsDone(1, b1, [more[0].unit], 0.1))
+    _, _, block = ex.on_done(ExpertsDone(1, b1, [loads[0].unit], 0.1))
+    assert block == b1 and (1, 1) not in ex.lru  # ... and then leaves the cache

@@ -21,6 +21,7 @@ from ipc.messages import ExpertsDone, Routed, RunExperts, WorkerError
 
 from gdsllm.models.layers import linear, rms_norm
 from gdsllm.models.moe import router_topk
+from gdsllm.quant.schemes import QuantWeight
 
 
 class RouterBank:
@@ -32,8 +33,10 @@ class RouterBank:
 
     def remember(self, layer: int, weights: dict) -> None:
         if layer not in self.layers:
-            self.layers[layer] = (weights["post_attention_layernorm.weight"].clone(),
-                                  weights["mlp.gate.weight"].clone())
+            norm, gate = weights["post_attention_layernorm.weight"], weights["mlp.gate.weight"]
+            if isinstance(gate, QuantWeight):  # a GGUF's quantized router: a float copy
+                gate = gate.dequantize(norm.dtype)
+            self.layers[layer] = (norm.clone(), gate.clone())
 
     def guess(self, layer: int, residual: torch.Tensor) -> list[int]:
         """The experts layer `layer`'s router would pick from `residual` (after attention of
