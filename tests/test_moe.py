@@ -263,3 +263,21 @@ def test_moe_service_on_cuda(tmp_path):
         totals = s.svc.coordinator.batch.experts.totals
     assert f.token_ids == ref
     assert totals["hits"] + totals["loads"] == totals["routed"] > 0
+
+
+def test_synth_moe_shape_int4(tmp_path):
+    """`synth --shape tiny-moe --quant int4`: int4 experts drawn as codes, each its own unit; it
+    runs, reads only routed experts, and `gdsllm info` names the experts."""
+    from gdsllm.commands.info import describe
+    from gdsllm.convert.synth import synth, synth_params
+    d = synth(tmp_path / "m", "tiny-moe", dtype="float32", quant="int4", group_size=32)
+    meta = load(d)
+    assert meta.architecture == "mixtral" and meta.params == synth_params("tiny-moe")
+    assert {t.dtype for u in meta.units if u.kind == "expert" for t in u.tensors} == {"int4"}
+    with LLM(str(d)) as llm:
+        out = llm.generate([1, 5, 9, 30], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        st = llm.experts.stats()
+    assert len(out.token_ids) == 4 and 0 < st["expert_loads"] <= meta.params.num_hidden_layers * 8
+    assert "8 experts of ffn 128, top-2 renormalised" in describe(d)
+    with pytest.raises(ValueError, match="hf-out"):
+        synth(tmp_path / "x", "tiny-moe", hf_out=tmp_path / "x-hf")

@@ -116,6 +116,8 @@ class ServiceMetrics:
         # event (Prometheus' advice for labelled counters).
         for reason in FINISH_REASONS:
             self.requests.labels(finish_reason=reason)
+        for reason in ("demand", "prefetch"):
+            self.expert_loads.labels(reason=reason)
         for route in HTTP_ROUTES:
             self.http_requests.labels(route=route, status="200")
             self.http_request_seconds.labels(route=route)
