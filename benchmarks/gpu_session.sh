@@ -11,6 +11,9 @@
 #   bash benchmarks/gpu_session.sh rerun       # a few named GPU tests again (edit the step)
 #   bash benchmarks/gpu_session.sh spec        # speculative decoding (bench_spec.py)
 #   bash benchmarks/gpu_session.sh bench peers # bench_7b.py: the streamed 7B and its peers
+#   bash benchmarks/gpu_session.sh rprep       # background: synth the 7B float16 model for resident
+#   bash benchmarks/gpu_session.sh attn        # bench_attention.py --sweep (paged decode attention)
+#   bash benchmarks/gpu_session.sh resident    # bench_resident.py: resident decode (after rprep)
 # Carry .whl (../shared/tools/device-wheels.sh gguf==0.19.0) in every call. The SmolLM2 GGUF
 # (98 MB) is larger than one call may carry, so it travels in two parts (.deva/, .devb/, ignored
 # by git) and is put together in /root/gg across calls on a warm machine.
@@ -24,7 +27,7 @@ if [ -f /root/gg/ggpart.aa ] && [ -f /root/gg/ggpart.ab ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 TESTS_A="tests/test_ipc.py tests/test_workers.py tests/test_compute_worker.py tests/test_families.py
-  tests/test_quant.py tests/test_load.py"
+  tests/test_quant.py tests/test_load.py tests/test_paged_attention.py"
 TESTS_B="tests/test_model.py tests/test_llm.py tests/test_service.py tests/test_families_gguf.py
   tests/test_perplexity.py"
 [ -f tests/test_speculative.py ] && TESTS_B="$TESTS_B tests/test_speculative.py"
@@ -60,6 +63,18 @@ for step in "$@"; do
     spec)
       [ -f benchmarks/bench_spec.py ] && python3 benchmarks/bench_spec.py --work /root/gq 2>&1 \
         | tee "$OUT/spec.log" | tail -30 ;;
+    rprep)
+      rm -f /root/gb-prep.done
+      setsid nohup bash -c "python3 benchmarks/bench_resident.py --work /root/gb --parts synth \
+        > /root/gb-prep.log 2>&1; touch /root/gb-prep.done" > /dev/null 2>&1 < /dev/null &
+      echo "resident prep started" ;;
+    attn)
+      python3 benchmarks/bench_attention.py --out "$OUT/attention.json" --sweep 2>&1 | tail -30 ;;
+    resident)
+      for _ in $(seq 60); do [ -f /root/gb-prep.done ] && break; sleep 5; done
+      python3 benchmarks/bench_resident.py --work /root/gb --parts ${RESIDENT_PARTS:-llm,hf,service,streamed} 2>&1 \
+        | tee "$OUT/resident.log" | grep -v "^+" | tail -40
+      cp /root/gb/results-resident.json "$OUT/" 2>/dev/null ;;
     bench)
       python3 benchmarks/bench_7b.py --work /root/gb --parts synth,ceiling,gdsllm 2>&1 | tee "$OUT/bench.log"
       cp /root/gb/results.json "$OUT/" ;;

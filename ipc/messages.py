@@ -172,6 +172,7 @@ class OpenArena:
     backend: str
     handle: bytes
     arena_bytes: int
+    resident: dict[int, int] = field(default_factory=dict)  # unit -> arena offset, pinned for good
 
 
 @message("arena_opened")
@@ -179,6 +180,8 @@ class OpenArena:
 class ArenaOpened:
     arena_bytes: int
     free_bytes: int | None = None  # device memory still free (CUDA), for the KV budget
+    kv_tokens: int = 0  # tokens the worker's paged KV cache holds (0: not reported)
+    kv_block_size: int = 0  # tokens per KV block: a sequence takes whole blocks
 
 
 @message("compute_ready")
@@ -218,21 +221,30 @@ class StartPass:
 @message("run")
 @dataclass(frozen=True)
 class Run:
-    """Run unit `unit` of the current pass over the weights at arena byte `offset`."""
+    """Run unit `unit` of the current pass over the weights at arena byte `offset`. A resident
+    run may name `count` consecutive resident units (offsets as OpenArena.resident gave them):
+    one message, and on CUDA one graph replay, for all of them."""
 
     unit: int
     slot: int
     offset: int
+    count: int = 1
+
+    def __post_init__(self):
+        if self.count < 1 or (self.count > 1 and self.slot != RESIDENT):
+            raise ValueError(f"Run: count {self.count} (more than 1 only for resident units)")
 
 
 @message("done")
 @dataclass(frozen=True)
 class Done:
-    """Unit `unit` finished on the device: slot `slot` may be reused."""
+    """Unit `unit` (and the `count` - 1 after it, as its Run named) finished on the device: slot
+    `slot` may be reused."""
 
     unit: int
     slot: int
     seconds: float
+    count: int = 1
 
 
 @message("pass_result")

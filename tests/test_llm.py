@@ -47,7 +47,7 @@ def test_greedy_matches_transformers_and_batch_equals_alone(llm, tiny):
     assert outs[0].prompt_token_ids == llm.tokenizer.encode("hello world")
     chat = llm.tokenizer.apply_chat_template(prompts[3])
     assert outs[3].prompt_token_ids == llm.tokenizer.encode(chat, add_special_tokens=False)
-    assert llm.runner.caches == {}  # every KV cache released
+    assert llm.runner.sequences == set()  # every KV cache released
 
 
 def test_stream_equals_generate(llm):
@@ -107,7 +107,7 @@ def test_context_limit_ends_with_length(llm):
 def test_bad_input(llm, prompt, params, msg):
     with pytest.raises(ValueError, match=msg):
         llm.generate(prompt, params)
-    assert llm.runner.caches == {}
+    assert llm.runner.sequences == set()
 
 
 def test_prompt_too_long(llm):

@@ -131,7 +131,7 @@ class StandIns:
             if msg.slot != RESIDENT:
                 assert self.arena[msg.slot] == msg.unit, f"slot {msg.slot} overwritten during unit {msg.unit}"
                 self.computing.discard(msg.slot)
-            self.runs_per_pass[-1].append(msg.unit)
+            self.runs_per_pass[-1].extend(range(msg.unit, msg.unit + msg.count))
             await self.events.put(("done", msg.unit, msg.slot))
 
     def issue(self, tasks):

@@ -124,7 +124,7 @@ def test_greedy_with_a_draft_equals_without(models, reference):
         assert [o.token_ids for o in outs] == reference
         st = llm.speculator.stats
         assert st.draft_tokens > 0 and st.target_passes > 0
-        assert llm.runner.caches == {} and llm.speculator.draft.runner.caches == {}
+        assert llm.runner.sequences == set() and llm.speculator.draft.runner.sequences == set()
         assert llm.speculator.hist == {}
 
 

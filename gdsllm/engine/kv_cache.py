@@ -1,103 +1,133 @@
-"""The KV cache of one sequence: per decoder layer, keys and values grown by doubling; a
-sliding-window layer keeps only the keys its window can still see.
+"""The paged KV cache: one pool of fixed-size blocks per decoder layer, shared by all sequences,
+and a block table per sequence (vLLM's design, nano-vllm's block manager without prefix sharing).
 
-    cache = KVCache(num_layers=30, kv_heads=3, head_dim=64, dtype=torch.float32, device="cpu",
-                    max_len=8192)
-    k_all, v_all = cache.update(layer, k_new, v_new)   # [kv_heads, length + n, head_dim] views
-    ...                                                # every layer of this pass appends n tokens
-    cache.advance(n)                                   # then the pass commits them
-    cache.truncate(m)                                  # roll back to the first m tokens
+    cache = PagedKVCache(num_layers=30, kv_heads=3, head_dim=64, dtype=torch.float32,
+                         device="cpu", num_blocks=1024, block_size=16)
+    cache.grow(seq_id, n)              # blocks for n more tokens (KVCacheFull if the pool is out)
+    slots = cache.slots(seq_id, n)     # flat slot index of each of those n new tokens
+    cache.write(layer, slots, k, v)    # k, v: [n, kv_heads, head_dim]
+    k, v = cache.gather(layer, seq_id, first, end)   # [kv_heads, end - first, head_dim]
+    cache.advance(seq_id, n)           # every layer wrote them: commit
+    cache.truncate(seq_id, m)          # roll back to the first m tokens (rejected drafts)
+    cache.free(seq_id)                 # its blocks go back to the pool
 
-Nothing is preallocated for the full context: capacity starts small and doubles (capped at
-`max_len`), so a short chat costs kilobytes, not the model's whole context window.
+Layer `l`'s pool is `k[l]`, `v[l]`: [num_blocks, block_size, kv_heads, head_dim]; the token at
+position t of a sequence lives in block `table[t // block_size]` at offset `t % block_size`, so
+`k[l].view(-1, kv_heads, head_dim)[block * block_size + offset]` is one token (a "slot").
 
-A layer with a sliding window W (`windows[layer]`) needs only the last W - 1 committed tokens:
-when its buffer is full it drops the older ones (one shift per W tokens, so O(1) amortized), and
-its memory stays about 2 W tokens however long the generation runs. `update` then returns the
-keys from position max(0, length - (W - 1)) on: attention knows the first one's position as
-`past + n - returned length` (see gdsllm.models.layers.attention).
+Why paged: memory is allocated once and known exactly (the service admits requests by free
+blocks), growth never copies, and a decode step of any batch reads its keys in place through
+the block tables, which is what a CUDA graph needs (gdsllm.models.paged_attention). Block 0 is a
+scratch block never given to a sequence: padding rows of a graph's batch write there.
+
+A sliding-window layer uses the same table and attends to its window only; its blocks are not
+freed early (one table serves every layer), so its memory is that of a full layer.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-MIN_CAPACITY = 16  # tokens; the first allocation of a layer
+BLOCK_SIZE = 16  # tokens per block, as vLLM and nano-vllm's default
+SCRATCH_BLOCK = 0
 
 
-class KVCache:
+class KVCacheFull(RuntimeError):
+    """The pool has fewer free blocks than a sequence needs."""
+
+
+def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
+    return math.ceil(tokens / block_size)
+
+
+class PagedKVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, max_len: int, windows: list[int | None] | None = None):
+                 device: torch.device | str, num_blocks: int, block_size: int = BLOCK_SIZE):
+        if num_blocks < 2:
+            raise ValueError(f"a paged KV cache needs at least 2 blocks (one is scratch), got {num_blocks}")
         self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
-        self.device, self.max_len = torch.device(device), max_len
-        self.length = 0  # committed tokens (those every layer holds)
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.windows = list(windows) if windows is not None else [None] * num_layers
-        assert len(self.windows) == num_layers and all(w is None or w > 0 for w in self.windows)
-        self.start = [0] * num_layers  # absolute position of the first token each layer holds
+        self.device, self.block_size, self.num_blocks = torch.device(device), block_size, num_blocks
+        shape = (num_blocks, block_size, kv_heads, head_dim)
+        # Readers weigh only slots written in this or earlier passes, but a masked-out slot still
+        # enters a matmul with weight 0, and 0 * NaN is NaN: the pool must hold finite numbers.
+        # Zeroed on CUDA (one memset); on the CPU a fresh large allocation is the kernel's zero
+        # pages, touched (committed) only as tokens are written.
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
+        self.k = [alloc(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v = [alloc(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() gives low ids first
+        self.tables: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}
 
-    def _grow(self, layer: int, need: int) -> None:
-        """Make room for `need` tokens from self.start[layer] on (dropping what a window no
-        longer sees first)."""
-        old = self.k[layer]
-        cap = 0 if old is None else old.shape[1]
-        if need <= cap:
-            return
-        start, held = self.start[layer], self.length - self.start[layer]
-        w = self.windows[layer]
-        if w is not None:
-            keep = min(held, w - 1)  # the committed tokens a new token can still see
-            need -= held - keep
-            start, held = self.length - keep, keep
-            if need <= cap and cap <= 2 * w + MIN_CAPACITY:  # shift in place: no new buffer
-                src = slice(start - self.start[layer], self.length - self.start[layer])
-                for t in (self.k[layer], self.v[layer]):
-                    t[:, :keep] = t[:, src].clone()
-                self.start[layer] = start
-                return
-        new_cap = max(MIN_CAPACITY, cap if w is None else min(cap, 2 * w))
-        while new_cap < need:
-            new_cap *= 2
-        new_cap = min(new_cap, max(self.max_len if w is None else 2 * w, need))
-        shape = (self.kv_heads, new_cap, self.head_dim)
-        k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        v = torch.empty(shape, dtype=self.dtype, device=self.device)
-        if old is not None and held:  # doubling: amortized O(1) copies per token
-            src = slice(start - self.start[layer], self.length - self.start[layer])
-            k[:, :held] = old[:, src]
-            v[:, :held] = self.v[layer][:, src]
-        self.k[layer], self.v[layer], self.start[layer] = k, v, start
+    # -- bookkeeping ------------------------------------------------------------------------
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write n new keys/values ([kv_heads, n, head_dim]) after the committed tokens of `layer`;
-        return views of the keys/values of that layer the new tokens may see, new ones included
-        (all of them for a full-attention layer)."""
-        n = k.shape[1]
-        assert k.shape == v.shape == (self.kv_heads, n, self.head_dim), (k.shape, v.shape)
-        assert self.length + n <= self.max_len, (self.length + n, self.max_len)
-        self._grow(layer, self.length - self.start[layer] + n)
-        at, end = self.length - self.start[layer], self.length - self.start[layer] + n
-        self.k[layer][:, at:end] = k
-        self.v[layer][:, at:end] = v
-        w = self.windows[layer]
-        first = 0 if w is None else max(0, self.length - (w - 1) - self.start[layer])
-        return self.k[layer][:, first:end], self.v[layer][:, first:end]
-
-    def advance(self, n: int) -> None:
-        """Commit the n tokens every layer has appended in this pass."""
-        self.length += n
-        assert self.length <= self.max_len
-
-    def truncate(self, n: int) -> None:
-        """Forget every token after the first `n` (speculative decoding's rejected drafts); the
-        next update overwrites them. Capacity is kept. A sliding layer must still hold the
-        window before position n: true when n is at least the length before the last pass, as
-        it drops keys only while growing, before a pass appends."""
-        assert 0 <= n <= self.length, (n, self.length)
-        for layer, w in enumerate(self.windows):
-            assert w is None or self.start[layer] <= max(0, n - (w - 1)), (layer, n, self.start[layer])
-        self.length = n
+    @property
+    def token_bytes(self) -> int:
+        """Bytes one token takes over all layers (keys and values)."""
+        return 2 * len(self.k) * self.kv_heads * self.head_dim * self.k[0].element_size()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+        return self.token_bytes * self.block_size * self.num_blocks
+
+    def length(self, seq_id: int) -> int:
+        """Committed tokens of `seq_id` (0 for one the cache does not know)."""
+        return self.lengths.get(seq_id, 0)
+
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self.tables
+
+    def grow(self, seq_id: int, n: int) -> None:
+        """Make room for n tokens after the committed ones (a new seq_id starts empty)."""
+        table = self.tables.setdefault(seq_id, [])
+        self.lengths.setdefault(seq_id, 0)
+        need = blocks_for(self.lengths[seq_id] + n, self.block_size) - len(table)
+        if need > len(self._free):
+            raise KVCacheFull(f"sequence {seq_id}: the KV cache needs {need} more blocks of "
+                              f"{self.block_size} tokens and has {len(self._free)} free of "
+                              f"{self.num_blocks - 1}")
+        for _ in range(max(0, need)):
+            table.append(self._free.pop())
+
+    def free(self, seq_id: int) -> None:
+        """Give `seq_id`'s blocks back; a no-op for an unknown id."""
+        self._free.extend(reversed(self.tables.pop(seq_id, [])))
+        self.lengths.pop(seq_id, None)
+
+    def advance(self, seq_id: int, n: int) -> None:
+        self.lengths[seq_id] += n
+        assert self.lengths[seq_id] <= len(self.tables[seq_id]) * self.block_size
+
+    def truncate(self, seq_id: int, n: int) -> None:
+        """Forget every token after the first n; the blocks stay with the sequence (the next
+        tokens overwrite them)."""
+        assert 0 <= n <= self.length(seq_id), (n, self.length(seq_id))
+        self.lengths[seq_id] = n
+
+    # -- addressing -------------------------------------------------------------------------
+    def slot_list(self, seq_id: int, start: int, end: int) -> list[int]:
+        """Flat slot indices of positions [start, end) of `seq_id` (host ints)."""
+        t, bs = self.tables[seq_id], self.block_size
+        return [t[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def table_row(self, seq_id: int, width: int) -> list[int]:
+        """`seq_id`'s block table padded with the scratch block to `width` entries."""
+        t = self.tables.get(seq_id, [])
+        assert len(t) <= width, (len(t), width)
+        return t + [SCRATCH_BLOCK] * (width - len(t))
+
+    # -- data -------------------------------------------------------------------------------
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [n, kv_heads, head_dim] into the flat slots [n] (a device tensor)."""
+        self.k[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k.to(self.dtype))
+        self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v.to(self.dtype))
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at `slots` [L] as [kv_heads, L, head_dim] (a copy)."""
+        k = self.k[layer].view(-1, self.kv_heads, self.head_dim).index_select(0, slots)
+        v = self.v[layer].view(-1, self.kv_heads, self.head_dim).index_select(0, slots)
+        return k.transpose(0, 1), v.transpose(0, 1)

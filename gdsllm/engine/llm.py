@@ -29,7 +29,7 @@ import torch
 
 from gdsllm.engine.loader import UnitLoader
 from gdsllm.engine.planner import plan_for
-from gdsllm.engine.runner import Runner, compute_dtype
+from gdsllm.engine.runner import Runner, compute_dtype, default_kv_tokens
 from gdsllm.engine.sampling import Sampler, SamplingParams
 from gdsllm.engine.sequence import Generation, prompt_ids
 from gdsllm.engine.tokenizer import Tokenizer
@@ -39,6 +39,7 @@ from gdsllm.format.storage import aligned_host_buffer
 
 log = logging.getLogger("gdsllm.engine.llm")
 FIT = 0.9  # share of the device's free memory the default budget may take for weights
+KV_FIT = 0.1  # share of the free device memory the default KV cache may take
 
 
 @dataclass
@@ -87,7 +88,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
                  io: str = "direct", cudnn_attention: bool = False,
                  vram_budget: int | str | None = None, draft: str | os.PathLike | None = None,
-                 draft_tokens: int = 4):
+                 draft_tokens: int = 4, kv_tokens: int | None = None, cuda_graphs: bool = True):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
@@ -99,7 +100,8 @@ class LLM:
         self.dtype = compute_dtype(self.device, self.meta.dtype)
         self.tokenizer = Tokenizer(self.meta) if self.meta.tokenizer_file else None
         self.runner = Runner(self.meta.params, self.device, self.dtype,
-                             cudnn_attention=cudnn_attention, architecture=self.meta.architecture)
+                             cudnn_attention=cudnn_attention, architecture=self.meta.architecture,
+                             kv_tokens=kv_tokens or self._kv_tokens(), cuda_graphs=cuda_graphs)
         budget = self._budget(vram_budget)
         if draft is not None:  # speculative decoding: the resident draft's bytes come first
             from gdsllm.engine.speculative import reserve_draft
@@ -130,6 +132,17 @@ class LLM:
                  str(self.dtype).removeprefix("torch."), self.io_path, len(p.resident_offsets),
                  p.resident_bytes / 1e6, len(p.streamed))
 
+    def _kv_tokens(self) -> int:
+        """The KV cache's default size: gdsllm.engine.runner's default, on CUDA at most what
+        KV_FIT of the free memory holds (never under one context's worth)."""
+        p = self.meta.params
+        tokens = default_kv_tokens(p)
+        if self.device.type == "cuda":
+            per_token = 2 * p.num_hidden_layers * p.num_key_value_heads * p.head_dim * self.dtype.itemsize
+            room = int(free_memory(self.device) * KV_FIT) // per_token
+            tokens = min(tokens, max(room, p.max_position_embeddings))
+        return tokens
+
     def _budget(self, vram_budget) -> int | None:
         if vram_budget is None:
             room = int(free_memory(self.device) * FIT)
@@ -153,6 +166,7 @@ class LLM:
             buf = self._arena[off: off + unit.nbytes]
             self.loader.load(unit, buf)
             self._resident[u] = unit_tensors(unit, buf)
+            self.runner.pin(u, self._resident[u])
         if es is not None:
             from gdsllm.engine.experts import ExpertCache
             self.experts = ExpertCache(self.meta, self._arena[es.offset:], es, self.loader)

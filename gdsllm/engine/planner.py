@@ -260,7 +260,13 @@ class StreamSchedule:
                 self.pass_pos += 1
                 continue
             if unit in self.plan.resident_offsets:
-                runs.append(Run(unit, RESIDENT, self.plan.resident_offsets[unit]))
+                # Consecutive resident units go as one Run: one message (and on CUDA one graph
+                # replay) instead of one per unit.
+                count = 1
+                while unit + count in self.plan.resident_offsets:
+                    count += 1
+                runs.append(Run(unit, RESIDENT, self.plan.resident_offsets[unit], count))
+                self.pass_pos += count - 1
             else:
                 slot = self._slot(self.next_run)
                 if self.slot_state[slot] != "loaded":
@@ -271,8 +277,8 @@ class StreamSchedule:
                 self.next_run += 1
             self.pass_pos += 1
             self.runs_outstanding += 1
-            if unit in self.gates and not self.ungated:
-                self.held = unit
+            if self.pass_pos - 1 in self.gates and not self.ungated:  # the run ends at a MoE block
+                self.held = self.pass_pos - 1
         assert self.slots_in_flight <= self.w
         return loads, runs
 

@@ -23,6 +23,11 @@ A tied model stored once has no LM head in its head unit: the head multiplies by
 table the embed unit of the same pass was given, so that unit's buffer must still hold it when the
 head runs (gdsllm.engine.planner.plan_for keeps it resident).
 
+All sequences share one paged KV cache (gdsllm.engine.kv_cache) of `kv_tokens` tokens. Resident
+units are `pin`ned once: on CUDA a decode pass (one token per sequence) replays a CUDA graph per
+run of consecutive pinned units and batch-size bucket (gdsllm.engine.graphs) instead of launching
+their kernels one by one; prompts and speculative chunks run eagerly.
+
 This interface is what the compute worker process codes against; keep its names and meaning.
 """
 from __future__ import annotations
@@ -30,8 +35,10 @@ from __future__ import annotations
 import torch
 
 from gdsllm.models import family, layers
+from gdsllm.models.attention import PassBatch, Segment
 from gdsllm.format.metadata import DTYPES, LlamaParams, UnitMeta, unit_layout
-from gdsllm.engine.kv_cache import KVCache
+from gdsllm.engine.graphs import DecodeGraphs, Static, padding_row
+from gdsllm.engine.kv_cache import KVCacheFull, PagedKVCache, blocks_for
 
 
 def compute_dtype(device: torch.device, stored: str) -> torch.dtype:
@@ -40,42 +47,76 @@ def compute_dtype(device: torch.device, stored: str) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else DTYPES[stored]
 
 
+def default_kv_tokens(params: LlamaParams) -> int:
+    """Room for four sequences of the model's whole context (at most 32768 tokens)."""
+    return min(4 * params.max_position_embeddings, 32768)
+
+
 class Runner:
     def __init__(self, params: LlamaParams, device: str | torch.device, dtype: torch.dtype, *,
-                 cudnn_attention: bool = False, architecture: str = "llama"):
+                 cudnn_attention: bool = False, architecture: str = "llama",
+                 kv_tokens: int | None = None, cuda_graphs: bool = True):
         """`cudnn_attention`: let torch pick SDPA's cuDNN kernel on CUDA (as transformers does);
-        off by default, for its host cost (gdsllm.models.layers._CUDA_SDPA says what was measured)."""
+        off by default, for its host cost (gdsllm.models.attention._CUDA_SDPA says what was
+        measured). `kv_tokens`: the KV cache's size; `cuda_graphs`: replay decode passes over
+        pinned units as CUDA graphs (CUDA only)."""
         self.p, self.device, self.dtype = params, torch.device(device), dtype
         self.cudnn_attention = cudnn_attention
         self.family = family(architecture)
-        # The units run_unit takes; a MoE model's expert units go through run_expert instead.
-        self.layout = [u for u in unit_layout(params) if u[1] != "expert"]
-        self.caches: dict[int, KVCache] = {}
+        self.layout = unit_layout(params)  # a MoE model's expert units go through run_expert
+        p = params
+        tokens = kv_tokens or default_kv_tokens(p)
+        self.cache = PagedKVCache(p.num_hidden_layers, p.num_key_value_heads, p.head_dim, dtype,
+                                  self.device, 1 + blocks_for(tokens))
         # Rotary frequencies depend only on the model: computed once, kept on the compute device;
         # one table per kind a layer uses ("global", and "local" for Gemma 3's sliding layers).
-        self.windows = [params.layer_window(i) for i in range(params.num_hidden_layers)]
-        kinds = sorted({params.layer_rope(i) for i in range(params.num_hidden_layers)})
-        self.inv_freqs = {k: layers.rope_inv_freq(params, k).to(self.device) for k in kinds}
+        kinds = sorted({p.layer_rope(i) for i in range(p.num_hidden_layers)})
+        self.inv_freqs = {k: layers.rope_inv_freq(p, k).to(self.device) for k in kinds}
+        # A mixture of experts routes on the host between its units: no graphs over its blocks.
+        graphs = self.device.type == "cuda" and cuda_graphs and not p.num_experts
+        self.graphs = DecodeGraphs(self) if graphs else None
+        self.pinned: dict[int, dict] = {}  # unit index -> resident weights
+        self._runs: dict[int, tuple[int, int]] = {}  # first unit of a pinned run -> (first, last)
         self._pass: _Pass | None = None
+
+    # -- sequences ------------------------------------------------------------------------------
+    @property
+    def sequences(self) -> set[int]:
+        """Sequences holding KV-cache blocks."""
+        return set(self.cache.tables)
 
     def seq_len(self, seq_id: int) -> int:
         """Tokens already in `seq_id`'s KV cache (0 for a sequence this runner does not know)."""
-        c = self.caches.get(seq_id)
-        return 0 if c is None else c.length
+        return self.cache.length(seq_id)
 
     def release(self, seq_id: int) -> None:
         """Free `seq_id`'s KV cache; a no-op for an unknown id (e.g. cancelled before it ran)."""
         if self._pass is not None and seq_id in self._pass.seq_ids:
             raise RuntimeError(f"sequence {seq_id} released in the middle of a pass that serves it")
-        self.caches.pop(seq_id, None)
+        self.cache.free(seq_id)
 
     def truncate(self, seq_id: int, n: int) -> None:
         """Roll `seq_id`'s KV cache back to its first `n` tokens (rejected draft tokens)."""
         if self._pass is not None and seq_id in self._pass.seq_ids:
             raise RuntimeError(f"sequence {seq_id} truncated in the middle of a pass that serves it")
         if n < self.seq_len(seq_id):
-            self.caches[seq_id].truncate(n)
+            self.cache.truncate(seq_id, n)
 
+    def pin(self, unit: int, weights: dict) -> None:
+        """Declare unit `unit` resident with these weights for the runner's lifetime: decode
+        passes may run it inside a CUDA graph (its weights are then not read from run_unit)."""
+        self.pinned[unit] = weights
+        self._runs.clear()
+        for u in sorted(self.pinned):
+            if u - 1 in self.pinned:
+                first = next(f for f, (_, last) in self._runs.items() if last == u - 1)
+                self._runs[first] = (first, u)
+            else:
+                self._runs[u] = (u, u)
+        if self.graphs is not None:
+            self.graphs.clear()
+
+    # -- passes ---------------------------------------------------------------------------------
     def start_pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False, *,
                    logit_rows: dict[int, int] | None = None) -> None:
         """Begin one weight pass for `chunks`: (seq_id, new_token_ids) each, seq_ids distinct.
@@ -89,9 +130,9 @@ class Runner:
         seq_ids = [sid for sid, _ in chunks]
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"start_pass: a sequence appears twice in one batch: {seq_ids}")
-        ids, positions, segments, last_rows, row = [], [], [], [], 0
+        chunks = [(sid, list(toks)) for sid, toks in chunks]
+        rows_of = {}
         for sid, toks in chunks:
-            toks = list(toks)
             if not toks:
                 raise ValueError(f"sequence {sid}: no new tokens")
             bad = [t for t in toks if not isinstance(t, int) or not 0 <= t < p.vocab_size]
@@ -102,60 +143,135 @@ class Runner:
             if past + len(toks) > p.max_position_embeddings:
                 raise ValueError(f"sequence {sid}: {past} cached + {len(toks)} new tokens exceed the "
                                  f"model's context of {p.max_position_embeddings} tokens")
-            ids += toks
-            positions += range(past, past + len(toks))
             n_rows = (logit_rows or {}).get(sid, 1)
             if not 1 <= n_rows <= len(toks):
                 raise ValueError(f"sequence {sid}: {n_rows} logit rows asked of a {len(toks)}-token chunk")
-            segments.append((sid, row, row + len(toks)))
-            n_rows = len(toks) if all_logits else n_rows
-            last_rows += range(row + len(toks) - n_rows, row + len(toks))
-            row += len(toks)
-        for sid, _, _ in segments:
-            if sid not in self.caches:  # a new sequence starts at position 0
-                self.caches[sid] = KVCache(p.num_hidden_layers, p.num_key_value_heads, p.head_dim,
-                                           self.dtype, self.device, p.max_position_embeddings,
-                                           windows=self.windows)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        self._pass = _Pass(
-            seq_ids=seq_ids,
-            ids=torch.tensor(ids, dtype=torch.long, device=self.device),
-            rope={k: layers.rope_cos_sin(f, pos, self.dtype) for k, f in self.inv_freqs.items()},
-            segments=[layers.Segment(a, b, self.caches[sid]) for sid, a, b in segments],
-            last_rows=torch.tensor(last_rows, dtype=torch.long, device=self.device))
+            rows_of[sid] = len(toks) if all_logits else n_rows
+        new = [sid for sid in seq_ids if sid not in self.cache]
+        try:
+            for sid, toks in chunks:
+                self.cache.grow(sid, len(toks))
+        except KVCacheFull:
+            for sid in new:
+                self.cache.free(sid)
+            raise
+        if all(len(toks) == 1 and rows_of[sid] == 1 for sid, toks in chunks):
+            self._pass = self._decode_pass(chunks)
+        else:
+            self._pass = self._chunked_pass(chunks, rows_of)
+
+    def _rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {k: layers.rope_cos_sin(f, positions, self.dtype) for k, f in self.inv_freqs.items()}
+
+    def _decode_pass(self, chunks) -> _Pass:
+        """One token per sequence: batched paged attention; on CUDA the static buffers of the
+        batch's bucket, so pinned runs replay as graphs. One host-to-device copy."""
+        cache, n = self.cache, len(chunks)
+        bucket = self.graphs.bucket(n) if self.graphs is not None else None
+        width = self.graphs.max_blocks if bucket else max(len(cache.tables[s]) for s, _ in chunks)
+        rows = []
+        for sid, (tok,) in chunks:
+            past = cache.length(sid)
+            rows.append([tok, past, cache.slot_list(sid, past, past + 1)[0], past + 1]
+                        + cache.table_row(sid, width))
+        rows += [padding_row(width)] * ((bucket or n) - n)
+        packed = torch.tensor(rows, dtype=torch.long).to(self.device)
+        commit = [(sid, 1) for sid, _ in chunks]
+        if bucket:
+            st = self.graphs.static(bucket)
+            st.load(packed, self._rope)
+            ps = _Pass([s for s, _ in chunks], st.ids, st.rope, st.batch, None, commit, st)
+            ps.x = st.x
+            return ps
+        batch = PassBatch(cache, packed[:, 2], block_tables=packed[:, 4:].to(torch.int32),
+                          seq_lens=packed[:, 3].to(torch.int32))
+        return _Pass([s for s, _ in chunks], packed[:, 0], self._rope(packed[:, 1]), batch, None, commit)
+
+    def _chunked_pass(self, chunks, rows_of) -> _Pass:
+        """Prompts and multi-token chunks: per-sequence attention over gathered keys."""
+        cache = self.cache
+        ids, positions, slots, last_rows, keys, spans, row = [], [], [], [], [], [], 0
+        for sid, toks in chunks:
+            past, n = cache.length(sid), len(toks)
+            ids += toks
+            positions += range(past, past + n)
+            slots += cache.slot_list(sid, past, past + n)
+            last_rows += range(row + n - rows_of[sid], row + n)
+            spans.append((row, row + n, past, len(keys)))
+            keys += cache.slot_list(sid, 0, past + n)
+            row += n
+        T, R = len(ids), len(last_rows)
+        packed = torch.tensor(ids + positions + slots + last_rows + keys, dtype=torch.long).to(self.device)
+        key_slots = packed[3 * T + R:]
+        segments = [Segment(a, b, past, key_slots[k: k + past + b - a]) for a, b, past, k in spans]
+        batch = PassBatch(cache, packed[2 * T: 3 * T], segments=segments)
+        return _Pass([s for s, _ in chunks], packed[:T], self._rope(packed[T: 2 * T]), batch,
+                     packed[3 * T: 3 * T + R], [(sid, len(toks)) for sid, toks in chunks])
 
     def run_unit(self, unit: UnitMeta, weights: dict[str, torch.Tensor]) -> None:
         """Run the next unit of the pass with its weights (views valid until the caller fences)."""
         ps = self._pass
         if ps is None:
             raise RuntimeError(f"run_unit({unit.name}) outside a pass (call start_pass first)")
-        if ps.next_unit >= len(self.layout) or (unit.name, unit.kind, unit.layer) != self.layout[ps.next_unit]:
-            want = self.layout[ps.next_unit][0] if ps.next_unit < len(self.layout) else "end_pass"
-            raise RuntimeError(f"run_unit: got unit {unit.name}, expected {want}")
-        p = self.p
+        i = ps.next_unit
         if ps.moe is not None:  # the previous block was a mixture of experts: its experts ran
             ps.x, ps.moe = ps.moe.output(), None
-        if unit.kind == "embed":
+            while i < len(self.layout) and self.layout[i][1] == "expert":
+                i += 1
+            ps.next_unit = i
+        if i >= len(self.layout) or (unit.name, unit.kind, unit.layer) != self.layout[i]:
+            want = self.layout[i][0] if i < len(self.layout) else "end_pass"
+            raise RuntimeError(f"run_unit: got unit {unit.name}, expected {want}")
+        ps.next_unit += 1
+        if i <= ps.replayed_through:  # ran inside the graph of its pinned run
+            return
+        st = ps.static
+        if st is not None and i in self._runs:
+            first, last = self._runs[i]
+            if ps.x is not None and ps.x is not st.x:
+                st.x.copy_(ps.x)
+            self.graphs.replay((first, last), st, lambda: self._run_static(first, last, st))
+            ps.replayed_through = last
+            ps.x, ps.logits = st.x, (st.logits if self.layout[last][1] == "head" else None)
+            return
+        self._forward(i, weights, ps)
+
+    def _run_static(self, first: int, last: int, st: Static) -> None:
+        """Pinned units first..last over a bucket's static buffers (what a graph captures)."""
+        ps = _Pass([], st.ids, st.rope, st.batch, None, [], st)
+        ps.x = st.x
+        for u in range(first, last + 1):
+            self._forward(u, self.pinned[u], ps)
+        if ps.logits is not None:
+            st.logits.copy_(ps.logits)
+        else:
+            st.x.copy_(ps.x)
+
+    def _forward(self, i: int, weights: dict, ps: _Pass) -> None:
+        p = self.p
+        _, kind, layer = self.layout[i]
+        if kind == "embed":
             ps.x = layers.embed(weights, ps.ids, self.dtype, p.embed_scale)
             ps.embedding = weights["embed_tokens.weight"]
-        elif unit.kind == "block":
-            cos, sin = ps.rope[p.layer_rope(unit.layer)]
-            if p.num_experts:  # attention + router; the routed experts follow (run_expert)
-                ps.moe = self.family.route(p, weights, ps.x, cos, sin, ps.segments, unit.layer,
-                                           self.cudnn_attention)
-                ps.x = None
-            else:
-                ps.x = self.family.decoder_block(p, weights, ps.x, cos, sin, ps.segments,
-                                                 unit.layer, self.cudnn_attention)
+        elif kind == "block" and p.num_experts:  # attention + router; the experts follow (run_expert)
+            cos, sin = ps.rope[p.layer_rope(layer)]
+            ps.moe = self.family.route(p, weights, ps.x, cos, sin, ps.batch, layer, self.cudnn_attention)
+            ps.x = None
+        elif kind == "block":
+            cos, sin = ps.rope[p.layer_rope(layer)]
+            ps.x = self.family.decoder_block(p, weights, ps.x, cos, sin, ps.batch, layer,
+                                             self.cudnn_attention)
         else:
             if "lm_head.weight" not in weights:  # tied, stored once: the head is the embedding
                 if not p.tie_word_embeddings:
-                    raise RuntimeError(f"unit {unit.name} has no lm_head.weight and the model is not tied")
-                weights = {**weights, "lm_head.weight": ps.embedding}
+                    raise RuntimeError(f"unit {self.layout[i][0]} has no lm_head.weight and the "
+                                       f"model is not tied")
+                emb = ps.embedding if ps.embedding is not None else self.pinned[0]["embed_tokens.weight"]
+                weights = {**weights, "lm_head.weight": emb}
             # Only the rows asked for (each chunk's last token by default): norm + LM head on those.
-            ps.logits = self.family.lm_head(p, weights, ps.x.index_select(0, ps.last_rows))
-            ps.x = ps.embedding = None
-        ps.next_unit += 1
+            x = ps.x if ps.last_rows is None else ps.x.index_select(0, ps.last_rows)
+            ps.logits = self.family.lm_head(p, weights, x)
+            ps.embedding = None
 
     def routed_experts(self) -> list[int]:
         """The experts the MoE block just run routed any token of the pass to (ascending); each
@@ -183,32 +299,36 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     def end_pass(self) -> torch.Tensor:
-        """Finish the pass: commit the new tokens to the KV caches; float32 logits [rows, vocab]
+        """Finish the pass: commit the new tokens to the KV cache; float32 logits [rows, vocab]
         (one row per chunk, or logit_rows[seq_id] rows for those asked, in chunk order)."""
         ps = self._pass
         if ps is None:
             raise RuntimeError("end_pass without start_pass")
         if ps.next_unit != len(self.layout):
             raise RuntimeError(f"end_pass after {ps.next_unit} of {len(self.layout)} units")
-        for seg in ps.segments:
-            seg.cache.advance(seg.end - seg.start)
+        for sid, n in ps.commit:
+            self.cache.advance(sid, n)
         self._pass = None
         assert ps.logits is not None and ps.logits.dtype == torch.float32
+        if ps.static is not None:  # a bucket's buffer: the padding rows go, the next pass reuses it
+            return ps.logits[: len(ps.seq_ids)].clone()
         return ps.logits
 
     def abort_pass(self) -> None:
-        """Drop a pass that failed midway; caches keep only what earlier passes committed."""
+        """Drop a pass that failed midway; the cache keeps only what earlier passes committed."""
         self._pass = None
 
 
 class _Pass:
-    """State of the pass in flight: inputs, per-sequence segments, running activations."""
+    """State of the pass in flight: inputs, attention batch, running activations."""
 
-    def __init__(self, seq_ids, ids, rope, segments, last_rows):
+    def __init__(self, seq_ids, ids, rope, batch, last_rows, commit, static=None):
         self.seq_ids, self.ids, self.rope = seq_ids, ids, rope  # rope: kind -> (cos, sin)
-        self.segments, self.last_rows = segments, last_rows
+        self.batch, self.last_rows, self.commit = batch, last_rows, commit
+        self.static: Static | None = static  # a decode pass's bucket buffers (CUDA graphs)
         self.x: torch.Tensor | None = None
         self.embedding: torch.Tensor | None = None  # the embed unit's table, for a tied head
         self.logits: torch.Tensor | None = None
         self.moe = None  # gdsllm.models.moe.Routing of a MoE block waiting for its experts
         self.next_unit = 0
+        self.replayed_through = -1  # the last unit a graph replay of this pass ran

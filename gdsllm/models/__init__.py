@@ -1,12 +1,12 @@
 """Model families: the block math of each architecture, one module per family.
 
-A family module exposes `decoder_block(p, weights, x, cos, sin, segments, layer, cudnn_attention)`
+A family module exposes `decoder_block(p, weights, x, cos, sin, batch, layer, cudnn_attention)`
 and `lm_head(p, weights, x)`; the pieces families share (rotary embeddings, RMSNorm, the embedding,
 attention over the KV cache, `linear`) live in `gdsllm.models.layers`. The runner picks the module
 by the architecture recorded in `metadata.json`:
 
     fam = family(meta.architecture)        # gdsllm.models.llama
-    x = fam.decoder_block(meta.params, weights, x, cos, sin, segments, layer)
+    x = fam.decoder_block(meta.params, weights, x, cos, sin, batch, layer)
 
 A new family is a new module here plus one entry in FAMILIES (and in
 `gdsllm.format.metadata.SUPPORTED_ARCHITECTURES`, which the format checks without importing torch

@@ -12,25 +12,26 @@ Differences from LLaMA, all carried by the parameters the converters record:
 - embeddings scaled by sqrt(hidden) (`embed_scale`, in the runner's embed), and the final logit
   soft-cap where configured (`gdsllm.models.layers.lm_head`).
 
-    fam = family("gemma3"); x = fam.decoder_block(p, weights, x, cos, sin, segments, layer)
+    fam = family("gemma3"); x = fam.decoder_block(p, weights, x, cos, sin, batch, layer)
 """
 from __future__ import annotations
 
 import torch
 
 from gdsllm.format.metadata import LlamaParams
-from gdsllm.models.layers import Segment, gated_mlp, lm_head, rms_norm, self_attention
+from gdsllm.models.attention import PassBatch
+from gdsllm.models.layers import gated_mlp, lm_head, rms_norm, self_attention
 
 __all__ = ["decoder_block", "lm_head"]
 
 
 def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment],
+                  cos: torch.Tensor, sin: torch.Tensor, batch: PassBatch,
                   layer: int, cudnn_attention: bool = False) -> torch.Tensor:
     """One Gemma 3 block over the flattened batch x [T, hidden]; appends to each KV cache."""
     eps, off = p.rms_norm_eps, p.norm_weight_offset
     h = rms_norm(x, weights["input_layernorm.weight"], eps, off)
-    a = self_attention(p, weights, h, cos, sin, segments, layer, cudnn_attention)
+    a = self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
     x = x + rms_norm(a, weights["post_attention_layernorm.weight"], eps, off)
     h = rms_norm(x, weights["pre_feedforward_layernorm.weight"], eps, off)
     return x + rms_norm(gated_mlp(p, weights, h), weights["post_feedforward_layernorm.weight"], eps, off)

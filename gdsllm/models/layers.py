@@ -7,7 +7,7 @@ families is read from the parameters (`gdsllm.format.family_params`), never from
 Every function takes only its own unit's weights (the views `gdsllm.engine.views.unit_tensors` gives),
 so unit k runs with nothing but unit k resident. Activations are flattened over all tokens of all
 sequences of a batch ([T, hidden]); only attention looks at sequence boundaries, through the
-`Segment`s the runner passes (one per sequence, each with its KV cache).
+`PassBatch` the runner builds once per pass (gdsllm.models.attention: the paged KV cache).
 
 The numerics follow Hugging Face transformers' `modeling_llama` exactly where it matters for
 bit-closeness: RMSNorm in float32 and cast back before the weight multiply, rotary cos/sin built in
@@ -19,16 +19,13 @@ float32 and cast to the activation dtype, Llama-3 frequency scaling as `_compute
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gdsllm.format.metadata import LlamaParams
-from gdsllm.engine.kv_cache import KVCache
+from gdsllm.models.attention import PassBatch, attend
 from gdsllm.quant.schemes import QuantWeight
 
 
@@ -132,11 +129,11 @@ def gated_mlp(p: LlamaParams, weights: dict[str, torch.Tensor], h: torch.Tensor)
 
 
 def self_attention(p: LlamaParams, weights: dict[str, torch.Tensor], h: torch.Tensor,
-                   cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], layer: int,
+                   cos: torch.Tensor, sin: torch.Tensor, batch: PassBatch, layer: int,
                    cudnn: bool = False) -> torch.Tensor:
     """The attention sub-block over the normed rows h [T, hidden]: q/k/v projections (biases
-    where stored), per-head q/k RMSNorm if `p.qk_norm`, rotary embedding, each sequence's KV
-    cache (full or this layer's sliding window), attention, o_proj. Returns [T, hidden]."""
+    where stored), per-head q/k RMSNorm if `p.qk_norm`, rotary embedding, the paged KV cache
+    (full or this layer's sliding window, gdsllm.models.attention), o_proj. Returns [T, hidden]."""
     T = h.shape[0]
     hd, nh, nkv = p.head_dim, p.num_attention_heads, p.num_key_value_heads
     # The projections run once over all tokens of all sequences: one large matmul per weight
@@ -150,15 +147,7 @@ def self_attention(p: LlamaParams, weights: dict[str, torch.Tensor], h: torch.Te
         k = rms_norm(k, weights["self_attn.k_norm.weight"], p.rms_norm_eps, off)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     scale = (p.query_pre_attn_scalar or hd) ** -0.5
-    window = p.layer_window(layer)
-    outs = []
-    for seg in segments:
-        past = seg.cache.length
-        ks, vs = seg.cache.update(layer, k[seg.start:seg.end].transpose(0, 1),
-                                  v[seg.start:seg.end].transpose(0, 1))
-        outs.append(attention(q[seg.start:seg.end].transpose(0, 1), ks, vs, past, cudnn,
-                              scale=scale, window=window))
-    a = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    a = attend(batch, layer, q, k, v, scale, p.layer_window(layer), cudnn)
     assert a.shape == (T, nh * hd), a.shape
     return linear(weights, "self_attn.o_proj.weight", a)
 
@@ -172,71 +161,3 @@ def lm_head(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor) -
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits.float()
-
-
-_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-@dataclass
-class Segment:
-    """One sequence's rows [start, end) of the flattened batch, and its KV cache."""
-
-    start: int
-    end: int
-    cache: KVCache
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
-              cudnn: bool = False, scale: float | None = None, window: int | None = None
-              ) -> torch.Tensor:
-    """q: [heads, n, hd]; k, v: [kv_heads, L, hd], the cached keys the chunk may see and its own
-    (L = past + n for full attention; a sliding-window cache returns fewer, the first at
-    position past + n - L). Returns [n, heads*hd].
-
-    Causal within the new chunk; every new token sees all `past` cached tokens, or with `window`
-    only the last `window` positions up to its own (transformers' sliding-window mask). The SDPA
-    call is the one transformers makes (4-D, batch 1, enable_gqa, explicit scale, is_causal for a
-    prompt, no mask for one token), so with `cudnn=True` the same fused kernel is picked on CUDA;
-    by default cuDNN is left out there (see _CUDA_SDPA). `scale`: default head_dim ** -0.5.
-    """
-    n, hd, L = q.shape[1], q.shape[2], k.shape[1]
-    first = past + n - L  # position of k[:, 0]
-    q, k, v = q[None], k[None], v[None]
-    kw: dict = dict(scale=hd ** -0.5 if scale is None else scale)
-    if q.shape[1] != k.shape[1]:
-        if _SDPA_GQA:
-            kw["enable_gqa"] = True  # no copy of K/V per query head
-        else:  # torch < 2.5: repeat each KV head for its query heads
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    windowed = window is not None and past + n > window  # else the window hides nothing
-    with _sdpa_backends(q.device, cudnn):
-        if n == 1 and (not windowed or L <= window):  # one new token sees all it was given
-            out = F.scaled_dot_product_attention(q, k, v, **kw)
-        elif past == 0 and not windowed:  # a whole prompt: SDPA's causal mask (square here)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-        else:  # row i (position past + i) sees keys at positions (past + i - window, past + i]
-            rows = torch.arange(n, device=q.device)[:, None] + past
-            keys = torch.arange(L, device=q.device)[None, :] + first
-            mask = keys <= rows
-            if windowed:
-                mask &= keys > rows - window
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
-    return out[0].transpose(0, 1).reshape(n, -1)
-
-
-# Measured on an H200 (torch 2.11, LLaMA-7B shape, one sequence decoding): SDPA's cuDNN backend
-# spent 4.6 ms of host time per call (its plan is rebuilt as the KV length grows every token)
-# for 4 us of GPU work, 84% of all host time; decode ran at 42 ms/token for 8 blocks. Flash and
-# memory-efficient attention have no such set-up cost.
-_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def _sdpa_backends(device: torch.device, cudnn: bool):
-    """`cudnn=True` leaves torch's own choice (cuDNN first on Hopper), the kernels transformers
-    gets: bit-for-bit comparisons with it need that; serving does not."""
-    if device.type != "cuda" or cudnn:
-        return contextlib.nullcontext()
-    return sdpa_kernel(_CUDA_SDPA)
-
-

@@ -3,14 +3,14 @@
 Every function takes only its own unit's weights (the views `gdsllm.engine.views.unit_tensors`
 gives), so unit k runs with nothing but unit k resident. Activations are flattened over all tokens
 of all sequences of a batch ([T, hidden]); only attention looks at sequence boundaries, through
-the `Segment`s the runner passes (one per sequence, each with its KV cache). The numerics follow
+the `PassBatch` the runner passes (gdsllm.models.attention: the paged KV cache). The numerics follow
 transformers' `modeling_llama` (see `gdsllm.models.layers`).
 
 The same block serves the families that are LLaMA with a switch, each read from the parameters:
 `attention_bias` / `mlp_bias` (LLaMA checkpoints that set them, Qwen2's q/k/v biases), `qk_norm`
 (Qwen3), a sliding window (Mistral, Qwen2/3 with `use_sliding_window`).
 
-    x = decoder_block(p, weights, x, cos, sin, segments, layer)
+    x = decoder_block(p, weights, x, cos, sin, batch, layer)
     logits = lm_head(p, head_weights, x[last_rows])
 """
 from __future__ import annotations
@@ -18,16 +18,17 @@ from __future__ import annotations
 import torch
 
 from gdsllm.format.metadata import LlamaParams
-from gdsllm.models.layers import Segment, gated_mlp, lm_head, rms_norm, self_attention
+from gdsllm.models.attention import PassBatch
+from gdsllm.models.layers import gated_mlp, lm_head, rms_norm, self_attention
 
 __all__ = ["decoder_block", "lm_head"]
 
 
 def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment],
+                  cos: torch.Tensor, sin: torch.Tensor, batch: PassBatch,
                   layer: int, cudnn_attention: bool = False) -> torch.Tensor:
     """One pre-norm decoder block over the flattened batch x [T, hidden]; appends to each KV cache."""
     h = rms_norm(x, weights["input_layernorm.weight"], p.rms_norm_eps)
-    x = x + self_attention(p, weights, h, cos, sin, segments, layer, cudnn_attention)
+    x = x + self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
     h = rms_norm(x, weights["post_attention_layernorm.weight"], p.rms_norm_eps)
     return x + gated_mlp(p, weights, h)

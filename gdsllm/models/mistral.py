@@ -2,7 +2,7 @@
 many positions only (and its KV cache keeps only those). The block is `gdsllm.models.llama`'s:
 the window is a parameter.
 
-    fam = family("mistral"); x = fam.decoder_block(p, weights, x, cos, sin, segments, layer)
+    fam = family("mistral"); x = fam.decoder_block(p, weights, x, cos, sin, batch, layer)
 """
 from __future__ import annotations
 

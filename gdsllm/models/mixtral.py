@@ -3,7 +3,7 @@ place of the MLP: softmax router over `num_experts`, top-`num_experts_per_tok`, 
 renormalised. The block unit runs `route`; the routed experts' units run after it
 (`gdsllm.models.moe`).
 
-    fam = family("mixtral"); r = fam.route(p, weights, x, cos, sin, segments, layer)
+    fam = family("mixtral"); r = fam.route(p, weights, x, cos, sin, batch, layer)
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ MLP over the rows routed to it, weighted by the router. Numerics as transformers
 `MixtralSparseMoeBlock` / `Qwen3MoeSparseMoeBlock`: softmax over all experts in float32, top-k,
 renormalised to sum to 1 where `p.norm_topk_prob` (Mixtral always).
 
-    r = route(p, weights, x, cos, sin, segments, layer)     # Routing: residual, h, top-k
+    r = route(p, weights, x, cos, sin, batch, layer)     # Routing: residual, h, top-k
     for e in r.experts():                                     # the union over the batch, sorted
         r.add(e, expert_mlp(p, expert_weights[e], r.rows_of(e)))
     x = r.output()
@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from gdsllm.format.metadata import LlamaParams
-from gdsllm.models.layers import ACTIVATIONS, Segment, linear, rms_norm, self_attention
+from gdsllm.models.attention import PassBatch
+from gdsllm.models.layers import ACTIVATIONS, linear, rms_norm, self_attention
 
 
 class Routing:
@@ -65,12 +66,12 @@ def router_topk(p: LlamaParams, logits: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def route(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor, cos: torch.Tensor,
-          sin: torch.Tensor, segments: list[Segment], layer: int, cudnn_attention: bool = False
+          sin: torch.Tensor, batch: PassBatch, layer: int, cudnn_attention: bool = False
           ) -> Routing:
     """The block unit's half: pre-norm attention (appends to each KV cache), the post-attention
     norm and the router. The experts run next (`Routing.add`)."""
     h = rms_norm(x, weights["input_layernorm.weight"], p.rms_norm_eps)
-    x = x + self_attention(p, weights, h, cos, sin, segments, layer, cudnn_attention)
+    x = x + self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
     h = rms_norm(x, weights["post_attention_layernorm.weight"], p.rms_norm_eps)
     idx, w = router_topk(p, linear(weights, "mlp.gate.weight", h))
     return Routing(x, h, idx, w, ACTIVATIONS[p.hidden_act])
@@ -84,13 +85,13 @@ def expert_mlp(weights: dict[str, torch.Tensor], h: torch.Tensor, act=ACTIVATION
 
 
 def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], layer: int,
+                  cos: torch.Tensor, sin: torch.Tensor, batch: PassBatch, layer: int,
                   cudnn_attention: bool = False, experts: dict[int, dict] | None = None
                   ) -> torch.Tensor:
     """The whole block at once, for callers that hold every expert (`experts[j]`: unit weights)."""
     if experts is None:
         raise RuntimeError(f"block {layer} is a mixture of experts: run `route`, then its experts")
-    r = route(p, weights, x, cos, sin, segments, layer, cudnn_attention)
+    r = route(p, weights, x, cos, sin, batch, layer, cudnn_attention)
     for e in r.experts():
         r.add(e, experts[e])
     return r.output()

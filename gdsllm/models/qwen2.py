@@ -2,7 +2,7 @@
 o_proj has none) and, where `use_sliding_window` is set, sliding-window layers from
 `max_window_layers` on. The block is `gdsllm.models.llama`'s: the switches are parameters.
 
-    fam = family("qwen2"); x = fam.decoder_block(p, weights, x, cos, sin, segments, layer)
+    fam = family("qwen2"); x = fam.decoder_block(p, weights, x, cos, sin, batch, layer)
 """
 from __future__ import annotations
 

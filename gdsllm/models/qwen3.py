@@ -3,7 +3,7 @@
 projections when `attention_bias` is set, and optional sliding-window layers as Qwen2. The block
 is `gdsllm.models.llama`'s: the switches are parameters.
 
-    fam = family("qwen3"); x = fam.decoder_block(p, weights, x, cos, sin, segments, layer)
+    fam = family("qwen3"); x = fam.decoder_block(p, weights, x, cos, sin, batch, layer)
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 block: softmax router, top-k, renormalised only with `norm_topk_prob`
 (`gdsllm.models.moe`; the switches are parameters).
 
-    fam = family("qwen3_moe"); r = fam.route(p, weights, x, cos, sin, segments, layer)
+    fam = family("qwen3_moe"); r = fam.route(p, weights, x, cos, sin, batch, layer)
 """
 from __future__ import annotations
 

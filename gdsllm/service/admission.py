@@ -8,16 +8,16 @@
 
 A request is admitted into the batch only when the KV cache of its prompt plus its max_tokens fits
 beside what the running requests hold, so an out-of-memory cannot fail a whole pass; the rest wait
-in order. The reservation is the capacity the cache really grows to (gdsllm.engine.kv_cache
-doubles from MIN_CAPACITY tokens up to the model's context). Without `--kv-budget`, the budget is
-half the host's available memory on the CPU backend, 90% of the device memory left free once the
-arena is allocated on CUDA (the compute worker reports it in ArenaOpened).
+in order. The reservation is whole blocks of the compute worker's paged KV cache
+(gdsllm.engine.kv_cache), whose size the worker reports in ArenaOpened: `kv_cache_tokens` below,
+from `--kv-budget` or else half the host's available memory on the CPU backend, 90% of the device
+memory left free once the arena is allocated on CUDA; at most --max-batch whole contexts.
 """
 from __future__ import annotations
 
 from collections import Counter
 
-from gdsllm.engine.kv_cache import MIN_CAPACITY
+from gdsllm.engine.kv_cache import BLOCK_SIZE, blocks_for
 
 CPU_FRACTION = 0.5
 CUDA_FRACTION = 0.9
@@ -37,28 +37,48 @@ def kv_bytes_per_token(params, itemsize: int) -> int:
     return 2 * params.num_hidden_layers * params.num_key_value_heads * params.head_dim * itemsize
 
 
+def kv_cache_tokens(meta, config, free_bytes: int | None) -> int:
+    """Tokens of the compute worker's KV cache: --kv-budget, or a share of the memory left once
+    the arena is allocated (`free_bytes` on CUDA, MemAvailable on the CPU); at most --max-batch
+    contexts of the model."""
+    p = meta.params
+    budget = config.kv_budget
+    if budget is None:
+        if config.device == "cpu" or free_bytes is None:
+            budget = int(host_available_bytes() * CPU_FRACTION)
+        else:
+            budget = int(free_bytes * CUDA_FRACTION)
+    per_token = kv_bytes_per_token(p, _itemsize(meta, config))
+    return max(BLOCK_SIZE, min(budget // per_token, config.max_batch * p.max_position_embeddings))
+
+
+def _itemsize(meta, config) -> int:
+    from gdsllm.format.metadata import ITEMSIZE
+    return 4 if config.device == "cpu" else ITEMSIZE[meta.dtype]  # engine.runner.compute_dtype
+
+
 class Admission:
     def __init__(self, budget: int, per_token: int, max_context: int, per_client: int,
-                 max_waiting: int):
+                 max_waiting: int, block_size: int = BLOCK_SIZE):
         self.budget, self.per_token, self.max_context = budget, per_token, max_context
+        self.block_size = block_size
         self.per_client, self.max_waiting = per_client, max_waiting
         self.reserved = 0
         self.held: dict[int, int] = {}  # seq_id -> bytes reserved
         self.clients: Counter[bytes] = Counter()  # requests in flight per client identity
 
     @classmethod
-    def for_model(cls, meta, config, free_bytes: int | None = None) -> "Admission":
-        from gdsllm.format.metadata import ITEMSIZE
+    def for_model(cls, meta, config, free_bytes: int | None = None, opened=None) -> "Admission":
+        """The budget is the KV cache the compute worker reported (`opened`: its ArenaOpened),
+        else what kv_cache_tokens gives."""
         p = meta.params
-        itemsize = 4 if config.device == "cpu" else ITEMSIZE[meta.dtype]  # engine.runner.compute_dtype
-        budget = config.kv_budget
-        if budget is None:
-            if config.device == "cpu" or free_bytes is None:
-                budget = int(host_available_bytes() * CPU_FRACTION)
-            else:
-                budget = int(free_bytes * CUDA_FRACTION)
-        return cls(budget, kv_bytes_per_token(p, itemsize), p.max_position_embeddings,
-                   config.max_inflight_per_client, config.max_waiting)
+        per_token = kv_bytes_per_token(p, _itemsize(meta, config))
+        if opened is not None and opened.kv_tokens:
+            tokens, block = opened.kv_tokens, opened.kv_block_size or BLOCK_SIZE
+        else:
+            tokens, block = kv_cache_tokens(meta, config, free_bytes), BLOCK_SIZE
+        return cls(tokens * per_token, per_token, p.max_position_embeddings,
+                   config.max_inflight_per_client, config.max_waiting, block)
 
     # ------------------------------------------------------------------ clients and the queue
 
@@ -82,12 +102,9 @@ class Admission:
     # ------------------------------------------------------------------ KV memory
 
     def need(self, seq) -> int:
-        """Bytes of the KV cache `seq` grows to with its prompt and every token it may generate."""
+        """Bytes of the KV-cache blocks `seq` takes with its prompt and every token it may generate."""
         n = len(seq.prompt_ids) + seq.max_new
-        cap = MIN_CAPACITY
-        while cap < n:
-            cap *= 2
-        return min(cap, max(self.max_context, n)) * self.per_token
+        return blocks_for(n, self.block_size) * self.block_size * self.per_token
 
     def never_fits(self, seq) -> str | None:
         need = self.need(seq)

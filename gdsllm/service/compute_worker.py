@@ -6,15 +6,18 @@
 `run_compute_process(config: ServiceConfig, endpoint: str) -> None` connects a PAIR socket to
 `endpoint` (the coordinator binds it), builds the Runner for `config.model` on `config.device`
 and replies `ComputeReady(pid, device)` (or `WorkerError(fatal=True)`). The coordinator then
-sends `OpenArena(backend, handle, arena_bytes)` copied from the I/O worker's IoReady; the worker
-opens the arena once and replies `ArenaOpened`. Then, until `Shutdown` or the parent's death:
+sends `OpenArena(backend, handle, arena_bytes, resident)` copied from the I/O worker's IoReady
+plus the resident units' offsets; the worker opens the arena once, allocates its paged KV cache
+in what memory is left (gdsllm.service.admission.kv_cache_tokens), pins the resident units and
+replies `ArenaOpened` with the cache's size. Then, until `Shutdown` or the parent's death:
 
 - `StartPass(pass_id, chunks, sampling, partial)`: Runner.start_pass; a sampler (with its own
   seeded generator) is made for each sequence named in `sampling`; sequences in `partial` (a
   chunk in the middle of their prompt) are not sampled. Messages from the coordinator are
   internal: no client size limit.
-- `Run(unit, slot, offset)`: the unit over the arena bytes at `offset`; `Done(unit, slot, seconds)`
-  only after Runner.fence(), so the slot may then be refilled. After the head unit: the logits are
+- `Run(unit, slot, offset, count)`: the unit over the arena bytes at `offset` (or `count`
+  consecutive resident units); `Done(unit, slot, seconds, count)` only after Runner.fence(), so
+  the slot may then be refilled. After the head unit: the logits are
   sampled and `PassResult(pass_id, [[seq_id, token]], seconds)` follows the head's Done.
 - `Release(seq_ids)`: frees those sequences' KV caches and samplers.
 - A mixture of experts: a block unit's Done is followed by `Routed` (the experts its router
@@ -69,6 +72,8 @@ class ComputeWorker:
         self.parent = sockets.ParentWatch()
         self.sock = sockets.pair(sockets.context(), endpoint, bind=False)
         self.arena: Arena | None = None
+        self.runner = None  # made once the arena is open (gdsllm.engine.runner.Runner)
+        self.kv_tokens = 0
         self.samplers: dict[int, object] = {}
         self.pass_id: int | None = None  # the pass in progress
         self.pass_failed = False
@@ -97,14 +102,13 @@ class ComputeWorker:
             sockets.context().term()  # returns once queued replies are out (or FLUSH_MS passed)
 
     def _start(self) -> ComputeReady:
-        from gdsllm.engine.runner import Runner, compute_dtype  # imported here: torch model code is the slow part of start-up
+        from gdsllm.engine.runner import compute_dtype  # imported here: torch model code is the slow part of start-up
         self.meta = load_model_meta(self.config.model)
         device = self.config.device
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
         self.device = torch.device(device)
-        self.runner = Runner(self.meta.params, self.device, compute_dtype(self.device, self.meta.dtype),
-                             architecture=self.meta.architecture)
+        self.dtype = compute_dtype(self.device, self.meta.dtype)
         self.shared_embedding = shared_embedding(self.meta)  # the head reads the embed unit's bytes
         if self.config.draft is not None:
             from gdsllm.engine.speculative import make_speculator
@@ -155,8 +159,28 @@ class ComputeWorker:
         except Exception as e:
             self._send(WorkerError(f"compute worker cannot open the arena: {e}", fatal=True))
             raise _Exit from None
+        try:  # the KV cache comes after the arena: it takes a share of the memory left
+            self._make_runner(msg.resident)
+        except Exception as e:
+            self._send(WorkerError(f"compute worker cannot allocate its KV cache: {e}", fatal=True))
+            raise _Exit from None
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
-        self._send(ArenaOpened(self.arena.spec.nbytes, free))
+        self._send(ArenaOpened(self.arena.spec.nbytes, free, self.kv_tokens, self.runner.cache.block_size))
+
+    def _make_runner(self, resident: dict[int, int]) -> None:
+        """The Runner with its paged KV cache, the resident units pinned (CUDA graphs run them)."""
+        from gdsllm.engine.runner import Runner
+        from gdsllm.engine.views import unit_tensors
+        from gdsllm.service.admission import kv_cache_tokens
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        self.kv_tokens = kv_cache_tokens(self.meta, self.config, free)
+        self.runner = Runner(self.meta.params, self.device, self.dtype,
+                             architecture=self.meta.architecture, kv_tokens=self.kv_tokens)
+        self.kv_tokens = (self.runner.cache.num_blocks - 1) * self.runner.cache.block_size
+        for u, off in resident.items():
+            if not 0 <= u < len(self.meta.units):
+                raise ValueError(f"resident unit {u} out of range")
+            self.runner.pin(u, unit_tensors(self.meta.units[u], self.arena.view(off, self.meta.units[u].nbytes)))
 
     def _start_pass(self, msg: StartPass) -> None:
         if self.pass_id is not None and not self.pass_failed:
@@ -172,6 +196,8 @@ class ComputeWorker:
             missing = [sid for sid, _ in msg.chunks if sid not in self.samplers]
             if missing:
                 raise ValueError(f"sequences {missing} have no sampling parameters")
+            if self.runner is None:
+                raise RuntimeError("no arena is open (OpenArena first)")
             chunks, rows = [(sid, list(toks)) for sid, toks in msg.chunks], None
             if self.speculator is not None:
                 chunks, rows = self.speculator.plan(chunks, msg.draft, self.samplers)
@@ -189,7 +215,7 @@ class ComputeWorker:
         if self.pass_id is None or self.pass_failed:
             if self.pass_id is None:
                 self._send(WorkerError(f"Run(unit {msg.unit}) outside a pass", unit=msg.unit))
-            self._send(Done(msg.unit, msg.slot, 0.0))  # nothing ran: the slot is free
+            self._send(Done(msg.unit, msg.slot, 0.0, msg.count))  # nothing ran: the slot is free
             return
         from gdsllm.engine.views import unit_tensors
         t0 = time.perf_counter()
@@ -200,16 +226,23 @@ class ComputeWorker:
             if not 0 <= msg.unit < len(self.meta.units):
                 raise ValueError(f"unit {msg.unit} out of range: the model has "
                                  f"{len(self.meta.units)} units")
-            unit = self.meta.units[msg.unit]
-            head = unit.kind == "head"
-            if unit.kind == "embed" and self.shared_embedding and msg.slot != RESIDENT:
-                raise ValueError("the embedding of a tied model must be resident: the head reads it")
-            weights = unit_tensors(unit, self.arena.view(msg.offset, unit.nbytes))
-            self.runner.run_unit(unit, weights)
-            if unit.kind == "block" and self.meta.params.num_experts:
-                from gdsllm.service.expert_compute import after_block
-                routed = after_block(self, unit, weights)  # sent after Done: the experts next
-            del weights
+            if msg.unit + msg.count > len(self.meta.units):
+                raise ValueError(f"units {msg.unit}..{msg.unit + msg.count - 1} out of range")
+            for i in range(msg.unit, msg.unit + msg.count):
+                unit = self.meta.units[i]
+                head = unit.kind == "head"
+                if unit.kind == "embed" and self.shared_embedding and msg.slot != RESIDENT:
+                    raise ValueError("the embedding of a tied model must be resident: the head reads it")
+                weights = self.runner.pinned.get(i) if msg.slot == RESIDENT else None
+                if weights is None:
+                    if msg.count > 1:
+                        raise ValueError(f"unit {i} was not announced resident (OpenArena)")
+                    weights = unit_tensors(unit, self.arena.view(msg.offset, unit.nbytes))
+                self.runner.run_unit(unit, weights)
+                if unit.kind == "block" and self.meta.params.num_experts:  # the last of its run
+                    from gdsllm.service.expert_compute import after_block
+                    routed = after_block(self, unit, weights)  # sent after Done: the experts next
+                del weights
             if msg.slot != RESIDENT:
                 # A streamed slot may be refilled as soon as Done is sent, so its GPU work must be
                 # finished first. Resident weights are never overwritten: no fence, so the host
@@ -220,7 +253,7 @@ class ComputeWorker:
             return
         seconds = time.perf_counter() - t0
         self.pass_seconds += seconds
-        self._send(Done(msg.unit, msg.slot, seconds))
+        self._send(Done(msg.unit, msg.slot, seconds, msg.count))
         if routed is not None:
             self._send(routed)
         if head:
@@ -253,20 +286,24 @@ class ComputeWorker:
 
     def _fail(self, msg: Run, e: Exception, done_sent: bool = False) -> None:
         unit = self.meta.units[msg.unit].name if 0 <= msg.unit < len(self.meta.units) else msg.unit
-        self.runner.abort_pass()
+        if self.runner is not None:
+            self.runner.abort_pass()
         if self.speculator is not None:
             self.speculator.abort(self.runner)
         try:
-            self.runner.fence()
+            if self.runner is not None:
+                self.runner.fence()
         except Exception:
             pass
         self.pass_failed = True
         self._send(WorkerError(f"pass {self.pass_id}, unit {unit}: {type(e).__name__}: {e}",
                                pass_id=self.pass_id, unit=msg.unit))
         if not done_sent:  # exactly one Done per Run: the coordinator frees the slot on it
-            self._send(Done(msg.unit, msg.slot, 0.0))
+            self._send(Done(msg.unit, msg.slot, 0.0, msg.count))
 
     def _release(self, msg: Release) -> None:
+        if self.runner is None:
+            return  # no pass ever ran: nothing to free
         for sid in msg.seq_ids:
             try:
                 self.runner.release(sid)

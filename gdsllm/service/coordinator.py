@@ -87,7 +87,7 @@ class Coordinator:
     async def start(self) -> None:
         """Spawn and handshake the workers, load the resident units, bind the client endpoint."""
         workers = await self.supervisor.bring_up()
-        self.admission = Admission.for_model(self.meta, self.config, workers.free_bytes)
+        self.admission = Admission.for_model(self.meta, self.config, workers.free_bytes, workers.opened)
         experts = None
         if self.expert_slots is not None:
             from gdsllm.service.experts import ExpertScheduler

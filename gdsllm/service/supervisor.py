@@ -42,7 +42,8 @@ class Supervisor:
         """Spawn and handshake a pair of workers and load the resident units into their arena;
         WorkerStartError (the pair is then stopped) if any of it fails."""
         c = self.c
-        workers = WorkerSet(c.config, c.plan.arena_bytes, self.worker_died, *c.targets)
+        workers = WorkerSet(c.config, c.plan.arena_bytes, self.worker_died, *c.targets,
+                            resident=c.plan.resident_offsets)
         c.workers = workers  # close() stops them even if start-up is interrupted
         try:
             t0 = asyncio.get_running_loop().time()

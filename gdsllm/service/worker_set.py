@@ -35,8 +35,10 @@ class WorkerStartError(RuntimeError):
 
 
 class WorkerSet:
-    def __init__(self, config, arena_bytes: int, on_death=None, io_target=None, compute_target=None):
+    def __init__(self, config, arena_bytes: int, on_death=None, io_target=None, compute_target=None,
+                 resident: dict[int, int] | None = None):
         self.config, self.arena_bytes, self.on_death = config, arena_bytes, on_death
+        self.resident = dict(resident or {})  # unit -> arena offset, for the compute worker to pin
         if io_target is None:
             from gdsllm.service.io_worker import run_io_process as io_target
         if compute_target is None:
@@ -54,6 +56,7 @@ class WorkerSet:
         self.shm_name: str | None = None
         self.stopping = self.closed = False
         self.free_bytes: int | None = None  # device memory left after the arena (ArenaOpened)
+        self.opened: ArenaOpened | None = None  # the compute worker's KV cache size with it
         self._dead: set[str] = set()
         self._ready: set[str] = set()  # workers whose handshake completed (they read Shutdown)
 
@@ -123,9 +126,10 @@ class WorkerSet:
             raise WorkerStartError(f"io worker made a {ready.arena_bytes}-byte arena, "
                                    f"{self.arena_bytes} were asked for")
         await self._handshake("compute", self.compute, ComputeReady, t)
-        await self.compute.send(encode(OpenArena(ready.backend, ready.handle, ready.arena_bytes)))
+        await self.compute.send(encode(OpenArena(ready.backend, ready.handle, ready.arena_bytes,
+                                                 self.resident)))
         opened = await self._handshake("compute", self.compute, ArenaOpened, t)
-        self.free_bytes = opened.free_bytes
+        self.free_bytes, self.opened = opened.free_bytes, opened
         return ready
 
     async def stop(self, graceful: bool = True) -> None:
