@@ -23,12 +23,22 @@ class Routing:
     take, each row's top-k experts and weights, and the sum of the expert outputs so far."""
 
     def __init__(self, residual: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-                 act=ACTIVATIONS["silu"]):
+                 act=ACTIVATIONS["silu"], num_experts: int = 0):
         self.residual, self.h, self.idx, self.w = residual, h, idx, w  # idx, w: [T, k]
         self.act = act
         self.acc = torch.zeros_like(h)
         self.done: set[int] = set()
-        self._union = sorted(int(e) for e in torch.unique(idx).tolist())
+        # One host sync per block: the (row, k) positions routed to each expert, grouped by a
+        # stable sort (rows ascending within an expert, as torch.where would give them).
+        flat = idx.reshape(-1)
+        self._order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        self._span, start = {}, 0
+        for e, c in enumerate(counts):
+            if c:
+                self._span[e] = (start, start + c)
+            start += c
+        self._union = sorted(self._span)
 
     def experts(self) -> list[int]:
         """The experts routed for any row of the pass, ascending."""
@@ -36,7 +46,10 @@ class Routing:
 
     def rows_of(self, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row indices, their normed states, their router weights) for `expert`."""
-        rows, slot = torch.where(self.idx == expert)
+        a, b = self._span[expert]
+        pos = self._order[a:b]
+        k = self.idx.shape[1]
+        rows, slot = pos // k, pos % k
         return rows, self.h.index_select(0, rows), self.w[rows, slot]
 
     def add(self, expert: int, weights: dict[str, torch.Tensor]) -> None:
@@ -74,7 +87,7 @@ def route(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor, cos
     x = x + self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
     h = rms_norm(x, weights["post_attention_layernorm.weight"], p.rms_norm_eps)
     idx, w = router_topk(p, linear(weights, "mlp.gate.weight", h))
-    return Routing(x, h, idx, w, ACTIVATIONS[p.hidden_act])
+    return Routing(x, h, idx, w, ACTIVATIONS[p.hidden_act], p.num_experts)
 
 
 def expert_mlp(weights: dict[str, torch.Tensor], h: torch.Tensor, act=ACTIVATIONS["silu"]
