@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from llama_ref import greedy_reference_scores, load
-from moe_ref import MOE_CASES, moe_model, pass_unions, router_picks
+from moe_ref import moe_model, pass_unions, router_picks
 from service_helpers import Service, single_thread_workers  # noqa: F401  (fixture)
 from gdsllm.engine.tokenizer import Tokenizer
 from ipc.messages import ExpertsDone, Routed, RunExperts, decode, encode

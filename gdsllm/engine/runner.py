@@ -38,6 +38,7 @@ from gdsllm.models import family, layers
 from gdsllm.models.attention import PassBatch, Segment
 from gdsllm.format.metadata import DTYPES, LlamaParams, UnitMeta, unit_layout
 from gdsllm.engine.graphs import DecodeGraphs, Static, padding_row
+from gdsllm.engine.expert_steps import ExpertSteps
 from gdsllm.engine.kv_cache import KVCacheFull, PagedKVCache, blocks_for
 
 
@@ -52,7 +53,7 @@ def default_kv_tokens(params: LlamaParams) -> int:
     return min(4 * params.max_position_embeddings, 32768)
 
 
-class Runner:
+class Runner(ExpertSteps):
     def __init__(self, params: LlamaParams, device: str | torch.device, dtype: torch.dtype, *,
                  cudnn_attention: bool = False, architecture: str = "llama",
                  kv_tokens: int | None = None, cuda_graphs: bool = True):
@@ -272,26 +273,6 @@ class Runner:
             x = ps.x if ps.last_rows is None else ps.x.index_select(0, ps.last_rows)
             ps.logits = self.family.lm_head(p, weights, x)
             ps.embedding = None
-
-    def routed_experts(self) -> list[int]:
-        """The experts the MoE block just run routed any token of the pass to (ascending); each
-        must go through `run_expert` before the next unit runs."""
-        if self._pass is None or self._pass.moe is None:
-            raise RuntimeError("routed_experts: no mixture-of-experts block is waiting for its experts")
-        return self._pass.moe.experts()
-
-    @property
-    def pending_routing(self):
-        """The gdsllm.models.moe.Routing of the MoE block waiting for its experts, or None."""
-        return None if self._pass is None else self._pass.moe
-
-    def run_expert(self, unit: UnitMeta, weights: dict[str, torch.Tensor]) -> None:
-        """Run expert unit `unit` ("block.i.expert.j") of the waiting MoE block over its rows."""
-        ps = self._pass
-        if ps is None or ps.moe is None or unit.kind != "expert" or \
-                self.layout[ps.next_unit - 1][2] != unit.layer:
-            raise RuntimeError(f"run_expert({unit.name}): its block is not waiting for experts")
-        ps.moe.add(unit.expert, weights)
 
     def fence(self) -> None:
         """Wait until all work issued so far has finished (weights' buffers may then be reused)."""
