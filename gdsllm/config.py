@@ -64,6 +64,7 @@ class ServiceConfig:
     restart_limit: int = 5  # worker restarts in a row (no pass completed between) before giving up
     verify: str = "first"  # checksum each unit's first load ("first") or every load ("always")
     read_retries: int = 3  # a failed unit read is retried this many times (with back-off)
+    expert_prefetch: bool = True  # a mixture of experts: read the next layer's guessed experts early
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):

@@ -261,6 +261,60 @@ class PassResult:
     proposed: dict[int, int] = field(default_factory=dict)
 
 
+def _check_experts(ids, what: str) -> None:
+    if any(e < 0 for e in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"{what} must be distinct non-negative indices, got {list(ids)[:8]}")
+
+
+@message("routed")
+@dataclass(frozen=True)
+class Routed:
+    """Compute -> coordinator, after the Done of a mixture-of-experts block unit `unit`: the
+    experts (indices within the layer) its router picked for any token of pass `pass_id`, and
+    `predicted`: those the next layer's router picks from this layer's hidden state (the guess
+    the coordinator may prefetch; [] for the last layer)."""
+
+    pass_id: int
+    unit: int
+    experts: list[int]
+    predicted: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check_experts(self.experts, "experts")
+        _check_experts(self.predicted, "predicted")
+
+
+@message("run_experts")
+@dataclass(frozen=True)
+class RunExperts:
+    """Coordinator -> compute: run these expert units of the MoE block `unit` waiting in pass
+    `pass_id`, each [expert unit index, arena byte offset]; answered by ExpertsDone (the slots
+    may then be refilled). A block's routed experts may come in several RunExperts."""
+
+    pass_id: int
+    unit: int
+    experts: list[tuple[int, int]]
+
+    def __post_init__(self):
+        if not self.experts:
+            raise ValueError("run_experts without experts")
+        _check_experts([u for u, _ in self.experts], "expert units")
+        if any(off < 0 for _, off in self.experts):
+            raise ValueError("arena offsets must be non-negative")
+
+
+@message("experts_done")
+@dataclass(frozen=True)
+class ExpertsDone:
+    """Compute -> coordinator: the expert units of a RunExperts finished (or were skipped, in a
+    failed pass); their slots may be reused."""
+
+    pass_id: int
+    unit: int
+    experts: list[int]
+    seconds: float
+
+
 @message("release")
 @dataclass(frozen=True)
 class Release:

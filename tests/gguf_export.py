@@ -16,7 +16,10 @@ import numpy as np
 import torch
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-             "gemma3_text": "gemma3"}
+             "gemma3_text": "gemma3", "mixtral": "llama", "qwen3_moe": "qwen3moe"}
+# A mixture of experts: transformers 5 holds each layer's experts fused in memory
+# (mlp.experts.gate_up_proj [E, 2f, h], gate rows first; mlp.experts.down_proj [E, h, f]);
+# llama.cpp stores one 3-D tensor per projection (ffn_gate_exps, ffn_up_exps, ffn_down_exps).
 
 
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -25,7 +28,9 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def write_gguf(model, tokenizer_json: Path, dst: Path, name: str = "tiny") -> Path:
+def write_gguf(model, tokenizer_json: Path, dst: Path, name: str = "tiny",
+               experts_q8: bool = False) -> Path:
+    """`experts_q8`: a mixture of experts' 3-D expert tensors stored as Q8_0 blocks."""
     cfg = model.config
     arch = GGUF_ARCH[cfg.model_type]
     w = gguf.GGUFWriter(str(dst), arch)
@@ -49,11 +54,26 @@ def write_gguf(model, tokenizer_json: Path, dst: Path, name: str = "tiny") -> Pa
         w.add_rope_dimension_count(cfg.head_dim)
     if getattr(cfg, "sliding_window", None) is not None and cfg.model_type in ("mistral", "gemma3_text"):
         w.add_sliding_window(cfg.sliding_window)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        if cfg.model_type == "qwen3_moe":
+            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     _tokenizer(w, tokenizer_json, cfg)
     names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch),
                                      cfg.num_hidden_layers)
+    stacks: dict[str, torch.Tensor] = {}
     for hf_name, t in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if hf_name.endswith(".experts.gate_up_proj"):
+            gate, up = t.detach().float().chunk(2, dim=1)
+            stacks[hf_name.replace("gate_up_proj", "gate_proj")] = gate
+            stacks[hf_name.replace("gate_up_proj", "up_proj")] = up
+            continue
+        if hf_name.endswith(".experts.down_proj"):
+            stacks[hf_name] = t.detach().float()
             continue
         stem, suffix = hf_name.rsplit(".", 1)
         gname = f"{names.get_name(stem)}.{suffix}"
@@ -65,6 +85,13 @@ def write_gguf(model, tokenizer_json: Path, dst: Path, name: str = "tiny") -> Pa
         elif arch == "gemma3" and gname.endswith("norm.weight"):
             t = t + 1
         w.add_tensor(gname, np.ascontiguousarray(t.numpy()))
+    for stem, t in stacks.items():
+        a = np.ascontiguousarray(t.numpy())
+        if experts_q8:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(f"{names.get_name(stem)}.weight", gguf.quants.quantize(a, q8), raw_dtype=q8)
+        else:
+            w.add_tensor(f"{names.get_name(stem)}.weight", a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -188,7 +188,10 @@ def test_dashboard_uses_the_provisioned_datasource_and_known_metrics():
                    "gdsllm_requests_waiting", "gdsllm_vram_budget_bytes", "gdsllm_vram_resident_bytes",
                    "gdsllm_slots_in_flight", "rate(gdsllm_draft_tokens_total",
                    "rate(gdsllm_draft_accepted_tokens_total", "gdsllm_tokens_per_target_pass_sum",
-                   "sum by (route, status) (rate(gdsllm_http_requests_total"):
+                   "sum by (route, status) (rate(gdsllm_http_requests_total",
+                   "rate(gdsllm_expert_loads_total", "rate(gdsllm_expert_cache_hits_total",
+                   "rate(gdsllm_expert_prefetch_hits_total", "rate(gdsllm_expert_prefetch_misses_total",
+                   "rate(gdsllm_expert_read_bytes_total"):
         assert needed in text, f"no panel queries {needed}"
     for hist in ("time_to_first_token", "inter_token_latency", "layer_load", "layer_compute",
                  "http_request_duration"):
@@ -304,11 +307,14 @@ def test_dashboard_has_data_from_a_scraped_service_metrics(prometheus):
         m.observe_speculation(4, 3)
         m.set_requests(1, 0)
         m.set_slots_in_flight(2)
+        m.set_experts({"loads": 3, "prefetch_loads": 2, "hits": 5, "routed": 8, "prefetch_hits": 1,
+                       "prefetch_misses": 1, "bytes_read": 5 << 20})
         m.observe_http("/v1/chat/completions", 200, 1.5)
         m.observe_http("/v1/completions", 429, 0.002)
         prom.wait(lambda: prom.value("gdsllm_generation_tokens_total") == 4, "to see the tokens")
         assert_dashboard_has_data(prom)
         assert prom.value("gdsllm_storage_read_bytes_total") == 3 << 20
+        assert prom.value('gdsllm_expert_loads_total{reason="prefetch"}') == 2
     finally:
         server.shutdown()
         server.server_close()

@@ -52,6 +52,9 @@ def _features(p) -> list[str]:
         out.append(p.hidden_act)
     if p.final_logit_softcapping is not None:
         out.append(f"logit soft-cap {p.final_logit_softcapping:g}")
+    if p.num_experts:
+        out.append(f"{p.num_experts} experts of ffn {p.moe_intermediate_size}, top-{p.num_experts_per_tok}"
+                   + (" renormalised" if p.norm_topk_prob else ""))
     return out
 
 

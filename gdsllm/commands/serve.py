@@ -30,6 +30,8 @@ def add_service_options(p, endpoint_default: str | None = "tcp://127.0.0.1:5555"
     p.add_argument("--io", choices=("direct", "buffered"), default="direct",
                    help="direct: O_DIRECT / cuFile, no page cache (default); buffered: page cache")
     p.add_argument("--require-gds", action="store_true", help="refuse to start without GPUDirect Storage")
+    p.add_argument("--no-expert-prefetch", dest="expert_prefetch", action="store_false",
+                   help="mixtures of experts: read only the routed experts, no next-layer guesses")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences per weight pass")
     p.add_argument("--draft", default=None, metavar="MODEL",
                    help="draft model directory for speculative decoding (same tokenizer; fully "
@@ -86,7 +88,8 @@ def service_config(args, **extra):
                          require_gds=args.require_gds, max_batch=args.max_batch,
                          draft=Path(args.draft).expanduser() if args.draft else None,
                          draft_tokens=args.draft_tokens,
-                         draft_adaptive=getattr(args, "draft_adaptive", True), **extra)
+                         draft_adaptive=getattr(args, "draft_adaptive", True),
+                         expert_prefetch=getattr(args, "expert_prefetch", True), **extra)
 
 
 def add_parser(sub) -> None:

@@ -22,6 +22,8 @@ HF_ARCHITECTURES = {
     "Qwen3ForCausalLM": ("qwen3", "qwen3"),
     "MistralForCausalLM": ("mistral", "mistral"),
     "Gemma3ForCausalLM": ("gemma3_text", "gemma3"),
+    "MixtralForCausalLM": ("mixtral", "mixtral"),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", "qwen3_moe"),
 }
 # The defaults of each transformers config class for the keys read here (a config.json may omit them).
 HF_DEFAULTS = {
@@ -35,6 +37,11 @@ HF_DEFAULTS = {
     "gemma3": dict(max_position_embeddings=131072, tie_word_embeddings=True, rope_theta=1e6,
                    rope_local_base_freq=10000.0, sliding_window=4096, head_dim=256,
                    query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh", vocab_size=262208),
+    "mixtral": dict(max_position_embeddings=131072, tie_word_embeddings=False, rope_theta=1e6,
+                    sliding_window=None, num_local_experts=8, num_experts_per_tok=2),
+    "qwen3_moe": dict(max_position_embeddings=32768, tie_word_embeddings=False, rope_theta=10000.0,
+                      sliding_window=4096, num_local_experts=128, num_experts_per_tok=8,
+                      moe_intermediate_size=768),
 }
 SUPPORTED_HF = ", ".join(HF_ARCHITECTURES)
 
@@ -65,7 +72,10 @@ def _sliding_layers(arch: str, cfg: dict, n: int, where) -> tuple[int | None, tu
             "sliding_attention" if i >= cfg.get("max_window_layers", d["max_window_layers"])
             else "full_attention" for i in range(n)]
         return int(window), tuple(types)
-    if arch == "mistral":
+    if arch == "qwen3_moe":  # transformers: the window applies to every layer, or to none
+        window = cfg.get("sliding_window", d["sliding_window"]) if cfg.get("use_sliding_window") else None
+        return (None, ()) if window is None else (int(window), ("sliding_attention",) * n)
+    if arch in ("mistral", "mixtral"):
         window = cfg.get("sliding_window", d["sliding_window"])
         return (None, ()) if window is None else (int(window), ("sliding_attention",) * n)
     if arch == "gemma3":
@@ -119,6 +129,8 @@ def hf_family(arch: str, cfg: dict, where) -> dict:
         out.update(attention_bias=True)  # Qwen2Attention: q/k/v biased, o_proj not
     elif arch == "qwen3":
         out.update(attention_bias=bias, attention_out_bias=bias, qk_norm=True)
+    elif arch in ("mixtral", "qwen3_moe"):
+        out.update(moe_family(arch, cfg, where))
     elif arch == "gemma3":
         out.update(attention_bias=bias, attention_out_bias=bias, qk_norm=True, feedforward_norms=True,
                    norm_weight_offset=1.0, embed_scale=float(cfg["hidden_size"]) ** 0.5,
@@ -129,9 +141,50 @@ def hf_family(arch: str, cfg: dict, where) -> dict:
     return out
 
 
+def moe_family(arch: str, cfg: dict, where) -> dict:
+    """The mixture-of-experts fields of a Mixtral or Qwen3-MoE config (Qwen3-MoE's dense layers,
+    `mlp_only_layers` / `decoder_sparse_step`, are refused by name)."""
+    d = HF_DEFAULTS[arch]
+    n_exp = cfg.get("num_experts") or cfg.get("num_local_experts") or d["num_local_experts"]
+    out = dict(num_experts=int(n_exp), num_experts_per_tok=int(cfg.get("num_experts_per_tok",
+                                                                        d["num_experts_per_tok"])))
+    if arch == "mixtral":  # MixtralTopKRouter always renormalises; the experts are full width
+        return out | dict(norm_topk_prob=True, moe_intermediate_size=int(cfg["intermediate_size"]))
+    if cfg.get("mlp_only_layers"):
+        raise FormatError(f"{where}: mlp_only_layers {cfg['mlp_only_layers']} is not supported "
+                          f"(GdsLLM runs Qwen3-MoE with experts in every layer)")
+    if int(cfg.get("decoder_sparse_step", 1)) != 1:
+        raise FormatError(f"{where}: decoder_sparse_step {cfg['decoder_sparse_step']} is not "
+                          f"supported (GdsLLM runs Qwen3-MoE with experts in every layer)")
+    bias = bool(cfg.get("attention_bias", False))
+    return out | dict(qk_norm=True, attention_bias=bias, attention_out_bias=bias,
+                      norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                      moe_intermediate_size=int(cfg.get("moe_intermediate_size",
+                                                        d["moe_intermediate_size"])))
+
+
+# HF tensor names of an expert's weights, and of the router, per MoE architecture
+HF_EXPERT = {"mixtral": ("block_sparse_moe", {"gate_proj.weight": "w1.weight", "up_proj.weight":
+                                              "w3.weight", "down_proj.weight": "w2.weight"}),
+             "qwen3_moe": ("mlp", {})}
+
+
+def hf_tensor_key(arch: str, kind: str, layer: int | None, expert: int | None, name: str) -> str:
+    """The Hugging Face name of GdsLLM tensor `name` of a unit: "model.layers.{i}.{name}" for a
+    block, the router and experts under each MoE family's own module names."""
+    if kind == "expert":
+        mod, names = HF_EXPERT[arch]
+        return f"model.layers.{layer}.{mod}.experts.{expert}.{names.get(name, name)}"
+    if kind == "block":
+        if name == "mlp.gate.weight" and arch in HF_EXPERT:
+            name = f"{HF_EXPERT[arch][0]}.gate.weight"
+        return f"model.layers.{layer}.{name}"
+    return name if name == "lm_head.weight" else f"model.{name}"
+
+
 # ---- GGUF --------------------------------------------------------------------------------------
 
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")  # general.architecture values read
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "qwen3moe")  # general.architecture values
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,6 +207,12 @@ def gguf_tensor_name(gguf_arch: str, n_blocks: int, hf_name: str) -> str:
 def gguf_family(gguf_arch: str, field, p_hidden: int, heads: int, n_layers: int, head_dim: int,
                 names: set[str], general_name: str) -> tuple[str, dict]:
     """(GdsLLM architecture, family fields) of a GGUF; `field(key, default)` reads "{arch}.key"."""
+    if gguf_arch == "llama" and field("expert_count", 0):  # llama.cpp writes Mixtral as llama
+        return "mixtral", gguf_moe(field, norm=True)
+    if gguf_arch == "qwen3moe":  # llama.cpp renormalises Qwen3-MoE's top-k (norm_w = true)
+        bias = "blk.0.attn_q.bias" in names
+        return "qwen3_moe", dict(qk_norm=True, attention_bias=bias, attention_out_bias=bias,
+                                 **gguf_moe(field, norm=bool(field("expert_weights_norm", True))))
     if gguf_arch == "llama":
         window = field("attention.sliding_window", None)
         arch = "mistral" if "mistral" in general_name.lower() else "llama"
@@ -186,3 +245,19 @@ def gguf_family(gguf_arch: str, field, p_hidden: int, heads: int, n_layers: int,
         layer_types=types, rope_local_theta=float(field("rope.freq_base_swa", 10000.0)), query_pre_attn_scalar=float(scalar),
         final_logit_softcapping=field("final_logit_softcapping", None),
         attn_logit_softcapping=field("attn_logit_softcapping", None))
+
+
+def gguf_moe(field, norm: bool) -> dict:
+    """The mixture-of-experts fields of a GGUF (`{arch}.expert_count`, `expert_used_count`,
+    `expert_feed_forward_length`, which defaults to `feed_forward_length` as in Mixtral)."""
+    return dict(num_experts=int(field("expert_count", 0)),
+                num_experts_per_tok=int(field("expert_used_count", 0)),
+                moe_intermediate_size=int(field("expert_feed_forward_length", None)
+                                          or field("feed_forward_length", 0)),
+                norm_topk_prob=norm)
+
+
+def gguf_expert_stem(name: str) -> str:
+    """The HF-style stem gguf-py maps to an expert tensor ("gate_proj.weight" -> "mlp.experts.gate_proj",
+    GGUF "blk.{i}.ffn_gate_exps": all of a layer's experts in one 3-D tensor)."""
+    return "mlp.experts." + name.removesuffix(".weight")

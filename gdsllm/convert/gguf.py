@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gdsllm.convert.families import GGUF_ARCHITECTURES, gguf_family, gguf_tensor_name
+from gdsllm.convert.families import GGUF_ARCHITECTURES, gguf_expert_stem, gguf_family, gguf_tensor_name
+from gdsllm.format.family_params import expert_index
 from gdsllm.convert.hf import _progress
 from gdsllm.format.family_params import family_problem
 from gdsllm.format.metadata import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
@@ -128,12 +129,17 @@ class GGUFTensors:
                 raise FormatError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; GdsLLM "
                                   f"converts {', '.join(SUPPORTED_TYPES)}")
         wanted = {self.name("block", 0, n) for n in unit_tensor_shapes(p, "block")}
+        wanted |= {self.name("expert", 0, n) for n in unit_tensor_shapes(p, "expert")} if p.num_experts else set()
+        self._stack: tuple[str, object] | None = None  # the last 3-D expert tensor, dequantized
         extra = sorted(n for n in self.by_name if n.startswith("blk.0.") and n not in wanted)
         if extra:  # converting without them would be silently wrong
             raise FormatError(f"{path}: tensors {extra} are not used by a {garch} model of GdsLLM")
 
     def name(self, kind: str, layer: int | None, name: str) -> str:
-        """The GGUF name of GdsLLM tensor `name` of a unit."""
+        """The GGUF name of GdsLLM tensor `name` of a unit (an expert's: its layer's 3-D tensor)."""
+        if kind == "expert":
+            return gguf_tensor_name(self.garch, self.p.num_hidden_layers,
+                                    f"model.layers.{layer}.{gguf_expert_stem(name)}.weight")
         if kind == "block":
             return gguf_tensor_name(self.garch, self.p.num_hidden_layers, f"model.layers.{layer}.{name}")
         return TOP_NAMES[name]
@@ -156,6 +162,22 @@ class GGUFTensors:
                               f"hyper-parameters say shape {shape}")
         return self.fix(gname, w.reshape(shape))
 
+    def expert(self, gname: str, j: int, shape: tuple[int, ...]):
+        """Expert j's slice [shape] of the 3-D tensor `gname` holding all of a layer's experts;
+        quantized blocks stay quantized where `keep_quant` allows (sliced, no float copy)."""
+        from gdsllm.quant.gguf_blocks import decode
+        t = self.by_name.get(gname)
+        if t is None:
+            raise FormatError(f"{self.path}: tensor {gname} not found")
+        if self.keep_quant and t.tensor_type.name in NATIVE:
+            try:
+                return decode(t.tensor_type.name, t.data[j], shape)
+            except ValueError as e:
+                raise FormatError(f"{self.path}: tensor {gname} expert {j}: {e}") from None
+        if self._stack is None or self._stack[0] != gname:  # dequantized once per layer
+            self._stack = (gname, self.get(gname, (self.p.num_experts, *shape)))
+        return self._stack[1][j].clone()
+
     def fix(self, gname: str, w):
         """Undo llama.cpp's storage conventions (as transformers' tensor processors do)."""
         if self.garch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
@@ -174,8 +196,12 @@ def gguf_units(src: GGUFTensors, p: LlamaParams):
     time is dequantized; a step that keeps blocks quantized replaces `src.get` here."""
     for uname, kind, layer in unit_layout(p):
         # A tied model (no output.weight) has no lm_head.weight: the embedding is stored once.
-        tensors = {name: src.get(src.name(kind, layer, name), shape)
-                   for name, shape in unit_tensor_shapes(p, kind).items()}
+        if kind == "expert":
+            tensors = {name: src.expert(src.name(kind, layer, name), expert_index(uname), shape)
+                       for name, shape in unit_tensor_shapes(p, kind).items()}
+        else:
+            tensors = {name: src.get(src.name(kind, layer, name), shape)
+                       for name, shape in unit_tensor_shapes(p, kind).items()}
         yield uname, tensors
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gdsllm.convert.families import HF_DEFAULTS, gemma3_rope, hf_architecture, hf_family
+from gdsllm.convert.families import HF_DEFAULTS, gemma3_rope, hf_architecture, hf_family, hf_tensor_key
+from gdsllm.format.family_params import expert_index
 from gdsllm.format.family_params import family_problem
 from gdsllm.format.metadata import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
 from gdsllm.models.layers import rope_inv_freq
@@ -172,21 +173,21 @@ class SafetensorsDir:
         return t
 
 
-def _hf_name(kind: str, layer: int | None, name: str) -> str:
-    if kind == "block":
-        return f"model.layers.{layer}.{name}"
-    return name if name == "lm_head.weight" else f"model.{name}"
+def _unit_keys(p: LlamaParams, arch: str):
+    """(unit name, {GdsLLM tensor name: Hugging Face name}) of every unit, in file order."""
+    for uname, kind, layer in unit_layout(p):
+        yield uname, {name: hf_tensor_key(arch, kind, layer, expert_index(uname), name)
+                      for name in unit_tensor_shapes(p, kind)}
 
 
-def hf_units(src: Path, p: LlamaParams):
+def hf_units(src: Path, p: LlamaParams, arch: str = "llama"):
     """Yield (unit name, {tensor name: tensor}) for each unit, in file order, reading lazily. A
     tied model's head unit has no lm_head.weight: the embedding is stored once."""
     st = SafetensorsDir(src)
-    _check_no_unused(st, p, src)
-    for uname, kind, layer in unit_layout(p):
+    _check_no_unused(st, p, arch, src)
+    for uname, keys in _unit_keys(p, arch):
         tensors = {}
-        for name in unit_tensor_shapes(p, kind):
-            key = _hf_name(kind, layer, name)
+        for name, key in keys.items():
             if key not in st and key.startswith("model.") and key[6:] in st:
                 key = key[6:]  # a bare LlamaModel checkpoint without the "model." prefix
             if key == "lm_head.weight" and key not in st:
@@ -196,15 +197,15 @@ def hf_units(src: Path, p: LlamaParams):
         yield uname, tensors
 
 
-def _check_no_unused(st: SafetensorsDir, p: LlamaParams, src: Path) -> None:
+def _check_no_unused(st: SafetensorsDir, p: LlamaParams, arch: str, src: Path) -> None:
     """A block tensor the config does not account for (a bias with attention_bias=false, ...)
     would be dropped and the model silently wrong: refuse instead."""
-    wanted = set(unit_tensor_shapes(p, "block"))
+    wanted = {k.removeprefix("model.") for _, keys in _unit_keys(p, arch) for k in keys.values()}
     for key in st.where:
         parts = key.split(".")
         if "layers" in parts and parts.index("layers") + 2 <= len(parts):
-            name = ".".join(parts[parts.index("layers") + 2:])
-            if name not in wanted and not name.endswith("rotary_emb.inv_freq"):
+            bare = ".".join(parts[parts.index("layers"):])
+            if bare not in wanted and not key.endswith("rotary_emb.inv_freq"):
                 raise FormatError(f"{src}: tensor {key!r} is not used by a {p.num_hidden_layers}-layer "
                                   f"model with this config.json (attention_bias / mlp_bias?); "
                                   f"converting without it would be wrong")
@@ -225,7 +226,7 @@ def convert_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "flo
     arch, p = params_from_config(cfg, _read_json(src / GENERATION_CONFIG, required=False), src / CONFIG)
     if not (src / TOKENIZER).is_file():
         raise FormatError(f"{src / TOKENIZER}: not found (GdsLLM needs a fast tokenizer file)")
-    units = hf_units(src, p)
+    units = hf_units(src, p, arch)
     with ModelWriter(dst, p, dtype, chat_template=chat_template_of(src), source=f"hf:{src}",
                      overwrite=overwrite, architecture=arch, quant=None if quant == "none" else quant,
                      group_size=group_size, quant_device=quant_device) as w:

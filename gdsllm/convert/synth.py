@@ -3,6 +3,12 @@
     from gdsllm.convert.synth import synth
     synth("/tmp/llama7b", shape="llama-7b", dtype="float16", hf_out="/tmp/llama7b-hf")
     synth("/tmp/odd", shape="tiny", overrides={"num_key_value_heads": 1, "tie_word_embeddings": False})
+    synth("/tmp/mixtral", shape="mixtral-8x7b", quant="int4")   # a mixture of experts, ~25 GB
+
+Mixture-of-experts shapes (`mixtral-8x7b`, `qwen3-30b-a3b`, `tiny-moe`) are written with their
+architecture, each expert its own unit; with `quant` ("int4" / "int8") the projections are drawn
+directly as random integer codes with scales (no float copy, no rounding pass), so a 47B-parameter
+model is written in minutes and fits a 64 GiB disk.
 
 Weights are generated unit by unit from seeded `torch.Generator`s (one per tensor, seeded from
 the model seed, unit index and tensor index), so a 13.8 GB LLaMA-7B never needs more than one
@@ -25,6 +31,8 @@ import torch
 from safetensors.torch import save_file
 
 from gdsllm.convert.hf import _progress
+from gdsllm.quant.policy import target_qtype
+from gdsllm.quant.schemes import QTensor
 from gdsllm.format.metadata import DTYPES, LlamaParams, unit_layout, unit_tensor_shapes
 from gdsllm.convert.synth_tokenizer import CHAT_TEMPLATE, BOS_ID, EOS_ID, synth_tokenizer_json, tokenizer_config
 from gdsllm.format.writer import ModelWriter
@@ -46,7 +54,25 @@ SHAPES: dict[str, LlamaParams] = {
                              num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
                              head_dim=128, rope_theta=10000.0, max_position_embeddings=4096,
                              tie_word_embeddings=False, **_BASE),
+    # mixtures of experts (gdsllm.models.moe): shapes of Mixtral 8x7B and Qwen3-30B-A3B
+    "tiny-moe": LlamaParams(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e6,
+                            max_position_embeddings=512, tie_word_embeddings=False, num_experts=8,
+                            num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True,
+                            **_BASE),
+    "mixtral-8x7b": LlamaParams(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                head_dim=128, rope_theta=1e6, max_position_embeddings=32768,
+                                tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2,
+                                moe_intermediate_size=14336, norm_topk_prob=True, **_BASE),
+    "qwen3-30b-a3b": LlamaParams(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                                 num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                                 head_dim=128, rope_theta=1e6, max_position_embeddings=40960,
+                                 tie_word_embeddings=False, qk_norm=True, num_experts=128,
+                                 num_experts_per_tok=8, moe_intermediate_size=768,
+                                 norm_topk_prob=True, **_BASE),
 }
+SHAPE_ARCH = {"tiny-moe": "mixtral", "mixtral-8x7b": "mixtral", "qwen3-30b-a3b": "qwen3_moe"}  # else llama
 STD = 0.02
 THREADS = min(8, os.cpu_count() or 1)  # torch's normal_ fill is single-threaded: one tensor per thread
 
@@ -72,8 +98,16 @@ def synth_params(shape: str, layers: int | None = None, overrides: dict | None =
     return p
 
 
-def _tensor(seed: int, unit: int, k: int, name: str, shape: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
+def _tensor(seed: int, unit: int, k: int, name: str, shape: tuple[int, ...], dt: torch.dtype,
+            quant: str | None = None, group_size: int = 64) -> torch.Tensor | QTensor:
     g = torch.Generator().manual_seed((seed * 1_000_003 + unit * 1009 + k) & 0x7FFF_FFFF_FFFF_FFFF)
+    qtype = target_qtype(name, quant) if name.endswith("_proj.weight") else None
+    if qtype is not None:  # random codes, scaled to std STD: no float copy, no rounding pass
+        lo, hi, std = (0, 16, 4.61) if qtype == "int4" else (-127, 128, 73.3)
+        q = torch.randint(lo, hi, shape, generator=g, dtype=torch.int16)
+        q = q.to(torch.uint8 if qtype == "int4" else torch.int8)
+        sc = torch.full((shape[0], shape[1] // group_size), STD / std)
+        return QTensor(qtype, q, sc, torch.zeros_like(sc), group_size)
     t = torch.empty(shape, dtype=torch.float32)
     t.normal_(0.0, STD, generator=g)
     if name.endswith("norm.weight"):
@@ -81,13 +115,15 @@ def _tensor(seed: int, unit: int, k: int, name: str, shape: tuple[int, ...], dt:
     return t.to(dt)
 
 
-def synth_units(p: LlamaParams, seed: int, dtype: str):
-    """Yield (unit name, kind, {name: tensor in dtype}) per unit (a tied head: the norm alone)."""
+def synth_units(p: LlamaParams, seed: int, dtype: str, quant: str | None = None, group_size: int = 64):
+    """Yield (unit name, kind, {name: tensor in dtype, or QTensor with `quant`}) per unit (a tied
+    head: the norm alone)."""
     dt = DTYPES[dtype]
     with ThreadPoolExecutor(THREADS) as pool:
         for index, (uname, kind, _) in enumerate(unit_layout(p)):
             shapes = unit_tensor_shapes(p, kind)
-            futs = {n: pool.submit(_tensor, seed, index, k, n, s, dt) for k, (n, s) in enumerate(shapes.items())}
+            futs = {n: pool.submit(_tensor, seed, index, k, n, s, dt, quant, group_size)
+                    for k, (n, s) in enumerate(shapes.items())}
             yield uname, kind, {n: f.result() for n, f in futs.items()}
 
 
@@ -157,17 +193,26 @@ class _HFWriter:
 
 def synth(dst: str | os.PathLike, shape: str = "tiny", *, layers: int | None = None, seed: int = 0,
           dtype: str = "float16", hf_out: str | os.PathLike | None = None,
-          overrides: dict | None = None, progress: bool = False) -> Path:
-    """Write a random model of `shape` to `dst` (and its Hugging Face twin to `hf_out`)."""
+          overrides: dict | None = None, progress: bool = False, quant: str | None = None,
+          group_size: int = 64) -> Path:
+    """Write a random model of `shape` to `dst` (and its Hugging Face twin to `hf_out`);
+    `quant` "int4" / "int8": projections drawn quantized (gdsllm.quant.policy says which)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    quant = None if quant in (None, "none") else quant
+    target_qtype("", quant)  # ValueError on an unknown qtype
+    arch = SHAPE_ARCH.get(shape, "llama")
+    if hf_out is not None and (arch != "llama" or quant):
+        raise ValueError(f"--hf-out writes LLaMA float shapes only, not {shape!r}"
+                         f"{' with --quant ' + quant if quant else ''}")
     p = synth_params(shape, layers, overrides)
     hf = _HFWriter(Path(hf_out).expanduser().resolve(), p, dtype) if hf_out is not None else None
     try:
         source = f"synth:{shape}:seed={seed}" + (f":overrides={json.dumps(overrides, sort_keys=True)}"
                                                  if overrides else "")
-        with ModelWriter(dst, p, dtype, chat_template=CHAT_TEMPLATE, source=source) as w:
-            units = synth_units(p, seed, dtype)
+        with ModelWriter(dst, p, dtype, chat_template=CHAT_TEMPLATE, source=source, architecture=arch,
+                         quant=quant, group_size=group_size) as w:
+            units = synth_units(p, seed, dtype, quant, group_size)
             for (_, kind, layer), (_, _, tensors) in _progress(
                     zip(unit_layout(p), units), len(unit_layout(p)), f"synth {shape}", progress):
                 w.add_unit(tensors)

@@ -107,7 +107,12 @@ class LLM:
         if draft is not None:  # speculative decoding: the resident draft's bytes come first
             from gdsllm.engine.speculative import reserve_draft
             budget = reserve_draft(self.meta, draft, budget)[1]
-        self.plan = plan_for(self.meta, budget, window=1)
+        self.experts = self._expert_slots = None  # a mixture of experts: gdsllm.engine.experts
+        if self.meta.params.num_experts:
+            from gdsllm.engine.experts import plan_moe
+            self.plan, self._expert_slots = plan_moe(self.meta, budget)
+        else:
+            self.plan = plan_for(self.meta, budget, window=1)
         self.loader = UnitLoader(self.meta, self.device, direct=io == "direct")
         self.io_path = self.loader.io_path
         try:
@@ -154,7 +159,8 @@ class LLM:
 
     def _load_resident(self) -> None:
         """Allocate the buffer the plan lays out; read (and verify) every resident unit once."""
-        n = self.plan.arena_bytes
+        es = self._expert_slots
+        n = self.plan.arena_bytes  # a mixture of experts: its expert slots included
         self._arena = (aligned_host_buffer(n) if self.device.type == "cpu"
                        else torch.empty(n, dtype=torch.uint8, device=self.device))
         self._slot = self.plan.slot_offsets[0] if self.plan.streamed else None
@@ -165,6 +171,9 @@ class LLM:
             self.loader.load(unit, buf)
             self._resident[u] = unit_tensors(unit, buf)
             self.runner.pin(u, self._resident[u])
+        if es is not None:
+            from gdsllm.engine.experts import ExpertCache
+            self.experts = ExpertCache(self.meta, self._arena[es.offset:], es, self.loader)
 
     def close(self) -> None:
         self.loader.close()
@@ -181,6 +190,8 @@ class LLM:
         self.runner.start_pass(chunks, all_logits, logit_rows=logit_rows)
         try:
             for unit in self.meta.units:
+                if unit.kind == "expert":  # read only when routed, through the expert cache
+                    continue
                 weights = self._resident.get(unit.index)
                 if weights is None:
                     self.runner.fence()  # the slot still feeds the previous streamed unit's kernels
@@ -188,6 +199,8 @@ class LLM:
                     self.loader.load(unit, buf)
                     weights = unit_tensors(unit, buf)
                 self.runner.run_unit(unit, weights)
+                if self.experts is not None and unit.kind == "block":
+                    self.experts.run_layer(self.runner, unit.layer)
             return self.runner.end_pass()
         except BaseException:
             self.runner.abort_pass()

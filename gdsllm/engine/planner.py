@@ -160,6 +160,14 @@ class StreamSchedule:
         self.pass_pos: int | None = None  # next unit index to run in the current pass, None: idle
         self.runs_outstanding = 0  # Runs sent whose Done has not arrived
         self.passes = 0
+        # A mixture of experts (gdsllm.engine.experts): expert units are never streamed here nor
+        # Run (the expert scheduler loads the routed ones); after a MoE block's Run the next Runs
+        # wait until `release(block)`, once its experts have run.
+        n = plan.num_units
+        self.skip = frozenset(u for u in range(n) if ".expert." in plan.names[u])
+        self.gates = frozenset(u for u in range(n - 1) if u + 1 in self.skip and u not in self.skip)
+        self.held: int | None = None  # the MoE block whose experts the pass waits for
+        self.ungated = False  # the pass failed: no experts run, nothing waits for them
 
     # ------------------------------------------------------------ queries
 
@@ -180,6 +188,8 @@ class StreamSchedule:
         """Compute is idle because the next unit of the running pass is not loaded yet (a stall)."""
         if self.pass_pos is None or self.runs_outstanding or self.pass_pos >= self.plan.num_units:
             return False
+        if self.held is not None:
+            return False  # waiting on the experts (gdsllm.service.experts accounts for those)
         return self.pass_pos not in self.plan.resident_offsets
 
     def _unit(self, seq: int) -> int:
@@ -190,8 +200,19 @@ class StreamSchedule:
 
     # ------------------------------------------------------------ events
 
+    def release(self, unit: int) -> None:
+        """The experts of MoE block `unit` have run: the pass's next Runs may go out."""
+        assert self.held == unit, f"release({unit}) but the pass waits on {self.held}"
+        self.held = None
+
+    def ungate(self) -> None:
+        """The running pass failed (its Runs come back Done without computing, no experts run):
+        stop holding Runs after MoE blocks until the pass ends."""
+        self.ungated, self.held = True, None
+
     def begin_pass(self) -> None:
         assert self.pass_pos is None, "a pass is already running"
+        self.ungated = False
         assert self.next_run == self.passes * self.m, (self.next_run, self.passes, self.m)
         self.pass_pos = 0
 
@@ -233,8 +254,11 @@ class StreamSchedule:
             loads.append(Load(unit, slot, self.plan.slot_offsets[slot]))
             self.next_load += 1
         runs: list[Run] = []
-        while self.pass_pos is not None and self.pass_pos < self.plan.num_units:
+        while self.pass_pos is not None and self.held is None and self.pass_pos < self.plan.num_units:
             unit = self.pass_pos
+            if unit in self.skip:
+                self.pass_pos += 1
+                continue
             if unit in self.plan.resident_offsets:
                 # Consecutive resident units go as one Run: one message (and on CUDA one graph
                 # replay) instead of one per unit.
@@ -253,6 +277,8 @@ class StreamSchedule:
                 self.next_run += 1
             self.pass_pos += 1
             self.runs_outstanding += 1
+            if self.pass_pos - 1 in self.gates and not self.ungated:  # the run ends at a MoE block
+                self.held = self.pass_pos - 1
         assert self.slots_in_flight <= self.w
         return loads, runs
 

@@ -11,6 +11,8 @@ attention runs per sequence. This is the shape continuous batching needs: a sequ
         runner.run_unit(unit, unit_tensors(unit, buf_holding(unit)))
         runner.fence()                         # before the buffer is refilled (CUDA: async work)
     logits = runner.end_pass()                 # float32 [2, vocab]: last token of each chunk
+    # A mixture of experts: after each block unit, runner.routed_experts() names the experts the
+    # batch needs; runner.run_expert(expert_unit, weights) for each (gdsllm.engine.experts).
     runner.release(7)                          # frees its KV cache
 
 `start_pass(chunks, logit_rows={3: 4})` returns logits for the last 4 tokens of sequence 3's chunk
@@ -36,6 +38,7 @@ from gdsllm.models import family, layers
 from gdsllm.models.attention import PassBatch, Segment
 from gdsllm.format.metadata import DTYPES, LlamaParams, UnitMeta, unit_layout
 from gdsllm.engine.graphs import DecodeGraphs, Static, padding_row
+from gdsllm.engine.expert_steps import ExpertSteps
 from gdsllm.engine.kv_cache import KVCacheFull, PagedKVCache, blocks_for
 
 
@@ -50,7 +53,7 @@ def default_kv_tokens(params: LlamaParams) -> int:
     return min(4 * params.max_position_embeddings, 32768)
 
 
-class Runner:
+class Runner(ExpertSteps):
     def __init__(self, params: LlamaParams, device: str | torch.device, dtype: torch.dtype, *,
                  cudnn_attention: bool = False, architecture: str = "llama",
                  kv_tokens: int | None = None, cuda_graphs: bool = True):
@@ -61,7 +64,7 @@ class Runner:
         self.p, self.device, self.dtype = params, torch.device(device), dtype
         self.cudnn_attention = cudnn_attention
         self.family = family(architecture)
-        self.layout = unit_layout(params)
+        self.layout = unit_layout(params)  # a MoE model's expert units go through run_expert
         p = params
         tokens = kv_tokens or default_kv_tokens(p)
         self.cache = PagedKVCache(p.num_hidden_layers, p.num_key_value_heads, p.head_dim, dtype,
@@ -70,7 +73,9 @@ class Runner:
         # one table per kind a layer uses ("global", and "local" for Gemma 3's sliding layers).
         kinds = sorted({p.layer_rope(i) for i in range(p.num_hidden_layers)})
         self.inv_freqs = {k: layers.rope_inv_freq(p, k).to(self.device) for k in kinds}
-        self.graphs = DecodeGraphs(self) if self.device.type == "cuda" and cuda_graphs else None
+        # A mixture of experts routes on the host between its units: no graphs over its blocks.
+        graphs = self.device.type == "cuda" and cuda_graphs and not p.num_experts
+        self.graphs = DecodeGraphs(self) if graphs else None
         self.pinned: dict[int, dict] = {}  # unit index -> resident weights
         self._runs: dict[int, tuple[int, int]] = {}  # first unit of a pinned run -> (first, last)
         self._pass: _Pass | None = None
@@ -210,6 +215,11 @@ class Runner:
         if ps is None:
             raise RuntimeError(f"run_unit({unit.name}) outside a pass (call start_pass first)")
         i = ps.next_unit
+        if ps.moe is not None:  # the previous block was a mixture of experts: its experts ran
+            ps.x, ps.moe = ps.moe.output(), None
+            while i < len(self.layout) and self.layout[i][1] == "expert":
+                i += 1
+            ps.next_unit = i
         if i >= len(self.layout) or (unit.name, unit.kind, unit.layer) != self.layout[i]:
             want = self.layout[i][0] if i < len(self.layout) else "end_pass"
             raise RuntimeError(f"run_unit: got unit {unit.name}, expected {want}")
@@ -244,6 +254,10 @@ class Runner:
         if kind == "embed":
             ps.x = layers.embed(weights, ps.ids, self.dtype, p.embed_scale)
             ps.embedding = weights["embed_tokens.weight"]
+        elif kind == "block" and p.num_experts:  # attention + router; the experts follow (run_expert)
+            cos, sin = ps.rope[p.layer_rope(layer)]
+            ps.moe = self.family.route(p, weights, ps.x, cos, sin, ps.batch, layer, self.cudnn_attention)
+            ps.x = None
         elif kind == "block":
             cos, sin = ps.rope[p.layer_rope(layer)]
             ps.x = self.family.decoder_block(p, weights, ps.x, cos, sin, ps.batch, layer,
@@ -296,5 +310,6 @@ class _Pass:
         self.x: torch.Tensor | None = None
         self.embedding: torch.Tensor | None = None  # the embed unit's table, for a tied head
         self.logits: torch.Tensor | None = None
+        self.moe = None  # gdsllm.models.moe.Routing of a MoE block waiting for its experts
         self.next_unit = 0
         self.replayed_through = -1  # the last unit a graph replay of this pass ran

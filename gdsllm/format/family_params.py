@@ -30,6 +30,12 @@ class FamilyParams:
     hidden_act: str = "silu"  # gated-MLP activation, one of ACTIVATIONS
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
     attn_logit_softcapping: float | None = None  # recorded only: Gemma 3 (transformers) ignores it
+    # Mixtures of experts (Mixtral, Qwen3-MoE): 0 experts = a dense MLP in every block. Each expert
+    # is its own unit ("block.i.expert.j", gdsllm.format.moe); the block keeps the router.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # the router's top-k
+    moe_intermediate_size: int = 0  # each expert's FFN width
+    norm_topk_prob: bool = False  # renormalise the top-k probabilities to sum to 1 (Mixtral: always)
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of decoder block `layer`, or None for full attention."""
@@ -63,7 +69,11 @@ def family_fields(cfg: dict) -> dict:
         feedforward_norms=bool(cfg.get("feedforward_norms", False)),
         hidden_act=str(cfg.get("hidden_act", "silu")),
         final_logit_softcapping=_opt(cfg.get("final_logit_softcapping"), float),
-        attn_logit_softcapping=_opt(cfg.get("attn_logit_softcapping"), float))
+        attn_logit_softcapping=_opt(cfg.get("attn_logit_softcapping"), float),
+        num_experts=int(cfg.get("num_experts", 0)),
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0)),
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0)),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)))
 
 
 def family_problem(p) -> str | None:
@@ -79,6 +89,11 @@ def family_problem(p) -> str | None:
         return f"layer_types {bad} are not supported (GdsLLM implements {', '.join(LAYER_TYPES)})"
     if "sliding_attention" in p.layer_types and not (p.sliding_window or 0) > 0:
         return f"sliding layers need a positive sliding_window, got {p.sliding_window!r}"
+    if p.num_experts < 0 or (p.num_experts and not 1 <= p.num_experts_per_tok <= p.num_experts):
+        return (f"num_experts_per_tok {p.num_experts_per_tok} must be between 1 and num_experts "
+                f"{p.num_experts}")
+    if p.num_experts and p.moe_intermediate_size <= 0:
+        return f"moe_intermediate_size must be positive, got {p.moe_intermediate_size}"
     return None
 
 
@@ -92,10 +107,31 @@ def family_block_shapes(p) -> dict[str, tuple[int, ...]]:
                     "self_attn.v_proj.bias": (kvd,)})
     if p.attention_out_bias:
         out["self_attn.o_proj.bias"] = (h,)
-    if p.mlp_bias:
+    if p.num_experts:  # the router; the experts are units of their own
+        out["mlp.gate.weight"] = (p.num_experts, h)
+    if p.mlp_bias and not p.num_experts:
         out.update({"mlp.gate_proj.bias": (ffn,), "mlp.up_proj.bias": (ffn,), "mlp.down_proj.bias": (h,)})
     if p.qk_norm:
         out.update({"self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,)})
     if p.feedforward_norms:
         out.update({"pre_feedforward_layernorm.weight": (h,), "post_feedforward_layernorm.weight": (h,)})
     return out
+
+
+EXPERT_TENSORS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")  # HF: w1, w3, w2
+
+
+def expert_shapes(p) -> dict[str, tuple[int, ...]]:
+    """The tensors of one expert unit (`block.i.expert.j`), a gated MLP of moe_intermediate_size."""
+    h, f = p.hidden_size, p.moe_intermediate_size
+    return {"gate_proj.weight": (f, h), "up_proj.weight": (f, h), "down_proj.weight": (h, f)}
+
+
+def expert_unit_name(layer: int, expert: int) -> str:
+    return f"block.{layer}.expert.{expert}"
+
+
+def expert_index(name: str) -> int | None:
+    """j of a unit named "block.i.expert.j"; None for any other unit."""
+    parts = name.split(".")
+    return int(parts[3]) if len(parts) == 4 and parts[2] == "expert" else None

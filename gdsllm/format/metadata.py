@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from gdsllm.format.family_params import FamilyParams, family_block_shapes, family_fields, family_problem
+from gdsllm.format.family_params import (FamilyParams, expert_index, expert_shapes, expert_unit_name,
+                                         family_block_shapes, family_fields, family_problem)
 
 FORMAT_NAME = "gdsllm"
 FORMAT_VERSION = 2  # 2: quantized tensors (int4, int8); version 1 files (all float) still read
@@ -33,8 +34,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
-UNIT_KINDS = ("embed", "block", "head")
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma3")
+UNIT_KINDS = ("embed", "block", "head", "expert")  # "expert": one expert of a MoE block
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma3", "mixtral", "qwen3_moe")
 
 
 class FormatError(ValueError):
@@ -73,13 +74,18 @@ class UnitMeta:
     """One unit: a file of `nbytes` bytes (padded to 4 KiB) with its tensors and checksum."""
 
     index: int
-    name: str  # "embed", "block.0" ... "block.N-1", "head"
+    name: str  # "embed", "block.0" ... "block.N-1", "head"; "block.i.expert.j" (MoE)
     kind: str  # one of UNIT_KINDS
-    layer: int | None  # decoder block index for kind == "block"
+    layer: int | None  # decoder block index for kind == "block" and "expert"
     file: str
     nbytes: int
     checksum: str
     tensors: tuple[TensorMeta, ...]
+
+    @property
+    def expert(self) -> int | None:
+        """The expert index j of an expert unit ("block.i.expert.j"); None otherwise."""
+        return expert_index(self.name) if self.kind == "expert" else None
 
     def tensor(self, name: str) -> TensorMeta:
         for t in self.tensors:
@@ -145,8 +151,10 @@ def unit_tensor_shapes(p: LlamaParams, kind: str, tied_copy: bool = False) -> di
     if kind == "head":
         tied = p.tie_word_embeddings and not tied_copy
         return {"norm.weight": (h,)} | ({} if tied else {"lm_head.weight": (p.vocab_size, h)})
+    if kind == "expert":
+        return expert_shapes(p)
     assert kind == "block", kind
-    return {
+    dense = {
         "input_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (p.num_attention_heads * hd, h),
         "self_attn.k_proj.weight": (p.num_key_value_heads * hd, h),
@@ -156,13 +164,19 @@ def unit_tensor_shapes(p: LlamaParams, kind: str, tied_copy: bool = False) -> di
         "mlp.gate_proj.weight": (p.intermediate_size, h),
         "mlp.up_proj.weight": (p.intermediate_size, h),
         "mlp.down_proj.weight": (h, p.intermediate_size),
-    } | family_block_shapes(p)  # biases, q/k norms, feed-forward norms
+    }
+    if p.num_experts:  # a MoE block holds the router instead (family_block_shapes)
+        dense = {k: v for k, v in dense.items() if not k.startswith("mlp.")}
+    return dense | family_block_shapes(p)  # biases, q/k norms, feed-forward norms, router
 
 
 def unit_layout(p: LlamaParams) -> list[tuple[str, str, int | None]]:
-    """(name, kind, layer) of every unit in file order: embedding, blocks, head."""
+    """(name, kind, layer) of every unit in file order: embedding, blocks (each followed by its
+    experts in a MoE model), head."""
     units: list[tuple[str, str, int | None]] = [("embed", "embed", None)]
-    units += [(f"block.{i}", "block", i) for i in range(p.num_hidden_layers)]
+    for i in range(p.num_hidden_layers):
+        units.append((f"block.{i}", "block", i))
+        units += [(expert_unit_name(i, j), "expert", i) for j in range(p.num_experts)]
     units.append(("head", "head", None))
     return units
 

@@ -10,16 +10,18 @@ by the architecture recorded in `metadata.json`:
 
 A new family is a new module here plus one entry in FAMILIES (and in
 `gdsllm.format.metadata.SUPPORTED_ARCHITECTURES`, which the format checks without importing torch
-code). A family that is LLaMA with a switch re-exports llama's block; the switch is a parameter.
+code). A mixture-of-experts family (`num_experts` > 0) exposes `route` instead of a whole block:
+the experts are units of their own (gdsllm.models.moe). A family that is LLaMA with a switch re-exports llama's block; the switch is a parameter.
 """
 from __future__ import annotations
 
 from types import ModuleType
 
-from gdsllm.models import gemma3, llama, mistral, qwen2, qwen3
+from gdsllm.models import gemma3, llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
 
 FAMILIES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3,
-                                   "mistral": mistral, "gemma3": gemma3}
+                                   "mistral": mistral, "gemma3": gemma3, "mixtral": mixtral,
+                                   "qwen3_moe": qwen3_moe}
 
 
 def family(architecture: str) -> ModuleType:

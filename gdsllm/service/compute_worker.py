@@ -18,6 +18,8 @@ with the cache's size. Then, until `Shutdown` or the parent's death:
   consecutive resident units); `Done(unit, slot, seconds, count)` only after Runner.fence(), so
   the slot may then be refilled. After the head: `PassResult(pass_id, [[seq_id, token]], seconds)`.
 - `Release(seq_ids)`: frees those sequences' KV caches and samplers.
+- A mixture of experts: a block unit's Done is followed by `Routed` (the experts its router
+  picked); `RunExperts` runs expert units from arena slots (gdsllm.service.expert_compute).
 
 With `config.draft` the worker also holds a draft model, fully resident (gdsllm.engine.draft):
 for each sequence in `StartPass.draft` it proposes up to k tokens before the target pass starts,
@@ -39,8 +41,8 @@ import zmq
 from ipc import sockets
 from ipc.arena import Arena, ArenaSpec
 from ipc.messages import (RESIDENT, ArenaOpened, ComputeReady, Done, OpenArena, PassResult,
-                          ProtocolError, Release, Run, SeqSampling, Shutdown, StartPass, WorkerError,
-                          decode)
+                          ProtocolError, Release, Run, RunExperts, SeqSampling, Shutdown, StartPass,
+                          WorkerError, decode)
 
 from gdsllm.config import ServiceConfig
 from gdsllm.format.metadata import load_model_meta
@@ -77,6 +79,7 @@ class ComputeWorker:
         self.pass_seqs: list[int] = []
         self.speculator = None  # with config.draft: gdsllm.engine.speculative.Speculator
         self.pass_partial: set[int] = set()
+        self.router_bank = None  # a mixture of experts: gdsllm.service.expert_compute.RouterBank
 
     def run(self) -> None:
         try:
@@ -131,6 +134,9 @@ class ComputeWorker:
             self._run(msg)
         elif isinstance(msg, StartPass):
             self._start_pass(msg)
+        elif isinstance(msg, RunExperts):  # a mixture of experts (gdsllm.service.expert_compute)
+            from gdsllm.service.expert_compute import run_experts
+            run_experts(self, msg)
         elif isinstance(msg, Release):
             self._release(msg)
         elif isinstance(msg, OpenArena):
@@ -207,6 +213,7 @@ class ComputeWorker:
             self._send(Done(msg.unit, msg.slot, 0.0, msg.count))  # nothing ran: the slot is free
             return
         t0 = time.perf_counter()
+        routed = None
         try:
             if self.arena is None:
                 raise RuntimeError("no arena is open (OpenArena first)")
@@ -224,6 +231,9 @@ class ComputeWorker:
                         raise ValueError(f"unit {i} was not announced resident (OpenArena)")
                     weights = unit_tensors(unit, self.arena.view(msg.offset, unit.nbytes))
                 self.runner.run_unit(unit, weights)
+                if unit.kind == "block" and self.meta.params.num_experts:  # the last of its run
+                    from gdsllm.service.expert_compute import after_block
+                    routed = after_block(self, unit, weights)  # sent after Done: the experts next
             if msg.slot != RESIDENT:
                 # A streamed slot may be refilled once Done is sent: its GPU work must be over.
                 # Resident weights are never overwritten: no fence (`seconds` is launch time).
@@ -234,6 +244,8 @@ class ComputeWorker:
         seconds = time.perf_counter() - t0
         self.pass_seconds += seconds
         self._send(Done(msg.unit, msg.slot, seconds, msg.count))
+        if routed is not None:
+            self._send(routed)
         if head:
             self._finish_pass(msg)
 

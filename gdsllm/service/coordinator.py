@@ -59,7 +59,12 @@ class Coordinator:
         if config.draft is not None:  # speculative decoding: the resident draft's bytes come first
             from gdsllm.engine.speculative import reserve_draft
             self.draft_bytes, budget = reserve_draft(self.meta, config.draft, budget)
-        self.plan = plan_for(self.meta, budget, config.prefetch_window)
+        self.expert_slots = None  # a mixture of experts: routed experts load into these slots
+        if p.num_experts:
+            from gdsllm.engine.experts import plan_moe
+            self.plan, self.expert_slots = plan_moe(self.meta, budget, config.prefetch_window)
+        else:
+            self.plan = plan_for(self.meta, budget, config.prefetch_window)
         self.metrics = ServiceMetrics()
         self.targets = (io_target, compute_target)
         self.workers: WorkerSet | None = None
@@ -83,8 +88,13 @@ class Coordinator:
         """Spawn and handshake the workers, load the resident units, bind the client endpoint."""
         workers = await self.supervisor.bring_up()
         self.admission = Admission.for_model(self.meta, self.config, workers.free_bytes, workers.opened)
+        experts = None
+        if self.expert_slots is not None:
+            from gdsllm.service.experts import ExpertScheduler
+            experts = ExpertScheduler(self.meta, self.expert_slots, self.metrics,
+                                      self.config.expert_prefetch)
         self.batch = BatchScheduler(self.plan, workers, self._reply, self.metrics, self.config,
-                                    self.admission, self.supervisor.fault)
+                                    self.admission, self.supervisor.fault, experts)
         curve = None
         if self.config.curve_secret_key is not None:
             curve = sockets.load_secret_key(self.config.curve_secret_key)

@@ -98,10 +98,26 @@ class ServiceMetrics:
         self.http_request_seconds = Histogram(
             "gdsllm_http_request_duration_seconds", "Time to answer an HTTP API request (a stream: "
             "until its last byte)", ["route"], buckets=REQUEST_BUCKETS, registry=r)
+        # A mixture of experts (gdsllm.service.experts): what the expert cache read and served.
+        self.expert_loads = Counter("gdsllm_expert_loads", "Experts read from storage, on demand "
+                                    "(routed, not resident) or on a prefetch guess", ["reason"], registry=r)
+        self.expert_cache_hits = Counter("gdsllm_expert_cache_hits", "Routed experts already in VRAM "
+                                         "(or on their way in) when their router picked them", registry=r)
+        self.expert_routed = Counter("gdsllm_expert_routed", "Experts routed, per MoE layer and pass "
+                                     "(the union over the batch)", registry=r)
+        self.expert_prefetch_hits = Counter("gdsllm_expert_prefetch_hits", "Experts read on a guess "
+                                            "that the next layer's router then picked", registry=r)
+        self.expert_prefetch_misses = Counter("gdsllm_expert_prefetch_misses", "Experts read on a "
+                                              "guess that the router did not pick (bandwidth only)", registry=r)
+        self.expert_read_bytes = Counter("gdsllm_expert_read_bytes", "Expert weight bytes read from "
+                                         "storage", unit="bytes", registry=r)
+        self._expert_seen: dict[str, int] = {}
         # Known label values start at 0, so rate() and the dashboard have series before the first
         # event (Prometheus' advice for labelled counters).
         for reason in FINISH_REASONS:
             self.requests.labels(finish_reason=reason)
+        for reason in ("demand", "prefetch"):
+            self.expert_loads.labels(reason=reason)
         for route in HTTP_ROUTES:
             self.http_requests.labels(route=route, status="200")
             self.http_request_seconds.labels(route=route)
@@ -128,6 +144,20 @@ class ServiceMetrics:
     def set_slots_in_flight(self, n: int) -> None:
         assert n >= 0, n
         self.slots_in_flight.set(n)
+
+    def set_experts(self, totals: dict[str, int]) -> None:
+        """The expert scheduler's running totals (gdsllm.service.experts.ExpertScheduler.totals):
+        each counter advances by what grew since the last call."""
+        counters = {"loads": self.expert_loads.labels(reason="demand"),
+                    "prefetch_loads": self.expert_loads.labels(reason="prefetch"),
+                    "hits": self.expert_cache_hits, "routed": self.expert_routed,
+                    "prefetch_hits": self.expert_prefetch_hits,
+                    "prefetch_misses": self.expert_prefetch_misses, "bytes_read": self.expert_read_bytes}
+        for name, c in counters.items():
+            grew = totals.get(name, 0) - self._expert_seen.get(name, 0)
+            if grew > 0:
+                c.inc(grew)
+                self._expert_seen[name] = totals[name]
 
     # -------------------------------------------------------------- worker timings
 

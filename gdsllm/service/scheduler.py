@@ -34,12 +34,14 @@ from ipc.messages import Done, Error, Loaded, PassResult, Release, StartPass, To
 from gdsllm.engine.planner import ResidencyPlan, StreamSchedule
 from gdsllm.engine.sequence import Sequence
 from gdsllm.engine.speculative import draft_count
+from gdsllm.service.experts import expert_loaded, expert_pass_failed, expert_reply
 
 log = logging.getLogger("gdsllm.service.scheduler")
 
 
 class BatchScheduler:
-    def __init__(self, plan: ResidencyPlan, workers, reply, metrics, config, admission, fault):
+    def __init__(self, plan: ResidencyPlan, workers, reply, metrics, config, admission, fault, experts=None):
+        self.experts = experts  # a mixture of experts: gdsllm.service.experts.ExpertScheduler
         self.plan, self.reply, self.metrics, self.admission, self.fault = plan, reply, metrics, admission, fault
         self.max_batch, self.max_pass_tokens = config.max_batch, config.max_pass_tokens
         self.waiting: deque[Sequence] = deque()
@@ -207,6 +209,8 @@ class BatchScheduler:
 
     def on_io(self, msg) -> None:
         self.last_progress = time.monotonic()
+        if expert_loaded(self, msg):  # an expert unit's Loaded (a mixture of experts)
+            return
         if isinstance(msg, Loaded):
             if msg.error:
                 self._poison(msg)
@@ -228,6 +232,8 @@ class BatchScheduler:
 
     def on_compute(self, msg) -> None:
         self.last_progress = time.monotonic()
+        if expert_reply(self, msg):  # Routed / ExpertsDone (a mixture of experts)
+            return
         if isinstance(msg, Done):
             self.metrics.observe_compute(msg.seconds)
             if self.sched.on_done(msg.unit, msg.slot):
@@ -242,6 +248,7 @@ class BatchScheduler:
             log.error("compute worker: %s", msg.message)
             if msg.fatal or msg.pass_id is None:
                 return self.fault(f"compute worker: {msg.message}", "internal")
+            expert_pass_failed(self, msg)
             if msg.pass_id == self.pass_id and self.result_pending:
                 # The pass is dropped (its remaining Runs come back Done without computing):
                 # its sequences' caches are undefined, so they fail.

@@ -1,0 +1,89 @@
+"""The compute worker's side of a mixture of experts (gdsllm.service.compute_worker calls these):
+after a MoE block unit runs, `Routed` names the experts its router picked for the pass and the
+guess for the next layer; `RunExperts` runs expert units that the coordinator put in arena slots.
+
+    routed = after_block(worker, unit, weights)   # -> Routed, sent after the block's Done
+    run_experts(worker, msg)                      # RunExperts -> ExpertsDone
+
+The guess (speculative prefetch, after mixtral-offloading): layer i+1's router applied to layer
+i's residual stream after attention, normed with layer i+1's post-attention norm. Both weights
+are small (experts x hidden, hidden) and are copied once, the first time layer i+1's block unit
+runs (`RouterBank`), so the guess needs no unit resident. A wrong guess costs bandwidth only: the
+coordinator loads what the real router picks either way.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ipc.messages import ExpertsDone, Routed, RunExperts, WorkerError
+
+from gdsllm.models.layers import linear, rms_norm
+from gdsllm.models.moe import router_topk
+from gdsllm.quant.schemes import QuantWeight
+
+
+class RouterBank:
+    """Copies of each MoE layer's router and post-attention norm, for the next-layer guess."""
+
+    def __init__(self, params):
+        self.p = params
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def remember(self, layer: int, weights: dict) -> None:
+        if layer not in self.layers:
+            norm, gate = weights["post_attention_layernorm.weight"], weights["mlp.gate.weight"]
+            if isinstance(gate, QuantWeight):  # a GGUF's quantized router: a float copy
+                gate = gate.dequantize(norm.dtype)
+            self.layers[layer] = (norm.clone(), gate.clone())
+
+    def guess(self, layer: int, residual: torch.Tensor) -> list[int]:
+        """The experts layer `layer`'s router would pick from `residual` (after attention of
+        the layer before); [] when that layer has not been seen yet or does not exist."""
+        got = self.layers.get(layer)
+        if got is None:
+            return []
+        norm, gate = got
+        h = rms_norm(residual, norm, self.p.rms_norm_eps)
+        idx, _ = router_topk(self.p, linear({"g": gate}, "g", h))
+        return sorted(int(e) for e in torch.unique(idx).tolist())
+
+
+def after_block(worker, unit, weights: dict) -> Routed:
+    """The Routed message of MoE block `unit` just run (its weights still valid)."""
+    bank = worker.router_bank
+    if bank is None:
+        bank = worker.router_bank = RouterBank(worker.meta.params)
+    bank.remember(unit.layer, weights)
+    routing = worker.runner.pending_routing
+    predicted = bank.guess(unit.layer + 1, routing.residual)
+    return Routed(worker.pass_id, unit.index, routing.experts(), predicted)
+
+
+def run_experts(worker, msg: RunExperts) -> None:
+    """Run the expert units of `msg` (ExpertsDone either way: the slots must come back)."""
+    from gdsllm.engine.views import unit_tensors
+    t0 = time.perf_counter()
+    ran = [u for u, _ in msg.experts]
+    if worker.pass_id is None or worker.pass_failed or msg.pass_id != worker.pass_id:
+        if worker.pass_id is None or msg.pass_id != worker.pass_id:
+            worker._send(WorkerError(f"RunExperts of pass {msg.pass_id} outside it", unit=msg.unit))
+        worker._send(ExpertsDone(msg.pass_id, msg.unit, ran, 0.0))
+        return
+    try:
+        n = len(worker.meta.units)
+        for u, offset in msg.experts:
+            if not 0 <= u < n or worker.meta.units[u].kind != "expert":
+                raise ValueError(f"unit {u} is not an expert unit of the model")
+            unit = worker.meta.units[u]
+            worker.runner.run_expert(unit, unit_tensors(unit, worker.arena.view(offset, unit.nbytes)))
+        worker.runner.fence()  # the slots may be refilled once ExpertsDone is out
+    except Exception as e:
+        worker.runner.abort_pass()
+        worker.pass_failed = True
+        worker._send(WorkerError(f"pass {msg.pass_id}, experts of unit {msg.unit}: "
+                                 f"{type(e).__name__}: {e}", pass_id=msg.pass_id, unit=msg.unit))
+    seconds = time.perf_counter() - t0
+    worker.pass_seconds += seconds
+    worker._send(ExpertsDone(msg.pass_id, msg.unit, ran, seconds))

@@ -1,0 +1,147 @@
+"""Mixtures of experts through the service: the block units run, the compute worker reports the
+routed union (`Routed`), the coordinator reads the missing experts into arena slots and has them
+run (`RunExperts`). Tiny random Mixtral / Qwen3-MoE give transformers' greedy tokens; the expert
+counters match transformers' router choices; prefetch guesses never change the tokens.
+"""
+from __future__ import annotations
+
+import pytest
+
+from llama_ref import greedy_reference_scores, load
+from moe_ref import moe_model, pass_unions, router_picks
+from service_helpers import Service, single_thread_workers  # noqa: F401  (fixture)
+from gdsllm.engine.tokenizer import Tokenizer
+from ipc.messages import ExpertsDone, Routed, RunExperts, decode, encode
+
+N = 32
+PROMPT = "the quick brown fox jumps"
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe_norm"])
+def moe(request, tmp_path_factory):
+    case = request.param
+    hf, _, d = moe_model(tmp_path_factory.mktemp(case), case)
+    ids = Tokenizer(load(d)).encode(PROMPT)
+    ref, _ = greedy_reference_scores(hf, ids, N)
+    passes = [list(range(len(ids)))] + [[len(ids) + t] for t in range(N - 1)]
+    unions = pass_unions(router_picks(hf, ids + ref[:N - 1]), passes)
+    return case, d, ref, unions
+
+
+def _generate(d, **cfg):
+    from gdsllm.service.client import Client
+    with Service(d, **cfg) as s, Client(s.endpoint, timeout=120) as c:
+        f = c.generate(PROMPT, max_tokens=N, temperature=0, ignore_eos=True)
+        ex = s.svc.coordinator.batch.experts
+        metrics = s.svc.coordinator.metrics.exposition().decode()
+        return f.token_ids, dict(ex.totals), (ex.slots.count, len(s.svc.coordinator.plan.streamed)), metrics
+
+
+def test_service_reads_only_routed_experts(moe, single_thread_workers):  # noqa: F811
+    """No budget, no prefetch: each routed expert is read once, the first time it is routed."""
+    case, d, ref, unions = moe
+    toks, t, slots, metrics = _generate(d, expert_prefetch=False)
+    assert toks == ref, case
+    distinct = {(layer, e) for u in unions for layer, es in enumerate(u) for e in es}
+    assert slots[0] == len(load(d).units) - 2 - load(d).params.num_hidden_layers  # one per expert
+    assert t["routed"] == sum(len(es) for u in unions for es in u)
+    assert t["loads"] == len(distinct) and t["prefetch_loads"] == 0
+    assert t["hits"] == t["routed"] - t["loads"]
+    assert f"gdsllm_expert_loads_total{{reason=\"demand\"}} {float(len(distinct))}" in metrics
+
+
+def test_service_small_budget_with_prefetch(moe, single_thread_workers):  # noqa: F811
+    """Every block streamed through 2 slots, top-k expert slots, prefetch on: same tokens; every
+    routed expert was a hit or a demand read; guesses are accounted as hits or misses."""
+    case, d, ref, unions = moe
+    meta = load(d)
+    slot = max(u.nbytes for u in meta.units if u.kind == "expert")
+    dense = sorted((u.nbytes for u in meta.units if u.kind != "expert"), reverse=True)
+    k = meta.params.num_experts_per_tok
+    budget = dense[0] + dense[1] + 2 * dense[2] + k * slot  # embed, head resident; 2 block slots
+    toks, t, slots, metrics = _generate(d, vram_budget=budget, prefetch_window=2)
+    assert toks == ref, case
+    assert slots == (k, meta.params.num_hidden_layers)  # k expert slots, every block streamed
+    assert t["routed"] == sum(len(es) for u in unions for es in u)
+    assert t["hits"] + t["loads"] == t["routed"] and t["loads"] > 0
+    assert t["prefetch_hits"] + t["prefetch_misses"] <= t["prefetch_loads"]
+    assert t["prefetch_loads"] > 0  # the guesses were made and read
+    assert t["bytes_read"] == (t["loads"] + t["prefetch_loads"]) * slot
+    for name in ("gdsllm_expert_cache_hits_total", "gdsllm_expert_prefetch_hits_total",
+                 "gdsllm_expert_prefetch_misses_total", "gdsllm_expert_read_bytes_total"):
+        assert name in metrics
+
+
+def test_expert_messages_are_validated():
+    for bad in (lambda: Routed(1, 2, [3, 3]), lambda: Routed(1, 2, [-1]),
+                lambda: RunExperts(1, 2, []), lambda: RunExperts(1, 2, [(5, -4096)])):
+        with pytest.raises(ValueError):
+            bad()
+    m = RunExperts(4, 7, [(8, 4096), (9, 8192)])
+    assert decode(encode(m), max_bytes=None) == m
+    assert decode(encode(ExpertsDone(4, 7, [8, 9], 0.5)), max_bytes=None).experts == [8, 9]
+
+
+# ---- the coordinator's logic alone (no processes) -----------------------------------------------
+
+def test_stream_schedule_holds_runs_until_the_experts_ran(tmp_path):
+    from gdsllm.convert.synth import synth
+    from gdsllm.engine.experts import plan_moe
+    from gdsllm.engine.planner import StreamSchedule
+    meta = load(synth(tmp_path / "m", "tiny-moe", dtype="float32"))
+    plan, _ = plan_moe(meta, None)
+    sched = StreamSchedule(plan)
+    sched.begin_pass()
+    _, runs = sched.step()
+    names = [(meta.units[r.unit].name, r.count) for r in runs]
+    assert names == [("embed", 2)] and sched.held == 1  # one resident Run, no expert unit is Run
+    for r in runs:
+        sched.on_done(r.unit, r.slot)
+    assert sched.step()[1] == []  # held: block.1 waits for block.0's experts
+    sched.release(1)
+    _, runs = sched.step()
+    assert [meta.units[r.unit].name for r in runs] == ["block.1"]
+    sched.on_done(runs[0].unit, runs[0].slot)
+    sched.ungate()  # a failed pass: nothing waits for experts any more
+    _, runs = sched.step()
+    assert [meta.units[r.unit].name for r in runs] == ["head"]
+    assert sched.on_done(runs[0].unit, runs[0].slot)  # the pass is complete
+
+
+def test_expert_scheduler_lru_prefetch_and_errors(tmp_path):
+    from gdsllm.convert.synth import synth
+    from gdsllm.engine.experts import ExpertSlots
+    from gdsllm.service.experts import ExpertScheduler
+    from ipc.messages import Loaded
+    meta = load(synth(tmp_path / "m", "tiny-moe", dtype="float32"))
+    b0, b1 = (next(u.index for u in meta.units if u.name == f"block.{i}") for i in (0, 1))
+    size = max(u.nbytes for u in meta.units if u.kind == "expert")
+    ex = ExpertScheduler(meta, ExpertSlots(1 << 20, size, 2))
+
+    def loaded(ld, error=None):
+        return ex.on_loaded(Loaded(ld.unit, ld.slot, 0 if error else size, 0.01, "posix", error))
+
+    loads, runs = ex.on_routed(Routed(1, b0, [3, 5], predicted=[6]))
+    assert runs == [] and [meta.units[ld.unit].name for ld in loads] == ["block.0.expert.3",
+                                                                         "block.0.expert.5"]
+    assert {ld.offset for ld in loads} == {1 << 20, (1 << 20) + size}  # both slots, no guess yet
+    more, runs = loaded(loads[0])
+    assert more == [] and [u for u, _ in runs[0].experts] == [loads[0].unit]
+    more, runs2 = loaded(loads[1])
+    assert more == [] and len(runs2) == 1
+    more, _, block = ex.on_done(ExpertsDone(1, b0, [loads[0].unit], 0.1))
+    assert block is None and [meta.units[ld.unit].name for ld in more] == ["block.1.expert.6"]
+    more2, _, block = ex.on_done(ExpertsDone(1, b0, [loads[1].unit], 0.1))
+    assert block == b0 and more2 == []  # the guess is in flight; block.0 is done
+    loaded(more[0])  # the guessed expert is in
+    loads, runs = ex.on_routed(Routed(1, b1, [6, 1]))
+    assert [u for u, _ in runs[0].experts] == [more[0].unit]  # the guess was right: runs at once
+    assert [meta.units[ld.unit].name for ld in loads] == ["block.1.expert.1"]
+    t = ex.totals
+    assert (t["prefetch_hits"], t["prefetch_misses"], t["hits"], t["loads"], t["prefetch_loads"]) == \
+        (1, 0, 1, 3, 1)
+    _, runs = loaded(loads[0], error="unit block.1.expert.1: OSError: EIO")
+    assert len(runs) == 1  # a failed read still runs (its pass fails) ...
+    ex.on_done(ExpertsDone(1, b1, [more[0].unit], 0.1))
+    _, _, block = ex.on_done(ExpertsDone(1, b1, [loads[0].unit], 0.1))
+    assert block == b1 and (1, 1) not in ex.lru  # ... and then leaves the cache
