@@ -14,6 +14,11 @@
 #   bash benchmarks/gpu_session.sh rprep       # background: synth the 7B float16 model for resident
 #   bash benchmarks/gpu_session.sh attn        # bench_attention.py --sweep (paged decode attention)
 #   bash benchmarks/gpu_session.sh resident    # bench_resident.py: resident decode (after rprep)
+#   bash benchmarks/gpu_session.sh qprep4      # background: the 7B float16 + its int4 copy (for
+#                                              # qres and spec), then the MoE shape (for moe)
+#   bash benchmarks/gpu_session.sh tests-new   # pytest -m gpu: paged KV / graphs, MoE, quant device
+#   bash benchmarks/gpu_session.sh qres        # int4 against float16 resident (service and LLM)
+#   bash benchmarks/gpu_session.sh moe         # bench_moe.py (after qprep4's MoE synth)
 # Carry .whl (../shared/tools/device-wheels.sh gguf==0.19.0) in every call. The SmolLM2 GGUF
 # (98 MB) is larger than one call may carry, so it travels in two parts (.deva/, .devb/, ignored
 # by git) and is put together in /root/gg across calls on a warm machine.
@@ -71,6 +76,27 @@ for step in "$@"; do
       setsid nohup bash -c "python3 benchmarks/bench_resident.py --work /root/gb --parts synth \
         > /root/gb-prep.log 2>&1; touch /root/gb-prep.done" > /dev/null 2>&1 < /dev/null &
       echo "resident prep started" ;;
+    qprep4)
+      rm -f /root/gq-prep.done /root/moe-prep.done
+      setsid nohup bash -c "python3 benchmarks/bench_quant.py --work /root/gq --parts synth,quantize \
+        --qtypes int4 > /root/gq-prep.log 2>&1; touch /root/gq-prep.done; \
+        python3 benchmarks/bench_moe.py --work /root/moe --shape ${MOE_SHAPE:-qwen3-30b-a3b} \
+        --parts synth > /root/moe-prep.log 2>&1; touch /root/moe-prep.done" > /dev/null 2>&1 < /dev/null &
+      echo "qprep4 started" ;;
+    tests-new)
+      python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_kv_cache.py tests/test_moe.py \
+        tests/test_moe_service.py tests/test_quant_device.py 2>&1 | tee "$OUT/gpu-tests-new.log" | tail -30 ;;
+    qres)
+      python3 benchmarks/bench_quant.py --work /root/gq --parts resident,resident_llm 2>&1 \
+        | tee "$OUT/qres.log" | grep -v "^+" | tail -20
+      cp /root/gq/results-quant.json "$OUT/" 2>/dev/null ;;
+    moe)
+      for _ in $(seq 60); do [ -f /root/moe-prep.done ] && break; sleep 5; done
+      tail -3 /root/moe-prep.log
+      python3 benchmarks/bench_moe.py --work /root/moe --shape ${MOE_SHAPE:-qwen3-30b-a3b} \
+        --budget ${MOE_BUDGET:-4GiB} --tokens ${MOE_TOKENS:-8} --parts ceiling,run 2>&1 \
+        | tee "$OUT/moe.log" | grep -v "^+" | tail -30
+      cp /root/moe/moe_results.json "$OUT/" 2>/dev/null ;;
     attn)
       python3 benchmarks/bench_attention.py --out "$OUT/attention.json" --sweep 2>&1 | tail -30 ;;
     resident)
