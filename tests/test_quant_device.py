@@ -119,7 +119,7 @@ def test_convert_device_cuda_without_a_gpu_is_a_clear_error(tmp_path):
 
 def convert_cli(src, dst, device: str) -> None:
     r = subprocess.run([sys.executable, "-m", "gdsllm", "convert", str(src), str(dst), "--quant",
-                        "int4", "--dtype", "float16", "--group-size", "128", "--device", device],
+                        "int4", "--dtype", "float16", "--group-size", "64", "--device", device],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
 
