@@ -35,9 +35,9 @@ from __future__ import annotations
 import torch
 
 from gdsllm.models import family, layers
-from gdsllm.models.attention import PassBatch, Segment
 from gdsllm.format.metadata import DTYPES, LlamaParams, UnitMeta, unit_layout
-from gdsllm.engine.graphs import DecodeGraphs, Static, padding_row
+from gdsllm.engine.graphs import DecodeGraphs, Static
+from gdsllm.engine.pass_state import PassState, chunked_pass, decode_pass
 from gdsllm.engine.expert_steps import ExpertSteps
 from gdsllm.engine.kv_cache import KVCacheFull, PagedKVCache, blocks_for
 
@@ -78,7 +78,7 @@ class Runner(ExpertSteps):
         self.graphs = DecodeGraphs(self) if graphs else None
         self.pinned: dict[int, dict] = {}  # unit index -> resident weights
         self._runs: dict[int, tuple[int, int]] = {}  # first unit of a pinned run -> (first, last)
-        self._pass: _Pass | None = None
+        self._pass: PassState | None = None
 
     # -- sequences ------------------------------------------------------------------------------
     @property
@@ -157,57 +157,12 @@ class Runner(ExpertSteps):
                 self.cache.free(sid)
             raise
         if all(len(toks) == 1 and rows_of[sid] == 1 for sid, toks in chunks):
-            self._pass = self._decode_pass(chunks)
+            self._pass = decode_pass(self, chunks)
         else:
-            self._pass = self._chunked_pass(chunks, rows_of)
+            self._pass = chunked_pass(self, chunks, rows_of)
 
-    def _rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {k: layers.rope_cos_sin(f, positions, self.dtype) for k, f in self.inv_freqs.items()}
-
-    def _decode_pass(self, chunks) -> _Pass:
-        """One token per sequence: batched paged attention; on CUDA the static buffers of the
-        batch's bucket, so pinned runs replay as graphs. One host-to-device copy."""
-        cache, n = self.cache, len(chunks)
-        bucket = self.graphs.bucket(n) if self.graphs is not None else None
-        width = self.graphs.max_blocks if bucket else max(len(cache.tables[s]) for s, _ in chunks)
-        rows = []
-        for sid, (tok,) in chunks:
-            past = cache.length(sid)
-            rows.append([tok, past, cache.slot_list(sid, past, past + 1)[0], past + 1]
-                        + cache.table_row(sid, width))
-        rows += [padding_row(width)] * ((bucket or n) - n)
-        packed = torch.tensor(rows, dtype=torch.long).to(self.device)
-        commit = [(sid, 1) for sid, _ in chunks]
-        if bucket:
-            st = self.graphs.static(bucket)
-            st.load(packed, self._rope)
-            ps = _Pass([s for s, _ in chunks], st.ids, st.rope, st.batch, None, commit, st)
-            ps.x = st.x
-            return ps
-        batch = PassBatch(cache, packed[:, 2], block_tables=packed[:, 4:].to(torch.int32),
-                          seq_lens=packed[:, 3].to(torch.int32))
-        return _Pass([s for s, _ in chunks], packed[:, 0], self._rope(packed[:, 1]), batch, None, commit)
-
-    def _chunked_pass(self, chunks, rows_of) -> _Pass:
-        """Prompts and multi-token chunks: per-sequence attention over gathered keys."""
-        cache = self.cache
-        ids, positions, slots, last_rows, keys, spans, row = [], [], [], [], [], [], 0
-        for sid, toks in chunks:
-            past, n = cache.length(sid), len(toks)
-            ids += toks
-            positions += range(past, past + n)
-            slots += cache.slot_list(sid, past, past + n)
-            last_rows += range(row + n - rows_of[sid], row + n)
-            spans.append((row, row + n, past, len(keys)))
-            keys += cache.slot_list(sid, 0, past + n)
-            row += n
-        T, R = len(ids), len(last_rows)
-        packed = torch.tensor(ids + positions + slots + last_rows + keys, dtype=torch.long).to(self.device)
-        key_slots = packed[3 * T + R:]
-        segments = [Segment(a, b, past, key_slots[k: k + past + b - a]) for a, b, past, k in spans]
-        batch = PassBatch(cache, packed[2 * T: 3 * T], segments=segments)
-        return _Pass([s for s, _ in chunks], packed[:T], self._rope(packed[T: 2 * T]), batch,
-                     packed[3 * T: 3 * T + R], [(sid, len(toks)) for sid, toks in chunks])
 
     def run_unit(self, unit: UnitMeta, weights: dict[str, torch.Tensor]) -> None:
         """Run the next unit of the pass with its weights (views valid until the caller fences)."""
@@ -239,7 +194,7 @@ class Runner(ExpertSteps):
 
     def _run_static(self, first: int, last: int, st: Static) -> None:
         """Pinned units first..last over a bucket's static buffers (what a graph captures)."""
-        ps = _Pass([], st.ids, st.rope, st.batch, None, [], st)
+        ps = PassState([], st.ids, st.rope, st.batch, None, [], st)
         ps.x = st.x
         for u in range(first, last + 1):
             self._forward(u, self.pinned[u], ps)
@@ -248,7 +203,7 @@ class Runner(ExpertSteps):
         else:
             st.x.copy_(ps.x)
 
-    def _forward(self, i: int, weights: dict, ps: _Pass) -> None:
+    def _forward(self, i: int, weights: dict, ps: PassState) -> None:
         p = self.p
         _, kind, layer = self.layout[i]
         if kind == "embed":
@@ -298,18 +253,3 @@ class Runner(ExpertSteps):
     def abort_pass(self) -> None:
         """Drop a pass that failed midway; the cache keeps only what earlier passes committed."""
         self._pass = None
-
-
-class _Pass:
-    """State of the pass in flight: inputs, attention batch, running activations."""
-
-    def __init__(self, seq_ids, ids, rope, batch, last_rows, commit, static=None):
-        self.seq_ids, self.ids, self.rope = seq_ids, ids, rope  # rope: kind -> (cos, sin)
-        self.batch, self.last_rows, self.commit = batch, last_rows, commit
-        self.static: Static | None = static  # a decode pass's bucket buffers (CUDA graphs)
-        self.x: torch.Tensor | None = None
-        self.embedding: torch.Tensor | None = None  # the embed unit's table, for a tied head
-        self.logits: torch.Tensor | None = None
-        self.moe = None  # gdsllm.models.moe.Routing of a MoE block waiting for its experts
-        self.next_unit = 0
-        self.replayed_through = -1  # the last unit a graph replay of this pass ran
