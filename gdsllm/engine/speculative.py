@@ -221,3 +221,19 @@ class Speculator:
         if self.adaptive is not None:
             self.adaptive.release(seq_id)
         self.draft.release(seq_id)
+
+
+def pass_tokens(logits, seq_ids: list[int], partial: set[int], samplers: dict, speculator, runner):
+    """The tokens a finished pass gives: (tokens [(seq_id, token)], accepted {seq_id: drafts the
+    target accepted, which come before its token}, proposed {seq_id: drafts proposed}).
+    Sequences in `partial` (mid-prompt chunks) get nothing; `speculator` may be None."""
+    ends = [sid for sid in seq_ids if sid not in partial]
+    if speculator is not None:
+        proposed = {sid: len(p.tokens) for sid, p in speculator.proposals.items()}
+        out = speculator.finish(logits, samplers, runner, skip=partial)
+        return ([(sid, out[sid][-1]) for sid in ends], {sid: out[sid][:-1] for sid in proposed},
+                proposed)
+    if len(ends) < len(seq_ids):  # mid-prompt chunks sample nothing
+        logits = logits[[i for i, sid in enumerate(seq_ids) if sid not in partial]]
+    picks = Sampler.sample_batch(logits, [samplers[sid] for sid in ends]) if ends else []
+    return list(zip(ends, picks)), {}, {}

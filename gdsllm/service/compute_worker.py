@@ -21,9 +21,8 @@ with the cache's size. Then, until `Shutdown` or the parent's death:
 - A mixture of experts: a block unit's Done is followed by `Routed` (the experts its router
   picked); `RunExperts` runs expert units from arena slots (gdsllm.service.expert_compute).
 
-With `config.draft` the worker also holds a draft model, fully resident (gdsllm.engine.draft):
-for each sequence in `StartPass.draft` it proposes up to k tokens before the target pass starts,
-the pass scores them with the chunk, and PassResult carries the accepted ones
+With `config.draft`, a resident draft model proposes up to k tokens for each sequence in
+`StartPass.draft`; the pass scores them and PassResult carries those accepted
 (gdsllm.engine.speculative: greedy or speculative-sampling acceptance, KV rollback).
 
 A failing step is `WorkerError(message, pass_id=, unit=)` naming the pass and unit; the pass is
@@ -32,6 +31,7 @@ on. Messages are handled one at a time, in order: compute is the worker's only j
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -252,20 +252,9 @@ class ComputeWorker:
     def _finish_pass(self, msg: Run) -> None:
         t0 = time.perf_counter()
         try:
-            logits = self.runner.end_pass()
-            accepted, proposed = {}, {}
-            seq_ids = [sid for sid in self.pass_seqs if sid not in self.pass_partial]
-            if self.speculator is not None:
-                proposed = {sid: len(p.tokens) for sid, p in self.speculator.proposals.items()}
-                out = self.speculator.finish(logits, self.samplers, self.runner, skip=self.pass_partial)
-                tokens = [(sid, out[sid][-1]) for sid in seq_ids]
-                accepted = {sid: out[sid][:-1] for sid in proposed}
-            else:
-                if len(seq_ids) < len(self.pass_seqs):  # mid-prompt chunks sample nothing
-                    logits = logits[[i for i, s in enumerate(self.pass_seqs) if s not in self.pass_partial]]
-                from gdsllm.engine.sampling import Sampler
-                picks = Sampler.sample_batch(logits, [self.samplers[sid] for sid in seq_ids]) if seq_ids else []
-                tokens = list(zip(seq_ids, picks))
+            from gdsllm.engine.speculative import pass_tokens
+            tokens, accepted, proposed = pass_tokens(self.runner.end_pass(), self.pass_seqs, self.pass_partial,
+                                                     self.samplers, self.speculator, self.runner)
         except Exception as e:
             self._fail(msg, e, done_sent=True)
             return
@@ -277,13 +266,10 @@ class ComputeWorker:
         unit = self.meta.units[msg.unit].name if 0 <= msg.unit < len(self.meta.units) else msg.unit
         if self.runner is not None:
             self.runner.abort_pass()
-        if self.speculator is not None:
-            self.speculator.abort(self.runner)
-        try:
-            if self.runner is not None:
+            if self.speculator is not None:
+                self.speculator.abort(self.runner)
+            with contextlib.suppress(Exception):  # the device may be what failed
                 self.runner.fence()
-        except Exception:
-            pass
         self.pass_failed = True
         self._send(WorkerError(f"pass {self.pass_id}, unit {unit}: {type(e).__name__}: {e}",
                                pass_id=self.pass_id, unit=msg.unit))
