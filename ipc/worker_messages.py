@@ -1,0 +1,233 @@
+"""The messages between the coordinator and its two workers (I/O and compute), over their PAIR
+sockets: internal, trusted, never sized by a client. Encoded and validated by `ipc.codec` like
+the client messages of `ipc.messages`, which re-exports every name here.
+
+Units of fields: bytes for sizes and offsets, seconds for times.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .codec import message
+
+
+# ---------------------------------------------------------------- coordinator <-> I/O worker
+
+
+@message("io_ready")
+@dataclass(frozen=True)
+class IoReady:
+    """The I/O worker allocated the arena: `handle` opens it in another process (CUDA IPC handle
+    bytes, or the POSIX shared-memory name encoded as UTF-8)."""
+
+    pid: int
+    backend: str
+    handle: bytes
+    arena_bytes: int
+    io_path: str
+
+
+RESIDENT = -1  # the `slot` of a resident unit in Load / Run / Loaded / Done (no streaming slot)
+
+
+@message("load")
+@dataclass(frozen=True)
+class Load:
+    """Read unit `unit` into the arena at byte `offset` (the slot `slot`)."""
+
+    unit: int
+    slot: int
+    offset: int
+
+
+@message("loaded")
+@dataclass(frozen=True)
+class Loaded:
+    unit: int
+    slot: int
+    nbytes: int
+    seconds: float
+    io_path: str
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- coordinator <-> compute worker
+
+
+@message("open_arena")
+@dataclass(frozen=True)
+class OpenArena:
+    """Coordinator -> compute worker, after its ComputeReady: open the arena the I/O worker
+    announced (copy IoReady's backend, handle and arena_bytes). Replied with ArenaOpened, or
+    WorkerError(fatal=True) if it cannot be opened. Runs before it are refused."""
+
+    backend: str
+    handle: bytes
+    arena_bytes: int
+    resident: dict[int, int] = field(default_factory=dict)  # unit -> arena offset, pinned for good
+
+
+@message("arena_opened")
+@dataclass(frozen=True)
+class ArenaOpened:
+    arena_bytes: int
+    free_bytes: int | None = None  # device memory still free (CUDA), for the KV budget
+    kv_tokens: int = 0  # tokens the worker's paged KV cache holds (0: not reported)
+    kv_block_size: int = 0  # tokens per KV block: a sequence takes whole blocks
+
+
+@message("compute_ready")
+@dataclass(frozen=True)
+class ComputeReady:
+    pid: int
+    device: str
+
+
+@dataclass(frozen=True)
+class SeqSampling:
+    """Sampling state of one sequence, sent when it joins (the generator lives in the worker)."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+
+
+@message("start_pass")
+@dataclass(frozen=True)
+class StartPass:
+    """Begin a weight pass: `chunks` are [seq_id, new token ids]; `sampling` has an entry for each
+    sequence new in this pass. `partial`: sequences whose chunk is not the end of their prompt
+    (chunked prefill): no token is sampled for them, and PassResult leaves them out.
+    `draft[seq_id] = k`: the worker's draft model proposes up to k tokens after that chunk and the
+    pass verifies them (speculative decoding; never for a `partial` chunk, which does not end where
+    the sequence's next token is to be predicted)."""
+
+    pass_id: int
+    chunks: list[tuple[int, list[int]]]
+    sampling: dict[int, SeqSampling]
+    partial: list[int] = field(default_factory=list)
+    draft: dict[int, int] = field(default_factory=dict)
+
+
+@message("run")
+@dataclass(frozen=True)
+class Run:
+    """Run unit `unit` of the current pass over the weights at arena byte `offset`. A resident
+    run may name `count` consecutive resident units (offsets as OpenArena.resident gave them):
+    one message, and on CUDA one graph replay, for all of them."""
+
+    unit: int
+    slot: int
+    offset: int
+    count: int = 1
+
+    def __post_init__(self):
+        if self.count < 1 or (self.count > 1 and self.slot != RESIDENT):
+            raise ValueError(f"Run: count {self.count} (more than 1 only for resident units)")
+
+
+@message("done")
+@dataclass(frozen=True)
+class Done:
+    """Unit `unit` (and the `count` - 1 after it, as its Run named) finished on the device: slot
+    `slot` may be reused."""
+
+    unit: int
+    slot: int
+    seconds: float
+    count: int = 1
+
+
+@message("pass_result")
+@dataclass(frozen=True)
+class PassResult:
+    """The sampled next token of each chunk, as [seq_id, token_id]. For a sequence that drafted:
+    `accepted[seq_id]` are the draft tokens the target accepted, which come BEFORE its token in
+    `tokens`, and `proposed[seq_id]` how many the draft proposed."""
+
+    pass_id: int
+    tokens: list[tuple[int, int]]
+    seconds: float
+    accepted: dict[int, list[int]] = field(default_factory=dict)
+    proposed: dict[int, int] = field(default_factory=dict)
+
+
+def _check_experts(ids, what: str) -> None:
+    if any(e < 0 for e in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"{what} must be distinct non-negative indices, got {list(ids)[:8]}")
+
+
+@message("routed")
+@dataclass(frozen=True)
+class Routed:
+    """Compute -> coordinator, after the Done of a mixture-of-experts block unit `unit`: the
+    experts (indices within the layer) its router picked for any token of pass `pass_id`, and
+    `predicted`: those the next layer's router picks from this layer's hidden state (the guess
+    the coordinator may prefetch; [] for the last layer)."""
+
+    pass_id: int
+    unit: int
+    experts: list[int]
+    predicted: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check_experts(self.experts, "experts")
+        _check_experts(self.predicted, "predicted")
+
+
+@message("run_experts")
+@dataclass(frozen=True)
+class RunExperts:
+    """Coordinator -> compute: run these expert units of the MoE block `unit` waiting in pass
+    `pass_id`, each [expert unit index, arena byte offset]; answered by ExpertsDone (the slots
+    may then be refilled). A block's routed experts may come in several RunExperts."""
+
+    pass_id: int
+    unit: int
+    experts: list[tuple[int, int]]
+
+    def __post_init__(self):
+        if not self.experts:
+            raise ValueError("run_experts without experts")
+        _check_experts([u for u, _ in self.experts], "expert units")
+        if any(off < 0 for _, off in self.experts):
+            raise ValueError("arena offsets must be non-negative")
+
+
+@message("experts_done")
+@dataclass(frozen=True)
+class ExpertsDone:
+    """Compute -> coordinator: the expert units of a RunExperts finished (or were skipped, in a
+    failed pass); their slots may be reused."""
+
+    pass_id: int
+    unit: int
+    experts: list[int]
+    seconds: float
+
+
+@message("release")
+@dataclass(frozen=True)
+class Release:
+    seq_ids: list[int]
+
+
+@message("worker_error")
+@dataclass(frozen=True)
+class WorkerError:
+    """A worker could not do what it was told; `fatal` means it is exiting. From the compute
+    worker, `pass_id` / `unit` name the pass and unit that failed (None when not about one):
+    the rest of that pass's Runs are acknowledged with Done without computing, no PassResult
+    follows, and its sequences should be failed and Released."""
+
+    message: str
+    fatal: bool = False
+    pass_id: int | None = None
+    unit: int | None = None
+
+
+@message("shutdown")
+@dataclass(frozen=True)
+class Shutdown:
+    pass
