@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from gdsllm.format.family_params import (FamilyParams, expert_index, expert_shapes, expert_unit_name,
-                                         family_block_shapes, family_fields, family_problem)
+from gdsllm.format.family_params import FamilyParams, expert_index, family_fields, family_problem
+from gdsllm.format.layout import unit_layout, unit_tensor_shapes  # noqa: F401  (also imported from here)
 
 FORMAT_NAME = "gdsllm"
 FORMAT_VERSION = 2  # 2: quantized tensors (int4, int8); version 1 files (all float) still read
@@ -140,45 +140,6 @@ class ModelMeta:
         n = sum(t.numel for u in self.units for t in u.tensors)
         copy = [t.numel for t in self.units[-1].tensors if t.name == "lm_head.weight"]
         return n - (copy[0] if self.params.tie_word_embeddings and copy else 0)  # older directories
-
-
-def unit_tensor_shapes(p: LlamaParams, kind: str, tied_copy: bool = False) -> dict[str, tuple[int, ...]]:
-    """The tensors every unit of `kind` must hold, with their shapes (Hugging Face layout). A tied
-    head has no lm_head.weight (the embedding is stored once) unless `tied_copy` (older directories)."""
-    h, hd = p.hidden_size, p.head_dim
-    if kind == "embed":
-        return {"embed_tokens.weight": (p.vocab_size, h)}
-    if kind == "head":
-        tied = p.tie_word_embeddings and not tied_copy
-        return {"norm.weight": (h,)} | ({} if tied else {"lm_head.weight": (p.vocab_size, h)})
-    if kind == "expert":
-        return expert_shapes(p)
-    assert kind == "block", kind
-    dense = {
-        "input_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (p.num_attention_heads * hd, h),
-        "self_attn.k_proj.weight": (p.num_key_value_heads * hd, h),
-        "self_attn.v_proj.weight": (p.num_key_value_heads * hd, h),
-        "self_attn.o_proj.weight": (h, p.num_attention_heads * hd),
-        "post_attention_layernorm.weight": (h,),
-        "mlp.gate_proj.weight": (p.intermediate_size, h),
-        "mlp.up_proj.weight": (p.intermediate_size, h),
-        "mlp.down_proj.weight": (h, p.intermediate_size),
-    }
-    if p.num_experts:  # a MoE block holds the router instead (family_block_shapes)
-        dense = {k: v for k, v in dense.items() if not k.startswith("mlp.")}
-    return dense | family_block_shapes(p)  # biases, q/k norms, feed-forward norms, router
-
-
-def unit_layout(p: LlamaParams) -> list[tuple[str, str, int | None]]:
-    """(name, kind, layer) of every unit in file order: embedding, blocks (each followed by its
-    experts in a MoE model), head."""
-    units: list[tuple[str, str, int | None]] = [("embed", "embed", None)]
-    for i in range(p.num_hidden_layers):
-        units.append((f"block.{i}", "block", i))
-        units += [(expert_unit_name(i, j), "expert", i) for j in range(p.num_experts)]
-    units.append(("head", "head", None))
-    return units
 
 
 def unit_file_name(index: int) -> str:
