@@ -12,10 +12,9 @@ decoding sequences first, then prompts in arrival order), so one huge prompt doe
 other sequence for its whole prefill; no token is sampled for a chunk that does not end its prompt.
 A waiting request joins when the batch has room (max_batch) and its KV cache fits the budget
 (gdsllm.service.admission); finished ones leave after the pass that finished them (their KV caches
-are Released). The next pass starts as soon as the previous one's sampled tokens are back; its
-first streamed units are already loading (gdsllm.engine.planner), so storage never waits for
-sampling. `reply(client, msg) -> bool` sends to a client; False means the client is gone, and its
-requests are cancelled.
+are Released). The next pass starts once the previous one's tokens are back; its first streamed
+units are already loading (gdsllm.engine.planner). `reply(client, msg) -> bool` sends to a
+client; False means the client is gone, and its requests are cancelled.
 
 No error leaves a pass hanging: a compute WorkerError about the pass fails its sequences; a unit
 that could not be loaded (read error, checksum) fails the sequences of the pass that needed it,
