@@ -168,9 +168,12 @@ class ServiceMetrics:
         self.storage_read_bytes.labels(io_mode=io_mode).inc(nbytes)
         self.layer_load_seconds.observe(seconds)
 
-    def observe_compute(self, seconds: float) -> None:
-        assert seconds >= 0, seconds
-        self.layer_compute_seconds.observe(seconds)
+    def observe_compute(self, seconds: float, units: int = 1) -> None:
+        """`seconds` for `units` consecutive units run as one (a resident run): each unit is
+        observed with its share, so the count stays one per unit."""
+        assert seconds >= 0 and units >= 1, (seconds, units)
+        for _ in range(units):
+            self.layer_compute_seconds.observe(seconds / units)
 
     def add_stall(self, seconds: float) -> None:
         assert seconds >= 0, seconds

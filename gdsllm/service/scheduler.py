@@ -234,7 +234,7 @@ class BatchScheduler:
         if expert_reply(self, msg):  # Routed / ExpertsDone (a mixture of experts)
             return
         if isinstance(msg, Done):
-            self.metrics.observe_compute(msg.seconds)
+            self.metrics.observe_compute(msg.seconds, msg.count)
             if self.sched.on_done(msg.unit, msg.slot):
                 self.passes_completed += 1
             self.pump()
