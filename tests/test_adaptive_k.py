@@ -4,27 +4,15 @@ greedy output with adaptive K token for token the output without a draft (LLM an
 from __future__ import annotations
 
 import pytest
-import torch
 
 from gdsllm import LLM, SamplingParams
 from gdsllm.convert.synth import synth
 from gdsllm.engine.adaptive_k import AdaptiveK, best_k, expected_tokens
 from gdsllm.service.client import Client
 from service_helpers import Service
+from test_speculative import greedy, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 
 PROMPTS = ["hello world", "the quick brown fox", [5, 9, 200, 31, 7]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def greedy(n: int, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, **kw)
 
 
 def test_expected_tokens_is_the_chain_expectation():
