@@ -132,15 +132,8 @@ def part_gdsllm(a, res):
         r = srv.decode(long_prompt, 2)
         res["ttft_512"] = {"prompt_tokens": r.prompt_tokens, "ttft_s": r.ttft_s}
         one = srv.decode("Alone in the pass", a.tokens)
-        clients = [srv.client.__class__(srv.endpoint, timeout=600.0) for _ in range(8)]
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(8) as pool:
-            outs = list(pool.map(lambda c: c.generate(prompt=f"Request {id(c)}", max_tokens=a.tokens,
-                                                      temperature=0.0, ignore_eos=True), clients))
-        dt = time.perf_counter() - t0
-        for c in clients:
-            c.close()
-        agg = sum(len(o.token_ids) for o in outs) / dt
+        n, dt = srv.concurrent(8, a.tokens)
+        agg = n / dt
         res["concurrent8"] = {"aggregate_tok_per_s": agg, "single_tok_per_s": one.tokens / one.total_s,
                               "ratio": agg / (one.tokens / one.total_s)}
         print("concurrent8", json.dumps(res["concurrent8"]), flush=True)

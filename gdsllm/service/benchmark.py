@@ -198,3 +198,18 @@ class Served:
         return DecodeResult(tokens=len(r.token_ids), prompt_tokens=r.prompt_tokens,
                             ttft_s=r.time_to_first_token_s, total_s=r.duration_s,
                             token_ids=list(r.token_ids))
+
+    def concurrent(self, n: int, tokens: int, prompt: str = "Request") -> tuple[int, float]:
+        """`n` clients at once, each a greedy request of `tokens` tokens: (tokens generated in
+        all, wall seconds)."""
+        from gdsllm.service.client import Client
+        clients = [Client(self.endpoint, timeout=600.0) for _ in range(n)]
+        try:
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                outs = list(pool.map(lambda c: c.generate(prompt=f"{prompt} {id(c)}", max_tokens=tokens,
+                                                          temperature=0.0, ignore_eos=True), clients))
+            return sum(len(o.token_ids) for o in outs), time.perf_counter() - t0
+        finally:
+            for c in clients:
+                c.close()
