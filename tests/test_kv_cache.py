@@ -93,6 +93,17 @@ def test_a_full_cache_is_a_clear_error_and_leaks_nothing(tiny):
     assert r.cache.free_blocks == 2
 
 
+def test_pinned_units_form_runs(tiny):
+    """The graphs' units: each run of consecutive pinned units, recomputed after a pin."""
+    meta, w = tiny
+    r = Runner(meta.params, "cpu", torch.float32, kv_tokens=64)
+    for u in (0, 1, 3):
+        r.pin(u, w[meta.units[u].name])
+    assert r.pinned_runs() == {0: (0, 1), 3: (3, 3)}
+    r.pin(2, w[meta.units[2].name])
+    assert r.pinned_runs() == {0: (0, 3)}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("streamed", [False, True], ids=["all-pinned", "streamed-between"])
 def test_cuda_graphs_give_the_eager_tokens(tiny, streamed):

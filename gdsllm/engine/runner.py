@@ -77,7 +77,7 @@ class Runner(ExpertSteps):
         graphs = self.device.type == "cuda" and cuda_graphs and not p.num_experts
         self.graphs = DecodeGraphs(self) if graphs else None
         self.pinned: dict[int, dict] = {}  # unit index -> resident weights
-        self._runs: dict[int, tuple[int, int]] = {}  # first unit of a pinned run -> (first, last)
+        self._runs: dict[int, tuple[int, int]] | None = {}  # pinned_runs(), None: to recompute
         self._pass: PassState | None = None
 
     # -- sequences ------------------------------------------------------------------------------
@@ -107,15 +107,18 @@ class Runner(ExpertSteps):
         """Declare unit `unit` resident with these weights for the runner's lifetime: decode
         passes may run it inside a CUDA graph (its weights are then not read from run_unit)."""
         self.pinned[unit] = weights
-        self._runs.clear()
-        for u in sorted(self.pinned):
-            if u - 1 in self.pinned:
-                first = next(f for f, (_, last) in self._runs.items() if last == u - 1)
-                self._runs[first] = (first, u)
-            else:
-                self._runs[u] = (u, u)
+        self._runs = None  # recomputed on the next graph replay; the graphs are stale
         if self.graphs is not None:
             self.graphs.clear()
+
+    def pinned_runs(self) -> dict[int, tuple[int, int]]:
+        """First unit of each run of consecutive pinned units -> (first, last)."""
+        if self._runs is None:
+            self._runs, first = {}, None
+            for u in sorted(self.pinned):
+                first = first if first is not None and u - 1 in self.pinned else u
+                self._runs[first] = (first, u)
+        return self._runs
 
     # -- passes ---------------------------------------------------------------------------------
     def start_pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False, *,
@@ -182,7 +185,7 @@ class Runner(ExpertSteps):
         if i <= ps.replayed_through:  # ran inside the graph of its pinned run
             return
         st = ps.static
-        if st is not None and i in self._runs:
+        if st is not None and i in self.pinned_runs():
             first, last = self._runs[i]
             if ps.x is not None and ps.x is not st.x:
                 st.x.copy_(ps.x)
