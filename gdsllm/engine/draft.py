@@ -24,8 +24,9 @@ import torch
 from gdsllm.engine.runner import Runner, compute_dtype
 from gdsllm.engine.sampling import Sampler
 from gdsllm.engine.views import unit_tensors
-from gdsllm.format.metadata import ModelMeta, load_model_meta, verify_unit
-from gdsllm.format.storage import HostReader, aligned_host_buffer
+from gdsllm.engine.loader import UnitLoader
+from gdsllm.format.metadata import ModelMeta, load_model_meta
+from gdsllm.format.storage import aligned_host_buffer
 
 
 @dataclass
@@ -55,15 +56,15 @@ def check_draft(target: ModelMeta, draft: ModelMeta) -> None:
 
 
 def load_resident(meta: ModelMeta, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
-    """Every unit of `meta` read once (O_DIRECT), checksum verified, kept on `device`."""
+    """Every unit of `meta` read once into its own buffer on `device` and checksum verified,
+    through gdsllm.engine.loader (the target's load path: KvikIO straight into VRAM on CUDA)."""
     out = {}
-    with HostReader(direct=True) as reader:
+    with UnitLoader(meta, device) as loader:
         for u in meta.units:
-            buf = aligned_host_buffer(u.nbytes)
-            reader.read(meta.path(u), buf, u.nbytes)
-            verify_unit(meta, u, buf)
-            dev = buf[: u.nbytes].to(device) if device.type != "cpu" else buf[: u.nbytes]
-            out[u.name] = unit_tensors(u, dev)
+            buf = (aligned_host_buffer(u.nbytes) if device.type == "cpu"
+                   else torch.empty(u.nbytes, dtype=torch.uint8, device=device))
+            loader.load(u, buf)
+            out[u.name] = unit_tensors(u, buf[: u.nbytes])
     return out
 
 
