@@ -111,8 +111,15 @@ class QTensor:
         return QTensor("int8", (self.q.to(torch.int16) - 8).to(torch.int8), self.scale, self.zero,
                        self.group_size)
 
+    def prepack(self) -> "QTensor":
+        """Pack now (in a worker thread, say) so the writer's `packed()` is free; returns self."""
+        self.__dict__["_packed"] = self.packed()
+        return self
+
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(data, scales) exactly as stored: DATA_DTYPE / SCALE_DTYPE tensors, see the layout."""
+        if "_packed" in self.__dict__:
+            return self.__dict__["_packed"]
         from gdsllm.quant.int4pack import pack_int4
         sc = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
         sc = sc.to(SCALE_DTYPE[self.qtype])
