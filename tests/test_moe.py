@@ -281,3 +281,30 @@ def test_synth_moe_shape_int4(tmp_path):
     assert "8 experts of ffn 128, top-2 renormalised" in describe(d)
     with pytest.raises(ValueError, match="hf-out"):
         synth(tmp_path / "x", "tiny-moe", hf_out=tmp_path / "x-hf")
+
+
+def test_synth_moe_routing_spreads(tmp_path, monkeypatch):
+    """A synthetic MoE routes like a trained one, over nearly all experts at every depth (with
+    plain std-0.02 weights the residual stream lost each token's identity and every layer past
+    the first few routed to a handful of experts), and its int4 codes are centred on zero."""
+    import torch
+    from gdsllm.convert.synth import _tensor, synth
+    from gdsllm.engine.experts import ExpertCache
+    w = _tensor(0, 3, 0, "up_proj.weight", (256, 512), torch.float32, "int4", 32).dequantize()
+    assert abs(w.mean().item()) < 0.05 * w.std().item()
+    shape = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 moe_intermediate_size=32, vocab_size=4096, num_experts=32, num_experts_per_tok=4)
+    d = synth(tmp_path / "m", "qwen3-30b-a3b", layers=12, dtype="float32", quant="int4",
+              group_size=32, overrides=shape)
+    seen: dict[int, set[int]] = {}
+    run_layer = ExpertCache.run_layer
+
+    def spy(self, runner, layer):
+        seen.setdefault(layer, set()).update(runner.pending_routing.experts())
+        return run_layer(self, runner, layer)
+
+    monkeypatch.setattr(ExpertCache, "run_layer", spy)
+    with LLM(str(d)) as llm:
+        llm.logits(list(range(100, 140)))  # 40 distinct tokens
+    assert len(seen) == 12
+    assert min(len(es) for es in seen.values()) >= 24, {k: len(v) for k, v in seen.items()}
