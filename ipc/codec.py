@@ -87,6 +87,23 @@ def from_dict(cls: type, d: dict) -> Any:
         raise ProtocolError(f"{cls.TYPE}: {e}") from None
 
 
+def _fast_items(value, item) -> list | None:
+    """`value`'s items as `_check` would return them when `item` is int or a fixed tuple of ints
+    and every item matches (bool is not an int here); None otherwise (the slow path then names
+    the bad item). A MoE block's Run lends up to hundreds of [unit, offset] pairs, a prompt is
+    thousands of ids: checking them one call per item cost milliseconds per message."""
+    if item is int:
+        return list(value) if all(type(v) is int for v in value) else None
+    if typing.get_origin(item) is tuple:
+        args = typing.get_args(item)
+        if args and all(a is int for a in args):
+            n = len(args)
+            if all(type(v) in (list, tuple) and len(v) == n and all(type(x) is int for x in v)
+                   for v in value):
+                return [tuple(v) for v in value]
+    return None
+
+
 def _check(value: Any, hint: Any, where: str) -> Any:
     """Return `value` (lists converted to tuples where the hint says tuple) if it matches `hint`."""
     origin = typing.get_origin(hint)
@@ -112,7 +129,8 @@ def _check(value: Any, hint: Any, where: str) -> Any:
                 raise ProtocolError(f"{where}: expected {len(args)} items, got {len(value)}")
             return tuple(_check(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
-        out = [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        fast = _fast_items(value, item)  # token ids, [unit, offset] pairs: no per-item recursion
+        out = fast if fast is not None else [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):

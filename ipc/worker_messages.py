@@ -115,16 +115,23 @@ class StartPass:
 class Run:
     """Run unit `unit` of the current pass over the weights at arena byte `offset`. A resident
     run may name `count` consecutive resident units (offsets as OpenArena.resident gave them):
-    one message, and on CUDA one graph replay, for all of them."""
+    one message, and on CUDA one graph replay, for all of them. A run that ends at a
+    mixture-of-experts block may lend `experts`: [expert unit, arena offset] of that layer's
+    experts resident now; the worker runs those its router picks at once (a cache hit costs no
+    round trip) and reports them with ExpertsDone after Routed."""
 
     unit: int
     slot: int
     offset: int
     count: int = 1
+    experts: list[tuple[int, int]] = field(default_factory=list)
 
     def __post_init__(self):
         if self.count < 1 or (self.count > 1 and self.slot != RESIDENT):
             raise ValueError(f"Run: count {self.count} (more than 1 only for resident units)")
+        _check_experts([u for u, _ in self.experts], "lent expert units")
+        if any(off < 0 for _, off in self.experts):
+            raise ValueError("arena offsets must be non-negative")
 
 
 @message("done")
@@ -164,7 +171,8 @@ class Routed:
     """Compute -> coordinator, after the Done of a mixture-of-experts block unit `unit`: the
     experts (indices within the layer) its router picked for any token of pass `pass_id`, and
     `predicted`: those the next layer's router picks from this layer's hidden state (the guess
-    the coordinator may prefetch; [] for the last layer)."""
+    the coordinator may prefetch; [] for the last layer). The routed experts the block's Run
+    lent then run at once, answered by one ExpertsDone; the rest wait for RunExperts."""
 
     pass_id: int
     unit: int

@@ -5,13 +5,14 @@ counters match transformers' router choices; prefetch guesses never change the t
 """
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 from llama_ref import greedy_reference_scores, load
 from moe_ref import moe_model, pass_unions, router_picks
 from service_helpers import Service, single_thread_workers  # noqa: F401  (fixture)
 from gdsllm.engine.tokenizer import Tokenizer
-from ipc.messages import ExpertsDone, Routed, RunExperts, decode, encode
+from ipc.messages import RESIDENT, ExpertsDone, ProtocolError, Routed, Run, RunExperts, decode, encode
 
 N = 32
 PROMPT = "the quick brown fox jumps"
@@ -47,6 +48,7 @@ def test_service_reads_only_routed_experts(moe, single_thread_workers):  # noqa:
     assert t["routed"] == sum(len(es) for u in unions for es in u)
     assert t["loads"] == len(distinct) and t["prefetch_loads"] == 0
     assert t["hits"] == t["routed"] - t["loads"]
+    assert t["lent"] == t["hits"]  # every hit ran from its block's Run: no RunExperts round trip
     assert f"gdsllm_expert_loads_total{{reason=\"demand\"}} {float(len(distinct))}" in metrics
 
 
@@ -79,6 +81,12 @@ def test_expert_messages_are_validated():
             bad()
     m = RunExperts(4, 7, [(8, 4096), (9, 8192)])
     assert decode(encode(m), max_bytes=None) == m
+    run = Run(3, RESIDENT, 0, 1, experts=[(8, 4096), (9, 8192)])  # a MoE block lending experts
+    assert decode(encode(run), max_bytes=None) == run
+    for bad in ([[8, True]], [[8, 4096, 1]], [[8, "x"]], [[8, -1]], [[8, 0], [8, 4096]]):
+        raw = msgpack.packb({"type": "run", "unit": 3, "slot": RESIDENT, "offset": 0, "experts": bad})
+        with pytest.raises(ProtocolError):  # each pair checked, also on the fast path
+            decode(raw, max_bytes=None)
     assert decode(encode(ExpertsDone(4, 7, [8, 9], 0.5)), max_bytes=None).experts == [8, 9]
 
 
@@ -121,27 +129,34 @@ def test_expert_scheduler_lru_prefetch_and_errors(tmp_path):
     def loaded(ld, error=None):
         return ex.on_loaded(Loaded(ld.unit, ld.slot, 0 if error else size, 0.01, "posix", error))
 
-    loads, runs = ex.on_routed(Routed(1, b0, [3, 5], predicted=[6]))
-    assert runs == [] and [meta.units[ld.unit].name for ld in loads] == ["block.0.expert.3",
-                                                                         "block.0.expert.5"]
+    loads, runs, release = ex.on_routed(Routed(1, b0, [3, 5], predicted=[6]))
+    assert runs == [] and release is None
+    assert [meta.units[ld.unit].name for ld in loads] == ["block.0.expert.3", "block.0.expert.5"]
     assert {ld.offset for ld in loads} == {1 << 20, (1 << 20) + size}  # both slots, no guess yet
-    more, runs = loaded(loads[0])
-    assert more == [] and [u for u, _ in runs[0].experts] == [loads[0].unit]
-    more, runs2 = loaded(loads[1])
+    more, runs, release = loaded(loads[0])
+    assert more == [] and [u for u, _ in runs[0].experts] == [loads[0].unit] and release is None
+    more, runs2, release = loaded(loads[1])
     assert more == [] and len(runs2) == 1
-    more, _, block = ex.on_done(ExpertsDone(1, b0, [loads[0].unit], 0.1))
-    assert block is None and [meta.units[ld.unit].name for ld in more] == ["block.1.expert.6"]
-    more2, _, block = ex.on_done(ExpertsDone(1, b0, [loads[1].unit], 0.1))
-    assert block == b0 and more2 == []  # the guess is in flight; block.0 is done
+    assert release == b0  # every routed expert is sent to run: the pass's next Runs may follow
+    more, _, release = ex.on_done(ExpertsDone(1, b0, [loads[0].unit], 0.1))
+    assert release is None and [meta.units[ld.unit].name for ld in more] == ["block.1.expert.6"]
+    more2, _, _ = ex.on_done(ExpertsDone(1, b0, [loads[1].unit], 0.1))
+    assert more2 == [] and ex.cur is None  # the guess is in flight; block.0 is done
     loaded(more[0])  # the guessed expert is in
-    loads, runs = ex.on_routed(Routed(1, b1, [6, 1]))
-    assert [u for u, _ in runs[0].experts] == [more[0].unit]  # the guess was right: runs at once
+    lent = ex.lend(b1)  # block.1's Run lends it: the worker runs it if routed, no round trip
+    assert lent == [(more[0].unit, more[0].offset)]
+    loads, runs, release = ex.on_routed(Routed(1, b1, [6, 1]))
+    assert runs == [] and release is None  # 6 ran in the worker; 1 is read
     assert [meta.units[ld.unit].name for ld in loads] == ["block.1.expert.1"]
+    assert loads[0].offset != more[0].offset  # never into the slot the worker is reading
     t = ex.totals
     assert (t["prefetch_hits"], t["prefetch_misses"], t["hits"], t["loads"], t["prefetch_loads"]) == \
         (1, 0, 1, 3, 1)
-    _, runs = loaded(loads[0], error="unit block.1.expert.1: OSError: EIO")
-    assert len(runs) == 1  # a failed read still runs (its pass fails) ...
-    ex.on_done(ExpertsDone(1, b1, [more[0].unit], 0.1))
-    _, _, block = ex.on_done(ExpertsDone(1, b1, [loads[0].unit], 0.1))
-    assert block == b1 and (1, 1) not in ex.lru  # ... and then leaves the cache
+    _, runs, release = loaded(loads[0], error="unit block.1.expert.1: OSError: EIO")
+    assert len(runs) == 1 and release == b1  # a failed read still runs (its pass fails) ...
+    ex.on_done(ExpertsDone(1, b1, [more[0].unit], 0.1))  # the lent one the worker ran
+    ex.on_done(ExpertsDone(1, b1, [loads[0].unit], 0.1))
+    assert (1, 1) not in ex.lru and ex.cur is None  # ... and then leaves the cache
+    assert ex.lend(b1) == lent and ex.busy  # lent again ...
+    ex.abort()  # ... and its pass failed: nothing will run it, the slot is free again
+    assert not ex.busy and ex.lent == {}

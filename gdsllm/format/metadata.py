@@ -11,6 +11,8 @@ O_DIRECT / cuFile in one aligned request. This module only describes and checks;
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import os
@@ -82,7 +84,7 @@ class UnitMeta:
     checksum: str
     tensors: tuple[TensorMeta, ...]
 
-    @property
+    @functools.cached_property  # read per routed expert per layer: parse the name once
     def expert(self) -> int | None:
         """The expert index j of an expert unit ("block.i.expert.j"); None otherwise."""
         return expert_index(self.name) if self.kind == "expert" else None

@@ -18,8 +18,9 @@ with the cache's size. Then, until `Shutdown` or the parent's death:
   consecutive resident units); `Done(unit, slot, seconds, count)` only after Runner.fence(), so
   the slot may then be refilled. After the head: `PassResult(pass_id, [[seq_id, token]], seconds)`.
 - `Release(seq_ids)`: frees those sequences' KV caches and samplers.
-- A mixture of experts: a block unit's Done is followed by `Routed` (the experts its router
-  picked); `RunExperts` runs expert units from arena slots (gdsllm.service.expert_compute).
+- A mixture of experts (gdsllm.service.expert_compute): a block's Done is followed by `Routed`
+  (the experts its router picked), then the routed ones its Run lent (resident) run at once, and
+  `RunExperts` runs the others from their arena slots; each answered by `ExpertsDone`.
 
 With `config.draft`, a resident draft model proposes up to k tokens for each sequence in
 `StartPass.draft`; the pass scores them and PassResult carries those accepted
@@ -79,7 +80,7 @@ class ComputeWorker:
         self.pass_seqs: list[int] = []
         self.speculator = None  # with config.draft: gdsllm.engine.speculative.Speculator
         self.pass_partial: set[int] = set()
-        self.router_bank = None  # a mixture of experts: gdsllm.service.expert_compute.RouterBank
+        self.moe = None  # a mixture of experts: gdsllm.service.expert_compute.ExpertState
 
     def run(self) -> None:
         try:
@@ -232,8 +233,8 @@ class ComputeWorker:
                     weights = unit_tensors(unit, self.arena.view(msg.offset, unit.nbytes))
                 self.runner.run_unit(unit, weights)
                 if unit.kind == "block" and self.meta.params.num_experts:  # the last of its run
-                    from gdsllm.service.expert_compute import after_block
-                    routed = after_block(self, unit, weights)  # sent after Done: the experts next
+                    from gdsllm.service import expert_compute as moe
+                    routed = moe.after_block(self, unit, weights)  # sent after Done: the experts next
             if msg.slot != RESIDENT:
                 # A streamed slot may be refilled once Done is sent: its GPU work must be over.
                 # Resident weights are never overwritten: no fence (`seconds` is launch time).
@@ -244,8 +245,8 @@ class ComputeWorker:
         seconds = time.perf_counter() - t0
         self.pass_seconds += seconds
         self._send(Done(msg.unit, msg.slot, seconds, msg.count))
-        if routed is not None:
-            self._send(routed)
+        if routed is not None:  # a MoE block: its routing out, then the experts its Run lent
+            moe.send_routed(self, msg, routed)
         if head:
             self._finish_pass(msg)
 
@@ -284,10 +285,9 @@ class ComputeWorker:
                 self.runner.release(sid)
                 if self.speculator is not None:
                     self.speculator.release(sid)
+                self.samplers.pop(sid, None)
             except Exception as e:
                 self._send(WorkerError(f"release of sequence {sid}: {type(e).__name__}: {e}"))
-                continue
-            self.samplers.pop(sid, None)
 
     def _send(self, msg) -> None:
         sockets.send(self.sock, msg, SEND_TIMEOUT_S)

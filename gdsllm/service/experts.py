@@ -2,16 +2,21 @@
 slot, what to load when a block's router has spoken, and when the block's experts have all run.
 
     ex = ExpertScheduler(meta, slots, metrics)    # slots: gdsllm.engine.experts.ExpertSlots
-    loads, runs = ex.on_routed(msg)      # Routed -> Load(expert unit, slot, offset)s, RunExperts
-    loads, runs = ex.on_loaded(msg)      # an expert's Loaded -> its RunExperts
-    loads, runs, block = ex.on_done(msg) # ExpertsDone -> more; block: every routed expert ran
-    ex.reset()                           # new workers: an empty arena
+    run = replace(run, experts=ex.lend(block))  # the block's Run lends the layer's resident experts
+    loads, runs, release = ex.on_routed(msg)   # Routed -> Load(expert unit, slot, offset)s, RunExperts
+    loads, runs, release = ex.on_loaded(msg)   # an expert's Loaded -> its RunExperts
+    loads, runs, release = ex.on_done(msg)     # ExpertsDone -> more
+    ex.reset()                                 # new workers: an empty arena
+
+`release` is the block unit once every routed expert has been sent to run: the pass's next Runs
+may go out (the worker takes messages in order, so they run after those experts).
 
 Per layer the compute worker runs the block unit (attention + router) and reports the union of
-the experts routed for every token of the pass (`Routed`); the resident ones run at once (cache
-hits), each missing one is read into a slot (free, else least recently used among those not
-needed now) and runs as soon as it is in. A layer needs only one slot whatever its union: a slot
-is refilled only after the ExpertsDone of the expert it held. Speculative prefetch: `Routed`
+the experts routed for every token of the pass (`Routed`). The block's Run lent it the layer's
+resident experts, so the cache hits run at once in the worker, with no round trip (their slots
+stay busy until then); each missing one is read into a slot (free, else least recently used
+among those not needed now) and runs (RunExperts) as soon as it is in. A layer needs only one
+slot whatever its union: a slot is refilled only after the ExpertsDone of the expert it held. Speculative prefetch: `Routed`
 also carries the next layer's guess (its router applied to this layer's hidden state); once
 this layer's own loads are issued, the guessed experts not resident are read into slots the
 current layer does not need. A guessed expert the next router then picks is a prefetch hit; one
@@ -23,11 +28,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import logging
-
-from ipc.messages import ExpertsDone, Load, Loaded, Routed, RunExperts, encode
-
-log = logging.getLogger("gdsllm.service.experts")
+from ipc.messages import ExpertsDone, Load, Loaded, Routed, RunExperts
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -38,7 +39,8 @@ class _Layer:
     block: int  # unit index of the MoE block waiting for its experts
     layer: int
     todo: set[int]  # routed experts not yet sent to run
-    running: int = 0  # RunExperts outstanding
+    running: int = 0  # ExpertsDone outstanding
+    released: bool = False  # every routed expert was sent to run: the pass went on
 
 
 class ExpertScheduler:
@@ -48,8 +50,9 @@ class ExpertScheduler:
                                         if u.kind == "expert"}
         self.key_of = {i: k for k, i in self.unit_of.items()}
         self.workers = None  # the workers whose arena the slots describe
+        # lent: routed experts the worker ran from its block's Run (a hit without a round trip)
         self.totals = dict.fromkeys(("loads", "prefetch_loads", "hits", "routed", "prefetch_hits",
-                                     "prefetch_misses", "bytes_read"), 0)
+                                     "prefetch_misses", "bytes_read", "lent"), 0)
         self.reset()
 
     def bind(self, workers) -> None:
@@ -68,6 +71,9 @@ class ExpertScheduler:
         self.bad: set[Key] = set()  # failed to read: leaves the cache once it has run
         self.guess: set[Key] = set()  # the next layer's guessed experts (until its Routed)
         self.cur: _Layer | None = None
+        self.layers: dict[int, set[int]] = {}  # layer -> its experts in the cache
+        self.lent: dict[Key, int] = {}  # lent with the Run of block `lent_block`, until its Routed
+        self.lent_block: int | None = None
 
     def offset(self, slot: int) -> int:
         return self.slots.offset + slot * self.slots.slot_bytes
@@ -78,7 +84,28 @@ class ExpertScheduler:
 
     # ------------------------------------------------------------------ events
 
-    def on_routed(self, msg: Routed) -> tuple[list[Load], list[RunExperts]]:
+    def lend(self, block: int) -> list[tuple[int, int]]:
+        """[expert unit, offset] of the experts of MoE block `block`'s layer in the cache now, for
+        its Run: the worker runs those its router picks without asking. Their slots stay busy
+        until the block's Routed (the routed ones: until their ExpertsDone)."""
+        self._unlend()
+        layer = self.meta.units[block].layer
+        self.lent_block = block
+        self.lent = {(layer, e): self.lru[(layer, e)] for e in sorted(self.layers.get(layer, ()))
+                     if (layer, e) not in self.bad}
+        for slot in self.lent.values():
+            self._busy(slot)
+        return [(self.unit_of[k], self.offset(slot)) for k, slot in self.lent.items()]
+
+    def _unlend(self, keep: set[Key] = frozenset()) -> dict[Key, int]:
+        """End the pending lend; the slots of experts not in `keep` are free to refill."""
+        lent, self.lent, self.lent_block = self.lent, {}, None
+        for key, slot in lent.items():
+            if key not in keep:
+                self._unbusy(slot)
+        return lent
+
+    def on_routed(self, msg: Routed) -> tuple[list[Load], list[RunExperts], int | None]:
         block = self.meta.units[msg.unit]
         if block.kind != "block" or self.cur is not None:
             raise ValueError(f"Routed for unit {msg.unit} ({block.name}) while "
@@ -88,29 +115,37 @@ class ExpertScheduler:
             raise ValueError(f"Routed for {block.name}: experts {msg.experts} / {msg.predicted} "
                              f"out of range [0, {self.meta.params.num_experts})")
         layer = block.layer
+        routed = {(layer, e) for e in msg.experts}
+        lent_to = self.lent_block
+        lent = self._unlend(keep=routed)
+        if lent and lent_to != msg.unit:  # lent to another block: cannot happen in order
+            raise ValueError(f"Routed for {block.name} while experts are lent to unit {lent_to}")
+        ran = routed & set(lent)  # run by the worker already: one ExpertsDone to come
         t = self.totals
         t["routed"] += len(msg.experts)
-        for e in msg.experts:
-            key = (layer, e)
+        t["lent"] += len(ran)
+        for key in sorted(routed):
             if key in self.lru or key in self.loading.values():
                 t["hits"] += 1
             if key in self.prefetched:
                 t["prefetch_hits"] += 1
                 self.prefetched.discard(key)
+        for key in sorted(ran):
+            self.lru.move_to_end(key)
         stale = {k for k in self.prefetched if k[0] == layer}
         t["prefetch_misses"] += len(stale)  # guessed for this layer, not routed
         self.prefetched -= stale
         last = layer + 1 >= self.meta.params.num_hidden_layers
-        self.cur = _Layer(msg.pass_id, msg.unit, layer, set(msg.experts))
+        self.cur = _Layer(msg.pass_id, msg.unit, layer, {e for _, e in routed - ran}, int(bool(ran)))
         self.guess = set() if last or not self.prefetch else {(layer + 1, e) for e in msg.predicted}
         return self._advance()
 
-    def on_loaded(self, msg: Loaded) -> tuple[list[Load], list[RunExperts]]:
+    def on_loaded(self, msg: Loaded) -> tuple[list[Load], list[RunExperts], int | None]:
         """An expert is in its slot (or failed to read: it still runs, in a pass the scheduler
         fails, and then leaves the cache)."""
         slot = self._slot_loading(msg.unit)
         key = self.loading.pop(slot)
-        self.lru[key] = slot  # most recently used
+        self._insert(key, slot)  # most recently used
         self.totals["bytes_read"] += msg.nbytes
         if msg.error:
             self.bad.add(key)
@@ -118,20 +153,37 @@ class ExpertScheduler:
                 self._drop(key)
         return self._advance()
 
-    def _drop(self, key: Key) -> None:
+    def _insert(self, key: Key, slot: int) -> None:
+        self.lru[key] = slot
+        self.layers.setdefault(key[0], set()).add(key[1])
+
+    def _evict(self, key: Key) -> int | None:
         slot = self.lru.pop(key, None)
-        self.bad.discard(key)
+        if slot is not None:
+            self.layers[key[0]].discard(key[1])
         self.prefetched.discard(key)
+        return slot
+
+    def _drop(self, key: Key) -> None:
+        slot = self._evict(key)
+        self.bad.discard(key)
         if slot is not None:
             self.free.append(slot)
+
+    def _busy(self, slot: int) -> None:
+        self.busy[slot] = self.busy.get(slot, 0) + 1
+
+    def _unbusy(self, slot: int) -> None:
+        if slot in self.busy:
+            self.busy[slot] -= 1
+            if not self.busy[slot]:
+                del self.busy[slot]
 
     def on_done(self, msg: ExpertsDone) -> tuple[list[Load], list[RunExperts], int | None]:
         for u in msg.experts:
             slot = self.slot_of(u)
-            if slot is not None and slot in self.busy:
-                self.busy[slot] -= 1
-                if not self.busy[slot]:
-                    del self.busy[slot]
+            if slot is not None:
+                self._unbusy(slot)
             if self.key_of.get(u) in self.bad and slot not in self.busy:
                 self._drop(self.key_of[u])
         cur = self.cur
@@ -143,14 +195,14 @@ class ExpertScheduler:
         cur.running -= 1
         if not cur.todo and not cur.running:
             self.cur = None  # done: the slots it held may take the next layer's guesses
-            return self._prefetch(set()), [], cur.block
-        loads, runs = self._advance()
-        return loads, runs, None
+            return self._prefetch(set()), [], None
+        return self._advance()
 
     def abort(self) -> None:
         """The pass failed: no more Runs of this block are waited for (slots in flight stay busy
-        until their replies, which still come)."""
+        until their replies, which still come; lent ones that will not run are free)."""
         self.cur, self.guess = None, set()
+        self._unlend()
 
     # ------------------------------------------------------------------ the policy
 
@@ -168,9 +220,7 @@ class ExpertScheduler:
             return self.free.pop(0)
         for key, slot in self.lru.items():
             if key not in keep and slot not in self.busy:
-                del self.lru[key]
-                self.prefetched.discard(key)
-                return slot
+                return self._evict(key)
         return None
 
     def _load(self, key: Key, slot: int, prefetch: bool) -> Load:
@@ -180,10 +230,17 @@ class ExpertScheduler:
             self.prefetched.add(key)
         return Load(self.unit_of[key], slot, self.offset(slot))
 
-    def _advance(self) -> tuple[list[Load], list[RunExperts]]:
+    def _advance(self) -> tuple[list[Load], list[RunExperts], int | None]:
         cur = self.cur
         if cur is None:
-            return [], []
+            return [], [], None
+        loads, runs = self._issue(cur)
+        if cur.todo or cur.released:
+            return loads, runs, None
+        cur.released = True
+        return loads, runs, cur.block
+
+    def _issue(self, cur: _Layer) -> tuple[list[Load], list[RunExperts]]:
         layer = cur.layer
         ready = sorted(e for e in cur.todo if (layer, e) in self.lru)
         runs = []
@@ -191,7 +248,7 @@ class ExpertScheduler:
             for e in ready:
                 slot = self.lru[(layer, e)]
                 self.lru.move_to_end((layer, e))
-                self.busy[slot] = self.busy.get(slot, 0) + 1
+                self._busy(slot)
             cur.todo -= set(ready)
             cur.running += 1
             runs.append(RunExperts(cur.pass_id, cur.block, [
@@ -215,71 +272,3 @@ class ExpertScheduler:
                 break
             loads.append(self._load(key, slot, prefetch=True))
         return loads
-
-
-# ---------------------------------------------------------------- gdsllm.service.scheduler's hooks
-
-
-def expert_loaded(sched, msg) -> bool:
-    """An expert unit's Loaded, on the BatchScheduler `sched`; False for any other message."""
-    if sched.experts is None or not isinstance(msg, Loaded) or msg.unit not in sched.experts.key_of:
-        return False
-    sched.experts.bind(sched.workers)
-    if msg.error:  # its pass fails at its result; the expert leaves the cache once it has run
-        log.error("pass %d: %s", sched.pass_id, msg.error)
-        sched.poisoned.setdefault(sched.pass_id, msg.error)
-    else:
-        sched.metrics.observe_load(msg.nbytes, msg.seconds, msg.io_path)
-    _send(sched, *sched.experts.on_loaded(msg))
-    sched.metrics.set_experts(sched.experts.totals)
-    return True
-
-
-def expert_reply(sched, msg) -> bool:
-    """Routed / ExpertsDone from the compute worker, on the BatchScheduler `sched`; False for
-    any other message."""
-    if not isinstance(msg, (Routed, ExpertsDone)):
-        return False
-    ex = sched.experts
-    if ex is None:
-        sched.fault(f"compute worker sent {type(msg).__name__} for a dense model", "internal")
-        return True
-    ex.bind(sched.workers)
-    if sched.sched.ungated or msg.pass_id != sched.pass_id:
-        if isinstance(msg, ExpertsDone):
-            ex.on_done(msg)  # a failed pass's late reply: frees its slots
-        return True
-    try:
-        if isinstance(msg, Routed):
-            (loads, runs), block = ex.on_routed(msg), None
-        else:
-            sched.metrics.observe_compute(msg.seconds)
-            loads, runs, block = ex.on_done(msg)
-    except ValueError as e:
-        sched.fault(f"compute worker: {e}", "internal")
-        return True
-    _send(sched, loads, runs)
-    if block is not None:  # every routed expert ran: the pass goes on
-        sched.sched.release(block)
-        sched.pump()
-    sched.metrics.set_experts(ex.totals)
-    return True
-
-
-def expert_pass_failed(sched, msg) -> None:
-    """A compute WorkerError about the running pass: its MoE blocks send no Routed any more, so
-    the schedule stops waiting for experts (their Runs come back Done without computing)."""
-    if sched.experts is not None and msg.pass_id == sched.pass_id:
-        sched.experts.bind(sched.workers)
-        sched.experts.abort()
-        sched.sched.ungate()
-        sched.pump()
-
-
-def _send(sched, loads: list[Load], runs: list[RunExperts]) -> None:
-    if sched.paused:
-        return
-    for ld in loads:
-        sched.workers.io.send(encode(ld))
-    for r in runs:
-        sched.workers.compute.send(encode(r))

@@ -86,8 +86,12 @@ class IoWorker:
                                f"'gds' (no GPUDirect Storage: device {cfg.device}, io {cfg.io_mode}, "
                                f"nvidia-fs and a supported filesystem are needed)")
         self.arena = Arena.create(cfg.device, self.arena_bytes)
-        # A few whole-unit loads at once; each is itself split into parallel chunk reads.
-        self.pool = ThreadPoolExecutor(max_workers=max(2, cfg.prefetch_window),
+        # A few whole-unit loads at once; each is itself split into parallel chunk reads. A
+        # mixture of experts reads many small units (one expert: a few MiB, one chunk): enough
+        # at once to keep the reader's `io_threads` busy (with 2, the first MoE run on the H200
+        # read experts at a queue depth of 2).
+        moe = 2 * cfg.io_threads if self.meta.params.num_experts else 0
+        self.pool = ThreadPoolExecutor(max_workers=max(2, cfg.prefetch_window, moe),
                                        thread_name_prefix="gdsllm-load")
         spec = self.arena.spec
         return IoReady(pid=os.getpid(), backend=spec.backend, handle=spec.handle,

@@ -33,7 +33,7 @@ from ipc.messages import Done, Error, Loaded, PassResult, Release, StartPass, To
 from gdsllm.engine.planner import ResidencyPlan, StreamSchedule
 from gdsllm.engine.sequence import Sequence
 from gdsllm.engine.speculative import draft_count
-from gdsllm.service.experts import expert_loaded, expert_pass_failed, expert_reply
+from gdsllm.service.expert_hooks import expert_loaded, expert_pass_failed, expert_reply, lend_experts
 
 log = logging.getLogger("gdsllm.service.scheduler")
 
@@ -196,7 +196,7 @@ class BatchScheduler:
         loads, runs = self.sched.step()
         for ld in loads:
             self.workers.io.send(encode(ld))
-        for r in runs:
+        for r in lend_experts(self, runs):  # a MoE block's Run lends the layer's resident experts
             self.workers.compute.send(encode(r))
         now = time.perf_counter()
         if self.sched.waiting_on_storage:
