@@ -18,7 +18,9 @@
 #                                              # qres and spec), then the MoE shape (for moe)
 #   bash benchmarks/gpu_session.sh tests-new   # pytest -m gpu: paged KV / graphs, MoE, quant device
 #   bash benchmarks/gpu_session.sh qres        # int4 against float16 resident (service and LLM)
-#   bash benchmarks/gpu_session.sh moe         # bench_moe.py (after qprep4's MoE synth)
+#   bash benchmarks/gpu_session.sh moe         # bench_moe.py (after qprep4's or mprep's MoE synth)
+#   bash benchmarks/gpu_session.sh mprep       # background: the MoE shape alone (for moe)
+#   bash benchmarks/gpu_session.sh tests-moe   # pytest -m gpu: the MoE files
 # Carry .whl (../shared/tools/device-wheels.sh gguf==0.19.0) in every call. The SmolLM2 GGUF
 # (98 MB) is larger than one call may carry, so it travels in two parts (.deva/, .devb/, ignored
 # by git) and is put together in /root/gg across calls on a warm machine.
@@ -83,6 +85,14 @@ for step in "$@"; do
         python3 benchmarks/bench_moe.py --work /root/moe --shape ${MOE_SHAPE:-qwen3-30b-a3b} \
         --parts synth > /root/moe-prep.log 2>&1; touch /root/moe-prep.done" > /dev/null 2>&1 < /dev/null &
       echo "qprep4 started" ;;
+    mprep)
+      rm -f /root/moe-prep.done
+      setsid nohup bash -c "python3 benchmarks/bench_moe.py --work /root/moe --shape ${MOE_SHAPE:-qwen3-30b-a3b} \
+        --parts synth > /root/moe-prep.log 2>&1; touch /root/moe-prep.done" > /dev/null 2>&1 < /dev/null &
+      echo "mprep started" ;;
+    tests-moe)
+      python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_moe.py tests/test_moe_service.py 2>&1 \
+        | tee "$OUT/gpu-tests-moe.log" | tail -20 ;;
     tests-new)
       python3 -m pytest -m gpu -v -p no:cacheprovider tests/test_kv_cache.py tests/test_moe.py \
         tests/test_moe_service.py tests/test_quant_device.py 2>&1 | tee "$OUT/gpu-tests-new.log" | tail -30 ;;
@@ -91,10 +101,11 @@ for step in "$@"; do
         | tee "$OUT/qres.log" | grep -v "^+" | tail -20
       cp /root/gq/results-quant.json "$OUT/" 2>/dev/null ;;
     moe)
-      for _ in $(seq 60); do [ -f /root/moe-prep.done ] && break; sleep 5; done
-      tail -3 /root/moe-prep.log
+      for _ in $(seq ${MOE_WAIT:-60}); do [ -f /root/moe-prep.done ] && break; sleep 5; done
+      tail -3 /root/moe-prep.log; cp /root/moe-prep.log "$OUT/" 2>/dev/null
       python3 benchmarks/bench_moe.py --work /root/moe --shape ${MOE_SHAPE:-qwen3-30b-a3b} \
-        --budget ${MOE_BUDGET:-4GiB} --tokens ${MOE_TOKENS:-8} --parts ceiling,run 2>&1 \
+        --budget ${MOE_BUDGET:-4GiB} --tokens ${MOE_TOKENS:-8} --batches ${MOE_BATCHES:-1,8} \
+        --parts ${MOE_PARTS:-ceiling,run} 2>&1 \
         | tee "$OUT/moe.log" | grep -v "^+" | tail -30
       cp /root/moe/moe_results.json "$OUT/" 2>/dev/null ;;
     attn)
