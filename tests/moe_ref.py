@@ -6,7 +6,6 @@ the expert choices transformers' routers make, to check what GdsLLM reads.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -58,23 +57,26 @@ def pass_unions(picks: list[list[set[int]]], passes: list[list[int]]) -> list[li
     return [[set().union(*(layer[i] for i in pos)) for layer in picks] for pos in passes]
 
 
-def simulate_lru(unions: list[list[set[int]]], slots: int) -> tuple[int, int]:
-    """(loads, hits) of an LRU expert cache of `slots` slots over the passes' per-layer unions,
-    hits run first in each layer (gdsllm.engine.experts' order)."""
-    lru: OrderedDict[tuple[int, int], None] = OrderedDict()
-    loads = hits = 0
+def simulate_cache(unions: list[list[set[int]]], slots: int) -> tuple[int, int]:
+    """(loads, hits) of an expert cache of `slots` slots over the passes' per-layer unions, hits
+    run first in each layer (gdsllm.engine.experts' order); a miss with no free slot evicts, from
+    the cached experts, the one whose layer ran most recently counting back from the current
+    one (its next turn is farthest), the least recently used of that layer on a tie."""
+    last: dict[tuple[int, int], int] = {}  # cached expert -> when it was last used
+    loads = hits = clock = 0
     for layers in unions:
+        n = len(layers)
         for layer, experts in enumerate(layers):
-            for e in sorted(experts, key=lambda e: (layer, e) not in lru):
-                key = (layer, e)
-                if key in lru:
+            for e in sorted(experts, key=lambda e: (layer, e) not in last):
+                clock += 1
+                if (layer, e) in last:
                     hits += 1
-                    lru.move_to_end(key)
-                    continue
-                if len(lru) == slots:
-                    lru.popitem(last=False)
-                lru[key] = None
-                loads += 1
+                elif len(last) == slots:
+                    del last[min(last, key=lambda c: ((layer - c[0]) % n, last[c]))]
+                    loads += 1
+                else:
+                    loads += 1
+                last[(layer, e)] = clock
     return loads, hits
 
 

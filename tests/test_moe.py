@@ -1,8 +1,8 @@
 """Mixtures of experts (Mixtral, Qwen3-MoE) end to end against transformers: random tiny models
 saved by transformers, converted from safetensors and from GGUF, give transformers' 32 greedy
 tokens and logits within 1e-3 through `LLM`; each expert is a unit of its own and `LLM` reads
-exactly the experts transformers' routers pick (counted against an LRU simulation of the same
-choices under a small budget); quantized experts; bad configs refused by name.
+exactly the experts transformers' routers pick (counted against a simulation of the cache over
+the same choices under a small budget); quantized experts; bad configs refused by name.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from gguf_export import write_gguf
 from llama_ref import greedy_reference_scores, load, reference_logits
 from families_ref import save_hf
-from moe_ref import MOE_CASES, dequantized_hf, moe_config, moe_model, pass_unions, router_picks, simulate_lru
+from moe_ref import MOE_CASES, dequantized_hf, moe_config, moe_model, pass_unions, router_picks, simulate_cache
 from gdsllm import LLM, SamplingParams
 from gdsllm.convert.gguf import convert_gguf
 from gdsllm.convert.hf import convert_hf
@@ -101,9 +101,9 @@ def test_reads_only_the_routed_experts(moe):
     assert all(len(es) <= k for u in unions[1:] for es in u) and k < e
 
 
-def test_small_budget_lru_matches_the_routers(moe):
-    """Dense units resident plus 3 expert slots: the loads and hits are those of an LRU cache
-    over transformers' router choices, and the tokens are unchanged."""
+def test_small_budget_cache_matches_the_routers(moe):
+    """Dense units resident plus 3 expert slots: the loads and hits are those of the cache's
+    eviction rule replayed over transformers' router choices, and the tokens are unchanged."""
     case, hf, _, d, refs = moe
     meta = load(d)
     dense = sum(u.nbytes for u in meta.units if u.kind != "expert")
@@ -115,7 +115,7 @@ def test_small_budget_lru_matches_the_routers(moe):
         start = llm.loader.bytes_read
         assert llm.generate(list(prompt), GREEDY).token_ids == ref
         st = llm.experts.stats()
-        loads, hits = simulate_lru(unions, 3)
+        loads, hits = simulate_cache(unions, 3)
         assert (st["expert_loads"], st["expert_hits"]) == (loads, hits)
         assert st["expert_evictions"] == loads - 3 > 0
         assert llm.loader.bytes_read - start == st["expert_bytes_read"] == loads * slot

@@ -14,17 +14,19 @@ expert. The dense part runs every pass (a pinned attention byte saves a read eve
 expert only when routed (top-k of E), so pinning the dense part first saves more reads per byte.
 With no budget every expert has a slot: each is read once, the first time it is routed.
 
-Policy: least recently used. Within a layer the hits run first, then the misses are loaded one
-at a time into the LRU slot and run at once, so a layer needs only one slot whatever its union;
-a slot is refilled only after `runner.fence()` (its previous expert's kernels are done).
+Policy (gdsllm.engine.expert_set, chosen by measurement): evict from the layer whose next turn
+is farthest, least recently used within it. Within a layer the hits run first, then the misses
+are loaded one at a time into a free or evicted slot and run at once, so a layer needs only one
+slot whatever its union; a slot is refilled only after `runner.fence()` (its previous expert's
+kernels are done).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
 
+from gdsllm.engine.expert_set import ExpertSet
 from gdsllm.engine.planner import ALIGN, ResidencyPlan, plan_residency, shared_embedding
 from gdsllm.engine.views import unit_tensors
 
@@ -84,13 +86,14 @@ def plan_moe(meta, budget: int | None, window: int = 1) -> tuple[ResidencyPlan, 
 
 
 class ExpertCache:
-    """Expert units in `slots.count` slots of `buf` (the arena from `slots.offset` on), LRU."""
+    """Expert units in `slots.count` slots of `buf` (the arena from `slots.offset` on), evicted
+    by gdsllm.engine.expert_set's rule (the layer whose next turn is farthest, LRU within it)."""
 
     def __init__(self, meta, buf: torch.Tensor, slots: ExpertSlots, loader):
         self.meta, self.slots, self.loader = meta, slots, loader
         self.buf = buf
         self.units = {(u.layer, u.expert): u for u in meta.units if u.kind == "expert"}
-        self.lru: OrderedDict[tuple[int, int], int] = OrderedDict()  # (layer, expert) -> slot
+        self.lru = ExpertSet(meta.params.num_hidden_layers)  # (layer, expert) -> slot
         self.views: dict[int, dict] = {}  # slot -> the weights of the expert it holds
         self.free = list(range(slots.count))
         self.loads = self.hits = self.bytes_read = self.evictions = 0
@@ -105,18 +108,18 @@ class ExpertCache:
         return set(self.lru)
 
     def get(self, layer: int, expert: int, fence) -> dict:
-        """The weights of expert (layer, expert), loaded into a slot if absent (LRU evicted;
-        `fence()` first, so the evicted expert's kernels have finished)."""
+        """The weights of expert (layer, expert), loaded into a slot if absent (evicting the
+        victim of layer `layer`'s turn; `fence()` first, so its kernels have finished)."""
         key = (layer, expert)
         slot = self.lru.get(key)
         if slot is not None:
-            self.lru.move_to_end(key)
+            self.lru.touch(key)
             self.hits += 1
             return self.views[slot]
         if self.free:
             slot = self.free.pop(0)
         else:
-            _, slot = self.lru.popitem(last=False)
+            slot = self.lru.remove(self.lru.victim(layer, lambda k: False))
             self.evictions += 1
             fence()
         unit = self.units[key]
@@ -126,7 +129,7 @@ class ExpertCache:
         self.loads += 1
         self.bytes_read += unit.nbytes
         self.views[slot] = unit_tensors(unit, b)
-        self.lru[key] = slot
+        self.lru.add(key, slot)
         return self.views[slot]
 
     def run_layer(self, runner, layer: int) -> list[int]:

@@ -14,21 +14,23 @@ may go out (the worker takes messages in order, so they run after those experts)
 Per layer the compute worker runs the block unit (attention + router) and reports the union of
 the experts routed for every token of the pass (`Routed`). The block's Run lent it the layer's
 resident experts, so the cache hits run at once in the worker, with no round trip (their slots
-stay busy until then); each missing one is read into a slot (free, else least recently used
-among those not needed now) and runs (RunExperts) as soon as it is in. A layer needs only one
-slot whatever its union: a slot is refilled only after the ExpertsDone of the expert it held. Speculative prefetch: `Routed`
-also carries the next layer's guess (its router applied to this layer's hidden state); once
-this layer's own loads are issued, the guessed experts not resident are read into slots the
-current layer does not need. A guessed expert the next router then picks is a prefetch hit; one
-it does not pick is a prefetch miss (bandwidth spent, nothing else). Policy: LRU (see
-gdsllm.engine.experts for why the dense units are pinned first).
+stay busy until then); each missing one is read into a slot (free, else the victim of
+gdsllm.engine.expert_set's rule among those not needed now: the layer whose next turn is
+farthest, least recently used within it) and runs (RunExperts) as soon as it is in. A layer
+needs only one slot whatever its union: a slot is refilled only after the ExpertsDone of the
+expert it held. Speculative prefetch: `Routed` also carries the next layer's guess (its router
+applied to this layer's hidden state); once this layer's own loads are issued, the guessed
+experts not resident are read into slots the current layer does not need. A guessed expert the
+next router then picks is a prefetch hit; one it does not pick is a prefetch miss (bandwidth
+spent, nothing else). Why the dense units are pinned first: gdsllm.engine.experts.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from ipc.messages import ExpertsDone, Load, Loaded, Routed, RunExperts
+
+from gdsllm.engine.expert_set import ExpertSet
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -63,7 +65,7 @@ class ExpertScheduler:
 
     def reset(self) -> None:
         """Forget every slot (new workers, a fresh arena) and any block in flight."""
-        self.lru: OrderedDict[Key, int] = OrderedDict()  # loaded experts -> slot, oldest first
+        self.lru = ExpertSet(self.meta.params.num_hidden_layers)  # loaded experts -> slot
         self.loading: dict[int, Key] = {}  # slot -> expert being read into it
         self.busy: dict[int, int] = {}  # slot -> RunExperts outstanding that read it
         self.free = list(range(self.slots.count))
@@ -71,7 +73,6 @@ class ExpertScheduler:
         self.bad: set[Key] = set()  # failed to read: leaves the cache once it has run
         self.guess: set[Key] = set()  # the next layer's guessed experts (until its Routed)
         self.cur: _Layer | None = None
-        self.layers: dict[int, set[int]] = {}  # layer -> its experts in the cache
         self.lent: dict[Key, int] = {}  # lent with the Run of block `lent_block`, until its Routed
         self.lent_block: int | None = None
 
@@ -91,7 +92,7 @@ class ExpertScheduler:
         self._unlend()
         layer = self.meta.units[block].layer
         self.lent_block = block
-        self.lent = {(layer, e): self.lru[(layer, e)] for e in sorted(self.layers.get(layer, ()))
+        self.lent = {(layer, e): self.lru[(layer, e)] for e in sorted(self.lru.of_layer(layer))
                      if (layer, e) not in self.bad}
         for slot in self.lent.values():
             self._busy(slot)
@@ -131,7 +132,7 @@ class ExpertScheduler:
                 t["prefetch_hits"] += 1
                 self.prefetched.discard(key)
         for key in sorted(ran):
-            self.lru.move_to_end(key)
+            self.lru.touch(key)
         stale = {k for k in self.prefetched if k[0] == layer}
         t["prefetch_misses"] += len(stale)  # guessed for this layer, not routed
         self.prefetched -= stale
@@ -154,15 +155,11 @@ class ExpertScheduler:
         return self._advance()
 
     def _insert(self, key: Key, slot: int) -> None:
-        self.lru[key] = slot
-        self.layers.setdefault(key[0], set()).add(key[1])
+        self.lru.add(key, slot)
 
     def _evict(self, key: Key) -> int | None:
-        slot = self.lru.pop(key, None)
-        if slot is not None:
-            self.layers[key[0]].discard(key[1])
         self.prefetched.discard(key)
-        return slot
+        return self.lru.remove(key)
 
     def _drop(self, key: Key) -> None:
         slot = self._evict(key)
@@ -213,15 +210,14 @@ class ExpertScheduler:
                 return slot
         raise ValueError(f"Loaded for expert unit {unit}, which is not being loaded")
 
-    def _take_slot(self, keep: set[Key]) -> int | None:
-        """A slot to read into: a free one, else the least recently used expert's that is not
-        being run, loaded, nor in `keep`; None if every slot is in use."""
+    def _take_slot(self, keep: set[Key], pos: int) -> int | None:
+        """A slot to read into while layer `pos` runs: a free one, else the slot of the expert
+        gdsllm.engine.expert_set evicts first among those not being run nor in `keep`; None if
+        every slot is in use."""
         if self.free:
             return self.free.pop(0)
-        for key, slot in self.lru.items():
-            if key not in keep and slot not in self.busy:
-                return self._evict(key)
-        return None
+        key = self.lru.victim(pos, lambda k: k in keep or self.lru[k] in self.busy)
+        return None if key is None else self._evict(key)
 
     def _load(self, key: Key, slot: int, prefetch: bool) -> Load:
         self.loading[slot] = key
@@ -247,7 +243,7 @@ class ExpertScheduler:
         if ready:
             for e in ready:
                 slot = self.lru[(layer, e)]
-                self.lru.move_to_end((layer, e))
+                self.lru.touch((layer, e))
                 self._busy(slot)
             cur.todo -= set(ready)
             cur.running += 1
@@ -257,7 +253,7 @@ class ExpertScheduler:
         needed = {(layer, e) for e in cur.todo}
         loading = set(self.loading.values())
         for key in sorted(needed - loading):
-            slot = self._take_slot(needed)
+            slot = self._take_slot(needed, layer)
             if slot is None:
                 return loads, runs  # the rest waits for a slot to come back
             loads.append(self._load(key, slot, prefetch=False))
@@ -267,7 +263,7 @@ class ExpertScheduler:
         """Reads of the guessed experts not in, into slots the current layer does not need."""
         loads = []
         for key in sorted(self.guess - set(self.lru) - set(self.loading.values())):
-            slot = self._take_slot(needed | self.guess)
+            slot = self._take_slot(needed | self.guess, key[0] - 1)
             if slot is None:
                 break
             loads.append(self._load(key, slot, prefetch=True))
