@@ -29,7 +29,7 @@ from gdsllm.quant.int4pack import pack_int4, unpack_int4
 from gdsllm.quant.rtn import quantize
 from gdsllm.quant.schemes import QuantWeight, inner_k_tiles
 from llama_ref import reference_logits, rel_err, resident_weights, run_pass, synth_model
-from test_convert import read_model, write_gguf
+from convert_helpers import read_model, write_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(intermediate_size=192)  # tiny, with every input dimension a multiple of 64
