@@ -34,10 +34,10 @@ if [ -f /root/gg/ggpart.aa ] && [ -f /root/gg/ggpart.ab ]; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 TESTS_A="tests/test_ipc.py tests/test_workers.py tests/test_compute_worker.py tests/test_families.py
-  tests/test_quant.py tests/test_load.py tests/test_paged_attention.py"
-TESTS_B="tests/test_model.py tests/test_llm.py tests/test_service.py tests/test_families_gguf.py
-  tests/test_perplexity.py"
-[ -f tests/test_speculative.py ] && TESTS_B="$TESTS_B tests/test_speculative.py"
+  tests/test_quant.py tests/test_quant_format.py tests/test_load.py tests/test_paged_attention.py"
+TESTS_B="tests/test_model.py tests/test_llm.py tests/test_service.py tests/test_service_bad_input.py
+  tests/test_families_gguf.py tests/test_perplexity.py"
+[ -f tests/test_speculative.py ] && TESTS_B="$TESTS_B tests/test_speculative.py tests/test_speculative_service.py"
 for step in "$@"; do
   case "$step" in
     prep)

@@ -1,12 +1,15 @@
-"""Shared by the service tests: a tiny synth model, its single-process reference tokens, and a
-LocalService wrapper that checks the service left no worker process or /dev/shm arena behind."""
+"""Shared by the service tests: a tiny synth model, its single-process reference tokens, a
+LocalService wrapper that checks the service left no worker process or /dev/shm arena behind, one
+such server per module (`server`), and a raw DEALER exchange of one msgpack message."""
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
+import zmq
 
 from gdsllm.config import ServiceConfig
 from gdsllm.service.pipeline import LocalService
@@ -93,3 +96,24 @@ def light_reference(model_dir) -> dict[str, list[int]]:
     with LLM(str(model_dir)) as llm:
         return {p: llm.generate(p, SamplingParams(max_tokens=N, temperature=0)).token_ids
                 for p in PROMPTS[:6]}
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """One server for most tests: embed and head resident, blocks streamed through 2 slots."""
+    with Service(model_dir, vram_budget=131072 + 135168 + 2 * UNIT, prefetch_window=2) as s:
+        yield s
+
+
+def raw_exchange(endpoint, payload: bytes, timeout=10.0):
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        s.send(payload)
+        assert s.poll(int(timeout * 1000)), "no reply to a malformed message"
+        return msgpack.unpackb(s.recv())
+    finally:
+        s.close()
+        ctx.term()

@@ -10,7 +10,7 @@ from gdsllm.convert.synth import synth
 from gdsllm.engine.adaptive_k import AdaptiveK, best_k, expected_tokens
 from gdsllm.service.client import Client
 from service_helpers import Service
-from test_speculative import greedy, one_thread  # noqa: F401  (one_thread: an autouse fixture)
+from spec_helpers import greedy, one_thread  # noqa: F401  (one_thread: an autouse fixture)
 
 PROMPTS = ["hello world", "the quick brown fox", [5, 9, 200, 31, 7]]
 

@@ -232,7 +232,7 @@ def test_smollm2_streamed_from_disk_matches_transformers():
 @pytest.mark.slow
 def test_cli_default_model(smollm2_model, xdg_cache):
     """Without -m: the embedded SmolLM2 (kept quantized), from the cache this run converted it
-    into (the conversion itself: test_convert)."""
+    into (the conversion itself: test_convert_default)."""
     with LLM(str(smollm2_model)) as m:
         assert any(t.quant is not None for u in m.meta.units for t in u.tensors)
         want = m.generate("The sky is", SamplingParams(max_tokens=4, temperature=0)).text

@@ -1,16 +1,10 @@
-"""Quantized weights (issue 10): the int4 tile layout, GGUF blocks, round-to-nearest, the format,
-the CPU compute against transformers on the dequantized weights, bad inputs, and (marked gpu)
-the CUDA kernels against a float reference.
+"""Quantized weights (issue 10), the building blocks: the int4 tile layout, GGUF blocks,
+round-to-nearest, torch's CPU int4 kernel on our scales, and (marked gpu) the CUDA kernels against
+a float reference. The format, compute and bad inputs: test_quant_format.py.
 
     python3 -m pytest -q tests/test_quant.py
 """
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -18,27 +12,12 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from gdsllm.convert.gguf import convert_gguf
-from gdsllm.convert.hf import convert_hf
-from gdsllm.engine.llm import LLM
-from gdsllm.engine.planner import plan_residency
-from gdsllm.format.metadata import FormatError, load_model_meta, verify_unit
 from gdsllm.quant import schemes
-from gdsllm.quant.gguf_blocks import DECODERS, check_keepable, decode
+from gdsllm.quant.gguf_blocks import DECODERS, decode
 from gdsllm.quant.int4pack import pack_int4, unpack_int4
 from gdsllm.quant.rtn import quantize
 from gdsllm.quant.schemes import QuantWeight, inner_k_tiles
-from llama_ref import reference_logits, rel_err, resident_weights, run_pass, synth_model
-from test_convert import read_model, write_gguf
-
-ROOT = Path(__file__).resolve().parents[1]
-SHAPE = dict(intermediate_size=192)  # tiny, with every input dimension a multiple of 64
-
-
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gdsllm", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+from llama_ref import rel_err
 
 
 # --- layouts and blocks -------------------------------------------------------------------------
@@ -119,159 +98,6 @@ def test_rtn_is_nearest_code(qtype, g):
     err = (qt.dequantize() - w).abs()
     assert (err <= step * 0.5 + 1e-3 * step + 1e-7).all()
     assert torch.allclose(qt.dequantize()[0, :g], w[0, :g], rtol=1e-2)
-
-
-# --- format and compute -------------------------------------------------------------------------
-
-def dequantized_state(meta) -> dict[str, torch.Tensor]:
-    """Every weight of a GdsLLM model as the float values it stands for, by Hugging Face name."""
-    out = {}
-    for uname, ws in resident_weights(meta).items():
-        u = next(u for u in meta.units if u.name == uname)
-        for name, w in ws.items():
-            prefix = f"model.layers.{u.layer}." if u.kind == "block" else \
-                ("" if name == "lm_head.weight" else "model.")
-            out[prefix + name] = w.dequantize(torch.float32) if isinstance(w, QuantWeight) else w.float()
-    return out
-
-
-@pytest.mark.parametrize("quant,g", [("int4", 32), ("int4", 64), ("int8", 32)])
-def test_quantized_model_computes_its_dequantized_weights(tmp_path, quant, g):
-    """convert_hf --quant: the quantized projections (embedding and head int8), 4 KiB-aligned and
-    checksummed; our logits equal transformers' on the dequantized weights, and stay close to the
-    float model's."""
-    hf, _ = synth_model(tmp_path, **SHAPE)
-    d = convert_hf(tmp_path / "hf", tmp_path / quant, dtype="float32", quant=quant, group_size=g)
-    meta = load_model_meta(d)
-    doc = json.loads((d / "metadata.json").read_text())
-    assert doc["format_version"] == 2
-    for u in meta.units:
-        verify_unit(meta, u, torch.frombuffer(bytearray(meta.path(u).read_bytes()), dtype=torch.uint8))
-        for t in u.tensors:
-            want = quant if t.name.endswith("_proj.weight") else \
-                ("int8" if t.name in ("embed_tokens.weight", "lm_head.weight") else None)
-            assert (t.quant.qtype if t.quant else None) == want, t
-            if t.quant:
-                assert t.offset % 4096 == 0 and t.quant.scales_offset % 4096 == 0
-                assert t.quant.group_size == g
-    float_bytes = load_model_meta(convert_hf(tmp_path / "hf", tmp_path / "f", dtype="float32")).total_bytes
-    assert meta.total_bytes < float_bytes
-    ref = type(hf)(hf.config).eval()
-    missing = ref.load_state_dict(dequantized_state(meta), strict=False)
-    assert not missing.unexpected_keys
-    ids = [1, 5, 9, 200, 3, 77, 411, 12]
-    with LLM(str(d)) as m:
-        ours = m.logits(ids)
-    assert rel_err(ours, reference_logits(ref, ids)) < 1e-4
-    assert rel_err(ours, reference_logits(hf, ids)) < (0.2 if quant == "int4" else 0.02)
-
-
-def test_quant_none_stays_exact(tmp_path):
-    """`gdsllm convert --quant none`: the float path, every tensor equal to the source."""
-    synth_model(tmp_path, **SHAPE)
-    r = _cli("convert", tmp_path / "hf", tmp_path / "none", "--quant", "none", "--dtype", "float32")
-    assert r.returncode == 0, r.stderr
-    ours = read_model(tmp_path / "none")
-    ref = read_model(tmp_path / "model")  # convert_hf before this issue's options existed
-    assert set(ours) == set(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
-    assert all(t.quant is None for u in load_model_meta(tmp_path / "none").units for t in u.tensors)
-
-
-def test_gguf_keeps_blocks_and_info_shows_qtypes(tmp_path):
-    """A GGUF's Q4_0 / Q4_1 / Q8_0 tensors stay int4 / int8 by default; `gdsllm info` names each
-    unit's qtype; the planner budgets units by their real (smaller) size."""
-    src = tmp_path / "t.gguf"
-    write_gguf(src, types={"token_embd": Q.Q8_0, "attn_q": Q.Q4_0, "attn_k": Q.Q4_1, "attn_v": Q.Q4_0,
-                           "attn_output": Q.Q8_0, "ffn_gate": Q.Q4_1, "ffn_up": Q.Q4_0,
-                           "ffn_down": Q.Q4_1, "output": Q.Q8_0})
-    r = _cli("convert", src, tmp_path / "q", "--dtype", "float32")
-    assert r.returncode == 0, r.stderr
-    meta = load_model_meta(tmp_path / "q")
-    kinds = {t.name: t.dtype for t in meta.units[1].tensors}
-    assert kinds["self_attn.q_proj.weight"] == "int4" and kinds["self_attn.o_proj.weight"] == "int8"
-    assert kinds["input_layernorm.weight"] == "float32"
-    info = _cli("info", "-m", tmp_path / "q").stdout
-    assert "quantized: int4 (groups of 32), int8 (groups of 32)" in info
-    assert any(line.startswith("block.0") and "int4+int8+float32" in line for line in info.splitlines())
-    # The quantized values are the GGUF's: against the float conversion, to bfloat16 scale rounding.
-    flt = read_model(convert_gguf(src, tmp_path / "f", dtype="float32"))
-    deq = dequantized_state(meta)
-    for k, v in flt.items():
-        assert (deq[k] - v).abs().max() <= 0.01 * v.abs().max() + 1e-6, k
-    fmeta = load_model_meta(tmp_path / "f")
-    budget = sum(u.nbytes for u in meta.units) + 2 * max(u.nbytes for u in meta.units)
-    assert len(plan_residency([u.name for u in meta.units], [u.nbytes for u in meta.units], budget, 2).streamed) == 0
-    assert len(plan_residency([u.name for u in fmeta.units], [u.nbytes for u in fmeta.units], budget, 2).streamed) > 0
-
-
-# --- bad input ----------------------------------------------------------------------------------
-
-def test_gguf_type_without_mapping(tmp_path):
-    """IQ4_NL has no int4/int8 mapping: one clear line naming tensor and type and suggesting
-    --quant none; with --quant none it converts (dequantized, as transformers does)."""
-    src = tmp_path / "iq.gguf"
-    write_gguf(src, types={"ffn_up": Q.IQ4_NL})
-    r = _cli("convert", src, tmp_path / "out")
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "tensor blk.0.ffn_up.weight has type IQ4_NL" in r.stderr and "--quant none" in r.stderr
-    assert not (tmp_path / "out").exists()
-    assert _cli("convert", src, tmp_path / "out", "--quant", "none").returncode == 0
-    for t in ("Q2_K", "IQ2_XS"):
-        with pytest.raises(FormatError, match=f"tensor blk.3.attn_q.weight has type {t}.*--quant none"):
-            check_keepable(src, "blk.3.attn_q.weight", t)
-
-
-def test_group_size_must_divide(tmp_path):
-    synth_model(tmp_path, **SHAPE)
-    r = _cli("convert", tmp_path / "hf", tmp_path / "out", "--quant", "int4", "--group-size", "128")
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "group size 128 does not divide the input dimension 64" in r.stderr
-    assert "embed_tokens.weight" in r.stderr or "proj.weight" in r.stderr
-    assert not (tmp_path / "out").exists()
-
-
-def _edit_first_quant(d: Path, fn) -> None:
-    doc = json.loads((d / "metadata.json").read_text())
-    t = next(t for t in doc["units"][1]["tensors"] if t.get("quant"))
-    fn(doc, t)
-    (d / "metadata.json").write_text(json.dumps(doc))
-
-
-@pytest.mark.parametrize("case,expect", [
-    ("qtype", "unsupported qtype 'int3'"),
-    ("layout", "int4 layout 'tinygemm-int32-v9' is not one this GdsLLM reads"),
-    ("version", "format_version 3, this GdsLLM reads 1, 2"),
-    ("scales", "scales_nbytes 1 does not match"),
-])
-def test_reader_refuses_unknown_quantization(tmp_path, case, expect):
-    synth_model(tmp_path, **SHAPE)
-    d = convert_hf(tmp_path / "hf", tmp_path / "q", dtype="float32", quant="int4", group_size=32)
-    edits = {"qtype": lambda doc, t: (t.update(dtype="int3"), t["quant"].update(qtype="int3")),
-             "layout": lambda doc, t: t["quant"].update(layout="tinygemm-int32-v9"),
-             "version": lambda doc, t: doc.update(format_version=3),
-             "scales": lambda doc, t: t["quant"].update(scales_nbytes=1)}
-    _edit_first_quant(d, edits[case])
-    with pytest.raises(FormatError, match=expect.replace("(", r"\(")):
-        load_model_meta(d)
-    r = _cli("info", "-m", d)
-    assert r.returncode == 1 and expect in r.stderr and "Traceback" not in r.stderr
-
-
-def test_int4_layout_mismatch_is_refused(monkeypatch):
-    """A torch that packs int4 differently from the stored layout: FormatError, no numbers."""
-    from gdsllm.quant import int4pack, kernels_cuda
-    monkeypatch.setattr(int4pack, "probe_torch_layout",
-                        lambda device="cuda": "torch 9.9 packs int4 differently")
-    with pytest.raises(FormatError, match="tinygemm-int32 layout, and torch 9.9 packs int4 differently"):
-        kernels_cuda.check_int4_layout()
-
-
-def test_version_1_models_still_load(tmp_path):
-    synth_model(tmp_path, **SHAPE)
-    doc = json.loads((tmp_path / "model" / "metadata.json").read_text())
-    doc["format_version"] = 1
-    (tmp_path / "model" / "metadata.json").write_text(json.dumps(doc))
-    assert load_model_meta(tmp_path / "model").units
 
 
 # --- CUDA kernels (the lead runs these on the GPU) ----------------------------------------------
