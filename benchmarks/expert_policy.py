@@ -97,8 +97,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-chars", type=int, default=400)
     ap.add_argument("--batch", type=int, default=1, help="sequences per pass (one prompt each)")
-    ap.add_argument("--shares", default="0.05,0.10,0.154,0.25,0.5",
-                    help="cache sizes as shares of all experts (0.154: the 4 GiB H200 run)")
+    ap.add_argument("--shares", default="0.05,0.10,0.19,0.25,0.5",
+                    help="cache sizes as shares of all experts (0.19: the 4 GiB H200 run)")
     a = ap.parse_args()
     from gdsllm.convert.synth import synth
     a.work.mkdir(parents=True, exist_ok=True)
