@@ -74,6 +74,38 @@ def test_service_small_budget_with_prefetch(moe, single_thread_workers):  # noqa
         assert name in metrics
 
 
+def test_killed_compute_worker_mid_moe_pass(moe, single_thread_workers):  # noqa: F811
+    """SIGKILL the compute worker while a MoE generation streams (experts lent, loads and guesses
+    in flight): the request fails with worker_died, the expert cache starts afresh with the new
+    workers, and the next request gives transformers' tokens again."""
+    import os
+    import signal
+    import time
+
+    from gdsllm.service.client import Client, ServiceError
+    case, d, ref, _ = moe
+    meta = load(d)
+    slot = max(u.nbytes for u in meta.units if u.kind == "expert")
+    dense = sum(u.nbytes for u in meta.units if u.kind != "expert")
+    with Service(d, vram_budget=dense + 4 * slot) as s, Client(s.endpoint, timeout=60) as c:
+        co = s.svc.coordinator
+        stream = c.stream_messages(PROMPT, max_tokens=150, temperature=0, ignore_eos=True)
+        next(stream)  # mid-generation
+        os.kill(co.workers.pids["compute"], signal.SIGKILL)
+        with pytest.raises(ServiceError) as err:
+            for _ in stream:
+                pass
+        assert err.value.code == "worker_died", case
+        deadline = time.monotonic() + 30
+        while c.health().status != "ok":
+            assert time.monotonic() < deadline, c.health()
+            time.sleep(0.1)
+        f = c.generate(PROMPT, max_tokens=N, temperature=0, ignore_eos=True)
+        assert f.token_ids == ref, case
+        ex = co.batch.experts
+        assert ex.workers is co.workers and not ex.busy and ex.cur is None and ex.lent == {}
+
+
 def test_expert_messages_are_validated():
     for bad in (lambda: Routed(1, 2, [3, 3]), lambda: Routed(1, 2, [-1]),
                 lambda: RunExperts(1, 2, []), lambda: RunExperts(1, 2, [(5, -4096)])):
