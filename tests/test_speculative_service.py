@@ -71,6 +71,23 @@ def test_service_draft_with_chunked_prefill_equals_llm(models, reference, monkey
         assert s.svc.coordinator.metrics.draft_tokens._value.get() > 0
 
 
+def test_service_kv_budget_holds_the_drafts_cache_too(models, reference, monkeypatch):
+    """The draft keeps a KV cache as large as the target's (the same sequences): --kv-budget (and
+    the share of free memory) pays for both, so the target's cache is budget / (target + draft
+    bytes per token), not budget / target's; the answers are unchanged."""
+    from gdsllm.engine.kv_cache import BLOCK_SIZE, blocks_for, kv_bytes_per_token
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    target, draft = models
+    t, d = (kv_bytes_per_token(load_model_meta(m).params, 4) for m in (target, draft))  # float32
+    budget = 100 * (t + d)
+    with Service(target, draft=draft, draft_tokens=3, kv_budget=budget) as s, \
+            Client(s.endpoint, timeout=60) as cl:
+        assert cl.health().kv_budget_bytes == blocks_for(100) * BLOCK_SIZE * t  # 112 tokens, not 100 * (t + d) / t
+        text = next(p for p in PROMPTS if isinstance(p, str))
+        assert cl.generate(text, max_tokens=24, temperature=0, ignore_eos=True).token_ids == \
+            reference[PROMPTS.index(text)]
+
+
 def test_service_refuses_a_draft_larger_than_the_budget(models):
     target, draft = models
     with pytest.raises(ValueError, match="needs .* bytes, the whole VRAM budget"):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from gdsllm.engine.kv_cache import kv_bytes_per_token
 from gdsllm.engine.runner import Runner, compute_dtype
 from gdsllm.engine.sampling import Sampler
 from gdsllm.engine.views import unit_tensors
@@ -82,8 +83,14 @@ class DraftModel:
         the draft holds every sequence the target does. Only while no sequence is held."""
         if getattr(self, "runner", None) is not None and self.runner.sequences:
             raise RuntimeError("the draft's KV cache is resized only while it holds no sequence")
+        self.runner = None  # the old cache goes before the new one is allocated
         self.runner = Runner(self.meta.params, self.device, compute_dtype(self.device, self.meta.dtype),
                              architecture=self.meta.architecture, kv_tokens=kv_tokens)
+
+    @property
+    def kv_token_bytes(self) -> int:
+        """KV cache bytes per token the draft holds (one for each token the target holds)."""
+        return kv_bytes_per_token(self.meta.params, compute_dtype(self.device, self.meta.dtype).itemsize)
 
     @property
     def nbytes(self) -> int:

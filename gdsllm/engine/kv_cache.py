@@ -37,6 +37,12 @@ class KVCacheFull(RuntimeError):
     """The pool has fewer free blocks than a sequence needs."""
 
 
+def kv_bytes_per_token(params, itemsize: int) -> int:
+    """Keys and values of one token in every decoder layer (PagedKVCache.token_bytes, before
+    there is a cache)."""
+    return 2 * params.num_hidden_layers * params.num_key_value_heads * params.head_dim * itemsize
+
+
 def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
     return math.ceil(tokens / block_size)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from gdsllm.engine.kv_cache import BLOCK_SIZE, blocks_for
+from gdsllm.engine.kv_cache import BLOCK_SIZE, blocks_for, kv_bytes_per_token
 
 CPU_FRACTION = 0.5
 CUDA_FRACTION = 0.9
@@ -32,15 +32,11 @@ def host_available_bytes() -> int:
     raise OSError("/proc/meminfo has no MemAvailable line")
 
 
-def kv_bytes_per_token(params, itemsize: int) -> int:
-    """Keys and values of one token in every decoder layer."""
-    return 2 * params.num_hidden_layers * params.num_key_value_heads * params.head_dim * itemsize
-
-
-def kv_cache_tokens(meta, config, free_bytes: int | None) -> int:
+def kv_cache_tokens(meta, config, free_bytes: int | None, extra_per_token: int = 0) -> int:
     """Tokens of the compute worker's KV cache: --kv-budget, or a share of the memory left once
     the arena is allocated (`free_bytes` on CUDA, MemAvailable on the CPU); at most --max-batch
-    contexts of the model."""
+    contexts of the model. `extra_per_token`: bytes another cache adds per token of this one,
+    from the same budget (a draft model's: it holds the same sequences)."""
     p = meta.params
     budget = config.kv_budget
     if budget is None:
@@ -48,7 +44,7 @@ def kv_cache_tokens(meta, config, free_bytes: int | None) -> int:
             budget = int(host_available_bytes() * CPU_FRACTION)
         else:
             budget = int(free_bytes * CUDA_FRACTION)
-    per_token = kv_bytes_per_token(p, _itemsize(meta, config))
+    per_token = kv_bytes_per_token(p, _itemsize(meta, config)) + extra_per_token
     return max(BLOCK_SIZE, min(budget // per_token, config.max_batch * p.max_position_embeddings))
 
 

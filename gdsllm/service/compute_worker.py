@@ -111,9 +111,9 @@ class ComputeWorker:
         self.shared_embedding = shared_embedding(self.meta)  # the head reads the embed unit's bytes
         if self.config.draft is not None:
             from gdsllm.engine.speculative import make_speculator
-            self.speculator = make_speculator(self.meta, self.config.draft, self.device,
-                                              self.config.draft_tokens,
-                                              adaptive=self.config.draft_adaptive)
+            self.speculator = make_speculator(  # a token of KV until the target's is sized
+                self.meta, self.config.draft, self.device, self.config.draft_tokens,
+                adaptive=self.config.draft_adaptive, kv_tokens=1)
         return ComputeReady(pid=os.getpid(), device=str(self.device))
 
     def _loop(self) -> None:
@@ -155,8 +155,7 @@ class ComputeWorker:
             return
         what = "open the arena"
         try:
-            index = self.device.index or 0
-            self.arena = Arena.attach(ArenaSpec(msg.backend, msg.handle, msg.arena_bytes, index))
+            self.arena = Arena.attach(ArenaSpec(msg.backend, msg.handle, msg.arena_bytes, self.device.index or 0))
             what = "allocate its KV cache"  # after the arena: it takes a share of the memory left
             self._make_runner(msg.resident)
         except Exception as e:
@@ -170,11 +169,12 @@ class ComputeWorker:
         """The Runner with its paged KV cache, the resident units pinned (CUDA graphs run them)."""
         from gdsllm.engine.runner import Runner
         from gdsllm.service.admission import kv_cache_tokens
+        draft = self.speculator.draft if self.speculator is not None else None
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
-        self.runner = Runner(self.meta.params, self.device, self.dtype, architecture=self.meta.architecture,
-                             kv_tokens=kv_cache_tokens(self.meta, self.config, free))
-        if self.speculator is not None:  # the draft holds the same sequences: the same KV room
-            self.speculator.draft.size_kv(self.runner.cache.capacity)
+        kv = kv_cache_tokens(self.meta, self.config, free, draft.kv_token_bytes if draft else 0)
+        self.runner = Runner(self.meta.params, self.device, self.dtype, architecture=self.meta.architecture, kv_tokens=kv)
+        if draft is not None:  # it holds the same sequences: as many tokens, from the same room
+            draft.size_kv(self.runner.cache.capacity)
         for u, off in resident.items():
             unit = self.meta.units[u]  # an index out of range fails the start-up, as it should
             self.runner.pin(u, unit_tensors(unit, self.arena.view(off, unit.nbytes)))
