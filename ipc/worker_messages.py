@@ -129,9 +129,7 @@ class Run:
     def __post_init__(self):
         if self.count < 1 or (self.count > 1 and self.slot != RESIDENT):
             raise ValueError(f"Run: count {self.count} (more than 1 only for resident units)")
-        _check_experts([u for u, _ in self.experts], "lent expert units")
-        if any(off < 0 for _, off in self.experts):
-            raise ValueError("arena offsets must be non-negative")
+        _check_placed(self.experts, "lent expert units")
 
 
 @message("done")
@@ -163,6 +161,13 @@ class PassResult:
 def _check_experts(ids, what: str) -> None:
     if any(e < 0 for e in ids) or len(set(ids)) != len(ids):
         raise ValueError(f"{what} must be distinct non-negative indices, got {list(ids)[:8]}")
+
+
+def _check_placed(pairs, what: str) -> None:
+    """[expert unit, arena offset] pairs: distinct units, offsets not negative."""
+    _check_experts([u for u, _ in pairs], what)
+    if any(off < 0 for _, off in pairs):
+        raise ValueError("arena offsets must be non-negative")
 
 
 @message("routed")
@@ -198,9 +203,7 @@ class RunExperts:
     def __post_init__(self):
         if not self.experts:
             raise ValueError("run_experts without experts")
-        _check_experts([u for u, _ in self.experts], "expert units")
-        if any(off < 0 for _, off in self.experts):
-            raise ValueError("arena offsets must be non-negative")
+        _check_placed(self.experts, "expert units")
 
 
 @message("experts_done")
