@@ -188,7 +188,7 @@ def test_expert_scheduler_lru_prefetch_and_errors(tmp_path):
     assert len(runs) == 1 and release == b1  # a failed read still runs (its pass fails) ...
     ex.on_done(ExpertsDone(1, b1, [more[0].unit], 0.1))  # the lent one the worker ran
     ex.on_done(ExpertsDone(1, b1, [loads[0].unit], 0.1))
-    assert (1, 1) not in ex.lru and ex.cur is None  # ... and then leaves the cache
+    assert (1, 1) not in ex.cached and ex.cur is None  # ... and then leaves the cache
     assert ex.lend(b1) == lent and ex.busy  # lent again ...
     ex.abort()  # ... and its pass failed: nothing will run it, the slot is free again
     assert not ex.busy and ex.lent == {}

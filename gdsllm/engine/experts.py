@@ -93,7 +93,7 @@ class ExpertCache:
         self.meta, self.slots, self.loader = meta, slots, loader
         self.buf = buf
         self.units = {(u.layer, u.expert): u for u in meta.units if u.kind == "expert"}
-        self.lru = ExpertSet(meta.params.num_hidden_layers)  # (layer, expert) -> slot
+        self.cached = ExpertSet(meta.params.num_hidden_layers)  # (layer, expert) -> slot
         self.views: dict[int, dict] = {}  # slot -> the weights of the expert it holds
         self.free = list(range(slots.count))
         self.loads = self.hits = self.bytes_read = self.evictions = 0
@@ -105,21 +105,21 @@ class ExpertCache:
                 "expert_slots": self.slots.count}
 
     def resident(self) -> set[tuple[int, int]]:
-        return set(self.lru)
+        return set(self.cached)
 
     def get(self, layer: int, expert: int, fence) -> dict:
         """The weights of expert (layer, expert), loaded into a slot if absent (evicting the
         victim of layer `layer`'s turn; `fence()` first, so its kernels have finished)."""
         key = (layer, expert)
-        slot = self.lru.get(key)
+        slot = self.cached.get(key)
         if slot is not None:
-            self.lru.touch(key)
+            self.cached.touch(key)
             self.hits += 1
             return self.views[slot]
         if self.free:
             slot = self.free.pop(0)
         else:
-            slot = self.lru.remove(self.lru.victim(layer, lambda k: False))
+            slot = self.cached.remove(self.cached.victim(layer, lambda k: False))
             self.evictions += 1
             fence()
         unit = self.units[key]
@@ -129,14 +129,14 @@ class ExpertCache:
         self.loads += 1
         self.bytes_read += unit.nbytes
         self.views[slot] = unit_tensors(unit, b)
-        self.lru.add(key, slot)
+        self.cached.add(key, slot)
         return self.views[slot]
 
     def run_layer(self, runner, layer: int) -> list[int]:
         """Run every expert the runner's waiting MoE block routed (hits first, then each miss
         loaded and run); returns the routed experts."""
         routed = runner.routed_experts()
-        order = sorted(routed, key=lambda e: (layer, e) not in self.lru)
+        order = sorted(routed, key=lambda e: (layer, e) not in self.cached)
         for e in order:
             runner.run_expert(self.units[(layer, e)], self.get(layer, e, runner.fence))
         self.routed += len(routed)

@@ -65,7 +65,7 @@ class ExpertScheduler:
 
     def reset(self) -> None:
         """Forget every slot (new workers, a fresh arena) and any block in flight."""
-        self.lru = ExpertSet(self.meta.params.num_hidden_layers)  # loaded experts -> slot
+        self.cached = ExpertSet(self.meta.params.num_hidden_layers)  # loaded experts -> slot
         self.loading: dict[int, Key] = {}  # slot -> expert being read into it
         self.busy: dict[int, int] = {}  # slot -> RunExperts outstanding that read it
         self.free = list(range(self.slots.count))
@@ -81,7 +81,7 @@ class ExpertScheduler:
 
     def slot_of(self, unit: int) -> int | None:
         key = self.key_of.get(unit)
-        return None if key is None else self.lru.get(key)
+        return None if key is None else self.cached.get(key)
 
     # ------------------------------------------------------------------ events
 
@@ -92,7 +92,7 @@ class ExpertScheduler:
         self._unlend()
         layer = self.meta.units[block].layer
         self.lent_block = block
-        self.lent = {(layer, e): self.lru[(layer, e)] for e in sorted(self.lru.of_layer(layer))
+        self.lent = {(layer, e): self.cached[(layer, e)] for e in sorted(self.cached.of_layer(layer))
                      if (layer, e) not in self.bad}
         for slot in self.lent.values():
             self._busy(slot)
@@ -126,13 +126,13 @@ class ExpertScheduler:
         t["routed"] += len(msg.experts)
         t["lent"] += len(ran)
         for key in sorted(routed):
-            if key in self.lru or key in self.loading.values():
+            if key in self.cached or key in self.loading.values():
                 t["hits"] += 1
             if key in self.prefetched:
                 t["prefetch_hits"] += 1
                 self.prefetched.discard(key)
         for key in sorted(ran):
-            self.lru.touch(key)
+            self.cached.touch(key)
         stale = {k for k in self.prefetched if k[0] == layer}
         t["prefetch_misses"] += len(stale)  # guessed for this layer, not routed
         self.prefetched -= stale
@@ -155,11 +155,11 @@ class ExpertScheduler:
         return self._advance()
 
     def _insert(self, key: Key, slot: int) -> None:
-        self.lru.add(key, slot)
+        self.cached.add(key, slot)
 
     def _evict(self, key: Key) -> int | None:
         self.prefetched.discard(key)
-        return self.lru.remove(key)
+        return self.cached.remove(key)
 
     def _drop(self, key: Key) -> None:
         slot = self._evict(key)
@@ -216,7 +216,7 @@ class ExpertScheduler:
         every slot is in use."""
         if self.free:
             return self.free.pop(0)
-        key = self.lru.victim(pos, lambda k: k in keep or self.lru[k] in self.busy)
+        key = self.cached.victim(pos, lambda k: k in keep or self.cached[k] in self.busy)
         return None if key is None else self._evict(key)
 
     def _load(self, key: Key, slot: int, prefetch: bool) -> Load:
@@ -238,17 +238,17 @@ class ExpertScheduler:
 
     def _issue(self, cur: _Layer) -> tuple[list[Load], list[RunExperts]]:
         layer = cur.layer
-        ready = sorted(e for e in cur.todo if (layer, e) in self.lru)
+        ready = sorted(e for e in cur.todo if (layer, e) in self.cached)
         runs = []
         if ready:
             for e in ready:
-                slot = self.lru[(layer, e)]
-                self.lru.touch((layer, e))
+                slot = self.cached[(layer, e)]
+                self.cached.touch((layer, e))
                 self._busy(slot)
             cur.todo -= set(ready)
             cur.running += 1
             runs.append(RunExperts(cur.pass_id, cur.block, [
-                (self.unit_of[(layer, e)], self.offset(self.lru[(layer, e)])) for e in ready]))
+                (self.unit_of[(layer, e)], self.offset(self.cached[(layer, e)])) for e in ready]))
         loads = []
         needed = {(layer, e) for e in cur.todo}
         loading = set(self.loading.values())
@@ -262,7 +262,7 @@ class ExpertScheduler:
     def _prefetch(self, needed: set[Key]) -> list[Load]:
         """Reads of the guessed experts not in, into slots the current layer does not need."""
         loads = []
-        for key in sorted(self.guess - set(self.lru) - set(self.loading.values())):
+        for key in sorted(self.guess - set(self.cached) - set(self.loading.values())):
             slot = self._take_slot(needed | self.guess, key[0] - 1)
             if slot is None:
                 break
