@@ -43,9 +43,9 @@ def first_blocks(src: Path, dst: Path, layers: int) -> Path:
     """The embedding, the first `layers` blocks and the head of `src` (its tokenizer too)."""
     from dataclasses import replace
 
-    from gdsllm.engine.views import unit_tensors
+    from gdsllm.models.views import unit_tensors
     from gdsllm.format.metadata import load_model_meta
-    from gdsllm.format.writer import ModelWriter
+    from gdsllm.convert.writer import ModelWriter
     meta = load_model_meta(src)
     with ModelWriter(dst, replace(meta.params, num_hidden_layers=layers), meta.dtype,
                      chat_template=meta.chat_template, source=f"first {layers} blocks of {src}") as w:

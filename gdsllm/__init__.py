@@ -8,7 +8,8 @@
 
 `LLM`, `SamplingParams` and the clients are imported lazily: `import gdsllm` stays cheap for the CLI.
 """
-__version__ = "0.1.0"
+from gdsllm.version import __version__
+
 __all__ = ["AsyncClient", "Client", "LLM", "Output", "SamplingParams", "ServiceError", "__version__"]
 
 

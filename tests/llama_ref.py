@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from conftest import converted_smollm2, smollm2_gguf_path
-from gdsllm.engine.views import unit_tensors
+from gdsllm.models.views import unit_tensors
 from gdsllm.convert.hf import convert_hf
 from gdsllm.format.metadata import ModelMeta, load_model_meta
 from gdsllm.convert.synth import synth

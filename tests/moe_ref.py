@@ -89,7 +89,7 @@ def dequantized_hf(meta, hf_dir: Path, dst: Path):
     from transformers import AutoModelForCausalLM
 
     from gdsllm.convert.families import hf_tensor_key
-    from gdsllm.engine.views import unit_tensors
+    from gdsllm.models.views import unit_tensors
     from gdsllm.format.storage import HostReader, aligned_host_buffer
     from gdsllm.quant.schemes import QuantWeight
 

@@ -22,7 +22,7 @@ from workerkit import Peer, edir, model, write_model  # noqa: F401  (fixtures)
 def reference_tokens(meta, prompts: dict[int, list[int]], sampling: dict[int, SeqSampling],
                      steps: int) -> dict[int, list[int]]:
     """The same generation in this process: Runner over the unit files, one Sampler per sequence."""
-    from gdsllm.engine.views import unit_tensors
+    from gdsllm.models.views import unit_tensors
     from gdsllm.engine.runner import Runner
     from gdsllm.engine.sampling import Sampler, SamplingParams
     from gdsllm.format.storage import HostReader, aligned_host_buffer

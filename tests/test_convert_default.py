@@ -109,7 +109,7 @@ def test_default_model_with_a_tied_copy_is_reconverted(tmp_path, monkeypatch):
     but is converted again once, to store the table once."""
     from dataclasses import replace
 
-    from gdsllm.format.writer import ModelWriter
+    from gdsllm.convert.writer import ModelWriter
     from llama_ref import resident_weights
     write_gguf(tmp_path / "pkg.gguf", tied=True)
     monkeypatch.setattr(default_model, "default_gguf", lambda: tmp_path / "pkg.gguf")

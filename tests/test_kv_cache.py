@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdsllm.engine.kv_cache import SCRATCH_BLOCK, KVCacheFull, PagedKVCache, blocks_for
+from gdsllm.models.kv_cache import SCRATCH_BLOCK, KVCacheFull, PagedKVCache, blocks_for
 from gdsllm.engine.runner import Runner
 from llama_ref import greedy_runner, load, rel_err, resident_weights, run_pass, synth_model
 

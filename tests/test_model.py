@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from gdsllm.convert.hf import convert_hf
 
-from gdsllm.engine.views import unit_tensors
+from gdsllm.models.views import unit_tensors
 from gdsllm.format.metadata import DTYPES
 from gdsllm.engine.runner import Runner
 from llama_ref import (NEAR_TIE, assert_same_or_near_tie, greedy_reference, greedy_reference_scores,

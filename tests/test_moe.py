@@ -20,7 +20,7 @@ from gdsllm.convert.gguf import convert_gguf
 from gdsllm.convert.hf import convert_hf
 from gdsllm.engine.runner import Runner
 from gdsllm.format.metadata import ALIGN, FormatError
-from gdsllm.engine.views import unit_tensors
+from gdsllm.models.views import unit_tensors
 from gdsllm.format.storage import aligned_host_buffer, HostReader
 
 N = 32

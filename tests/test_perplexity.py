@@ -123,7 +123,7 @@ def quantized(tmp_path_factory, smollm2_float):
     31.38 against 21.09 (+49%) on these windows: a 135M model quantized twice, on two grids."""
     from conftest import smollm2_gguf_path
     from gdsllm.convert.gguf import convert_gguf
-    from gdsllm.quant.requantize import requantize
+    from gdsllm.convert.requantize import requantize
     tmp = tmp_path_factory.mktemp("q")
     return {"int4-q4_1": convert_gguf(smollm2_gguf_path(), tmp / "native", quant=None),
             "int4-rtn": requantize(smollm2_float[1], tmp / "int4", "int4", 32),

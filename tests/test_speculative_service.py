@@ -75,7 +75,7 @@ def test_service_kv_budget_holds_the_drafts_cache_too(models, reference, monkeyp
     """The draft keeps a KV cache as large as the target's (the same sequences): --kv-budget (and
     the share of free memory) pays for both, so the target's cache is budget / (target + draft
     bytes per token), not budget / target's; the answers are unchanged."""
-    from gdsllm.engine.kv_cache import BLOCK_SIZE, blocks_for, kv_bytes_per_token
+    from gdsllm.models.kv_cache import BLOCK_SIZE, blocks_for, kv_bytes_per_token
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     target, draft = models
     t, d = (kv_bytes_per_token(load_model_meta(m).params, 4) for m in (target, draft))  # float32
@@ -102,7 +102,7 @@ def truncated_copy(src: Path, dst: Path, layers: int) -> Path:
     head and tokenizer."""
     from dataclasses import replace
 
-    from gdsllm.format.writer import ModelWriter
+    from gdsllm.convert.writer import ModelWriter
     meta = load_model_meta(src)
     w = resident_weights(meta)
     p = replace(meta.params, num_hidden_layers=layers)

@@ -16,7 +16,7 @@ from gdsllm.config import ServiceConfig
 from gdsllm.engine.planner import plan_for, shared_embedding
 from gdsllm.engine.tokenizer import Tokenizer
 from gdsllm.format.metadata import METADATA_FILE, FormatError, align_up, load_model_meta
-from gdsllm.format.writer import ModelWriter
+from gdsllm.convert.writer import ModelWriter
 from gdsllm.service.client import Client
 from gdsllm.service.pipeline import LocalService
 from llama_ref import greedy_reference, resident_weights, smollm2, synth_model

@@ -1,6 +1,6 @@
 """The I/O worker process, and how both workers end, driven over a real PAIR socket.
 
-Each worker is a real `spawn` process against a tiny model written by gdsllm.format.writer; the test
+Each worker is a real `spawn` process against a tiny model written by gdsllm.convert.writer; the test
 plays the coordinator: it binds the socket, receives the handshake and sends Load messages.
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from gdsllm.format.metadata import LlamaParams, unit_layout, unit_tensor_shapes
-from gdsllm.format.writer import ModelWriter
+from gdsllm.convert.writer import ModelWriter
 from ipc import sockets
 from ipc.messages import Load, Loaded, Shutdown
 

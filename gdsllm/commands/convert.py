@@ -51,7 +51,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "float16", progress: 
     src = Path(src).expanduser()
     dev = quant_device(device)
     if src.is_dir() and (src / "metadata.json").is_file():  # a GdsLLM model: re-quantize it
-        from gdsllm.quant.requantize import requantize
+        from gdsllm.convert.requantize import requantize
         return requantize(src, dst, quant or "none", group_size, dtype, progress=progress,
                           quant_device=dev)
     if src.is_dir():

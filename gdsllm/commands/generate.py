@@ -69,8 +69,7 @@ def run(args) -> int:
         if args.draft:
             raise ValueError("--draft belongs to the server: start `gdsllm serve --draft MODEL`")
         if args.endpoint.startswith(("http://", "https://")):
-            from gdsllm.service.http.client import generate_cli
-            return generate_cli(args)
+            return generate_http(args)
         return generate_endpoint(args)
     from gdsllm.commands.serve import pick_device, service_config
     from gdsllm.convert.default_model import resolve_model
@@ -118,6 +117,30 @@ def generate_endpoint(args) -> int:
         return 1
     from gdsllm.engine.sampling import SamplingParams
     return _end(final, params["max_tokens"] or SamplingParams().max_tokens)
+
+
+def generate_http(args) -> int:
+    """`gdsllm generate --endpoint http://...`: like the ZeroMQ one, through the HTTP API."""
+    from gdsllm.service.client import ServiceError
+    from gdsllm.service.http.client import HttpClient
+    sp = sampling_params(args)  # the command's defaults, whichever endpoint serves it
+    params = dict(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                  seed=sp.seed)
+    messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+    try:
+        with HttpClient(args.endpoint, timeout=10.0, api_key=getattr(args, "api_key", None)) as c:
+            h = c.health()  # a missing server is a clear error in seconds
+            if h.status != "ok":
+                raise ServiceError(h.status, f"{args.endpoint}: {getattr(h, 'detail', '')}")
+            c.timeout = 300.0  # one pass may take long
+            for delta in c.stream(None if messages else args.prompt, messages=messages, **params):
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    except (ServiceError, TimeoutError) as e:
+        print(f"gdsllm generate: error: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write("\n")
+    return 0
 
 
 def _end(final, max_tokens: int) -> int:

@@ -78,7 +78,8 @@ def service_config(args, **extra):
     """ServiceConfig from parsed service options (resolving the default model)."""
     from pathlib import Path
 
-    from gdsllm.config import ServiceConfig, parse_size
+    from gdsllm.config import ServiceConfig
+    from gdsllm.engine.budget import parse_size
     from gdsllm.convert.default_model import resolve_model
     model = resolve_model(args.model)
     device = pick_device(args.device)
@@ -144,7 +145,7 @@ def reliability_config(args) -> dict:
     """ServiceConfig fields from add_reliability_options' arguments."""
     from pathlib import Path
 
-    from gdsllm.config import parse_size
+    from gdsllm.engine.budget import parse_size
     key = Path(args.curve_secret_key).expanduser() if args.curve_secret_key else None
     return dict(curve_secret_key=key, insecure=args.insecure,
                 kv_budget=parse_size(args.kv_budget) if args.kv_budget else None,

@@ -28,11 +28,10 @@ import torch
 
 from gdsllm.convert.families import GGUF_ARCHITECTURES, gguf_expert_stem, gguf_family, gguf_tensor_name
 from gdsllm.format.family_params import expert_index
-from gdsllm.convert.hf import _progress
 from gdsllm.format.family_params import family_problem
 from gdsllm.format.metadata import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
-from gdsllm.convert.gguf_tokenizer import _field, gguf_tokenizer_json
-from gdsllm.format.writer import ModelWriter
+from gdsllm.convert.gguf_tokenizer import gguf_field, gguf_tokenizer_json
+from gdsllm.convert.writer import ModelWriter, unit_progress
 from gdsllm.quant.gguf_blocks import NATIVE, check_keepable, decode_named
 from gdsllm.quant.schemes import QTensor
 
@@ -56,13 +55,13 @@ def open_gguf(path: Path):
 
 def params_from_gguf(reader, path: Path) -> tuple[str, str, LlamaParams]:
     """(GGUF architecture, GdsLLM architecture, hyper-parameters) of the GGUF `reader` reads."""
-    garch = _field(reader, "general.architecture")
+    garch = gguf_field(reader, "general.architecture")
     if garch not in GGUF_ARCHITECTURES:
         raise FormatError(f"{path}: general.architecture is {garch!r}; GdsLLM converts "
                           f"{', '.join(GGUF_ARCHITECTURES)} GGUFs")
 
     def opt(key: str, default=None):
-        return _field(reader, f"{garch}.{key}", default)
+        return gguf_field(reader, f"{garch}.{key}", default)
 
     def get(key: str):
         v = opt(key)
@@ -73,7 +72,7 @@ def params_from_gguf(reader, path: Path) -> tuple[str, str, LlamaParams]:
     names = {t.name for t in reader.tensors}
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     n_layers = int(get("block_count"))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     vocab = opt("vocab_size") or (len(tokens) if tokens else None)
     if vocab is None:
         emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
@@ -89,9 +88,9 @@ def params_from_gguf(reader, path: Path) -> tuple[str, str, LlamaParams]:
         scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
     head_dim = int(opt("attention.key_length") or opt("rope.dimension_count") or hidden // heads)
     arch, fam = gguf_family(garch, opt, hidden, heads, n_layers, head_dim, names,
-                            str(_field(reader, "general.name", "") or ""))
-    bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    eos = [_field(reader, f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id")]
+                            str(gguf_field(reader, "general.name", "") or ""))
+    bos = gguf_field(reader, "tokenizer.ggml.bos_token_id")
+    eos = [gguf_field(reader, f"tokenizer.ggml.{k}") for k in ("eos_token_id", "eot_token_id")]
     p = LlamaParams(
         vocab_size=int(vocab), hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
         num_hidden_layers=n_layers, num_attention_heads=heads,
@@ -219,12 +218,12 @@ def convert_gguf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "f
     garch, arch, p = params_from_gguf(reader, src)
     tensors = GGUFTensors(reader, src, garch, p, keep_quant=quant != "none")  # these two fail early
     tokenizer = gguf_tokenizer_json(reader, src)
-    with ModelWriter(dst, p, dtype, chat_template=_field(reader, "tokenizer.chat_template"),
+    with ModelWriter(dst, p, dtype, chat_template=gguf_field(reader, "tokenizer.chat_template"),
                      source=f"gguf:{src}", overwrite=overwrite, architecture=arch,
                      quant=None if quant == "none" else quant, group_size=group_size,
                      quant_device=quant_device) as w:
         units = gguf_units(tensors, p)
-        for _, tensors in _progress(units, len(unit_layout(p)), f"convert {src.name}", progress):
+        for _, tensors in unit_progress(units, len(unit_layout(p)), f"convert {src.name}", progress):
             w.add_unit(tensors)
             del tensors  # one unit in memory at a time
         w.add_file("tokenizer.json", tokenizer, tokenizer=True)

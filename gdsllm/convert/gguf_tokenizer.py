@@ -72,7 +72,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def _field(reader, key: str, default=None):
+def gguf_field(reader, key: str, default=None):
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
@@ -144,25 +144,25 @@ DEFAULT_SPECIALS = {"gpt2": ("<|endoftext|>",), "llama": ("<unk>", "<s>", "</s>"
 
 def gguf_tokenizer_json(reader, path: Path) -> bytes:
     """The tokenizer.json bytes for the GGUF opened as `reader` (a `gguf.GGUFReader` of `path`)."""
-    kind = _field(reader, "tokenizer.ggml.model")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    merges = _field(reader, "tokenizer.ggml.merges")
+    kind = gguf_field(reader, "tokenizer.ggml.model")
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    merges = gguf_field(reader, "tokenizer.ggml.merges")
     if not tokens:
         raise FormatError(f"{path}: tokenizer.ggml.tokens is missing")
-    types = _field(reader, "tokenizer.ggml.token_type") or []
+    types = gguf_field(reader, "tokenizer.ggml.token_type") or []
     if kind == "gpt2":
         if merges is None:
             raise FormatError(f"{path}: tokenizer.ggml.merges is missing (needed by a 'gpt2' tokenizer)")
         tok, vocab, alphabet = _byte_level(tokens, merges)
-    elif kind == "llama" and _field(reader, "general.architecture") in GEMMA_ARCHITECTURES:
+    elif kind == "llama" and gguf_field(reader, "general.architecture") in GEMMA_ARCHITECTURES:
         tok, vocab, alphabet = _gemma(tokens)
         kind = "gemma"
     elif kind == "llama":
-        tok, vocab, alphabet = _sentencepiece(tokens, merges, _field(reader, "tokenizer.ggml.scores"), path)
+        tok, vocab, alphabet = _sentencepiece(tokens, merges, gguf_field(reader, "tokenizer.ggml.scores"), path)
     else:
         raise FormatError(f"{path}: tokenizer.ggml.model is {kind!r}; GdsLLM builds 'gpt2' (byte-level "
                           f"BPE) and 'llama' (sentencepiece BPE) tokenizers")
-    split = PRE_TOKENIZER_SPLITS.get(_field(reader, "tokenizer.ggml.pre"))
+    split = PRE_TOKENIZER_SPLITS.get(gguf_field(reader, "tokenizer.ggml.pre"))
     if split is not None:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
@@ -173,7 +173,7 @@ def gguf_tokenizer_json(reader, path: Path) -> bytes:
                if ty == CONTROL and (alphabet is None or set(t) <= alphabet)]
 
     def special_id(key: str) -> int | None:
-        i = _field(reader, f"tokenizer.ggml.{key}")
+        i = gguf_field(reader, f"tokenizer.ggml.{key}")
         return int(i) if i is not None and 0 <= int(i) < len(tokens) else None
 
     ids = {k: special_id(f"{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
@@ -187,8 +187,8 @@ def gguf_tokenizer_json(reader, path: Path) -> bytes:
         tok.add_tokens(user)
     # The post-processor adds BOS/EOS as the file asks; sentencepiece vocabularies default to BOS.
     bos, eos = ids["bos"], ids["eos"]
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", kind != "gpt2")) and bos is not None
-    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
+    add_bos = bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", kind != "gpt2")) and bos is not None
+    add_eos = bool(gguf_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
     b, e = (tokens[bos] if bos is not None else ""), (tokens[eos] if eos is not None else "")
     single = f"{b + ':0 ' if add_bos else ''}$A:0{' ' + e + ':0' if add_eos else ''}"
     pair = f"{single}{' ' + b + ':1' if add_bos else ''} $B:1{' ' + e + ':1' if add_eos else ''}"

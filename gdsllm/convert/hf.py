@@ -24,7 +24,7 @@ from gdsllm.format.family_params import expert_index
 from gdsllm.format.family_params import family_problem
 from gdsllm.format.metadata import DTYPES, FormatError, LlamaParams, unit_layout, unit_tensor_shapes
 from gdsllm.models.layers import rope_inv_freq
-from gdsllm.format.writer import ModelWriter
+from gdsllm.convert.writer import ModelWriter, unit_progress
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -230,7 +230,7 @@ def convert_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "flo
     with ModelWriter(dst, p, dtype, chat_template=chat_template_of(src), source=f"hf:{src}",
                      overwrite=overwrite, architecture=arch, quant=None if quant == "none" else quant,
                      group_size=group_size, quant_device=quant_device) as w:
-        for _, tensors in _progress(units, len(unit_layout(p)), f"convert {src.name}", progress):
+        for _, tensors in unit_progress(units, len(unit_layout(p)), f"convert {src.name}", progress):
             w.add_unit(tensors)
             del tensors  # one unit in memory at a time
         w.add_file(TOKENIZER, src / TOKENIZER, tokenizer=True)
@@ -238,10 +238,3 @@ def convert_hf(src: str | os.PathLike, dst: str | os.PathLike, dtype: str = "flo
             if (src / extra).is_file():
                 w.add_file(extra, src / extra)
     return w.dst
-
-
-def _progress(it, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return it
-    from tqdm import tqdm  # stderr by default
-    return tqdm(it, total=total, desc=desc, unit="unit")

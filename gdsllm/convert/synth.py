@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gdsllm.convert.hf import _progress
 from gdsllm.quant.policy import target_qtype
 from gdsllm.quant.schemes import QTensor
 from gdsllm.format.metadata import DTYPES, LlamaParams, unit_layout, unit_tensor_shapes
 from gdsllm.convert.synth_tokenizer import CHAT_TEMPLATE, BOS_ID, EOS_ID, synth_tokenizer_json, tokenizer_config
-from gdsllm.format.writer import ModelWriter
+from gdsllm.convert.writer import ModelWriter, unit_progress
 
 _BASE = dict(rms_norm_eps=1e-5, rope_scaling=None, bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,))
 SHAPES: dict[str, LlamaParams] = {
@@ -243,7 +242,7 @@ def synth(dst: str | os.PathLike, shape: str = "tiny", *, layers: int | None = N
         with ModelWriter(dst, p, dtype, chat_template=CHAT_TEMPLATE, source=source, architecture=arch,
                          quant=quant, group_size=group_size) as w:
             units = synth_units(p, seed, dtype, quant, group_size)
-            for (_, kind, layer), (_, _, tensors) in _progress(
+            for (_, kind, layer), (_, _, tensors) in unit_progress(
                     zip(unit_layout(p), units), len(unit_layout(p)), f"synth {shape}", progress):
                 w.add_unit(tensors)
                 if hf is not None:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from gdsllm.engine.kv_cache import kv_bytes_per_token
+from gdsllm.models.kv_cache import kv_bytes_per_token
 from gdsllm.engine.runner import Runner, compute_dtype
 from gdsllm.engine.sampling import Sampler
-from gdsllm.engine.views import unit_tensors
+from gdsllm.models.views import unit_tensors
 from gdsllm.engine.loader import UnitLoader
 from gdsllm.format.metadata import ModelMeta, load_model_meta
 from gdsllm.format.storage import aligned_host_buffer

@@ -28,7 +28,7 @@ import torch
 
 from gdsllm.engine.expert_set import ExpertSet
 from gdsllm.engine.planner import ALIGN, ResidencyPlan, plan_residency, shared_embedding
-from gdsllm.engine.views import unit_tensors
+from gdsllm.models.views import unit_tensors
 
 
 def _align(n: int) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gdsllm.engine.kv_cache import SCRATCH_BLOCK, blocks_for
+from gdsllm.models.kv_cache import SCRATCH_BLOCK, blocks_for
 from gdsllm.models.attention import PassBatch
 
 log = logging.getLogger("gdsllm.engine.graphs")

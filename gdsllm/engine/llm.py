@@ -33,7 +33,7 @@ from gdsllm.engine.runner import Runner, compute_dtype, default_kv_tokens
 from gdsllm.engine.sampling import Sampler, SamplingParams
 from gdsllm.engine.sequence import Generation, prompt_ids
 from gdsllm.engine.tokenizer import Tokenizer
-from gdsllm.engine.views import unit_tensors
+from gdsllm.models.views import unit_tensors
 from gdsllm.format.metadata import load_model_meta
 from gdsllm.format.storage import aligned_host_buffer
 
@@ -151,7 +151,7 @@ class LLM:
         if vram_budget is None:
             room = int(free_memory(self.device) * FIT)
             return None if self.meta.total_bytes <= room else room
-        from gdsllm.config import parse_size
+        from gdsllm.engine.budget import parse_size
         budget = parse_size(vram_budget) if isinstance(vram_budget, str) else vram_budget
         if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
             raise ValueError(f"vram_budget must be a positive number of bytes, got {vram_budget!r}")

@@ -21,14 +21,14 @@ import time
 import torch
 
 from gdsllm.format.metadata import ModelMeta, UnitMeta, verify_unit
-from gdsllm.format.storage import CudaReader, HostReader, _kvikio, aligned_host_buffer, probe_io_path
+from gdsllm.format.storage import CudaReader, HostReader, kvikio_module, aligned_host_buffer, probe_io_path
 
 
 class UnitLoader:
     def __init__(self, meta: ModelMeta, device: str | torch.device, direct: bool = True,
                  threads: int = 8):
         self.meta = meta
-        if torch.device(device).type == "cuda" and _kvikio() is not None:
+        if torch.device(device).type == "cuda" and kvikio_module() is not None:
             self.reader = CudaReader(direct=direct, threads=threads)
             self.io_path = self.reader.path
         else:  # the CPU, or CUDA without KvikIO (read into host memory, then copy)

@@ -23,7 +23,7 @@ A tied model stored once has no LM head in its head unit: the head multiplies by
 table the embed unit of the same pass was given, so that unit's buffer must still hold it when the
 head runs (gdsllm.engine.planner.plan_for keeps it resident).
 
-All sequences share one paged KV cache (gdsllm.engine.kv_cache) of `kv_tokens` tokens. Resident
+All sequences share one paged KV cache (gdsllm.models.kv_cache) of `kv_tokens` tokens. Resident
 units are `pin`ned once: on CUDA a decode pass (one token per sequence) replays a CUDA graph per
 run of consecutive pinned units and batch-size bucket (gdsllm.engine.graphs) instead of launching
 their kernels one by one; prompts and speculative chunks run eagerly.
@@ -39,7 +39,7 @@ from gdsllm.format.metadata import DTYPES, LlamaParams, UnitMeta, unit_layout
 from gdsllm.engine.graphs import DecodeGraphs, Static
 from gdsllm.engine.pass_state import PassState, chunked_pass, decode_pass
 from gdsllm.engine.expert_steps import ExpertSteps
-from gdsllm.engine.kv_cache import KVCacheFull, PagedKVCache, blocks_for
+from gdsllm.models.kv_cache import KVCacheFull, PagedKVCache, blocks_for
 
 
 def compute_dtype(device: torch.device, stored: str) -> torch.dtype:

@@ -4,7 +4,7 @@ A model directory holds `metadata.json` and one flat file per *unit* (`layer_000
 the embedding, each decoder block, then the final norm with the LM head. Every tensor starts at
 a 4 KiB-aligned offset and every file is padded to 4 KiB, so each unit can be read with
 O_DIRECT / cuFile in one aligned request. This module only describes and checks; the writer is
-`gdsllm.format.writer`, the readers are in `gdsllm.format.storage`.
+`gdsllm.convert.writer`, the readers are in `gdsllm.format.storage`.
 
     >>> meta = load_model_meta("~/.cache/gdsllm/smollm2-135m-instruct")
     >>> meta.units[1].tensors[0].name, meta.units[1].nbytes
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from gdsllm.format.family_params import FamilyParams, expert_index, family_fields, family_problem
+from gdsllm.format import quant_layout
 from gdsllm.format.layout import unit_layout, unit_tensor_shapes  # noqa: F401  (also imported from here)
 
 FORMAT_NAME = "gdsllm"
@@ -58,7 +59,7 @@ class TensorMeta:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
-    quant: "QuantMeta | None" = None  # noqa: F821 (gdsllm.quant.meta.QuantMeta)
+    quant: "QuantMeta | None" = None
 
     @property
     def spans(self) -> list[tuple[int, int]]:
@@ -166,9 +167,8 @@ def _require(cond: bool, where: Path, what: str) -> None:
 
 
 def _parse_tensor(d: dict, where: Path, unit_name: str) -> TensorMeta:
-    if isinstance(d, dict) and d.get("quant") is not None:  # read where the schemes live
-        from gdsllm.quant.meta import parse_tensor
-        return parse_tensor(d, where, unit_name)
+    if isinstance(d, dict) and d.get("quant") is not None:
+        return _parse_quant_tensor(d, where, unit_name)
     try:
         t = TensorMeta(str(d["name"]), str(d["dtype"]), tuple(int(s) for s in d["shape"]),
                        int(d["offset"]), int(d["nbytes"]))
@@ -286,3 +286,67 @@ def verify_unit(meta: ModelMeta, unit: UnitMeta, buf: torch.Tensor) -> None:
     if got != unit.checksum:
         raise FormatError(f"{meta.path(unit)}: checksum {got}, metadata says {unit.checksum} "
                           f"(unit {unit.name}); the file is corrupt")
+
+
+@dataclass(frozen=True)
+class QuantMeta:
+    """How a quantized tensor is stored (gdsllm.quant.schemes): its qtype, group size and layout,
+    and where its companion (scale, zero) tensor lies in the same unit file (4 KiB aligned)."""
+
+    qtype: str
+    group_size: int
+    layout: str
+    scales_offset: int
+    scales_nbytes: int
+
+    @classmethod
+    def from_json(cls, d: dict) -> "QuantMeta":
+        return cls(str(d["qtype"]), int(d["group_size"]), str(d["layout"]),
+                   int(d["scales_offset"]), int(d["scales_nbytes"]))
+
+    def to_json(self) -> dict:
+        return {"qtype": self.qtype, "group_size": self.group_size, "layout": self.layout,
+                "scales_offset": self.scales_offset, "scales_nbytes": self.scales_nbytes}
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        return [(self.scales_offset, self.scales_offset + self.scales_nbytes)]
+
+
+def _parse_quant_tensor(d: dict, where: Path, unit_name: str) -> TensorMeta:
+    """The TensorMeta of a quantized entry of metadata.json, checked (FormatError if not sound)."""
+    try:
+        t = TensorMeta(str(d["name"]), str(d["dtype"]), tuple(int(s) for s in d["shape"]),
+                       int(d["offset"]), int(d["nbytes"]), QuantMeta.from_json(d["quant"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{where}: unit {unit_name}: malformed tensor entry {d!r}: {e}") from None
+    return check_quant_tensor(t, where, unit_name)
+
+
+def check_quant_tensor(t: TensorMeta, where: Path, unit_name: str) -> TensorMeta:
+    """`t` if its quantized entry is consistent; FormatError naming the file and tensor if not."""
+    q = t.quant
+    assert q is not None
+    at = f"unit {unit_name} tensor {t.name}"
+
+    def require(cond: bool, what: str) -> None:
+        if not cond:
+            raise FormatError(f"{where}: {at}: {what}")
+
+    require(q.qtype in quant_layout.QTYPES, f"unsupported qtype {q.qtype!r}; this GdsLLM reads "
+            f"{', '.join(quant_layout.QTYPES)} (written by a newer GdsLLM?)")
+    require(t.dtype == q.qtype, f"dtype {t.dtype!r} but qtype {q.qtype!r}")
+    require(q.layout in quant_layout.LAYOUTS[q.qtype], f"{q.qtype} layout {q.layout!r} is not one this "
+            f"GdsLLM reads ({', '.join(quant_layout.LAYOUTS[q.qtype])}); convert the model again")
+    try:
+        quant_layout.check_shape(q.qtype, t.shape, q.group_size, at)
+    except ValueError as e:
+        raise FormatError(f"{where}: {e}") from None
+    require(t.offset % ALIGN == 0 and q.scales_offset % ALIGN == 0,
+            f"offsets {t.offset} / {q.scales_offset} are not {ALIGN}-byte aligned")
+    require(t.nbytes == quant_layout.data_nbytes(q.qtype, t.shape),
+            f"nbytes {t.nbytes} does not match {q.qtype} of shape {t.shape}")
+    require(q.scales_nbytes == quant_layout.scales_nbytes(q.qtype, t.shape, q.group_size),
+            f"scales_nbytes {q.scales_nbytes} does not match shape {t.shape} in groups of "
+            f"{q.group_size}")
+    return t

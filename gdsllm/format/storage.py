@@ -33,7 +33,7 @@ def aligned_host_buffer(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(m, dtype=torch.uint8)[:nbytes]
 
 
-def _kvikio():
+def kvikio_module():
     try:
         import kvikio  # noqa: F401  (optional extra `cuda`)
         import kvikio.defaults
@@ -48,7 +48,7 @@ def probe_io_path(device: str, direct: bool = True) -> str:
         return "buffered"
     if device == "cpu":
         return "posix"
-    kvikio = _kvikio()
+    kvikio = kvikio_module()
     if kvikio is None:
         return "posix"  # CUDA without KvikIO: O_DIRECT into host memory, then a copy
     # Without the nvidia-fs driver cuFile itself falls back to its own compatibility path even
@@ -117,7 +117,7 @@ class CudaReader:
     """
 
     def __init__(self, direct: bool = True, threads: int = 8, task_size: int = CHUNK):
-        kvikio = _kvikio()
+        kvikio = kvikio_module()
         if kvikio is None:
             raise RuntimeError("the CUDA backend needs KvikIO: pip install 'gdsllm[cuda]'")
         self.kvikio = kvikio

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gdsllm.engine.kv_cache import PagedKVCache
+from gdsllm.models.kv_cache import PagedKVCache
 from gdsllm.models.paged_attention import decode_attention
 
 

@@ -4,7 +4,7 @@ self-attention sub-block, the gated MLP, the final norm + LM head, and `linear`,
 where a stored weight meets a matmul (a quantized weight plugs in there). What differs between
 families is read from the parameters (`gdsllm.format.family_params`), never from the family name.
 
-Every function takes only its own unit's weights (the views `gdsllm.engine.views.unit_tensors` gives),
+Every function takes only its own unit's weights (the views `gdsllm.models.views.unit_tensors` gives),
 so unit k runs with nothing but unit k resident. Activations are flattened over all tokens of all
 sequences of a batch ([T, hidden]); only attention looks at sequence boundaries, through the
 `PassBatch` the runner builds once per pass (gdsllm.models.attention: the paged KV cache).

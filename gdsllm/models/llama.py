@@ -1,6 +1,6 @@
 """The LLaMA family: decoder block and final norm + LM head, one unit at a time.
 
-Every function takes only its own unit's weights (the views `gdsllm.engine.views.unit_tensors`
+Every function takes only its own unit's weights (the views `gdsllm.models.views.unit_tensors`
 gives), so unit k runs with nothing but unit k resident. Activations are flattened over all tokens
 of all sequences of a batch ([T, hidden]); only attention looks at sequence boundaries, through
 the `PassBatch` the runner passes (gdsllm.models.attention: the paged KV cache). The numerics follow

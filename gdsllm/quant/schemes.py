@@ -13,7 +13,7 @@ for int8 (a GGUF Q8_0 scale is a float16, kept exactly). Both live in the unit f
 4 KiB-aligned offset, inside the unit's checksum.
 
     qt = QTensor.from_values("int4", q, scale, zero, group_size=32)   # writing side
-    qw = QuantWeight(...)            # compute side: views over a unit's bytes (engine/views.py)
+    qw = QuantWeight(...)            # compute side: views over a unit's bytes (models/views.py)
     y = qw.linear(x)                 # the backend kernel (kernels_cpu / kernels_cuda)
 """
 from __future__ import annotations
@@ -22,63 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-QTYPES = ("int4", "int8")
-INT4_LAYOUT = "tinygemm-int32"  # the only int4 layout this GdsLLM writes and reads
-LAYOUTS = {"int4": (INT4_LAYOUT,), "int8": ("rowmajor-int8",)}
+from gdsllm.format.quant_layout import (GROUP_SIZES, INT4_LAYOUT, LAYOUTS, QTYPES,  # noqa: F401
+    SCALE_DTYPE_NAME, check_shape, data_nbytes, data_shape, inner_k_tiles, scales_nbytes, scales_shape)
+
 SCALE_DTYPE = {"int4": torch.bfloat16, "int8": torch.float16}
-SCALE_DTYPE_NAME = {"int4": "bfloat16", "int8": "float16"}
 DATA_DTYPE = {"int4": torch.int32, "int8": torch.int8}
-GROUP_SIZES = {"int4": (32, 64, 128, 256), "int8": (16, 32, 64, 128, 256)}  # 16: GGUF Q6_K
-
-
-def inner_k_tiles(k: int) -> int:
-    """Inner k-tiles of the int4 tile layout for an input dimension k: the largest of 8, 4, 2
-    with k a multiple of 16 * tiles (the kernel's widest loads where the shape allows)."""
-    for t in (8, 4, 2):
-        if k % (16 * t) == 0:
-            return t
-    raise ValueError(f"int4 needs an input dimension that is a multiple of 32, got {k}")
-
-
-def check_shape(qtype: str, shape: tuple[int, ...], group_size: int, where: str) -> None:
-    """ValueError naming `where` if `shape` cannot be quantized as `qtype` in groups of that size."""
-    if qtype not in QTYPES:
-        raise ValueError(f"{where}: unknown qtype {qtype!r} (this GdsLLM knows {', '.join(QTYPES)})")
-    if len(shape) != 2:
-        raise ValueError(f"{where}: only 2-D weights are quantized, got shape {tuple(shape)}")
-    n, k = shape
-    if group_size not in GROUP_SIZES[qtype]:
-        raise ValueError(f"{where}: {qtype} group size must be one of {GROUP_SIZES[qtype]}, "
-                         f"got {group_size}")
-    if k % group_size:
-        raise ValueError(f"{where}: group size {group_size} does not divide the input dimension "
-                         f"{k} of shape {tuple(shape)}; pick a --group-size that does")
-    if qtype == "int4" and n % 8:
-        raise ValueError(f"{where}: int4 needs an output dimension that is a multiple of 8, got {n}")
-
-
-def data_shape(qtype: str, shape: tuple[int, int]) -> tuple[int, ...]:
-    """Shape of the stored quantized values of a [N, K] weight (dtype DATA_DTYPE[qtype])."""
-    n, k = shape
-    if qtype == "int8":
-        return (n, k)
-    t = inner_k_tiles(k)
-    return (n // 8, k // (16 * t), 32, t // 2)
-
-
-def scales_shape(shape: tuple[int, int], group_size: int) -> tuple[int, int, int]:
-    n, k = shape
-    return (k // group_size, n, 2)
-
-
-def data_nbytes(qtype: str, shape: tuple[int, int]) -> int:
-    n, k = shape
-    return n * k // 2 if qtype == "int4" else n * k
-
-
-def scales_nbytes(qtype: str, shape: tuple[int, int], group_size: int) -> int:
-    n, k = shape
-    return (k // group_size) * n * 2 * 2  # two 2-byte floats per group and row
 
 
 @dataclass

@@ -9,7 +9,7 @@
 A request is admitted into the batch only when the KV cache of its prompt plus its max_tokens fits
 beside what the running requests hold, so an out-of-memory cannot fail a whole pass; the rest wait
 in order. The reservation is whole blocks of the compute worker's paged KV cache
-(gdsllm.engine.kv_cache), whose size the worker reports in ArenaOpened: `kv_cache_tokens` below,
+(gdsllm.models.kv_cache), whose size the worker reports in ArenaOpened: `kv_cache_tokens` below,
 from `--kv-budget` or else half the host's available memory on the CPU backend, 90% of the device
 memory left free once the arena is allocated on CUDA; at most --max-batch whole contexts.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from gdsllm.engine.kv_cache import BLOCK_SIZE, blocks_for, kv_bytes_per_token
+from gdsllm.models.kv_cache import BLOCK_SIZE, blocks_for, kv_bytes_per_token
 
 CPU_FRACTION = 0.5
 CUDA_FRACTION = 0.9

@@ -48,7 +48,7 @@ from ipc.messages import (RESIDENT, ArenaOpened, ComputeReady, Done, OpenArena, 
 from gdsllm.config import ServiceConfig
 from gdsllm.format.metadata import load_model_meta
 from gdsllm.engine.planner import shared_embedding
-from gdsllm.engine.views import unit_tensors
+from gdsllm.models.views import unit_tensors
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone

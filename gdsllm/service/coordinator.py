@@ -101,7 +101,7 @@ class Coordinator:
         self.front = sockets.router(self.ctx, self.config.endpoint, max_msg=MAX_MESSAGE_BYTES, curve=curve)
         self.front.setsockopt(zmq.SNDHWM, SNDHWM)
         m = self.metrics
-        from gdsllm import __version__
+        from gdsllm.version import __version__
         m.set_build_info(__version__, self.config.device, self.io_path)
         m.set_budget(self.config.vram_budget, self.plan.resident_bytes + self.draft_bytes)
         if self.config.metrics_port is not None:

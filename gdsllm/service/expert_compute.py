@@ -98,7 +98,7 @@ def _views(worker, unit, offset: int) -> dict:
     views = _state(worker).views
     got = views.get(offset)
     if got is None or got[0] != unit.index:
-        from gdsllm.engine.views import unit_tensors
+        from gdsllm.models.views import unit_tensors
         got = views[offset] = (unit.index, unit_tensors(unit, worker.arena.view(offset, unit.nbytes)))
     return got[1]
 

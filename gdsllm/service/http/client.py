@@ -16,7 +16,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import sys
 import urllib.parse
 from types import SimpleNamespace
 
@@ -127,26 +126,3 @@ def _error(status: int, reply: dict) -> ServiceError:
     e = ServiceError(err.get("code") or err.get("type") or str(status), f"HTTP {status}: {err.get('message')}")
     e.status = status
     return e
-
-
-def generate_cli(args) -> int:
-    """`gdsllm generate --endpoint http://...`: like the ZeroMQ one, through the HTTP API."""
-    from gdsllm.commands.generate import sampling_params
-    sp = sampling_params(args)  # the command's defaults, whichever endpoint serves it
-    params = dict(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
-                  seed=sp.seed)
-    messages = [{"role": "user", "content": args.prompt}] if args.chat else None
-    try:
-        with HttpClient(args.endpoint, timeout=10.0, api_key=getattr(args, "api_key", None)) as c:
-            h = c.health()  # a missing server is a clear error in seconds
-            if h.status != "ok":
-                raise ServiceError(h.status, f"{args.endpoint}: {getattr(h, 'detail', '')}")
-            c.timeout = 300.0  # one pass may take long
-            for delta in c.stream(None if messages else args.prompt, messages=messages, **params):
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-    except (ServiceError, TimeoutError) as e:
-        print(f"gdsllm generate: error: {e}", file=sys.stderr)
-        return 1
-    sys.stdout.write("\n")
-    return 0

@@ -29,7 +29,7 @@ import torch
 from gdsllm.format.metadata import (ALIGN, DTYPES, FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, FormatError,
                      SUPPORTED_ARCHITECTURES, LlamaParams, align_up, checksum, unit_file_name, unit_layout,
                      unit_tensor_shapes)
-from gdsllm.quant.meta import QuantMeta
+from gdsllm.format.metadata import QuantMeta
 from gdsllm.quant.policy import prepare
 from gdsllm.quant.schemes import LAYOUTS, QTensor
 
@@ -177,3 +177,11 @@ def _write_file(path: Path, data: memoryview) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def unit_progress(it, total: int, desc: str, enabled: bool):
+    """`it`, with a progress bar of units on stderr when `enabled` (every converter's bar)."""
+    if not enabled:
+        return it
+    from tqdm import tqdm  # stderr by default
+    return tqdm(it, total=total, desc=desc, unit="unit")

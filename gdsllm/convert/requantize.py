@@ -13,21 +13,20 @@ from pathlib import Path
 
 import torch
 
-from gdsllm.engine.views import unit_tensors
+from gdsllm.models.views import unit_tensors
 from gdsllm.format.metadata import load_model_meta, verify_unit
-from gdsllm.format.writer import ModelWriter
+from gdsllm.convert.writer import ModelWriter, unit_progress
 from gdsllm.quant.schemes import QuantWeight
 
 
 def requantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, group_size: int = 64,
                dtype: str | None = None, progress: bool = False,
                quant_device: str | None = None) -> Path:
-    from gdsllm.convert.hf import _progress
     meta = load_model_meta(src)
     with ModelWriter(dst, meta.params, dtype or meta.dtype, chat_template=meta.chat_template,
                      source=f"gdsllm:{meta.root}", quant=None if quant == "none" else quant,
                      group_size=group_size, quant_device=quant_device) as w:
-        for u in _progress(meta.units, len(meta.units), f"convert {meta.root.name}", progress):
+        for u in unit_progress(meta.units, len(meta.units), f"convert {meta.root.name}", progress):
             buf = torch.frombuffer(bytearray(meta.path(u).read_bytes()), dtype=torch.uint8)
             verify_unit(meta, u, buf)
             tensors = {k: v.dequantize(torch.float32) if isinstance(v, QuantWeight) else v

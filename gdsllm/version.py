@@ -1,0 +1,2 @@
+"""The version of GdsLLM, in the one place every layer may read it."""
+__version__ = "0.1.0"
