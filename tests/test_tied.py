@@ -74,7 +74,7 @@ def test_llm_matches_transformers_and_the_old_layout(tied, with_copy):
         assert [o.token_ids for o in old.generate(PROMPTS, GREEDY)] == [o.token_ids for o in outs]
     # streamed: everything but the embedding (pinned, whatever the budget: the head reads it)
     block = max(u.nbytes for u in m.meta.units[1:-1])
-    with LLM(str(d), vram_budget=m.meta.units[0].nbytes + block) as s:
+    with LLM(str(d), vram_budget=m.meta.units[0].nbytes + block, prefetch_window=1) as s:
         assert s.plan.resident_names == ["embed"] and len(s.plan.streamed) == len(s.meta.units) - 1
         assert [o.token_ids for o in s.generate(PROMPTS, GREEDY)] == [o.token_ids for o in outs]
 

@@ -10,8 +10,10 @@
     llm = LLM(target_dir, draft=draft_dir, draft_tokens=4)   # speculative decoding (engine.speculative)
 
 Weights live in one buffer laid out by the service's planner (gdsllm.engine.planner): what
-`vram_budget` allows stays resident, loaded once at start-up; the rest is streamed through one slot
-every step. Every read goes through gdsllm.engine.loader (O_DIRECT `preadv` into host memory on
+`vram_budget` allows stays resident, loaded once at start-up; the rest is streamed every step
+through `prefetch_window` rotating slots, read ahead by a reader thread while the device computes
+(gdsllm.engine.prefetch), the same window and default as the service's `--prefetch-window`. Every
+read goes through gdsllm.engine.loader (O_DIRECT `preadv` into host memory on
 the CPU; KvikIO straight into CUDA memory, or O_DIRECT + copy without KvikIO), its checksum
 verified on first read. The request rules (prompts, stop strings, eos, stop ids, max_tokens, the
 context limit) are gdsllm.engine.sequence's, the service's own. Each step runs all active
@@ -29,6 +31,7 @@ import torch
 
 from gdsllm.engine.loader import UnitLoader
 from gdsllm.engine.planner import plan_for
+from gdsllm.engine.prefetch import Prefetch
 from gdsllm.engine.runner import Runner, compute_dtype, default_kv_tokens
 from gdsllm.engine.sampling import Sampler, SamplingParams
 from gdsllm.engine.sequence import Generation, prompt_ids
@@ -89,11 +92,13 @@ class LLM:
                  io: str = "direct", cudnn_attention: bool = False,
                  vram_budget: int | str | None = None, draft: str | os.PathLike | None = None,
                  draft_tokens: int = 4, kv_tokens: int | None = None, cuda_graphs: bool = True,
-                 draft_adaptive: bool = True):
+                 draft_adaptive: bool = True, prefetch_window: int = 2):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
             raise ValueError(f"io must be direct or buffered, got {io!r}")
+        if isinstance(prefetch_window, bool) or not isinstance(prefetch_window, int) or not 1 <= prefetch_window <= 64:
+            raise ValueError(f"prefetch_window must be 1 to 64, got {prefetch_window!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda: no CUDA GPU is available to torch")
@@ -110,9 +115,9 @@ class LLM:
         self.experts = self._expert_slots = None  # a mixture of experts: gdsllm.engine.experts
         if self.meta.params.num_experts:
             from gdsllm.engine.experts import plan_moe
-            self.plan, self._expert_slots = plan_moe(self.meta, budget)
+            self.plan, self._expert_slots = plan_moe(self.meta, budget, prefetch_window)
         else:
-            self.plan = plan_for(self.meta, budget, window=1)
+            self.plan = plan_for(self.meta, budget, window=prefetch_window)
         self.loader = UnitLoader(self.meta, self.device, direct=io == "direct")
         self.io_path = self.loader.io_path
         try:
@@ -163,7 +168,6 @@ class LLM:
         n = self.plan.arena_bytes  # a mixture of experts: its expert slots included
         self._arena = (aligned_host_buffer(n) if self.device.type == "cpu"
                        else torch.empty(n, dtype=torch.uint8, device=self.device))
-        self._slot = self.plan.slot_offsets[0] if self.plan.streamed else None
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
         for u, off in sorted(self.plan.resident_offsets.items()):
             unit = self.meta.units[u]
@@ -174,8 +178,16 @@ class LLM:
         if es is not None:
             from gdsllm.engine.experts import ExpertCache
             self.experts = ExpertCache(self.meta, self._arena[es.offset:], es, self.loader)
+        self.prefetch = None
+        if self.plan.streamed:  # read ahead through the window, as the service's I/O worker does
+            slots = [self._arena[off: off + self.plan.slot_bytes] for off in self.plan.slot_offsets]
+            self.prefetch = Prefetch([self.meta.units[u] for u in self.plan.streamed], slots,
+                                     self.loader, self.device)
 
     def close(self) -> None:
+        if getattr(self, "prefetch", None) is not None:
+            self.prefetch.close()
+            self.prefetch = None
         self.loader.close()
 
     def __enter__(self) -> "LLM":
@@ -193,17 +205,18 @@ class LLM:
                 if unit.kind == "expert":  # read only when routed, through the expert cache
                     continue
                 weights = self._resident.get(unit.index)
-                if weights is None:
-                    self.runner.fence()  # the slot still feeds the previous streamed unit's kernels
-                    buf = self._arena[self._slot: self._slot + unit.nbytes]
-                    self.loader.load(unit, buf)
-                    weights = unit_tensors(unit, buf)
-                self.runner.run_unit(unit, weights)
+                if weights is not None:
+                    self.runner.run_unit(unit, weights)
+                else:  # streamed: read ahead by the prefetch window, its slot freed once run
+                    self.runner.run_unit(unit, self.prefetch.take(unit))
+                    self.prefetch.release()
                 if self.experts is not None and unit.kind == "block":
                     self.experts.run_layer(self.runner, unit.layer)
             return self.runner.end_pass()
         except BaseException:
             self.runner.abort_pass()
+            if self.prefetch is not None:
+                self.prefetch.realign()
             raise
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
