@@ -52,7 +52,7 @@ def main() -> None:
     llm.close()
     print(f"text: {''.join(pieces)!r}")
     print(f"{len(pieces)} pieces in {total:.2f} s; {streamed / 1e6:.1f} MB read from storage "
-          f"while generating ({streamed / total / 1e9:.2f} GB/s)")
+          f"while generating ({streamed / total / 1e6:.1f} MB/s)")
 
 
 if __name__ == "__main__":

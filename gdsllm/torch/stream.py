@@ -74,7 +74,8 @@ class _Reader:
     def close(self) -> None:
         self.stop.set()
         self.free.put(_STOP)
-        self.thread.join()
+        if threading.current_thread() is not self.thread:  # the collector may run anywhere
+            self.thread.join()
         self.loader.close()
 
 

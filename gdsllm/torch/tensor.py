@@ -35,6 +35,9 @@ def _reader(kind: str) -> HostReader | CudaReader:
     return CudaReader(direct=True) if kind == "cuda" else HostReader(direct=True)
 
 
+os.register_at_fork(after_in_child=_reader.cache_clear)  # a reader's threads stay in the parent
+
+
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
