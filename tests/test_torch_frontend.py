@@ -128,6 +128,8 @@ def test_gds_tensor_errors_name_the_file(tmp_path):
         assert str(kw["path"]) in msg and "\n" not in msg, msg
     with pytest.raises(ValueError, match="shape must be non-negative"):
         gds_tensor(path, (-1, 2), torch.uint8, device="cpu")
+    with pytest.raises(ValueError, match=f"{path}: device must be cpu or cuda, got 'meta'"):
+        gds_tensor(path, (2,), torch.uint8, device="meta")
     with pytest.raises(ValueError, match="not a torch dtype: 'floaty'"):
         gds_tensor(path, (2,), "floaty", device="cpu")
     if not torch.cuda.is_available():

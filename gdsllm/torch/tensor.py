@@ -65,6 +65,8 @@ def gds_tensor(path: str | os.PathLike, shape, dtype: torch.dtype | str, offset:
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"{path}: offset must be a non-negative integer, got {offset!r}")
     dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{path}: device must be cpu or cuda, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{path}: device {dev}: no CUDA GPU is available to torch")
     nbytes = math.prod(shape) * dtype.itemsize
