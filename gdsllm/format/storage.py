@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from gdsllm.format.metadata import ALIGN
+from gdsllm.format.metadata import ALIGN, align_up
 
 CHUNK = 16 << 20  # bytes per read request; large requests keep the device queue full
 IO_PATHS = ("gds", "compat", "posix", "buffered")
@@ -86,9 +86,13 @@ class HostReader:
             raise OSError(e.errno, f"cannot open {path} ({'O_DIRECT' if self.direct else 'buffered'}): "
                           f"{e.strerror}") from None
 
-    def read(self, path: str | os.PathLike, buf: torch.Tensor, nbytes: int) -> int:
-        """Read the first `nbytes` (a multiple of 4 KiB) of `path` into host uint8 tensor `buf`."""
-        assert nbytes % ALIGN == 0 and buf.numel() >= nbytes, (nbytes, buf.numel())
+    def read(self, path: str | os.PathLike, buf: torch.Tensor, nbytes: int, offset: int = 0) -> int:
+        """Read `nbytes` of `path` from `offset` (a multiple of 4 KiB) into host uint8 tensor `buf`.
+
+        Every request is 4 KiB-aligned: an `nbytes` that is not a multiple of 4 KiB (a range that
+        ends at an unpadded end of file) rounds the last request up, so `buf` must hold
+        `align_up(nbytes)` bytes; that request must still return the bytes asked for."""
+        assert offset % ALIGN == 0 and buf.numel() >= align_up(nbytes), (offset, nbytes, buf.numel())
         assert buf.device.type == "cpu" and buf.dtype == torch.uint8
         path = Path(path)
         fd = self._open(path)
@@ -97,11 +101,11 @@ class HostReader:
 
             def one(off: int) -> int:
                 n = min(CHUNK, nbytes - off)
-                got = os.preadv(fd, [mv[off: off + n]], off)
-                if got != n:
-                    raise OSError(f"{path}: short read at offset {off}: {got} of {n} bytes; "
-                                  f"truncated file?")
-                return got
+                got = os.preadv(fd, [mv[off: off + align_up(n)]], offset + off)
+                if got < n:
+                    raise OSError(f"{path}: short read at offset {offset + off}: {got} of {n} "
+                                  f"bytes; truncated file?")
+                return n
 
             return sum(f.result() for f in [self.pool.submit(one, o) for o in range(0, nbytes, CHUNK)])
         finally:
@@ -132,15 +136,17 @@ class CudaReader:
     def __exit__(self, *exc) -> None:
         pass
 
-    def submit(self, path: str | os.PathLike, dev_buf, nbytes: int):
-        """Start reading `nbytes` of `path` into device buffer `dev_buf` (anything with
-        `__cuda_array_interface__`); returns an `IOFuture` whose `.get()` gives the bytes read."""
+    def submit(self, path: str | os.PathLike, dev_buf, nbytes: int, offset: int = 0):
+        """Start reading `nbytes` of `path` from `offset` into device buffer `dev_buf` (anything
+        with `__cuda_array_interface__`); returns an `IOFuture` whose `.get()` gives the bytes
+        read. Keep `offset` and `nbytes` 4 KiB-aligned (except at the end of the file): KvikIO
+        may read an unaligned head or tail through the page cache."""
         f = self.kvikio.CuFile(str(path), "r")
-        fut = f.pread(dev_buf, nbytes, 0)
+        fut = f.pread(dev_buf, nbytes, offset)
         return _ClosingFuture(f, fut, Path(path), nbytes)
 
-    def read(self, path: str | os.PathLike, dev_buf, nbytes: int) -> int:
-        return self.submit(path, dev_buf, nbytes).get()
+    def read(self, path: str | os.PathLike, dev_buf, nbytes: int, offset: int = 0) -> int:
+        return self.submit(path, dev_buf, nbytes, offset).get()
 
 
 class _ClosingFuture:
