@@ -14,7 +14,7 @@
 Every read takes the runtime's own path (gdsllm.format.storage through gdsllm.engine.loader):
 KvikIO straight into VRAM on CUDA (`gds`, or `compat`: O_DIRECT through pinned bounce buffers),
 O_DIRECT into host memory on the CPU (`posix`); never the page cache. Tensors are views over the
-buffers that hold the bytes (gdsllm.engine.views): see `Unit` for how long they stay valid.
+buffers that hold the bytes (gdsllm.models.views): see `Unit` for how long they stay valid.
 This package sits on top of the others; nothing in gdsllm imports it.
 """
 from gdsllm.torch.model import OpenModel, open_model

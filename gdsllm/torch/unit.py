@@ -5,7 +5,7 @@
     unit.name, unit.kind, unit.layer    # "block.3", "block", 3 (gdsllm.format.metadata.UnitMeta)
     unit.release()                      # or `with unit:`; then unit[...] raises
 
-The views are gdsllm.engine.views's: they share the buffer's memory and copy nothing. `release()`
+The views are gdsllm.models.views's: they share the buffer's memory and copy nothing. `release()`
 hands the buffer back to whoever owns it (open_model frees it, stream_layers refills it with a
 later unit): a view kept past that either keeps the memory alive (open_model) or silently shows
 the later unit's bytes (stream_layers). `.clone()` what you keep.
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from gdsllm.engine.views import unit_tensors
+from gdsllm.models.views import unit_tensors
 from gdsllm.format.metadata import UnitMeta
 from gdsllm.quant.schemes import QuantWeight
 
