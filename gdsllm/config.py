@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gdsllm.engine.budget import DEFAULT_MAX_BATCH, DEFAULT_WINDOW
+
 
 @dataclass(frozen=True)
 class ServiceConfig:
@@ -28,13 +30,13 @@ class ServiceConfig:
     model: Path
     device: str = "cpu"
     vram_budget: int | None = None
-    prefetch_window: int = 2
+    prefetch_window: int = DEFAULT_WINDOW
     io_mode: str = "direct"
     require_gds: bool = False
     endpoint: str = "tcp://127.0.0.1:5555"
     metrics_port: int | None = 9400  # None: no /metrics server
     metrics_host: str = "127.0.0.1"
-    max_batch: int = 16  # sequences served by one weight pass
+    max_batch: int = DEFAULT_MAX_BATCH  # sequences served by one weight pass
     max_waiting: int = 4096  # requests queued behind the batch before new ones get Error(busy)
     io_threads: int = 8
     startup_timeout_s: float = 120.0

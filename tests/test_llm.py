@@ -162,7 +162,7 @@ def test_resident_units_are_read_once(llm, tiny):
         assert m.plan.streamed == () and m.generate("resident", GREEDY).token_ids == want.token_ids
     with pytest.raises(ValueError, match="too small"):
         LLM(str(tiny[1]), vram_budget=4096)
-    with pytest.raises(ValueError, match="vram_budget must be"):
+    with pytest.raises(ValueError, match="must be a positive number of bytes"):
         LLM(str(tiny[1]), vram_budget=-5)
 
 

@@ -131,3 +131,39 @@ def test_llm_tokens_equal_resident_for_every_window(tiny):
             assert [o.token_ids for o in got] == [o.token_ids for o in want]
     with pytest.raises(ValueError, match="prefetch_window must be 1 to 64"):
         LLM(str(tiny), prefetch_window=0)
+
+
+@pytest.mark.gpu
+def test_llm_on_cuda_streams_through_the_window_with_the_resident_tokens(tiny):
+    """On CUDA a slot is refilled only after its previous unit's kernels ran (an event per slot):
+    streamed tokens equal the resident model's for every window, graphs on."""
+    meta = load(tiny)
+    with LLM(str(tiny), device="cuda") as m:
+        want = [o.token_ids for o in m.generate(["window", "two prompts", "x"], GREEDY)]
+    block = max(u.nbytes for u in meta.units[1:-1])
+    for window in (1, 2, 3):
+        budget = meta.units[0].nbytes + meta.units[-1].nbytes + window * block + 8192
+        with LLM(str(tiny), device="cuda", vram_budget=budget, prefetch_window=window) as m:
+            assert m.plan.streamed and m.prefetch.window == window
+            for _ in range(2):
+                assert [o.token_ids for o in m.generate(["window", "two prompts", "x"], GREEDY)] == want
+
+
+@pytest.mark.gpu
+def test_a_script_that_leaves_a_streaming_llm_open_exits_cleanly(tiny, tmp_path):
+    """The reader thread may be inside a read (KvikIO, C++) when the interpreter ends: an atexit
+    hook stops it first (without it the H200 run ended in std::terminate)."""
+    import subprocess
+    import sys
+    meta = load(tiny)
+    block = max(u.nbytes for u in meta.units[1:-1])
+    budget = meta.units[0].nbytes + meta.units[-1].nbytes + block + 8192
+    script = tmp_path / "leave_open.py"
+    script.write_text(
+        "from gdsllm import LLM, SamplingParams\n"
+        f"llm = LLM({str(tiny)!r}, device='cuda', vram_budget={budget}, prefetch_window=1)\n"
+        "print(len(llm.generate('x', SamplingParams(max_tokens=3, temperature=0)).token_ids))\n")
+    for _ in range(3):
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.strip() == "3", r.stderr[-2000:]
+        assert "terminate" not in r.stderr

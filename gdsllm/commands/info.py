@@ -1,5 +1,7 @@
-"""`gdsllm info [-m MODEL]`: what a model is (architecture, parameters, dtype, qtype and bytes per unit) and
-which I/O path this machine would take to stream it (gds / compat / posix).
+"""`gdsllm info [-m MODEL] [--vram-budget X]`: what a model is (architecture, parameters, dtype, qtype and
+bytes per unit), which I/O path this machine would take to stream it (gds / compat / posix), and the
+VRAM ledger's plan before anything loads: what stays resident, the streaming and expert slots, the
+draft, and the KV cache the memory free now would give (gdsllm.engine.budget, as LLM and serve plan).
 """
 from __future__ import annotations
 
@@ -7,6 +9,13 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="describe a model and this machine's I/O path")
     p.add_argument("-m", "--model", default=None, help="model directory (default: embedded model)")
+    p.add_argument("--vram-budget", default=None, metavar="SIZE",
+                   help="plan for this budget of device memory for weights, e.g. 8GiB (default: as serve)")
+    p.add_argument("--prefetch-window", type=int, default=None, metavar="W",
+                   help="streaming slots to plan for (default: as serve, 2)")
+    p.add_argument("--draft", default=None, metavar="MODEL", help="plan with this draft model resident")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="the device to plan for (default: cuda if usable, else cpu)")
     p.set_defaults(func=run)
 
 
@@ -90,7 +99,36 @@ def describe(root) -> str:
     return "\n".join(lines)
 
 
+def memory_plan(root, device: str, vram_budget: str | None, window: int | None, draft) -> list[str]:
+    """The VRAM ledger's plan for `root` on `device` (nothing is loaded), in words."""
+    from gdsllm.engine.budget import (DEFAULT_WINDOW, free_device_bytes, kv_tokens, parse_size, plan_memory,
+                                      weights_budget)
+    from gdsllm.engine.speculative import load_draft_meta
+    from gdsllm.format.metadata import ITEMSIZE, load_model_meta
+    meta = load_model_meta(root)
+    try:
+        asked = parse_size(vram_budget) if vram_budget else None
+    except ValueError as e:
+        raise ValueError(f"--vram-budget: {e}") from None
+    dmeta = load_draft_meta(meta, draft) if draft else None
+    free = free_device_bytes(device)
+    budget = weights_budget(asked, meta.total_bytes + (dmeta.total_bytes if dmeta else 0), free)
+    plan = plan_memory(meta, budget=budget, window=window or DEFAULT_WINDOW, draft=dmeta)
+    itemsize = 4 if device == "cpu" else ITEMSIZE[meta.dtype]
+    per_token = 2 * meta.params.num_hidden_layers * meta.params.num_key_value_heads * meta.params.head_dim * itemsize
+    left = None if free is None else max(free - plan.device_bytes, 0)
+    kv = kv_tokens(meta.params, itemsize, device=device, free_bytes=left)
+    lines = [f"plan on       {device}" + ("" if free is None else f" ({_size(free)} free now)")]
+    lines += plan.describe(meta, kv, per_token)
+    return lines
+
+
 def run(args) -> int:
     from gdsllm.convert.default_model import resolve_model
-    print(describe(resolve_model(args.model)))
+    root = resolve_model(args.model)
+    print(describe(root))
+    from gdsllm.commands.serve import pick_device
+    device = pick_device(args.device, service=False)
+    print()
+    print("\n".join(memory_plan(root, device, args.vram_budget, args.prefetch_window, args.draft)))
     return 0

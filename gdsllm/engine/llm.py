@@ -30,9 +30,10 @@ from typing import Iterator
 import torch
 
 from gdsllm.engine.loader import UnitLoader
-from gdsllm.engine.planner import plan_for
+from gdsllm.engine.budget import free_device_bytes, parse_size, plan_memory, weights_budget
+from gdsllm.engine.budget import kv_tokens as budget_kv_tokens
 from gdsllm.engine.prefetch import Prefetch
-from gdsllm.engine.runner import Runner, compute_dtype, default_kv_tokens
+from gdsllm.engine.runner import Runner, compute_dtype
 from gdsllm.engine.sampling import Sampler, SamplingParams
 from gdsllm.engine.sequence import Generation, prompt_ids
 from gdsllm.engine.tokenizer import Tokenizer
@@ -41,8 +42,6 @@ from gdsllm.format.metadata import load_model_meta
 from gdsllm.format.storage import aligned_host_buffer
 
 log = logging.getLogger("gdsllm.engine.llm")
-FIT = 0.9  # share of the device's free memory the default budget may take for weights
-KV_FIT = 0.1  # share of the free device memory the default KV cache may take
 
 
 @dataclass
@@ -67,26 +66,14 @@ def resolve(model: str | os.PathLike | None) -> Path:
     return resolve_model(model)
 
 
-def free_memory(device: torch.device) -> int:
-    """Bytes free for weights on `device`: free VRAM on CUDA, MemAvailable on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 class LLM:
     """The model on one device. `vram_budget`: bytes (or a size such as "4GiB") of device memory
-    for weights (host memory on the CPU): resident units plus one streaming slot, as the
-    service's --vram-budget. The default, None, keeps everything resident when the model fits
-    in 90% of the device's free memory (free VRAM; MemAvailable on the CPU), and otherwise pins
-    as much as fits there and streams the rest from storage every step."""
+    for weights (host memory on the CPU): a draft, resident units and `prefetch_window` streaming
+    slots, as the service's --vram-budget. The default, None, keeps everything resident when the
+    model fits in 90% of the device's free memory (free VRAM; MemAvailable on the CPU), and
+    otherwise pins as much as fits there and streams the rest from storage every step. The KV
+    cache takes its share of what is left (`kv_tokens` fixes it). The rules are the VRAM ledger's
+    (gdsllm.engine.budget), the service's own."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
                  io: str = "direct", cudnn_attention: bool = False,
@@ -105,35 +92,42 @@ class LLM:
         self.meta = load_model_meta(resolve(model))
         self.dtype = compute_dtype(self.device, self.meta.dtype)
         self.tokenizer = Tokenizer(self.meta) if self.meta.tokenizer_file else None
-        self.runner = Runner(self.meta.params, self.device, self.dtype,
-                             cudnn_attention=cudnn_attention, architecture=self.meta.architecture,
-                             kv_tokens=kv_tokens or self._kv_tokens(), cuda_graphs=cuda_graphs)
-        budget = self._budget(vram_budget)
+        draft_meta = None
         if draft is not None:  # speculative decoding: the resident draft's bytes come first
-            from gdsllm.engine.speculative import reserve_draft
-            budget = reserve_draft(self.meta, draft, budget)[1]
-        self.experts = self._expert_slots = None  # a mixture of experts: gdsllm.engine.experts
-        if self.meta.params.num_experts:
-            from gdsllm.engine.experts import plan_moe
-            self.plan, self._expert_slots = plan_moe(self.meta, budget, prefetch_window)
-        else:
-            self.plan = plan_for(self.meta, budget, window=prefetch_window)
+            from gdsllm.engine.speculative import load_draft_meta
+            draft_meta = load_draft_meta(self.meta, draft)
+        # the VRAM ledger (gdsllm.engine.budget): the rules and defaults of `gdsllm serve`
+        asked = parse_size(vram_budget) if isinstance(vram_budget, str) else vram_budget
+        budget = weights_budget(asked, self.meta.total_bytes + (draft_meta.total_bytes if draft_meta else 0),
+                                free_device_bytes(str(self.device)))
+        self.memory = plan_memory(self.meta, budget=budget, window=prefetch_window, draft=draft_meta)
+        self.plan, self._expert_slots = self.memory.weights, self.memory.expert_slots
+        self.experts = self.prefetch = self.speculator = self.draft_tokens = None
         self.loader = UnitLoader(self.meta, self.device, direct=io == "direct")
         self.io_path = self.loader.io_path
         try:
+            self._arena = (aligned_host_buffer(self.plan.arena_bytes) if self.device.type == "cpu"
+                           else torch.empty(self.plan.arena_bytes, dtype=torch.uint8, device=self.device))
+            if draft is not None:
+                from gdsllm.engine.speculative import make_speculator
+                self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens,
+                                                  adaptive=draft_adaptive, kv_tokens=1)
+                self.draft_tokens = draft_tokens
+            if kv_tokens is None:  # what is left once the weights are allocated, as the service
+                extra = self.speculator.draft.kv_token_bytes if self.speculator is not None else 0
+                kv_tokens = budget_kv_tokens(self.meta.params, self.dtype.itemsize, device=str(self.device),
+                                             free_bytes=free_device_bytes(str(self.device)),
+                                             extra_per_token=extra)
+            self.runner = Runner(self.meta.params, self.device, self.dtype,
+                                 cudnn_attention=cudnn_attention, architecture=self.meta.architecture,
+                                 kv_tokens=kv_tokens, cuda_graphs=cuda_graphs)
+            if self.speculator is not None:  # the draft holds the same sequences: the same KV room
+                self.speculator.draft.size_kv(self.runner.cache.capacity)
             self._load_resident()
         except BaseException:
-            self.loader.close()
+            self.close()
             raise
         self._next_seq = 0
-        self.speculator = self.draft_tokens = None
-        if draft is not None:
-            from gdsllm.engine.speculative import make_speculator
-            c = self.runner.cache  # the draft holds the same sequences: the same KV room
-            self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens,
-                                              adaptive=draft_adaptive,
-                                              kv_tokens=(c.num_blocks - 1) * c.block_size)
-            self.draft_tokens = draft_tokens
         p = self.plan
         log.info("model %s: %d units, %s, %.1f MB; device %s (%s compute); io path %s; "
                  "%d units resident (%.1f MB), %d streamed per step", self.meta.root,
@@ -141,33 +135,10 @@ class LLM:
                  str(self.dtype).removeprefix("torch."), self.io_path, len(p.resident_offsets),
                  p.resident_bytes / 1e6, len(p.streamed))
 
-    def _kv_tokens(self) -> int:
-        """The KV cache's default size: gdsllm.engine.runner's default, on CUDA at most what
-        KV_FIT of the free memory holds (never under one context's worth)."""
-        p = self.meta.params
-        tokens = default_kv_tokens(p)
-        if self.device.type == "cuda":
-            per_token = 2 * p.num_hidden_layers * p.num_key_value_heads * p.head_dim * self.dtype.itemsize
-            room = int(free_memory(self.device) * KV_FIT) // per_token
-            tokens = min(tokens, max(room, p.max_position_embeddings))
-        return tokens
-
-    def _budget(self, vram_budget) -> int | None:
-        if vram_budget is None:
-            room = int(free_memory(self.device) * FIT)
-            return None if self.meta.total_bytes <= room else room
-        from gdsllm.engine.budget import parse_size
-        budget = parse_size(vram_budget) if isinstance(vram_budget, str) else vram_budget
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0:
-            raise ValueError(f"vram_budget must be a positive number of bytes, got {vram_budget!r}")
-        return budget
-
     def _load_resident(self) -> None:
-        """Allocate the buffer the plan lays out; read (and verify) every resident unit once."""
+        """Read (and verify) every resident unit once into the arena the plan lays out; set up the
+        expert cache and the prefetch window over the rest of it."""
         es = self._expert_slots
-        n = self.plan.arena_bytes  # a mixture of experts: its expert slots included
-        self._arena = (aligned_host_buffer(n) if self.device.type == "cpu"
-                       else torch.empty(n, dtype=torch.uint8, device=self.device))
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
         for u, off in sorted(self.plan.resident_offsets.items()):
             unit = self.meta.units[u]
@@ -178,14 +149,13 @@ class LLM:
         if es is not None:
             from gdsllm.engine.experts import ExpertCache
             self.experts = ExpertCache(self.meta, self._arena[es.offset:], es, self.loader)
-        self.prefetch = None
         if self.plan.streamed:  # read ahead through the window, as the service's I/O worker does
             slots = [self._arena[off: off + self.plan.slot_bytes] for off in self.plan.slot_offsets]
             self.prefetch = Prefetch([self.meta.units[u] for u in self.plan.streamed], slots,
                                      self.loader, self.device)
 
     def close(self) -> None:
-        if getattr(self, "prefetch", None) is not None:
+        if self.prefetch is not None:
             self.prefetch.close()
             self.prefetch = None
         self.loader.close()

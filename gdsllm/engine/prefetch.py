@@ -19,12 +19,26 @@ slot), so a slot is never overwritten under a running kernel. A failed read is r
 """
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 
 import torch
 
 from gdsllm.format.metadata import UnitMeta
 from gdsllm.models.views import unit_tensors
+
+
+_OPEN: "weakref.WeakSet[Prefetch]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop every reader before the interpreter goes: a daemon thread still inside a read (KvikIO
+    is C++) when the runtime tears down ends the process with std::terminate (seen on the H200
+    when a script left an LLM open)."""
+    for pf in list(_OPEN):
+        pf.close()
 
 
 class Prefetch:
@@ -37,6 +51,7 @@ class Prefetch:
         self.thread: threading.Thread | None = None
         self.reads = 0  # units read so far (for tests and logs)
         self._begin(0)
+        _OPEN.add(self)
 
     @property
     def window(self) -> int:
@@ -128,3 +143,4 @@ class Prefetch:
 
     def close(self) -> None:
         self._stop()
+        _OPEN.discard(self)

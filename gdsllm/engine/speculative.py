@@ -52,19 +52,15 @@ def make_speculator(target_meta, draft, device, draft_tokens: int = 4, adaptive:
                       adaptive=adaptive)
 
 
-def reserve_draft(target_meta, draft, budget: int | None) -> tuple[int, int | None]:
-    """Check the draft at path `draft` against the target (ValueError naming both on a mismatch);
-    its bytes and what `budget` (None: unlimited) leaves for the target's weights."""
+def load_draft_meta(target_meta, draft):
+    """The draft model at path `draft`, checked against the target (ValueError naming both on a
+    mismatch); its bytes are the VRAM ledger's first claim (gdsllm.engine.budget.plan_memory)."""
     from pathlib import Path
 
     from gdsllm.format.metadata import load_model_meta
     meta = load_model_meta(Path(draft).expanduser())
     check_draft(target_meta, meta)
-    n = meta.total_bytes
-    if budget is not None and budget - n <= 0:
-        raise ValueError(f"the draft model {meta.root} needs {n} bytes, the whole VRAM budget of "
-                         f"{budget} bytes: raise --vram-budget or pick a smaller draft")
-    return n, None if budget is None else budget - n
+    return meta
 
 
 def draft_count(requested: int | None, default: int, remaining: int) -> int:

@@ -10,42 +10,22 @@ A request is admitted into the batch only when the KV cache of its prompt plus i
 beside what the running requests hold, so an out-of-memory cannot fail a whole pass; the rest wait
 in order. The reservation is whole blocks of the compute worker's paged KV cache
 (gdsllm.models.kv_cache), whose size the worker reports in ArenaOpened: `kv_cache_tokens` below,
-from `--kv-budget` or else half the host's available memory on the CPU backend, 90% of the device
-memory left free once the arena is allocated on CUDA; at most --max-batch whole contexts.
+from `--kv-budget` or else the VRAM ledger's share of the memory left once the arena is allocated
+(gdsllm.engine.budget, the same rule as gdsllm.LLM's); at most --max-batch whole contexts.
 """
 from __future__ import annotations
 
 from collections import Counter
 
+from gdsllm.engine.budget import kv_tokens
 from gdsllm.models.kv_cache import BLOCK_SIZE, blocks_for, kv_bytes_per_token
-
-CPU_FRACTION = 0.5
-CUDA_FRACTION = 0.9
-
-
-def host_available_bytes() -> int:
-    """MemAvailable from /proc/meminfo (bytes)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("/proc/meminfo has no MemAvailable line")
 
 
 def kv_cache_tokens(meta, config, free_bytes: int | None, extra_per_token: int = 0) -> int:
-    """Tokens of the compute worker's KV cache: --kv-budget, or a share of the memory left once
-    the arena is allocated (`free_bytes` on CUDA, MemAvailable on the CPU); at most --max-batch
-    contexts of the model. `extra_per_token`: bytes another cache adds per token of this one,
-    from the same budget (a draft model's: it holds the same sequences)."""
-    p = meta.params
-    budget = config.kv_budget
-    if budget is None:
-        if config.device == "cpu" or free_bytes is None:
-            budget = int(host_available_bytes() * CPU_FRACTION)
-        else:
-            budget = int(free_bytes * CUDA_FRACTION)
-    per_token = kv_bytes_per_token(p, _itemsize(meta, config)) + extra_per_token
-    return max(BLOCK_SIZE, min(budget // per_token, config.max_batch * p.max_position_embeddings))
+    """Tokens of the compute worker's KV cache, by the VRAM ledger's rule (gdsllm.engine.budget
+    kv_tokens): --kv-budget, or a share of the memory left once the arena is allocated."""
+    return kv_tokens(meta.params, _itemsize(meta, config), device=config.device, free_bytes=free_bytes,
+                     kv_budget=config.kv_budget, max_batch=config.max_batch, extra_per_token=extra_per_token)
 
 
 def _itemsize(meta, config) -> int:

@@ -27,7 +27,7 @@ from ipc.messages import (Cancel, Done, Error, Generate, Health, HealthReply, Pa
                           decode, encode)
 
 from gdsllm.config import ServiceConfig
-from gdsllm.engine.planner import plan_for
+from gdsllm.engine.budget import free_device_bytes, plan_memory, weights_budget
 from gdsllm.service.admission import Admission
 from gdsllm.service.metrics import ServiceMetrics
 from gdsllm.service.progress import PassProgress
@@ -55,16 +55,15 @@ class Coordinator:
         p = self.meta.params
         self.eos_ids = frozenset(p.eos_token_ids)
         self.max_context = p.max_position_embeddings
-        budget, self.draft_bytes = config.vram_budget, 0
+        draft = None
         if config.draft is not None:  # speculative decoding: the resident draft's bytes come first
-            from gdsllm.engine.speculative import reserve_draft
-            self.draft_bytes, budget = reserve_draft(self.meta, config.draft, budget)
-        self.expert_slots = None  # a mixture of experts: routed experts load into these slots
-        if p.num_experts:
-            from gdsllm.engine.experts import plan_moe
-            self.plan, self.expert_slots = plan_moe(self.meta, budget, config.prefetch_window)
-        else:
-            self.plan = plan_for(self.meta, budget, config.prefetch_window)
+            from gdsllm.engine.speculative import load_draft_meta
+            draft = load_draft_meta(self.meta, config.draft)
+        budget = weights_budget(config.vram_budget, self.meta.total_bytes + (draft.total_bytes if draft else 0),
+                                free_device_bytes(config.device))
+        self.memory = plan_memory(self.meta, budget=budget, window=config.prefetch_window, draft=draft)
+        self.plan, self.expert_slots = self.memory.weights, self.memory.expert_slots
+        self.draft_bytes = self.memory.draft_bytes
         self.metrics = ServiceMetrics()
         self.targets = (io_target, compute_target)
         self.workers: WorkerSet | None = None

@@ -89,7 +89,7 @@ class LayerStream:
         self.device = check_device(device)
         self.meta = model_meta(model)
         if isinstance(budget, str):
-            from gdsllm.config import parse_size
+            from gdsllm.engine.budget import parse_size
             budget = parse_size(budget)
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
             raise ValueError(f"budget must be a positive number of bytes, got {budget!r}")
