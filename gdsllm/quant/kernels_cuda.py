@@ -1,19 +1,20 @@
 """CUDA kernels for quantized weights, reading the packed bytes where they landed (a VRAM slot).
 
-    y = linear(qw, x)      # x [T, K] (float16 / bfloat16) -> [T, N] in x's dtype
+    y = linear(qw, x)      # x [T, K] (float16 / bfloat16 / float32) -> [T, N] in x's dtype
 
-- int4: `torch.ops.aten._weight_int4pack_mm` over the stored int32 tile layout and the stored
-  bfloat16 (scale, zero) pairs: no repack, no copy of the weight. Activations are cast to
-  bfloat16 (the kernel's only input dtype) and the result back. Measured on an H200 (torch 2.11,
-  batch 1, DESIGN.md): 15.7 us for 4096x11008 against 24.7 us in bf16; at batch 8 slower than bf16
-  (33 against 25 us). Before the first int4 matmul of a process, `probe_torch_layout` checks that
-  this torch packs int4 as the model was written; if not, FormatError, never wrong numbers.
-- int8: a small Triton GEMV (`triton_int8`), since `torch._weight_int8pack_mm` measured 254 us
-  there, ten times bf16.
-- Above a row count the weight is instead dequantized (one temporary float copy of ONE weight)
-  and multiplied with cuBLAS. The thresholds below are NOT YET MEASURED: the figures above say
-  only that int4pack_mm wins at 1 row and loses at 8; benchmarks/bench_quant.py is where to
-  settle both per batch size on the GPU.
+Per row count T (decode batches, draft verification, prefill chunks):
+- T <= KERNEL_MAX_ROWS: the Triton W4A16 / W8A16 GEMM of `gdsllm.quant.triton_gemm`, which
+  unpacks the stored words in registers (no copy of the weight), with the tile sizes of
+  `CONFIGS` for that T. Where `INT4PACK_ROWS` says so, int4 goes to torch's tinygemm
+  `_weight_int4pack_mm` instead (the same stored layout; its layout is probed once first).
+- Above: the weight is dequantized into ONE preallocated scratch buffer per device and dtype
+  (`scratch`, sized to the largest weight seen, so no allocation once warm) and multiplied with
+  cuBLAS; at those T the matmul's arithmetic, not the weight's bytes, sets the time.
+
+Nothing here touches the host inside a captured CUDA graph: no host tensor, no `.item()`; the
+only allocation is the output (from the graph's pool), the scratch never grows during a capture.
+
+Measured: see MEASURED below and docs/BENCHMARKS.md (benchmarks/bench_kernels.py).
 """
 from __future__ import annotations
 
@@ -23,8 +24,19 @@ import torch.nn.functional as F
 from gdsllm.format.metadata import FormatError
 from gdsllm.quant.schemes import QuantWeight
 
-INT4_MM_MAX_ROWS = 4    # not yet measured (see the module docstring)
-INT8_GEMV_MAX_ROWS = 4  # not yet measured
+MEASURED = """not yet measured"""
+
+KERNEL_MAX_ROWS = {"int4": 256, "int8": 256}
+INT4PACK_ROWS: tuple[int, int] = (0, 0)  # an inclusive range of T where tinygemm wins; (0, 0): none
+# (largest T, block_m, block_n, warps, stages, split_k), by T ascending: the first with T >= rows
+CONFIGS = {
+    "int4": ((16, 16, 32, 4, 3, 1), (32, 32, 64, 4, 3, 1), (64, 64, 64, 4, 3, 1),
+             (256, 128, 128, 8, 3, 1)),
+    "int8": ((16, 16, 32, 4, 3, 1), (32, 32, 64, 4, 3, 1), (64, 64, 64, 4, 3, 1),
+             (256, 128, 128, 8, 3, 1)),
+}
+
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def check_int4_layout() -> None:
@@ -36,15 +48,40 @@ def check_int4_layout() -> None:
                           f"run it on the CPU, or convert it with --quant int8 or --quant none")
 
 
+def config(qtype: str, rows: int):
+    from gdsllm.quant.triton_gemm import Config
+    for top, *c in CONFIGS[qtype]:
+        if rows <= top:
+            return Config(*c)
+    raise ValueError(f"no {qtype} kernel configuration for {rows} rows")
+
+
+def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A buffer of at least `numel` elements, reused by every weight of this device and dtype
+    (kernels on one stream run in order, so one weight's use ends before the next is written)."""
+    key = (device, dtype)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < numel:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"quantized matmul: the dequantization scratch must grow to {numel} "
+                               f"elements inside a CUDA graph capture; run the shape eagerly first")
+        _scratch.pop(key, None)  # free the old buffer before taking the larger one
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _scratch[key] = buf
+    return buf[:numel]
+
+
 def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
+    from gdsllm.quant import triton_gemm
     rows = x.shape[0]
-    if w.qtype == "int4":
+    if rows == 0:
+        return x.new_empty(0, w.shape[0])
+    if w.qtype == "int4" and INT4PACK_ROWS[0] <= rows <= INT4PACK_ROWS[1]:
         check_int4_layout()
-        if rows <= INT4_MM_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), w.data,
-                                                   w.group_size, w.scales)
-            return y.to(x.dtype)
-    elif rows <= INT8_GEMV_MAX_ROWS:
-        from gdsllm.quant.triton_int8 import int8_gemv
-        return int8_gemv(x, w)
-    return F.linear(x, w.dequantize(x.dtype))
+        y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), w.data,
+                                               w.group_size, w.scales)
+        return y.to(x.dtype)
+    if rows <= KERNEL_MAX_ROWS[w.qtype]:
+        return triton_gemm.matmul(x, w, config(w.qtype, rows))
+    n, k = w.shape
+    return F.linear(x, triton_gemm.dequantize_into(w, scratch(x.device, x.dtype, n * k)))

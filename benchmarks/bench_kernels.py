@@ -1,0 +1,135 @@
+"""The quantized-matmul kernel table of docs/BENCHMARKS.md: ms per matmul against the row count M
+for the LLaMA-7B weight shapes, int4 / int8 (gdsllm.quant.kernels_cuda) against bf16 / fp16 cuBLAS.
+For the lent GPU.
+
+    PYTHONPATH=. python3 benchmarks/bench_kernels.py --out /tmp/k.json             # the table
+    PYTHONPATH=. python3 benchmarks/bench_kernels.py --sweep --out /tmp/sweep.json # choose tiles
+
+Timing: `triton.testing.do_bench` (median; it overwrites the L2 between calls, so every weight
+comes from HBM as in a decode pass over a whole model). Weights are random, quantized in groups
+of 128 (the 7B benchmark's group size). `--sweep` times every candidate tile configuration of the
+Triton kernels, tinygemm and dequantize + cuBLAS per M and shape, and prints the configuration
+table that minimises the summed time over the shapes per M (what kernels_cuda.CONFIGS holds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # [N, K]: q/o, gate/up, down of LLaMA-7B
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BIG_ROWS = (512, 1024, 2048)
+CANDIDATES = [  # (block_m, block_n, warps, stages, split_k)
+    (16, 16, 4, 4, 1), (16, 32, 4, 4, 1), (16, 64, 4, 3, 1),
+    (16, 16, 4, 4, 4), (16, 32, 4, 4, 4), (16, 64, 4, 3, 4),
+    (32, 64, 4, 3, 1), (64, 64, 4, 3, 1), (64, 128, 4, 3, 1), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1),
+]
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+
+def weights(n: int, k: int, group: int = 128):
+    from gdsllm.quant.rtn import quantize
+    from gdsllm.quant.schemes import QuantWeight
+    w = torch.randn(n, k, device="cuda") * 0.02
+    out = {}
+    for q in ("int4", "int8"):
+        qt = quantize(w, q, group, refine=0)
+        data, sc = qt.packed()
+        out[q] = QuantWeight(q, (n, k), group, data.cuda(), sc.cuda())
+    out["bfloat16"], out["float16"] = w.to(torch.bfloat16), w.to(torch.float16)
+    return out
+
+
+def check(qw, x) -> float:
+    """Relative error of kernels_cuda.linear against float32 math on the dequantized weight."""
+    from gdsllm.quant import kernels_cuda
+    ref = x.float() @ qw.dequantize(torch.float32).T
+    return float((kernels_cuda.linear(qw, x).float() - ref).norm() / ref.norm())
+
+
+def table(rows, shapes) -> dict:
+    from gdsllm.quant import kernels_cuda
+    res = {}
+    for n, k in shapes:
+        ws = weights(n, k)
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            xb = x.to(torch.bfloat16)
+            r = {"bfloat16": bench(lambda: F.linear(xb, ws["bfloat16"])),
+                 "float16": bench(lambda: F.linear(x, ws["float16"]))}
+            for q in ("int4", "int8"):
+                r[q] = bench(lambda: kernels_cuda.linear(ws[q], x))
+                r[q + "_err"] = check(ws[q], x)
+            res[f"{n}x{k}/{m}"] = r
+            print(f"{n}x{k} M={m}", json.dumps({a: round(b, 5) for a, b in r.items()}), flush=True)
+    return res
+
+
+def sweep(rows, shapes) -> dict:
+    from gdsllm.quant import kernels_cuda, triton_gemm
+    res = {}
+    for n, k in shapes:
+        ws = weights(n, k)
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            r = {}
+            for q in ("int4", "int8"):
+                for c in CANDIDATES:
+                    if c[0] > max(16, 2 * m) or (c[4] > 1 and m > 32):
+                        continue
+                    cfg = triton_gemm.Config(*c)
+                    try:
+                        r[f"{q}/{c}"] = bench(lambda: triton_gemm.matmul(x, ws[q], cfg))
+                    except Exception as e:  # a tile that does not fit: say so, keep going
+                        print(f"{q} {c}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                buf = torch.empty(n * k, dtype=x.dtype, device="cuda")
+                r[f"{q}/dequant+cublas"] = bench(
+                    lambda: F.linear(x, triton_gemm.dequantize_into(ws[q], buf)))
+            r["int4/tinygemm"] = bench(lambda: torch.ops.aten._weight_int4pack_mm(
+                x.to(torch.bfloat16), ws["int4"].data, 128, ws["int4"].scales))
+            r["float16"] = bench(lambda: F.linear(x, ws["float16"]))
+            res[f"{n}x{k}/{m}"] = r
+            best = {q: min((v, a) for a, v in r.items() if a.startswith(q)) for q in ("int4", "int8")}
+            print(f"{n}x{k} M={m} fp16 {r['float16']:.4f} tinygemm {r['int4/tinygemm']:.4f}",
+                  {q: (round(v, 4), a) for q, (v, a) in best.items()}, flush=True)
+    choose(res, rows, shapes)
+    return res
+
+
+def choose(res: dict, rows, shapes) -> None:
+    """Per qtype and M, the candidate with the least summed time over the shapes."""
+    for q in ("int4", "int8"):
+        for m in rows:
+            keys = set.intersection(*(set(a for a in res[f"{n}x{k}/{m}"] if a.startswith(q + "/"))
+                                      for n, k in shapes))
+            tot = {a: sum(res[f"{n}x{k}/{m}"][a] for n, k in shapes) for a in keys}
+            a = min(tot, key=tot.get)
+            print(f"choose {q} M={m}: {a} total {tot[a]:.4f} ms; float16 "
+                  f"{sum(res[f'{n}x{k}/{m}']['float16'] for n, k in shapes):.4f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--big", action="store_true", help=f"also M in {BIG_ROWS}")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels: needs a CUDA GPU")
+    rows = ROWS + (BIG_ROWS if a.big else ())
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    res["results"] = (sweep if a.sweep else table)(rows, SHAPES)
+    a.out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
