@@ -5,8 +5,9 @@ For the lent GPU.
     PYTHONPATH=. python3 benchmarks/bench_kernels.py --out /tmp/k.json             # the table
     PYTHONPATH=. python3 benchmarks/bench_kernels.py --sweep --out /tmp/sweep.json # choose tiles
 
-Timing: `triton.testing.do_bench` (median; it overwrites the L2 between calls, so every weight
-comes from HBM as in a decode pass over a whole model). Weights are random, quantized in groups
+Timing: per call, the median over 7 replays of one CUDA graph of matmuls over distinct copies of
+the weight (256 MiB in all, 4x the H200's L2), so every weight comes from HBM and no launch cost
+is counted, as in a decode pass over a whole model captured in graphs. Weights are random, quantized in groups
 of 128 (the 7B benchmark's group size). `--sweep` times every candidate tile configuration of the
 Triton kernels, tinygemm and dequantize + cuBLAS per M and shape, and prints the configuration
 table that minimises the summed time over the shapes per M (what kernels_cuda.CONFIGS holds).
@@ -24,16 +25,39 @@ import torch.nn.functional as F
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # [N, K]: q/o, gate/up, down of LLaMA-7B
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BIG_ROWS = (512, 1024, 2048)
-CANDIDATES = [  # (block_m, block_n, warps, stages, split_k)
-    (16, 16, 4, 4, 1), (16, 32, 4, 4, 1), (16, 64, 4, 3, 1),
-    (16, 16, 4, 4, 4), (16, 32, 4, 4, 4), (16, 64, 4, 3, 4),
-    (32, 64, 4, 3, 1), (64, 64, 4, 3, 1), (64, 128, 4, 3, 1), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1),
-]
+COPIES_BYTES = 256 << 20  # distinct weights per timed graph: 4x the L2, as a decode pass
 
 
-def bench(fn) -> float:
-    from triton.testing import do_bench
-    return float(do_bench(fn, warmup=5, rep=25, return_mode="median"))
+def bench(fns) -> float:
+    """ms per call of the callables `fns` (each a matmul over its own copy of a weight), captured
+    back to back in one CUDA graph and replayed: what a decode pass pays, without launch costs."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    times = []
+    for _ in range(7):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / len(fns))
+    return sorted(times)[len(times) // 2]
+
+
+def copies(w) -> list:
+    from gdsllm.quant.schemes import QuantWeight
+    if isinstance(w, QuantWeight):
+        size = w.data.numel() * w.data.element_size() + w.scales.numel() * 2
+        n = max(2, -(-COPIES_BYTES // size))
+        return [QuantWeight(w.qtype, w.shape, w.group_size, w.data.clone(), w.scales.clone())
+                for _ in range(n)]
+    return [w.clone() for _ in range(max(2, -(-COPIES_BYTES // (w.numel() * 2))))]
 
 
 def weights(n: int, k: int, group: int = 128):
@@ -44,8 +68,8 @@ def weights(n: int, k: int, group: int = 128):
     for q in ("int4", "int8"):
         qt = quantize(w, q, group, refine=0)
         data, sc = qt.packed()
-        out[q] = QuantWeight(q, (n, k), group, data.cuda(), sc.cuda())
-    out["bfloat16"], out["float16"] = w.to(torch.bfloat16), w.to(torch.float16)
+        out[q] = copies(QuantWeight(q, (n, k), group, data.cuda(), sc.cuda()))
+    out["bfloat16"], out["float16"] = copies(w.to(torch.bfloat16)), copies(w.to(torch.float16))
     return out
 
 
@@ -64,11 +88,11 @@ def table(rows, shapes) -> dict:
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             xb = x.to(torch.bfloat16)
-            r = {"bfloat16": bench(lambda: F.linear(xb, ws["bfloat16"])),
-                 "float16": bench(lambda: F.linear(x, ws["float16"]))}
+            r = {"bfloat16": bench([lambda w=w: F.linear(xb, w) for w in ws["bfloat16"]]),
+                 "float16": bench([lambda w=w: F.linear(x, w) for w in ws["float16"]])}
             for q in ("int4", "int8"):
-                r[q] = bench(lambda: kernels_cuda.linear(ws[q], x))
-                r[q + "_err"] = check(ws[q], x)
+                r[q] = bench([lambda w=w: kernels_cuda.linear(w, x) for w in ws[q]])
+                r[q + "_err"] = check(ws[q][0], x)
             res[f"{n}x{k}/{m}"] = r
             print(f"{n}x{k} M={m}", json.dumps({a: round(b, 5) for a, b in r.items()}), flush=True)
     return res
@@ -83,20 +107,24 @@ def sweep(rows, shapes) -> dict:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             r = {}
             for q in ("int4", "int8"):
-                for c in CANDIDATES:
-                    if c[0] > max(16, 2 * m) or (c[4] > 1 and m > 32):
+                for c in triton_gemm.CANDIDATES:
+                    if (c[0] > max(16, 2 * m) or (c[4] > 1 and m > 32) or (c[0] < 16 and m > 8)
+                            or (m > 256 and c[0] < 128)):
                         continue
                     cfg = triton_gemm.Config(*c)
                     try:
-                        r[f"{q}/{c}"] = bench(lambda: triton_gemm.matmul(x, ws[q], cfg))
+                        r[f"{q}/{c}"] = bench([lambda w=w: triton_gemm.matmul(x, w, cfg)
+                                               for w in ws[q]])
                     except Exception as e:  # a tile that does not fit: say so, keep going
                         print(f"{q} {c}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 buf = torch.empty(n * k, dtype=x.dtype, device="cuda")
                 r[f"{q}/dequant+cublas"] = bench(
-                    lambda: F.linear(x, triton_gemm.dequantize_into(ws[q], buf)))
-            r["int4/tinygemm"] = bench(lambda: torch.ops.aten._weight_int4pack_mm(
-                x.to(torch.bfloat16), ws["int4"].data, 128, ws["int4"].scales))
-            r["float16"] = bench(lambda: F.linear(x, ws["float16"]))
+                    [lambda w=w: F.linear(x, triton_gemm.dequantize_into(w, buf)) for w in ws[q]])
+            xb = x.to(torch.bfloat16)
+            r["int4/tinygemm"] = bench([lambda w=w: torch.ops.aten._weight_int4pack_mm(
+                xb, w.data, 128, w.scales) for w in ws["int4"]])
+            r["float16"] = bench([lambda w=w: F.linear(x, w) for w in ws["float16"]])
+            r["bfloat16"] = bench([lambda w=w: F.linear(xb, w) for w in ws["bfloat16"]])
             res[f"{n}x{k}/{m}"] = r
             best = {q: min((v, a) for a, v in r.items() if a.startswith(q)) for q in ("int4", "int8")}
             print(f"{n}x{k} M={m} fp16 {r['float16']:.4f} tinygemm {r['int4/tinygemm']:.4f}",

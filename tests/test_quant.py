@@ -115,20 +115,22 @@ def test_cuda_int4_layout_probe_passes():
                                          (576, 1536, 32, torch.float16),
                                          (104, 256, 128, torch.float32)])
 def test_cuda_triton_gemm_against_float_at_every_row_count(qtype, n, k, g, dtype):
-    """The W4A16 / W8A16 Triton GEMMs with every tile configuration kernels_cuda uses, the
-    tinygemm path and the dequantize-into-scratch path, against float32 math."""
+    """kernels_cuda.linear (the Triton W4A16 / W8A16 GEMMs, tinygemm, dequantize into the
+    scratch) at row counts across its choices, every measured tile configuration on one shape,
+    and the dequantization kernel, against float32 math."""
     from gdsllm.quant import kernels_cuda, triton_gemm
-    qt = quantize(torch.randn(n, k) * 0.02, qtype, g)
+    qt = quantize(torch.randn(n, k, device="cuda") * 0.02, qtype, g)
     data, sc = qt.packed()
-    qw = QuantWeight(qtype, (n, k), g, data.cuda(), sc.cuda())
+    qw = QuantWeight(qtype, (n, k), g, data, sc)
     wf = qw.dequantize(torch.float32)
     tol = 1e-2 if dtype != torch.float32 else 1e-5
     for rows in (1, 3, 16, 33, 64, 130, 300):
         x = torch.randn(rows, k, device="cuda", dtype=dtype)
         ref = x.float() @ wf.T
         assert rel_err(kernels_cuda.linear(qw, x), ref) < tol, rows
-        for c in {kernels_cuda.config(qtype, r) for r in (1, 16, 64, 256)}:
-            assert rel_err(triton_gemm.matmul(x, qw, c), ref) < tol, (rows, c)
+        if (n, k) == (4096, 4096) and rows in (3, 33):
+            for c in triton_gemm.CANDIDATES:
+                assert rel_err(triton_gemm.matmul(x, qw, triton_gemm.Config(*c)), ref) < tol, c
     out = torch.empty(n * k, device="cuda", dtype=torch.float32)
     assert torch.equal(triton_gemm.dequantize_into(qw, out), wf)
     if qtype == "int4":

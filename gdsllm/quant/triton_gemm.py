@@ -6,7 +6,9 @@ int8), dequantizing in registers; and the same dequantization written into a cal
 
 One program computes a [BLOCK_M, BLOCK_N] tile of y. Per step of the K axis it loads the packed
 words of BLOCK_N weight rows, unpacks them, applies each group's (scale, zero) in float32, casts
-to x's dtype and feeds a tensor-core `tl.dot` with float32 accumulation. The weight crosses HBM
+to x's dtype and feeds a tensor-core `tl.dot` with float32 accumulation (BLOCK_M >= 16), or, for
+a few rows (BLOCK_M < 16), multiplies in float32 and sums along K. With split_k > 1, programs
+along K each write a float32 partial, summed after. The weight crosses HBM
 once per BLOCK_M rows of x, as packed bytes: M = 1 reads 0.5 (int4) or 1 (int8) byte per weight.
 
 int4 (`gdsllm.quant.int4pack`): one step is one k-block `ko` of 16*t inputs, whose words for a
@@ -43,6 +45,16 @@ class Config:
     warps: int = 4
     stages: int = 3
     split_k: int = 1  # programs along K, each writing a float32 partial; summed after
+
+
+# The tile configurations benchmarks/bench_kernels.py measures (Config fields, in order); the
+# ones kernels_cuda.CONFIGS picks are among them, and tests/test_quant.py runs every one.
+CANDIDATES = (
+    (1, 32, 4, 4, 1), (1, 64, 4, 4, 1), (1, 32, 4, 4, 4), (1, 128, 4, 4, 1), (2, 32, 4, 4, 1),
+    (4, 32, 4, 4, 1), (16, 16, 4, 4, 1), (16, 32, 4, 4, 1), (16, 64, 4, 3, 1), (16, 128, 4, 3, 1),
+    (16, 16, 4, 4, 4), (16, 32, 4, 4, 4), (16, 64, 4, 3, 4), (16, 32, 4, 4, 8),
+    (32, 64, 4, 3, 1), (64, 64, 4, 3, 1), (64, 128, 4, 3, 1), (128, 64, 4, 3, 1), (128, 128, 8, 3, 1),
+)
 
 
 @triton.jit
@@ -85,6 +97,10 @@ def _unpack_int8(q_ptr, sc_ptr, offs_n, mask_n, k0, N, K, stride_qn, G: tl.const
 
 @triton.jit
 def _dot(acc, xb, w, IEEE: tl.constexpr):
+    """acc += xb @ w.T: on tensor cores from 16 rows of x, below that (a GEMV of few rows) as
+    float32 products summed along K, with no layout change of w."""
+    if xb.shape[0] < 16:
+        return acc + tl.sum(xb.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     if IEEE:
         return tl.dot(xb, tl.trans(w.to(xb.dtype)), acc, input_precision="ieee")
     return tl.dot(xb, tl.trans(w.to(xb.dtype)), acc)
