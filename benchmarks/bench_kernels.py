@@ -3,7 +3,8 @@ for the LLaMA-7B weight shapes, int4 / int8 (gdsllm.quant.kernels_cuda) against 
 For the lent GPU.
 
     PYTHONPATH=. python3 benchmarks/bench_kernels.py --out /tmp/k.json             # the table
-    PYTHONPATH=. python3 benchmarks/bench_kernels.py --sweep --out /tmp/sweep.json # choose tiles
+    PYTHONPATH=. python3 benchmarks/bench_kernels.py --sweep --big --out /tmp/sweep.json  # choose
+    python3 benchmarks/bench_kernels.py --report docs/bench-kernels-2026-12-03-h200.json    # tables
 
 Timing: per call, the median over 7 replays of one CUDA graph of matmuls over distinct copies of
 the weight (256 MiB in all, 4x the H200's L2), so every weight comes from HBM and no launch cost
@@ -11,6 +12,8 @@ is counted, as in a decode pass over a whole model captured in graphs. Weights a
 of 128 (the 7B benchmark's group size). `--sweep` times every candidate tile configuration of the
 Triton kernels, tinygemm and dequantize + cuBLAS per M and shape, and prints the configuration
 table that minimises the summed time over the shapes per M (what kernels_cuda.CONFIGS holds).
+`--report` prints, from a sweep's JSON, the summed table of kernels_cuda's docstring and the
+per-shape markdown table of docs/BENCHMARKS.md with what kernels_cuda.linear runs at each M.
 """
 from __future__ import annotations
 
@@ -145,14 +148,58 @@ def choose(res: dict, rows, shapes) -> None:
                   f"{sum(res[f'{n}x{k}/{m}']['float16'] for n, k in shapes):.4f}", flush=True)
 
 
+def summed(res: dict, shapes, rows) -> None:
+    """us per matmul summed over the shapes: fp16, tinygemm, best Triton tile, dequantize."""
+    keys = lambda m: [f"{n}x{k}/{m}" for n, k in shapes]
+    line = lambda name, f: print(f"    {name:8s}" + "".join(f"{f(m):6.0f}" for m in rows))
+    print("    T       " + "".join(f"{m:6d}" for m in rows))
+    line("fp16", lambda m: 1e3 * sum(res[c]["float16"] for c in keys(m)))
+    line("tinygemm", lambda m: 1e3 * sum(res[c]["int4/tinygemm"] for c in keys(m)))
+    for q in ("int4", "int8"):
+        def best(m):
+            common = set.intersection(*(set(a for a in res[c] if a.startswith(q + "/(")) for c in keys(m)))
+            return 1e3 * min(sum(res[c][a] for c in keys(m)) for a in common)
+        line(q + " Tr", best)
+        line(q + " dq", lambda m: 1e3 * sum(res[c][q + "/dequant+cublas"] for c in keys(m)))
+
+
+def routed(res: dict, shapes, rows) -> None:
+    """Markdown: us per matmul of what kernels_cuda.linear runs (float16 activations)."""
+    from gdsllm.quant import kernels_cuda as kc
+
+    def pick(q: str, m: int, r: dict) -> tuple[float, str]:
+        if q == "int4" and m <= kc.INT4PACK_MAX_ROWS:
+            return r["int4/tinygemm"], "tinygemm"
+        if m <= kc.KERNEL_MAX_ROWS[q]:
+            c = kc.config(q, m)
+            return r[f"{q}/{(c.block_m, c.block_n, c.warps, c.stages, c.split_k)}"], "Triton"
+        return r[f"{q}/dequant+cublas"], "dequant+cuBLAS"
+    print("| N x K | M | bfloat16 | float16 | int4 | int4 kernel | int8 | int8 kernel |")
+    print("|---|---:|---:|---:|---:|---|---:|---|")
+    for n, k in shapes:
+        for m in rows:
+            r = res[f"{n}x{k}/{m}"]
+            (t4, k4), (t8, k8) = pick("int4", m, r), pick("int8", m, r)
+            print(f"| {n}x{k} | {m} | {1e3 * r['bfloat16']:.1f} | {1e3 * r['float16']:.1f} | "
+                  f"{1e3 * t4:.1f} | {k4} | {1e3 * t8:.1f} | {k8} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--report", type=Path, help="print the tables of a --sweep JSON")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--big", action="store_true", help=f"also M in {BIG_ROWS}")
     a = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_kernels: needs a CUDA GPU")
+    if a.report:
+        res = json.loads(a.report.read_text())
+        print(res["device"], "torch", res["torch"])
+        rows = tuple(sorted({int(c.split("/")[1]) for c in res["results"]}))
+        summed(res["results"], SHAPES, rows)
+        routed(res["results"], SHAPES, rows)
+        return
+    if a.out is None or not torch.cuda.is_available():
+        sys.exit("bench_kernels: needs a CUDA GPU and --out (or --report)")
     rows = ROWS + (BIG_ROWS if a.big else ())
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     res["results"] = (sweep if a.sweep else table)(rows, SHAPES)

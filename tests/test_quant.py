@@ -123,8 +123,8 @@ def test_cuda_triton_gemm_against_float_at_every_row_count(qtype, n, k, g, dtype
     data, sc = qt.packed()
     qw = QuantWeight(qtype, (n, k), g, data, sc)
     wf = qw.dequantize(torch.float32)
-    tol = 1e-2 if dtype != torch.float32 else 1e-5
-    for rows in (1, 3, 16, 33, 64, 130, 300):
+    tol = 2e-2 if dtype != torch.float32 else 1e-5  # half: x and W rounded (tinygemm: bf16)
+    for rows in (1, 3, 16, 33, 64, 130, 1100):
         x = torch.randn(rows, k, device="cuda", dtype=dtype)
         ref = x.float() @ wf.T
         assert rel_err(kernels_cuda.linear(qw, x), ref) < tol, rows
