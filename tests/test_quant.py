@@ -109,30 +109,31 @@ def test_cuda_int4_layout_probe_passes():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,k,g,rows", [(4096, 4096, 128, 1), (11008, 4096, 64, 1),
-                                        (576, 1536, 32, 3), (1536, 576, 64, 1), (4096, 11008, 128, 2)])
-def test_cuda_int4pack_mm_against_float(n, k, g, rows):
-    from gdsllm.quant import kernels_cuda
-    qt = quantize(torch.randn(n, k) * 0.02, "int4", g)
+@pytest.mark.parametrize("qtype", ["int4", "int8"])
+@pytest.mark.parametrize("n,k,g,dtype", [(4096, 4096, 32, torch.float16),
+                                         (11008, 4096, 64, torch.bfloat16),
+                                         (576, 1536, 32, torch.float16),
+                                         (104, 256, 128, torch.float32)])
+def test_cuda_triton_gemm_against_float_at_every_row_count(qtype, n, k, g, dtype):
+    """kernels_cuda.linear (the Triton W4A16 / W8A16 GEMMs, tinygemm, dequantize into the
+    scratch) at row counts across its choices, every measured tile configuration on one shape,
+    and the dequantization kernel, against float32 math."""
+    from gdsllm.quant import kernels_cuda, triton_gemm
+    qt = quantize(torch.randn(n, k, device="cuda") * 0.02, qtype, g)
     data, sc = qt.packed()
-    qw = QuantWeight("int4", (n, k), g, data.cuda(), sc.cuda())
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    ref = x.float() @ qw.dequantize(torch.float32).T
-    assert rel_err(kernels_cuda.linear(qw, x), ref) < 2e-2
-    big = torch.randn(64, k, device="cuda", dtype=torch.bfloat16)  # above INT4_MM_MAX_ROWS
-    assert rel_err(kernels_cuda.linear(qw, big), big.float() @ qw.dequantize(torch.float32).T) < 2e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("n,k,g,rows,dtype", [(4096, 4096, 32, 1, torch.float16),
-                                              (11008, 4096, 64, 2, torch.bfloat16),
-                                              (576, 1536, 16, 1, torch.float16),
-                                              (100, 256, 128, 3, torch.float32)])
-def test_cuda_triton_int8_gemv_against_float(n, k, g, rows, dtype):
-    from gdsllm.quant.triton_int8 import int8_gemv
-    qt = quantize(torch.randn(n, k) * 0.02, "int8", g)
-    data, sc = qt.packed()
-    qw = QuantWeight("int8", (n, k), g, data.cuda(), sc.cuda())
-    x = torch.randn(rows, k, device="cuda", dtype=dtype)
-    ref = x.float() @ qw.dequantize(torch.float32).T
-    assert rel_err(int8_gemv(x, qw), ref) < (1e-2 if dtype != torch.float32 else 1e-5)
+    qw = QuantWeight(qtype, (n, k), g, data, sc)
+    wf = qw.dequantize(torch.float32)
+    tol = 2e-2 if dtype != torch.float32 else 1e-5  # half: x and W rounded (tinygemm: bf16)
+    for rows in (1, 3, 16, 33, 64, 130, 1100):
+        x = torch.randn(rows, k, device="cuda", dtype=dtype)
+        ref = x.float() @ wf.T
+        assert rel_err(kernels_cuda.linear(qw, x), ref) < tol, rows
+        if (n, k) == (4096, 4096) and rows in (3, 33):
+            for c in triton_gemm.CANDIDATES:
+                assert rel_err(triton_gemm.matmul(x, qw, triton_gemm.Config(*c)), ref) < tol, c
+    out = torch.empty(n * k, device="cuda", dtype=torch.float32)
+    assert torch.equal(triton_gemm.dequantize_into(qw, out), wf)
+    if qtype == "int4":
+        x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm(x, qw.data, g, qw.scales)
+        assert rel_err(y, x.float() @ wf.T) < 2e-2

@@ -115,7 +115,9 @@ def embed(weights: dict[str, torch.Tensor | QuantWeight], ids: torch.Tensor, dty
         x = w.dequantize(dtype, rows=ids)
     else:  # gather first, then cast: upcasting the whole table would copy vocab x hidden
         x = F.embedding(ids, w).to(dtype)
-    return x if scale == 1.0 else x * torch.tensor(scale).to(dtype)
+    # the scale rounded to the activation dtype on the host, multiplied in as a plain number
+    # (no host tensor meets the device: this runs inside captured CUDA graphs)
+    return x if scale == 1.0 else x * float(torch.tensor(scale).to(dtype))
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}

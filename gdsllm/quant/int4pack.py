@@ -22,8 +22,6 @@ import torch
 
 from gdsllm.quant.schemes import INT4_LAYOUT, inner_k_tiles
 
-_SHIFTS = torch.arange(8, dtype=torch.int64) * 4
-
 
 def _tiles(n: int, k: int) -> tuple[int, int, int]:
     assert n % 8 == 0, n
@@ -47,11 +45,26 @@ def unpack_int4(data: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     n, k = shape
     nt, ko, t = _tiles(n, k)
     assert tuple(data.shape) == (nt, ko, 32, t // 2), (tuple(data.shape), shape)
-    shifts = _SHIFTS.to(device=data.device, dtype=torch.int32)
-    nib = ((data[..., None] >> shifts) & 15).to(torch.uint8)  # [nt, ko, 32, t/2, 8]
-    # nibble p = 4 * (odd k) + i of byte v_i; lane = 4 * r + c; k = 2 * (ko*8t + 16j + 4i + c) + odd
-    nib = nib.view(nt, ko, 8, 4, t // 2, 2, 4).permute(0, 2, 1, 4, 6, 3, 5)
-    return nib.reshape(n, k)
+    return _nibbles(data).view(nt, ko, 8, 4, t // 2, 2, 4).permute(0, 2, 1, 4, 6, 3, 5).reshape(n, k)
+
+
+def unpack_int4_rows(data: torch.Tensor, shape: tuple[int, int], rows: torch.Tensor) -> torch.Tensor:
+    """uint8 [len(rows), K]: only the given rows of `unpack_int4(data, shape)` (rows: int64 on
+    data's device), reading 8t words per row per k-block; no host tensor, nothing of size N x K."""
+    n, k = shape
+    nt, ko, t = _tiles(n, k)
+    lanes = data.view(nt, ko, 8, 4 * (t // 2))  # a row's words: tile n // 8, lanes 4 (n % 8) ..
+    words = lanes[rows // 8, :, rows % 8]  # [R, ko, 4 * t/2]
+    r = rows.shape[0]
+    return _nibbles(words.view(r, ko, 4, t // 2)).view(r, ko, 4, t // 2, 2, 4).permute(
+        0, 1, 3, 5, 2, 4).reshape(r, k)
+
+
+def _nibbles(data: torch.Tensor) -> torch.Tensor:
+    """[..., 8] uint8: nibble p of each int32 word, p = 4 * (odd k) + i of byte v_i (lane = 4 r + c,
+    k = 2 * (ko*8t + 16j + 4i + c) + odd). The shifts are made on data's device (capture-safe)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=data.device)
+    return ((data[..., None] >> shifts) & 15).to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=None)

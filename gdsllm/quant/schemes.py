@@ -117,4 +117,5 @@ class QuantWeight:
     def values_rows(self, rows: torch.Tensor) -> torch.Tensor:
         if self.qtype == "int8":
             return self.data.index_select(0, rows).to(torch.int16)
-        return self.values().index_select(0, rows)
+        from gdsllm.quant.int4pack import unpack_int4_rows
+        return unpack_int4_rows(self.data, self.shape, rows).to(torch.int16) - 8
