@@ -102,7 +102,7 @@ def table(rows, shapes) -> dict:
 
 
 def sweep(rows, shapes) -> dict:
-    from gdsllm.quant import kernels_cuda, triton_gemm
+    from gdsllm.quant import triton_gemm
     res = {}
     for n, k in shapes:
         ws = weights(n, k)
