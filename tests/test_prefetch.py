@@ -56,8 +56,8 @@ def settle(pf: Prefetch, reads: int, timeout: float = 10.0) -> None:
 def run_pass(pf: Prefetch, units: list[UnitMeta]) -> list[float]:
     seen = []
     for u in units:
-        w = pf.take(u)
-        seen.append(float(w["w"][0]))
+        buf = pf.take(u)
+        seen.append(float(buf.view(torch.float32)[0]))
         pf.release()
     return seen
 

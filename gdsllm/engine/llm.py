@@ -178,7 +178,7 @@ class LLM:
                 if weights is not None:
                     self.runner.run_unit(unit, weights)
                 else:  # streamed: read ahead by the prefetch window, its slot freed once run
-                    self.runner.run_unit(unit, self.prefetch.take(unit))
+                    self.runner.run_unit(unit, unit_tensors(unit, self.prefetch.take(unit)))
                     self.prefetch.release()
                 if self.experts is not None and unit.kind == "block":
                     self.experts.run_layer(self.runner, unit.layer)

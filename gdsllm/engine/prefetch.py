@@ -3,8 +3,8 @@ device computes, for `gdsllm.LLM` (the service's I/O worker does the same across
 driven by gdsllm.engine.planner's StreamSchedule).
 
     pf = Prefetch(streamed_units, slots, loader, device)   # starts reading at once
-    weights = pf.take(unit)        # waits for its read (usually already done), views over its slot
-    runner.run_unit(unit, weights)
+    buf = pf.take(unit)            # waits for its read (usually already done): its slot's bytes
+    runner.run_unit(unit, unit_tensors(unit, buf))
     pf.release()                   # its kernels are issued: the slot may be refilled after them
     pf.realign()                   # after a pass that stopped midway: the next take is unit 0 again
     pf.close()
@@ -15,7 +15,8 @@ next pass's first units are read while this pass still computes, and the disk ne
 sampling. One reader thread reads in order; sequence number s may be read once s - W has been
 released, and on CUDA once the kernels issued before that release have finished (an event per
 slot), so a slot is never overwritten under a running kernel. A failed read is raised from the
-`take` that wanted it, and the window starts over at the next pass.
+`take` that wanted it, and the window starts over at the next pass. With `cyclic=False` the units
+are read once, in order (gdsllm.torch's `stream_layers`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import weakref
 import torch
 
 from gdsllm.format.metadata import UnitMeta
-from gdsllm.models.views import unit_tensors
 
 
 _OPEN: "weakref.WeakSet[Prefetch]" = weakref.WeakSet()
@@ -42,10 +42,11 @@ def _close_all() -> None:
 
 
 class Prefetch:
-    def __init__(self, units: list[UnitMeta], slots: list[torch.Tensor], loader, device: torch.device):
+    def __init__(self, units: list[UnitMeta], slots: list[torch.Tensor], loader, device: torch.device,
+                 cyclic: bool = True):
         if not units or not slots:
             raise ValueError("Prefetch needs at least one streamed unit and one slot")
-        self.units, self.slots, self.loader = list(units), list(slots), loader
+        self.units, self.slots, self.loader, self.cyclic = list(units), list(slots), loader, cyclic
         self.cuda = device.type == "cuda"
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
@@ -72,7 +73,7 @@ class Prefetch:
             with self.cond:
                 while not self.stopping and self.next_read >= self.released + w:
                     self.cond.wait()
-                if self.stopping:
+                if self.stopping or (not self.cyclic and self.next_read >= m):
                     return
                 seq = self.next_read
                 event = self.events.pop(seq % w, None)
@@ -81,7 +82,7 @@ class Prefetch:
             unit, slot = self.units[seq % m], self.slots[seq % w]
             try:
                 self.loader.load(unit, slot)
-                result: object = unit_tensors(unit, slot[:unit.nbytes])
+                result: object = slot[:unit.nbytes]
             except BaseException as e:  # raised by the take that wants this unit
                 result = e
             with self.cond:
@@ -92,10 +93,13 @@ class Prefetch:
             if isinstance(result, BaseException):
                 return
 
-    def take(self, unit: UnitMeta) -> dict:
-        """The weights of `unit`, the next streamed unit of the pass, once its read has landed."""
+    def take(self, unit: UnitMeta) -> torch.Tensor:
+        """The bytes of `unit` (its slot, `unit.nbytes` long), the next unit of the cycle, once its
+        read has landed; valid until `release()`."""
         with self.cond:
             seq = self.next_take
+            if not self.cyclic and seq >= len(self.units):
+                raise RuntimeError(f"prefetch: take({unit.name}) after every unit was taken")
             want = self.units[seq % len(self.units)]
             if want.index != unit.index:
                 raise RuntimeError(f"prefetch: asked for unit {unit.name}, the window holds {want.name} next")
@@ -136,7 +140,8 @@ class Prefetch:
             self.stopping = True
             self.cond.notify_all()
         if self.thread is not None:
-            self.thread.join()
+            if self.thread is not threading.current_thread():  # a collector may run anywhere
+                self.thread.join()
             self.thread = None
         if self.cuda:  # nothing may still read a slot that the next reader overwrites
             torch.cuda.synchronize()

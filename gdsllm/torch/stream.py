@@ -3,7 +3,8 @@
     for unit in stream_layers("~/models/x", budget="2GiB", window=2):   # device: cuda if present
         x = my_block(unit, x)          # unit["mlp.up_proj.weight"], ...; valid until the next one
 
-A background thread reads the units in order into `window + 1` buffers, each sized for the largest
+A background thread (gdsllm.engine.prefetch, the window `LLM` streams through) reads the units in
+order into `window + 1` buffers, each sized for the largest
 unit streamed (`budget`, when given, caps how many fit): while the loop computes with unit i, units
 i+1 .. i+window are read. A buffer is refilled only after the loop moved past its unit (asked for
 the next one, or called `unit.release()`); on CUDA the read into it first waits for the GPU work
@@ -16,18 +17,14 @@ head). Leaving the loop early: `with stream_layers(...) as s:` or `s.close()` st
 from __future__ import annotations
 
 import os
-import queue
-import threading
 
 import torch
 
 from gdsllm.engine.loader import UnitLoader
+from gdsllm.engine.prefetch import Prefetch
 from gdsllm.format.metadata import UnitMeta, align_up
 from gdsllm.torch.model import check_device, find_unit, model_meta, unit_buffer
 from gdsllm.torch.unit import Unit
-
-_STOP = object()
-
 
 def buffer_count(window: int, budget: int | None, slot: int, largest: str) -> int:
     """Buffers of `slot` bytes: `window + 1`, fewer where `budget` bytes hold fewer (never 0)."""
@@ -39,44 +36,6 @@ def buffer_count(window: int, budget: int | None, slot: int, largest: str) -> in
         raise ValueError(f"budget {budget} bytes holds no buffer for unit {largest} ({slot} bytes); "
                          f"stream_layers needs at least one")
     return min(window + 1, budget // slot)
-
-
-class _Reader:
-    """The reading thread's side, holding no reference to its LayerStream (so a stream a loop
-    left early is collected, and its __del__ stops the thread)."""
-
-    def __init__(self, order: list[UnitMeta], loader: UnitLoader, buffers: list[torch.Tensor]):
-        self.order, self.loader = order, loader
-        self.free: queue.Queue = queue.Queue()  # (buffer, CUDA event or None) the loop gave back
-        for b in buffers:
-            self.free.put((b, None))
-        self.ready: queue.Queue = queue.Queue()  # (unit meta, buffer) read, or an exception
-        self.stop = threading.Event()
-        self.units_read = 0
-        self.thread = threading.Thread(target=self.run, name="gdsllm-stream-layers", daemon=True)
-        self.thread.start()
-
-    def run(self) -> None:
-        try:
-            for meta in self.order:
-                item = self.free.get()
-                if item is _STOP or self.stop.is_set():
-                    return
-                buf, fence = item
-                if fence is not None:
-                    fence.synchronize()  # kernels queued on the old unit's views are done
-                self.loader.load(meta, buf[: meta.nbytes])
-                self.units_read += 1
-                self.ready.put((meta, buf))
-        except BaseException as e:  # handed to the consumer, raised from next()
-            self.ready.put(e)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.free.put(_STOP)
-        if threading.current_thread() is not self.thread:  # the collector may run anywhere
-            self.thread.join()
-        self.loader.close()
 
 
 class LayerStream:
@@ -101,17 +60,20 @@ class LayerStream:
         self.buffer_bytes = align_up(big.nbytes)
         self.buffers = buffer_count(window, budget, self.buffer_bytes, big.name)
         self.window = self.buffers - 1
-        loader = UnitLoader(self.meta, self.device, direct=True)
-        self.io_path = loader.io_path
+        self._loader = UnitLoader(self.meta, self.device, direct=True)
+        self.io_path = self._loader.io_path
         self.units_yielded = 0
         self._current: Unit | None = None
-        self._reader = _Reader(self.order, loader, [unit_buffer(self.buffer_bytes, self.device)
-                                                    for _ in range(self.buffers)])
+        # LLM's prefetch window, read once in order: a buffer is refilled only after the loop moved
+        # past its unit (on CUDA, after the GPU work queued on it until then)
+        self._prefetch = Prefetch(self.order, [unit_buffer(self.buffer_bytes, self.device)
+                                               for _ in range(self.buffers)],
+                                  self._loader, self.device, cyclic=False)
         self._closed = False
 
     @property
     def units_read(self) -> int:
-        return self._reader.units_read
+        return self._prefetch.reads
 
     @property
     def prefetched(self) -> int:
@@ -120,14 +82,7 @@ class LayerStream:
 
     @property
     def bytes_read(self) -> int:
-        return self._reader.loader.bytes_read
-
-    def _give_back(self, buf: torch.Tensor) -> None:
-        fence = None
-        if self.device.type == "cuda":
-            fence = torch.cuda.Event()
-            fence.record(torch.cuda.current_stream(self.device))
-        self._reader.free.put((buf, fence))
+        return self._loader.bytes_read
 
     def __iter__(self) -> "LayerStream":
         return self
@@ -139,22 +94,14 @@ class LayerStream:
         if self._closed or self.units_yielded == len(self.order):
             self.close()
             raise StopIteration
-        r = self._reader
-        while True:
-            try:
-                item = r.ready.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not r.thread.is_alive() and r.ready.empty():
-                    self.close()
-                    raise RuntimeError(f"{self.meta.root}: the reading thread stopped") from None
-        if isinstance(item, BaseException):
+        meta = self.order[self.units_yielded]
+        try:
+            buf = self._prefetch.take(meta)
+        except BaseException:
             self.close()
-            raise item
-        meta, buf = item
+            raise
         self.units_yielded += 1
-        self._current = Unit(meta, buf, str(self.meta.path(meta)),
-                             on_release=lambda b=buf: self._give_back(b))
+        self._current = Unit(meta, buf, str(self.meta.path(meta)), on_release=self._prefetch.release)
         return self._current
 
     def close(self) -> None:
@@ -162,13 +109,11 @@ class LayerStream:
         if self._closed:
             return
         self._closed = True
-        self._reader.stop.set()  # the buffer released below is not to be refilled
         if self._current is not None:
             self._current.release()
             self._current = None
-        self._reader.close()
-        self._reader.ready = queue.Queue()  # units read ahead: their buffers go with the stream
-        self._reader.free = queue.Queue()
+        self._prefetch.close()
+        self._loader.close()
 
     def __enter__(self) -> "LayerStream":
         return self
