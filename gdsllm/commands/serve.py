@@ -35,7 +35,8 @@ def add_service_options(p, endpoint_default: str | None = "tcp://127.0.0.1:5555"
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences per weight pass")
     p.add_argument("--draft", default=None, metavar="MODEL",
                    help="draft model directory for speculative decoding (same tokenizer; fully "
-                        "resident, its bytes taken from --vram-budget)")
+                        "resident, its bytes taken from --vram-budget), or 'ngram' (prompt lookup: "
+                        "no model, no bytes)")
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
                    help="tokens the draft proposes per sequence and pass (default 4)")
     p.add_argument("--draft-adaptive", action=argparse.BooleanOptionalAction, default=True,

@@ -150,3 +150,64 @@ class DraftModel:
                 out[sid].tokens.append(picks[sid])
             feed = {sid: [picks[sid]] for sid in sids if len(out[sid].tokens) < want[sid][0]}
         return out
+
+
+NGRAM = "ngram"  # --draft ngram: prompt lookup, no model
+
+
+def is_ngram(draft) -> bool:
+    """Whether a --draft value names prompt lookup rather than a model directory."""
+    return draft is not None and str(draft) == NGRAM
+
+
+class NgramDraft:
+    """Prompt lookup (vLLM's ngram speculator, llama.cpp's lookup decoding): the continuation of
+    the latest earlier occurrence of a sequence's last n tokens (n from `max_n` down to `min_n`) in
+    its own prompt and output. No weights, no KV cache, no pass: it costs no bytes of the budget.
+    Its proposal is a point mass, so sampled requests keep the target's distribution through the
+    same rejection rule (accept d with probability p(d), else draw from p without d)."""
+
+    passes = 0  # no draft passes: adaptive K sees no draft cost
+    kv_token_bytes = 0
+    nbytes = 0
+    max_context = 1 << 62  # no context of its own
+
+    def __init__(self, vocab_size: int, max_n: int = 3, min_n: int = 1):
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"ngram sizes must satisfy 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.vocab_size, self.max_n, self.min_n = vocab_size, max_n, min_n
+
+    def size_kv(self, kv_tokens: int | None) -> None:
+        pass  # nothing is held per token
+
+    def truncate(self, seq_id: int, n: int) -> None:
+        pass
+
+    def release(self, seq_id: int) -> None:
+        pass
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest suffix of
+        `tokens` (at most max_n long) found in `tokens`; [] when none is found."""
+        import numpy as np
+        arr = np.asarray(tokens, dtype=np.int64)
+        for n in range(min(self.max_n, len(arr) - 1), self.min_n - 1, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # starts 0 .. len-1-n
+            hits = np.flatnonzero((windows == arr[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                return arr[start: start + k].tolist()
+        return []
+
+    def propose(self, items: list[tuple[int, list[int], int, Sampler]]) -> dict[int, Proposal]:
+        out = {}
+        for sid, tokens, k, sampler in items:
+            drafts = self.lookup(tokens, k) if k > 0 else []
+            prop = Proposal(drafts)
+            if drafts and not sampler.params.greedy:
+                for t in drafts:  # q: all mass on the proposed token
+                    q = torch.zeros(self.vocab_size)
+                    q[t] = 1.0
+                    prop.probs.append(q)
+            out[sid] = prop
+        return out

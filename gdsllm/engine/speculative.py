@@ -32,13 +32,14 @@ from dataclasses import dataclass
 import torch
 
 from gdsllm.engine.adaptive_k import AdaptiveK
-from gdsllm.engine.draft import DraftModel, Proposal, check_draft
+from gdsllm.engine.draft import DraftModel, NgramDraft, Proposal, check_draft, is_ngram
 from gdsllm.engine.sampling import Sampler
 
 
 def make_speculator(target_meta, draft, device, draft_tokens: int = 4, adaptive: bool = False,
                     kv_tokens: int | None = None) -> "Speculator":
-    """The draft at path `draft` loaded resident on `device`, checked against the target;
+    """The draft at path `draft` loaded resident on `device`, checked against the target, or
+    prompt lookup for `draft="ngram"` (gdsllm.engine.draft.NgramDraft);
     `adaptive`: K per sequence within [1, its k] (gdsllm.engine.adaptive_k); `kv_tokens`: the
     target's KV cache size (the draft holds the same sequences)."""
     from pathlib import Path
@@ -46,18 +47,24 @@ def make_speculator(target_meta, draft, device, draft_tokens: int = 4, adaptive:
     from gdsllm.format.metadata import load_model_meta
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 64:
         raise ValueError(f"draft_tokens must be 1 to 64, got {draft_tokens!r}")
-    meta = load_model_meta(Path(draft).expanduser())
-    check_draft(target_meta, meta)
-    return Speculator(DraftModel(meta, device, kv_tokens), target_meta.params.max_position_embeddings,
-                      adaptive=adaptive)
+    if is_ngram(draft):
+        source = NgramDraft(target_meta.params.vocab_size)
+    else:
+        meta = load_model_meta(Path(draft).expanduser())
+        check_draft(target_meta, meta)
+        source = DraftModel(meta, device, kv_tokens)
+    return Speculator(source, target_meta.params.max_position_embeddings, adaptive=adaptive)
 
 
 def load_draft_meta(target_meta, draft):
     """The draft model at path `draft`, checked against the target (ValueError naming both on a
-    mismatch); its bytes are the VRAM ledger's first claim (gdsllm.engine.budget.plan_memory)."""
+    mismatch); its bytes are the VRAM ledger's first claim (gdsllm.engine.budget.plan_memory).
+    None for `ngram` (prompt lookup: no model, no bytes)."""
     from pathlib import Path
 
     from gdsllm.format.metadata import load_model_meta
+    if is_ngram(draft):
+        return None
     meta = load_model_meta(Path(draft).expanduser())
     check_draft(target_meta, meta)
     return meta
