@@ -268,6 +268,10 @@ class BatchScheduler:
                 if sid in self.running:
                     self.fail(self.running[sid], "io_error", f"pass {msg.pass_id}: {why}")
             return
+        for sid, why in msg.failed.items():  # its logits could not be sampled: it alone fails
+            seq = self.running.get(sid)
+            if seq is not None:
+                self.fail(seq, "internal", f"request {seq.request.request_id}: {why}")
         for sid in self.pass_seqs:  # cancelled mid-prefill: no token comes for them
             seq = self.running.get(sid)
             if seq is not None and seq.cancelled:
