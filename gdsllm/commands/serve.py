@@ -111,7 +111,20 @@ def add_parser(sub) -> None:
                    help="address the HTTP API binds (default 127.0.0.1; 0.0.0.0 inside a container)")
     p.add_argument("--api-key", default=os.environ.get("GDSLLM_API_KEY") or None, metavar="KEY",
                    help="HTTP API key clients must send as 'Authorization: Bearer KEY' (default: "
-                        "$GDSLLM_API_KEY, else none)")
+                        "$GDSLLM_API_KEY, else none; `ps` shows this flag: prefer the variable or "
+                        "--api-key-file)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="HTTP API keys, one per line (# comments): each key is its own caller for "
+                        "--max-inflight-per-client")
+    p.add_argument("--http-allowed-hosts", default="", metavar="H1,H2",
+                   help="Host names the HTTP API answers besides loopback ones and --http-host "
+                        "(DNS rebinding guard; '*': any)")
+    p.add_argument("--http-allowed-origins", default="", metavar="O1,O2",
+                   help="browser Origins (e.g. https://ui.example) allowed besides loopback ones and "
+                        "the server's own ('*': any)")
+    p.add_argument("--http-header-timeout", type=float, default=10.0, metavar="S",
+                   help="close an HTTP connection that sends no complete request head within S "
+                        "seconds (default 10)")
     add_reliability_options(p)
     p.set_defaults(func=run)
 
@@ -154,16 +167,27 @@ def reliability_config(args) -> dict:
                 restart_limit=args.restart_limit, verify=args.verify)
 
 
+def http_options(args):
+    """HttpOptions from the --http-* and key arguments (ValueError naming a bad one)."""
+    from gdsllm.service.http.server import HttpOptions, read_api_keys
+    keys = ((args.api_key,) if args.api_key else ()) + \
+        (read_api_keys(args.api_key_file) if args.api_key_file else ())
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    return HttpOptions(args.http_host, args.http_port, keys, split(args.http_allowed_hosts),
+                       split(args.http_allowed_origins), args.http_header_timeout, args.insecure)
+
+
 def run(args) -> int:
     from gdsllm.service.coordinator import run_coordinator
     from gdsllm.service.worker_set import WorkerStartError
     port = None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
+    http = http_options(args) if args.http_port is not None else None  # refused before any loading
     config = service_config(args, endpoint=args.endpoint, metrics_port=port, metrics_host=args.metrics_host,
                             max_waiting=args.max_waiting, **reliability_config(args))
     try:
-        if args.http_port is not None:
-            from gdsllm.service.http.server import HttpOptions, run_with_http
-            run_with_http(config, HttpOptions(args.http_host, args.http_port, args.api_key))
+        if http is not None:
+            from gdsllm.service.http.server import run_with_http
+            run_with_http(config, http)
         else:
             run_coordinator(config)
     except (WorkerStartError, OSError) as e:
