@@ -92,7 +92,7 @@ async def _body(request: Request):
                             f"({declared or 'more'} bytes sent)", code="request_too_large")
     try:
         body = json.loads(b"".join(chunks))
-        json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\\ud800) fails
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) fails
     except UnicodeEncodeError:
         raise openai.bad("We could not parse the JSON body of your request (a string holds a lone "
                          "UTF-16 surrogate, which is not text)") from None
