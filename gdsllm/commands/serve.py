@@ -3,13 +3,13 @@
     gdsllm serve -m ~/models/llama-7b --device cuda --vram-budget 4GiB --prefetch-window 2
     gdsllm serve -m ~/models/llama-7b --draft ~/models/llama-7b-int4 --draft-tokens 4
     gdsllm generate --endpoint tcp://127.0.0.1:5555 -p "Once upon a time"
-    gdsllm serve --http-port 8000 --api-key sekrit      # + OpenAI-compatible API, chat page at /
+    gdsllm serve --http-port 8000 --api-key-file keys   # + OpenAI-compatible API, chat page at /
 
 Binds 127.0.0.1 by default; /metrics (Prometheus) on --metrics-host:--metrics-port (0 = a free
 port, -1 = off); with --http-port, the OpenAI-compatible HTTP API and the chat page
 (gdsllm.service.http) on --http-host:--http-port.
-Any other ZeroMQ address needs CurveZMQ keys (`gdsllm keygen`, --curve-secret-key) or an
-explicit --insecure. Limits and supervision: docs/RELIABILITY.md.
+Any other ZeroMQ address needs CurveZMQ keys (`gdsllm keygen`, --curve-secret-key), any other
+--http-host an API key (--api-key-file, $GDSLLM_API_KEY), or an explicit --insecure. Limits and supervision: docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
