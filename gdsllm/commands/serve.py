@@ -135,7 +135,8 @@ def add_reliability_options(p) -> None:
                    help="CurveZMQ secret certificate (`gdsllm keygen`): encrypt and authenticate "
                         "the endpoint; clients need the matching public key")
     p.add_argument("--insecure", action="store_true",
-                   help="allow binding a non-loopback address without --curve-secret-key")
+                   help="allow binding a non-loopback address without --curve-secret-key (ZeroMQ) "
+                        "or without an API key (--http-host)")
     p.add_argument("--kv-budget", default=None, metavar="SIZE",
                    help="KV-cache memory for admission control, e.g. 2GiB (default: derived from "
                         "free memory)")
