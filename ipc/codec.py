@@ -25,6 +25,9 @@ from typing import Any
 import msgpack
 
 MAX_MESSAGE_BYTES = 1 << 20  # client messages are small; weight bytes never cross a socket
+# The largest client request a front end may forward (the HTTP API's body limit is below it, with
+# room for the fields it adds): a margin under MAX_MESSAGE_BYTES, where the link itself drops.
+MAX_REQUEST_BYTES = MAX_MESSAGE_BYTES - (64 << 10)
 _REGISTRY: dict[str, type] = {}
 
 

@@ -43,12 +43,24 @@ class Generate:
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
     stop_token_ids: list[int] = field(default_factory=list)  # end it besides eos (checked by the engine)
     draft_tokens: int | None = None  # speculative decoding: None = the server's --draft-tokens, 0 = off
+    # Who a front end sends it for (the HTTP API: an API key's hash, or the caller's address:port):
+    # the per-client in-flight cap counts (client, caller) pairs. None: the client itself.
+    caller: str | None = None
 
     def __post_init__(self):
-        if not self.request_id or len(self.request_id) > 128:
-            raise ValueError("request_id must be 1 to 128 characters")
+        _check_id(self.request_id)
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.caller is not None and not 1 <= len(self.caller) <= MAX_ID_CHARS:
+            raise ValueError(f"caller must be 1 to {MAX_ID_CHARS} characters")
+
+
+MAX_ID_CHARS = 128  # request ids are echoed in replies: bounded
+
+
+def _check_id(request_id: str) -> None:
+    if not request_id or len(request_id) > MAX_ID_CHARS:
+        raise ValueError(f"request_id must be 1 to {MAX_ID_CHARS} characters")
 
 
 @message("cancel")
@@ -56,11 +68,17 @@ class Generate:
 class Cancel:
     request_id: str
 
+    def __post_init__(self):
+        _check_id(self.request_id)
+
 
 @message("health")
 @dataclass(frozen=True)
 class Health:
     request_id: str = "health"
+
+    def __post_init__(self):
+        _check_id(self.request_id)
 
 
 @message("token")

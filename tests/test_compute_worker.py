@@ -168,17 +168,20 @@ def test_compute_worker_reports_a_failing_step_and_keeps_serving(pipeline):
 
 
 def test_compute_worker_sampling_failure_after_the_head(tmp_path, edir):
-    """The head ran (its Done is out), then sampling fails: an error, and no second Done."""
+    """The head ran (its Done is out), then a sequence's logits (NaN) cannot be sampled: the
+    pass's result names it (only its request fails), no second Done, and the worker serves on."""
     p = Pipeline(write_model(tmp_path / "nan", nan_head=True), edir)
     try:
         replies = p.run_pass([(1, [4, 5])], {1: SeqSampling(1.0, 1.0, 0, 7)}, units=[0, 1, 2, 3, 4])
         assert [type(m) for m in replies] == [Done] * 5
-        err = p.compute.recv()
-        assert isinstance(err, WorkerError) and (err.pass_id, err.unit) == (p.pass_id, 4)
-        assert "unit head" in err.message
+        res = p.compute.recv()
+        assert isinstance(res, PassResult) and res.pass_id == p.pass_id and res.tokens == []
+        assert list(res.failed) == [1] and "not finite" in res.failed[1]
         p.compute.send(Release([1]))
-        p.compute.send(Run(0, -1, 0))  # the failed pass is over: nothing more comes from it
-        assert p.compute.recv() == Done(0, -1, 0.0)
+        replies = p.run_pass([(2, [4])], {2: SeqSampling(0.0, 1.0, 0, None)}, units=[0, 1, 2, 3, 4])
+        assert [type(m) for m in replies] == [Done] * 5
+        res = p.compute.recv()  # greedy: an argmax, whatever the logits
+        assert isinstance(res, PassResult) and [sid for sid, _ in res.tokens] == [2] and not res.failed
     finally:
         p.close()
 

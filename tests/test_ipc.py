@@ -70,6 +70,10 @@ def _raw(**d) -> bytes:
     (_raw(type="generate", request_id="r", prompt="a", messages=[]), "exactly one of"),
     (_raw(type="generate", request_id="", prompt="a"), "request_id must be"),
     (_raw(type="generate", request_id="r", prompt="a", max_tokens=None), "expected an integer"),
+    (_raw(type="generate", request_id="r", prompt="a", caller=""), "caller must be 1 to 128"),
+    (_raw(type="generate", request_id="r", prompt="a", caller="c" * 129), "caller must be 1 to 128"),
+    (_raw(type="health", request_id="x" * 129), "request_id must be 1 to 128"),  # echoed back
+    (_raw(type="cancel", request_id="x" * 129), "request_id must be 1 to 128"),
     (b"\x00" * (MAX_MESSAGE_BYTES + 1), "exceeds the"),
 ], ids=lambda v: v[:24].hex() if isinstance(v, bytes) else None)
 def test_malformed_input_raises_protocol_error(raw, words):

@@ -17,6 +17,10 @@ def _logits(seed: int = 0, vocab: int = 1000) -> torch.Tensor:
     (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=1e-300), "float32"),  # 0 as float32: logits / 0 = inf, then NaN
+    (dict(temperature=1e-39), "float32"),  # a float32 subnormal: 1 / t overflows
+    (dict(temperature=1e300), "float32"),  # inf as float32
+    (dict(top_p=1e-300), "float32"),  # 0 as float32: every token masked, softmax NaN
     (dict(top_k=-1), "top_k must be >= 0"),
     (dict(max_tokens=0), "max_tokens must be at least 1"),
     (dict(max_tokens=-3), "max_tokens must be at least 1"),
@@ -98,3 +102,39 @@ def test_sample_batch_rows_are_independent():
     for i in range(3):
         assert [row[i] for row in together] == [alone[i].sample(lg[i]) for _ in range(10)]
     assert all(row[0] == int(lg[0].argmax()) for row in together)
+
+
+def test_extreme_valid_temperatures_give_a_distribution():
+    """Within the float32 bounds no temperature or top_p can make a row NaN: the smallest
+    temperature is greedy in effect, the largest uniform."""
+    from gdsllm.engine.sampling import FLOAT32_MAX, FLOAT32_TINY
+    lg = _logits(4, 300) * 1000  # large logits: / tiny overflows unless shifted first
+    best = int(lg.argmax())
+    for kw in (dict(temperature=FLOAT32_TINY), dict(temperature=FLOAT32_TINY, top_p=FLOAT32_TINY),
+               dict(temperature=1.0, top_p=FLOAT32_TINY), dict(temperature=FLOAT32_MAX)):
+        s = Sampler(SamplingParams(top_k=0, seed=1, **{"top_p": 1.0, **kw}))
+        p = s.probs(lg)
+        assert torch.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-4, kw
+        if kw["temperature"] == FLOAT32_TINY or kw.get("top_p") == FLOAT32_TINY:
+            assert s.sample(lg) == best, kw
+    p = Sampler(SamplingParams(temperature=FLOAT32_MAX, top_k=0, top_p=1.0)).probs(lg)
+    assert float(p.max() - p.min()) < 1e-6  # uniform
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone():
+    """NaN logits in one row (a broken model, not parameters) fail that row only: the others get
+    the very tokens they get without it, and sample_batch (one request's engine) raises."""
+    from gdsllm.engine.sampling import SamplingError
+    from gdsllm.engine.speculative import pass_tokens
+    lg = torch.stack([_logits(i, 200) for i in range(3)])
+    lg[1, 5] = float("nan")
+    mk = lambda: {10: Sampler(SamplingParams(temperature=0.9, top_k=0, top_p=1.0, seed=3)),  # noqa: E731
+                  11: Sampler(SamplingParams(temperature=0.9, top_k=0, top_p=1.0, seed=4)),
+                  12: Sampler(SamplingParams(temperature=0, seed=5))}
+    samplers = mk()
+    tokens, accepted, proposed, failed = pass_tokens(lg, [10, 11, 12], set(), samplers, None, None)
+    alone = mk()
+    assert dict(tokens) == {10: alone[10].sample(lg[0]), 12: int(lg[2].argmax())}
+    assert list(failed) == [11] and "not finite" in failed[11]
+    with pytest.raises(SamplingError, match="not finite"):
+        Sampler.sample_batch(lg, list(mk().values()))

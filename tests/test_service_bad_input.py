@@ -35,6 +35,10 @@ BAD = {
     "bad role": gen(prompt=None, messages=[{"role": "wizard", "content": "x"}]),
     "negative temperature": gen(temperature=-1.0),
     "nan temperature": gen(temperature=float("nan")),
+    "tiny temperature": gen(temperature=1e-300),  # 0 in float32: logits / 0, NaN in every row
+    "subnormal temperature": gen(temperature=1e-40),
+    "huge temperature": gen(temperature=1e300),
+    "tiny top_p": gen(top_p=1e-300),
     "top_p zero": gen(top_p=0.0),
     "negative top_k": gen(top_k=-3),
     "zero max_tokens": gen(max_tokens=0),
@@ -83,3 +87,42 @@ def test_client_vanishing_mid_stream_is_cancelled(server, reference):
 def test_client_timeout_is_clear():
     with Client("tcp://127.0.0.1:9", timeout=0.3) as c, pytest.raises(TimeoutError, match="gdsllm serve"):
         c.health()
+
+
+def test_a_row_that_cannot_be_sampled_fails_only_its_request(tmp_path):
+    """A model whose logits are NaN (a poisoned head): a sampled request gets an error naming
+    why, while a greedy request sharing its passes (an argmax, whatever the logits) runs to its
+    end, and the service serves on. Before, the whole pass failed, with every request in it."""
+    import asyncio
+
+    import torch
+
+    from gdsllm.convert.synth import synth_params, synth_units
+    from gdsllm.convert.synth_tokenizer import CHAT_TEMPLATE, synth_tokenizer_json
+    from gdsllm.convert.writer import ModelWriter
+    from gdsllm.service.client import AsyncClient, ServiceError
+    from service_helpers import Service
+    p = synth_params("tiny", 2)
+    with ModelWriter(tmp_path / "nan", p, "float32", chat_template=CHAT_TEMPLATE, source="test") as w:
+        for _, kind, tensors in synth_units(p, 0, "float32"):
+            if kind == "head":
+                tensors = {k: torch.full_like(v, float("nan")) if k == "lm_head.weight" else v
+                           for k, v in tensors.items()}
+            w.add_unit(tensors)
+        w.add_file("tokenizer.json", synth_tokenizer_json(p.vocab_size), tokenizer=True)
+
+    async def scenario(endpoint):
+        async with AsyncClient(endpoint, timeout=60) as c:
+            greedy = c.stream_messages("once upon", max_tokens=40, temperature=0, ignore_eos=True)
+            await greedy.__anext__()  # running
+            with pytest.raises(ServiceError) as e:
+                await c.generate("a time", max_tokens=4, temperature=0.8, seed=1)
+            return [m async for m in greedy][-1], e.value
+
+    with Service(tmp_path / "nan", max_batch=4) as s:
+        final, err = asyncio.run(scenario(s.endpoint))
+        assert err.code == "internal" and "not finite" in err.message, err
+        assert final.finish_reason == "length" and final.completion_tokens == 40
+        with Client(s.endpoint, timeout=30) as c:
+            assert c.generate("again", max_tokens=3, temperature=0, ignore_eos=True).completion_tokens == 3
+            assert c.health().status == "ok"

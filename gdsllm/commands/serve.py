@@ -3,13 +3,13 @@
     gdsllm serve -m ~/models/llama-7b --device cuda --vram-budget 4GiB --prefetch-window 2
     gdsllm serve -m ~/models/llama-7b --draft ~/models/llama-7b-int4 --draft-tokens 4
     gdsllm generate --endpoint tcp://127.0.0.1:5555 -p "Once upon a time"
-    gdsllm serve --http-port 8000 --api-key sekrit      # + OpenAI-compatible API, chat page at /
+    gdsllm serve --http-port 8000 --api-key-file keys   # + OpenAI-compatible API, chat page at /
 
 Binds 127.0.0.1 by default; /metrics (Prometheus) on --metrics-host:--metrics-port (0 = a free
 port, -1 = off); with --http-port, the OpenAI-compatible HTTP API and the chat page
 (gdsllm.service.http) on --http-host:--http-port.
-Any other ZeroMQ address needs CurveZMQ keys (`gdsllm keygen`, --curve-secret-key) or an
-explicit --insecure. Limits and supervision: docs/RELIABILITY.md.
+Any other ZeroMQ address needs CurveZMQ keys (`gdsllm keygen`, --curve-secret-key), any other
+--http-host an API key (--api-key-file, $GDSLLM_API_KEY), or an explicit --insecure. Limits and supervision: docs/RELIABILITY.md.
 """
 from __future__ import annotations
 
@@ -112,7 +112,20 @@ def add_parser(sub) -> None:
                    help="address the HTTP API binds (default 127.0.0.1; 0.0.0.0 inside a container)")
     p.add_argument("--api-key", default=os.environ.get("GDSLLM_API_KEY") or None, metavar="KEY",
                    help="HTTP API key clients must send as 'Authorization: Bearer KEY' (default: "
-                        "$GDSLLM_API_KEY, else none)")
+                        "$GDSLLM_API_KEY, else none; `ps` shows this flag: prefer the variable or "
+                        "--api-key-file)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="HTTP API keys, one per line (# comments): each key is its own caller for "
+                        "--max-inflight-per-client")
+    p.add_argument("--http-allowed-hosts", default="", metavar="H1,H2",
+                   help="Host names the HTTP API answers besides loopback ones and --http-host "
+                        "(DNS rebinding guard; '*': any)")
+    p.add_argument("--http-allowed-origins", default="", metavar="O1,O2",
+                   help="browser Origins (e.g. https://ui.example) allowed besides loopback ones and "
+                        "the server's own ('*': any)")
+    p.add_argument("--http-header-timeout", type=float, default=10.0, metavar="S",
+                   help="close an HTTP connection that sends no complete request head within S "
+                        "seconds (default 10)")
     add_reliability_options(p)
     p.set_defaults(func=run)
 
@@ -123,7 +136,8 @@ def add_reliability_options(p) -> None:
                    help="CurveZMQ secret certificate (`gdsllm keygen`): encrypt and authenticate "
                         "the endpoint; clients need the matching public key")
     p.add_argument("--insecure", action="store_true",
-                   help="allow binding a non-loopback address without --curve-secret-key")
+                   help="allow binding a non-loopback address without --curve-secret-key (ZeroMQ) "
+                        "or without an API key (--http-host)")
     p.add_argument("--kv-budget", default=None, metavar="SIZE",
                    help="KV-cache memory for admission control, e.g. 2GiB (default: derived from "
                         "free memory)")
@@ -155,16 +169,27 @@ def reliability_config(args) -> dict:
                 restart_limit=args.restart_limit, verify=args.verify)
 
 
+def http_options(args):
+    """HttpOptions from the --http-* and key arguments (ValueError naming a bad one)."""
+    from gdsllm.service.http.server import HttpOptions, read_api_keys
+    keys = ((args.api_key,) if args.api_key else ()) + \
+        (read_api_keys(args.api_key_file) if args.api_key_file else ())
+    split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())  # noqa: E731
+    return HttpOptions(args.http_host, args.http_port, keys, split(args.http_allowed_hosts),
+                       split(args.http_allowed_origins), args.http_header_timeout, args.insecure)
+
+
 def run(args) -> int:
     from gdsllm.service.coordinator import run_coordinator
     from gdsllm.service.worker_set import WorkerStartError
     port = None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
+    http = http_options(args) if args.http_port is not None else None  # refused before any loading
     config = service_config(args, endpoint=args.endpoint, metrics_port=port, metrics_host=args.metrics_host,
                             max_waiting=args.max_waiting, **reliability_config(args))
     try:
-        if args.http_port is not None:
-            from gdsllm.service.http.server import HttpOptions, run_with_http
-            run_with_http(config, HttpOptions(args.http_host, args.http_port, args.api_key))
+        if http is not None:
+            from gdsllm.service.http.server import run_with_http
+            run_with_http(config, http)
         else:
             run_coordinator(config)
     except (WorkerStartError, OSError) as e:

@@ -5,12 +5,19 @@
     sampler = Sampler(params)                           # one per request: owns its generator
     token = sampler.sample(logits_row)                  # float logits [vocab], any device
     tokens = Sampler.sample_batch(logits, samplers)     # [B, vocab], each row its own sampler
+    tokens, failed = Sampler.sample_rows(logits, samplers)  # the same; a row that fails is reported
     probs = sampler.probs(logits_rows)                  # [..., vocab]: the distribution sampled
 
 `temperature == 0` is greedy (argmax). Otherwise, as transformers and vLLM do: logits are divided
 by the temperature, then top-k, then top-p (nucleus) filter, then one draw from the softmax with
 the request's own `torch.Generator` on the logits' device, so a seed gives the same tokens
 whatever else shares the batch.
+
+Float32 safety: the parameters are bounded to what float32 sampling represents (a temperature of
+0 or within [FLOAT32_TINY, FLOAT32_MAX], a top_p of at least FLOAT32_TINY), the logits are shifted
+so that their maximum is 0 before the temperature divides them (no overflow to inf, so no inf - inf
+= NaN however small the temperature), and each row is drawn alone: a row that still has no valid
+distribution (a model that produced NaN logits) fails only its own request (`sample_rows`).
 """
 from __future__ import annotations
 
@@ -19,6 +26,13 @@ import secrets
 from dataclasses import dataclass
 
 import torch
+
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # 1.18e-38: the smallest normal float32
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # 3.40e38
+
+
+class SamplingError(ValueError):
+    """A row of logits gave no distribution to draw from (NaN or inf logits)."""
 
 
 @dataclass(frozen=True)
@@ -66,9 +80,16 @@ class SamplingParams:
         num("temperature", self.temperature)
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.temperature != 0 and not FLOAT32_TINY <= self.temperature <= FLOAT32_MAX:
+            raise ValueError(f"temperature must be 0 (greedy) or from {FLOAT32_TINY:.3g} to "
+                             f"{FLOAT32_MAX:.3g} (what float32 sampling represents), got "
+                             f"{self.temperature}")
         num("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_p < FLOAT32_TINY:
+            raise ValueError(f"top_p must be at least {FLOAT32_TINY:.3g} (what float32 sampling "
+                             f"represents), got {self.top_p}")
         num("top_k", self.top_k, int)
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
@@ -123,10 +144,13 @@ class Sampler:
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution `sample` draws from, for float logits [..., vocab] (each row alone):
-        temperature, then top-k, then top-p. Not for greedy parameters."""
+        temperature, then top-k, then top-p. Not for greedy parameters. The logits are shifted
+        to a maximum of 0 first (the softmax is unchanged), so dividing by the smallest valid
+        temperature gives -inf at worst, never inf."""
         p = self.params
         assert not p.greedy, "greedy sampling has no distribution"
-        x = logits.float() / p.temperature
+        x = logits.float()
+        x = (x - x.amax(dim=-1, keepdim=True)) / p.temperature
         vocab = x.shape[-1]
         if 0 < p.top_k < vocab:
             kth = torch.topk(x, p.top_k, dim=-1).values[..., -1:]
@@ -142,21 +166,44 @@ class Sampler:
 
     @staticmethod
     def sample_batch(logits: torch.Tensor, samplers: list["Sampler"]) -> list[int]:
-        """Row i of float logits [B, vocab] sampled by samplers[i]. One device sync for the
-        whole batch: one argmax over the greedy rows, each other row drawn on the device with
-        its own generator (the same draws as `sample`), all read back together."""
+        """Row i of float logits [B, vocab] sampled by samplers[i] (see sample_rows); a row that
+        cannot be sampled raises SamplingError."""
+        tokens, failed = Sampler.sample_rows(logits, samplers)
+        if failed:
+            raise SamplingError(next(iter(failed.values())))
+        return tokens
+
+    @staticmethod
+    def sample_rows(logits: torch.Tensor, samplers: list["Sampler"]) -> tuple[list[int], dict[int, str]]:
+        """Row i of float logits [B, vocab] sampled by samplers[i]: (tokens, {row: why} for the
+        rows that had no valid distribution; their token is -1). One device sync for the whole
+        batch: one argmax over the greedy rows, each other row drawn on the device with its own
+        generator (the same draws as `sample`), all read back together. A row without a valid
+        distribution (NaN or inf) is drawn from a stand-in, its token discarded: its generator
+        advances as usual and no other row is touched."""
         assert logits.dim() == 2 and logits.shape[0] == len(samplers), (logits.shape, len(samplers))
         greedy = [i for i, s in enumerate(samplers) if s.params.greedy]
-        rows, picks = [], []
+        picks, drawn = [], []
         if greedy:
             g = logits if len(greedy) == len(samplers) else logits[greedy]
-            rows += greedy
             picks.append(g.argmax(-1))
         for i, s in enumerate(samplers):
             if not s.params.greedy:
-                rows.append(i)
-                picks.append(torch.multinomial(s.probs(logits[i]), 1, generator=s._gen(logits.device)))
+                probs = s.probs(logits[i])
+                ok = torch.isfinite(probs).all() & (probs.sum() > 0)
+                probs = torch.where(ok, probs, torch.ones_like(probs))  # never NaN into multinomial
+                drawn.append(i)
+                picks.append(torch.multinomial(probs, 1, generator=s._gen(logits.device)))
+                picks.append(ok.reshape(1).long())
         out: list[int] = [0] * len(samplers)
-        for i, t in zip(rows, torch.cat(picks).tolist() if picks else []):
+        flat = torch.cat(picks).tolist() if picks else []
+        n = len(greedy)
+        for i, t in zip(greedy, flat[:n]):
             out[i] = t
-        return out
+        failed: dict[int, str] = {}
+        for j, i in enumerate(drawn):
+            t, ok = flat[n + 2 * j], flat[n + 2 * j + 1]
+            out[i] = t if ok else -1
+            if not ok:
+                failed[i] = "sampling failed: the model's logits for this request are not finite"
+        return out, failed

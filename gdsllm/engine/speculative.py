@@ -33,7 +33,7 @@ import torch
 
 from gdsllm.engine.adaptive_k import AdaptiveK
 from gdsllm.engine.draft import DraftModel, NgramDraft, Proposal, check_draft, is_ngram
-from gdsllm.engine.sampling import Sampler
+from gdsllm.engine.sampling import Sampler, SamplingError
 
 
 def make_speculator(target_meta, draft, device, draft_tokens: int = 4, adaptive: bool = False,
@@ -158,11 +158,13 @@ class Speculator:
                for sid, new in chunks]
         return out, dict(self._rows)
 
-    def finish(self, logits: torch.Tensor, samplers: dict[int, Sampler], target, skip=()
-               ) -> dict[int, list[int]]:
+    def finish(self, logits: torch.Tensor, samplers: dict[int, Sampler], target, skip=(),
+               failed: dict[int, str] | None = None) -> dict[int, list[int]]:
         """The new tokens of each sequence of the pass from its logits (rows as `plan` asked);
         rolls back rejected drafts in `target` (its Runner) and in the draft. Sequences in `skip`
-        (mid-prompt chunks of a chunked prefill, never drafted) get no token."""
+        (mid-prompt chunks of a chunked prefill, never drafted) get no token. A sequence whose
+        logits cannot be sampled gets none either: it goes into `failed` (seq_id -> why), or
+        raises SamplingError when `failed` is None."""
         spans, row = {}, 0
         for sid in self._order:
             n = self._rows.get(sid, 1)
@@ -173,14 +175,19 @@ class Speculator:
         out: dict[int, list[int]] = {}
         if plain:
             last = torch.tensor([spans[s][1] - 1 for s in plain], device=logits.device)
-            picks = Sampler.sample_batch(logits.index_select(0, last), [samplers[s] for s in plain])
-            out.update((s, [t]) for s, t in zip(plain, picks))
+            picks, bad = Sampler.sample_rows(logits.index_select(0, last), [samplers[s] for s in plain])
+            _failures(failed, {plain[j]: why for j, why in bad.items()})
+            out.update((s, [t]) for j, (s, t) in enumerate(zip(plain, picks)) if j not in bad)
         st = self.stats
         for sid, prop in self.proposals.items():
             a, b = spans[sid]
             s = samplers[sid]
-            toks = (accept_greedy(logits[a:b], prop.tokens) if s.params.greedy
-                    else accept_sampled(logits[a:b], prop.tokens, prop.probs, s))
+            try:
+                toks = (accept_greedy(logits[a:b], prop.tokens) if s.params.greedy
+                        else accept_sampled(logits[a:b], prop.tokens, prop.probs, s))
+            except RuntimeError as e:  # torch.multinomial on NaN: this sequence only
+                _failures(failed, {sid: f"sampling failed: {e}"})
+                continue
             out[sid] = toks
             h = self.hist[sid]
             h.extend(toks[:-1])  # accepted drafts are in the target's cache; the last token is not
@@ -226,17 +233,28 @@ class Speculator:
         self.draft.release(seq_id)
 
 
+def _failures(failed: dict[int, str] | None, new: dict[int, str]) -> None:
+    if new and failed is None:
+        raise SamplingError(next(iter(new.values())))
+    if new:
+        failed.update(new)
+
+
 def pass_tokens(logits, seq_ids: list[int], partial: set[int], samplers: dict, speculator, runner):
     """The tokens a finished pass gives: (tokens [(seq_id, token)], accepted {seq_id: drafts the
-    target accepted, which come before its token}, proposed {seq_id: drafts proposed}).
+    target accepted, which come before its token}, proposed {seq_id: drafts proposed}, failed
+    {seq_id: why its logits could not be sampled}: those get no token, the others go on).
     Sequences in `partial` (mid-prompt chunks) get nothing; `speculator` may be None."""
-    ends = [sid for sid in seq_ids if sid not in partial]
+    failed: dict[int, str] = {}
     if speculator is not None:
         proposed = {sid: len(p.tokens) for sid, p in speculator.proposals.items()}
-        out = speculator.finish(logits, samplers, runner, skip=partial)
-        return ([(sid, out[sid][-1]) for sid in ends], {sid: out[sid][:-1] for sid in proposed},
-                proposed)
+        out = speculator.finish(logits, samplers, runner, skip=partial, failed=failed)
+        ends = [sid for sid in seq_ids if sid not in partial and sid not in failed]
+        return ([(sid, out[sid][-1]) for sid in ends],
+                {sid: out[sid][:-1] for sid in proposed if sid not in failed}, proposed, failed)
+    ends = [sid for sid in seq_ids if sid not in partial]
     if len(ends) < len(seq_ids):  # mid-prompt chunks sample nothing
         logits = logits[[i for i, sid in enumerate(seq_ids) if sid not in partial]]
-    picks = Sampler.sample_batch(logits, [samplers[sid] for sid in ends]) if ends else []
-    return list(zip(ends, picks)), {}, {}
+    picks, bad = Sampler.sample_rows(logits, [samplers[sid] for sid in ends]) if ends else ([], {})
+    failed.update((ends[j], why) for j, why in bad.items())
+    return [(sid, t) for j, (sid, t) in enumerate(zip(ends, picks)) if j not in bad], {}, {}, failed

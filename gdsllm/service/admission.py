@@ -1,14 +1,20 @@
 """Admission control: which requests may take KV-cache memory now, and which clients must wait.
 
     adm = Admission.for_model(meta, config, free_bytes=None)   # budget from --kv-budget or free memory
-    why = adm.refuse(client, waiting=len(queue))   # "busy" reason, or None (then adm.enter(client))
+    key = caller_key(client, msg.caller)            # the ZeroMQ client, or (client, the caller it serves)
+    why = adm.refuse(key, waiting=len(queue))      # "busy" reason, or None (then adm.enter(key))
     why = adm.never_fits(seq)                      # "bad_request" reason: larger than the whole budget
     if adm.fits(seq): adm.reserve(seq)             # at admission into the running batch
-    adm.release(seq); adm.leave(client)            # when it finishes, fails or is cancelled
+    adm.release(seq); adm.leave(key)               # when it finishes, fails or is cancelled
 
 A request is admitted into the batch only when the KV cache of its prompt plus its max_tokens fits
 beside what the running requests hold, so an out-of-memory cannot fail a whole pass; the rest wait
-in order. The reservation is whole blocks of the compute worker's paged KV cache
+in order. The in-flight cap (--max-inflight-per-client) counts per caller: a ZeroMQ client, or
+for a front end that serves many (the HTTP API), each caller it names in Generate.caller (an API
+key, or a connection when there is no key), so one HTTP caller cannot lock the others out. A
+client naming callers gains nothing it could not get by opening more sockets.
+
+The reservation is whole blocks of the compute worker's paged KV cache
 (gdsllm.models.kv_cache), whose size the worker reports in ArenaOpened: `kv_cache_tokens` below,
 from `--kv-budget` or else the VRAM ledger's share of the memory left once the arena is allocated
 (gdsllm.engine.budget, the same rule as gdsllm.LLM's); at most --max-batch whole contexts.
@@ -31,6 +37,12 @@ def kv_cache_tokens(meta, config, free_bytes: int | None, extra_per_token: int =
 def _itemsize(meta, config) -> int:
     from gdsllm.format.metadata import ITEMSIZE
     return 4 if config.device == "cpu" else ITEMSIZE[meta.dtype]  # engine.runner.compute_dtype
+
+
+def caller_key(client: bytes, caller: str | None) -> bytes:
+    """Whom the in-flight cap counts a request against: its ZeroMQ client identity, or that and
+    the caller a front end sends it for."""
+    return client if caller is None else client + b"\0" + caller.encode("utf-8", "replace")
 
 
 class Admission:

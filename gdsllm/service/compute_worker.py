@@ -254,13 +254,14 @@ class ComputeWorker:
         t0 = time.perf_counter()
         try:
             from gdsllm.engine.speculative import pass_tokens
-            tokens, accepted, proposed = pass_tokens(self.runner.end_pass(), self.pass_seqs, self.pass_partial,
-                                                     self.samplers, self.speculator, self.runner)
+            tokens, accepted, proposed, failed = pass_tokens(
+                self.runner.end_pass(), self.pass_seqs, self.pass_partial, self.samplers,
+                self.speculator, self.runner)
         except Exception as e:
             self._fail(msg, e, done_sent=True)
             return
         seconds = self.pass_seconds + time.perf_counter() - t0
-        self._send(PassResult(self.pass_id, tokens, seconds, accepted, proposed))
+        self._send(PassResult(self.pass_id, tokens, seconds, accepted, proposed, failed))
         self.pass_id = None
 
     def _fail(self, msg: Run, e: Exception, done_sent: bool = False) -> None:

@@ -28,7 +28,7 @@ from ipc.messages import (Cancel, Done, Error, Generate, Health, HealthReply, Pa
 
 from gdsllm.config import ServiceConfig
 from gdsllm.engine.budget import free_device_bytes, plan_memory, weights_budget
-from gdsllm.service.admission import Admission
+from gdsllm.service.admission import Admission, caller_key
 from gdsllm.service.metrics import ServiceMetrics
 from gdsllm.service.progress import PassProgress
 from gdsllm.service.scheduler import BatchScheduler
@@ -188,7 +188,7 @@ class Coordinator:
             return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
         if (client, rid) in self.batch.by_key:
             return self._reply(client, Error(rid, "bad_request", f"request {rid!r} is already in flight"))
-        busy = self.admission.refuse(client, len(self.batch.waiting))
+        busy = self.admission.refuse(caller_key(client, msg.caller), len(self.batch.waiting))
         if busy:
             return self._reply(client, Error(rid, "busy", f"request {rid}: {busy}"))
         try:

@@ -33,6 +33,7 @@ from ipc.messages import Done, Error, Loaded, PassResult, Release, StartPass, To
 from gdsllm.engine.planner import ResidencyPlan, StreamSchedule
 from gdsllm.engine.sequence import Sequence
 from gdsllm.engine.speculative import draft_count
+from gdsllm.service.admission import caller_key
 from gdsllm.service.expert_hooks import expert_loaded, expert_pass_failed, expert_reply, lend_experts
 
 log = logging.getLogger("gdsllm.service.scheduler")
@@ -76,7 +77,7 @@ class BatchScheduler:
     def add(self, seq: Sequence) -> None:
         assert seq.key not in self.by_key, seq.key
         self.by_key[seq.key] = seq
-        self.admission.enter(seq.client)
+        self.admission.enter(caller_key(seq.client, seq.request.caller))
         self.waiting.append(seq)
         self.metrics.add_prompt_tokens(len(seq.prompt_ids))
         self.maybe_start_pass()
@@ -123,7 +124,7 @@ class BatchScheduler:
     def _forget(self, seq: Sequence) -> bool:
         if self.by_key.pop(seq.key, None) is None:
             return False  # already finished (e.g. cancelled, then its client vanished)
-        self.admission.leave(seq.client)
+        self.admission.leave(caller_key(seq.client, seq.request.caller))
         if seq in self.waiting:
             self.waiting.remove(seq)
         self.prefill.pop(seq.seq_id, None)
@@ -268,6 +269,10 @@ class BatchScheduler:
                 if sid in self.running:
                     self.fail(self.running[sid], "io_error", f"pass {msg.pass_id}: {why}")
             return
+        for sid, why in msg.failed.items():  # its logits could not be sampled: it alone fails
+            seq = self.running.get(sid)
+            if seq is not None:
+                self.fail(seq, "internal", f"request {seq.request.request_id}: {why}")
         for sid in self.pass_seqs:  # cancelled mid-prefill: no token comes for them
             seq = self.running.get(sid)
             if seq is not None and seq.cancelled:

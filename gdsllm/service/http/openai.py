@@ -77,14 +77,37 @@ class Request:
     include_usage: bool = False
 
 
+INT64 = 1 << 63  # integers cross to the coordinator as msgpack int64: bounded here, checked there
+
+
+def _show(v) -> str:
+    """A value for an error message, on one short line (10^400 has 401 digits)."""
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _int64(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -INT64 <= v < INT64
+
+
 def _number(body: dict, name: str, default, integer: bool = False):
+    """An integer (int64) or a finite number (as a float) from `body`, or `default` if absent."""
     v = body.get(name)
     if v is None:
         return default
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float)) and math.isfinite(v)
-    if isinstance(v, bool) or not ok:
-        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {v!r}", name)
-    return v
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        raise bad(f"'{name}' must be {'an integer' if integer else 'a number'}, got {_show(v)}", name)
+    if integer:
+        if not _int64(v):
+            raise bad(f"'{name}' must be an integer from -2^63 to 2^63-1, got {_show(v)}", name)
+        return v
+    try:
+        f = float(v)  # an integer literal of 400 digits is valid JSON: float() overflows
+    except OverflowError:
+        f = math.inf
+    if not math.isfinite(f):
+        raise bad(f"'{name}' must be a finite number, got {_show(v)}", name)
+    return f
 
 
 def _bool(body: dict, name: str, default: bool = False) -> bool:
@@ -92,7 +115,7 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise bad(f"'{name}' must be true or false, got {v!r}", name)
+        raise bad(f"'{name}' must be true or false, got {_show(v)}", name)
     return v
 
 
@@ -122,7 +145,7 @@ def _messages(v) -> list[dict]:
             raise bad(f"{where} must be an object", where)
         role = m.get("role")
         if role not in ROLES:
-            raise bad(f"{where}.role must be one of {sorted(ROLES)}, got {role!r}", f"{where}.role")
+            raise bad(f"{where}.role must be one of {sorted(ROLES)}, got {_show(role)}", f"{where}.role")
         out.append({"role": ROLES[role], "content": _text(m.get("content"), f"{where}.content")})
     return out
 
@@ -148,8 +171,9 @@ def _stop(v) -> list[str]:
 def _token_ids(v) -> list[int]:
     if v is None:
         return []
-    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
-        raise bad("'stop_token_ids' must be a list of integers", "stop_token_ids")
+    if not isinstance(v, list) or not all(_int64(t) for t in v):
+        raise bad("'stop_token_ids' must be a list of integers from -2^63 to 2^63-1",
+                  "stop_token_ids")
     return v
 
 
@@ -197,10 +221,6 @@ def parse_request(body, chat: bool) -> Request:
                       stop=_stop(body.get("stop")),
                       stop_token_ids=_token_ids(body.get("stop_token_ids")),
                       ignore_eos=_bool(body, "ignore_eos"))
-    if isinstance(req.params["temperature"], int):
-        req.params["temperature"] = float(req.params["temperature"])
-    if isinstance(req.params["top_p"], int):
-        req.params["top_p"] = float(req.params["top_p"])
     return req
 
 
