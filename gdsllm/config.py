@@ -66,8 +66,8 @@ class ServiceConfig:
             raise ValueError(f"--vram-budget must be positive, got {self.vram_budget}")
         if self.max_batch < 1:
             raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")
-        if not 1 <= self.draft_tokens <= 64:
-            raise ValueError(f"--draft-tokens must be 1 to 64, got {self.draft_tokens}")
+        from gdsllm.engine.sampling import check_draft_tokens  # torch: not at import (the CLI's --help)
+        check_draft_tokens(self.draft_tokens)
         if self.verify not in ("first", "always"):
             raise ValueError(f"--verify must be first or always, got {self.verify!r}")
         if self.kv_budget is not None and self.kv_budget <= 0:

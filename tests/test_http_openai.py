@@ -72,6 +72,7 @@ def test_messages_roles_and_text_parts():
     ({"prompt": "x", "stop_token_ids": ["2"]}, False, "stop_token_ids"),
     ({"prompt": "x", "stop_token_ids": 2}, False, "stop_token_ids"),
     ({"prompt": "x", "model": 3}, False, "model"),
+    ({"prompt": "x", "draft_tokens": 1.5}, False, "draft_tokens"),
 ])
 def test_bad_bodies_are_400_naming_the_field(body, chat, param):
     with pytest.raises(openai.ApiError) as e:
@@ -79,6 +80,16 @@ def test_bad_bodies_are_400_naming_the_field(body, chat, param):
     assert e.value.status == 400 and e.value.param == param
     err = e.value.body()["error"]
     assert err["type"] == "invalid_request_error" and err["message"] and err["param"] == param
+
+
+def test_draft_tokens_per_request_reach_the_generate_message():
+    """vLLM-style extra parameter: a request may ask for its own K (0: no drafting); the one rule
+    for its range is the engine's (SamplingParams.validate), checked by the coordinator."""
+    from gdsllm.engine.sampling import MAX_DRAFT_TOKENS, SamplingParams
+    assert openai.parse_request({"prompt": "x", "draft_tokens": 2}, chat=False).params["draft_tokens"] == 2
+    assert openai.parse_request({"prompt": "x"}, chat=False).params["draft_tokens"] is None
+    with pytest.raises(ValueError, match=f"draft_tokens must be 0 to {MAX_DRAFT_TOKENS}"):
+        SamplingParams(draft_tokens=MAX_DRAFT_TOKENS + 1).validate()
 
 
 def test_neutral_values_of_unsupported_fields_and_unknown_fields_pass():

@@ -111,7 +111,7 @@ def test_mismatched_draft_is_a_clear_error(models, tmp_path):
     (other / "tokenizer.json").write_bytes(synth_tokenizer_json(300))
     with pytest.raises(ValueError, match="tokenizers differ"):
         check_draft(load_model_meta(target), load_model_meta(other))
-    with pytest.raises(ValueError, match="draft_tokens must be 1 to 64"):
+    with pytest.raises(ValueError, match="draft-tokens must be 1 to 64"):
         LLM(str(target), draft=str(target), draft_tokens=0)
     r = subprocess.run([sys.executable, "-m", "gdsllm", "generate", "-m", str(target), "--draft",
                         str(small), "-p", "hi", "-n", "2", "--device", "cpu"],

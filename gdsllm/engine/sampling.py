@@ -35,6 +35,17 @@ class SamplingError(ValueError):
     """A row of logits gave no distribution to draw from (NaN or inf logits)."""
 
 
+MAX_DRAFT_TOKENS = 64  # speculative decoding: tokens drafted per sequence and pass, at most
+
+
+def check_draft_tokens(k) -> int:
+    """The server's default K (--draft-tokens, LLM's draft_tokens): 1 to MAX_DRAFT_TOKENS, since a
+    server with a draft drafts; a request may still ask for 0 (SamplingParams.draft_tokens)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"--draft-tokens must be 1 to {MAX_DRAFT_TOKENS}, got {k!r}")
+    return k
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop; defaults follow llama.cpp's.
@@ -108,8 +119,8 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
         if self.draft_tokens is not None:
             num("draft_tokens", self.draft_tokens, int)
-            if not 0 <= self.draft_tokens <= 64:
-                raise ValueError(f"draft_tokens must be 0 to 64, got {self.draft_tokens}")
+            if not 0 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
+                raise ValueError(f"draft_tokens must be 0 to {MAX_DRAFT_TOKENS}, got {self.draft_tokens}")
         return self
 
 

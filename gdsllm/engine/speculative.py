@@ -33,7 +33,7 @@ import torch
 
 from gdsllm.engine.adaptive_k import AdaptiveK
 from gdsllm.engine.draft import DraftModel, NgramDraft, Proposal, check_draft, is_ngram
-from gdsllm.engine.sampling import Sampler, SamplingError
+from gdsllm.engine.sampling import Sampler, SamplingError, check_draft_tokens
 
 
 def make_speculator(target_meta, draft, device, draft_tokens: int = 4, adaptive: bool = False,
@@ -45,8 +45,7 @@ def make_speculator(target_meta, draft, device, draft_tokens: int = 4, adaptive:
     from pathlib import Path
 
     from gdsllm.format.metadata import load_model_meta
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 64:
-        raise ValueError(f"draft_tokens must be 1 to 64, got {draft_tokens!r}")
+    check_draft_tokens(draft_tokens)
     if is_ngram(draft):
         source = NgramDraft(target_meta.params.vocab_size)
     else:

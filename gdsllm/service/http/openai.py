@@ -220,7 +220,8 @@ def parse_request(body, chat: bool) -> Request:
                       seed=_number(body, "seed", None, integer=True),
                       stop=_stop(body.get("stop")),
                       stop_token_ids=_token_ids(body.get("stop_token_ids")),
-                      ignore_eos=_bool(body, "ignore_eos"))
+                      ignore_eos=_bool(body, "ignore_eos"),
+                      draft_tokens=_number(body, "draft_tokens", None, integer=True))
     return req
 
 
