@@ -25,7 +25,8 @@ def requantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str, group
     meta = load_model_meta(src)
     with ModelWriter(dst, meta.params, dtype or meta.dtype, chat_template=meta.chat_template,
                      source=f"gdsllm:{meta.root}", quant=None if quant == "none" else quant,
-                     group_size=group_size, quant_device=quant_device) as w:
+                     group_size=group_size, quant_device=quant_device,
+                     architecture=meta.architecture) as w:
         for u in unit_progress(meta.units, len(meta.units), f"convert {meta.root.name}", progress):
             buf = torch.frombuffer(bytearray(meta.path(u).read_bytes()), dtype=torch.uint8)
             verify_unit(meta, u, buf)

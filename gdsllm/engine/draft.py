@@ -76,6 +76,7 @@ class DraftModel:
         self.device = torch.device(device)
         self.size_kv(kv_tokens)
         self.weights = load_resident(self.meta, self.device)
+        self.experts = {(u.layer, u.expert): u for u in self.meta.units if u.kind == "expert"}
         self.passes = 0  # draft passes run (each a pass over the resident draft)
 
     def size_kv(self, kv_tokens: int | None) -> None:
@@ -114,7 +115,13 @@ class DraftModel:
         self.runner.start_pass(chunks)
         try:
             for u in self.meta.units:
+                if u.kind == "expert":  # a mixture of experts: run as routed, after its block
+                    continue
                 self.runner.run_unit(u, self.weights[u.name])
+                if u.kind == "block" and self.experts:
+                    for e in self.runner.routed_experts():  # every expert is resident
+                        unit = self.experts[(u.layer, e)]
+                        self.runner.run_expert(unit, self.weights[unit.name])
             self.passes += 1
             return self.runner.end_pass()
         except BaseException:
