@@ -25,7 +25,8 @@ from service_helpers import Service, single_thread_workers  # noqa: F401  (fixtu
 from spec_helpers import one_thread  # noqa: F401  (fixture)
 
 QTYPES = ("float16", "int8", "int4")
-FAMILIES = {"dense": ("tiny", {"intermediate_size": 192}), "moe": ("tiny-moe", {})}
+FAMILIES = {"dense": ("tiny", {"intermediate_size": 192, "num_hidden_layers": 4}),
+            "moe": ("tiny-moe", {"num_hidden_layers": 4})}
 BATCHES = (1, 5, 16)
 PROMPTS = [f"prompt number {i}: the weights stream" for i in range(max(BATCHES))]
 N = 4
@@ -59,7 +60,10 @@ def streamed_budget(d) -> int:
 
 
 def llm_tokens(d, device: str, budget, draft, graphs: bool = True) -> dict[int, list[list[int]]]:
-    """batch -> greedy token ids of PROMPTS[:batch], each batch one generate call."""
+    """batch -> greedy token ids of PROMPTS[:batch], each batch one generate call. The draft's
+    bytes come on top of `budget` (the ledger takes them first)."""
+    if budget is not None and draft is not None:
+        budget += load_model_meta(draft).total_bytes
     with LLM(str(d), device=device, vram_budget=budget, draft=None if draft is None else str(draft),
              cuda_graphs=graphs) as m:
         if budget is not None:

@@ -25,7 +25,7 @@ MSG = [{"role": "user", "content": "hi"}]
 def test_defaults_follow_openai():
     c = openai.parse_request({"prompt": "x"}, chat=False)
     assert c.params == dict(max_tokens=16, temperature=1.0, top_p=1.0, top_k=0, seed=None, stop=[],
-                            stop_token_ids=[], ignore_eos=False)
+                            stop_token_ids=[], ignore_eos=False, draft_tokens=None)
     assert not c.stream and c.prompt == "x" and c.messages is None
     chat = openai.parse_request({"messages": MSG, "max_completion_tokens": 7, "stop": "\n",
                                  "top_k": -1, "stream": True, "stream_options": {"include_usage": True}},
