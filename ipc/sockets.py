@@ -11,8 +11,9 @@ Every socket has LINGER 0 (closing never blocks on undelivered messages), every 
 polls with a deadline first, and ROUTER sockets set ROUTER_MANDATORY so a reply to a vanished
 peer raises instead of being dropped silently.
 
-The public socket: `router(ctx, endpoint, max_msg=MAX_MESSAGE_BYTES, curve=load_secret_key(path))`
-drops (disconnects) a peer whose frame exceeds the limit before it is buffered whole, and with a
+The public socket: `router(ctx, endpoint, max_msg=MAX_FRAME_BYTES, curve=load_secret_key(path))`
+drops (disconnects) a peer whose frame exceeds the limit before it is buffered whole (requests
+over MAX_REQUEST_BYTES but under that get an error reply from the coordinator), and with a
 CurveZMQ key pair only clients given the server's public key (`dealer(..., server_key=pub)`) get
 through the handshake. Keys are ZeroMQ certificate files (`gdsllm keygen`).
 """
@@ -28,7 +29,7 @@ import zmq
 import zmq.auth
 import zmq.utils.z85
 
-from .codec import MAX_MESSAGE_BYTES, decode, encode
+from .codec import MAX_REQUEST_BYTES, decode, encode
 
 MAX_IPC_PATH = 100  # bytes; sockaddr_un holds about 107, leave room for the "ipc://" prefix
 
@@ -80,6 +81,9 @@ def dealer(ctx: zmq.Context, endpoint: str, server_key: bytes | str | None = Non
     """A connected DEALER; with `server_key` (the server's Z85 public key, or a file holding it)
     the connection is CurveZMQ-encrypted under a fresh client key pair."""
     s = _socket(ctx, zmq.DEALER)
+    # A fixed identity of its own: if the link drops and ZeroMQ reconnects, replies to requests
+    # already sent still reach this socket (the ROUTER routes by identity, not by connection).
+    s.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
     if server_key is not None:
         _need_curve()
         s.curve_serverkey = load_public_key(server_key)
@@ -151,7 +155,7 @@ def send_raw(sock: zmq.Socket, raw: bytes, timeout_s: float) -> None:
     sock.send(raw, zmq.NOBLOCK)
 
 
-def recv(sock: zmq.Socket, timeout_s: float, max_bytes: int | None = MAX_MESSAGE_BYTES) -> Any:
+def recv(sock: zmq.Socket, timeout_s: float, max_bytes: int | None = MAX_REQUEST_BYTES) -> Any:
     """Receive and decode one message; TimeoutError after `timeout_s`, ProtocolError if malformed.
     `max_bytes=None` between the coordinator and its workers (no client limit there)."""
     if not wait(sock, zmq.POLLIN, timeout_s):

@@ -27,8 +27,9 @@ import zmq
 import zmq.asyncio
 
 from ipc import sockets
-from ipc.messages import (Cancel, ChatMessage, Error, Final, Generate, Health, HealthReply, TokenChunk,
-                          decode, encode)
+from ipc.codec import MAX_REQUEST_BYTES, too_large
+from ipc.messages import (Cancel, ChatMessage, Error, Final, Generate, Health, HealthReply, ProtocolError,
+                          TokenChunk, decode, encode)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
@@ -84,7 +85,7 @@ class Client:
     def _recv(self, request_id: str):
         while True:
             try:
-                msg = sockets.recv(self.sock, self.timeout)
+                msg = sockets.recv(self.sock, self.timeout, max_bytes=None)  # replies: no limit
             except TimeoutError:
                 raise _timeout(self.endpoint, self.timeout) from None
             if getattr(msg, "request_id", None) in (request_id, ""):
@@ -162,7 +163,11 @@ class AsyncClient:
 
     async def _read(self) -> None:
         while True:
-            msg = decode(await self.sock.recv())
+            raw = await self.sock.recv()
+            try:  # a long non-streamed Final may exceed the request limit: replies have none
+                msg = decode(raw, max_bytes=None)
+            except ProtocolError:
+                continue  # not a reply of this protocol: one bad frame must not stop the reader
             q = self.queues.get(getattr(msg, "request_id", ""))
             if q is not None:
                 q.put_nowait(msg)
@@ -171,10 +176,14 @@ class AsyncClient:
         """Send `msg`, then yield every reply to `rid` until a Final, HealthReply or Error."""
         if self.reader is None or self.reader.done():
             self.reader = asyncio.create_task(self._read())
+        raw = encode(msg)
+        if len(raw) > MAX_REQUEST_BYTES:  # the server refuses it anyway: never send it, so a link
+            # shared by many callers (the HTTP front end's) carries nothing it could be dropped for
+            raise ServiceError("bad_request", f"request {rid}: {too_large(len(raw))}", rid)
         q = self.queues[rid] = asyncio.Queue()
         finished = False
         try:
-            await asyncio.wait_for(self.sock.send(encode(msg)), self.timeout)
+            await asyncio.wait_for(self.sock.send(raw), self.timeout)
             while True:
                 try:
                     reply = await asyncio.wait_for(q.get(), self.timeout)

@@ -7,8 +7,9 @@ c.request_stop()`. Clients (DEALER) send Generate / Cancel / Health to a ZeroMQ 
 coordinator tokenizes, batches continuously (a request joins at the next weight pass, finished ones
 leave, at most max_batch), plans residency and streaming (gdsllm.engine.planner), drives the I/O and compute
 workers (gdsllm.service.worker_set) and streams TokenChunk then Final back. Malformed messages get
-Error(bad_request) and everyone else is served on; frames over 1 MiB disconnect their sender
-(zmq.MAXMSGSIZE), requests beyond a client's in-flight cap or a full queue get Error(busy), and
+Error(bad_request) and everyone else is served on, requests over 1 MiB too (ipc.codec.MAX_REQUEST_BYTES;
+frames over MAX_FRAME_BYTES, 4 MiB, disconnect their sender: zmq.MAXMSGSIZE), requests beyond a
+client's in-flight cap or a full queue get Error(busy), and
 with `curve_secret_key` only CurveZMQ clients holding the server's public key get through.
 Supervision (dead workers replaced, the watchdog): see Coordinator.
 """
@@ -22,7 +23,7 @@ import zmq
 import zmq.asyncio
 
 from ipc import sockets
-from ipc.codec import MAX_MESSAGE_BYTES
+from ipc.codec import MAX_FRAME_BYTES, peek_request_id
 from ipc.messages import (Cancel, Done, Error, Generate, Health, HealthReply, PassResult, ProtocolError,
                           decode, encode)
 
@@ -98,7 +99,7 @@ class Coordinator:
         curve = None
         if self.config.curve_secret_key is not None:
             curve = sockets.load_secret_key(self.config.curve_secret_key)
-        self.front = sockets.router(self.ctx, self.config.endpoint, max_msg=MAX_MESSAGE_BYTES, curve=curve)
+        self.front = sockets.router(self.ctx, self.config.endpoint, max_msg=MAX_FRAME_BYTES, curve=curve)
         self.front.setsockopt(zmq.SNDHWM, SNDHWM)
         m = self.metrics
         from gdsllm import __version__
@@ -168,7 +169,7 @@ class Coordinator:
         try:
             msg = decode(raw)
         except ProtocolError as e:
-            return self._reply(client, Error(_guess_id(raw), "bad_request", str(e)))
+            return self._reply(client, Error(peek_request_id(raw), "bad_request", str(e)))
         if isinstance(msg, Generate):
             self._generate(client, msg)
         elif isinstance(msg, Cancel):
@@ -252,16 +253,6 @@ class Coordinator:
                 log.exception("handling a message from the %s worker", name)
                 self.supervisor.fault(f"internal error on a {name} worker message: {type(e).__name__}: {e}",
                             "internal")
-
-def _guess_id(raw: bytes) -> str:
-    """The request_id of an undecodable message, where one can be read, for the error reply."""
-    try:
-        import msgpack
-        d = msgpack.unpackb(raw, raw=False)
-        rid = d.get("request_id") if isinstance(d, dict) else None
-        return rid if isinstance(rid, str) and len(rid) <= 128 else ""
-    except Exception:
-        return ""
 
 
 async def _run(config: ServiceConfig) -> None:
