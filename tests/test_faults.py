@@ -107,6 +107,27 @@ def test_unit_corrupted_while_serving_is_caught_and_named(model_dir, light_refer
         assert f2.token_ids == light_reference[PROMPTS[2]]
 
 
+def test_two_swapped_blocks_are_caught_with_verify_always(model_dir, light_reference, tmp_path):
+    """Issue 24, defect 6: two 4 KiB blocks of a streamed unit swapped in place kept the sum of its
+    words, so the service served wrong output; the order-sensitive checksum fails the request."""
+    root = tmp_path / "m"
+    shutil.copytree(model_dir, root)
+    f = root / "layer_002.bin"
+    data = bytearray(f.read_bytes())
+    a, b = 4096 * 3, 4096 * 7
+    assert data[a:a + 4096] != data[b:b + 4096]
+    data[a:a + 4096], data[b:b + 4096] = data[b:b + 4096], data[a:a + 4096]
+    with Service(root, vram_budget=E_H + 2 * UNIT, prefetch_window=2, verify="always") as s, \
+            Client(s.endpoint, timeout=30) as c:
+        assert c.generate(PROMPTS[2], max_tokens=N, temperature=0).token_ids == light_reference[PROMPTS[2]]
+        with open(f, "r+b") as fh:  # in place, same size, same bytes: only their order changed
+            fh.write(data)
+        with pytest.raises(ServiceError) as err:
+            c.generate(PROMPTS[2], max_tokens=N, temperature=0)
+        assert err.value.code == "io_error" and "layer_002.bin" in err.value.message
+        assert "checksum" in err.value.message
+
+
 def test_transient_read_error_is_retried_and_a_lasting_one_named(model_dir, light_reference, tmp_path, capfd):
     root = tmp_path / "m"
     shutil.copytree(model_dir, root)
