@@ -77,3 +77,63 @@ def test_http_request_over_the_limit_fails_alone(http):
         last = json.loads(events[-2][6:])
         assert "error" not in last and last["choices"][0]["finish_reason"] == "length", last
     assert post(http.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+
+
+def test_tokenizing_off_the_event_loop_keeps_a_stream_going(model_dir):
+    """Issue 24, defect 3: tokenizing and chat templating ran on the coordinator's event loop, so
+    ten huge chat requests froze every stream. Here a chat request's tokenizing is held until the
+    running stream has received 5 more tokens: on the event loop that could never happen."""
+    with Service(model_dir) as s, Client(s.endpoint, timeout=120) as c:
+        tok = s.svc.coordinator.tokenizer
+        got, progressed = [], threading.Event()
+        real = tok.encode_chat
+
+        def held(messages):
+            start = len(got)
+            for _ in range(600):  # up to 60 s for the stream to move on
+                if len(got) >= start + 5:
+                    progressed.set()
+                    break
+                threading.Event().wait(0.1)
+            return real(messages)
+
+        stream = c.stream_messages(PROMPTS[0], **LONG)
+        got.append(next(stream))
+        reader = threading.Thread(target=lambda: got.extend(stream), daemon=True)
+        reader.start()
+        tok.encode_chat = held
+        try:
+            with Client(s.endpoint, timeout=120) as other:
+                f = other.generate(messages=[{"role": "user", "content": "hi"}] * 10, max_tokens=2)
+        finally:
+            tok.encode_chat = real
+        assert progressed.is_set(), "the stream got no tokens while a chat request was tokenized"
+        assert f.completion_tokens == 2
+        reader.join(120)
+        assert got[-1].finish_reason == "length"
+
+
+def test_a_prompt_too_long_for_any_context_is_refused_before_tokenizing(model_dir):
+    """The length is checked first, from characters: ten pipelined chat requests of 20,000
+    messages (the issue's repro) are refused without being tokenized, and a stream goes on."""
+    with Service(model_dir) as s, Client(s.endpoint, timeout=120) as c:
+        co = s.svc.coordinator
+        calls = []
+        real = co.tokenizer.encode_chat
+        co.tokenizer.encode_chat = lambda m: calls.append(len(m)) or real(m)
+        stream = c.stream_messages(PROMPTS[0], **LONG)
+        next(stream)
+        ctx = zmq.Context()
+        sock = _dealer(ctx, s.endpoint)
+        try:
+            huge = [{"role": "user", "content": "hi"}] * 20_000
+            for i in range(10):
+                sock.send(msgpack.packb({"type": "generate", "request_id": f"huge-{i}", "messages": huge}))
+            replies = [_recv(sock) for _ in range(10)]
+        finally:
+            sock.close()
+            ctx.term()
+        assert {r["code"] for r in replies} == {"bad_request"}
+        assert all("characters cannot fit" in r["message"] for r in replies), replies[0]
+        assert calls == [], "a prompt too long for the context was tokenized"
+        assert sum(1 for _ in stream) > 0

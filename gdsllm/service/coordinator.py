@@ -18,14 +18,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 import zmq.asyncio
 
 from ipc import sockets
 from ipc.codec import MAX_FRAME_BYTES, peek_request_id
-from ipc.messages import (Cancel, Done, Error, Generate, Health, HealthReply, PassResult, ProtocolError,
-                          decode, encode)
+from ipc.messages import (Cancel, Done, Error, Final, Generate, Health, HealthReply, PassResult,
+                          ProtocolError, decode, encode)
 
 from gdsllm.config import ServiceConfig
 from gdsllm.engine.planner import plan_for
@@ -39,6 +40,8 @@ from gdsllm.service.worker_set import WorkerSet, WorkerStartError  # noqa: F401 
 
 log = logging.getLogger("gdsllm.service.coordinator")
 SNDHWM = 100_000  # queued replies per client before it counts as gone (token chunks are tiny)
+TOKENIZE_THREADS = 2  # prompts tokenized (chat templates rendered) at once, off the event loop
+MAX_TOKENIZING = 64  # requests being tokenized or waiting for a tokenizing thread; more get busy
 
 
 class Coordinator:
@@ -53,6 +56,7 @@ class Coordinator:
         self.config = config
         self.meta = load_model_meta(config.model)
         self.tokenizer = Tokenizer(self.meta)
+        self.max_token_chars = self.tokenizer.max_token_chars  # read at once: it parses the tokenizer
         p = self.meta.params
         self.eos_ids = frozenset(p.eos_token_ids)
         self.max_context = p.max_position_embeddings
@@ -82,6 +86,9 @@ class Coordinator:
         self.tasks: list[asyncio.Task] = []
         self.worker_tasks: list[asyncio.Task] = []
         self.prefill = PassProgress()
+        self.tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="gdsllm-tokenize")
+        self.tokenizing: dict[tuple[bytes, str], asyncio.Future] = {}  # (client, request_id) -> work
+        self.io_trouble = ""  # why health says degraded while requests are still tried (unit reads)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -139,6 +146,11 @@ class Coordinator:
         for t in self.tasks + self.worker_tasks + [self.supervisor.task]:
             if t is not None:
                 t.cancel()
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        for (client, rid), work in list(self.tokenizing.items()):
+            work.cancel()
+            self._reply(client, Error(rid, "internal", "the server is shutting down"))
+        self.tokenizing.clear()
         if self.batch is not None:
             self.batch.fail_all("internal", "the server is shutting down")
         if self.front is not None:
@@ -173,11 +185,7 @@ class Coordinator:
         if isinstance(msg, Generate):
             self._generate(client, msg)
         elif isinstance(msg, Cancel):
-            seq = self.batch.by_key.get((client, msg.request_id))
-            if seq is None:
-                return self._reply(client, Error(msg.request_id, "not_found",
-                                                 f"no request {msg.request_id!r} in flight"))
-            self.batch.cancel(seq)
+            self._cancel(client, msg.request_id)
         elif isinstance(msg, Health):
             self._reply(client, self._health(msg.request_id))
         else:
@@ -185,25 +193,70 @@ class Coordinator:
                                       f"{type(msg).TYPE!r} is not a client message"))
 
     def _generate(self, client: bytes, msg: Generate) -> None:
-        rid = msg.request_id
-        if self.status == "degraded":
+        """Check what is cheap at once, then tokenize (chat template included) on the tokenizing
+        threads: a huge prompt never holds the event loop, so every other stream goes on."""
+        rid, key = msg.request_id, (client, msg.request_id)
+        if self.status == "degraded" and not self.io_trouble:
             return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
-        if (client, rid) in self.batch.by_key:
+        if key in self.batch.by_key or key in self.tokenizing:
             return self._reply(client, Error(rid, "bad_request", f"request {rid!r} is already in flight"))
         busy = self.admission.refuse(client, len(self.batch.waiting))
-        if busy:
+        if busy or len(self.tokenizing) >= MAX_TOKENIZING:
+            busy = busy or f"{len(self.tokenizing)} requests are being tokenized, the most there may be"
             return self._reply(client, Error(rid, "busy", f"request {rid}: {busy}"))
         try:
             validate_request(msg)
-            ids = encode_prompt(msg, self.tokenizer, self.meta.params)  # the rules gdsllm.LLM applies
+            self._check_length(msg)
+        except ValueError as e:
+            return self._reply(client, Error(rid, "bad_request", str(e)))
+        work = asyncio.get_running_loop().run_in_executor(
+            self.tokenize_pool, encode_prompt, msg, self.tokenizer, self.meta.params)
+        self.tokenizing[key] = work
+        work.add_done_callback(lambda f: self._tokenized(client, msg, f))
+
+    def _check_length(self, msg: Generate) -> None:
+        """ValueError for a prompt too long for the context whatever its tokens: before tokenizing,
+        from its length in characters (a token stands for at most max_token_chars of them)."""
+        per_token = self.max_token_chars
+        if per_token is None:
+            return
+        chars = len(msg.prompt) if msg.messages is None else sum(len(m.content) for m in msg.messages)
+        if chars > per_token * self.max_context:
+            raise ValueError(f"request {msg.request_id}: prompt of {chars} characters cannot fit the "
+                             f"model's context of {self.max_context} tokens (a token of this "
+                             f"tokenizer stands for at most {per_token} characters)")
+
+    def _tokenized(self, client: bytes, msg: Generate, work: asyncio.Future) -> None:
+        """The prompt's token ids are ready (or its tokenizing failed): the request joins the batch."""
+        rid, key = msg.request_id, (client, msg.request_id)
+        if self.tokenizing.get(key) is not work or work.cancelled():
+            return  # cancelled meanwhile (its Final was sent), or the service is closing
+        del self.tokenizing[key]
+        if self.status == "degraded" and not self.io_trouble:
+            return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
+        try:
+            ids = work.result()  # ValueError, or a template/tokenizer failure on user input
             seq = Sequence(self.next_seq, client, msg, ids, self.tokenizer, self.eos_ids, self.max_context)
             too_big = self.admission.never_fits(seq)
             if too_big:
                 raise ValueError(too_big)
-        except Exception as e:  # ValueError, or a template/tokenizer failure on user input
+        except Exception as e:
             return self._reply(client, Error(rid, "bad_request", str(e)))
+        busy = self.admission.refuse(client, len(self.batch.waiting))
+        if busy:
+            return self._reply(client, Error(rid, "busy", f"request {rid}: {busy}"))
         self.next_seq += 1
         self.batch.add(seq)
+
+    def _cancel(self, client: bytes, rid: str) -> None:
+        work = self.tokenizing.pop((client, rid), None)
+        if work is not None:  # still being tokenized: it ends here, with nothing generated
+            work.cancel()
+            return self._reply(client, Final(rid, "", [], "cancelled", 0, 0, 0.0, 0.0))
+        seq = self.batch.by_key.get((client, rid))
+        if seq is None:
+            return self._reply(client, Error(rid, "not_found", f"no request {rid!r} in flight"))
+        self.batch.cancel(seq)
 
     def _reply(self, client: bytes, msg) -> bool:
         """Send to one client; False (and its requests cancelled) if it is gone or not reading."""
