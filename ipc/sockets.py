@@ -77,9 +77,11 @@ def router(ctx: zmq.Context, endpoint: str, max_msg: int | None = None,
     return _attach(s, endpoint, bind=True)
 
 
-def dealer(ctx: zmq.Context, endpoint: str, server_key: bytes | str | None = None) -> zmq.Socket:
+def dealer(ctx: zmq.Context, endpoint: str, server_key: bytes | str | None = None,
+           client_keys: tuple[bytes, bytes] | None = None) -> zmq.Socket:
     """A connected DEALER; with `server_key` (the server's Z85 public key, or a file holding it)
-    the connection is CurveZMQ-encrypted under a fresh client key pair."""
+    the connection is CurveZMQ-encrypted under `client_keys` (public, secret), by default a fresh
+    pair (a server with an allow-list of client keys wants a listed one)."""
     s = _socket(ctx, zmq.DEALER)
     # A fixed identity of its own: if the link drops and ZeroMQ reconnects, replies to requests
     # already sent still reach this socket (the ROUTER routes by identity, not by connection).
@@ -87,7 +89,7 @@ def dealer(ctx: zmq.Context, endpoint: str, server_key: bytes | str | None = Non
     if server_key is not None:
         _need_curve()
         s.curve_serverkey = load_public_key(server_key)
-        s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+        s.curve_publickey, s.curve_secretkey = client_keys or zmq.curve_keypair()
     return _attach(s, endpoint, bind=False)
 
 
@@ -106,6 +108,37 @@ def load_secret_key(path) -> tuple[bytes, bytes]:
         raise ValueError(f"{path}: holds no secret key (give the .key_secret file, not the public "
                          f".key one)")
     return public, secret
+
+
+def load_allowed_keys(path) -> set[bytes]:
+    """The Z85 client public keys in a ZeroMQ certificate file, or in every `*.key` file of a
+    directory (`gdsllm keygen` writes them): the clients a CurveZMQ server lets in (`--curve-allow`)."""
+    import glob
+    path = os.path.expanduser(str(path))
+    files = sorted(glob.glob(os.path.join(path, "*.key"))) if os.path.isdir(path) else [path]
+    keys = {load_public_key(f) for f in files}
+    if not keys:
+        raise ValueError(f"{path}: no client public keys (*.key certificates) in this directory")
+    return keys
+
+
+class CurveAllowList:
+    """A ZAP handler (ZeroMQ's authentication protocol) on `ctx`: a CurveZMQ server socket made
+    afterwards on that context completes the handshake only with clients whose public key is in
+    `keys` (Z85 bytes); others get nothing. `stop()` before the context is terminated."""
+
+    def __init__(self, ctx: zmq.Context, keys: set[bytes]):
+        from zmq.auth.thread import ThreadAuthenticator
+        self.keys = frozenset(keys)
+        self.auth = ThreadAuthenticator(zmq.Context.shadow(ctx.underlying))
+        self.auth.start()
+        self.auth.configure_curve_callback("*", credentials_provider=self)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+    def stop(self) -> None:
+        self.auth.stop()
 
 
 def load_public_key(key) -> bytes:
@@ -178,12 +211,17 @@ class Deadline:
 
 
 class EndpointDir:
-    """A private (mode 0700) temp directory for `ipc://` endpoints, removed with its sockets."""
+    """A private (mode 0700) temp directory for `ipc://` endpoints, removed with its sockets.
+
+    Its name carries the creating process's pid (`gdsllm-<pid>-xxxx`): a process killed with
+    SIGKILL cannot remove it, so each new one first removes this user's dirs whose pid is dead."""
 
     def __init__(self, prefix: str = "gdsllm-"):
         # /tmp rather than $TMPDIR: ipc:// paths must fit in sockaddr_un (about 107 bytes).
         base = tempfile.gettempdir()
-        self.path = tempfile.mkdtemp(prefix=prefix, dir=base if len(base) < 40 else "/tmp")
+        base = base if len(base) < 40 else "/tmp"
+        remove_stale_dirs(base, prefix)
+        self.path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
 
     def endpoint(self, name: str) -> str:
         path = os.path.join(self.path, f"{name}.sock")
@@ -198,6 +236,30 @@ class EndpointDir:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def remove_stale_dirs(base: str, prefix: str = "gdsllm-") -> list[str]:
+    """Remove the `<prefix><pid>-*` dirs in `base` that belong to this user and whose process is
+    gone (left by a SIGKILL); the removed paths."""
+    import re
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = re.fullmatch(re.escape(prefix) + r"(\d+)-\w+", name)
+        path = os.path.join(base, name)
+        try:
+            if not m or os.lstat(path).st_uid != os.getuid() or not os.path.isdir(path):
+                continue
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:  # its owner is gone: nobody else removes it
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except (OSError, OverflowError):  # alive under another user, or not ours to judge
+            pass
+    return removed
 
 
 class ParentWatch:

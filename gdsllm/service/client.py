@@ -16,6 +16,8 @@ Every wait has a deadline (`timeout`, seconds without any reply): a dead or abse
 TimeoutError naming the endpoint, an error reply is a ServiceError with its code. A server started
 with --curve-secret-key needs `server_key=` (its Z85 public key, or the `.key` file of `gdsllm
 keygen`); with a wrong key or none, the handshake fails and nothing ever arrives (a TimeoutError).
+A server with --curve-allow also wants `client_keys=load_secret_key(".../me.key_secret")`, a pair
+whose public half it lists.
 """
 from __future__ import annotations
 
@@ -64,10 +66,11 @@ def _timeout(endpoint: str, seconds: float) -> TimeoutError:
 class Client:
     """Synchronous client: one request at a time on one DEALER socket (not thread-safe)."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 60.0, server_key=None):
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 60.0, server_key=None,
+                 client_keys=None):
         self.endpoint, self.timeout = endpoint, timeout
         self.ctx = zmq.Context()
-        self.sock = sockets.dealer(self.ctx, endpoint, server_key)
+        self.sock = sockets.dealer(self.ctx, endpoint, server_key, client_keys)
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -142,10 +145,11 @@ class AsyncClient:
     """asyncio client: any number of concurrent requests share one DEALER socket; replies are
     routed to their request by id."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 60.0, server_key=None):
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 60.0, server_key=None,
+                 client_keys=None):
         self.endpoint, self.timeout = endpoint, timeout
         self.ctx = zmq.asyncio.Context()
-        self.sock = sockets.dealer(self.ctx, endpoint, server_key)
+        self.sock = sockets.dealer(self.ctx, endpoint, server_key, client_keys)
         self.queues: dict[str, asyncio.Queue] = {}
         self.reader: asyncio.Task | None = None
 

@@ -9,14 +9,17 @@ leave, at most max_batch), plans residency and streaming (gdsllm.engine.planner)
 workers (gdsllm.service.worker_set) and streams TokenChunk then Final back. Malformed messages get
 Error(bad_request) and everyone else is served on, requests over 1 MiB too (ipc.codec.MAX_REQUEST_BYTES;
 frames over MAX_FRAME_BYTES, 4 MiB, disconnect their sender: zmq.MAXMSGSIZE), requests beyond a
-client's in-flight cap or a full queue get Error(busy), and
-with `curve_secret_key` only CurveZMQ clients holding the server's public key get through.
+client's in-flight cap or a full queue get Error(busy), and with `curve_secret_key` only CurveZMQ
+clients holding the server's public key get through (with `curve_allow`, only those whose own public
+key is listed: a ZAP handler).
 Supervision (dead workers replaced, the watchdog): see Coordinator.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,7 +29,7 @@ import zmq.asyncio
 from ipc import sockets
 from ipc.codec import MAX_FRAME_BYTES, peek_request_id
 from ipc.messages import (Cancel, Done, Error, Final, Generate, Health, HealthReply, PassResult,
-                          ProtocolError, decode, encode)
+                          ProtocolError, WorkerError, decode, encode)
 
 from gdsllm.config import ServiceConfig
 from gdsllm.engine.planner import plan_for
@@ -77,6 +80,7 @@ class Coordinator:
         self.admission: Admission | None = None
         self.ctx = zmq.asyncio.Context()
         self.front = None
+        self.allow_list: sockets.CurveAllowList | None = None
         self.io_path = "?"
         self.status, self.detail = "starting", ""
         self.supervisor = Supervisor(self)
@@ -89,6 +93,7 @@ class Coordinator:
         self.tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="gdsllm-tokenize")
         self.tokenizing: dict[tuple[bytes, str], asyncio.Future] = {}  # (client, request_id) -> work
         self.io_trouble = ""  # why health says degraded while requests are still tried (unit reads)
+        self.exit_code = 0  # the process's exit status (gdsllm.service.supervisor.EXIT_DEGRADED)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -106,6 +111,10 @@ class Coordinator:
         curve = None
         if self.config.curve_secret_key is not None:
             curve = sockets.load_secret_key(self.config.curve_secret_key)
+        if self.config.curve_allow is not None:  # before the bind: no handshake may skip it
+            allowed = sockets.load_allowed_keys(self.config.curve_allow)
+            # the HTTP front end connects with the server's own key pair (it holds the secret)
+            self.allow_list = sockets.CurveAllowList(self.ctx, allowed | {curve[0]})
         self.front = sockets.router(self.ctx, self.config.endpoint, max_msg=MAX_FRAME_BYTES, curve=curve)
         self.front.setsockopt(zmq.SNDHWM, SNDHWM)
         m = self.metrics
@@ -160,7 +169,12 @@ class Coordinator:
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
+        if self.allow_list is not None:
+            self.allow_list.stop()
         self.ctx.term()
+        if self.front is not None and self.config.endpoint.startswith("ipc://"):
+            with contextlib.suppress(OSError):  # ZeroMQ leaves the socket file it bound
+                os.unlink(self.config.endpoint[len("ipc://"):])
 
     # ------------------------------------------------------------------ client side
 
@@ -196,7 +210,7 @@ class Coordinator:
         """Check what is cheap at once, then tokenize (chat template included) on the tokenizing
         threads: a huge prompt never holds the event loop, so every other stream goes on."""
         rid, key = msg.request_id, (client, msg.request_id)
-        if self.status == "degraded" and not self.io_trouble:
+        if self.status == "degraded" and not self.supervisor.serving:
             return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
         if key in self.batch.by_key or key in self.tokenizing:
             return self._reply(client, Error(rid, "bad_request", f"request {rid!r} is already in flight"))
@@ -232,7 +246,7 @@ class Coordinator:
         if self.tokenizing.get(key) is not work or work.cancelled():
             return  # cancelled meanwhile (its Final was sent), or the service is closing
         del self.tokenizing[key]
-        if self.status == "degraded" and not self.io_trouble:
+        if self.status == "degraded" and not self.supervisor.serving:
             return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
         try:
             ids = work.result()  # ValueError, or a template/tokenizer failure on user input
@@ -295,6 +309,10 @@ class Coordinator:
                 len(s.prompt_ids) for s in self.batch.running.values() if not s.token_ids))
         elif isinstance(msg, PassResult):
             self.prefill.pass_done(msg.pass_id)
+            if msg.pass_id == self.batch.pass_id:  # health follows what passes do (supervisor)
+                self.supervisor.pass_outcome(self.batch.poisoned.get(msg.pass_id))
+        elif isinstance(msg, WorkerError) and msg.pass_id in self.batch.poisoned:
+            self.supervisor.pass_outcome(self.batch.poisoned[msg.pass_id])
         self.batch.on_compute(msg)
 
     async def _worker_loop(self, name: str, sock, handle) -> None:
@@ -308,7 +326,7 @@ class Coordinator:
                             "internal")
 
 
-async def _run(config: ServiceConfig) -> None:
+async def _run(config: ServiceConfig) -> int:
     c = Coordinator(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -319,9 +337,11 @@ async def _run(config: ServiceConfig) -> None:
     finally:
         log.info("shutting down")
         await c.close()
+    return c.exit_code
 
 
-def run_coordinator(config: ServiceConfig) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down cleanly (the body of `gdsllm serve`)."""
+def run_coordinator(config: ServiceConfig) -> int:
+    """Serve until SIGINT/SIGTERM, then shut down cleanly (the body of `gdsllm serve`); the exit
+    status: 0, or EXIT_DEGRADED when `exit_on_degraded` stopped it."""
     import uvloop
-    uvloop.run(_run(config))
+    return uvloop.run(_run(config))
