@@ -15,8 +15,8 @@ import pytest
 from gdsllm.service.client import Client, ServiceError
 from gdsllm.service.supervisor import EXIT_DEGRADED, IO_FAILURES_DEGRADED
 from http_helpers import HttpServe, get, wait_for
-from service_helpers import (N, PROMPTS, UNIT, Service, alive, light_reference, model_dir,  # noqa: F401
-                             single_thread_workers)
+from service_helpers import (N, PROMPTS, UNIT, Service, alive, generate_past_io_errors,  # noqa: F401
+                             light_reference, model_dir, single_thread_workers)
 
 pytestmark = pytest.mark.usefixtures("single_thread_workers")
 E_H = 131072 + 135168  # embed + head resident; the 4 blocks stream through 2 slots
@@ -38,13 +38,7 @@ def test_a_unit_that_keeps_failing_makes_health_degraded_until_a_pass_completes(
         h = c.health()
         assert h.status == "degraded" and "layer_002.bin" in h.detail and "in a row" in h.detail
         (tmp_path / "away.bin").rename(f)
-        for _ in range(3):  # a pass already prefetching may still miss it
-            try:
-                done = c.generate(PROMPTS[1], max_tokens=N, temperature=0)
-                break
-            except ServiceError as e:
-                assert e.code == "io_error"
-        assert done.token_ids == light_reference[PROMPTS[1]]
+        assert generate_past_io_errors(c, PROMPTS[1], 3).token_ids == light_reference[PROMPTS[1]]
         assert c.health().status == "ok"
 
 

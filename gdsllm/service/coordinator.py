@@ -44,7 +44,7 @@ from gdsllm.service.worker_set import WorkerSet, WorkerStartError  # noqa: F401 
 log = logging.getLogger("gdsllm.service.coordinator")
 SNDHWM = 100_000  # queued replies per client before it counts as gone (token chunks are tiny)
 TOKENIZE_THREADS = 2  # prompts tokenized (chat templates rendered) at once, off the event loop
-MAX_TOKENIZING = 64  # requests being tokenized or waiting for a tokenizing thread; more get busy
+MAX_TOKENIZING_CHARS = 64 << 20  # prompt characters waiting to be tokenized; more get busy
 
 
 class Coordinator:
@@ -92,6 +92,7 @@ class Coordinator:
         self.prefill = PassProgress()
         self.tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="gdsllm-tokenize")
         self.tokenizing: dict[tuple[bytes, str], asyncio.Future] = {}  # (client, request_id) -> work
+        self.tokenizing_chars = 0  # prompt characters in self.tokenizing
         self.io_trouble = ""  # why health says degraded while requests are still tried (unit reads)
         self.exit_code = 0  # the process's exit status (gdsllm.service.supervisor.EXIT_DEGRADED)
 
@@ -214,35 +215,39 @@ class Coordinator:
             return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
         if key in self.batch.by_key or key in self.tokenizing:
             return self._reply(client, Error(rid, "bad_request", f"request {rid!r} is already in flight"))
-        busy = self.admission.refuse(client, len(self.batch.waiting))
-        if busy or len(self.tokenizing) >= MAX_TOKENIZING:
-            busy = busy or f"{len(self.tokenizing)} requests are being tokenized, the most there may be"
+        # requests being tokenized count as waiting; their characters are bounded too
+        busy = self.admission.refuse(client, len(self.batch.waiting) + len(self.tokenizing))
+        chars = _prompt_chars(msg)
+        if not busy and self.tokenizing_chars + chars > MAX_TOKENIZING_CHARS:
+            busy = f"{self.tokenizing_chars} prompt characters are waiting to be tokenized"
+        if busy:
             return self._reply(client, Error(rid, "busy", f"request {rid}: {busy}"))
         try:
             validate_request(msg)
-            self._check_length(msg)
+            self._check_length(msg, chars)
         except ValueError as e:
             return self._reply(client, Error(rid, "bad_request", str(e)))
         work = asyncio.get_running_loop().run_in_executor(
             self.tokenize_pool, encode_prompt, msg, self.tokenizer, self.meta.params)
         self.tokenizing[key] = work
-        work.add_done_callback(lambda f: self._tokenized(client, msg, f))
+        self.tokenizing_chars += chars
+        work.add_done_callback(lambda f: self._tokenized(client, msg, f, chars))
 
-    def _check_length(self, msg: Generate) -> None:
+    def _check_length(self, msg: Generate, chars: int) -> None:
         """ValueError for a prompt too long for the context whatever its tokens: before tokenizing,
         from its length in characters (a token stands for at most max_token_chars of them)."""
         per_token = self.max_token_chars
         if per_token is None:
             return
-        chars = len(msg.prompt) if msg.messages is None else sum(len(m.content) for m in msg.messages)
         if chars > per_token * self.max_context:
             raise ValueError(f"request {msg.request_id}: prompt of {chars} characters cannot fit the "
                              f"model's context of {self.max_context} tokens (a token of this "
                              f"tokenizer stands for at most {per_token} characters)")
 
-    def _tokenized(self, client: bytes, msg: Generate, work: asyncio.Future) -> None:
+    def _tokenized(self, client: bytes, msg: Generate, work: asyncio.Future, chars: int) -> None:
         """The prompt's token ids are ready (or its tokenizing failed): the request joins the batch."""
         rid, key = msg.request_id, (client, msg.request_id)
+        self.tokenizing_chars -= chars
         if self.tokenizing.get(key) is not work or work.cancelled():
             return  # cancelled meanwhile (its Final was sent), or the service is closing
         del self.tokenizing[key]
@@ -324,6 +329,10 @@ class Coordinator:
                 log.exception("handling a message from the %s worker", name)
                 self.supervisor.fault(f"internal error on a {name} worker message: {type(e).__name__}: {e}",
                             "internal")
+
+
+def _prompt_chars(msg: Generate) -> int:
+    return len(msg.prompt) if msg.messages is None else sum(len(m.content) for m in msg.messages)
 
 
 async def _run(config: ServiceConfig) -> int:
