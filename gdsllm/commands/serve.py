@@ -171,7 +171,10 @@ def run(args) -> int:
     try:
         if args.http_port is not None:
             from gdsllm.service.http.server import HttpOptions, run_with_http
-            return run_with_http(config, HttpOptions(args.http_host, args.http_port, args.api_key))
-        return run_coordinator(config)
+            code = run_with_http(config, HttpOptions(args.http_host, args.http_port, args.api_key))
+        else:
+            code = run_coordinator(config)
     except (WorkerStartError, OSError) as e:
         raise ValueError(str(e)) from None
+    from ipc.sockets import fast_exit
+    fast_exit(code)  # all is stopped and closed: the interpreter's teardown would only add seconds

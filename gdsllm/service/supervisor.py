@@ -111,9 +111,9 @@ class Supervisor:
                 self.fault(f"pass {b.pass_id} made no progress for {limit:g} s (watchdog, "
                            f"--pass-timeout)", "timeout")
             if self.serving:
-                self._check_stopped(b)
+                self._check_stopped()
 
-    def _check_stopped(self, b) -> None:
+    def _check_stopped(self) -> None:
         now = time.monotonic()
         for name, pid in self.c.workers.pids.items():
             if not _stopped(pid):
@@ -122,9 +122,8 @@ class Supervisor:
             since = self.stopped_since.setdefault(pid, now)
             if now - since >= STOPPED_S:
                 self.stopped_since.clear()
-                return self.fault(f"the {name} worker (pid {pid}) is stopped (SIGSTOP?): pass "
-                                  f"{b.pass_id} made no progress for {now - min(since, b.last_progress):.1f} s "
-                                  f"(watchdog)", "timeout")
+                return self.fault(f"the {name} worker (pid {pid}) is stopped (SIGSTOP?) for "
+                                  f"{now - since:.1f} s: no progress is possible (watchdog)", "timeout")
 
     def pass_outcome(self, error: str | None) -> None:
         """A pass ended: `error` names the unit that failed it (read or checksum), None if it
