@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import zmq
@@ -93,6 +94,7 @@ class Coordinator:
         self.tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="gdsllm-tokenize")
         self.tokenizing: dict[tuple[bytes, str], asyncio.Future] = {}  # (client, request_id) -> work
         self.tokenizing_chars = 0  # prompt characters in self.tokenizing
+        self.tokenizing_by_client: Counter[bytes] = Counter()  # its requests in self.tokenizing
         self.io_trouble = ""  # why health says degraded while requests are still tried (unit reads)
         self.exit_code = 0  # the process's exit status (gdsllm.service.supervisor.EXIT_DEGRADED)
 
@@ -216,7 +218,8 @@ class Coordinator:
         if key in self.batch.by_key or key in self.tokenizing:
             return self._reply(client, Error(rid, "bad_request", f"request {rid!r} is already in flight"))
         # requests being tokenized count as waiting; their characters are bounded too
-        busy = self.admission.refuse(client, len(self.batch.waiting) + len(self.tokenizing))
+        busy = self.admission.refuse(client, len(self.batch.waiting) + len(self.tokenizing),
+                                     self.tokenizing_by_client[client])
         chars = _prompt_chars(msg)
         if not busy and self.tokenizing_chars + chars > MAX_TOKENIZING_CHARS:
             busy = f"{self.tokenizing_chars} prompt characters are waiting to be tokenized"
@@ -231,6 +234,7 @@ class Coordinator:
             self.tokenize_pool, encode_prompt, msg, self.tokenizer, self.meta.params)
         self.tokenizing[key] = work
         self.tokenizing_chars += chars
+        self.tokenizing_by_client[client] += 1
         work.add_done_callback(lambda f: self._tokenized(client, msg, f, chars))
 
     def _check_length(self, msg: Generate, chars: int) -> None:
@@ -248,6 +252,9 @@ class Coordinator:
         """The prompt's token ids are ready (or its tokenizing failed): the request joins the batch."""
         rid, key = msg.request_id, (client, msg.request_id)
         self.tokenizing_chars -= chars
+        self.tokenizing_by_client[client] -= 1
+        if not self.tokenizing_by_client[client]:
+            del self.tokenizing_by_client[client]
         if self.tokenizing.get(key) is not work or work.cancelled():
             return  # cancelled meanwhile (its Final was sent), or the service is closing
         del self.tokenizing[key]
