@@ -54,6 +54,8 @@ class ServiceConfig:
     verify: str = "first"  # checksum each unit's first load ("first") or every load ("always")
     read_retries: int = 3  # a failed unit read is retried this many times (with back-off)
     expert_prefetch: bool = True  # a mixture of experts: read the next layer's guessed experts early
+    exit_on_degraded: bool = False  # exit (status 3) once degraded, for systemd / compose to restart
+    curve_allow: Path | None = None  # CurveZMQ client public keys allowed: a certificate file or a dir
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -80,5 +82,8 @@ class ServiceConfig:
             raise ValueError(f"refusing to bind {self.endpoint} without encryption: anyone who can "
                              f"reach it could use the service. Give --curve-secret-key FILE "
                              f"(`gdsllm keygen`), bind 127.0.0.1, or pass --insecure")
+        if self.curve_allow is not None and self.curve_secret_key is None:
+            raise ValueError("--curve-allow needs --curve-secret-key (the allow-list is of CurveZMQ "
+                             "client keys)")
         if self.max_waiting < 1:
             raise ValueError(f"--max-waiting must be at least 1, got {self.max_waiting}")

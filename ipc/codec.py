@@ -11,9 +11,12 @@
 
 `decode` never trusts its input: garbage bytes, an unknown tag, a missing or extra field or a value
 of the wrong type raise `ProtocolError` with a message fit for an error reply. No pickle anywhere.
-The size limit is the CLIENT limit (`MAX_MESSAGE_BYTES`); messages between the coordinator and its
-own workers are not bound by it (`decode(raw, max_bytes=None)`): one weight pass may carry many MiB
-of prompt token ids.
+The size limit is the CLIENT limit (`MAX_REQUEST_BYTES`): a larger request is refused with an error
+reply naming its size (`peek_request_id` finds whom to tell without decoding it). Frames over
+`MAX_FRAME_BYTES` (above it) are not even buffered: the public socket drops their connection.
+Messages between the coordinator and its own workers are bound by neither (`decode(raw,
+max_bytes=None)`): one weight pass may carry many MiB of prompt token ids. So, from the edge in:
+HTTP body limit < MAX_REQUEST_BYTES < MAX_FRAME_BYTES < internal links (unbounded).
 """
 from __future__ import annotations
 
@@ -24,10 +27,8 @@ from typing import Any
 
 import msgpack
 
-MAX_MESSAGE_BYTES = 1 << 20  # client messages are small; weight bytes never cross a socket
-# The largest client request a front end may forward (the HTTP API's body limit is below it, with
-# room for the fields it adds): a margin under MAX_MESSAGE_BYTES, where the link itself drops.
-MAX_REQUEST_BYTES = MAX_MESSAGE_BYTES - (64 << 10)
+MAX_REQUEST_BYTES = 1 << 20  # client messages are small; weight bytes never cross a socket
+MAX_FRAME_BYTES = 4 << 20  # the public socket's zmq.MAXMSGSIZE: larger frames drop their connection
 _REGISTRY: dict[str, type] = {}
 
 
@@ -53,10 +54,10 @@ def encode(msg: Any) -> bytes:
     return msgpack.packb(d, use_bin_type=True)
 
 
-def decode(raw: bytes, max_bytes: int | None = MAX_MESSAGE_BYTES) -> Any:
+def decode(raw: bytes, max_bytes: int | None = MAX_REQUEST_BYTES) -> Any:
     """One message from `raw`; `max_bytes=None` for internal (coordinator-worker) messages."""
     if max_bytes is not None and len(raw) > max_bytes:
-        raise ProtocolError(f"message of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
+        raise ProtocolError(too_large(len(raw), max_bytes))
     try:
         d = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several unrelated types on garbage
@@ -68,6 +69,28 @@ def decode(raw: bytes, max_bytes: int | None = MAX_MESSAGE_BYTES) -> Any:
     if cls is None:
         raise ProtocolError(f"unknown message type {tag!r}")
     return from_dict(cls, d)
+
+
+def too_large(nbytes: int, limit: int = MAX_REQUEST_BYTES) -> str:
+    return f"message of {nbytes} bytes exceeds the {limit}-byte limit"
+
+
+def peek_request_id(raw: bytes) -> str:
+    """The `request_id` of a message that will not be decoded (too large, malformed), where one
+    can be read, else "": the error reply then reaches the request that caused it. Other fields
+    are skipped, not unpacked, so a huge prompt costs no copy."""
+    try:
+        u = msgpack.Unpacker(raw=False, max_buffer_size=max(len(raw), 1))
+        u.feed(raw)
+        for _ in range(min(u.read_map_header(), 64)):
+            key = u.unpack()
+            if key == "request_id":
+                rid = u.unpack()
+                return rid if isinstance(rid, str) and len(rid) <= 128 else ""
+            u.skip()
+    except Exception:  # msgpack raises several unrelated types on garbage
+        pass
+    return ""
 
 
 def from_dict(cls: type, d: dict) -> Any:

@@ -11,8 +11,9 @@ Every socket has LINGER 0 (closing never blocks on undelivered messages), every 
 polls with a deadline first, and ROUTER sockets set ROUTER_MANDATORY so a reply to a vanished
 peer raises instead of being dropped silently.
 
-The public socket: `router(ctx, endpoint, max_msg=MAX_MESSAGE_BYTES, curve=load_secret_key(path))`
-drops (disconnects) a peer whose frame exceeds the limit before it is buffered whole, and with a
+The public socket: `router(ctx, endpoint, max_msg=MAX_FRAME_BYTES, curve=load_secret_key(path))`
+drops (disconnects) a peer whose frame exceeds the limit before it is buffered whole (requests
+over MAX_REQUEST_BYTES but under that get an error reply from the coordinator), and with a
 CurveZMQ key pair only clients given the server's public key (`dealer(..., server_key=pub)`) get
 through the handshake. Keys are ZeroMQ certificate files (`gdsllm keygen`).
 """
@@ -28,7 +29,7 @@ import zmq
 import zmq.auth
 import zmq.utils.z85
 
-from .codec import MAX_MESSAGE_BYTES, decode, encode
+from .codec import MAX_REQUEST_BYTES, decode, encode
 
 MAX_IPC_PATH = 100  # bytes; sockaddr_un holds about 107, leave room for the "ipc://" prefix
 
@@ -76,14 +77,19 @@ def router(ctx: zmq.Context, endpoint: str, max_msg: int | None = None,
     return _attach(s, endpoint, bind=True)
 
 
-def dealer(ctx: zmq.Context, endpoint: str, server_key: bytes | str | None = None) -> zmq.Socket:
+def dealer(ctx: zmq.Context, endpoint: str, server_key: bytes | str | None = None,
+           client_keys: tuple[bytes, bytes] | None = None) -> zmq.Socket:
     """A connected DEALER; with `server_key` (the server's Z85 public key, or a file holding it)
-    the connection is CurveZMQ-encrypted under a fresh client key pair."""
+    the connection is CurveZMQ-encrypted under `client_keys` (public, secret), by default a fresh
+    pair (a server with an allow-list of client keys wants a listed one)."""
     s = _socket(ctx, zmq.DEALER)
+    # A fixed identity of its own: if the link drops and ZeroMQ reconnects, replies to requests
+    # already sent still reach this socket (the ROUTER routes by identity, not by connection).
+    s.setsockopt(zmq.ROUTING_ID, b"c" + os.urandom(15))
     if server_key is not None:
         _need_curve()
         s.curve_serverkey = load_public_key(server_key)
-        s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+        s.curve_publickey, s.curve_secretkey = client_keys or zmq.curve_keypair()
     return _attach(s, endpoint, bind=False)
 
 
@@ -102,6 +108,37 @@ def load_secret_key(path) -> tuple[bytes, bytes]:
         raise ValueError(f"{path}: holds no secret key (give the .key_secret file, not the public "
                          f".key one)")
     return public, secret
+
+
+def load_allowed_keys(path) -> set[bytes]:
+    """The Z85 client public keys in a ZeroMQ certificate file, or in every `*.key` file of a
+    directory (`gdsllm keygen` writes them): the clients a CurveZMQ server lets in (`--curve-allow`)."""
+    import glob
+    path = os.path.expanduser(str(path))
+    files = sorted(glob.glob(os.path.join(path, "*.key"))) if os.path.isdir(path) else [path]
+    keys = {load_public_key(f) for f in files}
+    if not keys:
+        raise ValueError(f"{path}: no client public keys (*.key certificates) in this directory")
+    return keys
+
+
+class CurveAllowList:
+    """A ZAP handler (ZeroMQ's authentication protocol) on `ctx`: a CurveZMQ server socket made
+    afterwards on that context completes the handshake only with clients whose public key is in
+    `keys` (Z85 bytes); others get nothing. `stop()` before the context is terminated."""
+
+    def __init__(self, ctx: zmq.Context, keys: set[bytes]):
+        from zmq.auth.thread import ThreadAuthenticator
+        self.keys = frozenset(keys)
+        self.auth = ThreadAuthenticator(zmq.Context.shadow(ctx.underlying))
+        self.auth.start()
+        self.auth.configure_curve_callback("*", credentials_provider=self)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+    def stop(self) -> None:
+        self.auth.stop()
 
 
 def load_public_key(key) -> bytes:
@@ -151,7 +188,7 @@ def send_raw(sock: zmq.Socket, raw: bytes, timeout_s: float) -> None:
     sock.send(raw, zmq.NOBLOCK)
 
 
-def recv(sock: zmq.Socket, timeout_s: float, max_bytes: int | None = MAX_MESSAGE_BYTES) -> Any:
+def recv(sock: zmq.Socket, timeout_s: float, max_bytes: int | None = MAX_REQUEST_BYTES) -> Any:
     """Receive and decode one message; TimeoutError after `timeout_s`, ProtocolError if malformed.
     `max_bytes=None` between the coordinator and its workers (no client limit there)."""
     if not wait(sock, zmq.POLLIN, timeout_s):
@@ -174,12 +211,17 @@ class Deadline:
 
 
 class EndpointDir:
-    """A private (mode 0700) temp directory for `ipc://` endpoints, removed with its sockets."""
+    """A private (mode 0700) temp directory for `ipc://` endpoints, removed with its sockets.
+
+    Its name carries the creating process's pid (`gdsllm-<pid>-xxxx`): a process killed with
+    SIGKILL cannot remove it, so each new one first removes this user's dirs whose pid is dead."""
 
     def __init__(self, prefix: str = "gdsllm-"):
         # /tmp rather than $TMPDIR: ipc:// paths must fit in sockaddr_un (about 107 bytes).
         base = tempfile.gettempdir()
-        self.path = tempfile.mkdtemp(prefix=prefix, dir=base if len(base) < 40 else "/tmp")
+        base = base if len(base) < 40 else "/tmp"
+        remove_stale_dirs(base, prefix)
+        self.path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
 
     def endpoint(self, name: str) -> str:
         path = os.path.join(self.path, f"{name}.sock")
@@ -194,6 +236,30 @@ class EndpointDir:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def remove_stale_dirs(base: str, prefix: str = "gdsllm-") -> list[str]:
+    """Remove the `<prefix><pid>-*` dirs in `base` that belong to this user and whose process is
+    gone (left by a SIGKILL); the removed paths."""
+    import re
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = re.fullmatch(re.escape(prefix) + r"(\d+)-\w+", name)
+        path = os.path.join(base, name)
+        try:
+            if not m or os.lstat(path).st_uid != os.getuid() or not os.path.isdir(path):
+                continue
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:  # its owner is gone: nobody else removes it
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except (OSError, OverflowError):  # alive under another user, or not ours to judge
+            pass
+    return removed
 
 
 class ParentWatch:
@@ -219,3 +285,18 @@ def worker_signals() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _term)
+
+
+def fast_exit(code: int = 0) -> None:
+    """End this process now, once its own cleanup (sockets, arena, workers) is done: flush logging
+    and stdio and skip the interpreter's teardown, which with torch loaded takes a second or more
+    on a busy machine (an idle `serve` stopping waited on it three times: both workers, itself)."""
+    import logging
+    import sys
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(code)

@@ -117,3 +117,14 @@ def raw_exchange(endpoint, payload: bytes, timeout=10.0):
     finally:
         s.close()
         ctx.term()
+
+
+def generate_past_io_errors(c, prompt: str, tries: int):
+    """`c.generate(prompt, N greedy tokens)`, tried up to `tries` times while it fails with
+    io_error (a unit file just restored: a pass already prefetching may have read it bad)."""
+    from gdsllm.service.client import ServiceError
+    for k in range(tries):
+        try:
+            return c.generate(prompt, max_tokens=N, temperature=0)
+        except ServiceError as e:
+            assert e.code == "io_error" and k < tries - 1, e

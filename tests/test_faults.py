@@ -15,9 +15,10 @@ import time
 
 import pytest
 
+from gdsllm.service import supervisor
 from gdsllm.service.client import AsyncClient, Client, ServiceError
-from service_helpers import (N, PROMPTS, UNIT, Service, alive, light_reference, model_dir,  # noqa: F401
-                             shm_entries, single_thread_workers)
+from service_helpers import (N, PROMPTS, UNIT, Service, alive, generate_past_io_errors,  # noqa: F401
+                             light_reference, model_dir, shm_entries, single_thread_workers)
 
 pytestmark = pytest.mark.usefixtures("single_thread_workers")
 
@@ -98,13 +99,28 @@ def test_unit_corrupted_while_serving_is_caught_and_named(model_dir, light_refer
         assert c.health().status == "ok"
         f.write_bytes(good)
         time.sleep(0.3)  # the prefetch of the next pass may have read the corrupt bytes: one pass
-        for _ in range(2):
-            try:
-                f2 = c.generate(PROMPTS[2], max_tokens=N, temperature=0)
-                break
-            except ServiceError as e:
-                assert e.code == "io_error"
-        assert f2.token_ids == light_reference[PROMPTS[2]]
+        assert generate_past_io_errors(c, PROMPTS[2], 2).token_ids == light_reference[PROMPTS[2]]
+
+
+def test_two_swapped_blocks_are_caught_with_verify_always(model_dir, light_reference, tmp_path):
+    """Issue 24, defect 6: two 4 KiB blocks of a streamed unit swapped in place kept the sum of its
+    words, so the service served wrong output; the order-sensitive checksum fails the request."""
+    root = tmp_path / "m"
+    shutil.copytree(model_dir, root)
+    f = root / "layer_002.bin"
+    data = bytearray(f.read_bytes())
+    a, b = 4096 * 3, 4096 * 7
+    assert data[a:a + 4096] != data[b:b + 4096]
+    data[a:a + 4096], data[b:b + 4096] = data[b:b + 4096], data[a:a + 4096]
+    with Service(root, vram_budget=E_H + 2 * UNIT, prefetch_window=2, verify="always") as s, \
+            Client(s.endpoint, timeout=30) as c:
+        assert c.generate(PROMPTS[2], max_tokens=N, temperature=0).token_ids == light_reference[PROMPTS[2]]
+        with open(f, "r+b") as fh:  # in place, same size, same bytes: only their order changed
+            fh.write(data)
+        with pytest.raises(ServiceError) as err:
+            c.generate(PROMPTS[2], max_tokens=N, temperature=0)
+        assert err.value.code == "io_error" and "layer_002.bin" in err.value.message
+        assert "checksum" in err.value.message
 
 
 def test_transient_read_error_is_retried_and_a_lasting_one_named(model_dir, light_reference, tmp_path, capfd):
@@ -145,8 +161,11 @@ def narrow_dir(tmp_path_factory):
 
 async def _one_pass(s, ac: AsyncClient, n: int, submit):
     """SIGSTOP the compute worker, `submit()` n requests (the first starts a pass that stalls, the
-    rest queue), SIGCONT once all n - 1 wait: the next pass takes every one of them at once."""
+    rest queue), SIGCONT once all n - 1 wait: the next pass takes every one of them at once. The
+    supervisor would replace a worker stopped for STOPPED_S (2 s): not this one, held on purpose."""
     pid = s.svc.coordinator.workers.pids["compute"]
+    held = pytest.MonkeyPatch()
+    held.setattr(supervisor, "STOPPED_S", float("inf"))
     os.kill(pid, signal.SIGSTOP)
     try:
         submitted = submit()
@@ -156,6 +175,7 @@ async def _one_pass(s, ac: AsyncClient, n: int, submit):
             await asyncio.sleep(0.05)
     finally:
         os.kill(pid, signal.SIGCONT)
+        held.undo()
     return submitted
 
 

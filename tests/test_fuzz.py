@@ -1,6 +1,7 @@
 """Fuzzing the public socket: 10,000 seeded malformed messages (random bytes, truncated msgpack,
 wrong types, huge fields, nesting bombs, extra frames, worker-only messages) each get exactly one
-error reply; frames over the 1 MiB limit are dropped with their connection. The service stays ok
+error reply; requests over the 1 MiB limit get one too, frames over 4 MiB are dropped with their
+connection. The service stays ok
 and a normal request afterwards gets the reference tokens.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import zmq
 
 from gdsllm.service.client import Client
+from ipc.codec import MAX_FRAME_BYTES, MAX_REQUEST_BYTES
 from service_helpers import (N, PROMPTS, Service, light_reference, model_dir,  # noqa: F401
                              single_thread_workers)
 
@@ -123,18 +125,26 @@ def test_fuzz_public_socket(model_dir, light_reference):
         assert {r["code"] for r in errors} <= {"bad_request", "not_found"}
         assert all(r["message"] for r in errors)
 
-        dropped = 0
-        for _ in range(OVERSIZED):  # over zmq.MAXMSGSIZE: disconnected before being buffered whole
-            other = ctx.socket(zmq.DEALER)
+        dropped = refused = 0
+        for i in range(OVERSIZED):  # over the request limit: an error reply; over zmq.MAXMSGSIZE:
+            other = ctx.socket(zmq.DEALER)  # disconnected before being buffered whole
             other.setsockopt(zmq.LINGER, 0)
             other.connect(s.endpoint)
-            other.send(_pack({**_valid(rng), "prompt": "x" * (rng.randrange(1, 8) << 20)}))
-            dropped += not other.poll(300)
+            frame = i % 2 == 1
+            size = MAX_FRAME_BYTES + rng.randrange(1, 4 << 20) if frame else \
+                MAX_REQUEST_BYTES + rng.randrange(1, MAX_FRAME_BYTES - MAX_REQUEST_BYTES - 4096)
+            other.send(_pack({**_valid(rng), "prompt": "x" * size}))
+            if frame:
+                dropped += not other.poll(300)
+            else:
+                assert other.poll(30_000), "no reply to a request over the limit"
+                r = msgpack.unpackb(other.recv(), raw=False)
+                refused += r["type"] == "error" and r["code"] == "bad_request" and "exceeds" in r["message"]
             other.close()
-        assert dropped == OVERSIZED
+        assert dropped == OVERSIZED // 2 and refused == OVERSIZED - OVERSIZED // 2
         codes = sorted(Counter(r.get("code", r["type"]) for r in replies).items())
         print(f"fuzz: {sent} malformed messages, {len(replies)} replies {codes}, "
-              f"{dropped} oversized frames dropped")
+              f"{refused} requests over the limit refused, {dropped} oversized frames dropped")
         sock.close()
         ctx.term()
         with Client(s.endpoint, timeout=30) as c:

@@ -109,8 +109,8 @@ def test_the_largest_body_fits_the_zeromq_request_limit():
     from gdsllm.service.client import _request  # noqa: PLC2701  (the Generate the front end sends)
     from gdsllm.service.http.app import MAX_BODY_BYTES
     from gdsllm.service.http.openai import parse_request
-    from ipc.codec import MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES, encode
-    assert MAX_BODY_BYTES < MAX_REQUEST_BYTES < MAX_MESSAGE_BYTES
+    from ipc.codec import MAX_FRAME_BYTES, MAX_REQUEST_BYTES, encode
+    assert MAX_BODY_BYTES < MAX_REQUEST_BYTES < MAX_FRAME_BYTES
     one = {"role": "user", "content": ""}
     n = (MAX_BODY_BYTES - 400) // (len(json.dumps(one, separators=(",", ":"))) + 1)  # and a comma
     worst = [

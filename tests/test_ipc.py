@@ -11,7 +11,7 @@ import zmq
 
 from ipc import sockets
 from ipc.arena import Arena, ArenaError, ArenaSpec
-from ipc.codec import MAX_MESSAGE_BYTES
+from ipc.codec import MAX_REQUEST_BYTES
 from ipc.messages import (ArenaOpened, Cancel, ChatMessage, ComputeReady, Done, Error, Final,
                           Generate, Health, HealthReply, IoReady, Load, Loaded, OpenArena,
                           PassResult, ProtocolError, Release, Run, SeqSampling, Shutdown,
@@ -74,7 +74,7 @@ def _raw(**d) -> bytes:
     (_raw(type="generate", request_id="r", prompt="a", caller="c" * 129), "caller must be 1 to 128"),
     (_raw(type="health", request_id="x" * 129), "request_id must be 1 to 128"),  # echoed back
     (_raw(type="cancel", request_id="x" * 129), "request_id must be 1 to 128"),
-    (b"\x00" * (MAX_MESSAGE_BYTES + 1), "exceeds the"),
+    (b"\x00" * (MAX_REQUEST_BYTES + 1), "exceeds the"),
 ], ids=lambda v: v[:24].hex() if isinstance(v, bytes) else None)
 def test_malformed_input_raises_protocol_error(raw, words):
     with pytest.raises(ProtocolError) as e:
@@ -83,7 +83,7 @@ def test_malformed_input_raises_protocol_error(raw, words):
 
 
 def test_oversized_valid_message_is_refused():
-    big = encode(Generate("r", prompt="x" * MAX_MESSAGE_BYTES))
+    big = encode(Generate("r", prompt="x" * MAX_REQUEST_BYTES))
     with pytest.raises(ProtocolError, match="exceeds the"):
         decode(big)
 

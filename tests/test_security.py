@@ -89,3 +89,39 @@ def test_serve_command_refuses_a_public_bind_without_keys(model_dir):
                           "--endpoint", "tcp://0.0.0.0:5555", "--metrics-port", "-1"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "--insecure" in out.stderr and "Traceback" not in out.stderr
+
+
+@needs_curve
+def test_curve_allow_list_serves_listed_client_keys_only(model_dir, tmp_path):
+    """Issue 24, item 9: with --curve-allow (a certificate file or a directory of them) a client
+    holding the server's public key but an unlisted key pair of its own gets nothing; the HTTP
+    front end (which connects with the server's own pair) is served."""
+    from ipc.sockets import load_secret_key
+    from http_helpers import HttpServe, get
+    secret, public, _ = keygen(tmp_path / "srv")
+    (tmp_path / "allowed").mkdir()
+    alice_secret, alice_public, _ = keygen(tmp_path / "allowed" / "alice")
+    mallory_secret, _, _ = keygen(tmp_path / "mallory")
+    alice, mallory = load_secret_key(alice_secret), load_secret_key(mallory_secret)
+    for allow in (alice_public, tmp_path / "allowed"):
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        cfg = ServiceConfig(model=model_dir, endpoint=endpoint, curve_secret_key=secret,
+                            curve_allow=allow, metrics_port=None)
+        with LocalService(cfg, private_endpoint=False) as svc:
+            with Client(svc.endpoint, timeout=30, server_key=public, client_keys=alice) as c:
+                assert c.health().status == "ok"
+            for keys in (mallory, None):  # unlisted, or a fresh pair
+                with Client(svc.endpoint, timeout=2, server_key=public, client_keys=keys) as c, \
+                        pytest.raises(TimeoutError):
+                    c.health()
+    with pytest.raises(ValueError, match="needs --curve-secret-key"):
+        ServiceConfig(model=model_dir, curve_allow=alice_public)
+    s = HttpServe(model_dir, tmp_path / "serve.log", "--curve-secret-key", str(secret),
+                  "--curve-allow", str(tmp_path / "allowed"))
+    try:
+        assert get(s.url + "/health")[0] == 200
+        with Client(s.endpoint, timeout=2, server_key=public, client_keys=mallory) as c, \
+                pytest.raises(TimeoutError):
+            c.health()
+    finally:
+        assert s.stop() == 0, s.log_tail()

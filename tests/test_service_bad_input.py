@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from gdsllm.service.client import Client
+from ipc.codec import MAX_FRAME_BYTES
 from service_helpers import (N, PROMPTS, model_dir, raw_exchange, reference,  # noqa: F401 (fixtures)
                              server)
 
@@ -29,7 +30,8 @@ BAD = {
     "wrong field type": gen(max_tokens="ten"),
     "unknown field": gen(colour="blue"),
     "prompt and messages": gen(messages=[{"role": "user", "content": "x"}]),
-    "oversized message": gen(prompt="x" * (1 << 20)),
+    "oversized message": gen(prompt="x" * (1 << 20)),  # an error reply (the link stays)
+    "oversized frame": gen(prompt="x" * MAX_FRAME_BYTES),  # dropped with its connection
     "prompt past the context": gen(prompt=" ".join(["word"] * 2000)),
     "empty prompt": gen(prompt=""),
     "bad role": gen(prompt=None, messages=[{"role": "wizard", "content": "x"}]),
@@ -52,7 +54,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_gets_an_error_and_the_server_serves_on(server, reference, case):
-    if case == "oversized message":  # zmq.MAXMSGSIZE: the sender is disconnected, never buffered
+    if case == "oversized frame":  # zmq.MAXMSGSIZE: the sender is disconnected, never buffered
         with pytest.raises(AssertionError, match="no reply"):
             raw_exchange(server.endpoint, BAD[case], timeout=2.0)
         with Client(server.endpoint, timeout=30) as c:
@@ -61,7 +63,7 @@ def test_bad_input_gets_an_error_and_the_server_serves_on(server, reference, cas
     reply = raw_exchange(server.endpoint, BAD[case])
     assert reply["type"] == "error" and reply["code"] == "bad_request", reply
     assert reply["message"]
-    if case not in ("garbage", "not a map", "unknown type", "worker message", "oversized message"):
+    if case not in ("garbage", "not a map", "unknown type", "worker message"):
         assert reply["request_id"] == "r1"
     with Client(server.endpoint, timeout=30) as c:
         assert c.generate(PROMPTS[4], max_tokens=N, temperature=0).token_ids == reference[PROMPTS[4]][:N]

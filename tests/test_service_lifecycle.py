@@ -140,3 +140,68 @@ def test_require_gds_refuses_to_start_on_the_cpu_backend(model_dir):
     with pytest.raises(WorkerStartError, match="require-gds"):
         with Service(model_dir, require_gds=True):
             pass
+
+
+def _serve(model_dir, endpoint: str, tmp: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TMPDIR": str(tmp)}
+    return subprocess.Popen([sys.executable, "-m", "gdsllm", "serve", "-m", str(model_dir), "--device",
+                             "cpu", "--endpoint", endpoint, "--metrics-port", "-1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def short_tmp():
+    import shutil
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="gx", dir="/tmp"))  # short: ipc:// paths must fit sockaddr_un
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_sigkilled_serve_leaves_its_temp_dir_to_the_next_start(model_dir, short_tmp, monkeypatch):
+    """Issue 24, item 9: a SIGKILLed `serve` cannot remove its gdsllm-* dir; the next service
+    started (here an EndpointDir, what every start makes) removes it, its owner being dead."""
+    import tempfile
+
+    from ipc.sockets import EndpointDir
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = _serve(model_dir, endpoint, short_tmp)
+    try:
+        with Client(endpoint, timeout=120) as c:
+            assert c.health().status == "ok"
+        kids = children(proc.pid)
+        mine = [d for d in short_tmp.iterdir() if d.name.startswith(f"gdsllm-{proc.pid}-")]
+        assert len(mine) == 1 and any(mine[0].iterdir()), "the workers' sockets are in gdsllm-<pid>-*"
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 30  # the workers notice their parent's death and exit
+    while [k for k in kids if alive(k)] and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [k for k in kids if alive(k)], "workers outlived their SIGKILLed parent"
+    assert mine[0].exists()
+    monkeypatch.setattr(tempfile, "tempdir", str(short_tmp))
+    with EndpointDir() as fresh:
+        assert not mine[0].exists(), "the dead service's temp dir was not removed"
+        assert Path(fresh.path).name.startswith(f"gdsllm-{os.getpid()}-")
+
+
+def test_idle_serve_stops_at_once_on_sigterm_and_removes_its_ipc_socket(model_dir, short_tmp):
+    """Issue 24, item 9: the ipc:// socket file remained after SIGTERM, and an idle serve took
+    4.4 to 6.2 s to exit. The time is printed (docs/RELIABILITY.md), not asserted."""
+    sock = short_tmp / "svc.sock"
+    proc = _serve(model_dir, f"ipc://{sock}", short_tmp)
+    try:
+        with Client(f"ipc://{sock}", timeout=120) as c:
+            assert c.health().status == "ok"
+        assert sock.exists()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stdout.read().decode()
+        print(f"idle serve exited {time.monotonic() - t0:.2f} s after SIGTERM")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not sock.exists(), "the ipc:// socket file outlived the service"
+    assert not [d for d in short_tmp.iterdir() if d.name.startswith("gdsllm-")]

@@ -6,6 +6,13 @@
 
 The files are ZeroMQ certificates (`zmq.auth.load_certificate` reads them). The secret one never
 leaves the server; clients need only the public key, printed here too.
+
+A server may also list the clients it serves (`serve --curve-allow DIR`): each client makes its own
+pair the same way and hands over only its `.key`, which goes into DIR:
+
+    gdsllm keygen -o alice                       # on the client: alice.key_secret stays there
+    cp alice.key /etc/gdsllm/clients/            # on the server: --curve-allow /etc/gdsllm/clients
+    Client("tcp://host:5555", server_key="server.key", client_keys=load_secret_key("alice.key_secret"))
 """
 from __future__ import annotations
 

@@ -135,6 +135,10 @@ def add_reliability_options(p) -> None:
     p.add_argument("--curve-secret-key", default=None, metavar="FILE",
                    help="CurveZMQ secret certificate (`gdsllm keygen`): encrypt and authenticate "
                         "the endpoint; clients need the matching public key")
+    p.add_argument("--curve-allow", default=None, metavar="FILE|DIR",
+                   help="with --curve-secret-key: serve only the clients whose public key is in this "
+                        "certificate file or directory of *.key files (`gdsllm keygen`); others get "
+                        "nothing (default: anyone holding the server's public key)")
     p.add_argument("--insecure", action="store_true",
                    help="allow binding a non-loopback address without --curve-secret-key (ZeroMQ) "
                         "or without an API key (--http-host)")
@@ -154,6 +158,9 @@ def add_reliability_options(p) -> None:
                         "gives up and reports degraded (default 5; 0: never restart)")
     p.add_argument("--verify", choices=("first", "always"), default="first",
                    help="checksum each unit on its first load (default) or on every load")
+    p.add_argument("--exit-on-degraded", action="store_true",
+                   help="exit with status 3 once the service is degraded (workers that keep failing, "
+                        "units that keep failing to read), for systemd or compose to restart it")
 
 
 def reliability_config(args) -> dict:
@@ -162,7 +169,9 @@ def reliability_config(args) -> dict:
 
     from gdsllm.engine.budget import parse_size
     key = Path(args.curve_secret_key).expanduser() if args.curve_secret_key else None
-    return dict(curve_secret_key=key, insecure=args.insecure,
+    allow = Path(args.curve_allow).expanduser() if args.curve_allow else None
+    return dict(curve_secret_key=key, curve_allow=allow, insecure=args.insecure,
+                exit_on_degraded=args.exit_on_degraded,
                 kv_budget=parse_size(args.kv_budget) if args.kv_budget else None,
                 max_inflight_per_client=args.max_inflight_per_client,
                 max_pass_tokens=args.max_pass_tokens, pass_timeout_s=args.pass_timeout,
@@ -189,9 +198,10 @@ def run(args) -> int:
     try:
         if http is not None:
             from gdsllm.service.http.server import run_with_http
-            run_with_http(config, http)
+            code = run_with_http(config, http)
         else:
-            run_coordinator(config)
+            code = run_coordinator(config)
     except (WorkerStartError, OSError) as e:
         raise ValueError(str(e)) from None
-    return 0
+    from ipc.sockets import fast_exit
+    fast_exit(code)  # all is stopped and closed: the interpreter's teardown would only add seconds

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from gdsllm.format.metadata import (ALIGN, DTYPES, FORMAT_NAME, FORMAT_VERSION, METADATA_FILE, FormatError,
-                     SUPPORTED_ARCHITECTURES, LlamaParams, align_up, checksum, unit_file_name, unit_layout,
+                     SUPPORTED_ARCHITECTURES, CHECKSUM, LlamaParams, align_up, checksum, unit_file_name, unit_layout,
                      unit_tensor_shapes)
 from gdsllm.format.metadata import QuantMeta
 from gdsllm.quant.policy import prepare
@@ -135,7 +135,7 @@ class ModelWriter:
         data = content if isinstance(content, bytes) else Path(content).read_bytes()
         (self._tmp / name).write_bytes(data)
         pad = data + b"\0" * (-len(data) % 8)
-        self._extra[name] = checksum(torch.frombuffer(bytearray(pad), dtype=torch.uint8)) if pad else "sum64:0"
+        self._extra[name] = checksum(torch.frombuffer(bytearray(pad), dtype=torch.uint8)) if pad else f"{CHECKSUM}:{0:016x}"
         if tokenizer:
             self._tokenizer_file = name
 

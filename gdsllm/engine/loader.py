@@ -12,22 +12,32 @@ KvikIO, cuFile straight into device memory (CudaReader); on CUDA without KvikIO,
 host bounce buffer (one per thread, sized for the largest unit), then one copy. The first load of
 each unit is checksummed where it landed (`verify_unit`): a unit that read back right once is
 trusted afterwards. `load` may be called from several threads at once (the I/O worker does).
+A model whose units carry the older order-blind checksum (sum64) is still verified with it, and
+a one-line warning asks to re-convert it (once per model and process).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 import torch
 
-from gdsllm.format.metadata import ModelMeta, UnitMeta, verify_unit
+from gdsllm.format.metadata import ModelMeta, UnitMeta, checksum_warning, verify_unit
 from gdsllm.format.storage import CudaReader, HostReader, kvikio_module, aligned_host_buffer, probe_io_path
+
+log = logging.getLogger("gdsllm.loader")
+_warned: set = set()  # model roots told to re-convert, in this process
 
 
 class UnitLoader:
     def __init__(self, meta: ModelMeta, device: str | torch.device, direct: bool = True,
                  threads: int = 8):
         self.meta = meta
+        warning = checksum_warning(meta)
+        if warning and meta.root not in _warned:
+            _warned.add(meta.root)
+            log.warning(warning)
         if torch.device(device).type == "cuda" and kvikio_module() is not None:
             self.reader = CudaReader(direct=direct, threads=threads)
             self.io_path = self.reader.path

@@ -10,6 +10,7 @@ rendered with jinja2 exactly as transformers renders them, and streaming detoken
 """
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 
@@ -49,8 +50,39 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens are added only as the tokenizer.json's post-processor
-        says (as transformers' `tokenizer(text)` does)."""
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        says (as transformers' `tokenizer(text)` does). Through `encode_batch`, the same ids, because
+        it releases the GIL: a service tokenizing in a worker thread keeps its event loop running."""
+        return self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int | None:
+        """A bound on the characters of text one token stands for: a text of n characters has at
+        least n / max_token_chars tokens, so a prompt too long for any context is refused before
+        it is tokenized. The longest vocabulary entry (a byte-level BPE entry is one character
+        per byte, a SentencePiece one a character per character), times 4 for normalizers that
+        compose characters (NFC, NFKC); None where the tokenizer may drop text outright (strip,
+        split on whitespace, a precompiled SentencePiece map, a shrinking replacement)."""
+        def drops(node) -> bool:
+            if isinstance(node, list):
+                return any(drops(n) for n in node)
+            if not isinstance(node, dict):
+                return False
+            kind = node.get("type")
+            if kind in ("Strip", "Whitespace", "WhitespaceSplit", "BertPreTokenizer", "BertNormalizer",
+                        "Precompiled"):
+                return True
+            if kind == "Split" and node.get("behavior") == "Removed":
+                return True
+            if kind == "Replace":
+                pattern = node.get("pattern") or {}
+                if "String" not in pattern or len(str(node.get("content", ""))) < len(pattern["String"]):
+                    return True
+            return any(drops(v) for v in node.values())
+        cfg = json.loads(self.tok.to_str())
+        if drops(cfg.get("normalizer")) or drops(cfg.get("pre_tokenizer")):
+            return None
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        return 4 * max((len(t) for t in vocab), default=1)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

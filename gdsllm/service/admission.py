@@ -70,9 +70,10 @@ class Admission:
 
     # ------------------------------------------------------------------ clients and the queue
 
-    def refuse(self, client: bytes, waiting: int) -> str | None:
-        """Why a new request of `client` gets Error(busy) now, or None."""
-        if self.clients[client] >= self.per_client:
+    def refuse(self, client: bytes, waiting: int, pending: int = 0) -> str | None:
+        """Why a new request of `client` gets Error(busy) now, or None. `pending`: its requests not
+        entered yet (being tokenized), counted as in flight."""
+        if self.clients[client] + pending >= self.per_client:
             return (f"this client already has {self.per_client} requests in flight "
                     f"(--max-inflight-per-client); wait for one to finish")
         if waiting >= self.max_waiting:

@@ -16,6 +16,8 @@ Every wait has a deadline (`timeout`, seconds without any reply): a dead or abse
 TimeoutError naming the endpoint, an error reply is a ServiceError with its code. A server started
 with --curve-secret-key needs `server_key=` (its Z85 public key, or the `.key` file of `gdsllm
 keygen`); with a wrong key or none, the handshake fails and nothing ever arrives (a TimeoutError).
+A server with --curve-allow also wants `client_keys=load_secret_key(".../me.key_secret")`, a pair
+whose public half it lists.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ import zmq
 import zmq.asyncio
 
 from ipc import sockets
-from ipc.messages import (Cancel, ChatMessage, Error, Final, Generate, Health, HealthReply, TokenChunk,
-                          decode, encode)
+from ipc.codec import MAX_REQUEST_BYTES, too_large
+from ipc.messages import (Cancel, ChatMessage, Error, Final, Generate, Health, HealthReply, ProtocolError,
+                          TokenChunk, decode, encode)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 
@@ -63,10 +66,11 @@ def _timeout(endpoint: str, seconds: float) -> TimeoutError:
 class Client:
     """Synchronous client: one request at a time on one DEALER socket (not thread-safe)."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 60.0, server_key=None):
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 60.0, server_key=None,
+                 client_keys=None):
         self.endpoint, self.timeout = endpoint, timeout
         self.ctx = zmq.Context()
-        self.sock = sockets.dealer(self.ctx, endpoint, server_key)
+        self.sock = sockets.dealer(self.ctx, endpoint, server_key, client_keys)
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -84,7 +88,7 @@ class Client:
     def _recv(self, request_id: str):
         while True:
             try:
-                msg = sockets.recv(self.sock, self.timeout)
+                msg = sockets.recv(self.sock, self.timeout, max_bytes=None)  # replies: no limit
             except TimeoutError:
                 raise _timeout(self.endpoint, self.timeout) from None
             if getattr(msg, "request_id", None) in (request_id, ""):
@@ -141,10 +145,11 @@ class AsyncClient:
     """asyncio client: any number of concurrent requests share one DEALER socket; replies are
     routed to their request by id."""
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 60.0, server_key=None):
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 60.0, server_key=None,
+                 client_keys=None):
         self.endpoint, self.timeout = endpoint, timeout
         self.ctx = zmq.asyncio.Context()
-        self.sock = sockets.dealer(self.ctx, endpoint, server_key)
+        self.sock = sockets.dealer(self.ctx, endpoint, server_key, client_keys)
         self.queues: dict[str, asyncio.Queue] = {}
         self.reader: asyncio.Task | None = None
 
@@ -162,7 +167,11 @@ class AsyncClient:
 
     async def _read(self) -> None:
         while True:
-            msg = decode(await self.sock.recv())
+            raw = await self.sock.recv()
+            try:  # a long non-streamed Final may exceed the request limit: replies have none
+                msg = decode(raw, max_bytes=None)
+            except ProtocolError:
+                continue  # not a reply of this protocol: one bad frame must not stop the reader
             q = self.queues.get(getattr(msg, "request_id", ""))
             if q is not None:
                 q.put_nowait(msg)
@@ -171,10 +180,14 @@ class AsyncClient:
         """Send `msg`, then yield every reply to `rid` until a Final, HealthReply or Error."""
         if self.reader is None or self.reader.done():
             self.reader = asyncio.create_task(self._read())
+        raw = encode(msg)
+        if len(raw) > MAX_REQUEST_BYTES:  # the server refuses it anyway: never send it, so a link
+            # shared by many callers (the HTTP front end's) carries nothing it could be dropped for
+            raise ServiceError("bad_request", f"request {rid}: {too_large(len(raw))}", rid)
         q = self.queues[rid] = asyncio.Queue()
         finished = False
         try:
-            await asyncio.wait_for(self.sock.send(encode(msg)), self.timeout)
+            await asyncio.wait_for(self.sock.send(raw), self.timeout)
             while True:
                 try:
                     reply = await asyncio.wait_for(q.get(), self.timeout)

@@ -7,24 +7,30 @@ c.request_stop()`. Clients (DEALER) send Generate / Cancel / Health to a ZeroMQ 
 coordinator tokenizes, batches continuously (a request joins at the next weight pass, finished ones
 leave, at most max_batch), plans residency and streaming (gdsllm.engine.planner), drives the I/O and compute
 workers (gdsllm.service.worker_set) and streams TokenChunk then Final back. Malformed messages get
-Error(bad_request) and everyone else is served on; frames over 1 MiB disconnect their sender
-(zmq.MAXMSGSIZE), requests beyond a client's in-flight cap or a full queue get Error(busy), and
-with `curve_secret_key` only CurveZMQ clients holding the server's public key get through.
+Error(bad_request) and everyone else is served on, requests over 1 MiB too (ipc.codec.MAX_REQUEST_BYTES;
+frames over MAX_FRAME_BYTES, 4 MiB, disconnect their sender: zmq.MAXMSGSIZE), requests beyond a
+client's in-flight cap or a full queue get Error(busy), and with `curve_secret_key` only CurveZMQ
+clients holding the server's public key get through (with `curve_allow`, only those whose own public
+key is listed: a ZAP handler).
 Supervision (dead workers replaced, the watchdog): see Coordinator.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import zmq
 import zmq.asyncio
 
 from ipc import sockets
-from ipc.codec import MAX_MESSAGE_BYTES
-from ipc.messages import (Cancel, Done, Error, Generate, Health, HealthReply, PassResult, ProtocolError,
-                          decode, encode)
+from ipc.codec import MAX_FRAME_BYTES, peek_request_id
+from ipc.messages import (Cancel, Done, Error, Final, Generate, Health, HealthReply, PassResult,
+                          ProtocolError, WorkerError, decode, encode)
 
 from gdsllm.config import ServiceConfig
 from gdsllm.engine.budget import free_device_bytes, plan_memory, weights_budget
@@ -38,6 +44,8 @@ from gdsllm.service.worker_set import WorkerSet, WorkerStartError  # noqa: F401 
 
 log = logging.getLogger("gdsllm.service.coordinator")
 SNDHWM = 100_000  # queued replies per client before it counts as gone (token chunks are tiny)
+TOKENIZE_THREADS = 2  # prompts tokenized (chat templates rendered) at once, off the event loop
+MAX_TOKENIZING_CHARS = 64 << 20  # prompt characters waiting to be tokenized; more get busy
 
 
 class Coordinator:
@@ -52,6 +60,7 @@ class Coordinator:
         self.config = config
         self.meta = load_model_meta(config.model)
         self.tokenizer = Tokenizer(self.meta)
+        self.max_token_chars = self.tokenizer.max_token_chars  # read at once: it parses the tokenizer
         p = self.meta.params
         self.eos_ids = frozenset(p.eos_token_ids)
         self.max_context = p.max_position_embeddings
@@ -71,6 +80,7 @@ class Coordinator:
         self.admission: Admission | None = None
         self.ctx = zmq.asyncio.Context()
         self.front = None
+        self.allow_list: sockets.CurveAllowList | None = None
         self.io_path = "?"
         self.status, self.detail = "starting", ""
         self.supervisor = Supervisor(self)
@@ -80,6 +90,12 @@ class Coordinator:
         self.tasks: list[asyncio.Task] = []
         self.worker_tasks: list[asyncio.Task] = []
         self.prefill = PassProgress()
+        self.tokenize_pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="gdsllm-tokenize")
+        self.tokenizing: dict[tuple[bytes, str], asyncio.Future] = {}  # (client, request_id) -> work
+        self.tokenizing_chars = 0  # prompt characters in self.tokenizing
+        self.tokenizing_by_client: Counter[bytes] = Counter()  # per caller_key: its requests in self.tokenizing
+        self.io_trouble = ""  # why health says degraded while requests are still tried (unit reads)
+        self.exit_code = 0  # the process's exit status (gdsllm.service.supervisor.EXIT_DEGRADED)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -97,7 +113,11 @@ class Coordinator:
         curve = None
         if self.config.curve_secret_key is not None:
             curve = sockets.load_secret_key(self.config.curve_secret_key)
-        self.front = sockets.router(self.ctx, self.config.endpoint, max_msg=MAX_MESSAGE_BYTES, curve=curve)
+        if self.config.curve_allow is not None:  # before the bind: no handshake may skip it
+            allowed = sockets.load_allowed_keys(self.config.curve_allow)
+            # the HTTP front end connects with the server's own key pair (it holds the secret)
+            self.allow_list = sockets.CurveAllowList(self.ctx, allowed | {curve[0]})
+        self.front = sockets.router(self.ctx, self.config.endpoint, max_msg=MAX_FRAME_BYTES, curve=curve)
         self.front.setsockopt(zmq.SNDHWM, SNDHWM)
         m = self.metrics
         from gdsllm.version import __version__
@@ -137,6 +157,11 @@ class Coordinator:
         for t in self.tasks + self.worker_tasks + [self.supervisor.task]:
             if t is not None:
                 t.cancel()
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        for (client, rid), work in list(self.tokenizing.items()):
+            work.cancel()
+            self._reply(client, Error(rid, "internal", "the server is shutting down"))
+        self.tokenizing.clear()
         if self.batch is not None:
             self.batch.fail_all("internal", "the server is shutting down")
         if self.front is not None:
@@ -146,7 +171,12 @@ class Coordinator:
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
+        if self.allow_list is not None:
+            self.allow_list.stop()
         self.ctx.term()
+        if self.front is not None and self.config.endpoint.startswith("ipc://"):
+            with contextlib.suppress(OSError):  # ZeroMQ leaves the socket file it bound
+                os.unlink(self.config.endpoint[len("ipc://"):])
 
     # ------------------------------------------------------------------ client side
 
@@ -167,15 +197,11 @@ class Coordinator:
         try:
             msg = decode(raw)
         except ProtocolError as e:
-            return self._reply(client, Error(_guess_id(raw), "bad_request", str(e)))
+            return self._reply(client, Error(peek_request_id(raw), "bad_request", str(e)))
         if isinstance(msg, Generate):
             self._generate(client, msg)
         elif isinstance(msg, Cancel):
-            seq = self.batch.by_key.get((client, msg.request_id))
-            if seq is None:
-                return self._reply(client, Error(msg.request_id, "not_found",
-                                                 f"no request {msg.request_id!r} in flight"))
-            self.batch.cancel(seq)
+            self._cancel(client, msg.request_id)
         elif isinstance(msg, Health):
             self._reply(client, self._health(msg.request_id))
         else:
@@ -183,25 +209,82 @@ class Coordinator:
                                       f"{type(msg).TYPE!r} is not a client message"))
 
     def _generate(self, client: bytes, msg: Generate) -> None:
-        rid = msg.request_id
-        if self.status == "degraded":
+        """Check what is cheap at once, then tokenize (chat template included) on the tokenizing
+        threads: a huge prompt never holds the event loop, so every other stream goes on."""
+        rid, key = msg.request_id, (client, msg.request_id)
+        if self.status == "degraded" and not self.supervisor.serving:
             return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
-        if (client, rid) in self.batch.by_key:
+        if key in self.batch.by_key or key in self.tokenizing:
             return self._reply(client, Error(rid, "bad_request", f"request {rid!r} is already in flight"))
-        busy = self.admission.refuse(caller_key(client, msg.caller), len(self.batch.waiting))
+        # the cap counts per caller (an HTTP front end serves many); requests being tokenized count
+        # as waiting and as the caller's, and their characters are bounded too
+        caller = caller_key(client, msg.caller)
+        busy = self.admission.refuse(caller, len(self.batch.waiting) + len(self.tokenizing),
+                                     self.tokenizing_by_client[caller])
+        chars = _prompt_chars(msg)
+        if not busy and self.tokenizing_chars + chars > MAX_TOKENIZING_CHARS:
+            busy = f"{self.tokenizing_chars} prompt characters are waiting to be tokenized"
         if busy:
             return self._reply(client, Error(rid, "busy", f"request {rid}: {busy}"))
         try:
             validate_request(msg)
-            ids = encode_prompt(msg, self.tokenizer, self.meta.params)  # the rules gdsllm.LLM applies
+            self._check_length(msg, chars)
+        except ValueError as e:
+            return self._reply(client, Error(rid, "bad_request", str(e)))
+        work = asyncio.get_running_loop().run_in_executor(
+            self.tokenize_pool, encode_prompt, msg, self.tokenizer, self.meta.params)
+        self.tokenizing[key] = work
+        self.tokenizing_chars += chars
+        self.tokenizing_by_client[caller] += 1
+        work.add_done_callback(lambda f: self._tokenized(client, msg, f, chars))
+
+    def _check_length(self, msg: Generate, chars: int) -> None:
+        """ValueError for a prompt too long for the context whatever its tokens: before tokenizing,
+        from its length in characters (a token stands for at most max_token_chars of them)."""
+        per_token = self.max_token_chars
+        if per_token is None:
+            return
+        if chars > per_token * self.max_context:
+            raise ValueError(f"request {msg.request_id}: prompt of {chars} characters cannot fit the "
+                             f"model's context of {self.max_context} tokens (a token of this "
+                             f"tokenizer stands for at most {per_token} characters)")
+
+    def _tokenized(self, client: bytes, msg: Generate, work: asyncio.Future, chars: int) -> None:
+        """The prompt's token ids are ready (or its tokenizing failed): the request joins the batch."""
+        rid, key = msg.request_id, (client, msg.request_id)
+        self.tokenizing_chars -= chars
+        caller = caller_key(client, msg.caller)
+        self.tokenizing_by_client[caller] -= 1
+        if not self.tokenizing_by_client[caller]:
+            del self.tokenizing_by_client[caller]
+        if self.tokenizing.get(key) is not work or work.cancelled():
+            return  # cancelled meanwhile (its Final was sent), or the service is closing
+        del self.tokenizing[key]
+        if self.status == "degraded" and not self.supervisor.serving:
+            return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
+        try:
+            ids = work.result()  # ValueError, or a template/tokenizer failure on user input
             seq = Sequence(self.next_seq, client, msg, ids, self.tokenizer, self.eos_ids, self.max_context)
             too_big = self.admission.never_fits(seq)
             if too_big:
                 raise ValueError(too_big)
-        except Exception as e:  # ValueError, or a template/tokenizer failure on user input
+        except Exception as e:
             return self._reply(client, Error(rid, "bad_request", str(e)))
+        busy = self.admission.refuse(client, len(self.batch.waiting))
+        if busy:
+            return self._reply(client, Error(rid, "busy", f"request {rid}: {busy}"))
         self.next_seq += 1
         self.batch.add(seq)
+
+    def _cancel(self, client: bytes, rid: str) -> None:
+        work = self.tokenizing.pop((client, rid), None)
+        if work is not None:  # still being tokenized: it ends here, with nothing generated
+            work.cancel()
+            return self._reply(client, Final(rid, "", [], "cancelled", 0, 0, 0.0, 0.0))
+        seq = self.batch.by_key.get((client, rid))
+        if seq is None:
+            return self._reply(client, Error(rid, "not_found", f"no request {rid!r} in flight"))
+        self.batch.cancel(seq)
 
     def _reply(self, client: bytes, msg) -> bool:
         """Send to one client; False (and its requests cancelled) if it is gone or not reading."""
@@ -240,6 +323,10 @@ class Coordinator:
                 len(s.prompt_ids) for s in self.batch.running.values() if not s.token_ids))
         elif isinstance(msg, PassResult):
             self.prefill.pass_done(msg.pass_id)
+            if msg.pass_id == self.batch.pass_id:  # health follows what passes do (supervisor)
+                self.supervisor.pass_outcome(self.batch.poisoned.get(msg.pass_id))
+        elif isinstance(msg, WorkerError) and msg.pass_id in self.batch.poisoned:
+            self.supervisor.pass_outcome(self.batch.poisoned[msg.pass_id])
         self.batch.on_compute(msg)
 
     async def _worker_loop(self, name: str, sock, handle) -> None:
@@ -252,18 +339,12 @@ class Coordinator:
                 self.supervisor.fault(f"internal error on a {name} worker message: {type(e).__name__}: {e}",
                             "internal")
 
-def _guess_id(raw: bytes) -> str:
-    """The request_id of an undecodable message, where one can be read, for the error reply."""
-    try:
-        import msgpack
-        d = msgpack.unpackb(raw, raw=False)
-        rid = d.get("request_id") if isinstance(d, dict) else None
-        return rid if isinstance(rid, str) and len(rid) <= 128 else ""
-    except Exception:
-        return ""
+
+def _prompt_chars(msg: Generate) -> int:
+    return len(msg.prompt) if msg.messages is None else sum(len(m.content) for m in msg.messages)
 
 
-async def _run(config: ServiceConfig) -> None:
+async def _run(config: ServiceConfig) -> int:
     c = Coordinator(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -274,9 +355,11 @@ async def _run(config: ServiceConfig) -> None:
     finally:
         log.info("shutting down")
         await c.close()
+    return c.exit_code
 
 
-def run_coordinator(config: ServiceConfig) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down cleanly (the body of `gdsllm serve`)."""
+def run_coordinator(config: ServiceConfig) -> int:
+    """Serve until SIGINT/SIGTERM, then shut down cleanly (the body of `gdsllm serve`); the exit
+    status: 0, or EXIT_DEGRADED when `exit_on_degraded` stopped it."""
     import uvloop
-    uvloop.run(_run(config))
+    return uvloop.run(_run(config))

@@ -45,6 +45,7 @@ def run_io_process(config: ServiceConfig, endpoint: str, arena_bytes: int) -> No
     when the parent process dies, or after a fatal error it has reported."""
     sockets.worker_signals()
     IoWorker(config, endpoint, arena_bytes).run()
+    sockets.fast_exit()  # its cleanup is done: skip the slow interpreter teardown
 
 
 class IoWorker:

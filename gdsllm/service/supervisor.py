@@ -13,6 +13,13 @@ seconds before attempt k; health says "restarting" until the new workers have lo
 units, then "ok". After `restart_limit` faults or failed attempts in a row with no pass completed
 between them (a crash loop: a corrupt resident unit, a worker that cannot start), the service is
 "degraded" for good, every request fails with `worker_died`, and health says why.
+
+Health follows outcomes, not only processes: IO_FAILURES_DEGRADED passes in a row that failed
+reading or verifying a unit (corrupt, truncated, deleted) make health "degraded", naming the
+unit's error; requests are still tried, and the first pass that completes makes it "ok" again. A
+worker seen stopped (SIGSTOP: state T in /proc) for STOPPED_S is a fault ("timeout") at once,
+without waiting for `pass_timeout_s`. With `exit_on_degraded`, the process exits (code
+EXIT_DEGRADED) as soon as it is degraded, for systemd or compose to restart it.
 """
 from __future__ import annotations
 
@@ -28,6 +35,9 @@ from gdsllm.service.worker_set import WorkerSet, WorkerStartError
 
 log = logging.getLogger("gdsllm.service.supervisor")
 BACKOFF_S, MAX_BACKOFF_S = 0.25, 10.0
+IO_FAILURES_DEGRADED = 3  # passes in a row failed by a unit read or checksum: health "degraded"
+STOPPED_S = 2.0  # a worker stopped (SIGSTOP) this long is a fault
+EXIT_DEGRADED = 3  # `serve --exit-on-degraded`'s exit status once degraded
 
 
 class Supervisor:
@@ -37,6 +47,8 @@ class Supervisor:
         self.failures = 0  # faults and failed attempts in a row, no pass completed between
         self.passes_seen = 0
         self.task: asyncio.Task | None = None
+        self.io_failures = 0  # passes in a row failed by a unit that could not be read or verified
+        self.stopped_since: dict[int, float] = {}  # worker pid -> when it was first seen stopped
 
     async def bring_up(self) -> WorkerSet:
         """Spawn and handshake a pair of workers and load the resident units into their arena;
@@ -83,15 +95,61 @@ class Supervisor:
             raise
         return workers
 
+    @property
+    def serving(self) -> bool:
+        """Workers up and passes running: "ok", or "degraded" by unit reads (requests still tried)."""
+        return self.c.status == "ok" or bool(self.c.io_trouble)
+
     async def watchdog(self) -> None:
-        """A pass with no worker reply for pass_timeout_s is a fault (code "timeout")."""
+        """A pass with no worker reply for pass_timeout_s is a fault (code "timeout"), and so is a
+        worker stopped for STOPPED_S, pass or no pass."""
         limit = self.c.config.pass_timeout_s
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
             b = self.c.batch
-            if self.c.status == "ok" and b.in_pass and time.monotonic() - b.last_progress > limit:
+            if self.serving and b.in_pass and time.monotonic() - b.last_progress > limit:
                 self.fault(f"pass {b.pass_id} made no progress for {limit:g} s (watchdog, "
                            f"--pass-timeout)", "timeout")
+            if self.serving:
+                self._check_stopped()
+
+    def _check_stopped(self) -> None:
+        now = time.monotonic()
+        for name, pid in self.c.workers.pids.items():
+            if not _stopped(pid):
+                self.stopped_since.pop(pid, None)
+                continue
+            since = self.stopped_since.setdefault(pid, now)
+            if now - since >= STOPPED_S:
+                self.stopped_since.clear()
+                return self.fault(f"the {name} worker (pid {pid}) is stopped (SIGSTOP?) for "
+                                  f"{now - since:.1f} s: no progress is possible (watchdog)", "timeout")
+
+    def pass_outcome(self, error: str | None) -> None:
+        """A pass ended: `error` names the unit that failed it (read or checksum), None if it
+        completed. Health follows: degraded after IO_FAILURES_DEGRADED failures in a row."""
+        c = self.c
+        if error is None:
+            self.io_failures = 0
+            if c.io_trouble:
+                log.info("a pass completed: serving again (was degraded: %s)", c.io_trouble)
+                c.status, c.detail, c.io_trouble = "ok", f"recovered from: {c.detail}", ""
+            return
+        self.io_failures += 1
+        if self.io_failures >= IO_FAILURES_DEGRADED and c.status == "ok":
+            c.io_trouble = error
+            self.degrade(f"{self.io_failures} passes in a row failed on a unit: {error}")
+
+    def degrade(self, detail: str) -> None:
+        """Health says "degraded" with `detail`; with exit_on_degraded the process exits."""
+        c = self.c
+        c.status, c.detail = "degraded", detail
+        log.error("service degraded: %s", detail)
+        if c.config.exit_on_degraded:
+            log.error("exiting with status %d (--exit-on-degraded): a service manager may restart it",
+                      EXIT_DEGRADED)
+            c.exit_code = EXIT_DEGRADED
+            c.request_stop()
 
     def worker_died(self, name: str, exitcode) -> None:
         self.fault(f"the {name} worker died (exit code {exitcode})", "worker_died")
@@ -99,8 +157,9 @@ class Supervisor:
     def fault(self, detail: str, code: str) -> None:
         """Fail the running requests now and replace both workers (in the background)."""
         c = self.c
-        if c.status != "ok":
-            return  # starting (start() reports it), already restarting, or degraded
+        if not self.serving:
+            return  # starting (start() reports it), already restarting, or degraded for good
+        c.io_trouble, self.io_failures = "", 0  # fresh workers read afresh
         log.error("%s: failing the running requests and restarting the workers", detail)
         c.status, c.detail = "restarting", detail
         if c.batch.passes_completed > self.passes_seen:
@@ -115,10 +174,8 @@ class Supervisor:
 
     def _give_up(self) -> None:
         c = self.c
-        c.status = "degraded"
-        c.detail = (f"gave up after {self.failures} worker restarts in a row (restart_limit "
-                    f"{c.config.restart_limit}): {c.detail}")
-        log.error("service degraded: %s", c.detail)
+        self.degrade(f"gave up after {self.failures} worker restarts in a row (restart_limit "
+                     f"{c.config.restart_limit}): {c.detail}")
         c.batch.fail_all("worker_died", c.detail)
 
     async def _restart(self) -> None:
@@ -142,3 +199,13 @@ class Supervisor:
         c.status, c.detail = "ok", f"workers restarted after: {c.detail}"
         log.info("workers restarted (%d restarts so far): serving again", self.restarts)
         c.serve_workers()
+
+
+def _stopped(pid: int) -> bool:
+    """True if process `pid` is stopped (SIGSTOP, SIGTSTP) or traced: state T or t in /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:  # gone (its sentinel reports that), or no /proc
+        return False
+    return stat[stat.rfind(b")") + 2: stat.rfind(b")") + 3] in (b"T", b"t")

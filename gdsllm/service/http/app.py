@@ -112,11 +112,11 @@ def build_app(fe: Frontend, guard: "Guard | None" = None, *, metrics=None) -> St
         return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
 
     async def models(request: Request) -> Response:
-        model = await fe.ready()
+        model = await fe.serving()  # 503 while /health is not ok: a load balancer may probe either
         return JSONResponse({"object": "list", "data": [_model(model)]})
 
     async def model(request: Request) -> Response:
-        await fe.ready(request.path_params["model"])
+        await fe.serving(request.path_params["model"])
         return JSONResponse(_model(fe.model_id))
 
     def _model(name: str) -> dict:

@@ -28,10 +28,15 @@ class ClientGone(Exception):
 
 
 class Frontend:
-    def __init__(self, endpoint: str, *, timeout: float = 600.0, metrics=None, server_key=None):
-        self.endpoint = endpoint  # `server_key`: the coordinator's CurveZMQ public key, if it has one
-        self.client = AsyncClient(endpoint, timeout=timeout, server_key=server_key)  # replies may be slow
-        self.probe = AsyncClient(endpoint, timeout=PROBE_TIMEOUT, server_key=server_key)  # health: at once
+    def __init__(self, endpoint: str, *, timeout: float = 600.0, metrics=None, server_key=None,
+                 client_keys=None):
+        # `server_key`: the coordinator's CurveZMQ public key, if it has one; `client_keys`: the
+        # (public, secret) pair to connect with (one its --curve-allow list lets in)
+        self.endpoint = endpoint
+        self.client = AsyncClient(endpoint, timeout=timeout, server_key=server_key,  # replies may be slow
+                                  client_keys=client_keys)
+        self.probe = AsyncClient(endpoint, timeout=PROBE_TIMEOUT, server_key=server_key,  # health: at once
+                                 client_keys=client_keys)
         self.metrics = metrics
         self.model_id: str | None = None
         self.created = 0
@@ -64,6 +69,14 @@ class Frontend:
             raise ApiError(404, f"The model '{model}' does not exist (this server serves "
                                 f"'{self.model_id}')", param="model", code="model_not_found")
         return self.model_id
+
+    async def serving(self, model: str | None = None) -> str:
+        """As `ready`, but asks the coordinator every time: ApiError 503 unless health is "ok" now
+        (degraded, restarting, loading), so /v1/models follows /health."""
+        h = await self.health()
+        if h["status"] != "ok":
+            raise unavailable(f"service {h['status']}: {h['detail']}")
+        return await self.ready(model)
 
     async def run(self, request, awaitable):
         """Await `awaitable` (a reply from the coordinator) unless the HTTP client disconnects

@@ -174,7 +174,7 @@ def local_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-async def _run(config: ServiceConfig, http: HttpOptions) -> None:
+async def _run(config: ServiceConfig, http: HttpOptions) -> int:
     from gdsllm.service.coordinator import Coordinator
     from gdsllm.service.http.app import build_app
     from gdsllm.service.http.frontend import Frontend
@@ -182,11 +182,12 @@ async def _run(config: ServiceConfig, http: HttpOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, c.request_stop)
-    key = None
-    if config.curve_secret_key is not None:  # the front end is a CurveZMQ client like any other
-        from ipc.sockets import load_secret_key
-        key = load_secret_key(config.curve_secret_key)[0]
-    fe = Frontend(local_endpoint(config.endpoint), metrics=c.metrics, server_key=key)
+    pair = None
+    if config.curve_secret_key is not None:  # the front end is a CurveZMQ client like any other,
+        from ipc.sockets import load_secret_key  # with the server's own key pair (--curve-allow
+        pair = load_secret_key(config.curve_secret_key)  # lets that one in)
+    fe = Frontend(local_endpoint(config.endpoint), metrics=c.metrics, server_key=pair and pair[0],
+                  client_keys=pair)
     server = HttpServer(build_app(fe, http.guard(), metrics=c.metrics), http.host, http.port,
                         http.header_timeout_s)
     try:
@@ -201,9 +202,11 @@ async def _run(config: ServiceConfig, http: HttpOptions) -> None:
         await c.close()
         await server.stop()
         await fe.close()
+    return c.exit_code
 
 
-def run_with_http(config: ServiceConfig, http: HttpOptions) -> None:
-    """The coordinator and the HTTP front end, until SIGINT/SIGTERM, then a clean shutdown."""
+def run_with_http(config: ServiceConfig, http: HttpOptions) -> int:
+    """The coordinator and the HTTP front end, until SIGINT/SIGTERM, then a clean shutdown; the
+    exit status (gdsllm.service.coordinator.run_coordinator)."""
     import uvloop
-    uvloop.run(_run(config, http))
+    return uvloop.run(_run(config, http))
