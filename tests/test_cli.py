@@ -254,3 +254,124 @@ def test_run_repl_help_reset_unknown_commands_and_errors(server):
     assert "does not fit the model's context" in notes
     # the failed turn was not kept: the question after it gets the same answer as after /reset
     assert out.getvalue() == 2 * (answer + "\n")
+
+
+# --- prompts from a file or stdin, and Ctrl-C in `run` --------------------------------------------
+
+def test_prompt_from_a_file_or_stdin_is_the_same_prompt(model_dir, tmp_path):
+    common = ["generate", "-m", model_dir, "--single-process", "-n", "6", "--temp", "0"]
+    inline = _gdsllm(*common, "-p", "once upon a time")
+    assert inline.returncode == 0 and inline.stdout.strip(), inline.stderr
+    (tmp_path / "p.txt").write_text("once upon a time", encoding="utf-8")
+    assert _gdsllm(*common, "-f", tmp_path / "p.txt").stdout == inline.stdout
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    piped = subprocess.run([sys.executable, "-m", "gdsllm", *map(str, common), "-p", "-"], cwd=ROOT,
+                           env=env, input="once upon a time", capture_output=True, text=True, timeout=300)
+    assert piped.stdout == inline.stdout, piped.stderr
+    _one_line_error(_gdsllm(*common, "-f", tmp_path / "missing.txt"), "generate", "-f")
+    r = _gdsllm(*common, "-p", "x", "-f", tmp_path / "p.txt")  # one or the other, said by argparse
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+
+
+class _Pty:
+    """`gdsllm run` with a pseudo-terminal as its controlling terminal and stdin: "\\x03" typed
+    there is a real Ctrl-C (the kernel sends SIGINT to the foreground process group), and a
+    half-typed line is the terminal's to drop."""
+
+    def __init__(self, *args):
+        import fcntl
+        import pty
+        import termios
+        import threading
+        self.master, slave = pty.openpty()
+        attrs = termios.tcgetattr(slave)
+        attrs[3] &= ~termios.ECHO  # nothing to read back on the master side
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+
+        def controlling_terminal():
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "gdsllm", "run", *map(str, args)],
+                                     cwd=ROOT, env=env, stdin=slave, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, preexec_fn=controlling_terminal)
+        os.close(slave)
+        self.out, self.err = bytearray(), bytearray()
+        for stream, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._drain, args=(stream, buf), daemon=True).start()
+
+    @staticmethod
+    def _drain(stream, buf: bytearray) -> None:
+        while chunk := stream.read1(4096):
+            buf.extend(chunk)
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def wait_for(self, buf: bytearray, words: str, after: int = 0, timeout: float = 120) -> int:
+        """Wait until `words` appears in `buf` after offset `after`; its end offset."""
+        import time
+        deadline = time.monotonic() + timeout
+        while (i := buf.find(words.encode(), after)) < 0:
+            assert self.proc.poll() is None or buf.find(words.encode(), after) >= 0, \
+                f"gdsllm run exited ({self.proc.returncode}): {self.err.decode(errors='replace')}"
+            assert time.monotonic() < deadline, f"no {words!r} in {bytes(buf)!r}"
+            time.sleep(0.02)
+        return i + len(words)
+
+
+def test_ctrl_c_in_run_stops_one_answer_or_one_line_and_twice_leaves(model_dir):
+    from gdsllm.commands.run import AGAIN, HELP, STOPPED
+    t = _Pty("-m", model_dir, "--device", "cpu", "-n", "400", "--temp", "0")
+    try:
+        end = t.wait_for(t.out, ">>> ")
+        t.type("tell me a story\n")  # 400 tokens, no end of text: still answering when stopped
+        t.wait_for(t.out, "", after=end + 1)  # the first characters of the answer are out
+        t.type("\x03")
+        err = t.wait_for(t.err, STOPPED)
+        end = t.wait_for(t.out, ">>> ", after=end)  # back at the prompt, the service still up
+        t.type("half a li")
+        t.type("\x03")  # the terminal drops the half-typed line
+        err = t.wait_for(t.err, AGAIN, after=err)
+        t.type("/help\n")  # read as typed: no "half a li" in front of it
+        err = t.wait_for(t.err, HELP, after=err)
+        t.type("\x03")
+        err = t.wait_for(t.err, AGAIN, after=err)
+        t.type("\x03")  # a second Ctrl-C in a row: leave
+        assert t.proc.wait(60) == 0, t.err.decode(errors="replace")
+        assert "unknown command" not in t.err.decode() and "interrupted" not in t.err.decode()
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()
+        t.proc.wait()
+        os.close(t.master)
+
+
+class _Stopping:
+    """A client whose answer stops with Ctrl-C after its first delta; it records what it is sent
+    and whether the stream was closed (which cancels the request)."""
+
+    def __init__(self):
+        self.sent, self.closed = [], 0
+
+    def stream(self, messages, **params):
+        self.sent.append([dict(m) for m in messages])
+        try:
+            yield "Once"
+            if len(self.sent) == 1:
+                raise KeyboardInterrupt
+            yield " more"
+        finally:
+            self.closed += 1
+
+
+def test_a_stopped_answer_stays_in_the_conversation():
+    from gdsllm.commands.run import STOPPED, chat
+    client, out, err = _Stopping(), io.StringIO(), io.StringIO()
+    repl = argparse.Namespace(system=None, max_tokens=8, temp=0.0, top_p=0.95, top_k=40, seed=None)
+    chat(client, repl, stdin=io.StringIO("and then?\n"), stdout=out, stderr=err, first="a story")
+    assert STOPPED in err.getvalue() and out.getvalue() == "Once\nOnce more\n"
+    assert client.closed == 2  # the stopped stream was closed too: its request is cancelled
+    assert client.sent[1] == [{"role": "user", "content": "a story"},
+                              {"role": "assistant", "content": "Once"},
+                              {"role": "user", "content": "and then?"}]
