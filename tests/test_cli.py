@@ -94,11 +94,33 @@ def test_user_errors_are_one_line(model_dir, tmp_path):
     assert cli.user_error(KeyError("a bug")) is None  # a bug keeps its traceback
 
 
-@pytest.mark.slow
-def test_prompt_longer_than_the_context_through_the_local_pipeline(model_dir):
-    r = _gdsllm("generate", "-m", model_dir, "-p", "hello " * 400, "-n", "4")
-    _one_line_error(r, "generate", "does not fit the model's context of 512")
-    assert "unreachable" not in r.stderr and r.stdout == ""
+def test_checks_that_need_no_workers_come_before_them(model_dir, tmp_path):
+    """A prompt longer than the context (here 300 KB, from a file), or a chat request to a model
+    without a chat template: one line, and no worker was started (-v logs their start)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    big = tmp_path / "big.txt"
+    big.write_text("hello " * 50_000, encoding="utf-8")
+    r = _gdsllm("-v", "generate", "-m", model_dir, "-f", big, "-n", "4")
+    n = len(tok.encode(big.read_text()).ids)
+    _one_line_error(r, "generate", f"-f {big}: prompt of {n} tokens does not fit the model's "
+                                   f"context of 512")
+    r = _gdsllm("-v", "generate", "-m", model_dir, "-p", "hello " * 400, "-n", "4")
+    n = len(tok.encode("hello " * 400).ids)
+    _one_line_error(r, "generate", f"-p: prompt of {n} tokens does not fit the model's context of 512")
+    import json
+    import shutil
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    meta = json.loads((plain / "metadata.json").read_text())
+    meta["chat_template"] = None
+    (plain / "metadata.json").write_text(json.dumps(meta))
+    r = _gdsllm("-v", "generate", "-m", plain, "-p", "hi", "--chat")
+    _one_line_error(r, "generate", "the model has no chat template")
+    r2 = _gdsllm("-v", "run", "-m", plain)
+    _one_line_error(r2, "run", "the model has no chat template")
+    for r in (r, r2):
+        assert "starting the I/O and compute workers" not in r.stderr and r.stdout == ""
 
 
 def test_busy_endpoint_is_an_error_not_a_hang():
@@ -123,16 +145,17 @@ def test_busy_endpoint_is_an_error_not_a_hang():
         assert "Address already in use" in cli.user_error(OSError(98, f"{endpoint}: Address already in use"))
 
 
-@pytest.mark.slow
 def test_serve_on_a_busy_endpoint_exits_with_one_line(model_dir):
+    """Said before the workers start and before the HTTP page is announced."""
     import socket
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         endpoint = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
         r = _gdsllm("serve", "-m", model_dir, "--device", "cpu", "--endpoint", endpoint,
-                    "--metrics-port", "-1", timeout=120)
+                    "--metrics-port", "-1", "--http-port", "0", timeout=120)
     _one_line_error(r, "serve", f"{endpoint}: Address already in use")
+    assert "HTTP API" not in r.stderr and "starting the I/O" not in r.stderr, r.stderr
 
 
 # --- one server for the rest ---------------------------------------------------------------------

@@ -73,8 +73,12 @@ def run(args) -> int:
         return generate_endpoint(args)
     from gdsllm.commands.serve import pick_device, service_config
     from gdsllm.convert.default_model import resolve_model
-    check_max_tokens(params.max_tokens, resolve_model(args.model))
+    from gdsllm.service.pipeline import check_prompt
+    model = resolve_model(args.model)
+    check_max_tokens(params.max_tokens, model)
     messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+    # A prompt too long or a --chat without template: said now, not after the workers start.
+    check_prompt(model, args.prompt, messages, f"-f {args.file}" if args.file else "-p")
     if args.single_process:
         from gdsllm.engine.llm import LLM
         with LLM(args.model, device=pick_device(args.device, service=False), io=args.io,

@@ -175,8 +175,12 @@ def run(args) -> int:
             with interruptible():
                 chat(c, args, first=first)
         return 0
-    from gdsllm.service.pipeline import LocalService
-    with LocalService(service_config(args, metrics_port=None)) as svc, \
+    from gdsllm.service.pipeline import LocalService, check_prompt
+    config = service_config(args, metrics_port=None)
+    # No chat template, or a first message too long: said now, not after the workers start.
+    check_prompt(config.model, None, [{"role": "user", "content": first or "hi"}],
+                 "gdsllm run chats" if first is None else "the first message")
+    with LocalService(config) as svc, \
             Client(svc.endpoint, timeout=300.0) as c:
         with interruptible():
             chat(c, args, first=first)

@@ -160,7 +160,9 @@ def run(args) -> int:
     port = None if args.metrics_port is not None and args.metrics_port < 0 else args.metrics_port
     config = service_config(args, endpoint=args.endpoint, metrics_port=port, metrics_host=args.metrics_host,
                             max_waiting=args.max_waiting, **reliability_config(args))
+    from gdsllm.service.pipeline import check_endpoint_free
     try:
+        check_endpoint_free(config.endpoint)  # before the workers start and HTTP is announced
         if args.http_port is not None:
             from gdsllm.service.http.server import HttpOptions, run_with_http
             run_with_http(config, HttpOptions(args.http_host, args.http_port, args.api_key))
