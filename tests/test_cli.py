@@ -123,6 +123,21 @@ def test_checks_that_need_no_workers_come_before_them(model_dir, tmp_path):
         assert "starting the I/O and compute workers" not in r.stderr and r.stdout == ""
 
 
+def test_a_corrupt_unit_is_one_line_and_nothing_else(model_dir, tmp_path):
+    """The clean error only: no WARNING about the arena the killed I/O worker left, no
+    multiprocessing resource-tracker warnings about it at exit."""
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    f = bad / "layer_002.bin"
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    r = _gdsllm("generate", "-m", bad, "--device", "cpu", "-p", "hi", "-n", "2")
+    _one_line_error(r, "generate", "layer_002.bin")
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+
+
 def test_busy_endpoint_is_an_error_not_a_hang():
     """A socket whose bind fails is closed (an open one would hang ctx.term() forever)."""
     import socket
