@@ -413,3 +413,66 @@ def test_a_stopped_answer_stays_in_the_conversation():
     assert client.sent[1] == [{"role": "user", "content": "a story"},
                               {"role": "assistant", "content": "Once"},
                               {"role": "user", "content": "and then?"}]
+
+
+# --- quiet, fast, and errors in the words of the command line ------------------------------------
+
+def test_help_imports_no_torch_and_dtype_names_agree():
+    code = ("import sys; from gdsllm import cli; p = cli.build_parser(); "
+            "[a.choices[c].format_help() for a in p._actions if a.choices for c in a.choices "
+            "if c != 'synth']; print(sorted(m for m in ('torch', 'numpy', 'zmq', 'gdsllm.engine') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    from gdsllm.commands.options import DTYPE_NAMES
+    from gdsllm.format.metadata import DTYPES
+    assert set(DTYPE_NAMES) == set(DTYPES)
+
+
+def test_generate_is_quiet_by_default_and_says_more_with_v(model_dir):
+    quiet = _gdsllm("generate", "-m", model_dir, "--device", "cpu", "-p", "hi", "-n", "2")
+    assert quiet.returncode == 0 and quiet.stdout.strip(), quiet.stderr
+    assert quiet.stderr == "", quiet.stderr
+    loud = _gdsllm("generate", "-v", "-m", model_dir, "--device", "cpu", "-p", "hi", "-n", "2")
+    assert loud.stdout == quiet.stdout or loud.returncode == 0
+    assert " INFO " in loud.stderr and "workers ready in" in loud.stderr and " DEBUG " not in loud.stderr
+    assert cli.log_level("serve", 0) == logging.INFO and cli.log_level("run", 2) == logging.DEBUG
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--vram-budget", "banana"), "--vram-budget: not a size: 'banana'"),
+    (("-n", "0"), "-n must be at least 1"),
+    (("--top-p", "2"), "--top-p must be in (0, 1]"),
+    (("--temp", "-1"), "--temp must be >= 0"),
+    (("--top-k", "-3"), "--top-k must be >= 0")])
+def test_errors_name_the_flags(model_dir, args, words):
+    for command in ("generate", "run"):
+        prompt = ("-p", "hi") if command == "generate" else ()
+        r = _gdsllm(command, "-m", model_dir, *prompt, *args)
+        _one_line_error(r, command, words)
+        assert "max_tokens" not in r.stderr and "top_p" not in r.stderr
+
+
+def test_bench_leaves_the_page_cache_alone_unless_told(model_dir, monkeypatch, capsys):
+    from gdsllm.commands import bench
+    from gdsllm.service import benchmark
+    calls = []
+    monkeypatch.setattr(benchmark, "drop_caches", lambda: calls.append(1) or False)
+    assert bench._drop_caches(argparse.Namespace(drop_caches=False)) is False and calls == []
+    # Told to, but not allowed (not root): it says what it is about to do, then why it cannot.
+    args = cli.build_parser().parse_args(["bench", "-m", str(model_dir), "--device", "cpu",
+                                          "--drop-caches"])
+    with pytest.raises(ValueError, match=r"--drop-caches: cannot write /proc/sys/vm/drop_caches "
+                                         r"\(needs root\)"):
+        args.func(args)
+    assert calls == [1] and capsys.readouterr().err.splitlines() == [
+        "gdsllm bench: dropping the whole machine's page cache (--drop-caches)"]
+
+
+def test_convert_onto_an_existing_destination_refuses_before_reading_the_source(tmp_path):
+    src = tmp_path / "broken.gguf"
+    src.write_bytes(b"GGUF" + b"\xff" * 64)  # reading it would fail with another error
+    (tmp_path / "out").mkdir()
+    r = _gdsllm("convert", src, tmp_path / "out")
+    _one_line_error(r, "convert", f"{tmp_path / 'out'}: already exists")
