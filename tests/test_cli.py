@@ -440,18 +440,24 @@ def test_generate_is_quiet_by_default_and_says_more_with_v(model_dir):
     assert cli.log_level("serve", 0) == logging.INFO and cli.log_level("run", 2) == logging.DEBUG
 
 
-@pytest.mark.parametrize("args, words", [
-    (("--vram-budget", "banana"), "--vram-budget: not a size: 'banana'"),
-    (("-n", "0"), "-n must be at least 1"),
-    (("--top-p", "2"), "--top-p must be in (0, 1]"),
-    (("--temp", "-1"), "--temp must be >= 0"),
-    (("--top-k", "-3"), "--top-k must be >= 0")])
-def test_errors_name_the_flags(model_dir, args, words):
+def test_errors_name_the_flags(model_dir):
+    from gdsllm.commands.options import sampling_params, size_option
+    cases = [(("-n", "0"), "-n must be at least 1"), (("--top-p", "2"), "--top-p must be in (0, 1]"),
+             (("--temp", "-1"), "--temp must be >= 0"), (("--top-k", "-3"), "--top-k must be >= 0")]
     for command in ("generate", "run"):
-        prompt = ("-p", "hi") if command == "generate" else ()
-        r = _gdsllm(command, "-m", model_dir, *prompt, *args)
-        _one_line_error(r, command, words)
-        assert "max_tokens" not in r.stderr and "top_p" not in r.stderr
+        for args, words in cases:
+            ns = cli.build_parser().parse_args([command, "-p", "hi", *args])
+            with pytest.raises(ValueError) as e:
+                sampling_params(ns)
+            assert str(e.value).startswith(words), e.value
+    with pytest.raises(ValueError, match="^--kv-budget: not a size: 'banana'"):
+        size_option("banana", "--kv-budget")
+    # and through the command line, before anything starts: one line each
+    r = _gdsllm("generate", "-m", model_dir, "-p", "hi", "--vram-budget", "banana")
+    _one_line_error(r, "generate", "--vram-budget: not a size: 'banana'")
+    r = _gdsllm("run", "-m", model_dir, "--top-p", "2")
+    _one_line_error(r, "run", "--top-p must be in (0, 1]")
+    assert "top_p" not in r.stderr
 
 
 def test_bench_leaves_the_page_cache_alone_unless_told(model_dir, monkeypatch, capsys):
