@@ -165,11 +165,18 @@ IGNORING_MERGES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "p
                    "lfm2", "jina-v5-nano", "tekken")
 
 
-def as_shipped(ref, pre: str | None):
+def as_shipped(ref, pre: str | None, spm: bool = False):
     """`ref` (transformers' tokenizer from a GGUF, `gguf_file=`) made to split and merge as the
-    model's own tokenizer.json does for the pre-tokenizer name `pre`; returned."""
-    from tokenizers import pre_tokenizers
+    model's own tokenizer.json does for the pre-tokenizer name `pre` (`spm`: a sentencepiece
+    vocabulary, Llama's: "\u2581" prepended to every stretch of text, even one that starts with a
+    space, where transformers' Metaspace prepends none; `pre` is not used); returned."""
+    from tokenizers import normalizers, pre_tokenizers
     backend = ref.backend_tokenizer
+    if spm:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                                   normalizers.Replace(" ", "\u2581")])
+        backend.pre_tokenizer = None
+        return ref
     if pre in DIGITS_FIRST:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),

@@ -124,11 +124,12 @@ def _llamacpp_models() -> Path | None:
 
 
 @pytest.mark.parametrize("name", ["gpt-2", "llama-bpe", "qwen2", "qwen35", "starcoder", "refact",
-                                  "command-r"])
+                                  "command-r", "llama-spm"])
 def test_gguf_pre_tokenizer_encodes_as_the_models_own_tokenizer(name):
     """Each pre-tokenizer family GdsLLM maps (plain GPT-2, Llama 3 with ignore_merges, Qwen2,
-    Qwen3.5, digits first as SmolLM), on llama.cpp's tokenizer test texts, gives the ids the
-    model's own tokenizer gives (llama.cpp's reference .out files)."""
+    Qwen3.5, digits first as SmolLM) and Llama's sentencepiece vocabulary, on llama.cpp's
+    tokenizer test texts, gives the ids the model's own tokenizer gives (llama.cpp's reference
+    .out files)."""
     import gguf
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -138,7 +139,7 @@ def test_gguf_pre_tokenizer_encodes_as_the_models_own_tokenizer(name):
     if path is None or not Path(f"{path}.out").is_file():
         pytest.skip(f"llama.cpp's ggml-vocab-{name}.gguf test files are not on this machine")
     reader = gguf.GGUFReader(path)
-    assert reader.fields["tokenizer.ggml.pre"].contents() == name
+    assert reader.fields["tokenizer.ggml.pre"].contents() == ("default" if name == "llama-spm" else name)
     tok = HFTokenizer.from_str(gguf_tokenizer_json(reader, path).decode())
     texts = Path(f"{path}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
     expected = Path(f"{path}.out").read_text().split("\n")

@@ -10,9 +10,12 @@ sentencepiece BPE (`"llama"`; Gemma's variant for architectures gemma/gemma2/gem
 `sentencepiece_tokenizer` with `LlamaTokenizer`'s pieces, `gemma_tokenizer` with `GemmaTokenizer`'s, `add_gguf_special_tokens`,
 `set_split_regex`, `TokenizersBackend.update_post_processor`, and the special tokens transformers
 registers), so ids agree with `AutoTokenizer(gguf_file=...)`, without importing transformers at
-convert time. One deliberate difference: a default special token absent from the vocabulary
-(GPT-2's "<|endoftext|>" in a Llama-3 vocabulary) is not appended, since the model has no
-embedding row for it.
+convert time. Where that loader and the model's own tokenizer (as llama.cpp encodes) differ, the
+model's own wins: the digits-first pre-tokenizers ("smollm", "starcoder", ...; transformers
+splits them as plain GPT-2), Llama 3's `ignore_merges`, and sentencepiece's space prefix on text
+that starts with a space. And a default special token absent from the vocabulary (GPT-2's
+"<|endoftext|>" in a Llama-3 vocabulary) is not appended, since the model has no embedding row
+for it.
 """
 from __future__ import annotations
 
@@ -119,7 +122,7 @@ def _byte_level(tokens: list[str], merges: list[str], ignore_merges: bool = Fals
 
 
 def _sentencepiece(tokens: list[str], merges: list[str] | None, scores: list[float] | None,
-                   path: Path) -> tuple[Tokenizer, dict, None]:
+                   path: Path, space_prefix: bool = True) -> tuple[Tokenizer, dict, None]:
     vocab = {t: i for i, t in enumerate(tokens)}
     if merges is not None:
         pairs = [tuple(m.split(" ")) for m in merges]
@@ -127,12 +130,17 @@ def _sentencepiece(tokens: list[str], merges: list[str] | None, scores: list[flo
         pairs = generate_merges(vocab, dict(zip(tokens, scores)))
     else:
         raise FormatError(f"{path}: tokenizer.ggml.merges and tokenizer.ggml.scores are both missing")
-    # LlamaTokenizer's pieces: byte fallback, "\u2581" for spaces, one prepended to the text.
+    # The pieces of Llama's own tokenizer.json (as sentencepiece and llama.cpp encode): byte
+    # fallback, "\u2581" for spaces, and one prepended to every stretch of text, the first and each
+    # one after a special token, even one that starts with a space (" " is "\u2581\u2581"; the
+    # Metaspace transformers' GGUF loader uses makes it "\u2581"), unless the GGUF says
+    # add_space_prefix = false.
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True, dropout=None))
-    tok.normalizer = None
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(content=" ", left=1)])
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if space_prefix else [])
+                                          + [normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(content=" ", left=1)] if space_prefix else []))
     return tok, vocab, None
 
 
@@ -175,11 +183,12 @@ def gguf_tokenizer_json(reader, path: Path) -> bytes:
         tok, vocab, alphabet = _gemma(tokens)
         kind = "gemma"
     elif kind == "llama":
-        tok, vocab, alphabet = _sentencepiece(tokens, merges, _field(reader, "tokenizer.ggml.scores"), path)
+        tok, vocab, alphabet = _sentencepiece(tokens, merges, _field(reader, "tokenizer.ggml.scores"), path,
+                                              bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)))
     else:
         raise FormatError(f"{path}: tokenizer.ggml.model is {kind!r}; GdsLLM builds 'gpt2' (byte-level "
                           f"BPE) and 'llama' (sentencepiece BPE) tokenizers")
-    splits = PRE_TOKENIZER_SPLITS.get(pre)
+    splits = PRE_TOKENIZER_SPLITS.get(pre) if kind == "gpt2" else None  # llama.cpp: BPE only
     if splits is not None:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
