@@ -107,7 +107,8 @@ def generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tup
     return [(a, b) for a, b, _ in merges]
 
 
-def _byte_level(tokens: list[str], merges: list[str], ignore_merges: bool = False) -> tuple[Tokenizer, dict, set]:
+def _byte_level(tokens: list[str], merges: list[str],
+                ignore_merges: bool = False) -> tuple[Tokenizer, dict, set]:
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     # Tokens outside the byte alphabet are re-spelled byte by byte, as transformers does.
@@ -139,8 +140,9 @@ def _sentencepiece(tokens: list[str], merges: list[str] | None, scores: list[flo
     tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if space_prefix else [])
                                           + [normalizers.Replace(" ", "\u2581")])
     tok.pre_tokenizer = None
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                    + ([decoders.Strip(content=" ", left=1)] if space_prefix else []))
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(content=" ", left=1)] if space_prefix else []))
     return tok, vocab, None
 
 
