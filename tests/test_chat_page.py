@@ -1,7 +1,8 @@
 """The chat page at `/` in a real headless Chromium (Debian's `chromium` + `chromium-driver`,
 driven by selenium through /usr/bin/chromedriver: no browser is downloaded): it loads, a prompt
 is typed and sent, the streamed answer appears, time to first token and tokens/s show, the
-conversation is kept for the next turn, and nothing is fetched from anywhere but the server.
+conversation is kept for the next turn, the settings survive a reload, and nothing is fetched
+from anywhere but the server.
 A screenshot is saved (tmp_path/chat.png).
 
     bash .ci/install-chromium.sh && python3 -m pytest -q tests/test_chat_page.py
@@ -108,6 +109,11 @@ def test_chat_page_streams_an_answer_and_keeps_the_conversation(server, browser,
     shot = tmp_path / "chat.png"
     assert browser.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    # The settings survive a reload (localStorage), as typed above.
+    browser.refresh()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "model").text == "tiny")
+    assert [browser.find_element(By.ID, f).get_attribute("value")
+            for f in ("temperature", "max-tokens", "top-p")] == ["0", str(N), "0.95"]
 
 
 def test_chat_page_stop_button_cancels_the_stream(server, browser):

@@ -94,11 +94,48 @@ def test_user_errors_are_one_line(model_dir, tmp_path):
     assert cli.user_error(KeyError("a bug")) is None  # a bug keeps its traceback
 
 
-@pytest.mark.slow
-def test_prompt_longer_than_the_context_through_the_local_pipeline(model_dir):
-    r = _gdsllm("generate", "-m", model_dir, "-p", "hello " * 400, "-n", "4")
-    _one_line_error(r, "generate", "does not fit the model's context of 512")
-    assert "unreachable" not in r.stderr and r.stdout == ""
+def test_checks_that_need_no_workers_come_before_them(model_dir, tmp_path):
+    """A prompt longer than the context (here 300 KB, from a file), or a chat request to a model
+    without a chat template: one line, and no worker was started (-v logs their start)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    big = tmp_path / "big.txt"
+    big.write_text("hello " * 50_000, encoding="utf-8")
+    r = _gdsllm("-v", "generate", "-m", model_dir, "-f", big, "-n", "4")
+    n = len(tok.encode(big.read_text()).ids)
+    _one_line_error(r, "generate", f"-f {big}: prompt of {n} tokens does not fit the model's "
+                                   f"context of 512")
+    r = _gdsllm("-v", "generate", "-m", model_dir, "-p", "hello " * 400, "-n", "4")
+    n = len(tok.encode("hello " * 400).ids)
+    _one_line_error(r, "generate", f"-p: prompt of {n} tokens does not fit the model's context of 512")
+    import json
+    import shutil
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    meta = json.loads((plain / "metadata.json").read_text())
+    meta["chat_template"] = None
+    (plain / "metadata.json").write_text(json.dumps(meta))
+    r = _gdsllm("-v", "generate", "-m", plain, "-p", "hi", "--chat")
+    _one_line_error(r, "generate", "the model has no chat template")
+    r2 = _gdsllm("-v", "run", "-m", plain)
+    _one_line_error(r2, "run", "the model has no chat template")
+    for r in (r, r2):
+        assert "starting the I/O and compute workers" not in r.stderr and r.stdout == ""
+
+
+def test_a_corrupt_unit_is_one_line_and_nothing_else(model_dir, tmp_path):
+    """The clean error only: no WARNING about the arena the killed I/O worker left, no
+    multiprocessing resource-tracker warnings about it at exit."""
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    f = bad / "layer_002.bin"
+    data = bytearray(f.read_bytes())
+    data[100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    r = _gdsllm("generate", "-m", bad, "--device", "cpu", "-p", "hi", "-n", "2")
+    _one_line_error(r, "generate", "layer_002.bin")
+    assert r.stderr.strip().count("\n") == 0, r.stderr
 
 
 def test_busy_endpoint_is_an_error_not_a_hang():
@@ -123,16 +160,17 @@ def test_busy_endpoint_is_an_error_not_a_hang():
         assert "Address already in use" in cli.user_error(OSError(98, f"{endpoint}: Address already in use"))
 
 
-@pytest.mark.slow
 def test_serve_on_a_busy_endpoint_exits_with_one_line(model_dir):
+    """Said before the workers start and before the HTTP page is announced."""
     import socket
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         endpoint = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
         r = _gdsllm("serve", "-m", model_dir, "--device", "cpu", "--endpoint", endpoint,
-                    "--metrics-port", "-1", timeout=120)
+                    "--metrics-port", "-1", "--http-port", "0", timeout=120)
     _one_line_error(r, "serve", f"{endpoint}: Address already in use")
+    assert "HTTP API" not in r.stderr and "starting the I/O" not in r.stderr, r.stderr
 
 
 # --- one server for the rest ---------------------------------------------------------------------
@@ -254,3 +292,193 @@ def test_run_repl_help_reset_unknown_commands_and_errors(server):
     assert "does not fit the model's context" in notes
     # the failed turn was not kept: the question after it gets the same answer as after /reset
     assert out.getvalue() == 2 * (answer + "\n")
+
+
+# --- prompts from a file or stdin, and Ctrl-C in `run` --------------------------------------------
+
+def test_prompt_from_a_file_or_stdin_is_the_same_prompt(model_dir, tmp_path):
+    common = ["generate", "-m", model_dir, "--single-process", "-n", "6", "--temp", "0"]
+    inline = _gdsllm(*common, "-p", "once upon a time")
+    assert inline.returncode == 0 and inline.stdout.strip(), inline.stderr
+    (tmp_path / "p.txt").write_text("once upon a time", encoding="utf-8")
+    assert _gdsllm(*common, "-f", tmp_path / "p.txt").stdout == inline.stdout
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    piped = subprocess.run([sys.executable, "-m", "gdsllm", *map(str, common), "-p", "-"], cwd=ROOT,
+                           env=env, input="once upon a time", capture_output=True, text=True, timeout=300)
+    assert piped.stdout == inline.stdout, piped.stderr
+    _one_line_error(_gdsllm(*common, "-f", tmp_path / "missing.txt"), "generate", "-f")
+    r = _gdsllm(*common, "-p", "x", "-f", tmp_path / "p.txt")  # one or the other, said by argparse
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+
+
+class _Pty:
+    """`gdsllm run` with a pseudo-terminal as its controlling terminal and stdin: "\\x03" typed
+    there is a real Ctrl-C (the kernel sends SIGINT to the foreground process group), and a
+    half-typed line is the terminal's to drop."""
+
+    def __init__(self, *args):
+        import fcntl
+        import pty
+        import termios
+        import threading
+        self.master, slave = pty.openpty()
+        attrs = termios.tcgetattr(slave)
+        attrs[3] &= ~termios.ECHO  # nothing to read back on the master side
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+
+        def controlling_terminal():
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "gdsllm", "run", *map(str, args)],
+                                     cwd=ROOT, env=env, stdin=slave, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, preexec_fn=controlling_terminal)
+        os.close(slave)
+        self.out, self.err = bytearray(), bytearray()
+        for stream, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._drain, args=(stream, buf), daemon=True).start()
+
+    @staticmethod
+    def _drain(stream, buf: bytearray) -> None:
+        while chunk := stream.read1(4096):
+            buf.extend(chunk)
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def wait_for(self, buf: bytearray, words: str, after: int = 0, timeout: float = 120) -> int:
+        """Wait until `words` appears in `buf` after offset `after`; its end offset."""
+        import time
+        deadline = time.monotonic() + timeout
+        while (i := buf.find(words.encode(), after)) < 0:
+            assert self.proc.poll() is None or buf.find(words.encode(), after) >= 0, \
+                f"gdsllm run exited ({self.proc.returncode}): {self.err.decode(errors='replace')}"
+            assert time.monotonic() < deadline, f"no {words!r} in {bytes(buf)!r}"
+            time.sleep(0.02)
+        return i + len(words)
+
+
+def test_ctrl_c_in_run_stops_one_answer_or_one_line_and_twice_leaves(model_dir):
+    from gdsllm.commands.run import AGAIN, HELP, STOPPED
+    t = _Pty("-m", model_dir, "--device", "cpu", "-n", "400", "--temp", "0")
+    try:
+        end = t.wait_for(t.out, ">>> ")
+        t.type("tell me a story\n")  # 400 tokens, no end of text: still answering when stopped
+        t.wait_for(t.out, "", after=end + 1)  # the first characters of the answer are out
+        t.type("\x03")
+        err = t.wait_for(t.err, STOPPED)
+        end = t.wait_for(t.out, ">>> ", after=end)  # back at the prompt, the service still up
+        t.type("half a li")
+        t.type("\x03")  # the terminal drops the half-typed line
+        err = t.wait_for(t.err, AGAIN, after=err)
+        t.type("/help\n")  # read as typed: no "half a li" in front of it
+        err = t.wait_for(t.err, HELP, after=err)
+        t.type("\x03")
+        err = t.wait_for(t.err, AGAIN, after=err)
+        t.type("\x03")  # a second Ctrl-C in a row: leave
+        assert t.proc.wait(60) == 0, t.err.decode(errors="replace")
+        assert "unknown command" not in t.err.decode() and "interrupted" not in t.err.decode()
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()
+        t.proc.wait()
+        os.close(t.master)
+
+
+class _Stopping:
+    """A client whose answer stops with Ctrl-C after its first delta; it records what it is sent
+    and whether the stream was closed (which cancels the request)."""
+
+    def __init__(self):
+        self.sent, self.closed = [], 0
+
+    def stream(self, messages, **params):
+        self.sent.append([dict(m) for m in messages])
+        try:
+            yield "Once"
+            if len(self.sent) == 1:
+                raise KeyboardInterrupt
+            yield " more"
+        finally:
+            self.closed += 1
+
+
+def test_a_stopped_answer_stays_in_the_conversation():
+    from gdsllm.commands.run import STOPPED, chat
+    client, out, err = _Stopping(), io.StringIO(), io.StringIO()
+    repl = argparse.Namespace(system=None, max_tokens=8, temp=0.0, top_p=0.95, top_k=40, seed=None)
+    chat(client, repl, stdin=io.StringIO("and then?\n"), stdout=out, stderr=err, first="a story")
+    assert STOPPED in err.getvalue() and out.getvalue() == "Once\nOnce more\n"
+    assert client.closed == 2  # the stopped stream was closed too: its request is cancelled
+    assert client.sent[1] == [{"role": "user", "content": "a story"},
+                              {"role": "assistant", "content": "Once"},
+                              {"role": "user", "content": "and then?"}]
+
+
+# --- quiet, fast, and errors in the words of the command line ------------------------------------
+
+def test_help_imports_no_torch_and_dtype_names_agree():
+    code = ("import sys; from gdsllm import cli; p = cli.build_parser(); "
+            "[a.choices[c].format_help() for a in p._actions if a.choices for c in a.choices "
+            "if c != 'synth']; print(sorted(m for m in ('torch', 'numpy', 'zmq', 'gdsllm.engine') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    from gdsllm.commands.options import DTYPE_NAMES
+    from gdsllm.format.metadata import DTYPES
+    assert set(DTYPE_NAMES) == set(DTYPES)
+
+
+def test_generate_is_quiet_by_default_and_says_more_with_v(model_dir):
+    quiet = _gdsllm("generate", "-m", model_dir, "--device", "cpu", "-p", "hi", "-n", "2")
+    assert quiet.returncode == 0 and quiet.stdout.strip(), quiet.stderr
+    assert quiet.stderr == "", quiet.stderr
+    loud = _gdsllm("generate", "-v", "-m", model_dir, "--device", "cpu", "-p", "hi", "-n", "2")
+    assert loud.stdout == quiet.stdout or loud.returncode == 0
+    assert " INFO " in loud.stderr and "workers ready in" in loud.stderr and " DEBUG " not in loud.stderr
+    assert cli.log_level("serve", 0) == logging.INFO and cli.log_level("run", 2) == logging.DEBUG
+
+
+def test_errors_name_the_flags(model_dir):
+    from gdsllm.commands.options import sampling_params, size_option
+    cases = [(("-n", "0"), "-n must be at least 1"), (("--top-p", "2"), "--top-p must be in (0, 1]"),
+             (("--temp", "-1"), "--temp must be >= 0"), (("--top-k", "-3"), "--top-k must be >= 0")]
+    for command in ("generate", "run"):
+        for args, words in cases:
+            ns = cli.build_parser().parse_args([command, "-p", "hi", *args])
+            with pytest.raises(ValueError) as e:
+                sampling_params(ns)
+            assert str(e.value).startswith(words), e.value
+    with pytest.raises(ValueError, match="^--kv-budget: not a size: 'banana'"):
+        size_option("banana", "--kv-budget")
+    # and through the command line, before anything starts: one line each
+    r = _gdsllm("generate", "-m", model_dir, "-p", "hi", "--vram-budget", "banana")
+    _one_line_error(r, "generate", "--vram-budget: not a size: 'banana'")
+    r = _gdsllm("run", "-m", model_dir, "--top-p", "2")
+    _one_line_error(r, "run", "--top-p must be in (0, 1]")
+    assert "top_p" not in r.stderr
+
+
+def test_bench_leaves_the_page_cache_alone_unless_told(model_dir, monkeypatch, capsys):
+    from gdsllm.commands import bench
+    from gdsllm.service import benchmark
+    calls = []
+    monkeypatch.setattr(benchmark, "drop_caches", lambda: calls.append(1) or False)
+    assert bench._drop_caches(argparse.Namespace(drop_caches=False)) is False and calls == []
+    # Told to, but not allowed (not root): it says what it is about to do, then why it cannot.
+    args = cli.build_parser().parse_args(["bench", "-m", str(model_dir), "--device", "cpu",
+                                          "--drop-caches"])
+    with pytest.raises(ValueError, match=r"--drop-caches: cannot write /proc/sys/vm/drop_caches "
+                                         r"\(needs root\)"):
+        args.func(args)
+    assert calls == [1] and capsys.readouterr().err.splitlines() == [
+        "gdsllm bench: dropping the whole machine's page cache (--drop-caches)"]
+
+
+def test_convert_onto_an_existing_destination_refuses_before_reading_the_source(tmp_path):
+    src = tmp_path / "broken.gguf"
+    src.write_bytes(b"GGUF" + b"\xff" * 64)  # reading it would fail with another error
+    (tmp_path / "out").mkdir()
+    r = _gdsllm("convert", src, tmp_path / "out")
+    _one_line_error(r, "convert", f"{tmp_path / 'out'}: already exists")

@@ -142,3 +142,17 @@ def test_resolve_model_paths(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"GGUF")
     with pytest.raises(FormatError, match="gdsllm convert"):
         default_model.resolve_model(str(tmp_path / "x.gguf"))
+
+
+def test_default_model_from_an_older_gdsllm_is_replaced(tmp_path, monkeypatch):
+    """A cache entry converted by an older GdsLLM (before the "smollm" pre-tokenizer split digits
+    first) is superseded: converted again under the current name, the old one removed."""
+    write_gguf(tmp_path / "pkg.gguf")
+    monkeypatch.setattr(default_model, "default_gguf", lambda: tmp_path / "pkg.gguf")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    old = tmp_path / "cache" / "gdsllm" / "pkg-quantized"
+    old.mkdir(parents=True)
+    (old / "metadata.json").write_text("{}")
+    new = default_model.resolve_model(None, progress=False)
+    assert new.name == f"pkg-quantized-v{default_model.CACHE_VERSION}" and not old.exists()
+    load_model_meta(new)

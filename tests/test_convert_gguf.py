@@ -10,7 +10,7 @@ import gguf
 import pytest
 import torch
 
-from convert_helpers import TEXTS, no_leftovers, read_model, write_gguf
+from convert_helpers import TEXTS, as_shipped, no_leftovers, read_model, write_gguf
 from gdsllm.convert.gguf import convert_gguf
 from gdsllm.format.metadata import FormatError, load_model_meta
 
@@ -111,7 +111,7 @@ def test_tiny_gguf_tokenizer_encodes_like_transformers(tmp_path, pre, add_bos, b
     write_gguf(src, pre=pre, add_bos=add_bos, bos=bos, spm=spm)
     out = convert_gguf(src, tmp_path / "out")
     ours = Tokenizer.from_file(str(out / "tokenizer.json"))
-    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=src.name)
+    ref = as_shipped(AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=src.name), pre, spm)
     bos_text = ours.decode([bos], skip_special_tokens=False)  # BOS may be an ordinary token
     for s in TEXTS + [f"x{bos_text}y {bos_text}", "<|user|> hi<s>x</s> <unk>", "the andthe  ing"]:
         ids = ours.encode(s).ids

@@ -60,7 +60,7 @@ def descendants(pid: int) -> set[int]:
 
 def _start(model: Path, tmp: Path, prefix: list[str], stdout=subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "gdsllm", "generate", "-m", str(model), "-p", "hello", "-n", "8000",
+    cmd = [sys.executable, "-m", "gdsllm", "-v", "generate", "-m", str(model), "-p", "hello", "-n", "8000",
            "--temp", "0", "--device", "cpu"]
     return subprocess.Popen(prefix + cmd, env=env, stdout=stdout, stderr=subprocess.PIPE,
                             start_new_session=True)

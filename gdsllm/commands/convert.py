@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gdsllm.format.metadata import DTYPES, FormatError
+from gdsllm.commands.options import DTYPE_NAMES
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert a Hugging Face directory or a GGUF file")
     p.add_argument("src", help="Hugging Face model directory, or a .gguf file")
     p.add_argument("dst", help="output model directory (must not exist)")
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES),
+    p.add_argument("--dtype", default="float16", choices=DTYPE_NAMES,
                    help="dtype the weights are stored (and computed) in (default float16)")
     p.add_argument("--quant", default=None, choices=["none", "int8", "int4"],
                    help="quantize the projections (embedding and LM head: int8); default: a GGUF "
@@ -50,6 +50,8 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "float16", progress: 
     where quantization computes (see `quant_device`)."""
     src = Path(src).expanduser()
     dev = quant_device(device)
+    if Path(dst).expanduser().exists():  # refused before reading the source (minutes for a 7B)
+        raise FileExistsError(f"{Path(dst).expanduser()}: already exists (remove it or pick another path)")
     if src.is_dir() and (src / "metadata.json").is_file():  # a GdsLLM model: re-quantize it
         from gdsllm.convert.requantize import requantize
         return requantize(src, dst, quant or "none", group_size, dtype, progress=progress,
@@ -64,6 +66,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "float16", progress: 
                             group_size=group_size, quant_device=dev)
     if not src.exists():
         raise FileNotFoundError(f"{src}: no such file or directory")
+    from gdsllm.format.metadata import FormatError
     raise FormatError(f"{src}: neither a Hugging Face model directory nor a .gguf file")
 
 

@@ -4,6 +4,7 @@
     gdsllm generate -m ~/models/x -p "Hi" --chat --temp 0  # wrapped in the model's chat template
     gdsllm generate -p "Hi" --endpoint tcp://127.0.0.1:5555  # through a running `gdsllm serve`
     gdsllm generate -p "Hi" --endpoint http://127.0.0.1:8000  # through its HTTP API (--http-port)
+    gdsllm generate -f prompt.txt -n 64                    # the prompt from a file (-p - : stdin)
 
 Only the generated text goes to stdout; logs, errors and notes (a generation cut short by the
 model's context) go to stderr. Without `--endpoint` it starts the same pipeline as `gdsllm serve`
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import sys
 
+from gdsllm.commands.options import sampling_params  # noqa: F401  (also imported from here)
+
 
 def add_parser(sub) -> None:
+    from gdsllm.commands.options import add_prompt_options
     from gdsllm.commands.serve import add_service_options
     p = sub.add_parser("generate", help="generate text for one prompt (stdout: the text only)")
     add_service_options(p)
-    p.add_argument("-p", "--prompt", required=True, help="the prompt (raw completion unless --chat)")
+    add_prompt_options(p, required=True, what="the prompt (raw completion unless --chat)")
     p.add_argument("-n", "--max-tokens", type=int, default=None,
                    help="new tokens at most (default 128; less than the model's context)")
     p.add_argument("--temp", type=float, default=None, help="temperature, 0 = greedy (default 0.8)")
@@ -35,13 +39,6 @@ def add_parser(sub) -> None:
     p.add_argument("--single-process", action="store_true",
                    help="run the single-process engine (gdsllm.LLM) instead of the pipeline")
     p.set_defaults(func=run)
-
-
-def sampling_params(args):
-    from gdsllm.engine.sampling import SamplingParams
-    given = {"max_tokens": args.max_tokens, "temperature": args.temp, "top_p": args.top_p,
-             "top_k": args.top_k, "seed": args.seed}
-    return SamplingParams(**{k: v for k, v in given.items() if v is not None}).validate()
 
 
 def check_max_tokens(max_tokens: int, model) -> None:
@@ -62,9 +59,11 @@ def context_note(final, max_tokens: int) -> str | None:
 
 
 def run(args) -> int:
-    if not args.prompt:
-        raise ValueError("empty prompt (-p)")
+    from gdsllm.commands.options import read_prompt, size_option
     params = sampling_params(args)  # bad values fail here, before any model is loaded
+    args.prompt = read_prompt(args)
+    if not args.prompt:
+        raise ValueError("empty prompt (" + ("-f" if args.file else "-p") + ")")
     if args.endpoint:
         if args.draft:
             raise ValueError("--draft belongs to the server: start `gdsllm serve --draft MODEL`")
@@ -73,12 +72,16 @@ def run(args) -> int:
         return generate_endpoint(args)
     from gdsllm.commands.serve import pick_device, service_config
     from gdsllm.convert.default_model import resolve_model
-    check_max_tokens(params.max_tokens, resolve_model(args.model))
+    from gdsllm.service.pipeline import check_prompt
+    model = resolve_model(args.model)
+    check_max_tokens(params.max_tokens, model)
     messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+    # A prompt too long or a --chat without template: said now, not after the workers start.
+    check_prompt(model, args.prompt, messages, f"-f {args.file}" if args.file else "-p")
     if args.single_process:
         from gdsllm.engine.llm import LLM
         with LLM(args.model, device=pick_device(args.device, service=False), io=args.io,
-                 vram_budget=args.vram_budget, draft=args.draft,
+                 vram_budget=size_option(args.vram_budget, "--vram-budget"), draft=args.draft,
                  draft_tokens=args.draft_tokens, draft_adaptive=args.draft_adaptive) as llm:
             for delta in llm.stream(messages or args.prompt, params):
                 _write(delta)

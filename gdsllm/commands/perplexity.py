@@ -1,11 +1,13 @@
 """`gdsllm perplexity -m MODEL -f TEXT [--ctx 512] [--device cpu|cuda]`: the perplexity of a
 model over a text file (definition in gdsllm.engine.perplexity), the figure llama.cpp users
-compare quantizations by. The last line of stdout is `perplexity: P over N tokens`.
+compare quantizations by. The last line of stdout is `perplexity: P over N tokens`; stderr shows
+the windows done and tokens/s as they go (on a terminal) and a summary line at the end.
 
     gdsllm perplexity -m ~/models/x.int4 -f /usr/share/common-licenses/GPL-3 --ctx 512
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -22,6 +24,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from gdsllm.engine.llm import LLM
     from gdsllm.engine.perplexity import perplexity
+    from gdsllm.service.progress import CountProgress
     path = Path(args.file).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
@@ -32,6 +35,11 @@ def run(args) -> int:
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be at least 1, got {args.max_windows}")
     with LLM(args.model, device=args.device) as llm:
-        ppl, n = perplexity(llm, text, args.ctx, args.max_windows, where=str(path))
+        bar = CountProgress("window", args.ctx)
+        try:
+            ppl, n = perplexity(llm, text, args.ctx, args.max_windows, where=str(path), progress=bar)
+        finally:
+            summary = bar.close()
+    print(f"gdsllm perplexity: {summary}", file=sys.stderr)
     print(f"perplexity: {ppl:.4f} over {n} tokens")
     return 0

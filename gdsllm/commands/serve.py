@@ -79,12 +79,12 @@ def service_config(args, **extra):
     """ServiceConfig from parsed service options (resolving the default model)."""
     from pathlib import Path
 
+    from gdsllm.commands.options import size_option
     from gdsllm.config import ServiceConfig
-    from gdsllm.engine.budget import parse_size
     from gdsllm.convert.default_model import resolve_model
+    budget = size_option(args.vram_budget, "--vram-budget")  # before the model: a typo fails fast
     model = resolve_model(args.model)
     device = pick_device(args.device)
-    budget = parse_size(args.vram_budget) if args.vram_budget else None
     return ServiceConfig(model=Path(model), device=device, vram_budget=budget,
                          prefetch_window=args.prefetch_window, io_mode=args.io,
                          require_gds=args.require_gds, max_batch=args.max_batch,
@@ -167,12 +167,12 @@ def reliability_config(args) -> dict:
     """ServiceConfig fields from add_reliability_options' arguments."""
     from pathlib import Path
 
-    from gdsllm.engine.budget import parse_size
+    from gdsllm.commands.options import size_option
     key = Path(args.curve_secret_key).expanduser() if args.curve_secret_key else None
     allow = Path(args.curve_allow).expanduser() if args.curve_allow else None
     return dict(curve_secret_key=key, curve_allow=allow, insecure=args.insecure,
                 exit_on_degraded=args.exit_on_degraded,
-                kv_budget=parse_size(args.kv_budget) if args.kv_budget else None,
+                kv_budget=size_option(args.kv_budget, "--kv-budget"),
                 max_inflight_per_client=args.max_inflight_per_client,
                 max_pass_tokens=args.max_pass_tokens, pass_timeout_s=args.pass_timeout,
                 restart_limit=args.restart_limit, verify=args.verify)
@@ -195,7 +195,9 @@ def run(args) -> int:
     http = http_options(args) if args.http_port is not None else None  # refused before any loading
     config = service_config(args, endpoint=args.endpoint, metrics_port=port, metrics_host=args.metrics_host,
                             max_waiting=args.max_waiting, **reliability_config(args))
+    from gdsllm.service.pipeline import check_endpoint_free
     try:
+        check_endpoint_free(config.endpoint)  # before the workers start and HTTP is announced
         if http is not None:
             from gdsllm.service.http.server import run_with_http
             code = run_with_http(config, http)

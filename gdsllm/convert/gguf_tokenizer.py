@@ -10,9 +10,12 @@ sentencepiece BPE (`"llama"`; Gemma's variant for architectures gemma/gemma2/gem
 `sentencepiece_tokenizer` with `LlamaTokenizer`'s pieces, `gemma_tokenizer` with `GemmaTokenizer`'s, `add_gguf_special_tokens`,
 `set_split_regex`, `TokenizersBackend.update_post_processor`, and the special tokens transformers
 registers), so ids agree with `AutoTokenizer(gguf_file=...)`, without importing transformers at
-convert time. One deliberate difference: a default special token absent from the vocabulary
-(GPT-2's "<|endoftext|>" in a Llama-3 vocabulary) is not appended, since the model has no
-embedding row for it.
+convert time. Where that loader and the model's own tokenizer (as llama.cpp encodes) differ, the
+model's own wins: the digits-first pre-tokenizers ("smollm", "starcoder", ...; transformers
+splits them as plain GPT-2), Llama 3's `ignore_merges`, and sentencepiece's space prefix on text
+that starts with a space. And a default special token absent from the vocabulary (GPT-2's
+"<|endoftext|>" in a Llama-3 vocabulary) is not appended, since the model has no embedding row
+for it.
 """
 from __future__ import annotations
 
@@ -46,16 +49,31 @@ _GPT4O_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# `tokenizer.ggml.pre` -> split regex, as transformers maps them; any other value (e.g. SmolLM2's
-# "smollm", GPT-2's "default") keeps GPT-2's own ByteLevel regex.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"  # ByteLevel's own
+_DIGITS_SPLIT = r"\p{N}"  # every digit on its own (tokenizers' Digits(individual_digits=True))
+_LLAMA3_NAMES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
+                 "lfm2", "jina-v5-nano")
+# `tokenizer.ggml.pre` -> the split regexes, applied one after the other, as llama.cpp's
+# llama-vocab.cpp maps these names (its regexes are hand-translated from each model's
+# tokenizer.json; these are the tokenizer.json originals). transformers' GGUF loader knows the
+# same names except the digits-first family (StarCoder's and SmolLM's tokenizer.json: Digits,
+# then ByteLevel), which it splits as plain GPT-2. Any other value (GPT-2's "gpt-2", "default")
+# keeps GPT-2's own ByteLevel regex.
 PRE_TOKENIZER_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
-                     "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
-    "tekken": _TEKKEN_SPLIT,
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
-    "qwen35": _QWEN35_SPLIT,
-    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
+    **dict.fromkeys(_LLAMA3_NAMES + ("dbrx", "smaug-bpe"), (_LLAMA3_SPLIT,)),
+    "tekken": (_TEKKEN_SPLIT,),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), (_QWEN2_SPLIT,)),
+    "qwen35": (_QWEN35_SPLIT,),
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), (_GPT4O_SPLIT,)),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b",
+                     "mellum2"),
+                    (_DIGITS_SPLIT, _GPT2_SPLIT)),
 }
+# Vocabularies whose tokenizer.json has `ignore_merges` (a pre-token that is itself in the
+# vocabulary is one token, whatever the merges would make of it), as llama.cpp sets it.
+IGNORE_MERGES = frozenset(_LLAMA3_NAMES + ("tekken",))
+# Names for which llama.cpp adds BOS when the GGUF does not say (tokenizer.ggml.add_bos_token).
+ADD_BOS_BY_DEFAULT = frozenset(_LLAMA3_NAMES + ("tekken",))
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -89,21 +107,23 @@ def generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tup
     return [(a, b) for a, b, _ in merges]
 
 
-def _byte_level(tokens: list[str], merges: list[str]) -> tuple[Tokenizer, dict, set]:
+def _byte_level(tokens: list[str], merges: list[str],
+                ignore_merges: bool = False) -> tuple[Tokenizer, dict, set]:
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     # Tokens outside the byte alphabet are re-spelled byte by byte, as transformers does.
     vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
              for i, t in enumerate(tokens)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
-                               continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+                               continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                               ignore_merges=ignore_merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return tok, vocab, alphabet
 
 
 def _sentencepiece(tokens: list[str], merges: list[str] | None, scores: list[float] | None,
-                   path: Path) -> tuple[Tokenizer, dict, None]:
+                   path: Path, space_prefix: bool = True) -> tuple[Tokenizer, dict, None]:
     vocab = {t: i for i, t in enumerate(tokens)}
     if merges is not None:
         pairs = [tuple(m.split(" ")) for m in merges]
@@ -111,12 +131,18 @@ def _sentencepiece(tokens: list[str], merges: list[str] | None, scores: list[flo
         pairs = generate_merges(vocab, dict(zip(tokens, scores)))
     else:
         raise FormatError(f"{path}: tokenizer.ggml.merges and tokenizer.ggml.scores are both missing")
-    # LlamaTokenizer's pieces: byte fallback, "\u2581" for spaces, one prepended to the text.
+    # The pieces of Llama's own tokenizer.json (as sentencepiece and llama.cpp encode): byte
+    # fallback, "\u2581" for spaces, and one prepended to every stretch of text, the first and each
+    # one after a special token, even one that starts with a space (" " is "\u2581\u2581"; the
+    # Metaspace transformers' GGUF loader uses makes it "\u2581"), unless the GGUF says
+    # add_space_prefix = false.
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True, dropout=None))
-    tok.normalizer = None
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(content=" ", left=1)])
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if space_prefix else [])
+                                          + [normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(content=" ", left=1)] if space_prefix else []))
     return tok, vocab, None
 
 
@@ -150,23 +176,25 @@ def gguf_tokenizer_json(reader, path: Path) -> bytes:
     if not tokens:
         raise FormatError(f"{path}: tokenizer.ggml.tokens is missing")
     types = gguf_field(reader, "tokenizer.ggml.token_type") or []
+    pre = gguf_field(reader, "tokenizer.ggml.pre")
     if kind == "gpt2":
         if merges is None:
             raise FormatError(f"{path}: tokenizer.ggml.merges is missing (needed by a 'gpt2' tokenizer)")
-        tok, vocab, alphabet = _byte_level(tokens, merges)
+        tok, vocab, alphabet = _byte_level(tokens, merges, ignore_merges=pre in IGNORE_MERGES)
     elif kind == "llama" and gguf_field(reader, "general.architecture") in GEMMA_ARCHITECTURES:
         tok, vocab, alphabet = _gemma(tokens)
         kind = "gemma"
     elif kind == "llama":
-        tok, vocab, alphabet = _sentencepiece(tokens, merges, gguf_field(reader, "tokenizer.ggml.scores"), path)
+        tok, vocab, alphabet = _sentencepiece(tokens, merges, gguf_field(reader, "tokenizer.ggml.scores"), path,
+                                              bool(gguf_field(reader, "tokenizer.ggml.add_space_prefix", True)))
     else:
         raise FormatError(f"{path}: tokenizer.ggml.model is {kind!r}; GdsLLM builds 'gpt2' (byte-level "
                           f"BPE) and 'llama' (sentencepiece BPE) tokenizers")
-    split = PRE_TOKENIZER_SPLITS.get(gguf_field(reader, "tokenizer.ggml.pre"))
-    if split is not None:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    splits = PRE_TOKENIZER_SPLITS.get(pre) if kind == "gpt2" else None  # llama.cpp: BPE only
+    if splits is not None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     # Control tokens (<|im_start|>, ...) are special and matched whole; in a byte-level vocabulary
     # one not spelled in the byte alphabet is a llama.cpp mislabel and is skipped.
     special = [t for t, ty in zip(tokens, types)
@@ -187,7 +215,8 @@ def gguf_tokenizer_json(reader, path: Path) -> bytes:
         tok.add_tokens(user)
     # The post-processor adds BOS/EOS as the file asks; sentencepiece vocabularies default to BOS.
     bos, eos = ids["bos"], ids["eos"]
-    add_bos = bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", kind != "gpt2")) and bos is not None
+    add_bos = bool(gguf_field(reader, "tokenizer.ggml.add_bos_token",
+                          kind != "gpt2" or pre in ADD_BOS_BY_DEFAULT)) and bos is not None
     add_eos = bool(gguf_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
     b, e = (tokens[bos] if bos is not None else ""), (tokens[eos] if eos is not None else "")
     single = f"{b + ':0 ' if add_bos else ''}$A:0{' ' + e + ':0' if add_eos else ''}"

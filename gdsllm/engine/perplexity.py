@@ -6,6 +6,14 @@ scored given the tokens before it in that window; P = exp(mean negative log-like
 those N = windows * (ctx - 1) tokens. The definition needs nothing of GdsLLM, so anyone can check
 it against transformers on the same windows (tests/test_perplexity.py does).
 
+A model whose tokenizer adds a BOS token to a text (Gemma, Llama; its tokenizer.json's
+post-processor, from the GGUF's `add_bos_token`) is scored as llama.cpp's `llama-perplexity`
+lays it out: the ids are BOS + the text's tokens, cut as above, and each window's first token is
+BOS (in every window after the first it replaces a text token, which is then not scored). A model
+of that kind sees no text that does not start with BOS in training: without it Gemma 3 270M
+scores GPL-3 several times worse. llama.cpp then scores only the second half of each window; this
+scores every position after the first.
+
     ppl, n = perplexity(LLM("~/models/x"), text, ctx=512)
 """
 from __future__ import annotations
@@ -29,21 +37,41 @@ def window_nll(logits: torch.Tensor, window: list[int]) -> float:
     return float(-logp.gather(1, target[:, None]).sum())
 
 
+def bos_to_add(tokenizer, bos_token_id: int | None) -> int | None:
+    """The BOS id when `tokenizer` adds it in front of a text (as the model was trained), else None."""
+    if bos_token_id is None:
+        return None
+    ids = tokenizer.encode("a", add_special_tokens=True)
+    return bos_token_id if ids and ids[0] == bos_token_id else None
+
+
+def scored_windows(ids: list[int], ctx: int, bos: int | None) -> list[list[int]]:
+    """The windows scored for text token ids `ids` (see the module docstring for the BOS layout)."""
+    if bos is None:
+        return windows(ids, ctx)
+    return [[bos] + w[1:] for w in windows([bos] + ids, ctx)]
+
+
 def perplexity(llm, text: str, ctx: int = 512, max_windows: int | None = None,
-               where: str = "text") -> tuple[float, int]:
+               where: str = "text", progress=None) -> tuple[float, int]:
     """(perplexity, scored tokens) of `llm` (a gdsllm.LLM) over `text`; see the module docstring.
-    `max_windows` scores only the first windows (tests keep CPU time small)."""
+    `max_windows` scores only the first windows (tests keep CPU time small); `progress(done,
+    total)` is called after each window."""
     if llm.tokenizer is None:
         raise ValueError(f"{llm.meta.root}: the model has no tokenizer; perplexity needs one")
     p = llm.meta.params
     if ctx > p.max_position_embeddings:
         raise ValueError(f"--ctx {ctx} exceeds the model's context of {p.max_position_embeddings}")
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
-    wins = windows(ids, ctx)
+    wins = scored_windows(ids, ctx, bos_to_add(llm.tokenizer, p.bos_token_id))
     if max_windows is not None:
         wins = wins[:max_windows]
     if not wins:
         raise ValueError(f"{where}: {len(ids)} tokens, fewer than one window of --ctx {ctx}")
-    nll = sum(window_nll(llm.logits(w), w) for w in wins)
+    nll = 0.0
+    for i, w in enumerate(wins):
+        nll += window_nll(llm.logits(w), w)
+        if progress is not None:
+            progress(i + 1, len(wins))
     n = len(wins) * (ctx - 1)
     return math.exp(nll / n), n

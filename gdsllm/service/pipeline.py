@@ -144,3 +144,29 @@ def generate_once(config: ServiceConfig, prompt: str | None = None, params: dict
             elif msg.text and on_text is not None:
                 on_text(msg.text)
         return final
+
+
+def check_prompt(model, prompt: str | None, messages: list[dict] | None, where: str) -> int:
+    """The token count of a request's prompt, checked as the service would check it (ValueError
+    naming `where`: a chat request to a model without a chat template, a prompt that leaves no
+    room in the model's context), in a fraction of a second and before any worker starts."""
+    from gdsllm.engine.sequence import prompt_ids
+    from gdsllm.engine.tokenizer import Tokenizer
+    from gdsllm.format.metadata import load_model_meta
+    meta = load_model_meta(model)
+    tok = Tokenizer(meta) if meta.tokenizer_file else None
+    return len(prompt_ids(messages if messages is not None else prompt, tok, meta.params, where))
+
+
+def check_endpoint_free(endpoint: str) -> None:
+    """OSError naming `endpoint` when its tcp:// address cannot be bound (another server has the
+    port), said before any worker starts or any other address is announced. An ipc:// path is
+    not tried: binding one takes it over from whoever has it."""
+    if not endpoint.startswith("tcp://"):
+        return
+    import zmq
+    ctx = zmq.Context()
+    try:
+        sockets.router(ctx, endpoint).close(linger=0)
+    finally:
+        ctx.term()

@@ -82,3 +82,35 @@ class PassProgress:
             log.info("prefill of %d prompt tokens done in %.1f s", self.tokens,
                      time.monotonic() - self.t0)
         self.pass_id = None
+
+
+class CountProgress:
+    """Work counted in items of `tokens` tokens each (perplexity windows): a tqdm bar with the
+    tokens/s when the stream is a terminal, nothing otherwise; `close()` returns the one-line
+    summary ("N windows (T tokens) in S s, R tokens/s") for the caller to print."""
+
+    def __init__(self, what: str, tokens: int, stream=None):
+        self.what, self.tokens, self.done = what, tokens, 0
+        self.t0 = time.monotonic()
+        stream = stream if stream is not None else sys.stderr
+        self.bar = None
+        if getattr(stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+            self.bar = tqdm(total=None, unit=what, desc=what, file=stream, leave=False)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.update(done - self.done)
+            self.bar.set_postfix_str(f"{self.rate(done):.0f} tokens/s", refresh=True)
+        self.done = done
+
+    def rate(self, done: int) -> float:
+        return done * self.tokens / max(time.monotonic() - self.t0, 1e-9)
+
+    def close(self) -> str:
+        if self.bar is not None:
+            self.bar.close()
+        s = time.monotonic() - self.t0
+        return (f"{self.done} {self.what}s ({self.done * self.tokens} tokens) in {s:.1f} s, "
+                f"{self.rate(self.done):.1f} tokens/s")

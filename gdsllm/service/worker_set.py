@@ -182,12 +182,27 @@ class WorkerSet:
             p.close()
         self.procs.clear()
         if self.shm_name and os.path.exists(f"/dev/shm/{self.shm_name}"):
-            log.warning("unlinking the shared-memory arena /dev/shm/%s left by the I/O worker", self.shm_name)
+            # Expected after a kill (graceful=False: start-up failures, faults); a warning when a
+            # worker that was asked to shut down left it.
+            log.log(logging.WARNING if graceful else logging.INFO,
+                    "unlinking the shared-memory arena /dev/shm/%s left by the I/O worker", self.shm_name)
             try:
                 os.unlink(f"/dev/shm/{self.shm_name}")
             except OSError:
                 pass
+            forget_shared_memory(self.shm_name)
         self.io.close(linger=0)
         self.compute.close(linger=0)
         self.ctx.term()
         self.dir.close()
+
+
+def forget_shared_memory(name: str) -> None:
+    """Tell multiprocessing's resource tracker (one per process tree: the spawned I/O worker
+    registered the arena with ours) that a segment is gone, unlinked here rather than by its
+    owner; otherwise it warns about a "leaked" segment, then fails to unlink it, at exit."""
+    from multiprocessing import resource_tracker
+    try:
+        resource_tracker.unregister(f"/{name}", "shared_memory")
+    except Exception:  # no tracker running (nothing was registered): nothing to forget
+        pass

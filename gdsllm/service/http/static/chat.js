@@ -180,6 +180,12 @@ $("reset").addEventListener("click", () => {
   showStats(0, 0, 0, 0, "");
   $("tokens").textContent = "–";
 });
+// Settings survive a reload: each kept in localStorage as it is edited.
+for (const id of ["max-tokens", "temperature", "top-p"]) {
+  const saved = localStorage.getItem(`gdsllm-${id}`);
+  if (saved !== null && saved !== "") $(id).value = saved;
+  $(id).addEventListener("input", () => localStorage.setItem(`gdsllm-${id}`, $(id).value));
+}
 $("api-key").value = localStorage.getItem("gdsllm-api-key") || "";
 $("api-key").addEventListener("change", () => {
   localStorage.setItem("gdsllm-api-key", $("api-key").value.trim());
