@@ -20,6 +20,7 @@ import torch
 from gdsllm.engine.llm import LLM
 from gdsllm.engine.perplexity import perplexity, windows
 from gdsllm.engine.sampling import SamplingParams
+from gdsllm.service.benchmark import evict
 from llama_ref import synth_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,16 +230,6 @@ def test_cuda_quantized_perplexity_equals_cpu(quantized, gpl, name):
     assert abs(cuda - cpu) / cpu < 5e-3, (name, cuda, cpu)
 
 
-def _evict(path) -> None:
-    """Drop `path`'s pages from the page cache (written back first, so they are clean)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_cuda_quantized_service_streams_like_float(quantized, smollm2_float, tmp_path):
@@ -250,7 +241,7 @@ def test_cuda_quantized_service_streams_like_float(quantized, smollm2_float, tmp
     for name, d in (("float", smollm2_float[1]), ("int4", quantized["int4-q4_1"])):
         meta = load_model_meta(d)
         for u in meta.units:  # the conversion just wrote these files: their pages are still cached
-            _evict(meta.path(u))
+            evict(meta.path(u))
         assert sum(cached_bytes(meta.path(u)) for u in meta.units) < 0.05 * meta.total_bytes, name
         budget = str(3 * max(u.nbytes for u in meta.units))
         with Served(d, device="cuda", vram_budget=budget, io="direct", log=tmp_path / "serve.log") as srv:

@@ -6,7 +6,6 @@ CUDA leaves the page cache untouched, and its GB/s beside the runtime reader's o
 from __future__ import annotations
 
 import gc
-import os
 import shutil
 import threading
 import time
@@ -21,6 +20,7 @@ from gdsllm.format.metadata import ALIGN, DTYPES, FormatError, load_model_meta
 from gdsllm.format.storage import CHUNK
 from gdsllm.quant.schemes import QuantWeight
 from gdsllm.torch import Unit, gds_tensor, io_path, open_model, stream_layers
+from gdsllm.service.benchmark import evict
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_gds_tensor_cpu_leaves_the_page_cache_alone(tmp_path):
     from gdsllm.service.benchmark import cached_bytes
     path = tmp_path / "blob.bin"
     data = _bytes_file(path, 8 << 20, seed=2)
-    _evict(path)
+    evict(path)
     before = cached_bytes(path)
     if before:
         pytest.skip(f"posix_fadvise(DONTNEED) left {before} bytes of {path} cached")
@@ -325,15 +325,6 @@ def test_stream_layers_errors(tiny, tmp_path):
 # ------------------------------------------------------------------ GPU (device)
 
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def _best_gbps(fn, nbytes: int, runs: int = 2) -> float:
     best = float("inf")
     for _ in range(runs):
@@ -359,7 +350,7 @@ def test_gds_tensor_cuda_bypasses_page_cache_and_reads_at_the_runtimes_speed(tmp
     pattern = torch.arange(n // 8, dtype=torch.int64)  # every 8-byte word holds its own index
     with open(path, "wb") as f:
         f.write(pattern.numpy().tobytes())
-    _evict(path)
+    evict(path)
     before, before_cached = cached_bytes(path), meminfo_cached()
     if before > n // 100:
         pytest.skip(f"posix_fadvise(DONTNEED) left {before} bytes of {path} cached")
