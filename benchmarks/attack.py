@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from gdsllm.service.client import Client, ServiceError  # noqa: E402
 from gdsllm.service.benchmark import children, free_port  # noqa: E402
 
+IDLE_WAIT_S = 12.0  # how long the idle connections are held before counting those closed
 PROMPTS = ["hello world", "the quick brown fox", "once upon a time", "1 2 3 4", "GdsLLM streams"]
 
 
@@ -248,7 +249,7 @@ class Attack:
                 except OSError:
                     break
             ev["idle_connections_opened"] = len(held)
-            self.stop.wait(0.05 * d)
+            self.stop.wait(max(0.05 * d, IDLE_WAIT_S))  # past serve's --http-header-timeout (10 s)
             closed = 0
             for s in held:
                 s.setblocking(False)
