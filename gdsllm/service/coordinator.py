@@ -280,4 +280,6 @@ async def _run(config: ServiceConfig) -> None:
 def run_coordinator(config: ServiceConfig) -> None:
     """Serve until SIGINT/SIGTERM, then shut down cleanly (the body of `gdsllm serve`)."""
     import uvloop
+    from gdsllm.service.threads import set_threads
+    set_threads("coordinator")
     uvloop.run(_run(config))
