@@ -90,6 +90,42 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+READER_CACHE_MIN_BYTES = 32 << 20  # the real models' GGUFs (SmolLM2 98 MB, Gemma 3 270M 253 MB)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gguf_readers_parsed_once():
+    """Every real model GGUF is parsed once per run, however many times it is opened.
+
+    transformers parses a GGUF three times for one AutoTokenizer + AutoModelForCausalLM pair
+    (config, tokenizer, weights), each with gguf-py's GGUFReader, whose parse of Gemma 3's
+    262,144-token vocabulary alone took about 50 s of the 171 s of its comparison test on the
+    2-core machine (profiled 2026-12-03). A reader only reads (a read-only memmap), so the runs
+    share one per file (keyed by inode, size and mtime: a rewritten file is parsed again); files
+    under READER_CACHE_MIN_BYTES (the tests' tiny GGUFs, cheap to parse) are not kept."""
+    import gguf
+    parse = gguf.GGUFReader
+    readers: dict[tuple, object] = {}
+
+    def reader(path, mode="r"):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return parse(path, mode)  # the reader's own error
+        if mode != "r" or st.st_size < READER_CACHE_MIN_BYTES:
+            return parse(path, mode)
+        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in readers:
+            if len(readers) >= 2:  # the run's two real models at most: bounded memory
+                readers.pop(next(iter(readers)))
+            readers[key] = parse(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    yield
+    gguf.GGUFReader = parse
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     path = smollm2_gguf_path()

@@ -133,6 +133,7 @@ def test_perplexity_progress_on_a_terminal():
     assert [bar.close().split(" in ")[0] for bar in bars] == ["3 windows (1536 tokens)"] * 2
 
 
+@pytest.mark.slow  # five `gdsllm` processes
 def test_cli_perplexity_bad_input(tmp_path):
     _, d = synth_model(tmp_path)
     short = tmp_path / "short.txt"
@@ -178,11 +179,11 @@ def quantized(tmp_path_factory, smollm2_float):
     float conversion by round-to-nearest: int4 in groups of 32 (the Q4_1 block size: min/max RTN
     then finds the source's own grid back) and int8 in groups of 64. int4 in groups of 64 measured
     31.38 against 21.09 (+49%) on these windows: a 135M model quantized twice, on two grids."""
-    from conftest import smollm2_gguf_path
-    from gdsllm.convert.gguf import convert_gguf
+    from conftest import converted_smollm2
     from gdsllm.convert.requantize import requantize
     tmp = tmp_path_factory.mktemp("q")
-    return {"int4-q4_1": convert_gguf(smollm2_gguf_path(), tmp / "native", quant=None),
+    # the GGUF's own blocks, float32 norms: the default model, converted once per run
+    return {"int4-q4_1": converted_smollm2("default"),
             "int4-rtn": requantize(smollm2_float[1], tmp / "int4", "int4", 32),
             "int8-rtn": requantize(smollm2_float[1], tmp / "int8", "int8", 64)}
 

@@ -188,3 +188,26 @@ def test_version_1_models_still_load(tmp_path):
     doc["format_version"] = 1
     (tmp_path / "model" / "metadata.json").write_text(json.dumps(doc))
     assert load_model_meta(tmp_path / "model").units
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_cpu_float_copies_compute_what_dequantizing_per_matmul_does(tmp_path, quant):
+    """On the CPU, resident units run over float copies made once (gdsllm.engine.host_copies.HostCopies):
+    the logits are bit for bit those of dequantizing per matmul (a budget nothing fits in)."""
+    from gdsllm.convert.synth import synth
+    d = synth(tmp_path / "m", "tiny", dtype="float16", quant=quant, group_size=32,
+              overrides={"intermediate_size": 192})  # a multiple of the group
+    ids = list(range(1, 40))
+    with LLM(str(d)) as llm:
+        copies = llm.runner.host_copies
+        first = llm.logits(ids)  # made here
+        assert copies.copies and not copies.skipped and copies.nbytes > 0
+        kept = [w for c in copies.copies.values() for w in c.values()]
+        assert not any(isinstance(w, QuantWeight) for w in kept)
+        assert all(w.dtype == torch.float32 for w in kept if w.is_floating_point())
+        again = llm.logits(ids)  # over the copies
+    with LLM(str(d)) as llm:
+        llm.runner.host_copies.budget = 0
+        views = llm.logits(ids)
+        assert llm.runner.host_copies.skipped and not llm.runner.host_copies.copies
+    assert torch.equal(first, again) and torch.equal(first, views)

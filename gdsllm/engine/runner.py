@@ -26,7 +26,10 @@ head runs (gdsllm.engine.planner.plan_for keeps it resident).
 All sequences share one paged KV cache (gdsllm.models.kv_cache) of `kv_tokens` tokens. Resident
 units are `pin`ned once: on CUDA a decode pass (one token per sequence) replays a CUDA graph per
 run of consecutive pinned units and batch-size bucket (gdsllm.engine.graphs) instead of launching
-their kernels one by one; prompts and speculative chunks run eagerly.
+their kernels one by one; prompts and speculative chunks run eagerly. On the CPU a pinned unit
+runs over float copies of its quantized / half-precision weights, made once on its first use
+within a memory budget (gdsllm.engine.host_copies.HostCopies): the same values, without dequantizing
+every pass.
 
 This interface is what the compute worker process codes against; keep its names and meaning.
 """
@@ -40,6 +43,7 @@ from gdsllm.engine.graphs import DecodeGraphs, Static
 from gdsllm.engine.pass_state import PassState, chunked_pass, decode_pass
 from gdsllm.engine.expert_steps import ExpertSteps
 from gdsllm.models.kv_cache import KVCacheFull, PagedKVCache, blocks_for
+from gdsllm.engine.host_copies import HostCopies
 
 
 def compute_dtype(device: torch.device, stored: str) -> torch.dtype:
@@ -77,6 +81,8 @@ class Runner(ExpertSteps):
         graphs = self.device.type == "cuda" and cuda_graphs and not p.num_experts
         self.graphs = DecodeGraphs(self) if graphs else None
         self.pinned: dict[int, dict] = {}  # unit index -> resident weights
+        # CPU: pinned units run over float copies made on first use (gdsllm.engine.host_copies).
+        self.host_copies = HostCopies(dtype) if self.device.type == "cpu" else None
         self._runs: dict[int, tuple[int, int]] | None = {}  # pinned_runs(), None: to recompute
         self._pass: PassState | None = None
 
@@ -107,6 +113,8 @@ class Runner(ExpertSteps):
         """Declare unit `unit` resident with these weights for the runner's lifetime: decode
         passes may run it inside a CUDA graph (its weights are then not read from run_unit)."""
         self.pinned[unit] = weights
+        if self.host_copies is not None:
+            self.host_copies.drop(unit)
         self._runs = None  # recomputed on the next graph replay; the graphs are stale
         if self.graphs is not None:
             self.graphs.clear()
@@ -193,6 +201,8 @@ class Runner(ExpertSteps):
             ps.replayed_through = last
             ps.x, ps.logits = st.x, (st.logits if self.layout[last][1] == "head" else None)
             return
+        if self.host_copies is not None and self.pinned.get(unit.index) is weights:
+            weights = self.host_copies.weights(unit.index, weights)
         self._forward(i, weights, ps)
 
     def _run_static(self, first: int, last: int, st: Static) -> None:

@@ -1,13 +1,25 @@
-"""CPU kernels for quantized weights: dequantize per matmul, then one float matmul.
+"""CPU kernel for quantized weights that are not held as float copies: dequantize, then one
+float matmul (prompts and single tokens alike run as one matrix-matrix product).
 
     y = linear(qw, x)      # x [T, K] float32 -> [T, N]
 
-Measured on this development machine (2 shared cores, torch 2.13 CPU, SmolLM2 shapes 1536x576 and
-576x1536, groups of 32): `torch.ops.aten._weight_int4pack_mm_for_cpu` (after unpacking the tile
-layout and `_convert_weight_to_int4pack_for_cpu`) took 2.3-3.1 s for 512 rows against 0.08-0.13 s
-for dequantize + `F.linear`, and 32-270 ms against 41-180 ms for one row (the machine was loaded;
-the ratio at 512 rows held across runs). Prompt-sized batches dominate CPU use (tests, perplexity),
-so the CPU path dequantizes: a float copy of ONE weight, freed after its matmul, never of a unit.
+Resident units do not come here: the runner keeps them as float copies made once
+(gdsllm.engine.host_copies.HostCopies), within a memory budget. This path serves what is streamed, and
+resident units beyond that budget. Measured on the 2-core development machine (2026-12-03, torch
+2.13 CPU, AVX-512; SmolLM2-135M shapes, one block's seven projections, groups of 32, the three
+candidates side by side in one process, three repeats, other jobs sharing the cores):
+
+    candidate                                       1 token       256 tokens
+    float copy made once + F.linear                 0.3-0.5 ms    18-21 ms
+    _weight_int4pack_mm_for_cpu (repacked once)     4.7-5.9 ms    1,040-1,560 ms
+    dequantize per call (this function)             23-28 ms      32-47 ms
+    int8: _weight_int8pack_mm (per-channel only)    17-26 ms      990-1,480 ms
+
+torch's packed kernels lose to dequantizing at prompt sizes, and `_weight_int8pack_mm` takes one
+scale per row, not the groups (scale, zero) these weights have, so it is no candidate for them.
+A streamed unit would need its repack on every load, the cost of a dequantize. Hence: float
+copies where memory allows, otherwise one temporary float copy of ONE weight, freed after its
+matmul (QuantWeight.dequantize runs in place on it).
 """
 from __future__ import annotations
 

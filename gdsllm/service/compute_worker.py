@@ -49,6 +49,7 @@ from gdsllm.config import ServiceConfig
 from gdsllm.format.metadata import load_model_meta
 from gdsllm.engine.planner import shared_embedding
 from gdsllm.models.views import unit_tensors
+from gdsllm.service.threads import set_threads
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
@@ -59,6 +60,7 @@ def run_compute_process(config: ServiceConfig, endpoint: str) -> None:
     """Entry point of the compute worker process (see the module docstring). Returns on
     Shutdown, when the parent process dies, or after a fatal error it has reported."""
     sockets.worker_signals()
+    set_threads("compute")
     ComputeWorker(config, endpoint).run()
     sockets.fast_exit()  # its cleanup is done: skip the slow interpreter teardown
 

@@ -362,4 +362,6 @@ def run_coordinator(config: ServiceConfig) -> int:
     """Serve until SIGINT/SIGTERM, then shut down cleanly (the body of `gdsllm serve`); the exit
     status: 0, or EXIT_DEGRADED when `exit_on_degraded` stopped it."""
     import uvloop
+    from gdsllm.service.threads import set_threads
+    set_threads("coordinator")
     return uvloop.run(_run(config))

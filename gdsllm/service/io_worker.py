@@ -33,6 +33,7 @@ from ipc.messages import IoReady, Load, Loaded, ProtocolError, Shutdown, WorkerE
 from gdsllm.config import ServiceConfig
 from gdsllm.engine.loader import UnitLoader
 from gdsllm.format.metadata import ALIGN, load_model_meta
+from gdsllm.service.threads import set_threads
 
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
@@ -44,6 +45,7 @@ def run_io_process(config: ServiceConfig, endpoint: str, arena_bytes: int) -> No
     """Entry point of the I/O worker process (see the module docstring). Returns on Shutdown,
     when the parent process dies, or after a fatal error it has reported."""
     sockets.worker_signals()
+    set_threads("io")
     IoWorker(config, endpoint, arena_bytes).run()
     sockets.fast_exit()  # its cleanup is done: skip the slow interpreter teardown
 
