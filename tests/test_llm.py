@@ -192,9 +192,11 @@ def test_cli_prints_only_the_text(llm, tiny):
     want = llm.generate("hello", SamplingParams(max_tokens=8, temperature=0))
     r = _cli("-m", d, "-p", "hello", "-n", "8", "--temp", "0")
     assert r.returncode == 0, r.stderr
-    assert r.stdout == want.text + "\n"
-    assert "gdsllm.service.coordinator" in r.stderr  # the pipeline ran; its logs go to stderr
-    r = _cli("-m", d, "-p", "hello", "-n", "8", "--temp", "0", "--single-process")
+    assert r.stdout == want.text + "\n" and r.stderr == ""  # quiet by default
+    r = _cli("-v", "-m", d, "-p", "hello", "-n", "8", "--temp", "0")
+    assert r.returncode == 0 and r.stdout == want.text + "\n", r.stderr
+    assert "gdsllm.service.coordinator" in r.stderr  # -v: the pipeline's logs go to stderr
+    r = _cli("-v", "-m", d, "-p", "hello", "-n", "8", "--temp", "0", "--single-process")
     assert r.returncode == 0 and r.stdout == want.text + "\n", r.stderr
     assert "gdsllm.engine.llm" in r.stderr
     want = llm.generate([{"role": "user", "content": "hello"}],
@@ -202,7 +204,7 @@ def test_cli_prints_only_the_text(llm, tiny):
     r = _cli("-m", d, "-p", "hello", "--chat", "-n", "6", "--temp", "0.7", "--seed", "5")
     assert r.returncode == 0 and r.stdout == want.text + "\n", r.stderr
     r = _cli("-m", d, "-p", "hello", "--top-p", "1.5")
-    assert r.returncode == 1 and r.stdout == "" and "top_p must be in (0, 1]" in r.stderr
+    assert r.returncode == 1 and r.stdout == "" and "--top-p must be in (0, 1]" in r.stderr
     r = _cli("-m", d, "-p", "")
     assert r.returncode == 1 and "empty prompt" in r.stderr
 
@@ -240,7 +242,7 @@ def test_cli_default_model(smollm2_model, xdg_cache):
         assert any(t.quant is not None for u in m.meta.units for t in u.tensors)
         want = m.generate("The sky is", SamplingParams(max_tokens=4, temperature=0)).text
     env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(xdg_cache))
-    r = subprocess.run([sys.executable, "-m", "gdsllm", "generate", "-p", "The sky is", "-n", "4",
+    r = subprocess.run([sys.executable, "-m", "gdsllm", "generate", "-v", "-p", "The sky is", "-n", "4",
                         "--temp", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout == want + "\n" and "converting the default model" not in r.stderr
