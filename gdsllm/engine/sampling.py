@@ -132,7 +132,8 @@ class Sampler:
         self.seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator: torch.Generator | None = None
 
-    def _gen(self, device: torch.device) -> torch.Generator:
+    def rng(self, device: torch.device) -> torch.Generator:
+        """This request's seeded generator on `device` (made on first use)."""
         if self.generator is None or self.generator.device != device:
             assert self.generator is None, "a request's logits moved to another device"
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
@@ -147,11 +148,11 @@ class Sampler:
 
     def draw(self, probs: torch.Tensor) -> int:
         """One token id drawn from `probs` [vocab] with this request's generator."""
-        return int(torch.multinomial(probs, 1, generator=self._gen(probs.device)))
+        return int(torch.multinomial(probs, 1, generator=self.rng(probs.device)))
 
     def uniform(self, device: torch.device) -> float:
         """One draw from U[0, 1) with this request's generator (speculative acceptance)."""
-        return float(torch.rand(1, generator=self._gen(torch.device(device)), device=device))
+        return float(torch.rand(1, generator=self.rng(torch.device(device)), device=device))
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution `sample` draws from, for float logits [..., vocab] (each row alone):
@@ -204,7 +205,7 @@ class Sampler:
                 ok = torch.isfinite(probs).all() & (probs.sum() > 0)
                 probs = torch.where(ok, probs, torch.ones_like(probs))  # never NaN into multinomial
                 drawn.append(i)
-                picks.append(torch.multinomial(probs, 1, generator=s._gen(logits.device)))
+                picks.append(torch.multinomial(probs, 1, generator=s.rng(logits.device)))
                 picks.append(ok.reshape(1).long())
         out: list[int] = [0] * len(samplers)
         flat = torch.cat(picks).tolist() if picks else []
