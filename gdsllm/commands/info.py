@@ -105,6 +105,7 @@ def memory_plan(root, device: str, vram_budget: str | None, window: int | None, 
                                       weights_budget)
     from gdsllm.engine.speculative import load_draft_meta
     from gdsllm.format.metadata import ITEMSIZE, load_model_meta
+    from gdsllm.models.kv_cache import kv_bytes_per_token
     meta = load_model_meta(root)
     try:
         asked = parse_size(vram_budget) if vram_budget else None
@@ -115,7 +116,7 @@ def memory_plan(root, device: str, vram_budget: str | None, window: int | None, 
     budget = weights_budget(asked, meta.total_bytes + (dmeta.total_bytes if dmeta else 0), free)
     plan = plan_memory(meta, budget=budget, window=window or DEFAULT_WINDOW, draft=dmeta)
     itemsize = 4 if device == "cpu" else ITEMSIZE[meta.dtype]
-    per_token = 2 * meta.params.num_hidden_layers * meta.params.num_key_value_heads * meta.params.head_dim * itemsize
+    per_token = kv_bytes_per_token(meta.params, itemsize)
     left = None if free is None else max(free - plan.device_bytes, 0)
     kv = kv_tokens(meta.params, itemsize, device=device, free_bytes=left)
     lines = [f"plan on       {device}" + ("" if free is None else f" ({_size(free)} free now)")]

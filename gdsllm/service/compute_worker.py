@@ -90,10 +90,10 @@ class ComputeWorker:
             try:
                 ready = self._start()
             except Exception as e:
-                self._send(WorkerError(f"compute worker failed to start: {type(e).__name__}: {e}",
+                self.send(WorkerError(f"compute worker failed to start: {type(e).__name__}: {e}",
                                        fatal=True))
                 return
-            self._send(ready)
+            self.send(ready)
             self._loop()
         except (TimeoutError, _Exit):
             pass  # told to stop, or the coordinator stopped reading
@@ -132,7 +132,7 @@ class ComputeWorker:
         try:
             msg = decode(raw, max_bytes=None)  # internal: a pass may carry many MiB of prompt ids
         except ProtocolError as e:
-            self._send(WorkerError(f"compute worker: bad message: {e}"))
+            self.send(WorkerError(f"compute worker: bad message: {e}"))
             return
         if isinstance(msg, Run):
             self._run(msg)
@@ -148,13 +148,13 @@ class ComputeWorker:
         elif isinstance(msg, Shutdown):
             raise _Exit
         else:
-            self._send(WorkerError(f"compute worker: unexpected message {type(msg).__name__}"))
+            self.send(WorkerError(f"compute worker: unexpected message {type(msg).__name__}"))
 
     # ------------------------------------------------------------------ handlers
 
     def _open_arena(self, msg: OpenArena) -> None:
         if self.arena is not None:
-            self._send(WorkerError("compute worker: the arena is already open"))
+            self.send(WorkerError("compute worker: the arena is already open"))
             return
         what = "open the arena"
         try:
@@ -162,10 +162,10 @@ class ComputeWorker:
             what = "allocate its KV cache"  # after the arena: it takes a share of the memory left
             self._make_runner(msg.resident)
         except Exception as e:
-            self._send(WorkerError(f"compute worker cannot {what}: {e}", fatal=True))
+            self.send(WorkerError(f"compute worker cannot {what}: {e}", fatal=True))
             raise _Exit from None
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
-        self._send(ArenaOpened(self.arena.spec.nbytes, free, self.runner.cache.capacity,
+        self.send(ArenaOpened(self.arena.spec.nbytes, free, self.runner.cache.capacity,
                                  self.runner.cache.block_size))
 
     def _make_runner(self, resident: dict[int, int]) -> None:
@@ -184,7 +184,7 @@ class ComputeWorker:
 
     def _start_pass(self, msg: StartPass) -> None:
         if self.pass_id is not None and not self.pass_failed:
-            self._send(WorkerError(f"pass {msg.pass_id}: pass {self.pass_id} is still in progress",
+            self.send(WorkerError(f"pass {msg.pass_id}: pass {self.pass_id} is still in progress",
                                    pass_id=msg.pass_id))
             return
         self.pass_id, self.pass_failed, self.pass_seconds = msg.pass_id, False, 0.0
@@ -208,13 +208,13 @@ class ComputeWorker:
             if self.speculator is not None:
                 self.speculator.abort(self.runner)
             self.pass_failed = True
-            self._send(WorkerError(f"pass {msg.pass_id}: start failed: {type(e).__name__}: {e}", pass_id=msg.pass_id))
+            self.send(WorkerError(f"pass {msg.pass_id}: start failed: {type(e).__name__}: {e}", pass_id=msg.pass_id))
 
     def _run(self, msg: Run) -> None:
         if self.pass_id is None or self.pass_failed:
             if self.pass_id is None:
-                self._send(WorkerError(f"Run(unit {msg.unit}) outside a pass", unit=msg.unit))
-            self._send(Done(msg.unit, msg.slot, 0.0, msg.count))  # nothing ran: the slot is free
+                self.send(WorkerError(f"Run(unit {msg.unit}) outside a pass", unit=msg.unit))
+            self.send(Done(msg.unit, msg.slot, 0.0, msg.count))  # nothing ran: the slot is free
             return
         t0 = time.perf_counter()
         routed = None
@@ -247,7 +247,7 @@ class ComputeWorker:
             return
         seconds = time.perf_counter() - t0
         self.pass_seconds += seconds
-        self._send(Done(msg.unit, msg.slot, seconds, msg.count))
+        self.send(Done(msg.unit, msg.slot, seconds, msg.count))
         if routed is not None:  # a MoE block: its routing out, then the experts its Run lent
             moe.send_routed(self, msg, routed)
         if head:
@@ -264,7 +264,7 @@ class ComputeWorker:
             self._fail(msg, e, done_sent=True)
             return
         seconds = self.pass_seconds + time.perf_counter() - t0
-        self._send(PassResult(self.pass_id, tokens, seconds, accepted, proposed, failed))
+        self.send(PassResult(self.pass_id, tokens, seconds, accepted, proposed, failed))
         self.pass_id = None
 
     def _fail(self, msg: Run, e: Exception, done_sent: bool = False) -> None:
@@ -276,10 +276,10 @@ class ComputeWorker:
             with contextlib.suppress(Exception):  # the device may be what failed
                 self.runner.fence()
         self.pass_failed = True
-        self._send(WorkerError(f"pass {self.pass_id}, unit {unit}: {type(e).__name__}: {e}",
+        self.send(WorkerError(f"pass {self.pass_id}, unit {unit}: {type(e).__name__}: {e}",
                                pass_id=self.pass_id, unit=msg.unit))
         if not done_sent:  # exactly one Done per Run: the coordinator frees the slot on it
-            self._send(Done(msg.unit, msg.slot, 0.0, msg.count))
+            self.send(Done(msg.unit, msg.slot, 0.0, msg.count))
 
     def _release(self, msg: Release) -> None:
         if self.runner is None:
@@ -291,9 +291,9 @@ class ComputeWorker:
                     self.speculator.release(sid)
                 self.samplers.pop(sid, None)
             except Exception as e:
-                self._send(WorkerError(f"release of sequence {sid}: {type(e).__name__}: {e}"))
+                self.send(WorkerError(f"release of sequence {sid}: {type(e).__name__}: {e}"))
 
-    def _send(self, msg) -> None:
+    def send(self, msg) -> None:
         sockets.send(self.sock, msg, SEND_TIMEOUT_S)
 
 

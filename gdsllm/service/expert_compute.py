@@ -78,7 +78,7 @@ def after_block(worker, unit, weights: dict) -> Routed:
 def send_routed(worker, run, routed: Routed) -> None:
     """Send `routed`, then run the experts it picked that the block's Run lent (resident: cache
     hits), so the coordinator reads the misses meanwhile; one ExpertsDone for those."""
-    worker._send(routed)
+    worker.send(routed)
     n, picked = len(worker.meta.units), set(routed.experts)
     hits = [(u, off) for u, off in run.experts  # a malformed entry runs, and fails the pass
             if not (0 <= u < n and worker.meta.units[u].kind == "expert")
@@ -108,8 +108,8 @@ def _run(worker, pass_id: int, block: int, experts: list[tuple[int, int]]) -> No
     ran = [u for u, _ in experts]
     if worker.pass_id is None or worker.pass_failed or pass_id != worker.pass_id:
         if worker.pass_id is None or pass_id != worker.pass_id:
-            worker._send(WorkerError(f"RunExperts of pass {pass_id} outside it", unit=block))
-        worker._send(ExpertsDone(pass_id, block, ran, 0.0))
+            worker.send(WorkerError(f"RunExperts of pass {pass_id} outside it", unit=block))
+        worker.send(ExpertsDone(pass_id, block, ran, 0.0))
         return
     try:
         n = len(worker.meta.units)
@@ -122,8 +122,8 @@ def _run(worker, pass_id: int, block: int, experts: list[tuple[int, int]]) -> No
     except Exception as e:
         worker.runner.abort_pass()
         worker.pass_failed = True
-        worker._send(WorkerError(f"pass {pass_id}, experts of unit {block}: "
+        worker.send(WorkerError(f"pass {pass_id}, experts of unit {block}: "
                                  f"{type(e).__name__}: {e}", pass_id=pass_id, unit=block))
     seconds = time.perf_counter() - t0
     worker.pass_seconds += seconds
-    worker._send(ExpertsDone(pass_id, block, ran, seconds))
+    worker.send(ExpertsDone(pass_id, block, ran, seconds))
