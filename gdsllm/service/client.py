@@ -70,6 +70,7 @@ class Client:
                  client_keys=None):
         self.endpoint, self.timeout = endpoint, timeout
         self.ctx = zmq.Context()
+        self.ctx.setsockopt(zmq.LINGER, 0)  # never a term() that waits on an unreachable peer
         self.sock = sockets.dealer(self.ctx, endpoint, server_key, client_keys)
 
     def close(self) -> None:
@@ -149,6 +150,7 @@ class AsyncClient:
                  client_keys=None):
         self.endpoint, self.timeout = endpoint, timeout
         self.ctx = zmq.asyncio.Context()
+        self.ctx.setsockopt(zmq.LINGER, 0)
         self.sock = sockets.dealer(self.ctx, endpoint, server_key, client_keys)
         self.queues: dict[str, asyncio.Queue] = {}
         self.reader: asyncio.Task | None = None

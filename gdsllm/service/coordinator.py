@@ -79,6 +79,7 @@ class Coordinator:
         self.batch: BatchScheduler | None = None
         self.admission: Admission | None = None
         self.ctx = zmq.asyncio.Context()
+        self.ctx.setsockopt(zmq.LINGER, 0)  # closes that must flush say so (the front: 1 s)
         self.front = None
         self.allow_list: sockets.CurveAllowList | None = None
         self.io_path = "?"

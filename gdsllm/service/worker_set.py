@@ -45,6 +45,7 @@ class WorkerSet:
             from gdsllm.service.compute_worker import run_compute_process as compute_target
         self.targets = {"io": io_target, "compute": compute_target}
         self.ctx = zmq.asyncio.Context()
+        self.ctx.setsockopt(zmq.LINGER, 0)
         self.dir = sockets.EndpointDir()
         self.procs: dict[str, multiprocessing.Process] = {}
         self.io = sockets.pair(self.ctx, self.dir.endpoint("io"), bind=True)
