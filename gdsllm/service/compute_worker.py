@@ -18,9 +18,10 @@ with the cache's size. Then, until `Shutdown` or the parent's death:
   consecutive resident units); `Done(unit, slot, seconds, count)` only after Runner.fence(), so
   the slot may then be refilled. After the head: `PassResult(pass_id, [[seq_id, token]], seconds)`.
 - `Release(seq_ids)`: frees those sequences' KV caches and samplers.
-- A mixture of experts (gdsllm.service.expert_compute): a block's Done is followed by `Routed`
-  (the experts its router picked), then the routed ones its Run lent (resident) run at once, and
-  `RunExperts` runs the others from their arena slots; each answered by `ExpertsDone`.
+- A mixture of experts (the worker's gdsllm.service.expert_compute.ExpertCompute computes; the
+  pass state and every reply stay here): a block's Done is followed by `Routed` (the experts its
+  router picked), then the routed ones its Run lent (resident) run at once, and `RunExperts` runs
+  the others from their arena slots; each answered by `ExpertsDone`.
 
 With `config.draft`, a resident draft model proposes up to k tokens for each sequence in
 `StartPass.draft`; the pass scores them and PassResult carries those accepted
@@ -41,9 +42,9 @@ import zmq
 
 from ipc import sockets
 from ipc.arena import Arena, ArenaSpec
-from ipc.messages import (RESIDENT, ArenaOpened, ComputeReady, Done, OpenArena, PassResult,
-                          ProtocolError, Release, Run, RunExperts, SeqSampling, Shutdown, StartPass,
-                          WorkerError, decode)
+from ipc.messages import (RESIDENT, ArenaOpened, ComputeReady, Done, ExpertsDone, OpenArena,
+                          PassResult, ProtocolError, Release, Run, RunExperts, SeqSampling, Shutdown,
+                          StartPass, WorkerError, decode)
 
 from gdsllm.config import ServiceConfig
 from gdsllm.format.metadata import load_model_meta
@@ -83,7 +84,7 @@ class ComputeWorker:
         self.pass_seqs: list[int] = []
         self.speculator = None  # with config.draft: gdsllm.engine.speculative.Speculator
         self.pass_partial: set[int] = set()
-        self.moe = None  # a mixture of experts: gdsllm.service.expert_compute.ExpertState
+        self.experts = None  # made with the runner: gdsllm.service.expert_compute.ExpertCompute
 
     def run(self) -> None:
         try:
@@ -138,9 +139,8 @@ class ComputeWorker:
             self._run(msg)
         elif isinstance(msg, StartPass):
             self._start_pass(msg)
-        elif isinstance(msg, RunExperts):  # a mixture of experts (gdsllm.service.expert_compute)
-            from gdsllm.service.expert_compute import run_experts
-            run_experts(self, msg)
+        elif isinstance(msg, RunExperts):  # a mixture of experts: ExpertsDone either way
+            self._run_experts(msg.pass_id, msg.unit, msg.experts)
         elif isinstance(msg, Release):
             self._release(msg)
         elif isinstance(msg, OpenArena):
@@ -172,12 +172,14 @@ class ComputeWorker:
         """The Runner with its paged KV cache, the resident units pinned (CUDA graphs run them)."""
         from gdsllm.engine.runner import Runner
         from gdsllm.service.admission import kv_cache_tokens
+        from gdsllm.service.expert_compute import ExpertCompute
         draft = self.speculator.draft if self.speculator is not None else None
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         kv = kv_cache_tokens(self.meta, self.config, free, draft.kv_token_bytes if draft else 0)
         self.runner = Runner(self.meta.params, self.device, self.dtype, architecture=self.meta.architecture, kv_tokens=kv)
         if draft is not None:  # it holds the same sequences: as many tokens, from the same room
             draft.size_kv(self.runner.cache.capacity)
+        self.experts = ExpertCompute(self.meta, self.runner, self.arena.view)
         for u, off in resident.items():
             unit = self.meta.units[u]  # an index out of range fails the start-up, as it should
             self.runner.pin(u, unit_tensors(unit, self.arena.view(off, unit.nbytes)))
@@ -236,8 +238,7 @@ class ComputeWorker:
                     weights = unit_tensors(unit, self.arena.view(msg.offset, unit.nbytes))
                 self.runner.run_unit(unit, weights)
                 if unit.kind == "block" and self.meta.params.num_experts:  # the last of its run
-                    from gdsllm.service import expert_compute as moe
-                    routed = moe.after_block(self, unit, weights)  # sent after Done: the experts next
+                    routed = self.experts.after_block(self.pass_id, unit, weights)  # sent after Done
             if msg.slot != RESIDENT:
                 # A streamed slot may be refilled once Done is sent: its GPU work must be over.
                 # Resident weights are never overwritten: no fence (`seconds` is launch time).
@@ -249,9 +250,33 @@ class ComputeWorker:
         self.pass_seconds += seconds
         self.send(Done(msg.unit, msg.slot, seconds, msg.count))
         if routed is not None:  # a MoE block: its routing out, then the experts its Run lent
-            moe.send_routed(self, msg, routed)
+            self.send(routed)  # the coordinator reads the misses while the hits run
+            hits = self.experts.lent_hits(msg.experts, routed)
+            if hits:
+                self._run_experts(routed.pass_id, routed.unit, hits)
         if head:
             self._finish_pass(msg)
+
+    def _run_experts(self, pass_id: int, block: int, experts: list[tuple[int, int]]) -> None:
+        """Run expert units [(unit, arena offset)] of MoE block `block`; one ExpertsDone either
+        way (the slots must come back). Outside the pass, or in a failed one, nothing runs."""
+        t0 = time.perf_counter()
+        ran = [u for u, _ in experts]
+        if self.pass_id is None or self.pass_failed or pass_id != self.pass_id:
+            if self.pass_id is None or pass_id != self.pass_id:
+                self.send(WorkerError(f"RunExperts of pass {pass_id} outside it", unit=block))
+            self.send(ExpertsDone(pass_id, block, ran, 0.0))
+            return
+        try:
+            self.experts.run(experts)
+        except Exception as e:
+            self.runner.abort_pass()
+            self.pass_failed = True
+            self.send(WorkerError(f"pass {pass_id}, experts of unit {block}: "
+                                  f"{type(e).__name__}: {e}", pass_id=pass_id, unit=block))
+        seconds = time.perf_counter() - t0
+        self.pass_seconds += seconds
+        self.send(ExpertsDone(pass_id, block, ran, seconds))
 
     def _finish_pass(self, msg: Run) -> None:
         t0 = time.perf_counter()

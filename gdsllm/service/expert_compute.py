@@ -1,10 +1,22 @@
-"""The compute worker's side of a mixture of experts (gdsllm.service.compute_worker calls these):
-after a MoE block unit runs, `Routed` names the experts its router picked for the pass and the
-guess for the next layer; `RunExperts` runs expert units that the coordinator put in arena slots.
+"""The compute worker's side of a mixture of experts: one `ExpertCompute`, owned by the
+gdsllm.service.compute_worker.ComputeWorker, made with its Runner once the arena is open.
 
-    routed = after_block(worker, unit, weights)   # -> Routed, sent after the block's Done
-    send_routed(worker, run, routed)              # Routed; the routed experts the Run lent run
-    run_experts(worker, msg)                      # RunExperts -> ExpertsDone
+    experts = ExpertCompute(meta, runner, arena.view)
+    routed = experts.after_block(pass_id, unit, weights)   # -> Routed, sent after the block's Done
+    hits = experts.lent_hits(run.experts, routed)          # the routed experts the block's Run lent
+    experts.run(pairs)                                     # [(expert unit, arena offset)]; raises
+
+After a MoE block unit runs, `Routed` names the experts its router picked for the pass and the
+guess for the next layer; `run` runs expert units from their arena slots (the ones the coordinator
+put there with RunExperts, or the resident ones a block's Run lent) and fences, so the slots may
+be refilled once it returns.
+
+Why a class of its own, and why it holds no pass state: the MoE compute (the router copies for
+the guess, the slots' tensor views, running expert units) is one responsibility, with state of
+its own that nothing else reads. The pass protocol is another: which pass is running, whether it
+failed, its seconds, and the replies (ExpertsDone, WorkerError) are the worker's, so the worker
+calls these methods, decides what a failure means for the pass and sends every message. No
+socket here, and no field of the worker is read or written.
 
 The guess (speculative prefetch, after mixtral-offloading): layer i+1's router applied to layer
 i's residual stream after attention, normed with layer i+1's post-attention norm. Both weights
@@ -14,14 +26,13 @@ coordinator loads what the real router picks either way.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from ipc.messages import ExpertsDone, Routed, RunExperts, WorkerError
+from ipc.messages import Routed
 
 from gdsllm.models.layers import linear, rms_norm
 from gdsllm.models.moe import router_topk
+from gdsllm.models.views import unit_tensors
 from gdsllm.quant.schemes import QuantWeight
 
 
@@ -51,79 +62,47 @@ class RouterBank:
         return sorted(int(e) for e in torch.unique(idx).tolist())
 
 
-class ExpertState:
-    """The compute worker's side of a mixture of experts: the routers for the next-layer guess,
-    and the tensor views of each expert slot (`views`: arena offset -> (expert unit, tensors))."""
+class ExpertCompute:
+    """Runs a MoE model's expert units for the compute worker (see the module docstring).
+    `view(offset, nbytes)` is the arena's: the bytes of a slot as a tensor."""
 
-    def __init__(self, params):
-        self.bank = RouterBank(params)
-        self.views: dict[int, tuple] = {}
+    def __init__(self, meta, runner, view):
+        self.meta, self.runner, self.view = meta, runner, view
+        self.bank = RouterBank(meta.params)
+        self.views: dict[int, tuple] = {}  # arena offset -> (expert unit, its tensors)
 
+    def after_block(self, pass_id: int, unit, weights: dict) -> Routed:
+        """The Routed message of MoE block `unit` just run (its weights still valid)."""
+        self.bank.remember(unit.layer, weights)
+        routing = self.runner.pending_routing
+        predicted = self.bank.guess(unit.layer + 1, routing.residual)
+        return Routed(pass_id, unit.index, routing.experts(), predicted)
 
-def _state(worker) -> ExpertState:
-    if worker.moe is None:
-        worker.moe = ExpertState(worker.meta.params)
-    return worker.moe
+    def lent_hits(self, lent: list[tuple[int, int]], routed: Routed) -> list[tuple[int, int]]:
+        """The experts of `lent` (a block's Run: resident, (unit, offset)) that `routed` picked:
+        cache hits, to run at once. A malformed entry is kept: it runs, and fails the pass."""
+        picked = set(routed.experts)
+        return [(u, off) for u, off in lent if not self._is_expert(u) or self.meta.units[u].expert in picked]
 
-
-def after_block(worker, unit, weights: dict) -> Routed:
-    """The Routed message of MoE block `unit` just run (its weights still valid)."""
-    bank = _state(worker).bank
-    bank.remember(unit.layer, weights)
-    routing = worker.runner.pending_routing
-    predicted = bank.guess(unit.layer + 1, routing.residual)
-    return Routed(worker.pass_id, unit.index, routing.experts(), predicted)
-
-
-def send_routed(worker, run, routed: Routed) -> None:
-    """Send `routed`, then run the experts it picked that the block's Run lent (resident: cache
-    hits), so the coordinator reads the misses meanwhile; one ExpertsDone for those."""
-    worker.send(routed)
-    n, picked = len(worker.meta.units), set(routed.experts)
-    hits = [(u, off) for u, off in run.experts  # a malformed entry runs, and fails the pass
-            if not (0 <= u < n and worker.meta.units[u].kind == "expert")
-            or worker.meta.units[u].expert in picked]
-    if hits:
-        _run(worker, routed.pass_id, routed.unit, hits)
-
-
-def run_experts(worker, msg: RunExperts) -> None:
-    """Run the expert units of `msg` (ExpertsDone either way: the slots must come back)."""
-    _run(worker, msg.pass_id, msg.unit, msg.experts)
-
-
-def _views(worker, unit, offset: int) -> dict:
-    """The tensors of expert `unit` in the slot at `offset`: views made once per slot and expert
-    (a slot's views stay valid while it holds that expert; building them per run cost ~40 us)."""
-    views = _state(worker).views
-    got = views.get(offset)
-    if got is None or got[0] != unit.index:
-        from gdsllm.models.views import unit_tensors
-        got = views[offset] = (unit.index, unit_tensors(unit, worker.arena.view(offset, unit.nbytes)))
-    return got[1]
-
-
-def _run(worker, pass_id: int, block: int, experts: list[tuple[int, int]]) -> None:
-    t0 = time.perf_counter()
-    ran = [u for u, _ in experts]
-    if worker.pass_id is None or worker.pass_failed or pass_id != worker.pass_id:
-        if worker.pass_id is None or pass_id != worker.pass_id:
-            worker.send(WorkerError(f"RunExperts of pass {pass_id} outside it", unit=block))
-        worker.send(ExpertsDone(pass_id, block, ran, 0.0))
-        return
-    try:
-        n = len(worker.meta.units)
+    def run(self, experts: list[tuple[int, int]]) -> None:
+        """Run expert units [(unit, arena offset)] into the pending routing, then fence (the slots
+        may be refilled once this returns). Raises on an index that is not an expert unit, or
+        whatever the compute raised; the caller then aborts the pass."""
         for u, offset in experts:
-            if not 0 <= u < n or worker.meta.units[u].kind != "expert":
+            if not self._is_expert(u):
                 raise ValueError(f"unit {u} is not an expert unit of the model")
-            unit = worker.meta.units[u]
-            worker.runner.run_expert(unit, _views(worker, unit, offset))
-        worker.runner.fence()  # the slots may be refilled once ExpertsDone is out
-    except Exception as e:
-        worker.runner.abort_pass()
-        worker.pass_failed = True
-        worker.send(WorkerError(f"pass {pass_id}, experts of unit {block}: "
-                                 f"{type(e).__name__}: {e}", pass_id=pass_id, unit=block))
-    seconds = time.perf_counter() - t0
-    worker.pass_seconds += seconds
-    worker.send(ExpertsDone(pass_id, block, ran, seconds))
+            unit = self.meta.units[u]
+            self.runner.run_expert(unit, self._views(unit, offset))
+        self.runner.fence()
+
+    def _is_expert(self, u: int) -> bool:
+        return 0 <= u < len(self.meta.units) and self.meta.units[u].kind == "expert"
+
+    def _views(self, unit, offset: int) -> dict:
+        """The tensors of expert `unit` in the slot at `offset`: views made once per slot and
+        expert (a slot's views stay valid while it holds that expert; building them per run
+        cost ~40 us)."""
+        got = self.views.get(offset)
+        if got is None or got[0] != unit.index:
+            got = self.views[offset] = (unit.index, unit_tensors(unit, self.view(offset, unit.nbytes)))
+        return got[1]
