@@ -75,16 +75,13 @@ class Coordinator:
         self.draft_bytes = self.memory.draft_bytes
         self.metrics = ServiceMetrics()
         self.targets = (io_target, compute_target)
-        self.workers: WorkerSet | None = None
         self.batch: BatchScheduler | None = None
         self.admission: Admission | None = None
         self.ctx = zmq.asyncio.Context()
         self.ctx.setsockopt(zmq.LINGER, 0)  # closes that must flush say so (the front: 1 s)
         self.front = None
         self.allow_list: sockets.CurveAllowList | None = None
-        self.io_path = "?"
-        self.status, self.detail = "starting", ""
-        self.supervisor = Supervisor(self)
+        self.supervisor = Supervisor(self)  # owns the workers and the health (status, detail)
         self.next_seq = 1
         self.stopped = asyncio.Event()
         self.http = None
@@ -95,8 +92,16 @@ class Coordinator:
         self.tokenizing: dict[tuple[bytes, str], asyncio.Future] = {}  # (client, request_id) -> work
         self.tokenizing_chars = 0  # prompt characters in self.tokenizing
         self.tokenizing_by_client: Counter[bytes] = Counter()  # per caller_key: its requests in self.tokenizing
-        self.io_trouble = ""  # why health says degraded while requests are still tried (unit reads)
-        self.exit_code = 0  # the process's exit status (gdsllm.service.supervisor.EXIT_DEGRADED)
+
+    @property
+    def workers(self) -> WorkerSet | None:
+        """The current I/O and compute workers (the supervisor replaces them after a fault)."""
+        return self.supervisor.workers
+
+    @property
+    def exit_code(self) -> int:
+        """The process's exit status: 0, or gdsllm.service.supervisor.EXIT_DEGRADED."""
+        return self.supervisor.exit_code
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -122,17 +127,17 @@ class Coordinator:
         self.front.setsockopt(zmq.SNDHWM, SNDHWM)
         m = self.metrics
         from gdsllm.version import __version__
-        m.set_build_info(__version__, self.config.device, self.io_path)
+        m.set_build_info(__version__, self.config.device, self.supervisor.io_path)
         m.set_budget(self.config.vram_budget, self.plan.resident_bytes + self.draft_bytes)
         if self.config.metrics_port is not None:
             self.http = m.start_http(self.config.metrics_host, self.config.metrics_port)
-        self.status = "ok"
+        self.supervisor.started()
         self.tasks = [asyncio.create_task(f()) for f in (self._front_loop, self.supervisor.watchdog)]
         self.serve_workers()
         log.info("serving %s on %s: %d resident units, %d streamed through %d slots, io %s, "
                  "KV budget %d bytes%s", self.meta.root, self.config.endpoint,
                  len(self.plan.resident_offsets), len(self.plan.streamed), self.plan.num_slots,
-                 self.io_path, self.admission.budget, ", CurveZMQ" if curve else "")
+                 self.supervisor.io_path, self.admission.budget, ", CurveZMQ" if curve else "")
 
     def serve_workers(self) -> None:
         """Relay the (new) workers' replies to the scheduler and start streaming."""
@@ -213,8 +218,8 @@ class Coordinator:
         """Check what is cheap at once, then tokenize (chat template included) on the tokenizing
         threads: a huge prompt never holds the event loop, so every other stream goes on."""
         rid, key = msg.request_id, (client, msg.request_id)
-        if self.status == "degraded" and not self.supervisor.serving:
-            return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
+        if self.supervisor.refusing:
+            return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.supervisor.detail}"))
         if key in self.batch.by_key or key in self.tokenizing:
             return self._reply(client, Error(rid, "bad_request", f"request {rid!r} is already in flight"))
         # the cap counts per caller (an HTTP front end serves many); requests being tokenized count
@@ -261,8 +266,8 @@ class Coordinator:
         if self.tokenizing.get(key) is not work or work.cancelled():
             return  # cancelled meanwhile (its Final was sent), or the service is closing
         del self.tokenizing[key]
-        if self.status == "degraded" and not self.supervisor.serving:
-            return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.detail}"))
+        if self.supervisor.refusing:
+            return self._reply(client, Error(rid, "worker_died", f"service degraded: {self.supervisor.detail}"))
         try:
             ids = work.result()  # ValueError, or a template/tokenizer failure on user input
             seq = Sequence(self.next_seq, client, msg, ids, self.tokenizer, self.eos_ids, self.max_context)
@@ -306,13 +311,13 @@ class Coordinator:
         raise e
 
     def _health(self, rid: str) -> HealthReply:
-        return HealthReply(request_id=rid, status=self.status, model=str(self.meta.root),
-                           backend=self.config.device, io_path=self.io_path,
+        return HealthReply(request_id=rid, status=self.supervisor.status, model=str(self.meta.root),
+                           backend=self.config.device, io_path=self.supervisor.io_path,
                            vram_budget_bytes=self.config.vram_budget or self.plan.arena_bytes,
                            resident_units=self.plan.resident_names, streamed_units=len(self.plan.streamed),
                            prefetch_window=self.plan.num_slots,
                            requests_running=len(self.batch.running),
-                           requests_waiting=len(self.batch.waiting), detail=self.detail,
+                           requests_waiting=len(self.batch.waiting), detail=self.supervisor.detail,
                            restarts=self.supervisor.restarts, kv_budget_bytes=self.admission.budget,
                            kv_reserved_bytes=self.admission.reserved)
 

@@ -2,8 +2,15 @@
 
     sup = Supervisor(coordinator)
     workers = await sup.bring_up()          # spawn, handshake, load the resident units
+    sup.started()                           # health "ok": the coordinator serves
     sup.fault("the io worker died (exit code -9)", "worker_died")   # from any callback
     asyncio.create_task(sup.watchdog())
+    sup.status, sup.detail, sup.workers, sup.io_path, sup.exit_code   # read by the coordinator
+
+The supervisor owns the service's health and its current workers: it alone writes them, and the
+coordinator reads them through these public names (its `workers` and `exit_code` are properties
+over them). From the coordinator it reads the plan and configuration and calls public methods
+only (`request_stop`, `stop_worker_loops`, `serve_workers`, and the batch scheduler's).
 
 A fault (a worker died, an error no pass can own, a pass with no worker reply for
 `pass_timeout_s`) fails the RUNNING requests at once with its code (`worker_died`, `timeout`,
@@ -43,6 +50,11 @@ EXIT_DEGRADED = 3  # `serve --exit-on-degraded`'s exit status once degraded
 class Supervisor:
     def __init__(self, coordinator):
         self.c = coordinator
+        self.workers: WorkerSet | None = None  # the current pair; set at once by bring_up
+        self.io_path = "?"  # the I/O worker's read path (IoReady)
+        self.status, self.detail = "starting", ""  # health: starting, ok, restarting, degraded
+        self.io_trouble = ""  # why health says degraded while requests are still tried (unit reads)
+        self.exit_code = 0  # the process's exit status: 0, or EXIT_DEGRADED (exit_on_degraded)
         self.restarts = 0  # successful replacements since start
         self.failures = 0  # faults and failed attempts in a row, no pass completed between
         self.passes_seen = 0
@@ -56,13 +68,13 @@ class Supervisor:
         c = self.c
         workers = WorkerSet(c.config, c.plan.arena_bytes, self.worker_died, *c.targets,
                             resident=c.plan.resident_offsets)
-        c.workers = workers  # close() stops them even if start-up is interrupted
+        self.workers = workers  # the coordinator's close() stops them even if start-up is interrupted
         try:
             t0 = asyncio.get_running_loop().time()
             log.info("starting the I/O and compute workers (device %s)", c.config.device)
             ready = await workers.start()
-            c.io_path = ready.io_path
-            log.info("workers ready in %.1f s (io %s)", asyncio.get_running_loop().time() - t0, c.io_path)
+            self.io_path = ready.io_path
+            log.info("workers ready in %.1f s (io %s)", asyncio.get_running_loop().time() - t0, self.io_path)
             for ld in StreamSchedule(c.plan).resident_loads():
                 await workers.io.send(encode(ld))
             pending = len(c.plan.resident_offsets)
@@ -95,10 +107,19 @@ class Supervisor:
             raise
         return workers
 
+    def started(self) -> None:
+        """The coordinator serves (its first workers are up): health "ok"."""
+        self.status = "ok"
+
     @property
     def serving(self) -> bool:
         """Workers up and passes running: "ok", or "degraded" by unit reads (requests still tried)."""
-        return self.c.status == "ok" or bool(self.c.io_trouble)
+        return self.status == "ok" or bool(self.io_trouble)
+
+    @property
+    def refusing(self) -> bool:
+        """Degraded for good (not by unit reads): every request fails with `worker_died`."""
+        return self.status == "degraded" and not self.serving
 
     async def watchdog(self) -> None:
         """A pass with no worker reply for pass_timeout_s is a fault (code "timeout"), and so is a
@@ -115,7 +136,7 @@ class Supervisor:
 
     def _check_stopped(self) -> None:
         now = time.monotonic()
-        for name, pid in self.c.workers.pids.items():
+        for name, pid in self.workers.pids.items():
             if not _stopped(pid):
                 self.stopped_since.pop(pid, None)
                 continue
@@ -128,28 +149,26 @@ class Supervisor:
     def pass_outcome(self, error: str | None) -> None:
         """A pass ended: `error` names the unit that failed it (read or checksum), None if it
         completed. Health follows: degraded after IO_FAILURES_DEGRADED failures in a row."""
-        c = self.c
         if error is None:
             self.io_failures = 0
-            if c.io_trouble:
-                log.info("a pass completed: serving again (was degraded: %s)", c.io_trouble)
-                c.status, c.detail, c.io_trouble = "ok", f"recovered from: {c.detail}", ""
+            if self.io_trouble:
+                log.info("a pass completed: serving again (was degraded: %s)", self.io_trouble)
+                self.status, self.detail, self.io_trouble = "ok", f"recovered from: {self.detail}", ""
             return
         self.io_failures += 1
-        if self.io_failures >= IO_FAILURES_DEGRADED and c.status == "ok":
-            c.io_trouble = error
+        if self.io_failures >= IO_FAILURES_DEGRADED and self.status == "ok":
+            self.io_trouble = error
             self.degrade(f"{self.io_failures} passes in a row failed on a unit: {error}")
 
     def degrade(self, detail: str) -> None:
         """Health says "degraded" with `detail`; with exit_on_degraded the process exits."""
-        c = self.c
-        c.status, c.detail = "degraded", detail
+        self.status, self.detail = "degraded", detail
         log.error("service degraded: %s", detail)
-        if c.config.exit_on_degraded:
+        if self.c.config.exit_on_degraded:
             log.error("exiting with status %d (--exit-on-degraded): a service manager may restart it",
                       EXIT_DEGRADED)
-            c.exit_code = EXIT_DEGRADED
-            c.request_stop()
+            self.exit_code = EXIT_DEGRADED
+            self.c.request_stop()
 
     def worker_died(self, name: str, exitcode) -> None:
         self.fault(f"the {name} worker died (exit code {exitcode})", "worker_died")
@@ -159,28 +178,28 @@ class Supervisor:
         c = self.c
         if not self.serving:
             return  # starting (start() reports it), already restarting, or degraded for good
-        c.io_trouble, self.io_failures = "", 0  # fresh workers read afresh
+        self.io_trouble, self.io_failures = "", 0  # fresh workers read afresh
         log.error("%s: failing the running requests and restarting the workers", detail)
-        c.status, c.detail = "restarting", detail
+        self.status, self.detail = "restarting", detail
         if c.batch.passes_completed > self.passes_seen:
             self.failures = 0  # it served since the last fault: a new incident, not a crash loop
         c.batch.abort_running(code, detail)
         c.stop_worker_loops()
         if self.failures >= c.config.restart_limit:
             self._give_up()
-            self.task = asyncio.create_task(c.workers.stop(graceful=False))
+            self.task = asyncio.create_task(self.workers.stop(graceful=False))
         else:
             self.task = asyncio.create_task(self._restart())
 
     def _give_up(self) -> None:
         c = self.c
         self.degrade(f"gave up after {self.failures} worker restarts in a row (restart_limit "
-                     f"{c.config.restart_limit}): {c.detail}")
-        c.batch.fail_all("worker_died", c.detail)
+                     f"{c.config.restart_limit}): {self.detail}")
+        c.batch.fail_all("worker_died", self.detail)
 
     async def _restart(self) -> None:
         c = self.c
-        await c.workers.stop(graceful=False)
+        await self.workers.stop(graceful=False)
         while True:
             if self.failures >= c.config.restart_limit:
                 return self._give_up()
@@ -190,13 +209,13 @@ class Supervisor:
                 workers = await self.bring_up()
             except WorkerStartError as e:
                 log.error("restarting the workers failed: %s", e)
-                c.detail = f"{c.detail}; restart failed: {e}"
+                self.detail = f"{self.detail}; restart failed: {e}"
                 continue
             break
         self.restarts += 1
         self.passes_seen = c.batch.passes_completed
         c.batch.attach(workers)
-        c.status, c.detail = "ok", f"workers restarted after: {c.detail}"
+        self.status, self.detail = "ok", f"workers restarted after: {self.detail}"
         log.info("workers restarted (%d restarts so far): serving again", self.restarts)
         c.serve_workers()
 

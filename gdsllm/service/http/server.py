@@ -156,8 +156,12 @@ class HttpServer:
         if self.task.done():
             self.task.result()
 
-    async def stop(self) -> None:
+    def stop_accepting(self) -> None:
+        """No new connections; the ones in flight finish (uvicorn's graceful shutdown)."""
         self.server.should_exit = True
+
+    async def stop(self) -> None:
+        self.stop_accepting()
         if self.task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
@@ -198,7 +202,7 @@ async def _run(config: ServiceConfig, http: HttpOptions) -> int:
         await c.serve()
     finally:
         log.info("shutting down")
-        server.server.should_exit = True  # no new connections; in-flight ones get the close errors
+        server.stop_accepting()  # in-flight requests get the close errors
         await c.close()
         await server.stop()
         await fe.close()
