@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gdsllm.engine.budget import DEFAULT_MAX_BATCH, DEFAULT_WINDOW
+from gdsllm.engine.scheduler import DEFAULT_MAX_PASS_TOKENS
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ServiceConfig:
     insecure: bool = False  # allow a non-loopback endpoint without CurveZMQ
     kv_budget: int | None = None  # bytes of KV cache handed out; None: derived from free memory
     max_inflight_per_client: int = 64  # requests one client identity may have in flight
-    max_pass_tokens: int = 8192  # new tokens per weight pass (chunked prefill); 0: no limit
+    max_pass_tokens: int = DEFAULT_MAX_PASS_TOKENS  # new tokens per weight pass (chunked prefill); 0: no limit
     pass_timeout_s: float = 300.0  # watchdog: a pass with no worker reply for this long fails
     restart_limit: int = 5  # worker restarts in a row (no pass completed between) before giving up
     verify: str = "first"  # checksum each unit's first load ("first") or every load ("always")

@@ -141,5 +141,5 @@ class HealthReply:
 
 from .worker_messages import (  # noqa: F401, E402  (the workers' messages: one namespace)
     RESIDENT, IoReady, Load, Loaded, OpenArena, ArenaOpened, ComputeReady, SeqSampling,
-    StartPass, Run, Done, PassResult, Routed, RunExperts, ExpertsDone, Release, WorkerError,
+    StartPass, Run, Done, PassResult, Routed, RunExperts, ExpertsDone, WorkerError,
     Shutdown)

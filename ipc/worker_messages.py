@@ -96,18 +96,25 @@ class SeqSampling:
 @message("start_pass")
 @dataclass(frozen=True)
 class StartPass:
-    """Begin a weight pass: `chunks` are [seq_id, new token ids]; `sampling` has an entry for each
-    sequence new in this pass. `partial`: sequences whose chunk is not the end of their prompt
-    (chunked prefill): no token is sampled for them, and PassResult leaves them out.
-    `draft[seq_id] = k`: the worker's draft model proposes up to k tokens after that chunk and the
-    pass verifies them (speculative decoding; never for a `partial` chunk, which does not end where
-    the sequence's next token is to be predicted)."""
+    """Begin a weight pass: the plan of the engine's scheduler (gdsllm.engine.scheduler.PassPlan)
+    with its first Runs, one message. `chunks` are [seq_id, new token ids]; `sampling` and
+    `tables` have an entry for each sequence new in this pass: its sampler's parameters and its
+    KV block ids (the coordinator keeps the books; the worker allocates nothing). `released`:
+    sequences gone since the last pass, whose state the worker drops first. `partial`: sequences
+    whose chunk is not the end of their prompt (chunked prefill): no token is sampled for them,
+    and PassResult leaves them out. `draft[seq_id] = k`: the worker's draft proposes up to k
+    tokens after that chunk and the pass verifies them (speculative decoding; never for a
+    `partial` chunk). `runs`: the pass's first Runs as [unit, slot, offset, count], run at once
+    (all of a resident model's units: one message starts and runs the whole pass)."""
 
     pass_id: int
     chunks: list[tuple[int, list[int]]]
     sampling: dict[int, SeqSampling]
     partial: list[int] = field(default_factory=list)
     draft: dict[int, int] = field(default_factory=dict)
+    tables: dict[int, list[int]] = field(default_factory=dict)
+    released: list[int] = field(default_factory=list)
+    runs: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 @message("run")
@@ -147,15 +154,14 @@ class Done:
 @message("pass_result")
 @dataclass(frozen=True)
 class PassResult:
-    """The sampled next token of each chunk, as [seq_id, token_id]. For a sequence that drafted:
-    `accepted[seq_id]` are the draft tokens the target accepted, which come BEFORE its token in
-    `tokens`, and `proposed[seq_id]` how many the draft proposed. `failed[seq_id]`: why that
-    sequence's logits could not be sampled (it has no token; only its request fails)."""
+    """The pass's tokens: `tokens[seq_id]` the draft tokens the target accepted (speculative
+    decoding), then its own sampled next token; `proposed[seq_id]` how many the draft proposed.
+    Partial chunks have none. `failed[seq_id]`: why that sequence's logits could not be sampled
+    (it has no token; only its request fails)."""
 
     pass_id: int
-    tokens: list[tuple[int, int]]
+    tokens: dict[int, list[int]]
     seconds: float
-    accepted: dict[int, list[int]] = field(default_factory=dict)
     proposed: dict[int, int] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
 
@@ -220,19 +226,13 @@ class ExpertsDone:
     seconds: float
 
 
-@message("release")
-@dataclass(frozen=True)
-class Release:
-    seq_ids: list[int]
-
-
 @message("worker_error")
 @dataclass(frozen=True)
 class WorkerError:
     """A worker could not do what it was told; `fatal` means it is exiting. From the compute
     worker, `pass_id` / `unit` name the pass and unit that failed (None when not about one):
     the rest of that pass's Runs are acknowledged with Done without computing, no PassResult
-    follows, and its sequences should be failed and Released."""
+    follows, and its sequences should be failed (released in the next StartPass)."""
 
     message: str
     fatal: bool = False

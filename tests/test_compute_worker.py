@@ -15,7 +15,7 @@ from gdsllm.config import ServiceConfig
 from gdsllm.format.metadata import load_model_meta
 from gdsllm.service.io_worker import run_io_process
 from ipc.messages import (ArenaOpened, ComputeReady, Done, IoReady, Load, OpenArena, PassResult,
-                          Release, Run, SeqSampling, StartPass, WorkerError)
+                          Run, SeqSampling, StartPass, WorkerError)
 from workerkit import Peer, edir, model, write_model  # noqa: F401  (fixtures)
 
 
@@ -75,11 +75,13 @@ class Pipeline:
             self.io.send(Load(unit, -1, off))
         assert all(self.io.recv().error is None for _ in self.resident)
         self.pass_id = 0
+        self.released: list[int] = []  # sequences the next StartPass releases
 
     def run_pass(self, chunks, sampling, units=None) -> list:
         """One weight pass; returns every compute reply after StartPass, in order."""
         self.pass_id += 1
-        self.compute.send(StartPass(self.pass_id, chunks, sampling))
+        self.compute.send(StartPass(self.pass_id, chunks, sampling, released=self.released))
+        self.released = []
         replies = []
         for i, u in enumerate(units if units is not None else range(len(self.meta.units))):
             if u in self.resident:
@@ -109,10 +111,10 @@ class Pipeline:
             result = replies[-1]
             assert isinstance(result, PassResult) and result.pass_id == self.pass_id, replies
             assert all(isinstance(m, Done) for m in replies[:-1])
-            assert result.seconds >= 0 and [s for s, _ in result.tokens] == [s for s, _ in chunks]
-            for sid, t in result.tokens:
+            assert result.seconds >= 0 and list(result.tokens) == [s for s, _ in chunks]
+            for sid, (t,) in result.tokens.items():
                 out[sid].append(t)
-            chunks = [(sid, [t]) for sid, t in result.tokens]
+            chunks = [(sid, ts) for sid, ts in result.tokens.items()]
         return out
 
     def close(self) -> None:
@@ -133,7 +135,7 @@ def test_compute_worker_matches_runner_in_process(pipeline):
                 5: SeqSampling(1.3, 1.0, 0, 99)}
     got = pipeline.generate(prompts, sampling, steps=6)
     assert got == reference_tokens(pipeline.meta, prompts, sampling, steps=6)
-    pipeline.compute.send(Release([1, 2, 5]))
+    pipeline.released = [1, 2, 5]
     # released sequences start over: the same ids and prompts give the same tokens again
     assert pipeline.generate(prompts, sampling, steps=6) == got
 
@@ -162,7 +164,7 @@ def test_compute_worker_reports_a_failing_step_and_keeps_serving(pipeline):
     pipeline.compute.sock.send(b"\xc1")
     assert "bad message" in pipeline.compute.recv().message
     # and the next good pass is served correctly
-    pipeline.compute.send(Release([1, 2, 3, 4]))
+    pipeline.released = [1, 2, 3, 4]
     prompts = {1: [5, 6]}
     assert pipeline.generate(prompts, greedy, 3) == reference_tokens(meta, prompts, greedy, 3)
 
@@ -175,13 +177,13 @@ def test_compute_worker_sampling_failure_after_the_head(tmp_path, edir):
         replies = p.run_pass([(1, [4, 5])], {1: SeqSampling(1.0, 1.0, 0, 7)}, units=[0, 1, 2, 3, 4])
         assert [type(m) for m in replies] == [Done] * 5
         res = p.compute.recv()
-        assert isinstance(res, PassResult) and res.pass_id == p.pass_id and res.tokens == []
+        assert isinstance(res, PassResult) and res.pass_id == p.pass_id and res.tokens == {}
         assert list(res.failed) == [1] and "not finite" in res.failed[1]
-        p.compute.send(Release([1]))
+        p.released = [1]
         replies = p.run_pass([(2, [4])], {2: SeqSampling(0.0, 1.0, 0, None)}, units=[0, 1, 2, 3, 4])
         assert [type(m) for m in replies] == [Done] * 5
         res = p.compute.recv()  # greedy: an argmax, whatever the logits
-        assert isinstance(res, PassResult) and [sid for sid, _ in res.tokens] == [2] and not res.failed
+        assert isinstance(res, PassResult) and list(res.tokens) == [2] and not res.failed
     finally:
         p.close()
 

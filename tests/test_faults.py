@@ -212,7 +212,7 @@ def test_prompts_with_ids_above_65535_over_1mib_in_one_pass(narrow_dir):
 
     from ipc.messages import Final, Generate, decode, encode
     from ipc.messages import Health
-    from gdsllm.engine.sequence import Sequence
+    from gdsllm.service.requests import Sequence
     rng = random.Random(2)
     prompts = [[rng.randrange(65536, 70000) for _ in range(420)] for _ in range(512)]
     with Service(narrow_dir, max_batch=1024, max_pass_tokens=0, max_inflight_per_client=4096) as s:

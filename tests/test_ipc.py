@@ -14,7 +14,7 @@ from ipc.arena import Arena, ArenaError, ArenaSpec
 from ipc.codec import MAX_REQUEST_BYTES
 from ipc.messages import (ArenaOpened, Cancel, ChatMessage, ComputeReady, Done, Error, Final,
                           Generate, Health, HealthReply, IoReady, Load, Loaded, OpenArena,
-                          PassResult, ProtocolError, Release, Run, SeqSampling, Shutdown,
+                          PassResult, ProtocolError, Run, SeqSampling, Shutdown,
                           StartPass, TokenChunk, WorkerError, decode, encode)
 
 SAMPLES = [
@@ -31,8 +31,9 @@ SAMPLES = [
     ComputeReady(8, "cpu"),
     StartPass(1, [(1, [5, 6, 7]), (2, [9])], {1: SeqSampling(0.0, 1.0, 0, None),
                                              2: SeqSampling(0.7, 0.9, 40, 5)}),
-    Run(3, 1, 4096), Done(3, 1, 0.25), PassResult(1, [(1, 8), (2, 10)], 0.3),
-    Release([1, 2]), WorkerError("boom"), WorkerError("pass 3 failed", pass_id=3, unit=2),
+    StartPass(2, [(1, [8])], {}, tables={3: [4, 5]}, released=[2], runs=[(0, -1, 0, 5)]),
+    Run(3, 1, 4096), Done(3, 1, 0.25), PassResult(1, {1: [8], 2: [3, 10]}, 0.3, {2: 1}),
+    WorkerError("boom"), WorkerError("pass 3 failed", pass_id=3, unit=2),
     Shutdown(),
 ]
 
@@ -66,7 +67,8 @@ def _raw(**d) -> bytes:
     (_raw(type="start_pass", pass_id=1, chunks=[], sampling={1: {"temperature": 1.0}}),
      "missing 3 required"),
     (_raw(type="start_pass", pass_id=1, chunks=[], sampling=[1]), "expected a map"),
-    (_raw(type="release", seq_ids=5), "release.seq_ids: expected a list"),
+    (_raw(type="start_pass", pass_id=1, chunks=[], sampling={}, released=5),
+     "start_pass.released: expected a list"),
     (_raw(type="generate", request_id="r", prompt="a", messages=[]), "exactly one of"),
     (_raw(type="generate", request_id="", prompt="a"), "request_id must be"),
     (_raw(type="generate", request_id="r", prompt="a", max_tokens=None), "expected an integer"),

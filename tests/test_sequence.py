@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from gdsllm.engine.sampling import SamplingParams
-from gdsllm.engine.sequence import Generation, Sequence, prompt_ids, validate_request
+from gdsllm.engine.sequence import Generation, prompt_ids
+from gdsllm.service.requests import Sequence, validate_request
 from gdsllm.format.metadata import LlamaParams
 from ipc.messages import ChatMessage, Generate
 

@@ -16,8 +16,11 @@ through `prefetch_window` rotating slots, read ahead by a reader thread while th
 read goes through gdsllm.engine.loader (O_DIRECT `preadv` into host memory on
 the CPU; KvikIO straight into CUDA memory, or O_DIRECT + copy without KvikIO), its checksum
 verified on first read. The request rules (prompts, stop strings, eos, stop ids, max_tokens, the
-context limit) are gdsllm.engine.sequence's, the service's own. Each step runs all active
-sequences at once; this is the reference the multi-process pipeline is tested against.
+context limit) are gdsllm.engine.sequence's, the service's own. The loop is the engine's one
+loop, the service's too: the scheduler (gdsllm.engine.scheduler) plans each pass (admission, KV
+blocks, chunked prefill, draft lengths), the in-process executor (gdsllm.engine.executor) runs it,
+the scheduler applies its tokens; this is the reference the multi-process pipeline is tested
+against.
 """
 from __future__ import annotations
 
@@ -29,12 +32,15 @@ from typing import Iterator
 
 import torch
 
-from gdsllm.engine.loader import UnitLoader
-from gdsllm.engine.budget import free_device_bytes, parse_size, plan_memory, weights_budget
+from gdsllm.engine.blocks import BlockBooks
+from gdsllm.engine.budget import DEFAULT_MAX_BATCH, free_device_bytes, parse_size, plan_memory, weights_budget
 from gdsllm.engine.budget import kv_tokens as budget_kv_tokens
+from gdsllm.engine.executor import LocalExecutor, PlanRunner
+from gdsllm.engine.loader import UnitLoader
 from gdsllm.engine.prefetch import Prefetch
 from gdsllm.engine.runner import Runner, compute_dtype
-from gdsllm.engine.sampling import Sampler, SamplingParams
+from gdsllm.engine.sampling import SamplingParams
+from gdsllm.engine.scheduler import DEFAULT_MAX_PASS_TOKENS, Scheduler
 from gdsllm.engine.sequence import Generation, prompt_ids
 from gdsllm.engine.tokenizer import Tokenizer
 from gdsllm.models.views import unit_tensors
@@ -52,14 +58,6 @@ class Output:
     finish_reason: str  # "stop" (eos, stop id or stop string) or "length"
 
 
-@dataclass
-class _Request:
-    seq_id: int
-    params: SamplingParams
-    sampler: Sampler
-    gen: Generation
-
-
 def resolve(model: str | os.PathLike | None) -> Path:
     """`model` as a GdsLLM model directory; None: the embedded default (converted on first use)."""
     from gdsllm.convert.default_model import resolve_model
@@ -73,19 +71,26 @@ class LLM:
     model fits in 90% of the device's free memory (free VRAM; MemAvailable on the CPU), and
     otherwise pins as much as fits there and streams the rest from storage every step. The KV
     cache takes its share of what is left (`kv_tokens` fixes it). The rules are the VRAM ledger's
-    (gdsllm.engine.budget), the service's own."""
+    (gdsllm.engine.budget), the service's own. Prompts are batched by the engine's scheduler
+    (gdsllm.engine.scheduler) as the service batches requests: at most `max_batch` at once, each
+    admitted when the KV cache holds its prompt and max_tokens, prompts fed `max_pass_tokens` at
+    a time."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
                  io: str = "direct", cudnn_attention: bool = False,
                  vram_budget: int | str | None = None, draft: str | os.PathLike | None = None,
                  draft_tokens: int = 4, kv_tokens: int | None = None, cuda_graphs: bool = True,
-                 draft_adaptive: bool = True, prefetch_window: int = 2):
+                 draft_adaptive: bool = True, prefetch_window: int = 2,
+                 max_batch: int = DEFAULT_MAX_BATCH, max_pass_tokens: int = DEFAULT_MAX_PASS_TOKENS):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
             raise ValueError(f"io must be direct or buffered, got {io!r}")
         if isinstance(prefetch_window, bool) or not isinstance(prefetch_window, int) or not 1 <= prefetch_window <= 64:
             raise ValueError(f"prefetch_window must be 1 to 64, got {prefetch_window!r}")
+        for name, v, low in (("max_batch", max_batch, 1), ("max_pass_tokens", max_pass_tokens, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer of at least {low}, got {v!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda: no CUDA GPU is available to torch")
@@ -117,7 +122,7 @@ class LLM:
                 extra = self.speculator.draft.kv_token_bytes if self.speculator is not None else 0
                 kv_tokens = budget_kv_tokens(self.meta.params, self.dtype.itemsize, device=str(self.device),
                                              free_bytes=free_device_bytes(str(self.device)),
-                                             extra_per_token=extra)
+                                             extra_per_token=extra, max_batch=max_batch)
             self.runner = Runner(self.meta.params, self.device, self.dtype,
                                  cudnn_attention=cudnn_attention, architecture=self.meta.architecture,
                                  kv_tokens=kv_tokens, cuda_graphs=cuda_graphs)
@@ -127,7 +132,13 @@ class LLM:
         except BaseException:
             self.close()
             raise
+        cache = self.runner.cache
+        self.scheduler = Scheduler(BlockBooks(cache.num_blocks, cache.block_size), max_batch=max_batch,
+                                   max_pass_tokens=max_pass_tokens, draft_tokens=self.draft_tokens or 0)
+        self.executor = LocalExecutor(self.meta, self.runner, self._resident, self.prefetch, self.experts,
+                                      PlanRunner(self.runner, self.speculator))
         self._next_seq = 0
+        self._errors: dict[int, str] = {}  # seq_id -> why its row failed (raised by its own caller)
         p = self.plan
         log.info("model %s: %d units, %s, %.1f MB; device %s (%s compute); io path %s; "
                  "%d units resident (%.1f MB), %d streamed per step", self.meta.root,
@@ -166,36 +177,24 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- weights -------------------------------------------------------------------------------
-    def _pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False, *,
-              logit_rows=None) -> torch.Tensor:
-        self.runner.start_pass(chunks, all_logits, logit_rows=logit_rows)
-        try:
-            for unit in self.meta.units:
-                if unit.kind == "expert":  # read only when routed, through the expert cache
-                    continue
-                weights = self._resident.get(unit.index)
-                if weights is not None:
-                    self.runner.run_unit(unit, weights)
-                else:  # streamed: read ahead by the prefetch window, its slot freed once run
-                    self.runner.run_unit(unit, unit_tensors(unit, self.prefetch.take(unit)))
-                    self.prefetch.release()
-                if self.experts is not None and unit.kind == "block":
-                    self.experts.run_layer(self.runner, unit.layer)
-            return self.runner.end_pass()
-        except BaseException:
-            self.runner.abort_pass()
-            if self.prefetch is not None:
-                self.prefetch.realign()
-            raise
-
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab] of one fresh sequence, every position (one pass)."""
         seq = self._next_seq
         self._next_seq += 1
+        books, ids = self.scheduler.books, list(token_ids)
+        if not books.fits(len(ids)):
+            raise ValueError(f"logits: {len(ids)} tokens do not fit the KV cache's "
+                             f"{books.free_blocks} free blocks of {books.block_size} tokens")
+        self.runner.start_pass([(seq, ids)], all_logits=True, tables={seq: books.allocate(seq, len(ids))})
         try:
-            return self._pass([(seq, list(token_ids))], all_logits=True)
+            self.executor.run_units()
+            return self.runner.end_pass()
+        except BaseException:
+            self.runner.abort_pass()
+            self.executor.realign()
+            raise
         finally:
+            books.free(seq)
             self.runner.release(seq)
 
     # -- generation ----------------------------------------------------------------------------
@@ -205,28 +204,27 @@ class LLM:
             isinstance(x, (str, list)) for x in prompts)
         if isinstance(prompts, list) and not prompts:
             raise ValueError("generate: no prompts")
-        reqs = self._requests(prompts if batch else [prompts], params)
-        for _ in self._run(reqs):
+        gens = self._requests(prompts if batch else [prompts], params)
+        for _ in self._run(gens):
             pass
-        outs = [Output(r.gen.text, r.gen.token_ids, r.gen.prompt_ids, r.gen.finish_reason)
-                for r in reqs]
+        outs = [Output(g.text, g.token_ids, g.prompt_ids, g.finish_reason) for g in gens]
         return outs if batch else outs[0]
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Text deltas of one prompt's generation as they are produced (a tail that could still
         grow into a stop string is held back until it cannot)."""
-        reqs = self._requests([prompt], params)
-        for deltas in self._run(reqs):
+        gens = self._requests([prompt], params)
+        for deltas in self._run(gens):
             if deltas[0]:
                 yield deltas[0]
 
-    def _requests(self, prompts: list, params) -> list[_Request]:
+    def _requests(self, prompts: list, params) -> list[Generation]:
         if params is None:
             params = SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"generate: {len(prompts)} prompts but {len(plist)} SamplingParams")
-        reqs, p = [], self.meta.params
+        gens, p = [], self.meta.params
         for i, (prompt, sp) in enumerate(zip(prompts, plist)):
             where = f"prompt {i}" if len(prompts) > 1 else "prompt"
             if not isinstance(sp, SamplingParams):
@@ -234,49 +232,45 @@ class LLM:
             sp.validate()
             ids = prompt_ids(prompt, self.tokenizer, p, where)
             detok = self.tokenizer.detokenizer(ids) if self.tokenizer is not None else None
-            gen = Generation(ids, sp, p.eos_token_ids, p.max_position_embeddings, detok)
-            reqs.append(_Request(self._next_seq, sp, Sampler(sp), gen))
+            gen = Generation(ids, sp, p.eos_token_ids, p.max_position_embeddings, detok, self._next_seq)
+            too_big = self.scheduler.never_fits(gen)
+            if too_big:
+                raise ValueError(f"{where}: {too_big}")
+            gens.append(gen)
             self._next_seq += 1
-        return reqs
+        return gens
 
-    def _run(self, reqs: list[_Request]) -> Iterator[list[str]]:
-        """Step all requests to completion; yields each request's text delta after every pass."""
-        pending = {r.seq_id: r.gen.prompt_ids for r in reqs}
-        active = list(reqs)
+    def _run(self, gens: list[Generation]) -> Iterator[list[str]]:
+        """Run passes until every one of `gens` has finished; yields each one's text delta after
+        every pass. Passes serve every sequence the scheduler holds (another stream's too: each
+        generation keeps its own text, so whichever loop ran a pass, every stream sees its own)."""
+        sched, seen = self.scheduler, [0] * len(gens)
+        for g in gens:
+            sched.add(g)
         try:
-            while active:
-                chunks = [(r.seq_id, pending[r.seq_id]) for r in active]
-                if self.speculator is None:
-                    logits = self._pass(chunks)
-                    new = [[t] for t in Sampler.sample_batch(logits, [r.sampler for r in active])]
-                else:
-                    new = self._speculate(chunks, active)
-                deltas = dict.fromkeys((r.seq_id for r in active), "")
-                for r, ts in zip(active, new):
-                    for t in ts:  # a speculative pass may bring several; stop where the request ends
-                        deltas[r.seq_id] += r.gen.append(t)
-                        if r.gen.finish_reason is not None:
-                            break
-                    pending[r.seq_id] = ts[-1:]
-                    if r.gen.finish_reason is not None:
-                        self._release(r.seq_id)
-                active = [r for r in active if r.gen.finish_reason is None]
-                yield [deltas.get(r.seq_id, "") for r in reqs]
-        finally:
-            for r in reqs:  # also on errors and abandoned streams: free every KV cache
-                self._release(r.seq_id)
-
-    def _speculate(self, chunks, active: list[_Request]) -> list[list[int]]:
-        """One target pass verifying each request's draft tokens (k capped by what it may still
-        produce); the new tokens of each request."""
-        from gdsllm.engine.speculative import draft_count
-        ks = {r.seq_id: draft_count(r.params.draft_tokens, self.draft_tokens,
-                                    r.gen.max_new - len(r.gen.token_ids)) for r in active}
-        samplers = {r.seq_id: r.sampler for r in active}
-        out = self.speculator.step(self._pass, chunks, ks, samplers, self.runner)
-        return [out[r.seq_id] for r in active]
-
-    def _release(self, seq_id: int) -> None:
-        self.runner.release(seq_id)
-        if self.speculator is not None:
-            self.speculator.release(seq_id)
+            while any(g.finish_reason is None for g in gens):
+                plan = sched.schedule()
+                assert plan is not None, "admitted nothing though every request fits the cache"
+                try:
+                    result = self.executor.execute(plan)
+                except BaseException:
+                    sched.fail_pass()
+                    raise
+                for step in sched.update(result):
+                    if step.error is not None:
+                        self._errors[step.gen.seq_id] = step.error
+                for g in gens:
+                    why = self._errors.pop(g.seq_id, None)
+                    if why is not None:
+                        raise ValueError(f"sequence {g.seq_id}: {why}")
+                deltas = []
+                for i, g in enumerate(gens):
+                    deltas.append(g.text[seen[i]: g.emitted])
+                    seen[i] = max(seen[i], g.emitted)
+                yield deltas
+        finally:  # also on errors and abandoned streams: every KV cache of these goes
+            for g in gens:
+                sched.remove(g.seq_id)
+                self._errors.pop(g.seq_id, None)
+            if sched.in_flight is None:
+                self.executor.plans.release(sched.take_released())

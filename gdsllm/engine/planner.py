@@ -1,6 +1,6 @@
 """The planner: which units stay resident, where everything lives in the arena, and when to load
 and run each streamed unit. Pure logic, no I/O: the coordinator feeds it events and sends the
-messages it returns.
+Loads and Runs it returns as messages (ipc's Load and Run, the same fields).
 
     plan = plan_residency(names, sizes, budget=parse_size("2GiB"), window=2)
     plan = plan_for(meta, budget, window)   # the same for a model: its tied embedding pinned
@@ -20,7 +20,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ipc.messages import RESIDENT, Load, Run
+RESIDENT = -1  # the slot of a resident unit (no streaming slot); ipc's messages use the same value
+
+
+@dataclass(frozen=True)
+class Load:
+    """Read `unit` into the arena at byte `offset` (streaming slot `slot`, or RESIDENT)."""
+
+    unit: int
+    slot: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """Run `unit` (and the `count` - 1 resident units after it) over the arena at `offset`."""
+
+    unit: int
+    slot: int
+    offset: int
+    count: int = 1
+
 
 ALIGN = 4096  # arena offsets: O_DIRECT and cuFile want 4 KiB-aligned destinations
 

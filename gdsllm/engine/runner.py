@@ -130,10 +130,13 @@ class Runner(ExpertSteps):
 
     # -- passes ---------------------------------------------------------------------------------
     def start_pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False, *,
-                   logit_rows: dict[int, int] | None = None) -> None:
+                   logit_rows: dict[int, int] | None = None,
+                   tables: dict[int, list[int]] | None = None) -> None:
         """Begin one weight pass for `chunks`: (seq_id, new_token_ids) each, seq_ids distinct.
         `all_logits`: end_pass returns logits for every new token, not only each chunk's last;
-        `logit_rows[seq_id] = n`: logits for the last n tokens of that chunk (default 1)."""
+        `logit_rows[seq_id] = n`: logits for the last n tokens of that chunk (default 1).
+        `tables[seq_id]`: the KV block ids of a sequence new to the cache, from the scheduler's
+        books (gdsllm.engine.blocks); without them the cache allocates its own blocks."""
         if self._pass is not None:
             raise RuntimeError("start_pass called while a pass is in progress (call end_pass first)")
         if not chunks:
@@ -159,6 +162,8 @@ class Runner(ExpertSteps):
             if not 1 <= n_rows <= len(toks):
                 raise ValueError(f"sequence {sid}: {n_rows} logit rows asked of a {len(toks)}-token chunk")
             rows_of[sid] = len(toks) if all_logits else n_rows
+        for sid, table in (tables or {}).items():
+            self.cache.assign(sid, table)
         new = [sid for sid in seq_ids if sid not in self.cache]
         try:
             for sid, toks in chunks:

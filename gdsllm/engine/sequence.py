@@ -6,8 +6,7 @@ valid prompt is, when a generation stops, and which text may be streamed while i
     delta = gen.append(token_id)      # text safe to stream now ("" while held back)
     if gen.finish_reason: ...         # "stop" (eos, a stop id or a stop string) or "length"
 
-    validate_request(msg)             # a Generate off the wire: the service's limits + sampling
-    seq = Sequence(seq_id, client, msg, ids, tokenizer, eos_ids, max_context)  # the coordinator's books
+The service's requests (gdsllm.service.requests.Sequence) are Generations with who asked.
 
 Stop rules: an end-of-sequence id (unless ignore_eos) or a stop token id ends the generation, in
 `token_ids`, not in the text; a stop string ends the text right before it (also across tokens)
@@ -16,15 +15,9 @@ max_tokens, capped by the room left in the model's context, ends it with "length
 """
 from __future__ import annotations
 
-import time
-
 from gdsllm.engine.sampling import SamplingParams
 from gdsllm.format.metadata import LlamaParams
-from ipc.messages import Final, Generate, SeqSampling
 
-MAX_STOP_STRINGS = 16  # the service's limits on what one request may ask for
-MAX_STOP_CHARS = 256
-MAX_STOP_TOKEN_IDS = 64
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -71,41 +64,6 @@ def _tokenizer(tokenizer, where: str):
     return tokenizer
 
 
-def sampling_params(msg: Generate) -> SamplingParams:
-    """The engine's SamplingParams of a wire request (not validated: see validate_request)."""
-    return SamplingParams(temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
-                          seed=msg.seed, max_tokens=msg.max_tokens, stop=tuple(msg.stop),
-                          stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-                          draft_tokens=msg.draft_tokens)
-
-
-def validate_request(msg: Generate) -> None:
-    """Raise ValueError with a clear message for what no sampler should see: the service's own
-    limits here, the sampling values through SamplingParams.validate() (as gdsllm.LLM does)."""
-    rid = msg.request_id
-    if len(msg.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in msg.stop):
-        raise ValueError(f"request {rid}: stop takes at most {MAX_STOP_STRINGS} non-empty strings "
-                         f"of at most {MAX_STOP_CHARS} characters")
-    if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        raise ValueError(f"request {rid}: stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
-    if msg.messages is not None:
-        check_messages(_dicts(msg), f"request {rid}")
-    try:
-        sampling_params(msg).validate()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"request {rid}: {e}") from None
-
-
-def _dicts(msg: Generate) -> list[dict]:
-    return [{"role": m.role, "content": m.content} for m in msg.messages]
-
-
-def encode_prompt(msg: Generate, tokenizer, params: LlamaParams) -> list[int]:
-    """Token ids of the request's prompt or chat messages, checked, exactly as gdsllm.LLM makes them."""
-    prompt = msg.prompt if msg.messages is None else _dicts(msg)
-    return prompt_ids(prompt, tokenizer, params, f"request {msg.request_id}")
-
-
 def stop_holdback(text: str, stops) -> int:
     """Length of the longest tail of `text` that could still grow into a stop string."""
     best = 0
@@ -121,10 +79,13 @@ class Generation:
     """One request's output: its tokens, its text (incremental detokenization) and when it ends.
 
     `detok` is the tokenizer's IncrementalDetokenizer primed with the prompt, or None for a model
-    without a tokenizer (then only token ids are produced)."""
+    without a tokenizer (then only token ids are produced). `seq_id` names it to the scheduler
+    (gdsllm.engine.scheduler) and the executors; `params` are what its sampler and draft use."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, eos_ids, max_context: int,
-                 detok=None):
+                 detok=None, seq_id: int = 0):
+        self.seq_id, self.params = seq_id, params
+        self.cancelled = False
         self.prompt_ids = list(prompt_ids)
         self.stop = tuple(params.stop)
         self.end_ids = frozenset(params.stop_token_ids) | frozenset(() if params.ignore_eos else eos_ids)
@@ -164,42 +125,3 @@ class Generation:
         delta = self.text[self.emitted: upto] if upto > self.emitted else ""
         self.emitted = max(self.emitted, upto)
         return delta
-
-
-class Sequence(Generation):
-    """The coordinator's books on one request: a Generation plus who asked (client identity and
-    request id), its timings, and the message it came in."""
-
-    def __init__(self, seq_id: int, client: bytes, request: Generate, prompt_ids: list[int],
-                 tokenizer, eos_ids, max_context: int):
-        super().__init__(prompt_ids, sampling_params(request), eos_ids, max_context,
-                         tokenizer.detokenizer(prompt_ids))
-        self.seq_id, self.client, self.request = seq_id, client, request
-        self.arrived = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
-        self.cancelled = False
-
-    @property
-    def key(self) -> tuple[bytes, str]:
-        return self.client, self.request.request_id
-
-    def sampling(self) -> SeqSampling:
-        r = self.request
-        return SeqSampling(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed)
-
-    def append(self, token: int) -> str:
-        now = time.perf_counter()
-        self.first_token_at = self.first_token_at or now
-        self.last_token_at = now
-        return super().append(token)
-
-    def final(self, finish_reason: str | None = None) -> Final:
-        now = time.perf_counter()
-        reason = finish_reason or self.finish_reason or "stop"
-        ttft = (self.first_token_at - self.arrived) if self.first_token_at else 0.0
-        return Final(request_id=self.request.request_id, text=self.text[: self.emitted]
-                     if reason == "cancelled" else self.text, token_ids=list(self.token_ids),
-                     finish_reason=reason, prompt_tokens=len(self.prompt_ids),
-                     completion_tokens=len(self.token_ids), time_to_first_token_s=ttft,
-                     duration_s=now - self.arrived)

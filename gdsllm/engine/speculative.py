@@ -69,15 +69,6 @@ def load_draft_meta(target_meta, draft):
     return meta
 
 
-def draft_count(requested: int | None, default: int, remaining: int) -> int:
-    """Tokens to draft for a sequence this pass: its request's choice (None: `default`, which is
-    0 without a draft model), never more than the `remaining` tokens it may produce minus the
-    target's own next one."""
-    if not default:
-        return 0
-    return max(0, min(default if requested is None else requested, remaining - 1))
-
-
 def accept_greedy(rows: torch.Tensor, drafts: list[int]) -> list[int]:
     """rows [k+1, vocab]: the drafts that equal the target's argmax, then the target's argmax."""
     best = rows.argmax(-1).tolist()

@@ -4,6 +4,8 @@ and a block table per sequence (vLLM's design, nano-vllm's block manager without
     cache = PagedKVCache(num_layers=30, kv_heads=3, head_dim=64, dtype=torch.float32,
                          device="cpu", num_blocks=1024, block_size=16)
     cache.grow(seq_id, n)              # blocks for n more tokens (KVCacheFull if the pool is out)
+    cache.assign(seq_id, table)        # or: the block ids the engine's books gave it (then grow
+                                       # only checks they hold the n more tokens)
     slots = cache.slots(seq_id, n)     # flat slot index of each of those n new tokens
     cache.write(layer, slots, k, v)    # k, v: [n, kv_heads, head_dim]
     k, v = cache.gather(layer, seq_id, first, end)   # [kv_heads, end - first, head_dim]
@@ -19,6 +21,10 @@ Why paged: memory is allocated once and known exactly (the service admits reques
 blocks), growth never copies, and a decode step of any batch reads its keys in place through
 the block tables, which is what a CUDA graph needs (gdsllm.models.paged_attention). Block 0 is a
 scratch block never given to a sequence: padding rows of a graph's batch write there.
+
+A cache allocates its own blocks (`grow`: a draft model's cache, tests) or is handed every
+sequence's table by the scheduler's books (`assign`: gdsllm.engine.blocks), never both: one set of
+books per cache.
 
 A sliding-window layer uses the same table and attends to its window only; its blocks are not
 freed early (one table serves every layer), so its memory is that of a full layer.
@@ -65,6 +71,7 @@ class PagedKVCache:
         self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() gives low ids first
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
+        self.given = False  # tables come from assign (the engine's books), not from the free list
 
     # -- bookkeeping ------------------------------------------------------------------------
     @property
@@ -92,11 +99,31 @@ class PagedKVCache:
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self.tables
 
+    def assign(self, seq_id: int, table: list[int]) -> None:
+        """Use the blocks `table` (ids the scheduler's books gave, in position order) for a new
+        sequence. ValueError for a known sequence, a block id outside the pool, or a cache that
+        allocated its own blocks."""
+        if seq_id in self.tables:
+            raise ValueError(f"sequence {seq_id} already has a block table")
+        if not self.given and self.tables:
+            raise ValueError("this KV cache allocates its own blocks (grow): it takes no tables")
+        bad = [b for b in table if isinstance(b, bool) or not isinstance(b, int)
+               or not SCRATCH_BLOCK < b < self.num_blocks]
+        if bad:
+            raise ValueError(f"sequence {seq_id}: block ids {bad[:5]} are outside the KV cache's "
+                             f"blocks 1 to {self.num_blocks - 1}")
+        self.given = True
+        self.tables[seq_id], self.lengths[seq_id] = list(table), 0
+
     def grow(self, seq_id: int, n: int) -> None:
-        """Make room for n tokens after the committed ones (a new seq_id starts empty)."""
+        """Make room for n tokens after the committed ones (a new seq_id starts empty); with
+        assigned tables, check that its blocks hold them."""
         table = self.tables.setdefault(seq_id, [])
         self.lengths.setdefault(seq_id, 0)
         need = blocks_for(self.lengths[seq_id] + n, self.block_size) - len(table)
+        if self.given and need > 0:
+            raise KVCacheFull(f"sequence {seq_id}: its {len(table)} KV blocks hold "
+                              f"{len(table) * self.block_size} tokens, not {self.lengths[seq_id] + n}")
         if need > len(self._free):
             raise KVCacheFull(f"sequence {seq_id}: the KV cache needs {need} more blocks of "
                               f"{self.block_size} tokens and has {len(self._free)} free of "
@@ -106,7 +133,9 @@ class PagedKVCache:
 
     def free(self, seq_id: int) -> None:
         """Give `seq_id`'s blocks back; a no-op for an unknown id."""
-        self._free.extend(reversed(self.tables.pop(seq_id, [])))
+        table = self.tables.pop(seq_id, [])
+        if not self.given:  # assigned blocks are the books' to give out again
+            self._free.extend(reversed(table))
         self.lengths.pop(seq_id, None)
 
     def advance(self, seq_id: int, n: int) -> None:

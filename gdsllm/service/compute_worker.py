@@ -11,20 +11,21 @@ arena, builds the Runner with its paged KV cache in the memory left
 (gdsllm.service.admission.kv_cache_tokens), pins the resident units and replies `ArenaOpened`
 with the cache's size. Then, until `Shutdown` or the parent's death:
 
-- `StartPass(pass_id, chunks, sampling, partial)`: Runner.start_pass; a seeded sampler for each
-  sequence named in `sampling`; `partial` ones (mid-prompt chunks) are not sampled. Messages
-  from the coordinator are internal: no client size limit.
+- `StartPass`: the engine scheduler's plan of one pass (gdsllm.engine.scheduler.PassPlan), run
+  through a PlanRunner (gdsllm.engine.executor) as gdsllm.LLM runs it: the released sequences'
+  state dropped, the new ones' KV block tables (the coordinator's books) and seeded samplers,
+  drafts proposed; then its first Runs, carried in the same message. Messages from the
+  coordinator are internal: no client size limit.
 - `Run(unit, slot, offset, count)`: the unit over the arena bytes at `offset` (or `count`
   consecutive resident units); `Done(unit, slot, seconds, count)` only after Runner.fence(), so
-  the slot may then be refilled. After the head: `PassResult(pass_id, [[seq_id, token]], seconds)`.
-- `Release(seq_ids)`: frees those sequences' KV caches and samplers.
+  the slot may then be refilled. After the head: `PassResult(pass_id, {seq_id: tokens}, seconds)`.
 - A mixture of experts (the worker's gdsllm.service.expert_compute.ExpertCompute computes; the
   pass state and every reply stay here): a block's Done is followed by `Routed` (the experts its
   router picked), then the routed ones its Run lent (resident) run at once, and `RunExperts` runs
   the others from their arena slots; each answered by `ExpertsDone`.
 
 With `config.draft`, a resident draft model proposes up to k tokens for each sequence in
-`StartPass.draft`; the pass scores them and PassResult carries those accepted
+`StartPass.draft`; the pass scores them and PassResult carries those accepted before the token
 (gdsllm.engine.speculative: greedy or speculative-sampling acceptance, KV rollback).
 
 A failing step is `WorkerError(message, pass_id=, unit=)` naming the pass and unit; the pass is
@@ -43,8 +44,8 @@ import zmq
 from ipc import sockets
 from ipc.arena import Arena, ArenaSpec
 from ipc.messages import (RESIDENT, ArenaOpened, ComputeReady, Done, ExpertsDone, OpenArena,
-                          PassResult, ProtocolError, Release, Run, RunExperts, SeqSampling, Shutdown,
-                          StartPass, WorkerError, decode)
+                          PassResult, ProtocolError, Run, RunExperts, Shutdown, StartPass,
+                          WorkerError, decode)
 
 from gdsllm.config import ServiceConfig
 from gdsllm.format.metadata import load_model_meta
@@ -77,13 +78,11 @@ class ComputeWorker:
         self.sock = sockets.pair(sockets.context(), endpoint, bind=False)
         self.arena: Arena | None = None
         self.runner = None  # made once the arena is open (gdsllm.engine.runner.Runner)
-        self.samplers: dict[int, object] = {}
+        self.plans = None  # gdsllm.engine.executor.PlanRunner over the runner
         self.pass_id: int | None = None  # the pass in progress
         self.pass_failed = False
         self.pass_seconds = 0.0
-        self.pass_seqs: list[int] = []
         self.speculator = None  # with config.draft: gdsllm.engine.speculative.Speculator
-        self.pass_partial: set[int] = set()
         self.experts = None  # made with the runner: gdsllm.service.expert_compute.ExpertCompute
 
     def run(self) -> None:
@@ -141,8 +140,6 @@ class ComputeWorker:
             self._start_pass(msg)
         elif isinstance(msg, RunExperts):  # a mixture of experts: ExpertsDone either way
             self._run_experts(msg.pass_id, msg.unit, msg.experts)
-        elif isinstance(msg, Release):
-            self._release(msg)
         elif isinstance(msg, OpenArena):
             self._open_arena(msg)
         elif isinstance(msg, Shutdown):
@@ -170,6 +167,7 @@ class ComputeWorker:
 
     def _make_runner(self, resident: dict[int, int]) -> None:
         """The Runner with its paged KV cache, the resident units pinned (CUDA graphs run them)."""
+        from gdsllm.engine.executor import PlanRunner
         from gdsllm.engine.runner import Runner
         from gdsllm.service.admission import kv_cache_tokens
         from gdsllm.service.expert_compute import ExpertCompute
@@ -180,6 +178,7 @@ class ComputeWorker:
         if draft is not None:  # it holds the same sequences: as many tokens, from the same room
             draft.size_kv(self.runner.cache.capacity)
         self.experts = ExpertCompute(self.meta, self.runner, self.arena.view)
+        self.plans = PlanRunner(self.runner, self.speculator)
         for u, off in resident.items():
             unit = self.meta.units[u]  # an index out of range fails the start-up, as it should
             self.runner.pin(u, unit_tensors(unit, self.arena.view(off, unit.nbytes)))
@@ -189,28 +188,26 @@ class ComputeWorker:
             self.send(WorkerError(f"pass {msg.pass_id}: pass {self.pass_id} is still in progress",
                                    pass_id=msg.pass_id))
             return
+        from gdsllm.engine.sampling import SamplingParams
+        from gdsllm.engine.scheduler import PassPlan
         self.pass_id, self.pass_failed, self.pass_seconds = msg.pass_id, False, 0.0
-        self.pass_seqs = [sid for sid, _ in msg.chunks]
-        self.pass_partial = set(msg.partial)  # mid-prompt chunks: nothing is sampled for them
         try:
-            for sid, s in msg.sampling.items():
-                self.samplers[sid] = _make_sampler(s)
-            missing = [sid for sid, _ in msg.chunks if sid not in self.samplers]
-            if missing:
-                raise ValueError(f"sequences {missing} have no sampling parameters")
-            if self.runner is None:
+            if self.plans is None:
                 raise RuntimeError("no arena is open (OpenArena first)")
-            chunks, rows = [(sid, list(toks)) for sid, toks in msg.chunks], None
-            if self.speculator is not None:
-                chunks, rows = self.speculator.plan(chunks, msg.draft, self.samplers)
-            elif msg.draft:
-                raise ValueError("draft tokens asked of a worker without a draft model")
-            self.runner.start_pass(chunks, logit_rows=rows)
+            new = {sid: SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
+                   for sid, s in msg.sampling.items()}
+            self.plans.begin(PassPlan(msg.pass_id, [(sid, list(t)) for sid, t in msg.chunks], new,
+                                      msg.tables, frozenset(msg.partial), msg.draft, tuple(msg.released)))
         except Exception as e:
-            if self.speculator is not None:
-                self.speculator.abort(self.runner)
             self.pass_failed = True
             self.send(WorkerError(f"pass {msg.pass_id}: start failed: {type(e).__name__}: {e}", pass_id=msg.pass_id))
+        for unit, slot, offset, count in msg.runs:
+            try:
+                run = Run(unit, slot, offset, count)
+            except ValueError as e:  # the coordinator broke the protocol: it replaces the workers
+                self.send(WorkerError(f"compute worker: bad run in StartPass: {e}"))
+                return
+            self._run(run)
 
     def _run(self, msg: Run) -> None:
         if self.pass_id is None or self.pass_failed:
@@ -270,7 +267,7 @@ class ComputeWorker:
         try:
             self.experts.run(experts)
         except Exception as e:
-            self.runner.abort_pass()
+            self.plans.abort()
             self.pass_failed = True
             self.send(WorkerError(f"pass {pass_id}, experts of unit {block}: "
                                   f"{type(e).__name__}: {e}", pass_id=pass_id, unit=block))
@@ -281,23 +278,18 @@ class ComputeWorker:
     def _finish_pass(self, msg: Run) -> None:
         t0 = time.perf_counter()
         try:
-            from gdsllm.engine.speculative import pass_tokens
-            tokens, accepted, proposed, failed = pass_tokens(
-                self.runner.end_pass(), self.pass_seqs, self.pass_partial, self.samplers,
-                self.speculator, self.runner)
+            r = self.plans.finish()
         except Exception as e:
             self._fail(msg, e, done_sent=True)
             return
         seconds = self.pass_seconds + time.perf_counter() - t0
-        self.send(PassResult(self.pass_id, tokens, seconds, accepted, proposed, failed))
+        self.send(PassResult(self.pass_id, r.tokens, seconds, r.proposed, r.failed))
         self.pass_id = None
 
     def _fail(self, msg: Run, e: Exception, done_sent: bool = False) -> None:
         unit = self.meta.units[msg.unit].name if 0 <= msg.unit < len(self.meta.units) else msg.unit
-        if self.runner is not None:
-            self.runner.abort_pass()
-            if self.speculator is not None:
-                self.speculator.abort(self.runner)
+        if self.plans is not None:
+            self.plans.abort()
             with contextlib.suppress(Exception):  # the device may be what failed
                 self.runner.fence()
         self.pass_failed = True
@@ -306,23 +298,5 @@ class ComputeWorker:
         if not done_sent:  # exactly one Done per Run: the coordinator frees the slot on it
             self.send(Done(msg.unit, msg.slot, 0.0, msg.count))
 
-    def _release(self, msg: Release) -> None:
-        if self.runner is None:
-            return  # no pass ever ran: nothing to free
-        for sid in msg.seq_ids:
-            try:
-                self.runner.release(sid)
-                if self.speculator is not None:
-                    self.speculator.release(sid)
-                self.samplers.pop(sid, None)
-            except Exception as e:
-                self.send(WorkerError(f"release of sequence {sid}: {type(e).__name__}: {e}"))
-
     def send(self, msg) -> None:
         sockets.send(self.sock, msg, SEND_TIMEOUT_S)
-
-
-def _make_sampler(s: SeqSampling):
-    """A sequence's sampler, seeded once: its draws do not depend on who shares its passes."""
-    from gdsllm.engine.sampling import Sampler, SamplingParams
-    return Sampler(SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed))

@@ -37,8 +37,8 @@ from gdsllm.engine.budget import free_device_bytes, plan_memory, weights_budget
 from gdsllm.service.admission import Admission, caller_key
 from gdsllm.service.metrics import ServiceMetrics
 from gdsllm.service.progress import PassProgress
-from gdsllm.service.scheduler import BatchScheduler
-from gdsllm.engine.sequence import Sequence, encode_prompt, validate_request
+from gdsllm.service.batch import Batch
+from gdsllm.service.requests import Sequence, encode_prompt, validate_request
 from gdsllm.service.supervisor import Supervisor
 from gdsllm.service.worker_set import WorkerSet, WorkerStartError  # noqa: F401  (re-exported)
 
@@ -75,7 +75,7 @@ class Coordinator:
         self.draft_bytes = self.memory.draft_bytes
         self.metrics = ServiceMetrics()
         self.targets = (io_target, compute_target)
-        self.batch: BatchScheduler | None = None
+        self.batch: Batch | None = None
         self.admission: Admission | None = None
         self.ctx = zmq.asyncio.Context()
         self.ctx.setsockopt(zmq.LINGER, 0)  # closes that must flush say so (the front: 1 s)
@@ -108,14 +108,14 @@ class Coordinator:
     async def start(self) -> None:
         """Spawn and handshake the workers, load the resident units, bind the client endpoint."""
         workers = await self.supervisor.bring_up()
-        self.admission = Admission.for_model(self.meta, self.config, workers.free_bytes, workers.opened)
+        self.admission = Admission(self.config.max_inflight_per_client, self.config.max_waiting)
         experts = None
         if self.expert_slots is not None:
             from gdsllm.service.experts import ExpertScheduler
             experts = ExpertScheduler(self.meta, self.expert_slots, self.metrics,
                                       self.config.expert_prefetch)
-        self.batch = BatchScheduler(self.plan, workers, self._reply, self.metrics, self.config,
-                                    self.admission, self.supervisor.fault, experts)
+        self.batch = Batch(self.meta, self.plan, workers, self._reply, self.metrics, self.config,
+                           self.admission, self.supervisor.fault, experts)
         curve = None
         if self.config.curve_secret_key is not None:
             curve = sockets.load_secret_key(self.config.curve_secret_key)
@@ -137,7 +137,7 @@ class Coordinator:
         log.info("serving %s on %s: %d resident units, %d streamed through %d slots, io %s, "
                  "KV budget %d bytes%s", self.meta.root, self.config.endpoint,
                  len(self.plan.resident_offsets), len(self.plan.streamed), self.plan.num_slots,
-                 self.supervisor.io_path, self.admission.budget, ", CurveZMQ" if curve else "")
+                 self.supervisor.io_path, self.batch.kv_bytes()[0], ", CurveZMQ" if curve else "")
 
     def serve_workers(self) -> None:
         """Relay the (new) workers' replies to the scheduler and start streaming."""
@@ -271,7 +271,7 @@ class Coordinator:
         try:
             ids = work.result()  # ValueError, or a template/tokenizer failure on user input
             seq = Sequence(self.next_seq, client, msg, ids, self.tokenizer, self.eos_ids, self.max_context)
-            too_big = self.admission.never_fits(seq)
+            too_big = self.batch.never_fits(seq)
             if too_big:
                 raise ValueError(too_big)
         except Exception as e:
@@ -311,6 +311,7 @@ class Coordinator:
         raise e
 
     def _health(self, rid: str) -> HealthReply:
+        kv_total, kv_held = self.batch.kv_bytes()
         return HealthReply(request_id=rid, status=self.supervisor.status, model=str(self.meta.root),
                            backend=self.config.device, io_path=self.supervisor.io_path,
                            vram_budget_bytes=self.config.vram_budget or self.plan.arena_bytes,
@@ -318,8 +319,8 @@ class Coordinator:
                            prefetch_window=self.plan.num_slots,
                            requests_running=len(self.batch.running),
                            requests_waiting=len(self.batch.waiting), detail=self.supervisor.detail,
-                           restarts=self.supervisor.restarts, kv_budget_bytes=self.admission.budget,
-                           kv_reserved_bytes=self.admission.reserved)
+                           restarts=self.supervisor.restarts, kv_budget_bytes=kv_total,
+                           kv_reserved_bytes=kv_held)
 
     # ------------------------------------------------------------------ workers
 

@@ -34,7 +34,7 @@ import asyncio
 import logging
 import time
 
-from ipc.messages import Loaded, WorkerError, decode, encode
+from ipc.messages import Load, Loaded, WorkerError, decode, encode
 
 from gdsllm.engine.planner import StreamSchedule
 from gdsllm.service.progress import LoadProgress
@@ -76,7 +76,7 @@ class Supervisor:
             self.io_path = ready.io_path
             log.info("workers ready in %.1f s (io %s)", asyncio.get_running_loop().time() - t0, self.io_path)
             for ld in StreamSchedule(c.plan).resident_loads():
-                await workers.io.send(encode(ld))
+                await workers.io.send(encode(Load(ld.unit, ld.slot, ld.offset)))
             pending = len(c.plan.resident_offsets)
             progress = LoadProgress(pending, c.plan.resident_bytes)
             loop = asyncio.get_running_loop()

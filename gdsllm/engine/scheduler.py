@@ -1,0 +1,272 @@
+"""The scheduler: the one engine loop's policy, for every entry point (gdsllm.LLM, the service).
+It only decides; executors run what it decides and report back (nano-vllm's LLMEngine.step:
+schedule -> run -> postprocess; vLLM v1's SchedulerOutput: one plan per pass with everything the
+executor needs). No sockets, no metrics, no torch: unit-testable with a fake executor.
+
+    sched = Scheduler(BlockBooks(num_blocks, 16), max_batch=16, max_pass_tokens=8192, draft_tokens=4)
+    sched.add(gen)                      # a Generation (gdsllm.engine.sequence) with a fresh seq_id
+    while sched.has_work:
+        plan = sched.schedule()         # PassPlan, or None: nothing may run now
+        result = executor.execute(plan) # PassResult (gdsllm.engine.executor; the service's workers)
+        for step in sched.update(result):   # Step: each sequence's new tokens and text delta
+            ...                         # finished ones (step.finished) have left, blocks freed
+    sched.fail_pass(why) -> [gen]       # the pass in flight produced nothing: its sequences fail
+    sched.cancel(seq_id) -> bool        # True: gone now; False: in the pass in flight, leaves at update
+    sched.remove(seq_id)                # gone now (failed by its caller), blocks freed
+    sched.take_released()               # ids gone since the last plan, when no plan follows
+
+What it owns:
+- **Admission.** Requests wait in arrival order; one joins when the batch has room (max_batch)
+  and the KV blocks of its prompt plus every token it may generate are free (gdsllm.engine.blocks):
+  no pass can run out of KV memory halfway. The head of the queue waits for memory, and so do
+  those behind it (no overtaking: a long request is not starved).
+- **The KV books.** A joining sequence's block table goes out in the plan (`tables`) once; the
+  executor's cache is handed those ids and allocates nothing. Sequences that left are listed in
+  the next plan (`released`): the executor drops its state for them first.
+- **Chunked prefill.** Each pass feeds at most max_pass_tokens new tokens: decoding sequences one
+  token each (never held back), then prompts already started, then new ones; a prompt longer than
+  what is left continues next pass (`partial`: nothing is sampled for a chunk that does not end
+  its prompt), so one huge prompt does not stall every other sequence for its whole prefill.
+- **Draft lengths.** Each chunk that ends where the next token is predicted gets its draft count
+  (its request's draft_tokens, else the engine's; never past what it may still generate).
+- **Stop rules.** `update` appends the tokens to each Generation, whose rules (eos, stop ids, stop
+  strings, max_tokens, the context) end it; the rest of a pass's tokens after the end are dropped.
+
+One pass is in flight at a time: the next pass needs this one's tokens. What the weights do
+(residency, the prefetch window, expert slots) is the VRAM ledger's plan (gdsllm.engine.budget),
+which both executors follow.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from gdsllm.engine.blocks import BlockBooks
+from gdsllm.engine.sampling import SamplingParams
+from gdsllm.engine.sequence import Generation
+
+DEFAULT_MAX_PASS_TOKENS = 8192  # new tokens per pass (--max-pass-tokens): chunked prefill
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """Everything an executor needs for one weight pass."""
+
+    pass_id: int
+    chunks: list[tuple[int, list[int]]]  # (seq_id, new token ids), in batch order
+    new: dict[int, SamplingParams]  # sequences joining in this pass: their sampler's parameters
+    tables: dict[int, list[int]]  # the KV block ids of each joining sequence
+    partial: frozenset[int] = frozenset()  # mid-prompt chunks: nothing sampled for them
+    draft: dict[int, int] = field(default_factory=dict)  # seq_id -> tokens to draft and verify
+    released: tuple[int, ...] = ()  # sequences gone since the last plan: free their state first
+
+    @property
+    def seq_ids(self) -> list[int]:
+        return [sid for sid, _ in self.chunks]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(t) for _, t in self.chunks)
+
+
+@dataclass
+class PassResult:
+    """What one pass produced: `tokens[seq_id]` the drafts the target accepted, then its own
+    sampled token (absent for partial chunks and failed rows); `failed[seq_id]` why a sequence's
+    row could not be sampled (it alone fails); `proposed[seq_id]` drafts proposed."""
+
+    tokens: dict[int, list[int]]
+    failed: dict[int, str] = field(default_factory=dict)
+    proposed: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class Step:
+    """One sequence's outcome of a pass: `ids` appended (cut at its end), the text `delta` that
+    may be streamed now; `error` when its row failed; `finished` once it has left the batch."""
+
+    gen: Generation
+    ids: list[int]
+    delta: str = ""
+    error: str | None = None
+    proposed: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or self.gen.cancelled or self.gen.finish_reason is not None
+
+
+class Scheduler:
+    def __init__(self, books: BlockBooks, *, max_batch: int, max_pass_tokens: int = 0,
+                 draft_tokens: int = 0):
+        """`max_pass_tokens`: new tokens per pass (chunked prefill), 0 for no limit;
+        `draft_tokens`: the engine's default draft length (0: no draft)."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.books = books
+        self.max_batch, self.max_pass_tokens, self.draft_tokens = max_batch, max_pass_tokens, draft_tokens
+        self.waiting: deque[Generation] = deque()
+        self.running: dict[int, Generation] = {}  # seq_id -> admitted (holds KV blocks)
+        self.prefilled: dict[int, int] = {}  # seq_id -> prompt tokens fed, while not all are in
+        self.released: list[int] = []
+        self.in_flight: PassPlan | None = None
+        self.pass_id = 0
+
+    # ------------------------------------------------------------------ requests
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def never_fits(self, gen: Generation) -> str | None:
+        """Why `gen` can never be admitted (its KV cache is larger than the whole cache), or None."""
+        need = len(gen.prompt_ids) + gen.max_new
+        if self.books.ever_fits(need):
+            return None
+        return (f"its prompt ({len(gen.prompt_ids)} tokens) plus max_tokens ({gen.max_new}) need "
+                f"{need} tokens of KV cache, more than the whole cache holds "
+                f"({self.books.capacity_tokens} tokens); lower max_tokens or shorten the prompt")
+
+    def add(self, gen: Generation) -> None:
+        assert gen.seq_id not in self.running and gen not in self.waiting, gen.seq_id
+        self.waiting.append(gen)
+
+    def cancel(self, seq_id: int) -> bool:
+        """Cancel a request: True when it left now, False when the pass in flight serves it (it
+        leaves at that pass's update, as a finished Step)."""
+        gen = self.running.get(seq_id)
+        if gen is not None and self.in_flight is not None and seq_id in self.in_flight.seq_ids:
+            gen.cancelled = True
+            return False
+        gen = gen or next((g for g in self.waiting if g.seq_id == seq_id), None)
+        if gen is not None:
+            gen.cancelled = True
+        self.remove(seq_id)
+        return True
+
+    def remove(self, seq_id: int) -> None:
+        """Forget a request (finished, failed or cancelled) and free its blocks."""
+        for g in self.waiting:
+            if g.seq_id == seq_id:
+                self.waiting.remove(g)
+                break
+        self.prefilled.pop(seq_id, None)
+        if self.running.pop(seq_id, None) is not None and self.books.free(seq_id):
+            self.released.append(seq_id)
+
+    def take_released(self) -> list[int]:
+        """Sequences gone since the last plan, for an executor to drop now (no plan will carry them)."""
+        out, self.released = self.released, []
+        return out
+
+    def reset(self, books: BlockBooks) -> list[Generation]:
+        """The executor lost its state (new workers): the running sequences fail (returned), the
+        waiting ones stay; `books` describe the new executor's cache."""
+        lost = list(self.running.values())
+        self.running.clear()
+        self.prefilled.clear()
+        self.released.clear()
+        self.in_flight = None
+        self.books = books
+        return lost
+
+    # ------------------------------------------------------------------ passes
+
+    def schedule(self) -> PassPlan | None:
+        """The next pass, or None when one is in flight or nothing can run."""
+        if self.in_flight is not None:
+            return None
+        budget = self.max_pass_tokens or float("inf")
+        chunks, partial, new, tables = [], set(), {}, {}
+        for sid, g in self.running.items():  # decoding: one token each, never held back
+            if sid not in self.prefilled:
+                chunks.append((sid, g.token_ids[-1:]))
+                budget -= 1
+        for sid, g in self.running.items():  # prompts already started, in arrival order
+            if sid in self.prefilled and budget > 0:
+                budget -= self._chunk(g, budget, chunks, partial)
+        while self.waiting and len(self.running) < self.max_batch and budget > 0:
+            g = self.waiting[0]
+            need = len(g.prompt_ids) + g.max_new
+            if not self.books.fits(need):
+                break  # in order: it waits for KV memory, and so do those behind it
+            self.waiting.popleft()
+            tables[g.seq_id] = self.books.allocate(g.seq_id, need)
+            self.running[g.seq_id], self.prefilled[g.seq_id] = g, 0
+            new[g.seq_id] = g.params
+            budget -= self._chunk(g, budget, chunks, partial)
+        if not chunks:
+            return None
+        draft = {}
+        for sid, _ in chunks:  # only chunks that end where the next token is predicted
+            g = self.running[sid]
+            k = 0 if sid in partial else draft_count(g.params.draft_tokens, self.draft_tokens,
+                                                     g.max_new - len(g.token_ids))
+            if k:
+                draft[sid] = k
+        self.pass_id += 1
+        self.in_flight = PassPlan(self.pass_id, chunks, new, tables, frozenset(partial), draft,
+                                  tuple(self.released))
+        self.released = []
+        return self.in_flight
+
+    def _chunk(self, g: Generation, budget, chunks: list, partial: set) -> int:
+        """Add the next piece of `g`'s prompt (at most `budget` tokens); returns its length."""
+        pos = self.prefilled[g.seq_id]
+        n = int(min(len(g.prompt_ids) - pos, budget))
+        chunks.append((g.seq_id, g.prompt_ids[pos: pos + n]))
+        if pos + n < len(g.prompt_ids):
+            self.prefilled[g.seq_id] = pos + n
+            partial.add(g.seq_id)
+        else:
+            del self.prefilled[g.seq_id]  # its prompt is all in: this pass samples its first token
+        return n
+
+    def update(self, result: PassResult) -> list[Step]:
+        """Apply the pass's tokens; every sequence of the pass that got something, failed, was
+        cancelled or finished has a Step, in batch order. Finished ones have left."""
+        plan, self.in_flight = self.in_flight, None
+        assert plan is not None, "update without a pass in flight"
+        steps = []
+        for sid in plan.seq_ids:
+            g = self.running.get(sid)
+            if g is None:
+                continue  # removed meanwhile (its caller failed it)
+            if sid in result.failed:
+                step = Step(g, [], error=result.failed[sid])
+            elif g.cancelled:
+                step = Step(g, [])
+            elif sid in result.tokens:
+                step = Step(g, [], proposed=result.proposed.get(sid))
+                for t in result.tokens[sid]:  # accepted drafts first; cut where the request ends
+                    step.delta += g.append(t)
+                    step.ids.append(t)
+                    if g.finish_reason is not None:
+                        break
+            else:
+                continue  # a mid-prompt chunk: nothing yet
+            if step.finished:
+                self.remove(sid)
+            steps.append(step)
+        return steps
+
+    def fail_pass(self) -> list[Generation]:
+        """The pass in flight produced nothing usable (a worker error, a unit that did not load):
+        its sequences' KV caches are undefined, so they leave; returned for their callers to fail."""
+        plan, self.in_flight = self.in_flight, None
+        if plan is None:
+            return []
+        failed = [self.running[sid] for sid in plan.seq_ids if sid in self.running]
+        for g in failed:
+            self.remove(g.seq_id)
+        return failed
+
+
+def draft_count(requested: int | None, default: int, remaining: int) -> int:
+    """Tokens to draft for a sequence this pass: its request's choice (None: `default`, which is
+    0 without a draft), never more than the `remaining` tokens it may produce minus the target's
+    own next one."""
+    if not default:
+        return 0
+    return max(0, min(default if requested is None else requested, remaining - 1))

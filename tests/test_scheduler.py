@@ -1,0 +1,177 @@
+"""The engine's scheduler alone (gdsllm.engine.scheduler): pure policy, driven by a fake executor.
+No model, no torch work, no processes: admission by KV blocks and max_batch, chunked prefill,
+draft lengths, the books a plan carries, stop rules, cancellation and failures."""
+from __future__ import annotations
+
+import pytest
+
+from gdsllm.engine.blocks import BlockBooks
+from gdsllm.engine.sampling import SamplingParams
+from gdsllm.engine.scheduler import PassResult, Scheduler
+from gdsllm.engine.sequence import Generation
+
+EOS = 2
+
+
+def gen(seq_id: int, prompt_len: int = 3, max_tokens: int = 4, **kw) -> Generation:
+    return Generation(list(range(10, 10 + prompt_len)), SamplingParams(max_tokens=max_tokens, **kw),
+                      {EOS}, 100, None, seq_id)
+
+
+class FakeExecutor:
+    """Answers every chunk that ends its prompt with `token` (plus accepted drafts), and checks
+    the books: a sequence's KV holds what it was fed, within the blocks its table gave it."""
+
+    def __init__(self, books: BlockBooks, token: int = 7, accept: int = 0):
+        self.books, self.token, self.accept = books, token, accept
+        self.tables: dict[int, list[int]] = {}
+        self.kv: dict[int, int] = {}
+        self.released: list[int] = []
+
+    def execute(self, plan) -> PassResult:
+        for sid in plan.released:
+            self.released.append(sid)
+            self.tables.pop(sid)
+            self.kv.pop(sid)
+        for sid, table in plan.tables.items():
+            assert sid not in self.tables and table == self.books.tables[sid]
+            self.tables[sid], self.kv[sid] = table, 0
+        tokens = {}
+        for sid, toks in plan.chunks:
+            k = plan.draft.get(sid, 0)
+            self.kv[sid] += len(toks) + k
+            assert self.kv[sid] <= len(self.tables[sid]) * self.books.block_size, (sid, self.kv[sid])
+            if sid not in plan.partial:
+                acc = min(k, self.accept)
+                self.kv[sid] -= k - acc  # rejected drafts are rolled back
+                tokens[sid] = [self.token] * acc + [self.token]
+        return PassResult(tokens)
+
+
+def run(sched: Scheduler, ex: FakeExecutor, limit: int = 100) -> list:
+    plans = []
+    while sched.has_work and limit:
+        plan = sched.schedule()
+        assert plan is not None
+        plans.append(plan)
+        sched.update(ex.execute(plan))
+        limit -= 1
+    return plans
+
+
+def test_admission_waits_for_blocks_in_order_and_frees_them():
+    books = BlockBooks(num_blocks=1 + 2, block_size=4)  # 8 tokens: one request of 3 + 4 at a time
+    sched, ex = Scheduler(books, max_batch=8), FakeExecutor(books)
+    a, b = gen(1), gen(2)
+    sched.add(a)
+    sched.add(b)
+    first = sched.schedule()
+    assert first.seq_ids == [1] and first.tables == {1: [1, 2]} and list(sched.waiting) == [b]
+    assert first.new == {1: a.params} and not first.partial
+    sched.update(ex.execute(first))
+    plans = run(sched, ex)
+    assert a.token_ids == [7] * 4 and a.finish_reason == "length"
+    assert b.token_ids == [7] * 4 and books.used_blocks == 0
+    joined = next(p for p in plans if 2 in p.tables)
+    assert joined.released == (1,) and joined.tables[2] == [1, 2]  # a's blocks, given again
+
+
+def test_never_fits_names_the_sizes():
+    sched = Scheduler(BlockBooks(1 + 2, 4), max_batch=4)
+    assert sched.never_fits(gen(1, prompt_len=3, max_tokens=5)) is None
+    why = sched.never_fits(gen(2, prompt_len=6, max_tokens=5))
+    assert "11 tokens" in why and "8 tokens" in why
+
+
+def test_max_batch_and_chunked_prefill():
+    books = BlockBooks(1 + 64, 16)
+    sched, ex = Scheduler(books, max_batch=2, max_pass_tokens=5), FakeExecutor(books)
+    long, short, third = gen(1, prompt_len=12), gen(2, prompt_len=2), gen(3, prompt_len=1)
+    for g in (long, short, third):
+        sched.add(g)
+    p1 = sched.schedule()
+    assert p1.chunks == [(1, long.prompt_ids[:5])] and p1.partial == {1}  # the budget is spent
+    sched.update(ex.execute(p1))
+    assert long.token_ids == []  # a mid-prompt chunk samples nothing
+    p2 = sched.schedule()  # the rest of the long prompt goes first, then the next waiting one
+    assert p2.chunks == [(1, long.prompt_ids[5:10]), ] and 2 not in p2.seq_ids
+    sched.update(ex.execute(p2))
+    p3 = sched.schedule()
+    assert p3.chunks == [(1, long.prompt_ids[10:]), (2, short.prompt_ids)] and not p3.partial
+    sched.update(ex.execute(p3))
+    p4 = sched.schedule()  # decoding ones first, one token each; max_batch keeps 3 waiting
+    assert p4.chunks == [(1, [7]), (2, [7])] and list(sched.waiting) == [third]
+    sched.update(ex.execute(p4))
+    run(sched, ex)
+    assert all(g.finish_reason == "length" for g in (long, short, third))
+
+
+def test_draft_lengths_and_accepted_tokens():
+    books = BlockBooks(1 + 8, 4)
+    sched, ex = Scheduler(books, max_batch=4, draft_tokens=3), FakeExecutor(books, accept=2)
+    g, off = gen(1, max_tokens=6), gen(2, max_tokens=6, draft_tokens=0)
+    sched.add(g)
+    sched.add(off)
+    p = sched.schedule()
+    assert p.draft == {1: 3}  # the request that turned drafting off gets none
+    steps = sched.update(ex.execute(p))
+    assert [s.ids for s in steps] == [[7, 7, 7], [7]]
+    p = sched.schedule()
+    assert p.draft == {1: 2}  # never past what it may still generate (6 - 3 - its own token)
+    sched.update(ex.execute(p))
+    run(sched, ex)
+    assert len(g.token_ids) == 6 and g.finish_reason == "length"  # the last pass was cut
+
+
+def test_stop_rules_cut_a_pass_and_eos_ends():
+    books = BlockBooks(1 + 8, 4)
+    sched, ex = Scheduler(books, max_batch=4, draft_tokens=3), FakeExecutor(books, token=EOS, accept=3)
+    g = gen(1, max_tokens=8)
+    sched.add(g)
+    steps = sched.update(ex.execute(sched.schedule()))
+    assert steps[0].ids == [EOS] and steps[0].finished and g.finish_reason == "stop"
+    assert not sched.has_work and books.used_blocks == 0 and sched.take_released() == [1]
+
+
+def test_cancel_in_flight_waits_for_the_result_and_failures():
+    books = BlockBooks(1 + 8, 4)
+    sched, ex = Scheduler(books, max_batch=4), FakeExecutor(books)
+    a, b, c = gen(1), gen(2), gen(3)
+    for g in (a, b):
+        sched.add(g)
+    plan = sched.schedule()
+    assert sched.schedule() is None  # one pass in flight at a time
+    assert sched.cancel(1) is False and a.cancelled  # in the pass: it leaves at the update
+    steps = sched.update(ex.execute(plan))
+    assert [(s.gen.seq_id, s.finished, s.ids) for s in steps] == [(1, True, []), (2, False, [7])]
+    sched.add(c)
+    assert sched.cancel(3) is True and not sched.waiting  # waiting: gone now
+    plan = sched.schedule()
+    assert plan.released == (1,) and plan.seq_ids == [2]
+    assert sched.fail_pass() == [b] and not sched.running and books.used_blocks == 0
+    sched.add(gen(4))
+    plan = sched.schedule()
+    result = ex.execute(plan)
+    result.failed[4] = "logits are not finite"
+    (step,) = sched.update(result)
+    assert step.error == "logits are not finite" and step.finished and not sched.has_work
+
+
+def test_reset_fails_the_running_and_keeps_the_waiting():
+    books = BlockBooks(1 + 2, 4)
+    sched = Scheduler(books, max_batch=4)
+    a, b = gen(1), gen(2)
+    sched.add(a)
+    sched.add(b)
+    sched.schedule()
+    assert sched.reset(BlockBooks(1 + 4, 4)) == [a] and list(sched.waiting) == [b]
+    plan = sched.schedule()
+    assert plan.seq_ids == [2] and plan.released == ()  # the new executor never knew sequence 1
+
+
+def test_books_refuse_what_is_not_free():
+    books = BlockBooks(1 + 2, 4)
+    assert books.allocate(1, 5) == [1, 2] and not books.fits(1)
+    with pytest.raises(ValueError, match="need 1 KV blocks"):
+        books.allocate(2, 1)
+    assert books.free(1) and not books.free(1) and books.fits(8)
