@@ -33,6 +33,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -262,6 +263,8 @@ def part_table(a, res):
                      f"| {({True: 'yes', False: 'NO'}).get(g.get('met'), '-')} |")
     skipped = [f"{k}: {r['skipped']}" for k, r in rows.items() if "skipped" in r]
     errors = [f"{k}: {r['error']}" for k, r in rows.items() if "error" in r]
+    errors += [f"{k} {m}: {v['error']}" for k, r in rows.items() for m, v in r.items()
+               if isinstance(v, dict) and "error" in v]
     same = res.get("summary", {}).get("same_tokens_llm_serve", {})
     lines += [""] + [f"same greedy tokens, LLM and serve, batch 1, {q}: {'yes' if v else 'NO'}" for q, v in same.items()]
     lines += [f"skipped {s}" for s in skipped] + [f"error {e}" for e in errors]
@@ -284,6 +287,14 @@ class Partial:
         self.data[key] = value
         print(f"  {key}", json.dumps(brief(value)), flush=True)
         self.path.write_text(json.dumps(self.data))
+
+    def attempt(self, key: str, fn) -> None:
+        """put(key, fn()); an exception is kept as the key's error and the row goes on."""
+        try:
+            value = fn()
+        except Exception as e:
+            value = {"error": f"{type(e).__name__}: {e}"[:400]}
+        self.put(key, value)
 
 
 def sync(device: str) -> None:
@@ -331,36 +342,49 @@ def row_llm(a, p: Partial):
     llm, info = open_llm(a, None)
     p.put("load", info)
     p.put("weight_bytes", load_model_meta(a.model).total_bytes)
-    for b in (1, a.batch):
-        p.put(f"batch{b}", llm_decode(a, llm, b))
+    p.attempt("batch1", lambda: llm_decode(a, llm, 1))
+    p.attempt("prefill", lambda: llm_prefill(a, llm))  # before batch B: issue 22's crash was there
+    p.attempt(f"batch{a.batch}", lambda: llm_decode(a, llm, a.batch))
+    llm.close()
+
+
+def llm_prefill(a, llm) -> dict:
+    """The first token of a prompt of exactly --prefill-tokens token ids (best of 3)."""
     vocab = load_model_meta(a.model).params.vocab_size
-    ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(a.prefill_tokens)]  # token ids: exactly N
+    ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(a.prefill_tokens)]
     llm.generate([ids], greedy(1))  # warm-up: the kernels of this row count
     t = min(timed(a.device, lambda: llm.generate([ids], greedy(1)))[0] for _ in range(3))
-    p.put("prefill", {"prompt_tokens": len(ids), "first_token_s": t})
-    llm.close()
+    return {"prompt_tokens": len(ids), "first_token_s": t}
 
 
 def row_serve(a, p: Partial):
     with Served(a.model, device=a.device, extra=["--max-batch", str(a.max_batch)], log=a.log,
                 startup_s=300.0) as srv:
         p.put("start", {"io_path": srv.health.io_path, "resident_units": len(srv.health.resident_units)})
-        srv.decode(PROMPT, 4)  # warm-up
-        one = min((timed("cpu", lambda: srv.decode(PROMPT, 1)) for _ in range(3)), key=lambda r: r[0])
-        full = min((timed("cpu", lambda: srv.decode(PROMPT, a.tokens)) for _ in range(3)), key=lambda r: r[0])
-        step = (full[0] - one[0]) / (a.tokens - 1)
-        server_step = (full[1].total_s - one[1].total_s) / (a.tokens - 1)  # the server's own clock
-        p.put("batch1", {"batch": 1, "tokens": a.tokens, "ms_per_token": step * 1e3, "aggregate_tok_per_s": 1 / step,
-                         "server_ms_per_token": server_step * 1e3, "token_ids": full[1].token_ids})
-        b = a.batch
-        srv.concurrent(b, a.tokens, PROMPT)  # warm-up: this batch's graphs
-        one_b = min(srv.concurrent(b, 1, PROMPT)[1] for _ in range(3))
-        runs = [srv.concurrent(b, a.tokens, PROMPT) for _ in range(3)]
-        n, full_b = min(runs, key=lambda r: r[1])
-        step_b = (full_b - one_b) / (a.tokens - 1)
-        p.put(f"batch{b}", {"batch": b, "tokens": a.tokens, "ms_per_step": step_b * 1e3,
-                            "aggregate_tok_per_s": b / step_b, "one_token_wall_s": one_b, "n_tokens_wall_s": full_b,
-                            "wall_aggregate_tok_per_s": n / full_b})
+        p.attempt("batch1", lambda: serve_one(a, srv))
+        p.attempt(f"batch{a.batch}", lambda: serve_batch(a, srv, a.batch))
+
+
+def serve_one(a, srv) -> dict:
+    """One request at a time: ms/token on the client's clock (and on the server's)."""
+    srv.decode(PROMPT, 4)  # warm-up
+    one = min((timed("cpu", lambda: srv.decode(PROMPT, 1)) for _ in range(3)), key=lambda r: r[0])
+    full = min((timed("cpu", lambda: srv.decode(PROMPT, a.tokens)) for _ in range(3)), key=lambda r: r[0])
+    step = (full[0] - one[0]) / (a.tokens - 1)
+    server_step = (full[1].total_s - one[1].total_s) / (a.tokens - 1)
+    return {"batch": 1, "tokens": a.tokens, "ms_per_token": step * 1e3, "aggregate_tok_per_s": 1 / step,
+            "server_ms_per_token": server_step * 1e3, "token_ids": full[1].token_ids}
+
+
+def serve_batch(a, srv, b: int) -> dict:
+    """`b` clients at once: aggregate decode tokens/s from the wall time of n tokens less that of 1
+    (each with the b prompts), and the plain tokens / wall time of the n-token round."""
+    srv.concurrent(b, a.tokens, PROMPT)  # warm-up: this batch's graphs
+    one_b = min(srv.concurrent(b, 1, PROMPT)[1] for _ in range(3))
+    n, full_b = min((srv.concurrent(b, a.tokens, PROMPT) for _ in range(3)), key=lambda r: r[1])
+    step_b = (full_b - one_b) / (a.tokens - 1)
+    return {"batch": b, "tokens": a.tokens, "ms_per_step": step_b * 1e3, "aggregate_tok_per_s": b / step_b,
+            "one_token_wall_s": one_b, "n_tokens_wall_s": full_b, "wall_aggregate_tok_per_s": n / full_b}
 
 
 def row_ceiling(a, p: Partial):
@@ -386,6 +410,8 @@ def row_stream(a, p: Partial):
     p.put("load", info)
     plan = getattr(llm, "plan", None)
     sb = getattr(plan, "streamed_bytes_per_pass", None)  # the plan as `LLM` exposes it today
+    p.put("streamed_bytes_from", "LLM.plan" if sb is not None else "gdsllm info")
+    sb = sb if sb is not None else info_streamed_bytes(a)
     dropped = drop(a)
     timed(a.device, lambda: llm.generate(PROMPT, greedy(1)))  # warm-up; the weights still come cold
     t1, _ = timed(a.device, lambda: llm.generate(PROMPT, greedy(1)))
@@ -402,6 +428,17 @@ def row_stream(a, p: Partial):
     for k, v in r.items():
         p.put(k, v)
     llm.close()
+
+
+def info_streamed_bytes(a) -> int | None:
+    """Bytes read per pass at --budget as `gdsllm info -m M --vram-budget B` prints the plan
+    ("streamed  N units, X MiB read per pass"; 0 when it prints no such line), None if it fails."""
+    r = subprocess.run([sys.executable, "-m", "gdsllm", "info", "-m", str(a.model), "--vram-budget", a.budget,
+                        "--device", a.device], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    m = re.search(r"^streamed\s+\d+ units?, ([\d,.]+) MiB read per pass", r.stdout, re.M)
+    return round(float(m.group(1).replace(",", "")) * 2**20) if m else 0
 
 
 def drop(a) -> bool:
