@@ -156,7 +156,10 @@ def run_row(a, key: str, kind: str, q: str, timeout: float | None, ceiling: floa
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             status = f"timed out after {timeout:.0f} s"
-    out = json.loads(partial.read_text()) if partial.exists() else {}
+    try:
+        out = json.loads(partial.read_text())
+    except (OSError, ValueError):  # the row wrote nothing
+        out = {}
     out["row_s"] = time.perf_counter() - t0
     if status != "ok":
         tail = [line for line in err.read_text().splitlines() if line.strip()][-3:]
@@ -244,9 +247,11 @@ def part_table(a, res):
         if key == "ceiling" or "skipped" in r:
             continue
         b1, bb = r.get("batch1", {}), r.get(f"batch{b}", {})
+        ratio = (bb["aggregate_tok_per_s"] / b1["aggregate_tok_per_s"]
+                 if "aggregate_tok_per_s" in bb and b1.get("aggregate_tok_per_s") else None)
         lines.append(f"| {key}{' (error)' if 'error' in r else ''} | {f(b1.get('ms_per_token'), '.2f')} "
                      f"| {f(bb.get('aggregate_tok_per_s'), '.0f')} "
-                     f"| {f(bb.get('aggregate_tok_per_s', 0) / b1['aggregate_tok_per_s'] if b1.get('aggregate_tok_per_s') and bb else None, '.1f')} "
+                     f"| {f(ratio, '.1f')} "
                      f"| {f(r.get('prefill', {}).get('first_token_s'), '.3f')} | {f(r.get('s_per_token'), '.3f')} "
                      f"| {f(r.get('streamed_GBps'), '.2f')} | {f(r.get('speed_over_bound'), '.2f')} |")
     c = rows.get("ceiling", {})
@@ -286,7 +291,9 @@ class Partial:
     def put(self, key: str, value) -> None:
         self.data[key] = value
         print(f"  {key}", json.dumps(brief(value)), flush=True)
-        self.path.write_text(json.dumps(self.data))
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data))
+        os.replace(tmp, self.path)  # whole, even if the row is killed now
 
     def attempt(self, key: str, fn) -> None:
         """put(key, fn()); an exception is kept as the key's error and the row goes on."""

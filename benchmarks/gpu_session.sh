@@ -135,7 +135,7 @@ for step in "$@"; do
       python3 benchmarks/bench_loop.py --work /root/gl --parts rows,table --out "$OUT/results-loop.json" \
         --deadline-s $left ${LOOP_ROWS:+--rows $LOOP_ROWS} 2>&1 \
         | tee "$OUT/loop.log" | grep -v "^+" | grep -v "^  " | tail -60
-      cp /root/gl/bench-loop.log "$OUT/" 2>/dev/null ;;
+      cp /root/gl/bench-loop.log /root/gl/row-*.err "$OUT/" 2>/dev/null ;;
     bench)
       python3 benchmarks/bench_7b.py --work /root/gb --parts synth,ceiling,gdsllm 2>&1 | tee "$OUT/bench.log"
       cp /root/gb/results.json "$OUT/" ;;
