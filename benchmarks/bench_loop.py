@@ -367,7 +367,9 @@ def llm_prefill(a, llm) -> dict:
 def row_serve(a, p: Partial):
     with Served(a.model, device=a.device, extra=["--max-batch", str(a.max_batch)], log=a.log,
                 startup_s=300.0) as srv:
-        p.put("start", {"io_path": srv.health.io_path, "resident_units": len(srv.health.resident_units)})
+        h = srv.health
+        p.put("start", {"io_path": getattr(h, "io_path", None),
+                        "resident_units": len(getattr(h, "resident_units", ()))})
         p.attempt("batch1", lambda: serve_one(a, srv))
         p.attempt(f"batch{a.batch}", lambda: serve_batch(a, srv, a.batch))
 
