@@ -136,23 +136,28 @@ def sweep(rows, shapes, save=lambda res: None) -> dict:
     """Every option per qtype, M and shape: checked against float32 math on the dequantized
     weight (relative error in "<q>/<opt>/err"), then timed."""
     res = {}
+    per_shape = {}
     for n, k in shapes:
         ws = weights(n, k)
-        buf = torch.empty(n * k, dtype=torch.float16, device="cuda")
-        wf = {q: ws[q][0].dequantize(torch.float32) for q in ("int4", "int8")}
-        for m in rows:
+        per_shape[n, k] = (ws, {q: ws[q][0].dequantize(torch.float32) for q in ("int4", "int8")})
+    buf = torch.empty(max(n * k for n, k in shapes), dtype=torch.float16, device="cuda")
+    for m in rows:  # every shape per M, saved per M: a run out of time loses only the largest M
+        for n, k in shapes:
+            ws, wf = per_shape[n, k]
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             xb = x.to(torch.bfloat16)
             r = {"float16": bench([lambda w=w: F.linear(x, w) for w in ws["float16"]]),
                  "bfloat16": bench([lambda w=w: F.linear(xb, w) for w in ws["bfloat16"]])}
             for q in ("int4", "int8"):
                 ref = x.float() @ wf[q].T
+                qbuf = buf[:n * k]
                 for opt in options(q, m):
                     key = f"{q}/{opt}"
                     try:
-                        y = run_option(q, opt, x, ws[q][0], buf)
+                        y = run_option(q, opt, x, ws[q][0], qbuf)
                         r[key + "/err"] = float((y.float() - ref).norm() / ref.norm())
-                        r[key] = bench([lambda w=w, o=opt: run_option(q, o, x, w, buf) for w in ws[q]])
+                        r[key] = bench([lambda w=w, o=opt: run_option(q, o, x, w, qbuf)
+                                        for w in ws[q]])
                     except Exception as e:  # a tile that does not fit: say so, keep going
                         print(f"{n}x{k} M={m} {key}: {type(e).__name__}: {str(e)[:160]}", flush=True)
             res[f"{n}x{k}/{m}"] = r
@@ -162,9 +167,7 @@ def sweep(rows, shapes, save=lambda res: None) -> dict:
             print(f"{n}x{k} M={m} fp16 {r['float16'] * 1e3:.1f} us",
                   {q: (round(v * 1e3, 1), a) for q, (v, a) in best.items()},
                   f"WRONG: {bad}" if bad else "", flush=True)
-        del ws
-        torch.cuda.empty_cache()
-        save(res)  # what was measured so far, should a later shape run out of time
+        save(res)
     return res
 
 
