@@ -104,13 +104,15 @@ def table(rows, shapes) -> dict:
 
 def options(q: str, m: int) -> list:
     """The sweep's options for qtype q at m rows: tile configurations (GEMV tiles of m to 2m
-    rows up to 8 rows; tensor-core tiles of m/4 to m rows, split along K up to 64 rows),
-    tinygemm (int4, up to 64 rows) and dequantize + cuBLAS."""
+    rows up to 8 rows; tensor-core tiles of m/4 to m rows, split along K up to 64 rows, from 2
+    rows, or 1 with the weight as the MMA's M side), tinygemm (int4, up to 64 rows) and
+    dequantize + cuBLAS."""
     out = []
     for c in triton_gemm().CANDIDATES:
-        bm, split = c[0], c[4]
+        bm, split, swap = c[0], c[4], len(c) > 6 and c[6]
         gemv = bm < 16 and m <= 8 and m <= bm <= max(1, 2 * m)
-        tc = bm >= 16 and m >= 2 and min(m, 128) // 4 <= bm <= max(16, m) and (split == 1 or m <= 64)
+        tc = (bm >= 16 and (m >= 2 or swap) and min(m, 128) // 4 <= bm <= max(16, m)
+              and (split == 1 or m <= 64))
         if gemv or tc:
             out.append(c)
     return out + (["tinygemm"] if q == "int4" and m <= 64 else []) + ["dequant"]
@@ -213,7 +215,7 @@ def routed(res: dict, shapes) -> None:
         c = kc.choice(q, m, k, torch.float16)
         if isinstance(c, str):
             return r[f"{q}/{c}"], c
-        t = (c.block_m, c.block_n, c.warps, c.stages, c.split_k, c.block_w)
+        t = next(t for t in triton_gemm().CANDIDATES if triton_gemm().Config(*t) == c)
         return r.get(f"{q}/{t}", float("nan")), f"Triton {t}"
     print("| N x K | M | bfloat16 | float16 | int4 | int4 kernel | int8 | int8 kernel |")
     print("|---|---:|---:|---:|---:|---|---:|---|")

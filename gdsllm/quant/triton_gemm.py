@@ -52,6 +52,7 @@ class Config:
     stages: int = 3
     split_k: int = 1  # programs along K, each writing a float32 partial; summed after
     block_w: int = 16  # int8: int32 words (4 inputs each) per step; int4 steps one k-block
+    swap: bool = False  # tensor cores on W @ x.T (weight rows as the MMA's M side), not x @ W.T
 
 
 # The tile configurations benchmarks/bench_kernels.py measures (Config fields, in order); the
@@ -62,6 +63,10 @@ CANDIDATES = (
     (16, 32, 4, 3, 4, 16), (16, 64, 4, 3, 4, 16), (16, 64, 4, 4, 2, 32), (16, 32, 4, 4, 8, 16),
     (16, 128, 4, 3, 2, 32), (16, 64, 4, 3, 1, 32), (32, 64, 4, 3, 2, 32), (32, 128, 4, 3, 1, 32),
     (64, 128, 4, 3, 1, 32), (128, 128, 8, 3, 1, 32),
+    (16, 64, 4, 3, 4, 16, True), (16, 64, 4, 3, 8, 16, True), (16, 64, 4, 4, 2, 32, True),
+    (16, 128, 4, 3, 2, 32, True), (16, 128, 4, 3, 4, 32, True), (16, 64, 4, 3, 1, 32, True),
+    (32, 64, 4, 3, 4, 16, True), (32, 128, 4, 3, 2, 32, True), (64, 64, 4, 3, 2, 32, True),
+    (64, 128, 4, 3, 1, 32, True), (128, 128, 8, 3, 1, 32, True), (64, 256, 8, 3, 1, 32, True),
 )
 
 
@@ -87,6 +92,12 @@ def _int8_plane(words, b: tl.constexpr, s, z):
 
 
 @triton.jit
+def _int4_k(p: tl.constexpr, col, T: tl.constexpr):
+    """The input (within its k-block) of plane p's column col = c T/2 + jw: 32 jw + 8 i + 2 c + odd."""
+    return 32 * (col % (T // 2)) + 8 * (p % 4) + 2 * (col // (T // 2)) + p // 4
+
+
+@triton.jit
 def _int4_tile(q_ptr, sc_ptr, offs_n, mask_n, ko, N, KO, G: tl.constexpr, T: tl.constexpr):
     """k-block ko of rows offs_n: the words [BLOCK_N, 2T] and their (scale, zero), [BLOCK_N, 2T]
     (or [BLOCK_N, 1] when one group spans the block)."""
@@ -104,84 +115,114 @@ def _int4_tile(q_ptr, sc_ptr, offs_n, mask_n, ko, N, KO, G: tl.constexpr, T: tl.
 
 
 @triton.jit
-def _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, wcol, mask_w, N, stride_qn, G: tl.constexpr):
-    """Words wcol of rows offs_n [BLOCK_N, BLOCK_W] and their (scale, zero), same shape."""
-    m = mask_n[:, None] & mask_w[None, :]
+def _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, w0, N, K4, stride_qn, G: tl.constexpr,
+               BLOCK_W: tl.constexpr):
+    """Words w0 .. w0 + BLOCK_W of rows offs_n [BLOCK_N, BLOCK_W] and their (scale, zero), the
+    same shape (or [BLOCK_N, 1] when one group spans the step: w0 is a multiple of BLOCK_W)."""
+    wcol = w0 + tl.arange(0, BLOCK_W)
+    m = mask_n[:, None] & (wcol < K4)[None, :]
     words = tl.load(q_ptr + offs_n[:, None] * stride_qn + wcol[None, :], mask=m, other=0)
-    sp = sc_ptr + (((4 * wcol) // G)[None, :] * N + offs_n[:, None]) * 2
-    s = tl.load(sp, mask=m, other=0.0).to(tl.float32)
-    z = tl.load(sp + 1, mask=m, other=0.0).to(tl.float32)
+    if G % (4 * BLOCK_W) == 0:
+        grp = (4 * w0) // G + tl.zeros((1,), dtype=tl.int32)
+        sm = mask_n[:, None]
+    else:
+        grp = (4 * wcol) // G
+        sm = m
+    sp = sc_ptr + (grp[None, :] * N + offs_n[:, None]) * 2
+    s = tl.load(sp, mask=sm, other=0.0).to(tl.float32)
+    z = tl.load(sp + 1, mask=sm, other=0.0).to(tl.float32)
     return words, s, z
 
 
 @triton.jit
-def _acc(acc, xb, w, GEMV: tl.constexpr, IEEE: tl.constexpr):
-    """acc += xb @ w.T: tensor cores (acc [BM, BN]) or, for a GEMV tile, per-column products
-    (acc [BM, BN, cols], summed along K once at the end)."""
-    if GEMV:
-        return acc + xb.to(tl.float32)[:, None, :] * w[None, :, :]
-    if IEEE:
-        return tl.dot(xb, tl.trans(w), acc, input_precision="ieee")
-    return tl.dot(xb, tl.trans(w.to(xb.dtype)), acc)
+def _acc(acc, x_ptr, offs_m, mask_m, stride_xm, k, mask_k, w, BLOCK_M: tl.constexpr,
+         SWAP: tl.constexpr, IEEE: tl.constexpr):
+    """acc += x[:, k] @ w.T for one plane w [BLOCK_N, len(k)], x gathered at inputs k (L1/L2
+    resident, small). GEMV (BLOCK_M < 16): per-column products, acc [BM, BN, len(k)], summed
+    along K at the end; else tensor cores, acc [BM, BN] or with SWAP [BN, BM] (W @ x.T)."""
+    if BLOCK_M < 16:
+        xb = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        out = acc + xb.to(tl.float32)[:, None, :] * w[None, :, :]
+    elif SWAP:
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None],
+                     mask=mask_m[None, :] & mask_k[:, None], other=0.0)
+        if IEEE:
+            out = tl.dot(w, xt, acc, input_precision="ieee")
+        else:
+            out = tl.dot(w.to(x_ptr.dtype.element_ty), xt, acc)
+    else:
+        xb = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if IEEE:
+            out = tl.dot(xb, tl.trans(w), acc, input_precision="ieee")
+        else:
+            out = tl.dot(xb, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+    return out
 
 
 @triton.jit
-def _store(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_ys, GEMV: tl.constexpr):
-    if GEMV:
-        out = tl.sum(acc, axis=2)
+def _store(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_ys,
+           BLOCK_M: tl.constexpr, SWAP: tl.constexpr):
+    y_ptr += tl.program_id(2) * stride_ys
+    if BLOCK_M < 16:
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+                 tl.sum(acc, axis=2).to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    elif SWAP:
+        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None],
+                 acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
     else:
-        out = acc
-    tl.store(y_ptr + tl.program_id(2) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :],
-             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+                 acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 # Row counts, loop bounds and split strides are not specialized on (no compile per M or shape)
 @triton.jit(do_not_specialize=["M", "KO", "stride_ys", "per_split"])
 def _w4_gemm(x_ptr, q_ptr, sc_ptr, y_ptr, M, N, KO, stride_xm, stride_ym, stride_ys, per_split,
              G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             IEEE: tl.constexpr):
-    GEMV: tl.constexpr = BLOCK_M < 16
+             SWAP: tl.constexpr, IEEE: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n, mask_m = offs_n < N, offs_m < M
     col = tl.arange(0, 2 * T)
-    if GEMV:
+    every = col >= 0
+    if BLOCK_M < 16:
         acc = tl.zeros((BLOCK_M, BLOCK_N, 2 * T), dtype=tl.float32)
+    elif SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     start = tl.program_id(2) * per_split
     for ko in range(start, tl.minimum(start + per_split, KO)):
         words, s, z = _int4_tile(q_ptr, sc_ptr, offs_n, mask_n, ko, N, KO, G, T)
-        xrow = x_ptr + offs_m[:, None] * stride_xm + ko * (16 * T) + col[None, :]
         for p in tl.static_range(8):
-            xb = tl.load(xrow + p * (2 * T), mask=mask_m[:, None], other=0.0)
-            acc = _acc(acc, xb, _int4_plane(words, p, s, z), GEMV, IEEE)
-    _store(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_ys, GEMV)
+            k = ko * (16 * T) + _int4_k(p, col, T)
+            acc = _acc(acc, x_ptr, offs_m, mask_m, stride_xm, k, every,
+                       _int4_plane(words, p, s, z), BLOCK_M, SWAP, IEEE)
+    _store(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_ys, BLOCK_M, SWAP)
 
 
 @triton.jit(do_not_specialize=["M", "K4", "stride_ys", "per_split"])
 def _w8_gemm(x_ptr, q_ptr, sc_ptr, y_ptr, M, N, K4, stride_xm, stride_qn, stride_ym, stride_ys,
              per_split, G: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    GEMV: tl.constexpr = BLOCK_M < 16
+             BLOCK_N: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n, mask_m = offs_n < N, offs_m < M
-    if GEMV:
+    if BLOCK_M < 16:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
+    elif SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     start = tl.program_id(2) * per_split * BLOCK_W
     for w0 in range(start, tl.minimum(start + per_split * BLOCK_W, K4), BLOCK_W):
+        words, s, z = _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, w0, N, K4, stride_qn, G, BLOCK_W)
         wcol = w0 + tl.arange(0, BLOCK_W)
-        mask_w = wcol < K4
-        words, s, z = _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, wcol, mask_w, N, stride_qn, G)
-        xrow = x_ptr + offs_m[:, None] * stride_xm + wcol[None, :]
-        xm = mask_m[:, None] & mask_w[None, :]
         for b in tl.static_range(4):
-            xb = tl.load(xrow + b * K4, mask=xm, other=0.0)
-            acc = _acc(acc, xb, _int8_plane(words, b, s, z), GEMV, IEEE)
-    _store(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_ys, GEMV)
+            acc = _acc(acc, x_ptr, offs_m, mask_m, stride_xm, 4 * wcol + b, wcol < K4,
+                       _int8_plane(words, b, s, z), BLOCK_M, SWAP, IEEE)
+    _store(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_ys, BLOCK_M, SWAP)
 
 
 @triton.jit(do_not_specialize=["KO"])
@@ -197,8 +238,8 @@ def _w4_dequant(q_ptr, sc_ptr, out_ptr, N, KO, G: tl.constexpr, T: tl.constexpr,
         w = _int4_plane(words, p, s, z).to(out_ptr.dtype.element_ty)
         if PLANES:  # the order of permute_x: contiguous stores
             k = p * (2 * T) + col
-        else:  # k = 32 jw + 8 i + 2 c + odd, p = 4 odd + i, col = c T/2 + jw
-            k = 32 * (col % (T // 2)) + 8 * (p % 4) + 2 * (col // (T // 2)) + p // 4
+        else:
+            k = _int4_k(p, col, T)
         tl.store(row + k[None, :], w, mask=mask_n[:, None])
 
 
@@ -206,9 +247,10 @@ def _w4_dequant(q_ptr, sc_ptr, out_ptr, N, KO, G: tl.constexpr, T: tl.constexpr,
 def _w8_dequant(q_ptr, sc_ptr, out_ptr, N, K4, stride_qn, G: tl.constexpr, BLOCK_W: tl.constexpr,
                 BLOCK_N: tl.constexpr, PLANES: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    wcol = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask_n, mask_w = offs_n < N, wcol < K4
-    words, s, z = _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, wcol, mask_w, N, stride_qn, G)
+    w0 = tl.program_id(1) * BLOCK_W
+    mask_n = offs_n < N
+    words, s, z = _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, w0, N, K4, stride_qn, G, BLOCK_W)
+    wcol = w0 + tl.arange(0, BLOCK_W)
     row = out_ptr + offs_n[:, None] * (4 * K4)
     for b in tl.static_range(4):
         w = _int8_plane(words, b, s, z).to(out_ptr.dtype.element_ty)
@@ -216,7 +258,7 @@ def _w8_dequant(q_ptr, sc_ptr, out_ptr, N, K4, stride_qn, G: tl.constexpr, BLOCK
             k = b * K4 + wcol
         else:
             k = 4 * wcol + b
-        tl.store(row + k[None, :], w, mask=mask_n[:, None] & mask_w[None, :])
+        tl.store(row + k[None, :], w, mask=mask_n[:, None] & (wcol < K4)[None, :])
 
 
 def _words8(w: QuantWeight) -> torch.Tensor:
@@ -251,15 +293,15 @@ def matmul(x: torch.Tensor, w: QuantWeight, cfg: Config = Config()) -> torch.Ten
     else:
         out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
-    common = dict(G=w.group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+    common = dict(G=w.group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SWAP=cfg.swap,
                   IEEE=x.dtype == torch.float32, num_warps=cfg.warps, num_stages=cfg.stages)
-    xp = permute_x(x, w)
+    x = x.contiguous()
     if w.qtype == "int4":
-        _w4_gemm[grid](xp, w.data, w.scales, out, m, n, steps, xp.stride(0), out.stride(-2),
+        _w4_gemm[grid](x, w.data, w.scales, out, m, n, steps, x.stride(0), out.stride(-2),
                        out.stride(0) if split > 1 else 0, per_split, T=t, **common)
     else:
         q = _words8(w)
-        _w8_gemm[grid](xp, q, w.scales, out, m, n, k // 4, xp.stride(0), q.stride(0),
+        _w8_gemm[grid](x, q, w.scales, out, m, n, k // 4, x.stride(0), q.stride(0),
                        out.stride(-2), out.stride(0) if split > 1 else 0, per_split,
                        BLOCK_W=cfg.block_w, **common)
     if split > 1:
@@ -280,7 +322,7 @@ def dequantize_into(w: QuantWeight, out: torch.Tensor, planes: bool = False,
             w.data, w.scales, out, n, k // (16 * t), G=w.group_size, T=t, BLOCK_N=block_n,
             PLANES=planes)
     else:
-        q, bw = _words8(w), 32
+        q, bw = _words8(w), min(32, max(16, w.group_size // 4))  # one group a step from 64
         _w8_dequant[(triton.cdiv(n, block_n), triton.cdiv(k // 4, bw))](
             q, w.scales, out, n, k // 4, q.stride(0), G=w.group_size, BLOCK_W=bw,
             BLOCK_N=block_n, PLANES=planes)
