@@ -19,6 +19,29 @@ float32 x (or a tile the shape cannot run: int4 tensor-core tiles need K a multi
 Nothing here touches the host inside a captured CUDA graph: no host tensor, no `.item()`; the only
 allocations are outputs, permuted activations and split-K partials from the graph's pool; a
 scratch buffer a graph captured is kept alive for good (its address is baked into the graph).
+
+Measured on an H200 (driver 580.159.04, torch 2.11.0+cu130, Triton 3.6.0, 2026-12-03;
+`benchmarks/bench_kernels.py --sweep --big`, docs/bench-kernels-planes-2026-12-03-h200.json):
+us per matmul summed over the LLaMA-7B shapes 4096x4096 + 11008x4096 + 4096x11008 (N x K, random
+weights, groups of 128, float16 x), each timed as a CUDA graph over 256 MiB of weight copies (from
+HBM, no launch cost); int4 / int8: the option CHOICES runs at that M (every option was checked
+against float32 math, relative error < 2e-2); "dq": dequantize + cuBLAS at that M, for comparison.
+
+    M             1     2     4     8    16    24    32    48    64   128   256   512  1024
+    bfloat16     68    68    68    69    69    69    68    70    71    74    94   153   285
+    float16      68    70    68    70    69    70    70    70    69    74    96   157   292
+    int4         55    57    69    84    88   130   134   159   160   170   192   260   422
+    int4 dq     157   156   156   157   157   158   158   159   160   170   192   260   422
+    int8         90   116   117   120   123   197   171   202   201   213   230   296   456
+    int8 dq     198   198   197   198   200   201   200   202   201   213   230   297   456
+
+int4: tinygemm to 4 rows (it includes the two casts a float16 model pays), the Triton tile
+(16, 64, 4, 3, 8, 16, swapped) to 32, then dequantize; int8: the GEMV tile at one row, swapped
+tensor-core tiles to 32, then dequantize. Only int4 at 1-2 rows beats float16 (55 against 68 us);
+from 4 rows every quantized option here is slower than float16: the Triton tiles read the packed
+bytes slowly (int4 at 16 rows: 57 MB in 88 us, float16 214 MB in 69; not profiled), and the
+dequantization writes 2 bytes a weight that cuBLAS reads back (about +90 us summed for int4 at
+every M, +130 for int8).
 """
 
 from __future__ import annotations
@@ -30,10 +53,12 @@ from gdsllm.format.metadata import FormatError
 from gdsllm.quant.schemes import QuantWeight
 
 # (largest T, kernel) by T ascending: the first with T >= rows; "dequant" past the last. A kernel
-# is "tinygemm", "dequant" or a triton_gemm.Config's fields. PROVISIONAL until the sweep.
+# is "tinygemm", "dequant" or a triton_gemm.Config's fields. Each is the option with the least
+# time summed over the three 7B shapes at the measured T it covers (the table above).
 CHOICES = {
-    "int4": ((1, "tinygemm"), (64, (16, 64, 4, 3, 4, 16, True)), (256, (64, 128, 4, 3, 1, 32, True))),
-    "int8": ((2, (1, 64, 4, 3, 4, 16)), (64, (16, 64, 4, 3, 4, 16, True))),
+    "int4": ((4, "tinygemm"), (32, (16, 64, 4, 3, 8, 16, True))),
+    "int8": ((1, (1, 32, 4, 3, 8, 16)), (16, (16, 64, 4, 3, 8, 16, True)),
+             (24, (16, 128, 4, 3, 4, 32, True)), (32, (32, 64, 4, 3, 4, 16, True))),
 }
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}

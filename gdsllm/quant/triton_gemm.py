@@ -8,26 +8,28 @@ int8), dequantizing in registers; and the same dequantization written into a cal
 Bit planes, never a reshape. The stored words are loaded as they lie (contiguous per weight row)
 and split by shifts into planes: int4 words hold 8 nibbles, int8 words (4 bytes of a row viewed as
 one int32) 4 bytes. Plane p of a tile of words is a [BLOCK_N, words] matrix of weights whose
-inputs are fixed strides apart; x is permuted once per call (`permute_x`, a copy of the
-activations, never of the weight) so that plane p meets a contiguous slice of x, and the product
-is a sum of one small dot per plane. The values go int -> float by the exponent trick
-(`v | 0x4B000000` read as float32 is 2^23 + v, exact, full-rate), then `(q - 8) * s + z` in float32
-(the product is exact, one rounding: `QuantWeight.dequantize`'s numbers), cast to x's dtype.
+inputs lie at fixed strides; the kernel gathers x at those inputs (x is small and stays in L1/L2),
+and the product is a sum of one small dot per plane. The values go int -> float by the exponent
+trick (`v | 0x4B000000` read as float32 is 2^23 + v, exact), then `(q - 8) * s + z` in float32 (the
+product is exact, one rounding: `QuantWeight.dequantize`'s numbers), cast to x's dtype.
 
 int4 (`gdsllm.quant.int4pack`): k-block `ko` of 16T inputs holds, for row n, 2T consecutive int32
 words at [n // 8, ko, 4 (n % 8) + c, jw] (c < 4, jw < T/2); nibble p = 4 odd + i of word (c, jw)
-is input k = 32 jw + 8 i + 2 c + odd of the block. Plane p's column c T/2 + jw therefore needs x
-at that k: `permute_x` orders each block as (odd, i, c, jw). One group (scale, zero) per 32 inputs
-at least, so a column's group depends on (ko, jw) alone and one scale tile serves all 8 planes.
+is input k = 32 jw + 8 i + 2 c + odd of the block. One group (scale, zero) spans 32 inputs at
+least, so a column's group depends on (ko, jw) alone and one scale tile serves all 8 planes.
 
 int8: word w of row n holds inputs 4w .. 4w + 3 (byte b = input 4w + b, two's complement: the
-unsigned byte xor 128 is q + 128). Plane b's column w needs x at 4w + b: `permute_x` writes x as
-[M, 4, K/4]. A word's 4 inputs share a group (groups are multiples of 16 inputs).
+unsigned byte xor 128 is q + 128). A word's 4 inputs share a group (groups are multiples of 16).
 
-Tiles: BLOCK_M >= 16 feeds tensor cores (`tl.dot`, float32 accumulation; int4 needs 2T = 16, i.e.
-K a multiple of 128); BLOCK_M < 16 is a GEMV form, float32 products accumulated per column and
-summed along K once at the end. split_k > 1: programs along K each write a float32 partial,
-summed after. The weight crosses HBM once per BLOCK_M rows of x, as packed bytes.
+Tiles (`Config`): BLOCK_M >= 16 feeds tensor cores (`tl.dot`, float32 accumulation; int4 needs
+2T = 16, i.e. K a multiple of 128), as x @ W.T or, `swap`, as W @ x.T: then the weight rows are
+the MMA's M side and on Hopper the planes are computed in the wgmma A-operand registers, with no
+trip through shared memory (seen in the compiled TTGIR). BLOCK_M < 16 is a GEMV form: float32
+products accumulated per column, summed along K once at the end. split_k > 1: programs along K
+each write a float32 partial, summed after. The weight crosses HBM once per BLOCK_M rows of x.
+
+`dequantize_into(..., planes=True)` writes each k-block plane after plane (contiguous stores);
+`permute_x` puts x in that order, so cuBLAS multiplies the two directly.
 
 Which kernel runs for which M (these tiles, torch's tinygemm, or dequantize + cuBLAS) is decided
 in `gdsllm.quant.kernels_cuda`, by the measurements in its docstring.
