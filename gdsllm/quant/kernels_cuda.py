@@ -101,7 +101,13 @@ def choice(qtype: str, rows: int, k: int, dtype: torch.dtype):
 
 def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
     """A buffer of at least `numel` elements, shared by every weight of this device and dtype
-    (kernels on one stream run in order, so one weight's use ends before the next is written)."""
+    (kernels on one stream run in order, so one weight's use ends before the next is written).
+    Called at load with the ledger's size (gdsllm.engine.budget.scratch_bytes / itemsize), it
+    takes the memory before the KV cache is sized from what is left."""
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # one buffer for "cuda" and "cuda:0"
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (device, dtype)
     buf = _scratch.get(key)
     in_graph = capturing()
