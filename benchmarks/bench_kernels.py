@@ -4,14 +4,15 @@ For the lent GPU.
 
     PYTHONPATH=. python3 benchmarks/bench_kernels.py --out /tmp/k.json             # the table
     PYTHONPATH=. python3 benchmarks/bench_kernels.py --sweep --big --out /tmp/sweep.json  # choose
-    python3 benchmarks/bench_kernels.py --report docs/bench-kernels-2026-12-03-h200.json    # tables
+    python3 benchmarks/bench_kernels.py --report docs/bench-kernels-planes-2026-12-03-h200.json
 
 Timing: per call, the median over 7 replays of one CUDA graph of matmuls over distinct copies of
 the weight (256 MiB in all, 4x the H200's L2), so every weight comes from HBM and no launch cost
-is counted, as in a decode pass over a whole model captured in graphs. Weights are random, quantized in groups
-of 128 (the 7B benchmark's group size). `--sweep` times every candidate tile configuration of the
-Triton kernels, tinygemm and dequantize + cuBLAS per M and shape, and prints the configuration
-table that minimises the summed time over the shapes per M (what kernels_cuda.CONFIGS holds).
+is counted, as in a decode pass over a whole model captured in graphs. Weights are random,
+quantized in groups of 128 (the 7B benchmark's group size). `--sweep` checks (against float32 math)
+and times every option per M and shape: the candidate tiles of the Triton kernels, tinygemm and
+dequantize + cuBLAS, and prints per M the one with the least summed time over the shapes (what
+kernels_cuda.CHOICES holds).
 `--report` prints, from a sweep's JSON, the summed table of kernels_cuda's docstring and the
 per-shape markdown table of docs/BENCHMARKS.md with what kernels_cuda.linear runs at each M.
 """
@@ -26,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # [N, K]: q/o, gate/up, down of LLaMA-7B
-ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-BIG_ROWS = (512, 1024, 2048)
+ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)  # the decode buckets, then prefill chunks
+BIG_ROWS = (512, 1024)
 COPIES_BYTES = 256 << 20  # distinct weights per timed graph: 4x the L2, as a decode pass
 
 
@@ -101,85 +102,127 @@ def table(rows, shapes) -> dict:
     return res
 
 
-def sweep(rows, shapes) -> dict:
-    from gdsllm.quant import triton_gemm
+def options(q: str, m: int) -> list:
+    """The sweep's options for qtype q at m rows: tile configurations (GEMV tiles of m to 2m
+    rows up to 8 rows; tensor-core tiles of m/4 to m rows, split along K up to 64 rows, from 2
+    rows, or 1 with the weight as the MMA's M side), tinygemm (int4, up to 64 rows) and
+    dequantize + cuBLAS."""
+    out = []
+    for c in triton_gemm().CANDIDATES:
+        bm, split, swap = c[0], c[4], len(c) > 6 and c[6]
+        gemv = bm < 16 and m <= 8 and m <= bm <= max(1, 2 * m)
+        tc = (bm >= 16 and (m >= 2 or swap) and min(m, 128) // 4 <= bm <= max(16, m)
+              and (split == 1 or m <= 64))
+        if gemv or tc:
+            out.append(c)
+    return out + (["tinygemm"] if q == "int4" and m <= 64 else []) + ["dequant"]
+
+
+def triton_gemm():
+    from gdsllm.quant import triton_gemm as tg
+    return tg
+
+
+def run_option(q: str, opt, x, w, buf):
+    """One matmul of option `opt` (a tile, "tinygemm", "dequant"): what kernels_cuda would run."""
+    tg = triton_gemm()
+    if opt == "tinygemm":
+        return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), w.data, w.group_size,
+                                                  w.scales).to(x.dtype)
+    if opt == "dequant":
+        return F.linear(tg.permute_x(x, w), tg.dequantize_into(w, buf, planes=True))
+    return tg.matmul(x, w, tg.Config(*opt))
+
+
+def sweep(rows, shapes, save=lambda res: None) -> dict:
+    """Every option per qtype, M and shape: checked against float32 math on the dequantized
+    weight (relative error in "<q>/<opt>/err"), then timed."""
     res = {}
+    per_shape = {}
     for n, k in shapes:
         ws = weights(n, k)
-        for m in rows:
+        per_shape[n, k] = (ws, {q: ws[q][0].dequantize(torch.float32) for q in ("int4", "int8")})
+    buf = torch.empty(max(n * k for n, k in shapes), dtype=torch.float16, device="cuda")
+    for m in rows:  # every shape per M, saved per M: a run out of time loses only the largest M
+        for n, k in shapes:
+            ws, wf = per_shape[n, k]
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            r = {}
-            for q in ("int4", "int8"):
-                for c in triton_gemm.CANDIDATES:
-                    if (c[0] > max(16, 2 * m) or (c[4] > 1 and m > 32) or (c[0] < 16 and m > 8)
-                            or (m > 256 and c[0] < 128)):
-                        continue
-                    cfg = triton_gemm.Config(*c)
-                    try:
-                        r[f"{q}/{c}"] = bench([lambda w=w: triton_gemm.matmul(x, w, cfg)
-                                               for w in ws[q]])
-                    except Exception as e:  # a tile that does not fit: say so, keep going
-                        print(f"{q} {c}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                buf = torch.empty(n * k, dtype=x.dtype, device="cuda")
-                r[f"{q}/dequant+cublas"] = bench(
-                    [lambda w=w: F.linear(x, triton_gemm.dequantize_into(w, buf)) for w in ws[q]])
             xb = x.to(torch.bfloat16)
-            r["int4/tinygemm"] = bench([lambda w=w: torch.ops.aten._weight_int4pack_mm(
-                xb, w.data, 128, w.scales) for w in ws["int4"]])
-            r["float16"] = bench([lambda w=w: F.linear(x, w) for w in ws["float16"]])
-            r["bfloat16"] = bench([lambda w=w: F.linear(xb, w) for w in ws["bfloat16"]])
+            r = {"float16": bench([lambda w=w: F.linear(x, w) for w in ws["float16"]]),
+                 "bfloat16": bench([lambda w=w: F.linear(xb, w) for w in ws["bfloat16"]])}
+            for q in ("int4", "int8"):
+                ref = x.float() @ wf[q].T
+                qbuf = buf[:n * k]
+                for opt in options(q, m):
+                    key = f"{q}/{opt}"
+                    try:
+                        y = run_option(q, opt, x, ws[q][0], qbuf)
+                        r[key + "/err"] = float((y.float() - ref).norm() / ref.norm())
+                        r[key] = bench([lambda w=w, o=opt: run_option(q, o, x, w, qbuf)
+                                        for w in ws[q]])
+                    except Exception as e:  # a tile that does not fit: say so, keep going
+                        print(f"{n}x{k} M={m} {key}: {type(e).__name__}: {str(e)[:160]}", flush=True)
             res[f"{n}x{k}/{m}"] = r
-            best = {q: min((v, a) for a, v in r.items() if a.startswith(q)) for q in ("int4", "int8")}
-            print(f"{n}x{k} M={m} fp16 {r['float16']:.4f} tinygemm {r['int4/tinygemm']:.4f}",
-                  {q: (round(v, 4), a) for q, (v, a) in best.items()}, flush=True)
-    choose(res, rows, shapes)
+            best = {q: min((v, a) for a, v in r.items() if a.startswith(q) and not a.endswith("err"))
+                    for q in ("int4", "int8")}
+            bad = [a for a, v in r.items() if a.endswith("/err") and not v < 2e-2]
+            print(f"{n}x{k} M={m} fp16 {r['float16'] * 1e3:.1f} us",
+                  {q: (round(v * 1e3, 1), a) for q, (v, a) in best.items()},
+                  f"WRONG: {bad}" if bad else "", flush=True)
+        save(res)
     return res
 
 
-def choose(res: dict, rows, shapes) -> None:
-    """Per qtype and M, the candidate with the least summed time over the shapes."""
+def choose(res: dict, shapes) -> dict:
+    """Per qtype and M, the option with the least summed time over the shapes (err < 2e-2)."""
+    rows = sorted({int(c.split("/")[1]) for c in res})
+    out = {}
     for q in ("int4", "int8"):
+        out[q] = []
         for m in rows:
-            keys = set.intersection(*(set(a for a in res[f"{n}x{k}/{m}"] if a.startswith(q + "/"))
-                                      for n, k in shapes))
-            tot = {a: sum(res[f"{n}x{k}/{m}"][a] for n, k in shapes) for a in keys}
+            cells = [res[f"{n}x{k}/{m}"] for n, k in shapes]
+            keys = set.intersection(*(set(a for a in c if a.startswith(q + "/") and not a.endswith("/err")
+                                          and c.get(a + "/err", 1) < 2e-2) for c in cells))
+            tot = {a: sum(c[a] for c in cells) for a in keys}
             a = min(tot, key=tot.get)
-            print(f"choose {q} M={m}: {a} total {tot[a]:.4f} ms; float16 "
-                  f"{sum(res[f'{n}x{k}/{m}']['float16'] for n, k in shapes):.4f}", flush=True)
+            fp16 = sum(c["float16"] for c in cells)
+            out[q].append((m, a[len(q) + 1:], round(tot[a] * 1e3, 1), round(fp16 * 1e3, 1)))
+            print(f"choose {q} M={m}: {a} {tot[a] * 1e3:.1f} us summed; float16 {fp16 * 1e3:.1f}",
+                  flush=True)
+    return out
 
 
-def summed(res: dict, shapes, rows) -> None:
-    """us per matmul summed over the shapes: fp16, tinygemm, best Triton tile, dequantize."""
-    keys = lambda m: [f"{n}x{k}/{m}" for n, k in shapes]
-    line = lambda name, f: print(f"    {name:8s}" + "".join(f"{f(m):6.0f}" for m in rows))
-    print("    T       " + "".join(f"{m:6d}" for m in rows))
-    line("fp16", lambda m: 1e3 * sum(res[c]["float16"] for c in keys(m)))
-    line("tinygemm", lambda m: 1e3 * sum(res[c]["int4/tinygemm"] for c in keys(m)))
+def summed(res: dict, shapes) -> None:
+    """us per matmul summed over the shapes: bf16, fp16, and per qtype the chosen option."""
+    rows = sorted({int(c.split("/")[1]) for c in res})
+    ch = choose(res, shapes)
+    print("    M           " + "".join(f"{m:6d}" for m in rows))
+    for d in ("bfloat16", "float16"):
+        print(f"    {d:12s}" + "".join(f"{1e3 * sum(res[f'{n}x{k}/{m}'][d] for n, k in shapes):6.0f}"
+                                   for m in rows))
     for q in ("int4", "int8"):
-        def best(m):
-            common = set.intersection(*(set(a for a in res[c] if a.startswith(q + "/(")) for c in keys(m)))
-            return 1e3 * min(sum(res[c][a] for c in keys(m)) for a in common)
-        line(q + " Tr", best)
-        line(q + " dq", lambda m: 1e3 * sum(res[c][q + "/dequant+cublas"] for c in keys(m)))
+        print(f"    {q:12s}" + "".join(f"{t:6.0f}" for _, _, t, _ in ch[q]))
+        print(f"    {q + ' dq':12s}" + "".join(
+            f"{1e3 * sum(res[f'{n}x{k}/{m}'][q + '/dequant'] for n, k in shapes):6.0f}" for m in rows))
 
 
-def routed(res: dict, shapes, rows) -> None:
+def routed(res: dict, shapes) -> None:
     """Markdown: us per matmul of what kernels_cuda.linear runs (float16 activations)."""
     from gdsllm.quant import kernels_cuda as kc
+    rows = sorted({int(c.split("/")[1]) for c in res})
 
-    def pick(q: str, m: int, r: dict) -> tuple[float, str]:
-        if q == "int4" and m <= kc.INT4PACK_MAX_ROWS:
-            return r["int4/tinygemm"], "tinygemm"
-        if m <= kc.KERNEL_MAX_ROWS[q]:
-            c = kc.config(q, m)
-            return r[f"{q}/{(c.block_m, c.block_n, c.warps, c.stages, c.split_k)}"], "Triton"
-        return r[f"{q}/dequant+cublas"], "dequant+cuBLAS"
+    def pick(q: str, m: int, k: int, r: dict) -> tuple[float, str]:
+        c = kc.choice(q, m, k, torch.float16)
+        if isinstance(c, str):
+            return r[f"{q}/{c}"], c
+        t = next(t for t in triton_gemm().CANDIDATES if triton_gemm().Config(*t) == c)
+        return r.get(f"{q}/{t}", float("nan")), f"Triton {t}"
     print("| N x K | M | bfloat16 | float16 | int4 | int4 kernel | int8 | int8 kernel |")
     print("|---|---:|---:|---:|---:|---|---:|---|")
     for n, k in shapes:
         for m in rows:
             r = res[f"{n}x{k}/{m}"]
-            (t4, k4), (t8, k8) = pick("int4", m, r), pick("int8", m, r)
+            (t4, k4), (t8, k8) = pick("int4", m, k, r), pick("int8", m, k, r)
             print(f"| {n}x{k} | {m} | {1e3 * r['bfloat16']:.1f} | {1e3 * r['float16']:.1f} | "
                   f"{1e3 * t4:.1f} | {k4} | {1e3 * t8:.1f} | {k8} |")
 
@@ -194,15 +237,20 @@ def main() -> None:
     if a.report:
         res = json.loads(a.report.read_text())
         print(res["device"], "torch", res["torch"])
-        rows = tuple(sorted({int(c.split("/")[1]) for c in res["results"]}))
-        summed(res["results"], SHAPES, rows)
-        routed(res["results"], SHAPES, rows)
+        summed(res["results"], SHAPES)
+        routed(res["results"], SHAPES)
         return
     if a.out is None or not torch.cuda.is_available():
         sys.exit("bench_kernels: needs a CUDA GPU and --out (or --report)")
     rows = ROWS + (BIG_ROWS if a.big else ())
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    res["results"] = (sweep if a.sweep else table)(rows, SHAPES)
+    if a.sweep:
+        res["results"] = sweep(rows, SHAPES, lambda r: a.out.write_text(json.dumps(
+            dict(res, results=r), indent=1)))
+    else:
+        res["results"] = table(rows, SHAPES)
+    if a.sweep:
+        res["choices"] = choose(res["results"], SHAPES)
     a.out.write_text(json.dumps(res, indent=1))
 
 

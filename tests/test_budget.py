@@ -7,8 +7,9 @@ import sys
 import pytest
 
 from gdsllm import LLM
+from gdsllm.convert.synth import synth
 from gdsllm.engine.budget import (DEFAULT_MAX_BATCH, DEFAULT_WINDOW, FIT, KV_FIT, free_device_bytes,
-                                  kv_tokens, parse_size, plan_memory, weights_budget)
+                                  kv_tokens, parse_size, plan_memory, scratch_bytes, weights_budget)
 from gdsllm.models.kv_cache import BLOCK_SIZE, kv_bytes_per_token
 from llama_ref import load, synth_model
 
@@ -45,6 +46,20 @@ def test_the_draft_is_the_first_claim(tiny, draft):
     assert tight.weights.streamed and tight.device_bytes <= budget - meta.units[1].nbytes
     with pytest.raises(ValueError, match=f"draft model {dmeta.root} needs {dmeta.total_bytes} bytes"):
         plan_memory(meta, budget=dmeta.total_bytes, window=2, draft=dmeta)
+
+
+def test_the_dequantization_scratch_is_the_largest_quantized_weight(tiny, tmp_path):
+    """Quantized models: the ledger holds one buffer of the largest quantized weight at the
+    compute dtype's size (what kernels_cuda dequantizes into for matmuls of many rows)."""
+    assert plan_memory(load(tiny), budget=None).scratch_bytes == 0  # float: nothing
+    meta = load(synth(tmp_path / "q", "tiny", dtype="float16", quant="int4", group_size=32, seed=1,
+                      overrides={"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}))
+    largest = max(t.numel for u in meta.units for t in u.tensors if t.quant is not None)
+    plan = plan_memory(meta, budget=None)
+    assert plan.scratch_bytes == 2 * largest == scratch_bytes([meta])
+    assert plan.device_bytes == plan.weights.arena_bytes + 2 * largest
+    assert plan_memory(meta, budget=None, itemsize=4).scratch_bytes == 4 * largest
+    assert any(line.startswith("scratch ") for line in plan.describe(meta))
 
 
 def test_kv_tokens_rules(tiny):

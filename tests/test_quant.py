@@ -113,11 +113,12 @@ def test_cuda_int4_layout_probe_passes():
 @pytest.mark.parametrize("n,k,g,dtype", [(4096, 4096, 32, torch.float16),
                                          (11008, 4096, 64, torch.bfloat16),
                                          (576, 1536, 32, torch.float16),
+                                         (1536, 576, 64, torch.bfloat16),
                                          (104, 256, 128, torch.float32)])
 def test_cuda_triton_gemm_against_float_at_every_row_count(qtype, n, k, g, dtype):
     """kernels_cuda.linear (the Triton W4A16 / W8A16 GEMMs, tinygemm, dequantize into the
     scratch) at row counts across its choices, every measured tile configuration on one shape,
-    and the dequantization kernel, against float32 math."""
+    and the dequantization kernel (input order and plane order), against float32 math."""
     from gdsllm.quant import kernels_cuda, triton_gemm
     qt = quantize(torch.randn(n, k, device="cuda") * 0.02, qtype, g)
     data, sc = qt.packed()
@@ -133,6 +134,9 @@ def test_cuda_triton_gemm_against_float_at_every_row_count(qtype, n, k, g, dtype
                 assert rel_err(triton_gemm.matmul(x, qw, triton_gemm.Config(*c)), ref) < tol, c
     out = torch.empty(n * k, device="cuda", dtype=torch.float32)
     assert torch.equal(triton_gemm.dequantize_into(qw, out), wf)
+    x = torch.randn(5, k, device="cuda", dtype=torch.float32)
+    wp = triton_gemm.dequantize_into(qw, out, planes=True)
+    assert rel_err(triton_gemm.permute_x(x, qw) @ wp.T, x @ wf.T) < 1e-5
     if qtype == "int4":
         x = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm(x, qw.data, g, qw.scales)

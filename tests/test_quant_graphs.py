@@ -14,7 +14,10 @@ from gdsllm import LLM, SamplingParams
 from gdsllm.convert.synth import synth
 from gdsllm.engine.graphs import BUCKETS
 from gdsllm.engine.runner import Runner
-from llama_ref import assert_same_or_near_tie, greedy_runner, load, resident_weights
+from gdsllm.quant import kernels_cuda
+from gdsllm.quant.rtn import quantize
+from gdsllm.quant.schemes import QuantWeight
+from llama_ref import assert_same_or_near_tie, greedy_runner, load, rel_err, resident_weights
 
 pytestmark = pytest.mark.gpu
 
@@ -71,3 +74,35 @@ def test_llm_generates_batches_in_half_precision_with_and_without_graphs(quant, 
         with LLM(str(d), device="cuda", cuda_graphs=graphs) as m:
             got[graphs] = {n: [o.token_ids for o in m.generate(ps[:n], params)] for n in (1, 5, 16, 64)}
     assert got[True] == got[False]
+
+
+@pytest.mark.parametrize("qtype,group", QUANTS, ids=[f"{q}-g{g}" for q, g in QUANTS])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_every_kernel_choice_is_captured_at_every_bucket(qtype, group, dtype):
+    """kernels_cuda.linear alone, in half precision too (tinygemm, the Triton tiles and the
+    dequantize + cuBLAS path as CHOICES routes them): every decode bucket and two prefill row
+    counts are captured in a CUDA graph (a host copy or allocation there would fail the capture),
+    and the replay on new inputs gives the eager call's result and float32 math's. K = 576 has int4 tiles of
+    4 k-tiles, which the tensor-core tiles cannot take (dequantized instead)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for n, k in ((256, 512), (192, 576)):
+        if k % group:
+            continue
+        qt = quantize(torch.randn(n, k, device="cuda") * 0.02, qtype, group)
+        data, sc = qt.packed()
+        qw = QuantWeight(qtype, (n, k), group, data, sc)
+        wf = qw.dequantize(torch.float32)
+        for rows in BUCKETS + (128, 256):
+            x = torch.randn(rows, k, device="cuda", dtype=dtype)
+            kernels_cuda.linear(qw, x)  # eager first: compiles, probes the layout, sizes the scratch
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                y = kernels_cuda.linear(qw, x)
+            x.copy_(torch.randn(rows, k, device="cuda", dtype=dtype))
+            g.replay()
+            torch.cuda.synchronize()
+            eager = kernels_cuda.linear(qw, x)
+            same = 1e-6 if dtype == torch.float32 else 1e-3  # cuBLAS may pick another algorithm
+            assert rel_err(y, eager) < same, (n, k, rows)
+            assert rel_err(y, x.float() @ wf.T) < (1e-5 if dtype == torch.float32 else 2e-2), (n, k, rows)

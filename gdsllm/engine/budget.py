@@ -6,6 +6,7 @@ and `gdsllm serve`, and sizes as users write them.
     plan.weights          # ResidencyPlan: resident units + `window` streaming slots (the arena)
     plan.expert_slots     # a mixture of experts: routed experts' slots after the dense part
     plan.draft_bytes      # a resident draft model, taken first
+    plan.scratch_bytes    # quantized models: the one dequantization buffer (largest weight)
     kv_tokens(...)        # the paged KV cache, sized from what is left once the arena exists
     print("\n".join(plan.describe(kv)))   # `gdsllm info --vram-budget X`
 
@@ -122,11 +123,13 @@ class MemoryPlan:
     draft_bytes: int
     weights: "object"  # gdsllm.engine.planner.ResidencyPlan
     expert_slots: "object | None"  # gdsllm.engine.experts.ExpertSlots
+    scratch_bytes: int = 0  # the quantized matmuls' dequantization buffer (gdsllm.quant.kernels_cuda)
 
     @property
     def device_bytes(self) -> int:
-        """Weights' device memory: the arena (resident units, streaming and expert slots) and the draft."""
-        return self.weights.arena_bytes + self.draft_bytes
+        """Weights' device memory: the arena (resident units, streaming and expert slots), the draft
+        and the dequantization scratch."""
+        return self.weights.arena_bytes + self.draft_bytes + self.scratch_bytes
 
     def describe(self, meta, kv: int | None = None, kv_token_bytes: int | None = None) -> list[str]:
         """The plan in words, for `gdsllm info` and the start-up log."""
@@ -152,6 +155,9 @@ class MemoryPlan:
         out.append(f"arena         {w.arena_bytes / mib:,.1f} MiB of device memory for weights "
                    f"(+ {self.draft_bytes / mib:,.1f} MiB draft)" if self.draft_bytes else
                    f"arena         {w.arena_bytes / mib:,.1f} MiB of device memory for weights")
+        if self.scratch_bytes:
+            out.append(f"scratch       {self.scratch_bytes / mib:,.1f} MiB: one quantized weight "
+                       f"dequantized at a time (the largest), for matmuls of many rows")
         if kv is not None:
             out.append(f"kv cache      {kv:,} tokens" + (f", {kv * kv_token_bytes / mib:,.1f} MiB"
                                                         if kv_token_bytes else ""))
@@ -176,9 +182,20 @@ def _span(names: list[str]) -> str:
     return ", ".join(out)
 
 
-def plan_memory(meta, *, budget: int | None, window: int = DEFAULT_WINDOW, draft=None) -> MemoryPlan:
+def scratch_bytes(metas, itemsize: int = 2) -> int:
+    """Bytes of the one buffer quantized matmuls dequantize a weight into (gdsllm.quant.kernels_cuda
+    `scratch`, per device and compute dtype): the largest quantized tensor of these models, at
+    `itemsize` bytes a value (the compute dtype's); 0 when nothing is quantized."""
+    return itemsize * max((t.numel for m in metas if m is not None for u in m.units
+                           for t in u.tensors if t.quant is not None), default=0)
+
+
+def plan_memory(meta, *, budget: int | None, window: int = DEFAULT_WINDOW, draft=None,
+                itemsize: int = 2) -> MemoryPlan:
     """The ledger's weights: the draft (a ModelMeta, checked against the target by the caller)
-    first, then the target's plan in what is left. ValueError naming the smallest budget that works."""
+    first, then the target's plan in what is left; beside them the dequantization scratch (at
+    `itemsize` bytes a value), which the weights' budget does not pay for. ValueError naming the
+    smallest budget that works."""
     from gdsllm.engine.planner import plan_for
     draft_bytes = draft.total_bytes if draft is not None else 0
     left = budget
@@ -192,7 +209,7 @@ def plan_memory(meta, *, budget: int | None, window: int = DEFAULT_WINDOW, draft
         weights, slots = plan_moe(meta, left, window)
     else:
         weights, slots = plan_for(meta, left, window), None
-    return MemoryPlan(budget, draft_bytes, weights, slots)
+    return MemoryPlan(budget, draft_bytes, weights, slots, scratch_bytes((meta, draft), itemsize))
 
 
 def kv_tokens(params, itemsize: int, *, device: str, free_bytes: int | None, kv_budget: int | None = None,

@@ -2,39 +2,49 @@
 
     y = linear(qw, x)      # x [T, K] (float16 / bfloat16 / float32) -> [T, N] in x's dtype
 
-Per row count T (decode batches, draft verification, prefill chunks), chosen by measurement:
-- int4, T <= INT4PACK_MAX_ROWS and x in half precision: torch's tinygemm `_weight_int4pack_mm`
-  over the stored tile layout (x cast to bfloat16, its only input dtype, and the result back).
-  Its layout is probed once per process before the first use (`check_int4_layout`).
-- T <= KERNEL_MAX_ROWS: the Triton W4A16 / W8A16 GEMM of `gdsllm.quant.triton_gemm`, which
-  unpacks the stored words in registers (no copy of the weight), tiles from `CONFIGS`. float32
-  activations take it for int4 at every T up to there (float32 math, not tinygemm's bfloat16).
-- Above: the weight is dequantized into ONE scratch buffer per device and dtype (`scratch`:
-  allocated once at the largest weight seen, never during a capture) and multiplied by cuBLAS.
+Per row count T (decode batches, draft verification, prefill chunks) `CHOICES` names, by
+measurement (table below), one of:
+- "tinygemm": torch's `_weight_int4pack_mm` over the stored int4 tile layout (x cast to bfloat16,
+  its only input dtype, and the result back). Its layout is probed once per process before the
+  first use (`check_int4_layout`). Half-precision x only.
+- a tile of the Triton W4A16 / W8A16 GEMM (`gdsllm.quant.triton_gemm`), which splits the stored
+  words into bit planes in registers (no copy of the weight).
+- "dequant": the weight is dequantized into ONE scratch buffer per device and dtype (`scratch`:
+  grown to the largest weight by the eager calls before any capture, so never during one; its
+  size is in the VRAM ledger, `gdsllm.engine.budget.scratch_bytes`) in the plane order, and
+  cuBLAS multiplies it by x permuted the same way.
+float32 x (or a tile the shape cannot run: int4 tensor-core tiles need K a multiple of 128) takes
+"dequant" where the table says tinygemm or such a tile.
 
 Nothing here touches the host inside a captured CUDA graph: no host tensor, no `.item()`; the only
-allocations are outputs and split-K partials from the graph's pool; a scratch buffer a graph
-captured is kept alive for good (its address is baked into the graph).
+allocations are outputs, permuted activations and split-K partials from the graph's pool; a
+scratch buffer a graph captured is kept alive for good (its address is baked into the graph).
 
-Measured on an H200 (torch 2.11, Triton 3.6, 2026-12-03; benchmarks/bench_kernels.py --sweep,
-docs/bench-kernels-2026-12-03-h200.json): us per matmul summed over the LLaMA-7B shapes
-4096x4096 + 11008x4096 + 4096x11008 (N x K, groups of 128), each timed as a CUDA graph over
-256 MiB of weight copies (from HBM, no launch cost); the best Triton tile of the candidates:
+Measured on an H200 (driver 580.159.04, torch 2.11.0+cu130, Triton 3.6.0, 2026-12-03;
+`benchmarks/bench_kernels.py --sweep --big`, docs/bench-kernels-planes-2026-12-03-h200.json):
+us per matmul summed over the LLaMA-7B shapes 4096x4096 + 11008x4096 + 4096x11008 (N x K, random
+weights, groups of 128, float16 x), each timed as a CUDA graph over 256 MiB of weight copies (from
+HBM, no launch cost); int4 / int8: the option CHOICES runs at that M (every option was checked
+against float32 math, relative error < 2e-2); "dq": dequantize + cuBLAS at that M, for comparison.
 
-    T            1     2     4     8    16    32    64   128   256   512  1024  2048
-    fp16        68    68    69    69    68    71    69    75    96   153   293   589
-    tinygemm    38    40    51    79   133   249   488   963  1888  3741  7432 14839
-    int4 Tr    156   155   156   157   161   279   321   353   450   676  1317  2513
-    int4 dq   1683  1681  1683  1681  1681  1685  1686  1692  1708  1763  1903  2190
-    int8 Tr     73    73    73    75    78   111   195   255   337   496   964  1839
-    int8 dq    155   155   155   154   155   156   159   164   180   236   373   664
+    M             1     2     4     8    16    24    32    48    64   128   256   512  1024
+    bfloat16     68    68    68    69    69    69    68    70    71    74    94   153   285
+    float16      68    70    68    70    69    70    70    70    69    74    96   157   292
+    int4         55    57    69    84    88   130   134   159   160   170   192   260   422
+    int4 dq     157   156   156   157   157   158   158   159   160   170   192   260   422
+    int8         90   116   117   120   123   197   171   202   201   213   230   296   456
+    int8 dq     198   198   197   198   200   201   200   202   201   213   230   297   456
 
-(Tr: Triton GEMM, dq: dequantize into the scratch + cuBLAS; tinygemm timed on bfloat16
-activations, so a float16 model also pays two small casts.) Hence tinygemm for int4 up to 32
-rows, the Triton int4 GEMM to 1024, then dequantize; Triton int8 up to 32 rows, then dequantize.
-The int4 Triton GEMM is 4x tinygemm at one row and its dequantization kernel 11x int8's; why was
-not measured (the likely suspect is the unpacking's [N, 2t, 8] -> [N, 16t] reshape per k-block).
+int4: tinygemm to 4 rows (it includes the two casts a float16 model pays), the Triton tile
+(16, 64, 4, 3, 8, 16, swapped) to 32, then dequantize; int8: the GEMV tile at one row, swapped
+tensor-core tiles to 32, then dequantize. Only int4 at 1-2 rows beats float16 (55 against 68 us);
+from 4 rows every quantized option here is slower than float16: the Triton tiles read the packed
+bytes slowly (int4 at 16 rows: 57 MB in 88 us, float16 214 MB in 69; not profiled), and the
+dequantization writes 2 bytes a weight that cuBLAS reads back (about +90 us summed for int4 at
+every M, +130 for int8). tinygemm without the casts (bfloat16 x, the earlier sweep of the same
+day, docs/bench-kernels-2026-12-03-h200.json): 38 us summed at 1 row, 40 at 2, 51 at 4.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,14 +53,13 @@ import torch.nn.functional as F
 from gdsllm.format.metadata import FormatError
 from gdsllm.quant.schemes import QuantWeight
 
-INT4PACK_MAX_ROWS = 32
-KERNEL_MAX_ROWS = {"int4": 1024, "int8": 32}
-# (largest T, block_m, block_n, warps, stages, split_k), by T ascending: the first with T >= rows;
-# each the candidate with the least summed time over the three shapes at those T (table above)
-CONFIGS = {
-    "int4": ((32, 16, 64, 4, 3, 4), (128, 64, 64, 4, 3, 1), (256, 128, 64, 4, 3, 1),
-             (1024, 128, 128, 8, 3, 1)),
-    "int8": ((16, 16, 32, 4, 4, 8), (32, 16, 64, 4, 3, 4)),
+# (largest T, kernel) by T ascending: the first with T >= rows; "dequant" past the last. A kernel
+# is "tinygemm", "dequant" or a triton_gemm.Config's fields. Each is the option with the least
+# time summed over the three 7B shapes at the measured T it covers (the table above).
+CHOICES = {
+    "int4": ((4, "tinygemm"), (32, (16, 64, 4, 3, 8, 16, True))),
+    "int8": ((1, (1, 32, 4, 3, 8, 16)), (16, (16, 64, 4, 3, 8, 16, True)),
+             (24, (16, 128, 4, 3, 4, 32, True)), (32, (32, 64, 4, 3, 4, 16, True))),
 }
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -79,17 +88,27 @@ def check_int4_layout() -> None:
     _layout_checked = True
 
 
-def config(qtype: str, rows: int):
-    from gdsllm.quant.triton_gemm import Config
-    for top, *c in CONFIGS[qtype]:
-        if rows <= top:
-            return Config(*c)
-    return Config(*CONFIGS[qtype][-1][1:])
+def choice(qtype: str, rows: int, k: int, dtype: torch.dtype):
+    """What runs x [rows, k] of `dtype` against a `qtype` weight: "tinygemm", "dequant" or a Config."""
+    from gdsllm.quant.triton_gemm import Config, usable
+    kind = next((c for top, c in CHOICES[qtype] if rows <= top), "dequant")
+    if kind == "tinygemm":
+        return kind if dtype != torch.float32 else "dequant"
+    if kind == "dequant":
+        return kind
+    cfg = Config(*kind)
+    return cfg if usable(qtype, k, cfg) else "dequant"
 
 
 def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
     """A buffer of at least `numel` elements, shared by every weight of this device and dtype
-    (kernels on one stream run in order, so one weight's use ends before the next is written)."""
+    (kernels on one stream run in order, so one weight's use ends before the next is written).
+    Called at load with the ledger's size (gdsllm.engine.budget.scratch_bytes / itemsize), it
+    takes the memory before the KV cache is sized from what is left."""
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # one buffer for "cuda" and "cuda:0"
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (device, dtype)
     buf = _scratch.get(key)
     in_graph = capturing()
@@ -108,14 +127,18 @@ def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tenso
 def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     from gdsllm.quant import triton_gemm
     rows = x.shape[0]
+    n, k = w.shape
     if rows == 0:
-        return x.new_empty(0, w.shape[0])
-    if w.qtype == "int4" and rows <= INT4PACK_MAX_ROWS and x.dtype != torch.float32:
+        return x.new_empty(0, n)
+    if not capturing():  # the ledger's scratch (the largest weight) exists before any capture
+        scratch(x.device, x.dtype, n * k)
+    kind = choice(w.qtype, rows, k, x.dtype)
+    if kind == "tinygemm":
         check_int4_layout()
         y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), w.data,
                                                w.group_size, w.scales)
         return y.to(x.dtype)
-    if rows <= KERNEL_MAX_ROWS[w.qtype]:
-        return triton_gemm.matmul(x, w, config(w.qtype, rows))
-    n, k = w.shape
-    return F.linear(x, triton_gemm.dequantize_into(w, scratch(x.device, x.dtype, n * k)))
+    if kind != "dequant":
+        return triton_gemm.matmul(x, w, kind)
+    wp = triton_gemm.dequantize_into(w, scratch(x.device, x.dtype, n * k), planes=True)
+    return F.linear(triton_gemm.permute_x(x, w), wp)
