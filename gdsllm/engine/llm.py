@@ -38,7 +38,7 @@ from gdsllm.engine.budget import kv_tokens as budget_kv_tokens
 from gdsllm.engine.executor import LocalExecutor, PlanRunner
 from gdsllm.engine.loader import UnitLoader
 from gdsllm.engine.prefetch import Prefetch
-from gdsllm.engine.runner import Runner, compute_dtype
+from gdsllm.engine.runner import Runner, compute_dtype, reserve_scratch
 from gdsllm.engine.sampling import SamplingParams
 from gdsllm.engine.scheduler import DEFAULT_MAX_PASS_TOKENS, Scheduler
 from gdsllm.engine.sequence import Generation, prompt_ids
@@ -105,7 +105,8 @@ class LLM:
         asked = parse_size(vram_budget) if isinstance(vram_budget, str) else vram_budget
         budget = weights_budget(asked, self.meta.total_bytes + (draft_meta.total_bytes if draft_meta else 0),
                                 free_device_bytes(str(self.device)))
-        self.memory = plan_memory(self.meta, budget=budget, window=prefetch_window, draft=draft_meta)
+        self.memory = plan_memory(self.meta, budget=budget, window=prefetch_window, draft=draft_meta,
+                                  itemsize=self.dtype.itemsize)
         self.plan, self._expert_slots = self.memory.weights, self.memory.expert_slots
         self.experts = self.prefetch = self.speculator = self.draft_tokens = None
         self.loader = UnitLoader(self.meta, self.device, direct=io == "direct")
@@ -118,6 +119,7 @@ class LLM:
                 self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens,
                                                   adaptive=draft_adaptive, kv_tokens=1)
                 self.draft_tokens = draft_tokens
+            reserve_scratch(self.device, self.dtype, (self.meta, draft_meta))
             if kv_tokens is None:  # what is left once the weights are allocated, as the service
                 extra = self.speculator.draft.kv_token_bytes if self.speculator is not None else 0
                 kv_tokens = budget_kv_tokens(self.meta.params, self.dtype.itemsize, device=str(self.device),

@@ -52,6 +52,22 @@ def compute_dtype(device: torch.device, stored: str) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else DTYPES[stored]
 
 
+def reserve_scratch(device, dtype: torch.dtype, metas) -> int:
+    """On CUDA, allocate the quantized matmuls' dequantization buffer now, at the VRAM ledger's
+    size (gdsllm.engine.budget.scratch_bytes): before the KV cache is sized from the memory left,
+    and before a CUDA graph is captured (a capture cannot allocate it). Returns its bytes."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0
+    from gdsllm.engine.budget import scratch_bytes
+    from gdsllm.quant.kernels_cuda import scratch
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n = scratch_bytes(metas, itemsize) // itemsize
+    if n:
+        scratch(device, dtype, n)
+    return n * itemsize
+
+
 def default_kv_tokens(params: LlamaParams) -> int:
     """Room for four sequences of the model's whole context (at most 32768 tokens)."""
     return min(4 * params.max_position_embeddings, 32768)

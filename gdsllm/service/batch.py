@@ -289,7 +289,11 @@ class Batch:
             return
         prev = {sid: self.core.running[sid].last_token_at for sid in self.core.in_flight.seq_ids}
         m = self.metrics
-        for step in self.core.update(engine.PassResult(msg.tokens, msg.failed, msg.proposed, msg.seconds)):
+        steps = self.core.update(engine.PassResult(msg.tokens, msg.failed, msg.proposed, msg.seconds))
+        # The scheduler's books are final: the next pass goes out now, and the device computes it
+        # while this one's tokens are streamed to the clients and counted.
+        self.maybe_start_pass()
+        for step in steps:
             seq = step.gen
             if step.error is not None:  # its logits could not be sampled: it alone fails
                 self.fail(seq, "internal", f"request {seq.request.request_id}: {step.error}")

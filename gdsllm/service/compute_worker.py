@@ -168,10 +168,11 @@ class ComputeWorker:
     def _make_runner(self, resident: dict[int, int]) -> None:
         """The Runner with its paged KV cache, the resident units pinned (CUDA graphs run them)."""
         from gdsllm.engine.executor import PlanRunner
-        from gdsllm.engine.runner import Runner
+        from gdsllm.engine.runner import Runner, reserve_scratch
         from gdsllm.service.admission import kv_cache_tokens
         from gdsllm.service.expert_compute import ExpertCompute
         draft = self.speculator.draft if self.speculator is not None else None
+        reserve_scratch(self.device, self.dtype, (self.meta, getattr(draft, "meta", None)))
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         kv = kv_cache_tokens(self.meta, self.config, free, draft.kv_token_bytes if draft else 0)
         self.runner = Runner(self.meta.params, self.device, self.dtype, architecture=self.meta.architecture, kv_tokens=kv)

@@ -34,7 +34,7 @@ from ipc.messages import (Cancel, Done, Error, Final, Generate, Health, HealthRe
 
 from gdsllm.config import ServiceConfig
 from gdsllm.engine.budget import free_device_bytes, plan_memory, weights_budget
-from gdsllm.service.admission import Admission, caller_key
+from gdsllm.service.admission import Admission, caller_key, kv_itemsize
 from gdsllm.service.metrics import ServiceMetrics
 from gdsllm.service.progress import PassProgress
 from gdsllm.service.batch import Batch
@@ -70,7 +70,8 @@ class Coordinator:
             draft = load_draft_meta(self.meta, config.draft)
         budget = weights_budget(config.vram_budget, self.meta.total_bytes + (draft.total_bytes if draft else 0),
                                 free_device_bytes(config.device))
-        self.memory = plan_memory(self.meta, budget=budget, window=config.prefetch_window, draft=draft)
+        self.memory = plan_memory(self.meta, budget=budget, window=config.prefetch_window, draft=draft,
+                                  itemsize=kv_itemsize(self.meta, config))
         self.plan, self.expert_slots = self.memory.weights, self.memory.expert_slots
         self.draft_bytes = self.memory.draft_bytes
         self.metrics = ServiceMetrics()
