@@ -91,6 +91,7 @@ class SeqSampling:
     top_p: float
     top_k: int
     seed: int | None
+    draft_tree: int | None = None  # token-tree nodes per pass (Generate.draft_tree)
 
 
 @message("start_pass")

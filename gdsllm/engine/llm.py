@@ -79,7 +79,7 @@ class LLM:
                  io: str = "direct", cudnn_attention: bool = False,
                  vram_budget: int | str | None = None, draft: str | os.PathLike | None = None,
                  draft_tokens: int = 4, kv_tokens: int | None = None, cuda_graphs: bool = True,
-                 draft_adaptive: bool = True, prefetch_window: int = 2):
+                 draft_adaptive: bool = True, prefetch_window: int = 2, draft_tree: int | str | None = None):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
@@ -111,7 +111,7 @@ class LLM:
             if draft is not None:
                 from gdsllm.engine.speculative import make_speculator
                 self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens,
-                                                  adaptive=draft_adaptive, kv_tokens=1)
+                                                  adaptive=draft_adaptive, kv_tokens=1, tree=draft_tree)
                 self.draft_tokens = draft_tokens
             if kv_tokens is None:  # what is left once the weights are allocated, as the service
                 extra = self.speculator.draft.kv_token_bytes if self.speculator is not None else 0
@@ -124,6 +124,8 @@ class LLM:
             if self.speculator is not None:  # the draft holds the same sequences: the same KV room
                 self.speculator.draft.size_kv(self.runner.cache.capacity)
             self._load_resident()
+            if self.speculator is not None:  # a self:N draft reads the resident units
+                self.speculator.attach(self.runner, self.experts)
         except BaseException:
             self.close()
             raise
@@ -168,8 +170,8 @@ class LLM:
 
     # -- weights -------------------------------------------------------------------------------
     def _pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False, *,
-              logit_rows=None) -> torch.Tensor:
-        self.runner.start_pass(chunks, all_logits, logit_rows=logit_rows)
+              logit_rows=None, trees=None) -> torch.Tensor:
+        self.runner.start_pass(chunks, all_logits, logit_rows=logit_rows, trees=trees)
         try:
             for unit in self.meta.units:
                 if unit.kind == "expert":  # read only when routed, through the expert cache
@@ -273,7 +275,8 @@ class LLM:
         ks = {r.seq_id: draft_count(r.params.draft_tokens, self.draft_tokens,
                                     r.gen.max_new - len(r.gen.token_ids)) for r in active}
         samplers = {r.seq_id: r.sampler for r in active}
-        out = self.speculator.step(self._pass, chunks, ks, samplers, self.runner)
+        trees = {r.seq_id: r.params.draft_tree for r in active}
+        out = self.speculator.step(self._pass, chunks, ks, samplers, self.runner, trees)
         return [out[r.seq_id] for r in active]
 
     def _release(self, seq_id: int) -> None:

@@ -76,7 +76,7 @@ def sampling_params(msg: Generate) -> SamplingParams:
     return SamplingParams(temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
                           seed=msg.seed, max_tokens=msg.max_tokens, stop=tuple(msg.stop),
                           stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-                          draft_tokens=msg.draft_tokens)
+                          draft_tokens=msg.draft_tokens, draft_tree=msg.draft_tree)
 
 
 def validate_request(msg: Generate) -> None:
@@ -186,7 +186,8 @@ class Sequence(Generation):
 
     def sampling(self) -> SeqSampling:
         r = self.request
-        return SeqSampling(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed)
+        return SeqSampling(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed,
+                           draft_tree=r.draft_tree)
 
     def append(self, token: int) -> str:
         now = time.perf_counter()

@@ -9,6 +9,7 @@ and a block table per sequence (vLLM's design, nano-vllm's block manager without
     k, v = cache.gather(layer, seq_id, first, end)   # [kv_heads, end - first, head_dim]
     cache.advance(seq_id, n)           # every layer wrote them: commit
     cache.truncate(seq_id, m)          # roll back to the first m tokens (rejected drafts)
+    cache.compact(seq_id, start, keep) # tokens at positions `keep` move to start, start+1, ...
     cache.free(seq_id)                 # its blocks go back to the pool
 
 Layer `l`'s pool is `k[l]`, `v[l]`: [num_blocks, block_size, kv_heads, head_dim]; the token at
@@ -119,11 +120,31 @@ class PagedKVCache:
         assert 0 <= n <= self.length(seq_id), (n, self.length(seq_id))
         self.lengths[seq_id] = n
 
+    def compact(self, seq_id: int, start: int, keep: list[int]) -> None:
+        """Keep the tokens at positions `keep` (ascending, each >= start) as positions start,
+        start + 1, ... in every layer and forget the rest after `start` (a token tree's accepted
+        path, its rejected branches dropped)."""
+        n = self.length(seq_id)
+        assert all(start <= a < b for a, b in zip(keep, keep[1:])) and (not keep or start <= keep[0])
+        assert not keep or keep[-1] < n, (keep, n)
+        moved = [(s, start + i) for i, s in enumerate(keep) if s != start + i]
+        if moved:
+            src = torch.tensor(self.slot_list_at(seq_id, [s for s, _ in moved]), device=self.device)
+            dst = torch.tensor(self.slot_list_at(seq_id, [d for _, d in moved]), device=self.device)
+            for pool in self.k + self.v:
+                flat = pool.view(-1, self.kv_heads, self.head_dim)
+                flat.index_copy_(0, dst, flat.index_select(0, src))
+        self.lengths[seq_id] = start + len(keep)
+
     # -- addressing -------------------------------------------------------------------------
     def slot_list(self, seq_id: int, start: int, end: int) -> list[int]:
         """Flat slot indices of positions [start, end) of `seq_id` (host ints)."""
+        return self.slot_list_at(seq_id, range(start, end))
+
+    def slot_list_at(self, seq_id: int, positions: list[int]) -> list[int]:
+        """Flat slot indices of the given positions of `seq_id` (host ints)."""
         t, bs = self.tables[seq_id], self.block_size
-        return [t[p // bs] * bs + p % bs for p in range(start, end)]
+        return [t[p // bs] * bs + p % bs for p in positions]
 
     def table_row(self, seq_id: int, width: int) -> list[int]:
         """`seq_id`'s block table padded with the scratch block to `width` entries."""

@@ -116,7 +116,7 @@ class ComputeWorker:
             from gdsllm.engine.speculative import make_speculator
             self.speculator = make_speculator(  # a token of KV until the target's is sized
                 self.meta, self.config.draft, self.device, self.config.draft_tokens,
-                adaptive=self.config.draft_adaptive, kv_tokens=1)
+                adaptive=self.config.draft_adaptive, kv_tokens=1, tree=self.config.draft_tree)
         return ComputeReady(pid=os.getpid(), device=str(self.device))
 
     def _loop(self) -> None:
@@ -181,6 +181,8 @@ class ComputeWorker:
         for u, off in resident.items():
             unit = self.meta.units[u]  # an index out of range fails the start-up, as it should
             self.runner.pin(u, unit_tensors(unit, self.arena.view(off, unit.nbytes)))
+        if self.speculator is not None:  # a self:N draft reads the pinned units
+            self.speculator.attach(self.runner)
 
     def _start_pass(self, msg: StartPass) -> None:
         if self.pass_id is not None and not self.pass_failed:
@@ -198,12 +200,14 @@ class ComputeWorker:
                 raise ValueError(f"sequences {missing} have no sampling parameters")
             if self.runner is None:
                 raise RuntimeError("no arena is open (OpenArena first)")
-            chunks, rows = [(sid, list(toks)) for sid, toks in msg.chunks], None
+            chunks, rows, trees = [(sid, list(toks)) for sid, toks in msg.chunks], None, None
             if self.speculator is not None:
-                chunks, rows = self.speculator.plan(chunks, msg.draft, self.samplers)
+                chunks, rows = self.speculator.plan(chunks, msg.draft, self.samplers, {
+                    sid: self.samplers[sid].params.draft_tree for sid in msg.draft})
+                trees = self.speculator.trees or None
             elif msg.draft:
                 raise ValueError("draft tokens asked of a worker without a draft model")
-            self.runner.start_pass(chunks, logit_rows=rows)
+            self.runner.start_pass(chunks, logit_rows=rows, trees=trees)
         except Exception as e:
             if self.speculator is not None:
                 self.speculator.abort(self.runner)
@@ -300,4 +304,5 @@ class ComputeWorker:
 def _make_sampler(s: SeqSampling):
     """A sequence's sampler, seeded once: its draws do not depend on who shares its passes."""
     from gdsllm.engine.sampling import Sampler, SamplingParams
-    return Sampler(SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed))
+    return Sampler(SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+                                  draft_tree=s.draft_tree))
