@@ -198,3 +198,13 @@ def test_service_greedy_with_trees_equals_llm(kind, models, reference, monkeypat
         assert one.token_ids == reference[0]
         m = s.svc.coordinator.metrics
         assert m.draft_tokens._value.get() > 0
+
+
+def test_trees_fit_the_free_kv_cache_and_give_their_blocks_back(models, reference):
+    """A KV cache barely larger than the batch needs: 64-node trees shrink to what is free, and
+    each pass's borrowed blocks return to the pool."""
+    target, _ = models
+    with LLM(str(target), draft="self:2", draft_tree=64, kv_tokens=240) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, greedy(24))] == reference
+        assert llm.speculator.stats.tree_passes > 0
+        assert llm.runner.cache.free_blocks == llm.runner.cache.num_blocks - 1

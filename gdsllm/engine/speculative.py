@@ -44,6 +44,7 @@ from gdsllm.engine.adaptive_k import AdaptiveK, tree_size
 from gdsllm.engine.draft import (DraftModel, NgramDraft, Proposal, SelfDraft, check_draft, is_builtin,
                                  is_ngram, self_layers)
 from gdsllm.engine.sampling import AUTO_TREE, Sampler, SamplingError, check_draft_tokens, check_draft_tree
+from gdsllm.models.kv_cache import blocks_for
 from gdsllm.engine.tree import TreeSpec, accept_tree_greedy, accept_tree_sampled, depths
 
 
@@ -155,6 +156,7 @@ class Speculator:
         self.tree = check_draft_tree(tree)
         self._timer = self.adaptive if self.adaptive is not None else AdaptiveK()  # the cost ratio
         self.trees: dict[int, TreeSpec] = {}  # of the pass in flight: what start_pass needs
+        self._target = None  # the target's Runner (attach): trees fit its free KV blocks
         self._t_plan: tuple[float, int, float] | None = None  # (draft s, draft passes, plan end)
         self.hist: dict[int, list[int]] = {}  # per sequence: the tokens fed to the target
         self.stats = SpecStats()
@@ -165,8 +167,26 @@ class Speculator:
     def attach(self, target, experts=None) -> None:
         """The target's runner, once its resident units are pinned: a self:N draft reads its
         weights there (gdsllm.engine.draft.SelfDraft.attach); other drafts need nothing."""
+        self._target = target
         if isinstance(self.draft, SelfDraft):
             self.draft.attach(target, experts)
+
+    def _fit_trees(self, chunks, ks: dict[int, int], sizes: dict[int, int]) -> None:
+        """Shrink the trees to the target's free KV blocks, after what every chunk of the pass
+        and its chain drafts need (a tree borrows blocks for one pass: Runner.compact returns
+        them), so that a tree never makes the pass run out of KV cache."""
+        cache = self._target.cache
+        free, slack = cache.free_blocks, {}
+        for sid, new in chunks:
+            need, slack[sid] = cache.room(sid, len(new) + (0 if sid in sizes else ks.get(sid, 0)))
+            free -= need
+        for sid in [sid for sid, _ in chunks if sid in sizes]:
+            t = min(sizes[sid], slack[sid] + max(0, free) * cache.block_size)
+            free -= blocks_for(max(0, t - slack[sid]), cache.block_size)
+            if t > 0:
+                sizes[sid] = t
+            else:
+                del sizes[sid]
 
     def tree_size(self, requested) -> int:
         """Nodes of a sequence's tree this pass: its request's draft_tree (None: the
@@ -197,6 +217,8 @@ class Speculator:
                         self.draft.max_context - len(h))
                 if t > 0:
                     sizes[sid] = t
+        if sizes and self._target is not None:
+            self._fit_trees(chunks, ks, sizes)
         t0, n0 = time.perf_counter(), self.draft.passes
         chain = [it for it in items if it[0] not in sizes]
         self.proposals = self.draft.propose(chain) if chain else {}

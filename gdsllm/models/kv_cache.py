@@ -123,7 +123,8 @@ class PagedKVCache:
     def compact(self, seq_id: int, start: int, keep: list[int]) -> None:
         """Keep the tokens at positions `keep` (ascending, each >= start) as positions start,
         start + 1, ... in every layer and forget the rest after `start` (a token tree's accepted
-        path, its rejected branches dropped)."""
+        path, its rejected branches dropped). Blocks past the new length go back to the pool: a
+        tree may have borrowed more than the sequence will ever hold."""
         n = self.length(seq_id)
         assert all(start <= a < b for a, b in zip(keep, keep[1:])) and (not keep or start <= keep[0])
         assert not keep or keep[-1] < n, (keep, n)
@@ -135,11 +136,22 @@ class PagedKVCache:
                 flat = pool.view(-1, self.kv_heads, self.head_dim)
                 flat.index_copy_(0, dst, flat.index_select(0, src))
         self.lengths[seq_id] = start + len(keep)
+        table = self.tables[seq_id]
+        spare = table[blocks_for(self.lengths[seq_id], self.block_size):]
+        if spare:
+            del table[len(table) - len(spare):]
+            self._free.extend(reversed(spare))
 
     # -- addressing -------------------------------------------------------------------------
     def slot_list(self, seq_id: int, start: int, end: int) -> list[int]:
         """Flat slot indices of positions [start, end) of `seq_id` (host ints)."""
         return self.slot_list_at(seq_id, range(start, end))
+
+    def room(self, seq_id: int, n: int) -> tuple[int, int]:
+        """(blocks `seq_id` needs for n more tokens, tokens its blocks then hold beyond them)."""
+        end = self.length(seq_id) + n
+        have, want = len(self.tables.get(seq_id, ())), blocks_for(end, self.block_size)
+        return max(0, want - have), max(have, want) * self.block_size - end
 
     def slot_list_at(self, seq_id: int, positions: list[int]) -> list[int]:
         """Flat slot indices of the given positions of `seq_id` (host ints)."""
