@@ -151,7 +151,8 @@ class PassResult:
     """The sampled next token of each chunk, as [seq_id, token_id]. For a sequence that drafted:
     `accepted[seq_id]` are the draft tokens the target accepted, which come BEFORE its token in
     `tokens`, and `proposed[seq_id]` how many the draft proposed. `failed[seq_id]`: why that
-    sequence's logits could not be sampled (it has no token; only its request fails)."""
+    sequence's logits could not be sampled (it has no token; only its request fails).
+    `draft_seconds`: the time the worker spent drafting for this pass."""
 
     pass_id: int
     tokens: list[tuple[int, int]]
@@ -159,6 +160,7 @@ class PassResult:
     accepted: dict[int, list[int]] = field(default_factory=dict)
     proposed: dict[int, int] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
+    draft_seconds: float = 0.0
 
 
 def _check_experts(ids, what: str) -> None:

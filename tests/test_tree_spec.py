@@ -198,6 +198,11 @@ def test_service_greedy_with_trees_equals_llm(kind, models, reference, monkeypat
         assert one.token_ids == reference[0]
         m = s.svc.coordinator.metrics
         assert m.draft_tokens._value.get() > 0
+        sizes = m.draft_size.collect()[0].samples  # tree nodes per pass, at most 64 (draft_tree)
+        assert {x.labels["le"]: x.value for x in sizes if x.name.endswith("_bucket")}["64.0"] == \
+            next(x.value for x in sizes if x.name.endswith("_count")) > 0
+        drafting = m.draft_seconds.collect()[0].samples
+        assert next(x.value for x in drafting if x.name.endswith("_count")) > 0
 
 
 def test_trees_fit_the_free_kv_cache_and_give_their_blocks_back(models, reference):

@@ -157,6 +157,7 @@ class Speculator:
         self._timer = self.adaptive if self.adaptive is not None else AdaptiveK()  # the cost ratio
         self.trees: dict[int, TreeSpec] = {}  # of the pass in flight: what start_pass needs
         self._target = None  # the target's Runner (attach): trees fit its free KV blocks
+        self.last_draft_seconds = 0.0  # the last plan's drafting time
         self._t_plan: tuple[float, int, float] | None = None  # (draft s, draft passes, plan end)
         self.hist: dict[int, list[int]] = {}  # per sequence: the tokens fed to the target
         self.stats = SpecStats()
@@ -226,6 +227,7 @@ class Speculator:
             self.proposals.update(self.draft.propose_tree([it for it in items if it[0] in sizes], sizes))
         t1 = time.perf_counter()
         self._t_plan = (t1 - t0, self.draft.passes - n0, t1) if items else None
+        self.last_draft_seconds = t1 - t0 if items else 0.0
         if items:
             self.stats.draft_seconds += t1 - t0
             self.stats.steps += 1

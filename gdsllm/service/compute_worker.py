@@ -268,7 +268,8 @@ class ComputeWorker:
             self._fail(msg, e, done_sent=True)
             return
         seconds = self.pass_seconds + time.perf_counter() - t0
-        self.send(PassResult(self.pass_id, tokens, seconds, accepted, proposed, failed))
+        draft_s = self.speculator.last_draft_seconds if self.speculator is not None else 0.0
+        self.send(PassResult(self.pass_id, tokens, seconds, accepted, proposed, failed, draft_s))
         self.pass_id = None
 
     def _fail(self, msg: Run, e: Exception, done_sent: bool = False) -> None:

@@ -278,6 +278,8 @@ class BatchScheduler:
             if seq is not None and seq.cancelled:
                 self.finish(seq, "cancelled")
         m = self.metrics
+        if msg.proposed:
+            m.observe_draft_seconds(msg.draft_seconds)
         for sid, token in msg.tokens:
             seq = self.running.get(sid)
             if seq is None:
