@@ -189,12 +189,13 @@ class Speculator:
             else:
                 del sizes[sid]
 
-    def tree_size(self, requested) -> int:
+    def tree_size(self, requested, timed: bool = True) -> int:
         """Nodes of a sequence's tree this pass: its request's draft_tree (None: the
-        speculator's), "auto" from the measured costs; 0: a chain."""
+        speculator's), "auto" from the measured costs (`timed`; else the untimed default: a
+        seed's tokens must not depend on timings); 0: a chain."""
         t = self.tree if requested is None else requested
         if t == AUTO_TREE:
-            return tree_size(self._timer.ratio)
+            return tree_size(self._timer.ratio if timed else None)
         return t or 0
 
     def plan(self, chunks: list[tuple[int, list[int]]], ks: dict[int, int],
@@ -210,11 +211,12 @@ class Speculator:
             k = min(ks.get(sid, 0), self.target_context - len(h),  # the target holds len(h) + k
                     self.draft.max_context - len(h) + 1)  # the draft len(h) + k - 1
             p = samplers[sid].params
-            if self.adaptive is not None and (p.greedy or p.seed is None):
+            timed = p.greedy or p.seed is None
+            if self.adaptive is not None and timed:
                 k = self.adaptive.k(sid, k)
             if k > 0:
                 items.append((sid, h, k, samplers[sid]))
-                t = min(self.tree_size((trees or {}).get(sid)), self.target_context - len(h),
+                t = min(self.tree_size((trees or {}).get(sid), timed), self.target_context - len(h),
                         self.draft.max_context - len(h))
                 if t > 0:
                     sizes[sid] = t
