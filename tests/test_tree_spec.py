@@ -213,3 +213,23 @@ def test_trees_fit_the_free_kv_cache_and_give_their_blocks_back(models, referenc
         assert [o.token_ids for o in llm.generate(PROMPTS, greedy(24))] == reference
         assert llm.speculator.stats.tree_passes > 0
         assert llm.runner.cache.free_blocks == llm.runner.cache.num_blocks - 1
+
+
+def test_service_moe_greedy_with_a_tree_equals_llm(models, moe, monkeypatch):
+    """A mixture of experts served with a model draft's 8-node trees: the LLM's greedy tokens.
+    (self:N there needs the experts resident in the compute worker: refused otherwise.)"""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    target, want = moe
+    with Service(target, draft=models[1], draft_tokens=3, draft_tree=8) as s, \
+            Client(s.endpoint, timeout=60) as c:
+        texts = [p for p in PROMPTS if isinstance(p, str)]
+        got = [c.generate(p, max_tokens=16, temperature=0, ignore_eos=True).token_ids for p in texts]
+        assert got == want[:len(got)]
+        assert s.svc.coordinator.metrics.draft_tokens._value.get() > 0
+
+
+def test_service_refuses_self_draft_without_resident_experts(moe):
+    from gdsllm.service.worker_set import WorkerStartError
+    with pytest.raises(WorkerStartError, match="cannot start its draft: --draft self:2: the experts"):
+        with Service(moe[0], draft="self:2", draft_tree=8):
+            pass

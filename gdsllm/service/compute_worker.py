@@ -161,6 +161,9 @@ class ComputeWorker:
             self.arena = Arena.attach(ArenaSpec(msg.backend, msg.handle, msg.arena_bytes, self.device.index or 0))
             what = "allocate its KV cache"  # after the arena: it takes a share of the memory left
             self._make_runner(msg.resident)
+            if self.speculator is not None:  # a self:N draft reads the pinned units
+                what = "start its draft"
+                self.speculator.attach(self.runner)
         except Exception as e:
             self.send(WorkerError(f"compute worker cannot {what}: {e}", fatal=True))
             raise _Exit from None
@@ -181,8 +184,6 @@ class ComputeWorker:
         for u, off in resident.items():
             unit = self.meta.units[u]  # an index out of range fails the start-up, as it should
             self.runner.pin(u, unit_tensors(unit, self.arena.view(off, unit.nbytes)))
-        if self.speculator is not None:  # a self:N draft reads the pinned units
-            self.speculator.attach(self.runner)
 
     def _start_pass(self, msg: StartPass) -> None:
         if self.pass_id is not None and not self.pass_failed:
