@@ -5,7 +5,12 @@
     check_draft(target_meta, draft.meta)                 # ValueError naming both models on mismatch
     props = draft.propose([(seq_id, tokens, k, sampler)])  # {seq_id: Proposal(tokens, probs)}
     draft.truncate(seq_id, n)                            # keep the first n tokens (rejections)
+    trees = draft.propose_tree(items, {seq_id: 64})      # token trees (gdsllm.engine.tree)
+    draft.keep(seq_id, start, path)                      # the accepted path of the last tree
     draft.release(seq_id)
+
+    SelfDraft(target_meta, 4, device).attach(target_runner)   # --draft self:4: the target's own
+                                                              # first 4 layers, read in place
 
 `tokens` is the sequence as the target knows it (prompt and every token since); the draft feeds
 itself whatever part of it its own KV cache does not hold yet, then proposes `k` tokens one pass
@@ -211,13 +216,10 @@ class DraftModel:
         proposed position. The draft's cache then holds tokens + all proposals but the last."""
         out = {sid: Proposal() for sid, _, _, _ in items}
         want = {sid: (k, s) for sid, _, k, s in items if k > 0}
-        feed = [it for it in items if it[2] > 0]
-        while feed:
-            if isinstance(feed, list):
-                sids, logits = self._feed(feed)
-            else:
-                sids = list(feed)
-                logits = self._pass([(sid, feed[sid]) for sid in sids])
+        if not want:
+            return out
+        sids, logits = self._feed([it for it in items if it[2] > 0])
+        while True:
             greedy = [i for i, sid in enumerate(sids) if want[sid][1].params.greedy]
             picks = dict.fromkeys(sids, 0)
             if greedy:
@@ -231,8 +233,10 @@ class DraftModel:
                     picks[sid] = sampler.draw(q)
                     out[sid].probs.append(q)
                 out[sid].tokens.append(picks[sid])
-            feed = {sid: [picks[sid]] for sid in sids if len(out[sid].tokens) < want[sid][0]}
-        return out
+            sids = [sid for sid in sids if len(out[sid].tokens) < want[sid][0]]
+            if not sids:
+                return out
+            logits = self._pass([(sid, [picks[sid]]) for sid in sids])
 
 
 class SelfDraft(DraftModel):
