@@ -112,10 +112,10 @@ def test_sampled_tree_acceptance_keeps_the_targets_distribution():
 
 def test_best_first_tree_is_closed_under_parents_and_sized():
     b = TreeBuilder(size=4)
-    b.add_children(-1, torch.tensor([0.5, 0.3, 0.2, 0.0]))  # no child of probability 0
+    b.add_children([-1], torch.tensor([[0.5, 0.3, 0.2, 0.0]]))  # no child of probability 0
     assert b.to_expand(8) == [0, 1, 2]
     b.expanded(0)
-    b.add_children(0, torch.tensor([0.1, 0.9, 0.0, 0.0]))  # 0 -> 1 (0.45), 0 -> 0 (0.05)
+    b.add_children([0], torch.tensor([[0.1, 0.9, 0.0, 0.0]]))  # 0 -> 1 (0.45), 0 -> 0 (0.05)
     assert b.to_expand(8) == [3, 1]  # node 2 now ranks last of the four: its children never enter
     tokens, parents, ids = b.tree()
     assert tokens == [0, 1, 2, 1] and parents == [-1, -1, -1, 0] and ids == [0, 1, 2, 3]

@@ -177,7 +177,7 @@ class DraftModel:
         info = {sid: (len(tokens), k, s) for sid, tokens, k, s in items}
         builders = {sid: TreeBuilder(sizes[sid]) for sid in sids}
         for i, sid in enumerate(sids):
-            builders[sid].add_children(-1, branch_probs(logits[i], info[sid][2]))
+            builders[sid].add_children([-1], branch_probs(logits[i: i + 1], info[sid][2]))
         for level in range(1, max(k for _, k, _ in info.values())):
             todo = {}
             for sid, b in builders.items():
@@ -200,9 +200,9 @@ class DraftModel:
             logits = self._pass(chunks, trees)
             row = 0
             for sid, nodes in todo.items():
-                for n in nodes:
-                    builders[sid].add_children(n, branch_probs(logits[row], info[sid][2]))
-                    row += 1
+                rows = logits[row: row + len(nodes)]
+                builders[sid].add_children(nodes, branch_probs(rows, info[sid][2]))
+                row += len(nodes)
         out = {}
         for sid, b in builders.items():
             tokens, parents, ids = b.tree()

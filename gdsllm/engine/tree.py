@@ -146,9 +146,10 @@ class TreeBuilder:
     """One sequence's best-first tree (module docstring) while the draft expands it.
 
     b = TreeBuilder(size=64)
-    b.add_children(-1, probs_of_root)             # candidates under the root
-    for node in b.to_expand(limit):                # ...the draft runs these nodes, then
-        b.expanded(node); b.add_children(node, probs)
+    b.add_children([-1], probs_of_root[None])     # candidates under the root
+    nodes = b.to_expand(limit)                     # ...the draft runs these nodes, then
+    for n in nodes: b.expanded(n)
+    b.add_children(nodes, probs_of_those_nodes)
     tokens, parents, order = b.tree()              # the `size` likeliest nodes, parents first
     """
 
@@ -159,16 +160,19 @@ class TreeBuilder:
         self.logp: list[float] = []
         self.fed: list[int] = []  # nodes the draft has run, in its cache order
 
-    def add_children(self, node: int, probs: torch.Tensor) -> None:
-        base = 0.0 if node < 0 else self.logp[node]
+    def add_children(self, nodes: list[int], probs: torch.Tensor) -> None:
+        """The likeliest children of each of `nodes` (-1: the root) from the draft's
+        distributions probs [len(nodes), vocab] (one top-k and one copy to the host)."""
         k = min(self.size, MAX_CHILDREN, probs.shape[-1])
-        top = torch.topk(probs.float(), k)
-        for pr, tok in zip(top.values.tolist(), top.indices.tolist()):
-            if pr <= 0:
-                break
-            self.tokens.append(int(tok))
-            self.parents.append(node)
-            self.logp.append(base + math.log(pr))
+        top = torch.topk(probs.float(), k, dim=-1)
+        for node, values, tokens in zip(nodes, top.values.tolist(), top.indices.tolist()):
+            base = 0.0 if node < 0 else self.logp[node]
+            for pr, tok in zip(values, tokens):
+                if pr <= 0:
+                    break
+                self.tokens.append(int(tok))
+                self.parents.append(node)
+                self.logp.append(base + math.log(pr))
 
     def _best(self) -> list[int]:
         """The `size` likeliest nodes, best first (ties: the older node first)."""
