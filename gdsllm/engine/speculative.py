@@ -285,7 +285,7 @@ class Speculator:
                 self.draft.keep(sid, start, path)
                 st.tree_passes += 1
                 st.tree_nodes += len(prop.tokens)
-                drafted = 1 + max(depths(prop.parents))
+                drafted = 1 + max(depths(prop.parents), default=-1)
             else:
                 target.truncate(sid, len(h))
                 self.draft.truncate(sid, len(h))
