@@ -18,7 +18,7 @@ from gdsllm.engine.sampling import Sampler
 from gdsllm.engine.speculative import load_draft_meta
 from gdsllm.engine.tree import TreeBuilder, TreeSpec, accept_tree_greedy, accept_tree_sampled
 from gdsllm.format.metadata import load_model_meta
-from gdsllm.service.client import Client
+from gdsllm.service.client import Client, ServiceError
 from service_helpers import Service
 from spec_helpers import PROMPTS, chi_square_p, greedy, models, one_thread, reference  # noqa: F401
 
@@ -196,6 +196,8 @@ def test_service_greedy_with_trees_equals_llm(kind, models, reference, monkeypat
         assert got == reference[:len(got)]
         one = c.generate(texts[0], max_tokens=24, temperature=0, ignore_eos=True, draft_tree=64)
         assert one.token_ids == reference[0]
+        with pytest.raises(ServiceError, match="draft_tree must be 0 to 1024"):
+            c.generate(texts[0], max_tokens=4, draft_tree=5000)
         m = s.svc.coordinator.metrics
         assert m.draft_tokens._value.get() > 0
         sizes = m.draft_size.collect()[0].samples  # tree nodes per pass, at most 64 (draft_tree)
