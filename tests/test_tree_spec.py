@@ -235,3 +235,27 @@ def test_service_refuses_self_draft_without_resident_experts(moe):
     with pytest.raises(WorkerStartError, match="cannot start its draft: --draft self:2: the experts"):
         with Service(moe[0], draft="self:2", draft_tree=8):
             pass
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_tree_attention_equals_each_nodes_own_path(window):
+    """At the attention level, sliding window included: a node's row equals plain attention over
+    the prefix and its own ancestors (positions prefix + depth)."""
+    from gdsllm.engine.tree import tree_positions, tree_visibility
+    from gdsllm.models.attention import attention, tree_attention
+    g = torch.Generator().manual_seed(0)
+    prefix, parents = 5, [-1, -1, 0, 1, 2, 4]
+    spec = TreeSpec(prefix, parents)
+    L, n = prefix + len(parents), len(parents)
+    q = torch.randn(4, n, 8, generator=g)
+    k, v = torch.randn(2, L, 8, generator=g), torch.randn(2, L, 8, generator=g)
+    mask = tree_visibility(spec, prefix, L)
+    got = tree_attention(q, k, v, mask, torch.tensor(tree_positions(spec, L)), window=window)
+    for i in range(n):
+        path, j = [], i
+        while j >= 0:
+            path.append(prefix + j)
+            j = parents[j]
+        keys = list(range(prefix)) + path[::-1]
+        want = attention(q[:, i: i + 1], k[:, keys], v[:, keys], len(keys) - 1, window=window)
+        torch.testing.assert_close(got[i: i + 1], want, rtol=1e-5, atol=1e-5)
