@@ -25,7 +25,9 @@ class ServiceConfig:
     decoding (fully resident in the compute worker, its bytes taken from vram_budget);
     draft_tokens: what it proposes per sequence and pass unless a request says otherwise;
     draft_adaptive: K per sequence within [1, draft_tokens] (gdsllm.engine.adaptive_k; seeded
-    sampled requests keep draft_tokens, so a seed's tokens do not depend on timings).
+    sampled requests keep draft_tokens, so a seed's tokens do not depend on timings);
+    draft_tree: token-tree nodes per sequence and pass (None / 0: chains; "auto": from the
+    measured pass costs; gdsllm.engine.tree) unless a request says otherwise.
     """
 
     model: Path
@@ -44,6 +46,7 @@ class ServiceConfig:
     draft: Path | None = None
     draft_tokens: int = 4
     draft_adaptive: bool = True
+    draft_tree: int | str | None = None
     # ---- reliability and security (docs/RELIABILITY.md)
     curve_secret_key: Path | None = None  # ZeroMQ secret certificate: CurveZMQ on the endpoint
     insecure: bool = False  # allow a non-loopback endpoint without CurveZMQ
@@ -71,6 +74,8 @@ class ServiceConfig:
             raise ValueError(f"--max-batch must be at least 1, got {self.max_batch}")
         from gdsllm.engine.sampling import check_draft_tokens  # torch: not at import (the CLI's --help)
         check_draft_tokens(self.draft_tokens)
+        from gdsllm.engine.sampling import check_draft_tree
+        object.__setattr__(self, "draft_tree", check_draft_tree(self.draft_tree))
         if self.verify not in ("first", "always"):
             raise ValueError(f"--verify must be first or always, got {self.verify!r}")
         if self.kv_budget is not None and self.kv_budget <= 0:

@@ -43,6 +43,7 @@ class Generate:
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
     stop_token_ids: list[int] = field(default_factory=list)  # end it besides eos (checked by the engine)
     draft_tokens: int | None = None  # speculative decoding: None = the server's --draft-tokens, 0 = off
+    draft_tree: int | None = None  # token-tree nodes per pass: None = the server's --draft-tree, 0 = a chain
     # Who a front end sends it for (the HTTP API: an API key's hash, or the caller's address:port):
     # the per-client in-flight cap counts (client, caller) pairs. None: the client itself.
     caller: str | None = None

@@ -91,6 +91,7 @@ class SeqSampling:
     top_p: float
     top_k: int
     seed: int | None
+    draft_tree: int | None = None  # token-tree nodes per pass (Generate.draft_tree)
 
 
 @message("start_pass")
@@ -157,13 +158,15 @@ class PassResult:
     """The pass's tokens: `tokens[seq_id]` the draft tokens the target accepted (speculative
     decoding), then its own sampled next token; `proposed[seq_id]` how many the draft proposed.
     Partial chunks have none. `failed[seq_id]`: why that sequence's logits could not be sampled
-    (it has no token; only its request fails)."""
+    (it has no token; only its request fails).
+    `draft_seconds`: the time the worker spent drafting for this pass."""
 
     pass_id: int
     tokens: dict[int, list[int]]
     seconds: float
     proposed: dict[int, int] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
+    draft_seconds: float = 0.0
 
 
 def _check_experts(ids, what: str) -> None:

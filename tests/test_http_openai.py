@@ -25,7 +25,8 @@ MSG = [{"role": "user", "content": "hi"}]
 def test_defaults_follow_openai():
     c = openai.parse_request({"prompt": "x"}, chat=False)
     assert c.params == dict(max_tokens=16, temperature=1.0, top_p=1.0, top_k=0, seed=None, stop=[],
-                            stop_token_ids=[], ignore_eos=False, draft_tokens=None)
+                            stop_token_ids=[], ignore_eos=False, draft_tokens=None,
+                            draft_tree=None)
     assert not c.stream and c.prompt == "x" and c.messages is None
     chat = openai.parse_request({"messages": MSG, "max_completion_tokens": 7, "stop": "\n",
                                  "top_k": -1, "stream": True, "stream_options": {"include_usage": True}},
@@ -73,6 +74,7 @@ def test_messages_roles_and_text_parts():
     ({"prompt": "x", "stop_token_ids": 2}, False, "stop_token_ids"),
     ({"prompt": "x", "model": 3}, False, "model"),
     ({"prompt": "x", "draft_tokens": 1.5}, False, "draft_tokens"),
+    ({"prompt": "x", "draft_tree": 1.5}, False, "draft_tree"),
 ])
 def test_bad_bodies_are_400_naming_the_field(body, chat, param):
     with pytest.raises(openai.ApiError) as e:
@@ -90,6 +92,14 @@ def test_draft_tokens_per_request_reach_the_generate_message():
     assert openai.parse_request({"prompt": "x"}, chat=False).params["draft_tokens"] is None
     with pytest.raises(ValueError, match=f"draft_tokens must be 0 to {MAX_DRAFT_TOKENS}"):
         SamplingParams(draft_tokens=MAX_DRAFT_TOKENS + 1).validate()
+
+
+def test_draft_tree_per_request_reaches_the_generate_message():
+    """A request may size its own token tree (0: a chain); the range is SamplingParams'."""
+    from gdsllm.engine.sampling import MAX_DRAFT_TREE, SamplingParams
+    assert openai.parse_request({"prompt": "x", "draft_tree": 64}, chat=False).params["draft_tree"] == 64
+    with pytest.raises(ValueError, match=f"draft_tree must be 0 to {MAX_DRAFT_TREE}"):
+        SamplingParams(draft_tree=MAX_DRAFT_TREE + 1).validate()
 
 
 def test_neutral_values_of_unsupported_fields_and_unknown_fields_pass():

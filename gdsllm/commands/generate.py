@@ -82,7 +82,8 @@ def run(args) -> int:
         from gdsllm.engine.llm import LLM
         with LLM(args.model, device=pick_device(args.device, service=False), io=args.io,
                  vram_budget=size_option(args.vram_budget, "--vram-budget"), draft=args.draft,
-                 draft_tokens=args.draft_tokens, draft_adaptive=args.draft_adaptive) as llm:
+                 draft_tokens=args.draft_tokens, draft_adaptive=args.draft_adaptive,
+                 draft_tree=args.draft_tree) as llm:
             for delta in llm.stream(messages or args.prompt, params):
                 _write(delta)
         _write("\n")

@@ -35,14 +35,19 @@ def add_service_options(p, endpoint_default: str | None = "tcp://127.0.0.1:5555"
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences per weight pass")
     p.add_argument("--draft", default=None, metavar="MODEL",
                    help="draft model directory for speculative decoding (same tokenizer; fully "
-                        "resident, its bytes taken from --vram-budget), or 'ngram' (prompt lookup: "
-                        "no model, no bytes)")
+                        "resident, its bytes taken from --vram-budget), 'ngram' (prompt lookup: "
+                        "no model, no bytes), or 'self:N' (the target's own first N layers, "
+                        "norm and head: no bytes; those units must be resident)")
     p.add_argument("--draft-tokens", type=int, default=4, metavar="K",
                    help="tokens the draft proposes per sequence and pass (default 4)")
     p.add_argument("--draft-adaptive", action=argparse.BooleanOptionalAction, default=True,
                    help="per sequence, draft only as many of the K tokens as pay off (recent "
                         "acceptance, measured draft / target pass cost; default on; seeded "
                         "sampled requests keep K)")
+    p.add_argument("--draft-tree", default=None, metavar="T",
+                   help="verify a token tree of T draft nodes (at most K deep) per sequence and "
+                        "pass instead of a chain; 'auto': T from the measured draft / target pass "
+                        "costs (hundreds when weights stream, a few when resident); default: chains")
 
 
 def cuda_problem(service: bool = True) -> str | None:
@@ -91,6 +96,7 @@ def service_config(args, **extra):
                          draft=Path(args.draft).expanduser() if args.draft else None,
                          draft_tokens=args.draft_tokens,
                          draft_adaptive=getattr(args, "draft_adaptive", True),
+                         draft_tree=getattr(args, "draft_tree", None),
                          expert_prefetch=getattr(args, "expert_prefetch", True), **extra)
 
 

@@ -16,12 +16,29 @@ steps of the whole speculator (the passes are batched, so the ratio is shared). 
 passes stream (T large, D small) the best k stays at the cap unless acceptance collapses; when the
 target is resident and the draft not much cheaper (a CPU), k falls to 1 as soon as drafts are
 rejected. K grows back as drafts get accepted again.
+
+Token trees (gdsllm.engine.tree) take their size T from the same ratio (`tree_size`): a target
+pass costs about the same for a few hundred extra tokens when its weights stream, so T grows as
+a draft pass gets cheap against it, TREE_SCALE / ratio nodes within [TREE_MIN, TREE_MAX]: a few
+when the target is resident and a draft pass costs a good part of its pass, hundreds when a pass
+streams gigabytes. Before any draft pass was timed (and for prompt lookup, which runs none) it is
+TREE_DEFAULT.
 """
 from __future__ import annotations
 
 DECAY = 0.7  # weight of the past per step: about the last 3 steps count
 PRIOR = (0.7, 1.0)  # (acceptance, weight in events) before a sequence has been observed
 RATIO_DECAY = 0.8
+TREE_MIN, TREE_MAX, TREE_DEFAULT, TREE_SCALE = 4, 512, 64, 2.0
+
+
+def tree_size(ratio: float | None) -> int:
+    """Token-tree nodes for a draft-pass / target-pass cost ratio (module docstring)."""
+    if ratio is None:
+        return TREE_DEFAULT
+    if ratio <= 0:
+        return TREE_MAX
+    return int(min(TREE_MAX, max(TREE_MIN, round(TREE_SCALE / ratio))))
 
 
 def expected_tokens(a: float, k: int) -> float:

@@ -44,13 +44,16 @@ class PlanRunner:
         missing = [sid for sid in plan.seq_ids if sid not in self.samplers]
         if missing:
             raise ValueError(f"sequences {missing} have no sampling parameters")
-        chunks, rows = plan.chunks, None
+        self.runner.assign(plan.tables)  # first: a draft's tree fits inside the blocks they give
+        chunks, rows, trees = plan.chunks, None, None
         try:
-            if self.speculator is not None:
-                chunks, rows = self.speculator.plan(chunks, plan.draft, self.samplers)
+            if self.speculator is not None:  # a chain, or a tree of the request's draft_tree nodes
+                chunks, rows = self.speculator.plan(chunks, plan.draft, self.samplers, {
+                    sid: self.samplers[sid].params.draft_tree for sid in plan.draft})
+                trees = self.speculator.trees or None
             elif plan.draft:
                 raise ValueError("draft tokens asked of an executor without a draft")
-            self.runner.start_pass(chunks, logit_rows=rows, tables=plan.tables)
+            self.runner.start_pass(chunks, logit_rows=rows, trees=trees)
         except BaseException:
             if self.speculator is not None:
                 self.speculator.abort(self.runner)
@@ -62,7 +65,9 @@ class PlanRunner:
         plan, self.plan = self.plan, None
         tokens, accepted, proposed, failed = pass_tokens(
             self.runner.end_pass(), plan.seq_ids, plan.partial, self.samplers, self.speculator, self.runner)
-        return PassResult({sid: [*accepted.get(sid, ()), t] for sid, t in tokens}, failed, proposed)
+        draft_s = self.speculator.last_draft_seconds if self.speculator is not None else 0.0
+        return PassResult({sid: [*accepted.get(sid, ()), t] for sid, t in tokens}, failed, proposed,
+                          draft_seconds=draft_s)
 
     def abort(self) -> None:
         """The pass stopped midway: the caches keep only what earlier passes committed."""

@@ -81,7 +81,8 @@ class LLM:
                  vram_budget: int | str | None = None, draft: str | os.PathLike | None = None,
                  draft_tokens: int = 4, kv_tokens: int | None = None, cuda_graphs: bool = True,
                  draft_adaptive: bool = True, prefetch_window: int = 2,
-                 max_batch: int = DEFAULT_MAX_BATCH, max_pass_tokens: int = DEFAULT_MAX_PASS_TOKENS):
+                 max_batch: int = DEFAULT_MAX_BATCH, max_pass_tokens: int = DEFAULT_MAX_PASS_TOKENS,
+                 draft_tree: int | str | None = None):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
@@ -117,7 +118,7 @@ class LLM:
             if draft is not None:
                 from gdsllm.engine.speculative import make_speculator
                 self.speculator = make_speculator(self.meta, draft, self.device, draft_tokens,
-                                                  adaptive=draft_adaptive, kv_tokens=1)
+                                                  adaptive=draft_adaptive, kv_tokens=1, tree=draft_tree)
                 self.draft_tokens = draft_tokens
             reserve_scratch(self.device, self.dtype, (self.meta, draft_meta))
             if kv_tokens is None:  # what is left once the weights are allocated, as the service
@@ -131,6 +132,8 @@ class LLM:
             if self.speculator is not None:  # the draft holds the same sequences: the same KV room
                 self.speculator.draft.size_kv(self.runner.cache.capacity)
             self._load_resident()
+            if self.speculator is not None:  # a self:N draft reads the resident units
+                self.speculator.attach(self.runner, self.experts)
         except BaseException:
             self.close()
             raise

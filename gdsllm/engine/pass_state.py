@@ -2,6 +2,7 @@
 
     ps = decode_pass(runner, [(7, [tok]), (3, [tok])])       # one token per sequence
     ps = chunked_pass(runner, [(7, prompt_ids)], {7: 1})      # prompts, speculative chunks
+    ps = chunked_pass(runner, [(7, [root] + nodes)], {7: 5}, {7: TreeSpec(...)})  # a token tree
 
 Both pack every integer the pass needs (token ids, positions, KV slots, and the block tables of
 a decode pass or each sequence's key slots otherwise) into one tensor and copy it to the device
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from gdsllm.engine.graphs import Static, padding_row
+from gdsllm.engine.tree import tree_positions, tree_visibility
 from gdsllm.models.attention import PassBatch, Segment
 
 
@@ -56,15 +58,24 @@ def decode_pass(runner, chunks) -> PassState:
     return PassState(seq_ids, packed[:, 0], runner.rope(packed[:, 1]), batch, None, commit)
 
 
-def chunked_pass(runner, chunks, rows_of: dict[int, int]) -> PassState:
+def chunked_pass(runner, chunks, rows_of: dict[int, int], trees: dict | None = None) -> PassState:
     """Prompts and multi-token chunks: per-sequence attention over gathered keys; `rows_of[sid]`
-    logit rows (the chunk's last ones) for each sequence."""
-    cache = runner.cache
+    logit rows (the chunk's last ones) for each sequence. `trees[sid]`: a TreeSpec
+    (gdsllm.engine.tree) for the sequence's cache from its `start` on: those tokens sit at
+    positions start + depth and see the prefix and their ancestors only."""
+    cache, trees = runner.cache, trees or {}
     ids, positions, slots, last_rows, keys, spans, row = [], [], [], [], [], [], 0
+    masks = {}
     for sid, toks in chunks:
         past, n = cache.length(sid), len(toks)
         ids += toks
-        positions += range(past, past + n)
+        spec = trees.get(sid)
+        if spec is None:
+            positions += range(past, past + n)
+        else:
+            pos = tree_positions(spec, past + n)
+            positions += pos[past:]
+            masks[len(spans)] = (tree_visibility(spec, past, past + n), torch.tensor(pos))
         slots += cache.slot_list(sid, past, past + n)
         last_rows += range(row + n - rows_of[sid], row + n)
         spans.append((row, row + n, past, len(keys)))
@@ -74,6 +85,9 @@ def chunked_pass(runner, chunks, rows_of: dict[int, int]) -> PassState:
     packed = torch.tensor(ids + positions + slots + last_rows + keys, dtype=torch.long).to(runner.device)
     key_slots = packed[3 * T + R:]
     segments = [Segment(a, b, past, key_slots[k: k + past + b - a]) for a, b, past, k in spans]
+    for j, (mask, pos) in masks.items():  # token trees: their masks and key positions
+        segments[j].mask = mask.to(runner.device)
+        segments[j].positions = pos.to(runner.device)
     batch = PassBatch(cache, packed[2 * T: 3 * T], segments=segments)
     return PassState([s for s, _ in chunks], packed[:T], runner.rope(packed[T: 2 * T]), batch,
                      packed[3 * T: 3 * T + R], [(sid, len(toks)) for sid, toks in chunks])

@@ -17,7 +17,9 @@ attention runs per sequence. This is the shape continuous batching needs: a sequ
 
 `start_pass(chunks, logit_rows={3: 4})` returns logits for the last 4 tokens of sequence 3's chunk
 (speculative decoding scores every drafted position), rows in chunk order; `truncate(3, n)` then
-rolls its KV cache back to its first n tokens (rejected draft tokens).
+rolls its KV cache back to its first n tokens (rejected draft tokens). `start_pass(chunks,
+logit_rows=..., trees={3: TreeSpec(start, parents)})` scores a token tree (gdsllm.engine.tree):
+its nodes see their ancestors only; `compact(3, start, keep)` then keeps the accepted path.
 
 A tied model stored once has no LM head in its head unit: the head multiplies by the embedding
 table the embed unit of the same pass was given, so that unit's buffer must still hold it when the
@@ -145,14 +147,30 @@ class Runner(ExpertSteps):
         return self._runs
 
     # -- passes ---------------------------------------------------------------------------------
+    def compact(self, seq_id: int, start: int, keep: list[int]) -> None:
+        """Keep `seq_id`'s tokens at cache indices `keep` (ascending, >= start) as start,
+        start + 1, ... and forget the rest after start (a token tree's accepted path)."""
+        if self._pass is not None and seq_id in self._pass.seq_ids:
+            raise RuntimeError(f"sequence {seq_id} compacted in the middle of a pass that serves it")
+        self.cache.compact(seq_id, start, keep)
+
+    def assign(self, tables: dict[int, list[int]]) -> None:
+        """Hand new sequences their KV block ids from the scheduler's books (gdsllm.engine.blocks)."""
+        if self._pass is not None:
+            raise RuntimeError("KV tables assigned in the middle of a pass")
+        for sid, table in tables.items():
+            self.cache.assign(sid, table)
+
     def start_pass(self, chunks: list[tuple[int, list[int]]], all_logits: bool = False, *,
                    logit_rows: dict[int, int] | None = None,
-                   tables: dict[int, list[int]] | None = None) -> None:
+                   tables: dict[int, list[int]] | None = None, trees: dict | None = None) -> None:
         """Begin one weight pass for `chunks`: (seq_id, new_token_ids) each, seq_ids distinct.
         `all_logits`: end_pass returns logits for every new token, not only each chunk's last;
         `logit_rows[seq_id] = n`: logits for the last n tokens of that chunk (default 1).
         `tables[seq_id]`: the KV block ids of a sequence new to the cache, from the scheduler's
-        books (gdsllm.engine.blocks); without them the cache allocates its own blocks."""
+        books (gdsllm.engine.blocks); without them the cache allocates its own blocks.
+        `trees[seq_id]`: a gdsllm.engine.tree.TreeSpec covering the sequence's cache from its
+        start to the end of this chunk (tree attention; never a decode pass)."""
         if self._pass is not None:
             raise RuntimeError("start_pass called while a pass is in progress (call end_pass first)")
         if not chunks:
@@ -178,8 +196,11 @@ class Runner(ExpertSteps):
             if not 1 <= n_rows <= len(toks):
                 raise ValueError(f"sequence {sid}: {n_rows} logit rows asked of a {len(toks)}-token chunk")
             rows_of[sid] = len(toks) if all_logits else n_rows
-        for sid, table in (tables or {}).items():
-            self.cache.assign(sid, table)
+        self.assign(tables or {})
+        for sid, spec in (trees or {}).items():
+            if sid not in rows_of:
+                raise ValueError(f"start_pass: a tree for sequence {sid}, which is not in the batch")
+            spec.check(sid, self.seq_len(sid) + len(chunks[seq_ids.index(sid)][1]))
         new = [sid for sid in seq_ids if sid not in self.cache]
         try:
             for sid, toks in chunks:
@@ -188,10 +209,10 @@ class Runner(ExpertSteps):
             for sid in new:
                 self.cache.free(sid)
             raise
-        if all(len(toks) == 1 and rows_of[sid] == 1 for sid, toks in chunks):
+        if not trees and all(len(toks) == 1 and rows_of[sid] == 1 for sid, toks in chunks):
             self._pass = decode_pass(self, chunks)
         else:
-            self._pass = chunked_pass(self, chunks, rows_of)
+            self._pass = chunked_pass(self, chunks, rows_of, trees)
 
     def rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {k: layers.rope_cos_sin(f, positions, self.dtype) for k, f in self.inv_freqs.items()}

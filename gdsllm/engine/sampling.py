@@ -36,6 +36,8 @@ class SamplingError(ValueError):
 
 
 MAX_DRAFT_TOKENS = 64  # speculative decoding: tokens drafted per sequence and pass, at most
+MAX_DRAFT_TREE = 1024  # token-tree nodes per sequence and pass, at most
+AUTO_TREE = "auto"  # --draft-tree auto: the tree's size from the measured pass costs
 
 
 def check_draft_tokens(k) -> int:
@@ -45,6 +47,18 @@ def check_draft_tokens(k) -> int:
         raise ValueError(f"--draft-tokens must be 1 to {MAX_DRAFT_TOKENS}, got {k!r}")
     return k
 
+
+
+def check_draft_tree(tree) -> int | str | None:
+    """A --draft-tree / LLM draft_tree value: None or 0 (chains), 1 to MAX_DRAFT_TREE nodes, or
+    "auto" (gdsllm.engine.adaptive_k.tree_size)."""
+    if tree is None or tree == AUTO_TREE:
+        return tree
+    if isinstance(tree, str) and tree.isdigit():
+        tree = int(tree)
+    if isinstance(tree, bool) or not isinstance(tree, int) or not 0 <= tree <= MAX_DRAFT_TREE:
+        raise ValueError(f"--draft-tree must be 0 to {MAX_DRAFT_TREE} or auto, got {tree!r}")
+    return tree
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -56,6 +70,8 @@ class SamplingParams:
     that end it, besides the model's end-of-sequence ids (unless ignore_eos). draft_tokens: how
     many tokens a draft model may propose per pass for this request (speculative decoding; None:
     the engine's default, 0: none); it changes speed, never the output distribution.
+    draft_tree: nodes of the token tree a draft may propose per pass (None: the engine's
+    default, 0: a chain of draft_tokens; gdsllm.engine.tree), at most draft_tokens deep.
     """
 
     max_tokens: int = 128
@@ -67,6 +83,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     draft_tokens: int | None = None
+    draft_tree: int | None = None
 
     def __post_init__(self):
         # Accept lists (JSON, msgpack) and a lone string, store tuples: the object stays hashable.
@@ -121,6 +138,10 @@ class SamplingParams:
             num("draft_tokens", self.draft_tokens, int)
             if not 0 <= self.draft_tokens <= MAX_DRAFT_TOKENS:
                 raise ValueError(f"draft_tokens must be 0 to {MAX_DRAFT_TOKENS}, got {self.draft_tokens}")
+        if self.draft_tree is not None:
+            num("draft_tree", self.draft_tree, int)
+            if not 0 <= self.draft_tree <= MAX_DRAFT_TREE:
+                raise ValueError(f"draft_tree must be 0 to {MAX_DRAFT_TREE}, got {self.draft_tree}")
         return self
 
 

@@ -73,12 +73,14 @@ class PassPlan:
 class PassResult:
     """What one pass produced: `tokens[seq_id]` the drafts the target accepted, then its own
     sampled token (absent for partial chunks and failed rows); `failed[seq_id]` why a sequence's
-    row could not be sampled (it alone fails); `proposed[seq_id]` drafts proposed."""
+    row could not be sampled (it alone fails); `proposed[seq_id]` drafts proposed (chain tokens
+    or tree nodes)."""
 
     tokens: dict[int, list[int]]
     failed: dict[int, str] = field(default_factory=dict)
     proposed: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
+    draft_seconds: float = 0.0  # of the drafting in this pass
 
 
 @dataclass

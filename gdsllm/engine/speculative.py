@@ -23,6 +23,15 @@ With `adaptive=True` each sequence drafts only as many of its k as pay off, by i
 acceptance and the measured cost of a draft pass against a target pass (gdsllm.engine.adaptive_k).
 Seeded sampled requests keep their k: the tokens a seed gives must not depend on timings (which
 draws happen depends on k; their distribution never does).
+
+Token trees (`tree=T`, or per sequence `plan(..., trees={seq_id: T})`; gdsllm.engine.tree): the
+draft proposes a tree of T nodes at most k deep instead of a chain, the target scores every node
+in the same one pass with tree attention, and the longest path it agrees with is kept: its keys
+and values are compacted behind the prefix (`Runner.compact`), the other branches dropped.
+`plan` then also fills `trees` {seq_id: TreeSpec}, which the pass needs
+(`runner.start_pass(chunks, logit_rows=rows, trees=spec.trees)`). `tree="auto"` sizes each tree
+from the measured draft / target pass costs (gdsllm.engine.adaptive_k.tree_size). T = 0 (the
+default) keeps the chain.
 """
 from __future__ import annotations
 
@@ -31,38 +40,52 @@ from dataclasses import dataclass
 
 import torch
 
-from gdsllm.engine.adaptive_k import AdaptiveK
-from gdsllm.engine.draft import DraftModel, NgramDraft, Proposal, check_draft, is_ngram
-from gdsllm.engine.sampling import Sampler, SamplingError, check_draft_tokens
+from gdsllm.engine.adaptive_k import AdaptiveK, tree_size
+from gdsllm.engine.draft import (DraftModel, NgramDraft, Proposal, SelfDraft, check_draft, is_builtin,
+                                 is_ngram, self_layers)
+from gdsllm.engine.sampling import AUTO_TREE, Sampler, SamplingError, check_draft_tokens, check_draft_tree
+from gdsllm.models.kv_cache import blocks_for
+from gdsllm.engine.tree import TreeSpec, accept_tree_greedy, accept_tree_sampled, depths
+
 
 
 def make_speculator(target_meta, draft, device, draft_tokens: int = 4, adaptive: bool = False,
-                    kv_tokens: int | None = None) -> "Speculator":
+                    kv_tokens: int | None = None, tree=None) -> "Speculator":
     """The draft at path `draft` loaded resident on `device`, checked against the target, or
-    prompt lookup for `draft="ngram"` (gdsllm.engine.draft.NgramDraft);
-    `adaptive`: K per sequence within [1, its k] (gdsllm.engine.adaptive_k); `kv_tokens`: the
-    target's KV cache size (the draft holds the same sequences)."""
+    prompt lookup for `draft="ngram"` (gdsllm.engine.draft.NgramDraft), or the target's own
+    first N layers for `draft="self:N"` (gdsllm.engine.draft.SelfDraft: `Speculator.attach` the
+    target's runner once its units are pinned); `adaptive`: K per sequence within [1, its k]
+    (gdsllm.engine.adaptive_k); `kv_tokens`: the target's KV cache size (the draft holds the same
+    sequences); `tree`: token-tree nodes per pass (None / 0: chains; "auto")."""
     from pathlib import Path
 
     from gdsllm.format.metadata import load_model_meta
     check_draft_tokens(draft_tokens)
+    tree = check_draft_tree(tree)
     if is_ngram(draft):
         source = NgramDraft(target_meta.params.vocab_size)
+    elif self_layers(draft) is not None:
+        source = SelfDraft(target_meta, self_layers(draft), device, kv_tokens)
     else:
         meta = load_model_meta(Path(draft).expanduser())
         check_draft(target_meta, meta)
         source = DraftModel(meta, device, kv_tokens)
-    return Speculator(source, target_meta.params.max_position_embeddings, adaptive=adaptive)
+    return Speculator(source, target_meta.params.max_position_embeddings, adaptive=adaptive, tree=tree)
 
 
 def load_draft_meta(target_meta, draft):
     """The draft model at path `draft`, checked against the target (ValueError naming both on a
     mismatch); its bytes are the VRAM ledger's first claim (gdsllm.engine.budget.plan_memory).
-    None for `ngram` (prompt lookup: no model, no bytes)."""
+    None for `ngram` (prompt lookup: no model, no bytes) and `self:N` (the target's own weights;
+    N is checked here)."""
     from pathlib import Path
 
     from gdsllm.format.metadata import load_model_meta
-    if is_ngram(draft):
+    n = self_layers(draft)
+    if n is not None and not 1 <= n < target_meta.params.num_hidden_layers:
+        raise ValueError(f"--draft self:{n}: N must be 1 to {target_meta.params.num_hidden_layers - 1} "
+                         f"(the target has {target_meta.params.num_hidden_layers} decoder layers)")
+    if is_builtin(draft):
         return None
     meta = load_model_meta(Path(draft).expanduser())
     check_draft(target_meta, meta)
@@ -103,6 +126,10 @@ class SpecStats:
     target_passes: int = 0
     tokens: int = 0
     draft_passes: int = 0
+    tree_passes: int = 0  # target passes (per sequence) that verified a token tree
+    tree_nodes: int = 0  # the nodes of those trees
+    draft_seconds: float = 0.0  # spent drafting (plan), all steps
+    steps: int = 0  # plans that drafted anything
 
     @property
     def acceptance(self) -> float:
@@ -114,9 +141,14 @@ class SpecStats:
 
 
 class Speculator:
-    def __init__(self, draft: DraftModel, target_context: int, adaptive: bool = False):
+    def __init__(self, draft: DraftModel, target_context: int, adaptive: bool = False, tree=None):
         self.draft, self.target_context = draft, target_context
         self.adaptive = AdaptiveK() if adaptive else None
+        self.tree = check_draft_tree(tree)
+        self._timer = self.adaptive if self.adaptive is not None else AdaptiveK()  # the cost ratio
+        self.trees: dict[int, TreeSpec] = {}  # of the pass in flight: what start_pass needs
+        self._target = None  # the target's Runner (attach): trees fit its free KV blocks
+        self.last_draft_seconds = 0.0  # the last plan's drafting time
         self._t_plan: tuple[float, int, float] | None = None  # (draft s, draft passes, plan end)
         self.hist: dict[int, list[int]] = {}  # per sequence: the tokens fed to the target
         self.stats = SpecStats()
@@ -124,24 +156,76 @@ class Speculator:
         self._rows: dict[int, int] = {}
         self.proposals: dict[int, Proposal] = {}  # of the pass in flight
 
+    def attach(self, target, experts=None) -> None:
+        """The target's runner, once its resident units are pinned: a self:N draft reads its
+        weights there (gdsllm.engine.draft.SelfDraft.attach); other drafts need nothing."""
+        self._target = target
+        if isinstance(self.draft, SelfDraft):
+            self.draft.attach(target, experts)
+
+    def _fit_trees(self, chunks, ks: dict[int, int], sizes: dict[int, int]) -> None:
+        """Shrink the trees to the target's free KV blocks, after what every chunk of the pass
+        and its chain drafts need (a tree borrows blocks for one pass: Runner.compact returns
+        them), so that a tree never makes the pass run out of KV cache."""
+        cache = self._target.cache
+        free, slack = cache.free_blocks, {}
+        for sid, new in chunks:
+            need, slack[sid] = cache.room(sid, len(new) + (0 if sid in sizes else ks.get(sid, 0)))
+            free -= need
+        for sid in [sid for sid, _ in chunks if sid in sizes]:
+            t = min(sizes[sid], slack[sid] + max(0, free) * cache.block_size)
+            free -= blocks_for(max(0, t - slack[sid]), cache.block_size)
+            if t > 0:
+                sizes[sid] = t
+            else:
+                del sizes[sid]
+
+    def tree_size(self, requested, timed: bool = True) -> int:
+        """Nodes of a sequence's tree this pass: its request's draft_tree (None: the
+        speculator's), "auto" from the measured costs (`timed`; else the untimed default: a
+        seed's tokens must not depend on timings); 0: a chain."""
+        t = self.tree if requested is None else requested
+        if t == AUTO_TREE:
+            return tree_size(self._timer.ratio if timed else None)
+        return t or 0
+
     def plan(self, chunks: list[tuple[int, list[int]]], ks: dict[int, int],
-             samplers: dict[int, Sampler]) -> tuple[list[tuple[int, list[int]]], dict[int, int]]:
-        """Draft up to ks[seq_id] tokens per sequence; the target's chunks and logit rows."""
-        items = []
+             samplers: dict[int, Sampler], trees: dict[int, int | str | None] | None = None
+             ) -> tuple[list[tuple[int, list[int]]], dict[int, int]]:
+        """Draft up to ks[seq_id] tokens per sequence (a chain, or a tree of trees[seq_id] nodes
+        at most that deep: None there, the speculator's `tree`); the target's chunks and logit
+        rows. `self.trees` then holds the TreeSpec of each sequence that drafted a tree."""
+        items, sizes = [], {}
         for sid, new in chunks:
             h = self.hist.setdefault(sid, [])
             h.extend(new)
             k = min(ks.get(sid, 0), self.target_context - len(h),  # the target holds len(h) + k
                     self.draft.max_context - len(h) + 1)  # the draft len(h) + k - 1
             p = samplers[sid].params
-            if self.adaptive is not None and (p.greedy or p.seed is None):
+            timed = p.greedy or p.seed is None
+            if self.adaptive is not None and timed:
                 k = self.adaptive.k(sid, k)
             if k > 0:
                 items.append((sid, h, k, samplers[sid]))
+                t = min(self.tree_size((trees or {}).get(sid), timed), self.target_context - len(h),
+                        self.draft.max_context - len(h))
+                if t > 0:
+                    sizes[sid] = t
+        if sizes and self._target is not None:
+            self._fit_trees(chunks, ks, sizes)
         t0, n0 = time.perf_counter(), self.draft.passes
-        self.proposals = self.draft.propose(items) if items else {}
+        chain = [it for it in items if it[0] not in sizes]
+        self.proposals = self.draft.propose(chain) if chain else {}
+        if sizes:
+            self.proposals.update(self.draft.propose_tree([it for it in items if it[0] in sizes], sizes))
         t1 = time.perf_counter()
         self._t_plan = (t1 - t0, self.draft.passes - n0, t1) if items else None
+        self.last_draft_seconds = t1 - t0 if items else 0.0
+        if items:
+            self.stats.draft_seconds += t1 - t0
+            self.stats.steps += 1
+        self.trees = {sid: TreeSpec(len(self.hist[sid]), p.parents)
+                      for sid, p in self.proposals.items() if p.parents is not None}
         self._order = [sid for sid, _ in chunks]
         self._rows = {sid: len(p.tokens) + 1 for sid, p in self.proposals.items()}
         out = [(sid, list(new) + (self.proposals[sid].tokens if sid in self.proposals else []))
@@ -173,28 +257,42 @@ class Speculator:
             a, b = spans[sid]
             s = samplers[sid]
             try:
-                toks = (accept_greedy(logits[a:b], prop.tokens) if s.params.greedy
-                        else accept_sampled(logits[a:b], prop.tokens, prop.probs, s))
+                if prop.parents is not None:
+                    accept = accept_tree_greedy if s.params.greedy else accept_tree_sampled
+                    path, toks = accept(logits[a:b], prop.tokens, prop.parents,
+                                        *(() if s.params.greedy else (s,)))
+                else:
+                    toks = (accept_greedy(logits[a:b], prop.tokens) if s.params.greedy
+                            else accept_sampled(logits[a:b], prop.tokens, prop.probs, s))
             except RuntimeError as e:  # torch.multinomial on NaN: this sequence only
                 _failures(failed, {sid: f"sampling failed: {e}"})
                 continue
             out[sid] = toks
             h = self.hist[sid]
+            start = len(h)
             h.extend(toks[:-1])  # accepted drafts are in the target's cache; the last token is not
-            target.truncate(sid, len(h))
-            self.draft.truncate(sid, len(h))
+            if prop.parents is not None:  # the path's keys and values behind the prefix
+                target.compact(sid, start, [start + i for i in path])
+                self.draft.keep(sid, start, path)
+                st.tree_passes += 1
+                st.tree_nodes += len(prop.tokens)
+                drafted = 1 + max(depths(prop.parents), default=-1)
+            else:
+                target.truncate(sid, len(h))
+                self.draft.truncate(sid, len(h))
+                drafted = len(prop.tokens)
             st.draft_tokens += len(prop.tokens)
             st.accepted_tokens += len(toks) - 1
             st.target_passes += 1
             st.tokens += len(toks)
             if self.adaptive is not None:
-                self.adaptive.observe(sid, len(prop.tokens), len(toks) - 1)
-        if self.adaptive is not None and self._t_plan is not None:
+                self.adaptive.observe(sid, drafted, len(toks) - 1)
+        if self._t_plan is not None:
             draft_s, passes, plan_end = self._t_plan
-            self.adaptive.timing(draft_s, passes, time.perf_counter() - plan_end)
+            self._timer.timing(draft_s, passes, time.perf_counter() - plan_end)
         st.draft_passes += self._t_plan[1] if self._t_plan else 0
         self._t_plan = None
-        self.proposals = {}
+        self.proposals, self.trees = {}, {}
         return {sid: out[sid] for sid in self._order if sid in out}
 
     def abort(self, target) -> None:
@@ -204,13 +302,15 @@ class Speculator:
             if h is not None:
                 del h[target.seq_len(sid):]
                 self.draft.truncate(sid, len(h))
-        self.proposals, self._t_plan = {}, None
+        self.proposals, self._t_plan, self.trees = {}, None, {}
 
-    def step(self, run_pass, chunks, ks, samplers, target) -> dict[int, list[int]]:
-        """plan, `run_pass(chunks, logit_rows=) -> logits`, finish: one speculative step."""
-        chunks, rows = self.plan(chunks, ks, samplers)
+    def step(self, run_pass, chunks, ks, samplers, target, trees=None) -> dict[int, list[int]]:
+        """plan, `run_pass(chunks, logit_rows=[, trees=]) -> logits`, finish: one speculative
+        step (`trees` as plan's; run_pass gets trees= only when some sequence drafted a tree)."""
+        chunks, rows = self.plan(chunks, ks, samplers, trees)
         try:
-            logits = run_pass(chunks, logit_rows=rows)
+            logits = (run_pass(chunks, logit_rows=rows, trees=self.trees) if self.trees
+                      else run_pass(chunks, logit_rows=rows))
         except BaseException:
             self.abort(target)
             raise

@@ -8,7 +8,9 @@ batch's new keys/values into the pool and runs attention in one of two ways:
   (gdsllm.models.paged_attention), no Python loop over sequences and no host sync, so a CUDA graph
   can capture it;
 - otherwise (prompts, chunked prefill, speculative chunks): per sequence, its keys gathered from
-  the pool and SDPA with transformers' masks (`attention`), bit-close to transformers.
+  the pool and SDPA with transformers' masks (`attention`), bit-close to transformers. A
+  speculative token tree (gdsllm.engine.tree) brings its own mask: each tree node sees the
+  sequence's prefix and its own ancestors only (`Segment.mask`, `Segment.positions`).
 
     batch = PassBatch(cache, slots, segments, block_tables=None, seq_lens=None)
     out = attend(batch, layer, q, k, v, scale=hd ** -0.5, window=None)   # [T, heads * hd]
@@ -29,12 +31,17 @@ from gdsllm.models.paged_attention import decode_attention
 @dataclass
 class Segment:
     """One sequence's rows [start, end) of the flattened batch: `past` tokens cached before them,
-    `keys` the flat slots of positions [0, past + end - start) (device tensor)."""
+    `keys` the flat slots of positions [0, past + end - start) (device tensor). A token tree
+    adds `mask` [end - start, past + end - start] (bool: which keys each row sees) and
+    `positions` [past + end - start] (the rotary position of each key; the rows are the last
+    end - start keys), so that sliding windows measure distance in positions, not slots."""
 
     start: int
     end: int
     past: int
     keys: torch.Tensor
+    mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
 
 @dataclass
@@ -66,8 +73,11 @@ def attend(batch: PassBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: to
     outs = []
     for seg in batch.segments:
         ks, vs = cache.gather(layer, seg.keys)
-        outs.append(attention(q[seg.start:seg.end].transpose(0, 1), ks, vs, seg.past, cudnn,
-                              scale=scale, window=window))
+        qs = q[seg.start:seg.end].transpose(0, 1)
+        if seg.mask is not None:
+            outs.append(tree_attention(qs, ks, vs, seg.mask, seg.positions, cudnn, scale, window))
+        else:
+            outs.append(attention(qs, ks, vs, seg.past, cudnn, scale=scale, window=window))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
@@ -88,14 +98,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
     """
     n, hd, L = q.shape[1], q.shape[2], k.shape[1]
     first = past + n - L  # position of k[:, 0]
-    q, k, v = q[None], k[None], v[None]
-    kw: dict = dict(scale=hd ** -0.5 if scale is None else scale)
-    if q.shape[1] != k.shape[1]:
-        if _SDPA_GQA:
-            kw["enable_gqa"] = True  # no copy of K/V per query head
-        else:  # torch < 2.5: repeat each KV head for its query heads
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    q, k, v, kw = _sdpa_args(q, k, v, scale)
     windowed = window is not None and past + n > window  # else the window hides nothing
     with _sdpa_backends(q.device, cudnn):
         if n == 1 and (not windowed or L <= window):  # one new token sees all it was given
@@ -109,6 +112,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,
             if windowed:
                 mask &= keys > rows - window
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+    return out[0].transpose(0, 1).reshape(n, -1)
+
+
+def _sdpa_args(q, k, v, scale):
+    """SDPA's 4-D inputs (batch 1) and keyword arguments: the scale (default head_dim ** -0.5)
+    and grouped-query attention without a copy of K/V per query head where torch has it."""
+    q, k, v = q[None], k[None], v[None]
+    kw: dict = dict(scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    if q.shape[1] != k.shape[1]:
+        if _SDPA_GQA:
+            kw["enable_gqa"] = True  # no copy of K/V per query head
+        else:  # torch < 2.5: repeat each KV head for its query heads
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return q, k, v, kw
+
+
+def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                   positions: torch.Tensor, cudnn: bool = False, scale: float | None = None,
+                   window: int | None = None) -> torch.Tensor:
+    """q: [heads, n, hd]; k, v: [kv_heads, L, hd]; mask [n, L]: the keys each row sees (a token
+    tree: the prefix and the row's ancestors); positions [L]: each key's position (the rows are
+    the last n keys). With `window`, a row also sees only keys less than `window` positions back.
+    Returns [n, heads*hd]."""
+    n = q.shape[1]
+    if window is not None:
+        rows = positions[-n:]
+        mask = mask & (positions[None, :] > rows[:, None] - window)
+    q, k, v, kw = _sdpa_args(q, k, v, scale)
+    with _sdpa_backends(q.device, cudnn):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
     return out[0].transpose(0, 1).reshape(n, -1)
 
 

@@ -11,6 +11,7 @@ and a block table per sequence (vLLM's design, nano-vllm's block manager without
     k, v = cache.gather(layer, seq_id, first, end)   # [kv_heads, end - first, head_dim]
     cache.advance(seq_id, n)           # every layer wrote them: commit
     cache.truncate(seq_id, m)          # roll back to the first m tokens (rejected drafts)
+    cache.compact(seq_id, start, keep) # tokens at positions `keep` move to start, start+1, ...
     cache.free(seq_id)                 # its blocks go back to the pool
 
 Layer `l`'s pool is `k[l]`, `v[l]`: [num_blocks, block_size, kv_heads, head_dim]; the token at
@@ -76,7 +77,8 @@ class PagedKVCache:
     # -- bookkeeping ------------------------------------------------------------------------
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks this cache may still hand out itself (none when the engine's books own them)."""
+        return 0 if self.given else len(self._free)
 
     @property
     def capacity(self) -> int:
@@ -148,11 +150,43 @@ class PagedKVCache:
         assert 0 <= n <= self.length(seq_id), (n, self.length(seq_id))
         self.lengths[seq_id] = n
 
+    def compact(self, seq_id: int, start: int, keep: list[int]) -> None:
+        """Keep the tokens at positions `keep` (ascending, each >= start) as positions start,
+        start + 1, ... in every layer and forget the rest after `start` (a token tree's accepted
+        path, its rejected branches dropped). Blocks past the new length go back to the pool: a
+        tree may have borrowed more than the sequence will ever hold."""
+        n = self.length(seq_id)
+        assert all(start <= a < b for a, b in zip(keep, keep[1:])) and (not keep or start <= keep[0])
+        assert not keep or keep[-1] < n, (keep, n)
+        moved = [(s, start + i) for i, s in enumerate(keep) if s != start + i]
+        if moved:
+            src = torch.tensor(self.slot_list_at(seq_id, [s for s, _ in moved]), device=self.device)
+            dst = torch.tensor(self.slot_list_at(seq_id, [d for _, d in moved]), device=self.device)
+            for pool in self.k + self.v:
+                flat = pool.view(-1, self.kv_heads, self.head_dim)
+                flat.index_copy_(0, dst, flat.index_select(0, src))
+        self.lengths[seq_id] = start + len(keep)
+        table = self.tables[seq_id]
+        spare = [] if self.given else table[blocks_for(self.lengths[seq_id], self.block_size):]
+        if spare:  # assigned tables are the books' (a tree fits inside them: no borrowing)
+            del table[len(table) - len(spare):]
+            self._free.extend(reversed(spare))
+
     # -- addressing -------------------------------------------------------------------------
     def slot_list(self, seq_id: int, start: int, end: int) -> list[int]:
         """Flat slot indices of positions [start, end) of `seq_id` (host ints)."""
+        return self.slot_list_at(seq_id, range(start, end))
+
+    def room(self, seq_id: int, n: int) -> tuple[int, int]:
+        """(blocks `seq_id` needs for n more tokens, tokens its blocks then hold beyond them)."""
+        end = self.length(seq_id) + n
+        have, want = len(self.tables.get(seq_id, ())), blocks_for(end, self.block_size)
+        return max(0, want - have), max(have, want) * self.block_size - end
+
+    def slot_list_at(self, seq_id: int, positions: list[int]) -> list[int]:
+        """Flat slot indices of the given positions of `seq_id` (host ints)."""
         t, bs = self.tables[seq_id], self.block_size
-        return [t[p // bs] * bs + p % bs for p in range(start, end)]
+        return [t[p // bs] * bs + p % bs for p in positions]
 
     def table_row(self, seq_id: int, width: int) -> list[int]:
         """`seq_id`'s block table padded with the scratch block to `width` entries."""

