@@ -46,7 +46,7 @@ def test_64_clients_bounded_loop(model_dir, record_property):
 
 
 def test_client_cap_and_bounded_queue_answer_busy(model_dir):
-    long = dict(max_tokens=300, temperature=0, ignore_eos=True)
+    long = dict(max_tokens=500, temperature=0, ignore_eos=True)  # a0 decodes while the others queue
 
     async def scenario(endpoint):
         async with AsyncClient(endpoint, timeout=60) as a:
@@ -58,7 +58,8 @@ def test_client_cap_and_bounded_queue_answer_busy(model_dir):
             # a0 runs (max_batch 1), a1 waits: one more waiting request fills the queue of 2
             others = [AsyncClient(endpoint, timeout=60) for _ in range(2)]
             b = asyncio.ensure_future(others[0].generate(PROMPTS[3], **long))
-            await asyncio.sleep(0.5)
+            while (await others[1].health()).requests_waiting < 2:  # b has joined the queue
+                await asyncio.sleep(0.005)
             with pytest.raises(ServiceError) as err:
                 await others[1].generate(PROMPTS[4], max_tokens=2)
             assert err.value.code == "busy" and "waiting" in err.value.message
