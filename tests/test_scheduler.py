@@ -175,3 +175,17 @@ def test_books_refuse_what_is_not_free():
     with pytest.raises(ValueError, match="need 1 KV blocks"):
         books.allocate(2, 1)
     assert books.free(1) and not books.free(1) and books.fits(8)
+
+
+def test_a_tree_drafting_sequence_keeps_room_for_its_branches():
+    books = BlockBooks(1 + 16, 4)
+    sched = Scheduler(books, max_batch=4, draft_tokens=4, draft_tree=16)
+    plain, tree, chain = gen(1), gen(2, draft_tree=8), gen(3, draft_tokens=0)
+    for g in (plain, tree, chain):
+        sched.add(g)
+    assert [sched.kv_need(g) for g in (plain, tree, chain)] == [3 + 4 + 16, 3 + 4 + 8, 3 + 4]
+    plan = sched.schedule()
+    assert [len(plan.tables[s]) for s in (1, 2, 3)] == [6, 4, 2]  # blocks of 4 tokens
+    assert Scheduler(books, max_batch=1, draft_tokens=4, draft_tree="auto").kv_need(gen(4)) == 3 + 4 + 512
+    assert "draft tree (16)" in Scheduler(BlockBooks(1 + 2, 4), max_batch=1, draft_tokens=4,
+                                          draft_tree=16).never_fits(gen(5))

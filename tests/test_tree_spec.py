@@ -208,9 +208,9 @@ def test_service_greedy_with_trees_equals_llm(kind, models, reference, monkeypat
 
 
 def test_trees_fit_the_free_kv_cache_and_give_their_blocks_back(models, reference):
-    """A KV cache barely larger than the batch needs: 64-node trees shrink to the room left in
-    each sequence's blocks (the scheduler's books own every block: a tree borrows none), and every
-    block is back in the books at the end."""
+    """A KV cache barely larger than the batch needs: each sequence is admitted with room for its
+    64-node trees (the scheduler's books own every block: a tree borrows none), the others wait,
+    and every block is back in the books at the end."""
     target, _ = models
     with LLM(str(target), draft="self:2", draft_tree=64, kv_tokens=240) as llm:
         assert [o.token_ids for o in llm.generate(PROMPTS, greedy(24))] == reference

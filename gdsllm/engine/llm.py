@@ -139,7 +139,8 @@ class LLM:
             raise
         cache = self.runner.cache
         self.scheduler = Scheduler(BlockBooks(cache.num_blocks, cache.block_size), max_batch=max_batch,
-                                   max_pass_tokens=max_pass_tokens, draft_tokens=self.draft_tokens or 0)
+                                   max_pass_tokens=max_pass_tokens, draft_tokens=self.draft_tokens or 0,
+                                   draft_tree=self.speculator.tree if self.speculator is not None else None)
         self.executor = LocalExecutor(self.meta, self.runner, self._resident, self.prefetch, self.experts,
                                       PlanRunner(self.runner, self.speculator))
         self._next_seq = 0

@@ -48,7 +48,6 @@ def check_draft_tokens(k) -> int:
     return k
 
 
-
 def check_draft_tree(tree) -> int | str | None:
     """A --draft-tree / LLM draft_tree value: None or 0 (chains), 1 to MAX_DRAFT_TREE nodes, or
     "auto" (gdsllm.engine.adaptive_k.tree_size)."""
@@ -59,6 +58,7 @@ def check_draft_tree(tree) -> int | str | None:
     if isinstance(tree, bool) or not isinstance(tree, int) or not 0 <= tree <= MAX_DRAFT_TREE:
         raise ValueError(f"--draft-tree must be 0 to {MAX_DRAFT_TREE} or auto, got {tree!r}")
     return tree
+
 
 @dataclass(frozen=True)
 class SamplingParams:

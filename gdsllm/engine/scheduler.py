@@ -17,8 +17,9 @@ executor needs). No sockets, no metrics, no torch: unit-testable with a fake exe
 
 What it owns:
 - **Admission.** Requests wait in arrival order; one joins when the batch has room (max_batch)
-  and the KV blocks of its prompt plus every token it may generate are free (gdsllm.engine.blocks):
-  no pass can run out of KV memory halfway. The head of the queue waits for memory, and so do
+  and the KV blocks of its prompt plus every token it may generate are free (gdsllm.engine.blocks),
+  plus room for a token tree's branches when it drafts trees: no pass can run out of KV memory
+  halfway. The head of the queue waits for memory, and so do
   those behind it (no overtaking: a long request is not starved).
 - **The KV books.** A joining sequence's block table goes out in the plan (`tables`) once; the
   executor's cache is handed those ids and allocates nothing. Sequences that left are listed in
@@ -41,8 +42,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from gdsllm.engine.adaptive_k import TREE_MAX
 from gdsllm.engine.blocks import BlockBooks
-from gdsllm.engine.sampling import SamplingParams
+from gdsllm.engine.sampling import AUTO_TREE, SamplingParams
 from gdsllm.engine.sequence import Generation
 
 DEFAULT_MAX_PASS_TOKENS = 8192  # new tokens per pass (--max-pass-tokens): chunked prefill
@@ -101,13 +103,15 @@ class Step:
 
 class Scheduler:
     def __init__(self, books: BlockBooks, *, max_batch: int, max_pass_tokens: int = 0,
-                 draft_tokens: int = 0):
+                 draft_tokens: int = 0, draft_tree: int | str | None = None):
         """`max_pass_tokens`: new tokens per pass (chunked prefill), 0 for no limit;
-        `draft_tokens`: the engine's default draft length (0: no draft)."""
+        `draft_tokens`: the engine's default draft length (0: no draft); `draft_tree`: the
+        engine's default token-tree size (None or 0: chains; "auto": up to TREE_MAX nodes)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.books = books
         self.max_batch, self.max_pass_tokens, self.draft_tokens = max_batch, max_pass_tokens, draft_tokens
+        self.tree_room = TREE_MAX if draft_tree == AUTO_TREE else (draft_tree or 0)
         self.waiting: deque[Generation] = deque()
         self.running: dict[int, Generation] = {}  # seq_id -> admitted (holds KV blocks)
         self.prefilled: dict[int, int] = {}  # seq_id -> prompt tokens fed, while not all are in
@@ -121,14 +125,26 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def kv_need(self, gen: Generation) -> int:
+        """KV tokens `gen` holds from admission to its end: its prompt, every token it may
+        generate, and, when it drafts token trees, room for a tree's branches past its last token
+        (its draft_tree, else the engine's; the verification pass writes every node)."""
+        room = 0
+        if self.draft_tokens and gen.params.draft_tokens != 0:
+            t = gen.params.draft_tree
+            room = self.tree_room if t is None else t
+        return len(gen.prompt_ids) + gen.max_new + room
+
     def never_fits(self, gen: Generation) -> str | None:
         """Why `gen` can never be admitted (its KV cache is larger than the whole cache), or None."""
-        need = len(gen.prompt_ids) + gen.max_new
+        need = self.kv_need(gen)
         if self.books.ever_fits(need):
             return None
-        return (f"its prompt ({len(gen.prompt_ids)} tokens) plus max_tokens ({gen.max_new}) need "
-                f"{need} tokens of KV cache, more than the whole cache holds "
-                f"({self.books.capacity_tokens} tokens); lower max_tokens or shorten the prompt")
+        tree = need - len(gen.prompt_ids) - gen.max_new
+        return (f"its prompt ({len(gen.prompt_ids)} tokens) plus max_tokens ({gen.max_new})"
+                f"{f' plus its draft tree ({tree})' if tree else ''} need {need} tokens of KV cache, "
+                f"more than the whole cache holds ({self.books.capacity_tokens} tokens); lower "
+                f"max_tokens or shorten the prompt")
 
     def add(self, gen: Generation) -> None:
         assert gen.seq_id not in self.running and gen not in self.waiting, gen.seq_id
@@ -190,7 +206,7 @@ class Scheduler:
                 budget -= self._chunk(g, budget, chunks, partial)
         while self.waiting and len(self.running) < self.max_batch and budget > 0:
             g = self.waiting[0]
-            need = len(g.prompt_ids) + g.max_new
+            need = self.kv_need(g)
             if not self.books.fits(need):
                 break  # in order: it waits for KV memory, and so do those behind it
             self.waiting.popleft()

@@ -57,7 +57,8 @@ class Batch:
         self.plan, self.reply, self.metrics, self.admission, self.fault = plan, reply, metrics, admission, fault
         self.core = engine.Scheduler(books_of(workers), max_batch=config.max_batch,
                                      max_pass_tokens=config.max_pass_tokens,
-                                     draft_tokens=config.draft_tokens if config.draft is not None else 0)
+                                     draft_tokens=config.draft_tokens if config.draft is not None else 0,
+                                     draft_tree=config.draft_tree if config.draft is not None else None)
         self.kv_token_bytes = kv_bytes_per_token(meta.params, kv_itemsize(meta, config))
         self.by_key: dict[tuple[bytes, str], Sequence] = {}
         self.passes_completed = 0
