@@ -60,6 +60,26 @@ def test_stream_equals_generate(llm):
     assert batch[0].token_ids == out.token_ids
 
 
+def test_one_scheduler_serves_interleaved_streams_and_queues_past_max_batch(llm, tiny):
+    """Two streams consumed in turn share the engine's one scheduler (a pass serves both; each
+    still sees only its own text), and prompts beyond max_batch, or beyond what the KV cache
+    holds, wait their turn: the tokens are those of each prompt alone."""
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    alone = [llm.generate(p, params) for p in ("first stream", "second one")]
+    a, b = llm.stream("first stream", params), llm.stream("second one", params)
+    texts = ["", ""]
+    for i, it in enumerate([a, b] * 20):
+        texts[i % 2] += next(it, "")
+    assert texts == [o.text for o in alone]
+    assert llm.scheduler.books.used_blocks == 0 and not llm.scheduler.has_work
+    prompts = [f"prompt number {i}" for i in range(5)]
+    want = [o.token_ids for o in llm.generate(prompts, params)]
+    with LLM(str(tiny[1]), max_batch=2, kv_tokens=64) as small:  # 2 at once, and 64 tokens of KV
+        assert [o.token_ids for o in small.generate(prompts, params)] == want
+        with pytest.raises(ValueError, match="prompt: .* more than the whole cache holds"):
+            small.generate("x", SamplingParams(max_tokens=100))
+
+
 def test_stop_conditions(llm):
     base = llm.generate("stop test", SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     ids = base.token_ids
