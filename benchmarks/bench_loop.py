@@ -30,6 +30,7 @@ quantize alone (the background step): WORK/results-prep.json.
 from __future__ import annotations
 
 import argparse
+import atexit
 import inspect
 import json
 import os
@@ -38,6 +39,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -467,7 +469,8 @@ def quick_budget(model: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=None, help="models and results (default /tmp/gdsllm-loop; "
-                    "--quick: /tmp/gdsllm-loop-quick, emptied first when the parts include synth)")
+                    "--quick: a temporary folder removed at the end; a given one is emptied first when the parts "
+                    "include synth)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results JSON here, after every row")
     ap.add_argument("--parts", default=None, help="synth,quantize,rows,table (the default)")
     ap.add_argument("--rows", default=None, help="which rows (default all, in the order above)")
@@ -491,8 +494,10 @@ def main() -> None:
     a = ap.parse_args()
     a.t0 = time.monotonic()
     if a.quick:
-        a.work = a.work or Path("/tmp/gdsllm-loop-quick")
-        if a.row is None and "synth" in (a.parts or "synth").split(","):  # fresh models each time
+        if a.work is None:  # a check of the script: its models and results go with it
+            a.work = Path(tempfile.mkdtemp(prefix="gdsllm-loop-quick-"))
+            atexit.register(shutil.rmtree, a.work, True)
+        elif a.row is None and "synth" in (a.parts or "synth").split(","):  # fresh models each time
             shutil.rmtree(a.work, ignore_errors=True)
         a.shape, a.device, a.no_drop = "tiny", "cpu", True
         a.tokens, a.stream_tokens, a.prefill_tokens = min(a.tokens, 8), min(a.stream_tokens, 4), min(a.prefill_tokens, 128)

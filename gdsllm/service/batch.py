@@ -199,8 +199,8 @@ class Batch:
         """The schedule's Loads and Runs as messages (a MoE block's Run lends the layer's resident
         experts); accounts compute stalls."""
         loads, runs = self.sched.step()
-        loads = [Load(**dataclasses.asdict(ld)) for ld in loads]
-        runs = [Run(**dataclasses.asdict(r)) for r in runs]
+        loads = [Load(ld.unit, ld.slot, ld.offset) for ld in loads]
+        runs = [Run(r.unit, r.slot, r.offset, r.count) for r in runs]
         ex = self.experts
         if ex is not None and not self.sched.ungated:  # a failed pass runs no experts
             ex.bind(self.workers)
@@ -289,7 +289,8 @@ class Batch:
             for seq in self.core.fail_pass():
                 self.fail(seq, "io_error", f"pass {msg.pass_id}: {why}")
             return
-        prev = {sid: self.core.running[sid].last_token_at for sid in self.core.in_flight.seq_ids}
+        running = self.core.running  # a sequence failed meanwhile (fail_all) has left it
+        prev = {sid: running[sid].last_token_at for sid in self.core.in_flight.seq_ids if sid in running}
         m = self.metrics
         steps = self.core.update(engine.PassResult(msg.tokens, msg.failed, msg.proposed, msg.seconds))
         if msg.draft_seconds:
