@@ -192,3 +192,27 @@ def test_expert_scheduler_lru_prefetch_and_errors(tmp_path):
     assert ex.lend(b1) == lent and ex.busy  # lent again ...
     ex.abort()  # ... and its pass failed: nothing will run it, the slot is free again
     assert not ex.busy and ex.lent == {}
+
+
+def test_expert_books_shared_by_llm_and_the_service(tmp_path):
+    """One set of expert books (gdsllm.engine.expert_books) under LLM's cache and the service's
+    scheduler: a slot in use or an expert wanted now is never the victim; evictions are counted."""
+    from gdsllm.convert.synth import synth
+    from gdsllm.engine.expert_books import ExpertBooks
+    from gdsllm.engine.experts import ExpertCache, ExpertSlots
+    from gdsllm.service.experts import ExpertScheduler
+    meta = load(synth(tmp_path / "m", "tiny-moe", dtype="float32"))
+    slots = ExpertSlots(4096, 1024, 2)
+    assert type(ExpertScheduler(meta, slots).books) is type(ExpertCache(meta, None, slots, None).books)
+    books = ExpertBooks(meta, slots)
+    assert [books.take_slot((), 0) for _ in range(2)] == [(0, None), (1, None)]
+    books.insert((0, 1), 0)
+    books.insert((1, 2), 1)
+    assert books.offset(1) == 4096 + 1024 and books.slot_of(books.unit_of[(1, 2)]) == 1
+    books.hold(0)  # (0, 1) is being run
+    assert books.take_slot({(1, 2)}, 1) == (None, None)  # the other one is wanted now
+    assert books.take_slot((), 1) == (1, (1, 2)) and books.totals["evictions"] == 1
+    books.unhold(0)
+    assert books.take_slot((), 1) == (0, (0, 1))  # released: it may go now
+    books.drop((0, 1))  # no longer cached: nothing to free
+    assert books.free == [] and len(books.cached) == 0

@@ -1,5 +1,5 @@
-"""The expert cache's contents and its eviction rule, shared by `LLM`'s cache
-(gdsllm.engine.experts) and the service's (gdsllm.service.experts).
+"""The expert cache's contents and its eviction rule, kept in the expert books
+(gdsllm.engine.expert_books) that `LLM`'s cache and the service's scheduler share.
 
     cached = ExpertSet(num_layers)
     cached.add((layer, expert), slot)       # most recently used within its layer

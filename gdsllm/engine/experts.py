@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from gdsllm.engine.expert_set import ExpertSet
+from gdsllm.engine.expert_books import ExpertBooks
 from gdsllm.engine.planner import ALIGN, ResidencyPlan, plan_residency, shared_embedding
 from gdsllm.models.views import unit_tensors
 
@@ -86,58 +86,55 @@ def plan_moe(meta, budget: int | None, window: int = 1) -> tuple[ResidencyPlan, 
 
 
 class ExpertCache:
-    """Expert units in `slots.count` slots of `buf` (the arena from `slots.offset` on), evicted
-    by gdsllm.engine.expert_set's rule (the layer whose next turn is farthest, LRU within it)."""
+    """Expert units in `slots.count` slots of `buf` (the arena from `slots.offset` on), in the
+    books the service keeps too (gdsllm.engine.expert_books: the layer whose next turn is
+    farthest is evicted, LRU within it); a missing expert is read and run at once."""
 
     def __init__(self, meta, buf: torch.Tensor, slots: ExpertSlots, loader):
         self.meta, self.slots, self.loader = meta, slots, loader
         self.buf = buf
-        self.units = {(u.layer, u.expert): u for u in meta.units if u.kind == "expert"}
-        self.cached = ExpertSet(meta.params.num_hidden_layers)  # (layer, expert) -> slot
+        self.books = ExpertBooks(meta, slots)
         self.views: dict[int, dict] = {}  # slot -> the weights of the expert it holds
-        self.free = list(range(slots.count))
-        self.loads = self.hits = self.bytes_read = self.evictions = 0
-        self.routed = 0  # experts run (one per expert routed in a layer of a pass)
 
     def stats(self) -> dict[str, int]:
-        return {"expert_loads": self.loads, "expert_hits": self.hits, "expert_routed": self.routed,
-                "expert_bytes_read": self.bytes_read, "expert_evictions": self.evictions,
+        t = self.books.totals
+        return {"expert_loads": t["loads"], "expert_hits": t["hits"], "expert_routed": t["routed"],
+                "expert_bytes_read": t["bytes_read"], "expert_evictions": t["evictions"],
                 "expert_slots": self.slots.count}
 
     def resident(self) -> set[tuple[int, int]]:
-        return set(self.cached)
+        return set(self.books.cached)
 
     def get(self, layer: int, expert: int, fence) -> dict:
-        """The weights of expert (layer, expert), loaded into a slot if absent (evicting the
-        victim of layer `layer`'s turn; `fence()` first, so its kernels have finished)."""
-        key = (layer, expert)
-        slot = self.cached.get(key)
+        """The weights of expert (layer, expert), read into a slot if absent (a free one, else
+        the victim of layer `layer`'s turn: `fence()` first, so its kernels have finished)."""
+        key, books = (layer, expert), self.books
+        slot = books.cached.get(key)
         if slot is not None:
-            self.cached.touch(key)
-            self.hits += 1
+            books.cached.touch(key)
+            books.totals["hits"] += 1
             return self.views[slot]
-        if self.free:
-            slot = self.free.pop(0)
-        else:
-            slot = self.cached.remove(self.cached.victim(layer, lambda k: False))
-            self.evictions += 1
+        slot, gone = books.take_slot((), layer)
+        if gone is not None:
             fence()
-        unit = self.units[key]
-        b = self.buf[slot * self.slots.slot_bytes: slot * self.slots.slot_bytes + unit.nbytes]
+        unit = self.meta.units[books.unit_of[key]]
+        start = books.offset(slot) - self.slots.offset
+        b = self.buf[start: start + unit.nbytes]
         self.views.pop(slot, None)
         self.loader.load(unit, b)
-        self.loads += 1
-        self.bytes_read += unit.nbytes
+        books.totals["loads"] += 1
+        books.totals["bytes_read"] += unit.nbytes
         self.views[slot] = unit_tensors(unit, b)
-        self.cached.add(key, slot)
+        books.insert(key, slot)
         return self.views[slot]
 
     def run_layer(self, runner, layer: int) -> list[int]:
         """Run every expert the runner's waiting MoE block routed (hits first, then each miss
-        loaded and run); returns the routed experts."""
+        read and run); returns the routed experts."""
         routed = runner.routed_experts()
-        order = sorted(routed, key=lambda e: (layer, e) not in self.cached)
+        order = sorted(routed, key=lambda e: (layer, e) not in self.books.cached)
         for e in order:
-            runner.run_expert(self.units[(layer, e)], self.get(layer, e, runner.fence))
-        self.routed += len(routed)
+            unit = self.meta.units[self.books.unit_of[(layer, e)]]
+            runner.run_expert(unit, self.get(layer, e, runner.fence))
+        self.books.totals["routed"] += len(routed)
         return routed

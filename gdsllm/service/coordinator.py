@@ -113,8 +113,7 @@ class Coordinator:
         experts = None
         if self.expert_slots is not None:
             from gdsllm.service.experts import ExpertScheduler
-            experts = ExpertScheduler(self.meta, self.expert_slots, self.metrics,
-                                      self.config.expert_prefetch)
+            experts = ExpertScheduler(self.meta, self.expert_slots, self.config.expert_prefetch)
         self.batch = Batch(self.meta, self.plan, workers, self._reply, self.metrics, self.config,
                            self.admission, self.supervisor.fault, experts)
         curve = None

@@ -1,7 +1,9 @@
-"""The coordinator's expert scheduler: which expert of a mixture of experts sits in which arena
-slot, what to load when a block's router has spoken, and when the block's experts have all run.
+"""The coordinator's expert scheduler: what to load when a block's router has spoken, and when the
+block's experts have all run. Which expert sits in which arena slot are the books `LLM` keeps too
+(gdsllm.engine.expert_books.ExpertBooks); this adds what only messages need: reads in flight,
+experts lent to a block's Run, guesses read ahead.
 
-    ex = ExpertScheduler(meta, slots, metrics)    # slots: gdsllm.engine.experts.ExpertSlots
+    ex = ExpertScheduler(meta, slots)             # slots: gdsllm.engine.experts.ExpertSlots
     run = replace(run, experts=ex.lend(block))  # the block's Run lends the layer's resident experts
     loads, runs, release = ex.on_routed(msg)   # Routed -> Load(expert unit, slot, offset)s, RunExperts
     loads, runs, release = ex.on_loaded(msg)   # an expert's Loaded -> its RunExperts
@@ -30,9 +32,8 @@ from dataclasses import dataclass
 
 from ipc.messages import ExpertsDone, Load, Loaded, Routed, RunExperts
 
-from gdsllm.engine.expert_set import ExpertSet
-
-Key = tuple[int, int]  # (layer, expert)
+from gdsllm.engine.expert_books import ExpertBooks
+from gdsllm.engine.expert_set import Key
 
 
 @dataclass
@@ -46,15 +47,12 @@ class _Layer:
 
 
 class ExpertScheduler:
-    def __init__(self, meta, slots, metrics=None, prefetch: bool = True):
-        self.meta, self.slots, self.metrics, self.prefetch = meta, slots, metrics, prefetch
-        self.unit_of: dict[Key, int] = {(u.layer, u.expert): u.index for u in meta.units
-                                        if u.kind == "expert"}
-        self.key_of = {i: k for k, i in self.unit_of.items()}
+    def __init__(self, meta, slots, prefetch: bool = True):
+        self.meta, self.slots, self.prefetch = meta, slots, prefetch
+        self.books = ExpertBooks(meta, slots)
+        self.unit_of, self.key_of = self.books.unit_of, self.books.key_of
+        self.totals = self.books.totals  # lent: routed experts the worker ran from its block's Run
         self.workers = None  # the workers whose arena the slots describe
-        # lent: routed experts the worker ran from its block's Run (a hit without a round trip)
-        self.totals = dict.fromkeys(("loads", "prefetch_loads", "hits", "routed", "prefetch_hits",
-                                     "prefetch_misses", "bytes_read", "lent"), 0)
         self.reset()
 
     def bind(self, workers) -> None:
@@ -65,10 +63,8 @@ class ExpertScheduler:
 
     def reset(self) -> None:
         """Forget every slot (new workers, a fresh arena) and any block in flight."""
-        self.cached = ExpertSet(self.meta.params.num_hidden_layers)  # loaded experts -> slot
+        self.books.reset()
         self.loading: dict[int, Key] = {}  # slot -> expert being read into it
-        self.busy: dict[int, int] = {}  # slot -> RunExperts outstanding that read it
-        self.free = list(range(self.slots.count))
         self.prefetched: set[Key] = set()  # read on a guess, not yet routed
         self.bad: set[Key] = set()  # failed to read: leaves the cache once it has run
         self.guess: set[Key] = set()  # the next layer's guessed experts (until its Routed)
@@ -76,12 +72,15 @@ class ExpertScheduler:
         self.lent: dict[Key, int] = {}  # lent with the Run of block `lent_block`, until its Routed
         self.lent_block: int | None = None
 
-    def offset(self, slot: int) -> int:
-        return self.slots.offset + slot * self.slots.slot_bytes
+    @property
+    def cached(self):
+        """Loaded experts -> slot (the books' gdsllm.engine.expert_set.ExpertSet)."""
+        return self.books.cached
 
-    def slot_of(self, unit: int) -> int | None:
-        key = self.key_of.get(unit)
-        return None if key is None else self.cached.get(key)
+    @property
+    def busy(self) -> dict[int, int]:
+        """Slot -> uses in flight (RunExperts outstanding, or lent to a block's Run)."""
+        return self.books.busy
 
     # ------------------------------------------------------------------ events
 
@@ -95,15 +94,15 @@ class ExpertScheduler:
         self.lent = {(layer, e): self.cached[(layer, e)] for e in sorted(self.cached.of_layer(layer))
                      if (layer, e) not in self.bad}
         for slot in self.lent.values():
-            self._busy(slot)
-        return [(self.unit_of[k], self.offset(slot)) for k, slot in self.lent.items()]
+            self.books.hold(slot)
+        return [(self.unit_of[k], self.books.offset(slot)) for k, slot in self.lent.items()]
 
     def _unlend(self, keep: set[Key] = frozenset()) -> dict[Key, int]:
         """End the pending lend; the slots of experts not in `keep` are free to refill."""
         lent, self.lent, self.lent_block = self.lent, {}, None
         for key, slot in lent.items():
             if key not in keep:
-                self._unbusy(slot)
+                self.books.unhold(slot)
         return lent
 
     def on_routed(self, msg: Routed) -> tuple[list[Load], list[RunExperts], int | None]:
@@ -146,43 +145,21 @@ class ExpertScheduler:
         fails, and then leaves the cache)."""
         slot = self._slot_loading(msg.unit)
         key = self.loading.pop(slot)
-        self._insert(key, slot)  # most recently used
+        self.books.insert(key, slot)  # most recently used
         self.totals["bytes_read"] += msg.nbytes
         if msg.error:
             self.bad.add(key)
             if not (self.cur and key[0] == self.cur.layer and key[1] in self.cur.todo):
-                self._drop(key)
+                self._forget(key)
         return self._advance()
-
-    def _insert(self, key: Key, slot: int) -> None:
-        self.cached.add(key, slot)
-
-    def _evict(self, key: Key) -> int | None:
-        self.prefetched.discard(key)
-        return self.cached.remove(key)
-
-    def _drop(self, key: Key) -> None:
-        slot = self._evict(key)
-        self.bad.discard(key)
-        if slot is not None:
-            self.free.append(slot)
-
-    def _busy(self, slot: int) -> None:
-        self.busy[slot] = self.busy.get(slot, 0) + 1
-
-    def _unbusy(self, slot: int) -> None:
-        if slot in self.busy:
-            self.busy[slot] -= 1
-            if not self.busy[slot]:
-                del self.busy[slot]
 
     def on_done(self, msg: ExpertsDone) -> tuple[list[Load], list[RunExperts], int | None]:
         for u in msg.experts:
-            slot = self.slot_of(u)
+            slot = self.books.slot_of(u)
             if slot is not None:
-                self._unbusy(slot)
+                self.books.unhold(slot)
             if self.key_of.get(u) in self.bad and slot not in self.busy:
-                self._drop(self.key_of[u])
+                self._forget(self.key_of[u])
         cur = self.cur
         if cur is None or msg.pass_id != cur.pass_id:
             return [], [], None  # the late reply of a block whose pass failed (abort)
@@ -211,20 +188,24 @@ class ExpertScheduler:
         raise ValueError(f"Loaded for expert unit {unit}, which is not being loaded")
 
     def _take_slot(self, keep: set[Key], pos: int) -> int | None:
-        """A slot to read into while layer `pos` runs: a free one, else the slot of the expert
-        gdsllm.engine.expert_set evicts first among those not being run nor in `keep`; None if
-        every slot is in use."""
-        if self.free:
-            return self.free.pop(0)
-        key = self.cached.victim(pos, lambda k: k in keep or self.cached[k] in self.busy)
-        return None if key is None else self._evict(key)
+        """A slot to read into while layer `pos` runs (the books' rule); None if every slot is in
+        use. An evicted guess is no longer one."""
+        slot, gone = self.books.take_slot(keep, pos)
+        self.prefetched.discard(gone)
+        return slot
+
+    def _forget(self, key: Key) -> None:
+        """`key` leaves the cache (a failed read, once it has run); its slot is free."""
+        self.prefetched.discard(key)
+        self.books.drop(key)
+        self.bad.discard(key)
 
     def _load(self, key: Key, slot: int, prefetch: bool) -> Load:
         self.loading[slot] = key
         self.totals["prefetch_loads" if prefetch else "loads"] += 1
         if prefetch:
             self.prefetched.add(key)
-        return Load(self.unit_of[key], slot, self.offset(slot))
+        return Load(self.unit_of[key], slot, self.books.offset(slot))
 
     def _advance(self) -> tuple[list[Load], list[RunExperts], int | None]:
         cur = self.cur
@@ -244,11 +225,11 @@ class ExpertScheduler:
             for e in ready:
                 slot = self.cached[(layer, e)]
                 self.cached.touch((layer, e))
-                self._busy(slot)
+                self.books.hold(slot)
             cur.todo -= set(ready)
             cur.running += 1
             runs.append(RunExperts(cur.pass_id, cur.block, [
-                (self.unit_of[(layer, e)], self.offset(self.cached[(layer, e)])) for e in ready]))
+                (self.unit_of[(layer, e)], self.books.offset(self.cached[(layer, e)])) for e in ready]))
         loads = []
         needed = {(layer, e) for e in cur.todo}
         loading = set(self.loading.values())
