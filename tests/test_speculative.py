@@ -72,11 +72,18 @@ def test_accept_sampled_emits_the_targets_distribution():
 def test_greedy_with_a_draft_equals_without(models, reference):
     target, draft = models
     with LLM(str(target), draft=str(draft), draft_tokens=4) as llm:
+        given = {"target": [], "draft": []}  # one set of books: the draft gets the target's block ids
+        for who, cache in (("target", llm.runner.cache), ("draft", llm.speculator.draft.runner.cache)):
+            def record(sid, table, who=who, assign=cache.assign):
+                given[who].append((sid, list(table)))
+                return assign(sid, table)
+            cache.assign = record
         # mixed batch: the LLM's default K, no draft, and per-request K
         params = [greedy(24), greedy(24, draft_tokens=0), greedy(24, draft_tokens=2),
                   greedy(24, draft_tokens=7)]
         outs = llm.generate(PROMPTS, params)
         assert [o.token_ids for o in outs] == reference
+        assert len(given["target"]) == len(PROMPTS) and given["draft"] == given["target"]
         st = llm.speculator.stats
         assert st.draft_tokens > 0 and st.target_passes > 0
         assert llm.runner.sequences == set() and llm.speculator.draft.runner.sequences == set()

@@ -2,6 +2,7 @@
 
     draft = DraftModel(draft_dir, device="cpu")          # every unit read once, kept in memory
     draft.size_kv(target_kv_tokens)                      # room for every sequence the target holds
+    draft.assign(tables)                                 # new sequences' KV blocks: the target's ids
     check_draft(target_meta, draft.meta)                 # ValueError naming both models on mismatch
     props = draft.propose([(seq_id, tokens, k, sampler)])  # {seq_id: Proposal(tokens, probs)}
     draft.truncate(seq_id, n)                            # keep the first n tokens (rejections)
@@ -110,6 +111,12 @@ class DraftModel:
     @property
     def max_context(self) -> int:
         return self.meta.params.max_position_embeddings
+
+    def assign(self, tables: dict[int, list[int]]) -> None:
+        """New sequences' KV block ids, the same the scheduler's books gave the target
+        (gdsllm.engine.blocks): the draft's cache is as large as the target's and holds no more
+        of a sequence than the target does, so one set of books serves both."""
+        self.runner.assign(tables)
 
     def seq_len(self, seq_id: int) -> int:
         return self.runner.seq_len(seq_id)
@@ -353,6 +360,9 @@ class NgramDraft:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"ngram sizes must satisfy 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.vocab_size, self.max_n, self.min_n = vocab_size, max_n, min_n
+
+    def assign(self, tables: dict[int, list[int]]) -> None:
+        """No KV cache: nothing to hand out."""
 
     def size_kv(self, kv_tokens: int | None) -> None:
         pass  # nothing is held per token

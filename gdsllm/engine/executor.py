@@ -45,6 +45,8 @@ class PlanRunner:
         if missing:
             raise ValueError(f"sequences {missing} have no sampling parameters")
         self.runner.assign(plan.tables)  # first: a draft's tree fits inside the blocks they give
+        if self.speculator is not None:  # the draft holds the same sequences in the same blocks
+            self.speculator.assign(plan.tables)
         chunks, rows, trees = plan.chunks, None, None
         try:
             if self.speculator is not None:  # a chain, or a tree of the request's draft_tree nodes

@@ -163,6 +163,10 @@ class Speculator:
         if isinstance(self.draft, SelfDraft):
             self.draft.attach(target, experts)
 
+    def assign(self, tables: dict[int, list[int]]) -> None:
+        """New sequences' KV block ids from the scheduler's books, for the draft as for the target."""
+        self.draft.assign(tables)
+
     def _fit_trees(self, chunks, ks: dict[int, int], sizes: dict[int, int]) -> None:
         """Shrink the trees to the target's free KV blocks, after what every chunk of the pass
         and its chain drafts need (a tree borrows blocks for one pass: Runner.compact returns

@@ -23,9 +23,9 @@ blocks), growth never copies, and a decode step of any batch reads its keys in p
 the block tables, which is what a CUDA graph needs (gdsllm.models.paged_attention). Block 0 is a
 scratch block never given to a sequence: padding rows of a graph's batch write there.
 
-A cache allocates its own blocks (`grow`: a draft model's cache, tests) or is handed every
-sequence's table by the scheduler's books (`assign`: gdsllm.engine.blocks), never both: one set of
-books per cache.
+A cache allocates its own blocks (`grow`: a Runner used on its own, tests) or is handed every
+sequence's table by the scheduler's books (`assign`: gdsllm.engine.blocks; the target's and its
+draft model's caches get the same ids), never both: one set of books per cache.
 
 A sliding-window layer uses the same table and attends to its window only; its blocks are not
 freed early (one table serves every layer), so its memory is that of a full layer.
