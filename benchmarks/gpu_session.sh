@@ -21,6 +21,8 @@
 #   bash benchmarks/gpu_session.sh moe         # bench_moe.py (after qprep4's or mprep's MoE synth)
 #   bash benchmarks/gpu_session.sh mprep       # background: the MoE shape alone (for moe)
 #   bash benchmarks/gpu_session.sh tests-moe   # pytest -m gpu: the MoE files
+#   bash benchmarks/gpu_session.sh arena       # bench_arena.py: weights read from a torch allocation,
+#                                              # the arena's owner and its CUDA IPC view (issue 21)
 #   bash benchmarks/gpu_session.sh lprep loop  # issues 21 and 22 in one call (bench_loop.py): lprep
 #                                              # (background) synthesizes the 7B float16 model and
 #                                              # re-quantizes it to int8 and int4; loop waits for it,
@@ -136,6 +138,8 @@ for step in "$@"; do
         --deadline-s $left ${LOOP_ROWS:+--rows $LOOP_ROWS} 2>&1 \
         | tee "$OUT/loop.log" | grep -v "^+" | grep -v "^  " | tail -60
       cp /root/gl/bench-loop.log /root/gl/row-*.err "$OUT/" 2>/dev/null ;;
+    arena)
+      timeout 240 python3 benchmarks/bench_arena.py --gib 8 --out "$OUT/arena.json" 2>&1 | tee "$OUT/arena.log" | tail -8 ;;
     bench)
       python3 benchmarks/bench_7b.py --work /root/gb --parts synth,ceiling,gdsllm 2>&1 | tee "$OUT/bench.log"
       cp /root/gb/results.json "$OUT/" ;;
