@@ -76,6 +76,17 @@ def converted_smollm2(dtype: str = "float32") -> Path:
         return convert_gguf(gguf, dst, dtype=dtype, overwrite=dst.exists())
 
 
+def concurrently(*calls):
+    """The results of `calls` (callables without arguments), run at the same time in threads, in
+    the order given; the first exception raised by any of them is raised here once all ended.
+    For independent `gdsllm` subprocesses: each spends seconds of one core starting its interpreter
+    (importing torch) while the test waits, so on two cores two of them take the time of one."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _session_dir is not None:
         shutil.rmtree(_session_dir, ignore_errors=True)
