@@ -77,12 +77,13 @@ def converted_smollm2(dtype: str = "float32") -> Path:
 
 
 def concurrently(*calls):
-    """The results of `calls` (callables without arguments), run at the same time in threads, in
-    the order given; the first exception raised by any of them is raised here once all ended.
-    For independent `gdsllm` subprocesses: each spends seconds of one core starting its interpreter
-    (importing torch) while the test waits, so on two cores two of them take the time of one."""
+    """The results of `calls` (callables without arguments), run in threads, as many at a time as
+    the machine has cores, in the order given; the first exception raised by any of them is raised
+    here once all ended. For independent `gdsllm` subprocesses: each spends seconds of one core
+    starting its interpreter (importing torch) while the test waits, so on two idle cores two of
+    them take the time of one. More at once than cores only adds contention."""
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(len(calls)) as pool:
+    with ThreadPoolExecutor(min(len(calls), os.cpu_count() or 2)) as pool:
         futures = [pool.submit(call) for call in calls]
     return [f.result() for f in futures]
 
