@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -123,23 +122,17 @@ def test_real_smollm2_through_the_pipeline(smollm2_model):
     units = load_model_meta(root).units
     budget = units[0].nbytes + units[-1].nbytes + 10 * units[1].nbytes
     chat = [{"role": "user", "content": "What is the capital of France?"}]
-
-    def reference():
-        with LLM(str(root)) as llm:
-            return (llm.generate(chat, SamplingParams(max_tokens=8, temperature=0)),
-                    llm.generate("The three primary colors are", SamplingParams(max_tokens=8, temperature=0)))
-    with ThreadPoolExecutor(1) as pool:  # the reference is computed while the service starts
-        ref = pool.submit(reference)
-        with Service(root, vram_budget=budget, prefetch_window=3) as s, \
-                Client(s.endpoint, timeout=120) as c:
-            ref_chat, ref_raw = ref.result()
-            h = c.health()
-            assert h.resident_units == ["embed"] + [f"block.{i}" for i in range(7)] + ["head"]
-            assert h.streamed_units == 23
-            f = c.generate(messages=chat, max_tokens=8, temperature=0)
-            assert (f.token_ids, f.text) == (ref_chat.token_ids, ref_chat.text)
-            f = c.generate("The three primary colors are", max_tokens=8, temperature=0)
-            assert (f.token_ids, f.text) == (ref_raw.token_ids, ref_raw.text)
+    with LLM(str(root)) as llm:
+        ref_chat = llm.generate(chat, SamplingParams(max_tokens=8, temperature=0))
+        ref_raw = llm.generate("The three primary colors are", SamplingParams(max_tokens=8, temperature=0))
+    with Service(root, vram_budget=budget, prefetch_window=3) as s, Client(s.endpoint, timeout=120) as c:
+        h = c.health()
+        assert h.resident_units == ["embed"] + [f"block.{i}" for i in range(7)] + ["head"]
+        assert h.streamed_units == 23
+        f = c.generate(messages=chat, max_tokens=8, temperature=0)
+        assert (f.token_ids, f.text) == (ref_chat.token_ids, ref_chat.text)
+        f = c.generate("The three primary colors are", max_tokens=8, temperature=0)
+        assert (f.token_ids, f.text) == (ref_raw.token_ids, ref_raw.text)
 
 
 def test_require_gds_refuses_to_start_on_the_cpu_backend(model_dir):
