@@ -76,6 +76,18 @@ def converted_smollm2(dtype: str = "float32") -> Path:
         return convert_gguf(gguf, dst, dtype=dtype, overwrite=dst.exists())
 
 
+def concurrently(*calls):
+    """The results of `calls` (callables without arguments), run in threads, as many at a time as
+    the machine has cores, in the order given; the first exception raised by any of them is raised
+    here once all ended. For independent `gdsllm` subprocesses: each spends seconds of one core
+    starting its interpreter (importing torch) while the test waits, so on two idle cores two of
+    them take the time of one. More at once than cores only adds contention."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(min(len(calls), os.cpu_count() or 2)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.result() for f in futures]
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _session_dir is not None:
         shutil.rmtree(_session_dir, ignore_errors=True)
@@ -102,9 +114,26 @@ def gguf_readers_parsed_once():
     262,144-token vocabulary alone took about 50 s of the 171 s of its comparison test on the
     2-core machine (profiled 2026-12-03). A reader only reads (a read-only memmap), so the runs
     share one per file (keyed by inode, size and mtime: a rewritten file is parsed again); files
-    under READER_CACHE_MIN_BYTES (the tests' tiny GGUFs, cheap to parse) are not kept."""
+    under READER_CACHE_MIN_BYTES (the tests' tiny GGUFs, cheap to parse) are not kept.
+
+    A kept reader maps its file as a plain ndarray view of the same read-only mapping, not an
+    np.memmap: the parse slices the mapping once per vocabulary entry, and np.memmap's own
+    __getitem__ / __array_finalize__ made it 3.5x slower (Gemma 3's GGUF: 12.2 s against 3.5 s on
+    the 2-core machine, 2026-12-03). The bytes, fields and tensors are the same."""
     import gguf
+    import gguf.gguf_reader
+    import numpy as np
     parse = gguf.GGUFReader
+
+    class PlainMapNumpy:
+        """numpy for gguf_reader, whose `memmap` gives a plain ndarray over the mapping."""
+
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def memmap(*args, **kwargs):
+            return np.memmap(*args, **kwargs).view(np.ndarray)  # keeps the mapping alive
     readers: dict[tuple, object] = {}
 
     def reader(path, mode="r"):
@@ -118,7 +147,9 @@ def gguf_readers_parsed_once():
         if key not in readers:
             if len(readers) >= 2:  # the run's two real models at most: bounded memory
                 readers.pop(next(iter(readers)))
-            readers[key] = parse(path, mode)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(gguf.gguf_reader, "np", PlainMapNumpy())
+                readers[key] = parse(path, mode)
         return readers[key]
 
     gguf.GGUFReader = reader

@@ -7,6 +7,7 @@ and what the service shows while it starts and while a long prefill runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import logging
 import os
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from gdsllm import cli
+from conftest import concurrently
 from gdsllm.service.client import Client
 from service_helpers import UNIT, Service, model_dir  # noqa: F401 (fixture)
 
@@ -76,18 +78,23 @@ def test_default_device_is_cuda_only_where_usable(monkeypatch, gpu, cupy, want):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a usable GPU")
 def test_bench_and_serve_say_why_cuda_cannot_be_used(model_dir):
-    for command in ("bench", "serve"):
-        r = _gdsllm(command, "-m", model_dir, "--device", "cuda")
+    commands = ("bench", "serve")
+    runs = concurrently(*(functools.partial(_gdsllm, c, "-m", model_dir, "--device", "cuda")
+                          for c in commands))
+    for command, r in zip(commands, runs):
         _one_line_error(r, command, "--device cuda: torch")
 
 
 def test_user_errors_are_one_line(model_dir, tmp_path):
-    _one_line_error(_gdsllm("info", "-m", tmp_path / "nope"), "info", "nope")
-    _one_line_error(_gdsllm("run", "--endpoint", "tcp://127.0.0.1:9"), "run", "is `gdsllm serve` running")
-    _one_line_error(_gdsllm("generate", "-m", model_dir, "-p", "hi", "--vram-budget", "1KB"),
-                    "generate", "--vram-budget 1000 bytes is too small")
-    _one_line_error(_gdsllm("generate", "-m", model_dir, "-p", "hi", "-n", "1000000"), "generate",
-                    "-n 1000000: the model's context holds 512 tokens")
+    info, run, budget, n = concurrently(  # `run` waits 10 s for a reply meanwhile
+        lambda: _gdsllm("info", "-m", tmp_path / "nope"),
+        lambda: _gdsllm("run", "--endpoint", "tcp://127.0.0.1:9"),
+        lambda: _gdsllm("generate", "-m", model_dir, "-p", "hi", "--vram-budget", "1KB"),
+        lambda: _gdsllm("generate", "-m", model_dir, "-p", "hi", "-n", "1000000"))
+    _one_line_error(info, "info", "nope")
+    _one_line_error(run, "run", "is `gdsllm serve` running")
+    _one_line_error(budget, "generate", "--vram-budget 1000 bytes is too small")
+    _one_line_error(n, "generate", "-n 1000000: the model's context holds 512 tokens")
     from gdsllm.service.worker_set import WorkerStartError
     assert "'cupy' is not installed" in cli.user_error(ModuleNotFoundError("no cupy", name="cupy"))
     assert cli.user_error(WorkerStartError("io worker: x")) == "io worker: x"
@@ -99,25 +106,27 @@ def test_checks_that_need_no_workers_come_before_them(model_dir, tmp_path):
     without a chat template: one line, and no worker was started (-v logs their start)."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    big = tmp_path / "big.txt"
-    big.write_text("hello " * 50_000, encoding="utf-8")
-    r = _gdsllm("-v", "generate", "-m", model_dir, "-f", big, "-n", "4")
-    n = len(tok.encode(big.read_text()).ids)
-    _one_line_error(r, "generate", f"-f {big}: prompt of {n} tokens does not fit the model's "
-                                   f"context of 512")
-    r = _gdsllm("-v", "generate", "-m", model_dir, "-p", "hello " * 400, "-n", "4")
-    n = len(tok.encode("hello " * 400).ids)
-    _one_line_error(r, "generate", f"-p: prompt of {n} tokens does not fit the model's context of 512")
     import json
     import shutil
+    big = tmp_path / "big.txt"
+    big.write_text("hello " * 50_000, encoding="utf-8")
     plain = tmp_path / "plain"
     shutil.copytree(model_dir, plain)
     meta = json.loads((plain / "metadata.json").read_text())
     meta["chat_template"] = None
     (plain / "metadata.json").write_text(json.dumps(meta))
-    r = _gdsllm("-v", "generate", "-m", plain, "-p", "hi", "--chat")
+    from_file, inline, r, r2 = concurrently(
+        lambda: _gdsllm("-v", "generate", "-m", model_dir, "-f", big, "-n", "4"),
+        lambda: _gdsllm("-v", "generate", "-m", model_dir, "-p", "hello " * 400, "-n", "4"),
+        lambda: _gdsllm("-v", "generate", "-m", plain, "-p", "hi", "--chat"),
+        lambda: _gdsllm("-v", "run", "-m", plain))
+    n = len(tok.encode(big.read_text()).ids)
+    _one_line_error(from_file, "generate", f"-f {big}: prompt of {n} tokens does not fit the "
+                                           f"model's context of 512")
+    n = len(tok.encode("hello " * 400).ids)
+    _one_line_error(inline, "generate", f"-p: prompt of {n} tokens does not fit the model's "
+                                        f"context of 512")
     _one_line_error(r, "generate", "the model has no chat template")
-    r2 = _gdsllm("-v", "run", "-m", plain)
     _one_line_error(r2, "run", "the model has no chat template")
     for r in (r, r2):
         assert "starting the I/O and compute workers" not in r.stderr and r.stdout == ""
@@ -298,17 +307,21 @@ def test_run_repl_help_reset_unknown_commands_and_errors(server):
 
 def test_prompt_from_a_file_or_stdin_is_the_same_prompt(model_dir, tmp_path):
     common = ["generate", "-m", model_dir, "--single-process", "-n", "6", "--temp", "0"]
-    inline = _gdsllm(*common, "-p", "once upon a time")
-    assert inline.returncode == 0 and inline.stdout.strip(), inline.stderr
     (tmp_path / "p.txt").write_text("once upon a time", encoding="utf-8")
-    assert _gdsllm(*common, "-f", tmp_path / "p.txt").stdout == inline.stdout
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    piped = subprocess.run([sys.executable, "-m", "gdsllm", *map(str, common), "-p", "-"], cwd=ROOT,
-                           env=env, input="once upon a time", capture_output=True, text=True, timeout=300)
+    inline, from_file, piped, missing, r = concurrently(
+        lambda: _gdsllm(*common, "-p", "once upon a time"),
+        lambda: _gdsllm(*common, "-f", tmp_path / "p.txt"),
+        lambda: subprocess.run([sys.executable, "-m", "gdsllm", *map(str, common), "-p", "-"],
+                               cwd=ROOT, env=env, input="once upon a time", capture_output=True,
+                               text=True, timeout=300),
+        lambda: _gdsllm(*common, "-f", tmp_path / "missing.txt"),
+        lambda: _gdsllm(*common, "-p", "x", "-f", tmp_path / "p.txt"))  # one or the other
+    assert inline.returncode == 0 and inline.stdout.strip(), inline.stderr
+    assert from_file.stdout == inline.stdout
     assert piped.stdout == inline.stdout, piped.stderr
-    _one_line_error(_gdsllm(*common, "-f", tmp_path / "missing.txt"), "generate", "-f")
-    r = _gdsllm(*common, "-p", "x", "-f", tmp_path / "p.txt")  # one or the other, said by argparse
-    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+    _one_line_error(missing, "generate", "-f")
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr  # said by argparse
 
 
 class _Pty:
@@ -431,10 +444,11 @@ def test_help_imports_no_torch_and_dtype_names_agree():
 
 
 def test_generate_is_quiet_by_default_and_says_more_with_v(model_dir):
-    quiet = _gdsllm("generate", "-m", model_dir, "--device", "cpu", "-p", "hi", "-n", "2")
+    quiet, loud = concurrently(
+        lambda: _gdsllm("generate", "-m", model_dir, "--device", "cpu", "-p", "hi", "-n", "2"),
+        lambda: _gdsllm("generate", "-v", "-m", model_dir, "--device", "cpu", "-p", "hi", "-n", "2"))
     assert quiet.returncode == 0 and quiet.stdout.strip(), quiet.stderr
     assert quiet.stderr == "", quiet.stderr
-    loud = _gdsllm("generate", "-v", "-m", model_dir, "--device", "cpu", "-p", "hi", "-n", "2")
     assert loud.stdout == quiet.stdout or loud.returncode == 0
     assert " INFO " in loud.stderr and "workers ready in" in loud.stderr and " DEBUG " not in loud.stderr
     assert cli.log_level("serve", 0) == logging.INFO and cli.log_level("run", 2) == logging.DEBUG
@@ -453,9 +467,10 @@ def test_errors_name_the_flags(model_dir):
     with pytest.raises(ValueError, match="^--kv-budget: not a size: 'banana'"):
         size_option("banana", "--kv-budget")
     # and through the command line, before anything starts: one line each
-    r = _gdsllm("generate", "-m", model_dir, "-p", "hi", "--vram-budget", "banana")
-    _one_line_error(r, "generate", "--vram-budget: not a size: 'banana'")
-    r = _gdsllm("run", "-m", model_dir, "--top-p", "2")
+    size, r = concurrently(
+        lambda: _gdsllm("generate", "-m", model_dir, "-p", "hi", "--vram-budget", "banana"),
+        lambda: _gdsllm("run", "-m", model_dir, "--top-p", "2"))
+    _one_line_error(size, "generate", "--vram-budget: not a size: 'banana'")
     _one_line_error(r, "run", "--top-p must be in (0, 1]")
     assert "top_p" not in r.stderr
 

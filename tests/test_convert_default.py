@@ -17,6 +17,7 @@ from pathlib import Path
 import gguf
 import pytest
 
+from conftest import concurrently
 from convert_helpers import no_leftovers, write_gguf
 from gdsllm.convert import default_model
 from gdsllm.convert.synth import synth
@@ -33,11 +34,11 @@ def _cli(*args, env=None, **kw) -> subprocess.CompletedProcess:
 
 def test_cli_convert_errors_and_success(tmp_path):
     write_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
-    r = _cli("convert", tmp_path / "gpt2.gguf", tmp_path / "out")
+    r, missing = concurrently(lambda: _cli("convert", tmp_path / "gpt2.gguf", tmp_path / "out"),
+                              lambda: _cli("convert", tmp_path / "missing.gguf", tmp_path / "out"))
     assert r.returncode == 1 and "gpt2.gguf" in r.stderr and "architecture" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = _cli("convert", tmp_path / "missing.gguf", tmp_path / "out")
-    assert r.returncode == 1 and "missing.gguf" in r.stderr
+    assert missing.returncode == 1 and "missing.gguf" in missing.stderr
     assert not (tmp_path / "out").exists() and no_leftovers(tmp_path) == []
     write_gguf(tmp_path / "ok.gguf", types={"attn_q": Q.Q8_0})
     r = _cli("convert", tmp_path / "ok.gguf", tmp_path / "out", "--dtype", "bfloat16")

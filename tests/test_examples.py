@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import concurrently
 from gdsllm import LLM, SamplingParams
 from gdsllm.convert.synth import synth
 from http_helpers import HttpServe
@@ -66,8 +67,8 @@ def test_every_example_is_tested_and_listed_in_the_readme():
 
 
 def test_python_api(models):
-    out = run_example("python_api.py", "-m", models["tiny"], "-n", 8)
-    ref = greedy(models["tiny"], "The capital of France is", 8)
+    out, ref = concurrently(lambda: run_example("python_api.py", "-m", models["tiny"], "-n", 8),
+                            lambda: greedy(models["tiny"], "The capital of France is", 8))
     assert line(out, "token_ids: ") == str(ref.token_ids)
     assert line(out, "generate: ") == repr(ref.text)
     assert line(out, "finish_reason: ") == ref.finish_reason
@@ -77,19 +78,21 @@ def test_python_api(models):
 
 
 def test_inference_demo_streams_under_a_small_budget(models):
-    out = run_example("inference_demo.py", "-m", models["tiny"], "-n", 12)
+    out, ref = concurrently(lambda: run_example("inference_demo.py", "-m", models["tiny"], "-n", 12),
+                            lambda: greedy(models["tiny"], "The capital of France is", 12))
     streamed = int(re.search(r"(\d+) streamed every step", out).group(1))
     assert streamed >= 1
-    assert line(out, "text: ") == repr(greedy(models["tiny"], "The capital of France is", 12).text)
+    assert line(out, "text: ") == repr(ref.text)
     mb = float(re.search(r"([\d.]+) MB read from storage while generating", out).group(1))
     assert mb > 0
     assert len(re.findall(r"^  \+ *[\d.]+ ms  ", out, re.M)) >= 2  # a timed line per piece
 
 
 def test_speculative_equals_plain_greedy(models):
-    out = run_example("speculative.py", "-m", models["tiny"], "--draft", models["draft"], "-k", 3,
-                      "-n", 16)
-    ref = greedy(models["tiny"], "The capital of France is", 16)
+    out, ref = concurrently(
+        lambda: run_example("speculative.py", "-m", models["tiny"], "--draft", models["draft"], "-k", 3,
+                            "-n", 16),
+        lambda: greedy(models["tiny"], "The capital of France is", 16))
     assert line(out, "same tokens: ") == "True"
     assert line(out, "with draft:    ").startswith(repr(ref.text))
     drafted = int(re.search(r"drafted (\d+), accepted (\d+)", out).group(1))
@@ -115,9 +118,11 @@ def test_custom_forward_on_the_default_model(smollm2_model, xdg_cache):
 
 
 def test_moe_reads_only_routed_experts(models):
-    out = run_example("moe.py", "-m", models["moe"], "-p", "hello world", "-n", 6)
-    with LLM(str(models["moe"]), device="cpu") as llm:
-        ref = llm.generate("hello world", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    def reference():
+        with LLM(str(models["moe"]), device="cpu") as llm:
+            return llm.generate("hello world", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    out, ref = concurrently(lambda: run_example("moe.py", "-m", models["moe"], "-p", "hello world", "-n", 6),
+                            reference)
     assert line(out, "token_ids: ") == str(ref.token_ids)
     m = re.search(r"expert slots (\d+); routed (\d+), read (\d+)", out)
     slots, routed, read = map(int, m.groups())
@@ -125,12 +130,13 @@ def test_moe_reads_only_routed_experts(models):
 
 
 def test_openai_client_against_serve(models, tmp_path):
-    server = HttpServe(models["tiny"], tmp_path / "serve.log")
+    server = HttpServe(models["tiny"], tmp_path / "serve.log", wait=False)
     try:
+        ref = greedy(models["tiny"], "The capital of France is", 8)  # while the server starts
+        server.wait_ready()
         out = run_example("openai_client.py", "--base-url", server.url + "/v1", "-n", 8)
     finally:
         assert server.stop() == 0, server.log_tail()
-    ref = greedy(models["tiny"], "The capital of France is", 8)
     assert line(out, "model: ") == models["tiny"].name
     assert line(out, "completion: ").startswith(repr(ref.text) + " (finish length, 8 tokens)")
     assert line(out, "stream: ").startswith(repr(ref.text))

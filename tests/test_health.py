@@ -67,20 +67,23 @@ def _workers(s: HttpServe) -> list[int]:
 
 
 def test_models_follow_health_and_exit_on_degraded(model_dir, tmp_path):
-    s = HttpServe(model_dir, tmp_path / "a.log", "--restart-limit", "0")
+    s = HttpServe(model_dir, tmp_path / "a.log", "--restart-limit", "0", wait=False)
+    b = HttpServe(model_dir, tmp_path / "b.log", "--restart-limit", "0", "--exit-on-degraded",
+                  wait=False)  # starts meanwhile: checked second
     try:
-        assert get(s.url + "/v1/models")[0] == 200
-        os.kill(_workers(s)[-1], signal.SIGKILL)
-        wait_for(lambda: get(s.url + "/health")[0] == 503, "for /health to say degraded", proc=s.proc)
-        status, body = get(s.url + "/v1/models")
-        assert status == 503 and "degraded" in body["error"]["message"], body
-        assert s.proc.poll() is None  # degraded, but only --exit-on-degraded ends it
+        try:
+            s.wait_ready()
+            assert get(s.url + "/v1/models")[0] == 200
+            os.kill(_workers(s)[-1], signal.SIGKILL)
+            wait_for(lambda: get(s.url + "/health")[0] == 503, "for /health to say degraded", proc=s.proc)
+            status, body = get(s.url + "/v1/models")
+            assert status == 503 and "degraded" in body["error"]["message"], body
+            assert s.proc.poll() is None  # degraded, but only --exit-on-degraded ends it
+        finally:
+            assert s.stop() == 0, s.log_tail()
+        b.wait_ready()
+        os.kill(_workers(b)[-1], signal.SIGKILL)
+        assert b.proc.wait(60) == EXIT_DEGRADED, b.log_tail()
+        assert "--exit-on-degraded" in b.log_tail()
     finally:
-        assert s.stop() == 0, s.log_tail()
-    s = HttpServe(model_dir, tmp_path / "b.log", "--restart-limit", "0", "--exit-on-degraded")
-    try:
-        os.kill(_workers(s)[-1], signal.SIGKILL)
-        assert s.proc.wait(60) == EXIT_DEGRADED, s.log_tail()
-        assert "--exit-on-degraded" in s.log_tail()
-    finally:
-        s.stop()
+        b.stop()

@@ -15,6 +15,7 @@ import pytest
 
 from http_api_helpers import (CHAT, KEY, N, PROMPT, model, oai, server,  # noqa: F401  (fixtures)
                               zmq_final)
+from conftest import concurrently
 from http_helpers import ROOT, get
 
 
@@ -106,13 +107,14 @@ def _cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_generate_and_run_with_an_http_endpoint(server):
     ref = zmq_final(server, prompt=PROMPT, max_tokens=N, temperature=0)
-    r = _cli("generate", "--endpoint", server.url, "-p", PROMPT, "-n", str(N), "--temp", "0")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == ref.text + "\n"
     chat = zmq_final(server, messages=[{"role": "user", "content": "hi there"}], max_tokens=N,
                      temperature=0)
-    r = _cli("run", "--endpoint", server.url, "-n", str(N), "--temp", "0", stdin="hi there\n")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == chat.text + "\n"
-    r = _cli("generate", "--endpoint", server.url, "-p", PROMPT, "--api-key", "nope")
+    generated, ran, r = concurrently(  # three client processes at once
+        lambda: _cli("generate", "--endpoint", server.url, "-p", PROMPT, "-n", str(N), "--temp", "0"),
+        lambda: _cli("run", "--endpoint", server.url, "-n", str(N), "--temp", "0", stdin="hi there\n"),
+        lambda: _cli("generate", "--endpoint", server.url, "-p", PROMPT, "--api-key", "nope"))
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout == ref.text + "\n"
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == chat.text + "\n"
     assert r.returncode == 1 and "invalid_api_key" in r.stderr and "Traceback" not in r.stderr

@@ -33,8 +33,17 @@ def _recv(sock, timeout_s=60.0):
     return msgpack.unpackb(sock.recv(), raw=False)
 
 
-def test_zeromq_request_over_the_limit_gets_an_error_and_the_link_stays(model_dir):
-    with Service(model_dir) as s, Client(s.endpoint, timeout=120) as other:
+@pytest.fixture(scope="module")
+def service(model_dir):
+    """One service (default settings) for the ZeroMQ tests: each leaves it idle, its tokenizer
+    as it found it (the processes and the arena are checked gone when the module ends)."""
+    with Service(model_dir) as s:
+        yield s
+
+
+def test_zeromq_request_over_the_limit_gets_an_error_and_the_link_stays(service):
+    s = service
+    with Client(s.endpoint, timeout=120) as other:
         stream = other.stream_messages(PROMPTS[0], **LONG)
         next(stream)  # another client's stream is running
         ctx = zmq.Context()
@@ -79,11 +88,12 @@ def test_http_request_over_the_limit_fails_alone(http):
     assert post(http.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
 
 
-def test_tokenizing_off_the_event_loop_keeps_a_stream_going(model_dir):
+def test_tokenizing_off_the_event_loop_keeps_a_stream_going(service):
     """Issue 24, defect 3: tokenizing and chat templating ran on the coordinator's event loop, so
     ten huge chat requests froze every stream. Here a chat request's tokenizing is held until the
     running stream has received 5 more tokens: on the event loop that could never happen."""
-    with Service(model_dir) as s, Client(s.endpoint, timeout=120) as c:
+    s = service
+    with Client(s.endpoint, timeout=120) as c:
         tok = s.svc.coordinator.tokenizer
         got, progressed = [], threading.Event()
         real = tok.encode_chat
@@ -113,14 +123,15 @@ def test_tokenizing_off_the_event_loop_keeps_a_stream_going(model_dir):
         assert got[-1].finish_reason == "length"
 
 
-def test_a_prompt_too_long_for_any_context_is_refused_before_tokenizing(model_dir):
+def test_a_prompt_too_long_for_any_context_is_refused_before_tokenizing(service, monkeypatch):
     """The length is checked first, from characters: ten pipelined chat requests of 20,000
     messages (the issue's repro) are refused without being tokenized, and a stream goes on."""
-    with Service(model_dir) as s, Client(s.endpoint, timeout=120) as c:
+    s = service
+    with Client(s.endpoint, timeout=120) as c:
         co = s.svc.coordinator
         calls = []
         real = co.tokenizer.encode_chat
-        co.tokenizer.encode_chat = lambda m: calls.append(len(m)) or real(m)
+        monkeypatch.setattr(co.tokenizer, "encode_chat", lambda m: calls.append(len(m)) or real(m))
         stream = c.stream_messages(PROMPTS[0], **LONG)
         next(stream)
         ctx = zmq.Context()

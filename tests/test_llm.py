@@ -1,6 +1,7 @@
 """`gdsllm.LLM` (units streamed one at a time from disk) and `gdsllm generate`, end to end."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 
 import gdsllm
 from gdsllm import LLM, SamplingParams
+from conftest import concurrently
 from gdsllm.format.metadata import FormatError
 from llama_ref import greedy_reference, load, smollm2, smollm2_hf, synth_model
 
@@ -209,23 +211,30 @@ def _cli(*args, cwd=ROOT):
 
 def test_cli_prints_only_the_text(llm, tiny):
     d = str(tiny[1])
+    runs = concurrently(*(functools.partial(_cli, *args) for args in [
+        ("-m", d, "-p", "hello", "-n", "8", "--temp", "0"),
+        ("-v", "-m", d, "-p", "hello", "-n", "8", "--temp", "0"),
+        ("-v", "-m", d, "-p", "hello", "-n", "8", "--temp", "0", "--single-process"),
+        ("-m", d, "-p", "hello", "--chat", "-n", "6", "--temp", "0.7", "--seed", "5"),
+        ("-m", d, "-p", "hello", "--top-p", "1.5"),
+        ("-m", d, "-p", "")]))
     want = llm.generate("hello", SamplingParams(max_tokens=8, temperature=0))
-    r = _cli("-m", d, "-p", "hello", "-n", "8", "--temp", "0")
+    r = runs[0]
     assert r.returncode == 0, r.stderr
     assert r.stdout == want.text + "\n" and r.stderr == ""  # quiet by default
-    r = _cli("-v", "-m", d, "-p", "hello", "-n", "8", "--temp", "0")
+    r = runs[1]
     assert r.returncode == 0 and r.stdout == want.text + "\n", r.stderr
     assert "gdsllm.service.coordinator" in r.stderr  # -v: the pipeline's logs go to stderr
-    r = _cli("-v", "-m", d, "-p", "hello", "-n", "8", "--temp", "0", "--single-process")
+    r = runs[2]
     assert r.returncode == 0 and r.stdout == want.text + "\n", r.stderr
     assert "gdsllm.engine.llm" in r.stderr
     want = llm.generate([{"role": "user", "content": "hello"}],
                         SamplingParams(max_tokens=6, temperature=0.7, seed=5))
-    r = _cli("-m", d, "-p", "hello", "--chat", "-n", "6", "--temp", "0.7", "--seed", "5")
+    r = runs[3]
     assert r.returncode == 0 and r.stdout == want.text + "\n", r.stderr
-    r = _cli("-m", d, "-p", "hello", "--top-p", "1.5")
+    r = runs[4]
     assert r.returncode == 1 and r.stdout == "" and "--top-p must be in (0, 1]" in r.stderr
-    r = _cli("-m", d, "-p", "")
+    r = runs[5]
     assert r.returncode == 1 and "empty prompt" in r.stderr
 
 

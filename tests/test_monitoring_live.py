@@ -192,6 +192,7 @@ def test_live_service_counters_and_dashboard(prometheus, tmp_path):
          "--prefetch-window", "2", "--http-port", str(http_port)],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
     try:
+        prom = prometheus(f"127.0.0.1:{metrics_port}")  # starts while gdsllm serve starts
         with Client(endpoint, timeout=5) as c:
             deadline = time.monotonic() + 120
             while True:
@@ -205,7 +206,6 @@ def test_live_service_counters_and_dashboard(prometheus, tmp_path):
         assert health.resident_units == ["embed", "block.0", "block.1", "head"], health
         assert health.streamed_units == 4 and health.prefetch_window == 2
 
-        prom = prometheus(f"127.0.0.1:{metrics_port}")
         # Generate only after the first scrape, so every rate() and quantile sees the increase.
         prom.wait(lambda: prom.query("gdsllm_build_info"), "to scrape gdsllm serve")
         with Client(endpoint, timeout=120) as c:

@@ -8,6 +8,7 @@ GPL-3, to keep CPU time modest; the whole text is about 8.5k tokens.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -21,6 +22,7 @@ from gdsllm.engine.llm import LLM
 from gdsllm.engine.perplexity import perplexity, windows
 from gdsllm.engine.sampling import SamplingParams
 from gdsllm.service.benchmark import evict
+from conftest import concurrently
 from llama_ref import synth_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +135,7 @@ def test_perplexity_progress_on_a_terminal():
     assert [bar.close().split(" in ")[0] for bar in bars] == ["3 windows (1536 tokens)"] * 2
 
 
-@pytest.mark.slow  # five `gdsllm` processes
+@pytest.mark.slow  # five `gdsllm` processes (at once)
 def test_cli_perplexity_bad_input(tmp_path):
     _, d = synth_model(tmp_path)
     short = tmp_path / "short.txt"
@@ -145,8 +147,8 @@ def test_cli_perplexity_bad_input(tmp_path):
              (("-f", short, "--ctx", 1), "--ctx must be at least 2"),
              (("-f", short, "--ctx", 100000), "exceeds the model's context"),
              (("-f", binary), "not a UTF-8 text file")]
-    for args, expect in cases:
-        r = _cli("perplexity", "-m", d, *args)
+    runs = concurrently(*(functools.partial(_cli, "perplexity", "-m", d, *args) for args, _ in cases))
+    for (args, expect), r in zip(cases, runs):
         assert r.returncode == 1 and expect in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 

@@ -4,6 +4,7 @@ non-loopback address without keys unless --insecure.
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import stat
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from conftest import concurrently
 from gdsllm.commands.keygen import keygen
 from gdsllm.config import ServiceConfig
 from gdsllm.service.client import Client
@@ -22,6 +24,12 @@ from service_helpers import N, PROMPTS, light_reference, model_dir, single_threa
 
 pytestmark = pytest.mark.usefixtures("single_thread_workers")
 needs_curve = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CurveZMQ")
+
+
+def _gets_nothing(endpoint, **keys) -> None:
+    """A client with these keys gets no reply at all (its handshake fails: the server is silent)."""
+    with Client(endpoint, timeout=2, **keys) as c, pytest.raises(TimeoutError):
+        c.health()
 
 
 def free_port() -> int:
@@ -52,9 +60,8 @@ def test_curve_right_key_served_wrong_or_no_key_gets_nothing(model_dir, light_re
         with Client(svc.endpoint, timeout=30, server_key=public) as c:  # the .key file
             assert c.health().status == "ok"
             assert c.generate(PROMPTS[0], max_tokens=N, temperature=0).token_ids == light_reference[PROMPTS[0]]
-        for bad in (wrong, None):
-            with Client(svc.endpoint, timeout=2, server_key=bad) as c, pytest.raises(TimeoutError):
-                c.health()
+        concurrently(*(functools.partial(_gets_nothing, svc.endpoint, server_key=bad)
+                       for bad in (wrong, None)))
         raw = zmq.Context.instance().socket(zmq.DEALER)  # a plain socket speaking msgpack
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(svc.endpoint)
@@ -103,25 +110,30 @@ def test_curve_allow_list_serves_listed_client_keys_only(model_dir, tmp_path):
     alice_secret, alice_public, _ = keygen(tmp_path / "allowed" / "alice")
     mallory_secret, _, _ = keygen(tmp_path / "mallory")
     alice, mallory = load_secret_key(alice_secret), load_secret_key(mallory_secret)
-    for allow in (alice_public, tmp_path / "allowed"):
-        endpoint = f"tcp://127.0.0.1:{free_port()}"
-        cfg = ServiceConfig(model=model_dir, endpoint=endpoint, curve_secret_key=secret,
-                            curve_allow=allow, metrics_port=None)
-        with LocalService(cfg, private_endpoint=False) as svc:
-            with Client(svc.endpoint, timeout=30, server_key=public, client_keys=alice) as c:
-                assert c.health().status == "ok"
-            for keys in (mallory, None):  # unlisted, or a fresh pair
-                with Client(svc.endpoint, timeout=2, server_key=public, client_keys=keys) as c, \
-                        pytest.raises(TimeoutError):
-                    c.health()
-    with pytest.raises(ValueError, match="needs --curve-secret-key"):
-        ServiceConfig(model=model_dir, curve_allow=alice_public)
+    # `gdsllm serve` starts meanwhile (a process of its own): checked after the two services here
     s = HttpServe(model_dir, tmp_path / "serve.log", "--curve-secret-key", str(secret),
-                  "--curve-allow", str(tmp_path / "allowed"))
+                  "--curve-allow", str(tmp_path / "allowed"), wait=False)
     try:
+        _allow_list_in_process(model_dir, secret, public, alice_public, tmp_path / "allowed", alice, mallory)
+        s.wait_ready()
         assert get(s.url + "/health")[0] == 200
         with Client(s.endpoint, timeout=2, server_key=public, client_keys=mallory) as c, \
                 pytest.raises(TimeoutError):
             c.health()
     finally:
         assert s.stop() == 0, s.log_tail()
+
+
+def _allow_list_in_process(model_dir, secret, public, alice_public, allowed, alice, mallory):
+    for allow in (alice_public, allowed):
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        cfg = ServiceConfig(model=model_dir, endpoint=endpoint, curve_secret_key=secret,
+                            curve_allow=allow, metrics_port=None)
+        with LocalService(cfg, private_endpoint=False) as svc:
+            with Client(svc.endpoint, timeout=30, server_key=public, client_keys=alice) as c:
+                assert c.health().status == "ok", allow
+            concurrently(*(functools.partial(_gets_nothing, svc.endpoint, server_key=public,
+                                             client_keys=keys)
+                           for keys in (mallory, None)))  # unlisted, or a fresh pair
+    with pytest.raises(ValueError, match="needs --curve-secret-key"):
+        ServiceConfig(model=model_dir, curve_allow=alice_public)

@@ -116,14 +116,12 @@ def truncated_copy(src: Path, dst: Path, layers: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf, tmp_path_factory):
+def smol(smollm2_converted, tmp_path_factory):
     """SmolLM2 float32 (target) and two drafts of its vocabulary: its bfloat16 copy (half the
-    bytes, the stand-in for its int4 copy) and its first 8 of 30 blocks."""
-    from gdsllm.convert.gguf import convert_gguf
-    root = tmp_path_factory.mktemp("smol")
-    target = convert_gguf(smollm2_gguf, root / "f32", dtype="float32")
-    bf16 = convert_gguf(smollm2_gguf, root / "bf16", dtype="bfloat16")
-    return target, bf16, truncated_copy(target, root / "l8", 8)
+    bytes, the stand-in for its int4 copy) and its first 8 of 30 blocks. The float32 and bfloat16
+    conversions are the run's own (conftest.py: made once, shared with the other modules)."""
+    target, bf16 = smollm2_converted("float32"), smollm2_converted("bfloat16")
+    return target, bf16, truncated_copy(target, tmp_path_factory.mktemp("smol") / "l8", 8)
 
 
 SMOL_PROMPTS = ["The capital of France is", "def fibonacci(n):",
