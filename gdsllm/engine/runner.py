@@ -212,9 +212,10 @@ class Runner(ExpertSteps):
             for sid in new:
                 self.cache.free(sid)
             raise
-        if not trees and all(len(toks) == 1 and rows_of[sid] == 1 for sid, toks in chunks):
+        decode = not trees and all(len(toks) == 1 and rows_of[sid] == 1 for sid, toks in chunks)
+        if decode and self.device.type != "cpu":
             self._pass = decode_pass(self, chunks)
-        else:
+        else:  # on the CPU decode too: SDPA per sequence over its keys, found once per pass
             self._pass = chunked_pass(self, chunks, rows_of, trees)
 
     def rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
