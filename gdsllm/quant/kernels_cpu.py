@@ -3,7 +3,8 @@ weight is held on the CPU.
 
     y = linear(qw, x)          # streamed: dequantize, one float32 matmul ([T, K] -> [T, N])
     rw = resident(qw)          # resident: the form kept for the unit's lifetime (HostCopies)
-    y = rw.linear(x)           # its kernel; rw is still a QuantWeight (dequantize, values)
+    y = rw.linear(x)           # its kernel; rw is still a QuantWeight (dequantize, values),
+                               # or a float32 tensor (int4 on a torch older than 2.5)
     n = resident_nbytes(qw)    # the bytes `resident` allocates (the host-memory budget)
 
 Resident forms, chosen by measurement (benchmarks/bench_cpu_linear.py: every quantized weight
@@ -68,17 +69,23 @@ def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
 
 
 HALF_ROWS = 8  # up to this many rows a float16 copy multiplies in float16 (measured above)
+# torch 2.5 and later; before, an int4 weight is resident as a float32 copy
+INT4_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu")
 
 
-def resident(w: QuantWeight) -> QuantWeight:
+def resident(w: QuantWeight) -> QuantWeight | torch.Tensor:
     """The form a resident quantized weight keeps on the CPU (module docstring)."""
-    return PackedInt4.of(w) if w.qtype == "int4" else HalfCopy.of(w)
+    if w.qtype == "int4":
+        return PackedInt4.of(w) if INT4_KERNEL else w.dequantize(torch.float32)
+    return HalfCopy.of(w)
 
 
 def resident_nbytes(w: QuantWeight) -> int:
     """Bytes `resident(w)` allocates beyond the views it keeps."""
     n, k = w.shape
-    return n * k // 2 if w.qtype == "int4" else n * k * 2
+    if w.qtype == "int4":
+        return n * k // 2 if INT4_KERNEL else n * k * 4
+    return n * k * 2
 
 
 @dataclass
