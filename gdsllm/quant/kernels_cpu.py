@@ -69,8 +69,11 @@ def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
 
 
 HALF_ROWS = 8  # up to this many rows a float16 copy multiplies in float16 (measured above)
-# torch 2.5 and later; before, an int4 weight is resident as a float32 copy
-INT4_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu")
+try:  # torch 2.5 and later; before, an int4 weight is resident as a float32 copy
+    torch.ops.aten._weight_int4pack_mm_for_cpu
+    INT4_KERNEL = True
+except (AttributeError, RuntimeError):
+    INT4_KERNEL = False
 
 
 def resident(w: QuantWeight) -> QuantWeight | torch.Tensor:
@@ -100,11 +103,11 @@ class PackedInt4(QuantWeight):
     def of(cls, w: QuantWeight) -> "PackedInt4":
         q = unpack_int4(w.data, w.shape).to(torch.int32)
         return cls(w.qtype, w.shape, w.group_size, w.data, w.scales,
-                   torch._convert_weight_to_int4pack_for_cpu(q, 2))
+                   torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed,
-                                              self.group_size, self.scales)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed,
+                                                       self.group_size, self.scales)
         return y.to(x.dtype)
 
 
