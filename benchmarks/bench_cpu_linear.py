@@ -52,15 +52,15 @@ def candidates(w: QuantWeight) -> dict:
         wd = w32.to(d)  # one rounding of the float32 value
         c[name] = ((lambda x, wd=wd, d=d: F.linear(x.to(d), wd).float()), wd.nbytes)
     if w.qtype == "int4":
-        packed = torch._convert_weight_to_int4pack_for_cpu(
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             unpack_int4(w.data, w.shape).to(torch.int32), 2)
         sz = w.scales.float().contiguous()
         g = w.group_size
-        c["int4pack"] = ((lambda x: torch._weight_int4pack_mm_for_cpu(x, packed, g, sz)),
+        c["int4pack"] = ((lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, sz)),
                          packed.nbytes + sz.nbytes)
         sb = w.scales  # bfloat16 as stored
         c["int4pack_bf16"] = (
-            (lambda x: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, g, sb).float()),
+            (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, g, sb).float()),
             packed.nbytes + sb.nbytes)
     c["deq"] = ((lambda x: F.linear(x, w.dequantize(torch.float32))),
                 w.data.nbytes + w.scales.nbytes)
@@ -82,7 +82,8 @@ def main() -> None:
     names = [n for n in dict.fromkeys(k for c in cands for k in c) if n not in skip]
     res["resident_MB"] = {f"{q}/{n}": round(sum(c[n][1] for c, w in zip(cands, ws)
                                                 if n in c and w.qtype == q) / 1e6, 1)
-                          for q in ("int4", "int8") for n in names}
+                          for q in ("int4", "int8") for n in names
+                          if any(n in c and w.qtype == q for c, w in zip(cands, ws))}
     g = torch.Generator().manual_seed(0)
     for m in map(int, args.m.split(",")):
         xs = [torch.randn(m, w.shape[1], generator=g) for w in ws]
