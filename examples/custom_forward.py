@@ -93,7 +93,9 @@ def main() -> int:
     ap.add_argument("--tol", type=float, default=1e-4, help="largest |difference| allowed (default 1e-4)")
     args = ap.parse_args()
 
-    llm = LLM(args.model, device="cpu")  # the reference, and the tokenizer
+    # the reference, and the tokenizer; cpu_exact: float32 math over quantized weights too, as
+    # here (by default the CPU runs int4 / int8 weights with bfloat16 / float16 activations)
+    llm = LLM(args.model, device="cpu", cpu_exact=True)
     problem = unsupported(llm.meta)
     if problem:
         print(f"custom_forward.py: this hand-written forward is LLaMA's; {llm.meta.root} has {problem}",

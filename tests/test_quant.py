@@ -59,6 +59,38 @@ def test_cpu_int4_kernel_agrees_with_our_scales():
     assert rel_err(qw.linear(x), theirs) < 1e-5
 
 
+@pytest.mark.parametrize("qtype", ["int4", "int8"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+def test_cpu_resident_forms_against_float32(qtype, rows):
+    """The resident CPU forms (gdsllm.quant.kernels_cpu.resident: int4 repacked for torch's
+    kernel with bfloat16 activations, int8 as a float16 copy) against float32 math over the
+    dequantized weight, at decode and prompt row counts, relative to the largest output: int4
+    within 2^-7, a few bfloat16 roundings of at most 2^-9 each (the input, the output: 3.4e-3
+    measured), int8 within 2^-10 (float16's roundings: 5.4e-4 measured); both still dequantize
+    exactly."""
+    from gdsllm.quant.kernels_cpu import (HALF_ROWS, INT4_KERNEL, HalfCopy, PackedInt4, resident,
+                                          resident_nbytes)
+    if qtype == "int4" and not INT4_KERNEL:
+        pytest.skip("this torch has no _weight_int4pack_mm_for_cpu (2.5 and later)")
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 256, generator=g)
+    data, sc = quantize(w, qtype, 32).packed()
+    qw = QuantWeight(qtype, (96, 256), 32, data, sc)
+    rw = resident(qw)
+    assert isinstance(rw, PackedInt4 if qtype == "int4" else HalfCopy)
+    made = rw.packed if qtype == "int4" else rw.half
+    assert made.nbytes == resident_nbytes(qw)
+    assert torch.equal(rw.dequantize(torch.float32), qw.dequantize(torch.float32))
+    x = torch.randn(rows, 256, generator=g)
+    want = x @ qw.dequantize(torch.float32).T
+    got = rw.linear(x)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert rel_err(got, want) < (2 ** -7 if qtype == "int4" else 2 ** -10)
+    if qtype == "int8" and rows <= HALF_ROWS:  # beyond float16's range: float32 math
+        x[0, 0] = 1e6
+        assert torch.equal(rw.linear(x), x @ rw.half.float().T)
+
+
 F16_AT = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
           "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 

@@ -74,7 +74,9 @@ class LLM:
     (gdsllm.engine.budget), the service's own. Prompts are batched by the engine's scheduler
     (gdsllm.engine.scheduler) as the service batches requests: at most `max_batch` at once, each
     admitted when the KV cache holds its prompt and max_tokens, prompts fed `max_pass_tokens` at
-    a time."""
+    a time. `cpu_exact`: on the CPU, resident quantized weights as float32 copies (float32
+    math, exact against the dequantized reference) instead of the faster packed forms that
+    round activations to bfloat16 (gdsllm.engine.host_copies)."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
                  io: str = "direct", cudnn_attention: bool = False,
@@ -82,7 +84,7 @@ class LLM:
                  draft_tokens: int = 4, kv_tokens: int | None = None, cuda_graphs: bool = True,
                  draft_adaptive: bool = True, prefetch_window: int = 2,
                  max_batch: int = DEFAULT_MAX_BATCH, max_pass_tokens: int = DEFAULT_MAX_PASS_TOKENS,
-                 draft_tree: int | str | None = None):
+                 draft_tree: int | str | None = None, cpu_exact: bool = False):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
@@ -128,7 +130,7 @@ class LLM:
                                              extra_per_token=extra, max_batch=max_batch)
             self.runner = Runner(self.meta.params, self.device, self.dtype,
                                  cudnn_attention=cudnn_attention, architecture=self.meta.architecture,
-                                 kv_tokens=kv_tokens, cuda_graphs=cuda_graphs)
+                                 kv_tokens=kv_tokens, cuda_graphs=cuda_graphs, cpu_exact=cpu_exact)
             if self.speculator is not None:  # the draft holds the same sequences: the same KV room
                 self.speculator.draft.size_kv(self.runner.cache.capacity)
             self._load_resident()

@@ -1,7 +1,7 @@
 """The inputs and running state of one weight pass, built by the Runner at `start_pass`.
 
-    ps = decode_pass(runner, [(7, [tok]), (3, [tok])])       # one token per sequence
-    ps = chunked_pass(runner, [(7, prompt_ids)], {7: 1})      # prompts, speculative chunks
+    ps = decode_pass(runner, [(7, [tok]), (3, [tok])])       # one token per sequence (CUDA)
+    ps = chunked_pass(runner, [(7, prompt_ids)], {7: 1})      # prompts, speculative chunks, CPU decode
     ps = chunked_pass(runner, [(7, [root] + nodes)], {7: 5}, {7: TreeSpec(...)})  # a token tree
 
 Both pack every integer the pass needs (token ids, positions, KV slots, and the block tables of

@@ -29,9 +29,9 @@ All sequences share one paged KV cache (gdsllm.models.kv_cache) of `kv_tokens` t
 units are `pin`ned once: on CUDA a decode pass (one token per sequence) replays a CUDA graph per
 run of consecutive pinned units and batch-size bucket (gdsllm.engine.graphs) instead of launching
 their kernels one by one; prompts and speculative chunks run eagerly. On the CPU a pinned unit
-runs over float copies of its quantized / half-precision weights, made once on its first use
-within a memory budget (gdsllm.engine.host_copies.HostCopies): the same values, without dequantizing
-every pass.
+runs over copies of its quantized / half-precision weights in the form the CPU kernels read,
+made once on its first use within a memory budget (gdsllm.engine.host_copies.HostCopies), without
+dequantizing every pass.
 
 This interface is what the compute worker process codes against; keep its names and meaning.
 """
@@ -78,11 +78,14 @@ def default_kv_tokens(params: LlamaParams) -> int:
 class Runner(ExpertSteps):
     def __init__(self, params: LlamaParams, device: str | torch.device, dtype: torch.dtype, *,
                  cudnn_attention: bool = False, architecture: str = "llama",
-                 kv_tokens: int | None = None, cuda_graphs: bool = True):
+                 kv_tokens: int | None = None, cuda_graphs: bool = True, cpu_exact: bool = False):
         """`cudnn_attention`: let torch pick SDPA's cuDNN kernel on CUDA (as transformers does);
         off by default, for its host cost (gdsllm.models.attention._CUDA_SDPA says what was
         measured). `kv_tokens`: the KV cache's size; `cuda_graphs`: replay decode passes over
-        pinned units as CUDA graphs (CUDA only)."""
+        pinned units as CUDA graphs (CUDA only); `cpu_exact`: resident quantized weights as
+        float32 copies on the CPU (float32 math, exact against the dequantized reference)
+        instead of the faster packed forms that round activations to bfloat16
+        (gdsllm.engine.host_copies)."""
         self.p, self.device, self.dtype = params, torch.device(device), dtype
         self.cudnn_attention = cudnn_attention
         self.family = family(architecture)
@@ -99,8 +102,8 @@ class Runner(ExpertSteps):
         graphs = self.device.type == "cuda" and cuda_graphs and not p.num_experts
         self.graphs = DecodeGraphs(self) if graphs else None
         self.pinned: dict[int, dict] = {}  # unit index -> resident weights
-        # CPU: pinned units run over float copies made on first use (gdsllm.engine.host_copies).
-        self.host_copies = HostCopies(dtype) if self.device.type == "cpu" else None
+        # CPU: pinned units run over copies made on first use (gdsllm.engine.host_copies).
+        self.host_copies = HostCopies(dtype, exact=cpu_exact) if self.device.type == "cpu" else None
         self._runs: dict[int, tuple[int, int]] | None = {}  # pinned_runs(), None: to recompute
         self._pass: PassState | None = None
 
@@ -209,9 +212,10 @@ class Runner(ExpertSteps):
             for sid in new:
                 self.cache.free(sid)
             raise
-        if not trees and all(len(toks) == 1 and rows_of[sid] == 1 for sid, toks in chunks):
+        decode = not trees and all(len(toks) == 1 and rows_of[sid] == 1 for sid, toks in chunks)
+        if decode and self.device.type != "cpu":
             self._pass = decode_pass(self, chunks)
-        else:
+        else:  # on the CPU decode too: SDPA per sequence over its keys, found once per pass
             self._pass = chunked_pass(self, chunks, rows_of, trees)
 
     def rope(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -4,11 +4,14 @@ The runner describes the pass once (`PassBatch`): where each new token's key/val
 and, per sequence, which cached slots it reads. A layer then calls `attend`, which writes the
 batch's new keys/values into the pool and runs attention in one of two ways:
 
-- decode (every sequence brings one token): one call for the whole batch over the block tables
-  (gdsllm.models.paged_attention), no Python loop over sequences and no host sync, so a CUDA graph
-  can capture it;
-- otherwise (prompts, chunked prefill, speculative chunks): per sequence, its keys gathered from
-  the pool and SDPA with transformers' masks (`attention`), bit-close to transformers. A
+- decode on CUDA (every sequence brings one token): one call for the whole batch over the block
+  tables (gdsllm.models.paged_attention), no Python loop over sequences and no host sync, so a
+  CUDA graph can capture it;
+- otherwise (prompts, chunked prefill, speculative chunks, and decode on the CPU): per
+  sequence, its keys gathered from the pool and SDPA with transformers' masks (`attention`),
+  bit-close to transformers. On the CPU this serves decode too: one SDPA over the sequence's own
+  keys took 28 us against the batched reference's 91 us at 80 cached tokens, 150 us against
+  445 us at 1,000 (SmolLM2-135M's heads, 1 thread, 2026-12-03, load average 3.3). A
   speculative token tree (gdsllm.engine.tree) brings its own mask: each tree node sees the
   sequence's prefix and its own ancestors only (`Segment.mask`, `Segment.positions`).
 

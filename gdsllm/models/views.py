@@ -12,8 +12,9 @@ A quantized tensor (int4 / int8, gdsllm.quant.schemes) becomes a `QuantWeight`: 
 packed values and of its (scale, zero) pairs, handed as they are to the kernels by
 `gdsllm.models.layers.linear`.
 
-On the CPU backend a resident unit's quantized and half-precision weights are also kept as float
-copies, made once (`HostCopies`, used by gdsllm.engine.runner): those copies are the unit's own.
+On the CPU backend a resident unit's quantized and half-precision weights are also kept in the
+form the CPU kernels read (int4 repacked, int8 as float16, half precision upcast to float32),
+made once (`HostCopies`, used by gdsllm.engine.runner); the quantized forms keep these views too.
 
 Contract: the views share the buffer's memory. They are valid only while the buffer holds this
 unit: once the caller reuses the buffer (or slot) for another unit, every view taken from it

@@ -1,33 +1,133 @@
-"""CPU kernel for quantized weights that are not held as float copies: dequantize, then one
-float matmul (prompts and single tokens alike run as one matrix-matrix product).
+"""CPU kernels for quantized weights, and the one place that decides how a resident quantized
+weight is held on the CPU.
 
-    y = linear(qw, x)      # x [T, K] float32 -> [T, N]
+    y = linear(qw, x)          # streamed: dequantize, one float32 matmul ([T, K] -> [T, N])
+    rw = resident(qw)          # resident: the form kept for the unit's lifetime (HostCopies)
+    y = rw.linear(x)           # its kernel; rw is still a QuantWeight (dequantize, values),
+                               # or a float32 tensor (int4 on a torch older than 2.5)
+    n = resident_nbytes(qw)    # the bytes `resident` allocates (the host-memory budget)
 
-Resident units do not come here: the runner keeps them as float copies made once
-(gdsllm.engine.host_copies.HostCopies), within a memory budget. This path serves what is streamed, and
-resident units beyond that budget. Measured on the 2-core development machine (2026-12-03, torch
-2.13 CPU, AVX-512; SmolLM2-135M shapes, one block's seven projections, groups of 32, the three
-candidates side by side in one process, three repeats, other jobs sharing the cores):
+Resident forms, chosen by measurement (benchmarks/bench_cpu_linear.py: every quantized weight
+of SmolLM2-135M, the 210 int4 block projections and the int8 tied embedding as LM head, each
+over its own memory as a pass reads them, best of 5; 2-core AMD EPYC with AVX-512 BF16, torch
+2.13, 1 thread, 2026-12-03 20:03 UTC, load average 2.2-3.1 from other jobs):
 
-    candidate                                       1 token       256 tokens
-    float copy made once + F.linear                 0.3-0.5 ms    18-21 ms
-    _weight_int4pack_mm_for_cpu (repacked once)     4.7-5.9 ms    1,040-1,560 ms
-    dequantize per call (this function)             23-28 ms      32-47 ms
-    int8: _weight_int8pack_mm (per-channel only)    17-26 ms      990-1,480 ms
+    int4 (210 weights)            resident   M=1       M=16      M=256     max rel. error
+    float32 copy + F.linear       425 MB     31.8 ms   61 ms     564 ms    0 (reference)
+    float16 copy + F.linear       212 MB     16.5 ms   146 ms    3,069 ms  8e-4
+    bfloat16 copy + F.linear      212 MB     18.7 ms   24 ms     193 ms    6e-3
+    int4pack, bfloat16 x          66 MB      5.6 ms    25 ms     513 ms    8e-3
+    int4pack, float32 x           80 MB      117 ms (2 threads: the kernel's slow path)
+    dequantize per call           66 MB      257 ms (2 threads)
 
-torch's packed kernels lose to dequantizing at prompt sizes, and `_weight_int8pack_mm` takes one
-scale per row, not the groups (scale, zero) these weights have, so it is no candidate for them.
-A streamed unit would need its repack on every load, the cost of a dequantize. Hence: float
-copies where memory allows, otherwise one temporary float copy of ONE weight, freed after its
-matmul (QuantWeight.dequantize runs in place on it).
+    int8 head [49152, 576]        resident   M=1       M=16      M=256     max rel. error
+    float32 copy + F.linear       113 MB     7.7 ms    24 ms     261 ms    0 (reference)
+    float16 copy + F.linear       57 MB      2.5 ms    42 ms     904 ms    5e-4
+    bfloat16 copy + F.linear      57 MB      4.9 ms    5.9 ms    56 ms     4e-3
+
+
+    the int8 head, float16 copy   rows:  1        2        4        8        16       256
+    float32 copy + F.linear                7.5 ms   21 ms    17 ms    19 ms    17 ms    179 ms
+    float16 copy + F.linear                2.5 ms   4.9 ms   11 ms    24 ms    40 ms    632 ms
+    float16 copy upcast per call + F.linear   60 ms (fresh float32 tensor) to 235 ms
+
+(that table: 20:19 UTC, load average 1.7.) `_weight_int8pack_mm` takes one scale per row, not
+the (scale, zero) groups these weights have: no candidate. The bfloat16 copy, fastest from 2
+rows on, rounds its output to bfloat16: logits near 25 come in steps of 0.125, which ties the
+default model's two best first tokens for "What is the capital of France?" (25.30 and 25.22 in
+float32) and answers "L'Étoile" instead of "The capital of France is Paris." float16 keeps them
+apart (25.14 and 25.09, with the int4 blocks below).
+
+Hence int4: `PackedInt4`, torch's `_weight_int4pack_mm_for_cpu` over the weight repacked once,
+activations rounded to bfloat16 (its fast path; the stored scales are already bfloat16),
+fastest at every M and a sixth of the float32 copy's memory; its bfloat16 outputs are
+activations inside a block. int8: `HalfCopy` in float16, a float16 GEMV up to
+HALF_ROWS rows (decode, small batches; float32 math where an input or output exceeds float16's
+range) and float32 math over the copy upcast per call beyond (prompts, perplexity), half the
+memory of a float32 copy. The perplexity of GPL-3 at ctx 256
+on the default model: 28.0420 with float32 copies, 28.0594 (+0.06%) with these.
+Unquantized weights stay float32 on the CPU (gdsllm.engine.host_copies), exact against
+transformers' float32 reference; `LLM(cpu_exact=True)` keeps quantized ones as float32 copies.
+
+A streamed unit would need its repack on every load, the cost of a dequantize: `linear` makes
+one temporary float copy of ONE weight, freed after its matmul (QuantWeight.dequantize runs in
+place on it), float32 math as the reference.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from gdsllm.quant.int4pack import unpack_int4
 from gdsllm.quant.schemes import QuantWeight
 
 
 def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w.dequantize(x.dtype))
+
+
+HALF_ROWS = 8  # up to this many rows a float16 copy multiplies in float16 (measured above)
+try:  # torch 2.5 and later; before, an int4 weight is resident as a float32 copy
+    torch.ops.aten._weight_int4pack_mm_for_cpu
+    INT4_KERNEL = True
+except (AttributeError, RuntimeError):
+    INT4_KERNEL = False
+
+
+def resident(w: QuantWeight) -> QuantWeight | torch.Tensor:
+    """The form a resident quantized weight keeps on the CPU (module docstring)."""
+    if w.qtype == "int4":
+        return PackedInt4.of(w) if INT4_KERNEL else w.dequantize(torch.float32)
+    return HalfCopy.of(w)
+
+
+def resident_nbytes(w: QuantWeight) -> int:
+    """Bytes `resident(w)` allocates beyond the views it keeps."""
+    n, k = w.shape
+    if w.qtype == "int4":
+        return n * k // 2 if INT4_KERNEL else n * k * 4
+    return n * k * 2
+
+
+@dataclass
+class PackedInt4(QuantWeight):
+    """An int4 weight repacked once for torch's CPU kernel (`_weight_int4pack_mm_for_cpu`):
+    `packed` uint8 [N, K / 2]. The stored views stay (the kernel reads the bfloat16 scales as
+    stored; `dequantize` / `values` read the data: the embedding gather, a router's copy)."""
+
+    packed: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, w: QuantWeight) -> "PackedInt4":
+        q = unpack_int4(w.data, w.shape).to(torch.int32)
+        return cls(w.qtype, w.shape, w.group_size, w.data, w.scales,
+                   torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed,
+                                                       self.group_size, self.scales)
+        return y.to(x.dtype)
+
+
+@dataclass
+class HalfCopy(QuantWeight):
+    """A quantized weight held as a float16 copy `half` [N, K] of its float32 values (one
+    rounding); the stored views stay for `dequantize` (the embedding gather stays exact)."""
+
+    half: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, w: QuantWeight) -> "HalfCopy":
+        return cls(w.qtype, w.shape, w.group_size, w.data, w.scales,
+                   w.dequantize(torch.float32).to(torch.float16))
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= HALF_ROWS:
+            y = F.linear(x.to(torch.float16), self.half)
+            # beyond float16's range (an inf, or a NaN made of one): float32 math instead; one
+            # sum, in float32, costs a fifth of isfinite().all() over a vocabulary's logits
+            if bool(y.sum(dtype=torch.float32).isfinite()):
+                return y.to(x.dtype)
+        return F.linear(x, self.half.to(x.dtype))
