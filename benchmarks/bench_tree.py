@@ -100,7 +100,8 @@ def run(model: Path, device: str, budget: int, n: int, **kw) -> dict:
                        acceptance=st.acceptance, verified_passes=st.target_passes,
                        tokens_per_verified_pass=st.tokens_per_pass,
                        tree_nodes_per_tree_pass=st.tree_nodes / st.tree_passes if st.tree_passes else 0.0,
-                       draft_s_per_pass=st.draft_seconds / st.steps if st.steps else 0.0)
+                       draft_s_per_pass=st.draft_seconds / st.steps if st.steps else 0.0,
+                       draft_passes_per_pass=st.draft_passes / st.steps if st.steps else 0.0)
     return out
 
 
@@ -155,7 +156,10 @@ def main() -> None:
     self_n = f"self:{a.self_layers}"
     chain = dict(draft_tokens=a.draft_tokens, draft_adaptive=True)
     deep = dict(draft_tokens=a.tree_depth, draft_adaptive=False, draft_tree=tree)
-    runs = {"nodraft": {}, "chain_self": dict(draft=self_n, **chain), "tree_self": dict(draft=self_n, **deep),
+    fixed = dict(draft_tokens=a.draft_tokens, draft_adaptive=False)  # K as adaptive K keeps it when
+    # target passes stream (a draft pass costs little against one): a CPU run's timings shrink K
+    runs = {"nodraft": {}, "chain_self": dict(draft=self_n, **chain), "chain_self_fixed": dict(draft=self_n, **fixed),
+            "tree_self": dict(draft=self_n, **deep),
             "ngram": dict(draft="ngram", **chain), "tree_ngram": dict(draft="ngram", **deep)}
     wanted = a.runs.split(",")
     if any(r.endswith("_int4") for r in wanted):
