@@ -12,10 +12,13 @@ keys each node sees: the prefix (cache indices below `start`) and its own ancest
 included; the other branches never. Once the target chose a path, `PagedKVCache.compact` moves
 the path's keys and values to start, start + 1, ... (their positions already) and forgets the rest.
 
-Drafts build trees best first (`best_first`, SpecExec): every node carries the draft's
-cumulative log-probability of its path; the T likeliest nodes form the tree (a node's children are
-never likelier than it, so those T are closed under parents), and only nodes whose children could
-still enter the T best are expanded, one batched draft pass per level.
+Drafts build trees best first (`TreeBuilder`, SpecExec): every node carries the cumulative
+log-probability of its path; the T likeliest nodes form the tree (a node's children are never
+likelier than it, so those T are closed under parents), and only nodes whose children could still
+enter the T best are expanded, one batched draft pass per level. A node's probability is the
+draft's own until trees have been verified, then the acceptance measured for children of its rank
+and draft probability (`Calibration`, Sequoia's acceptance vector): a draft whose confident top
+token is often wrong (an untrained early exit) gets wide trees, a calibrated one deep trees.
 
 Acceptance: greedy walks from the root while a child carries the target's argmax (the output is
 the output without a draft, token for token). Sampled requests use SpecInfer's multi-step
