@@ -16,7 +16,8 @@ from gdsllm.engine.draft import NgramDraft, load_resident, self_layers
 from gdsllm.engine.runner import Runner
 from gdsllm.engine.sampling import Sampler
 from gdsllm.engine.speculative import load_draft_meta
-from gdsllm.engine.tree import TreeBuilder, TreeSpec, accept_tree_greedy, accept_tree_sampled
+from gdsllm.engine.tree import (Calibration, TreeBuilder, TreeSpec, accept_tree_greedy, accept_tree_sampled,
+                               rank_bucket)
 from gdsllm.format.metadata import load_model_meta
 from gdsllm.service.client import Client, ServiceError
 from service_helpers import Service
@@ -120,6 +121,80 @@ def test_best_first_tree_is_closed_under_parents_and_sized():
     tokens, parents, ids = b.tree()
     assert tokens == [0, 1, 2, 1] and parents == [-1, -1, -1, 0] and ids == [0, 1, 2, 3]
     assert tree_size(None) >= TREE_MIN and tree_size(1e-6) == TREE_MAX and tree_size(0.5) == TREE_MIN
+
+
+def _fake_draft(path: tuple, vocab: int) -> torch.Tensor:
+    """A draft distribution that depends only on the path (no ties)."""
+    g = torch.Generator().manual_seed(hash(path) % (1 << 31))
+    return torch.softmax(torch.randn(vocab, generator=g) * 2.0, -1)
+
+
+def _grow(size: int, depth: int, vocab: int, cal=None) -> TreeBuilder:
+    """A TreeBuilder expanded as DraftModel.propose_tree does: one level per draft pass."""
+    b = TreeBuilder(size, cal)
+    paths = {-1: ()}
+    b.add_children([-1], _fake_draft((), vocab)[None])
+    for _ in range(depth - 1):
+        nodes = b.to_expand(10 ** 6)
+        for n in nodes:
+            b.expanded(n)
+            paths[n] = paths[b.parents[n]] + (b.tokens[n],)
+        if nodes:
+            b.add_children(nodes, torch.stack([_fake_draft(paths[n], vocab) for n in nodes]))
+    return b
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_best_first_tree_holds_the_likeliest_paths(calibrated):
+    """The tree's nodes are exactly the `size` best root-to-node paths of at most `depth` tokens
+    by cumulative score (the draft's probabilities, or the calibrated estimates), found by
+    enumerating every path."""
+    vocab, size, depth = 5, 12, 4
+    cal = None
+    if calibrated:
+        cal = Calibration()
+        cal.observe([-1, -1, -1, 0, 1], [1, 2, 3, 1, 1], [0.6, 0.2, 0.1, 0.9, 0.3], [1, 4])
+        cal.observe([-1, -1], [1, 2], [0.9, 0.05], [])  # nothing accepted
+    scores = {}
+
+    def walk(path, score):
+        if len(path) == depth:
+            return
+        q = _fake_draft(path, vocab)
+        order = torch.argsort(q, descending=True).tolist()
+        for rank, tok in enumerate(order, 1):
+            est = float(q[tok]) if cal is None else cal.estimate(rank, float(q[tok]))
+            scores[path + (tok,)] = score + torch.log(torch.tensor(est)).item()
+            walk(path + (tok,), scores[path + (tok,)])
+    walk((), 0.0)
+    want = set(sorted(scores, key=scores.get, reverse=True)[:size])
+    tokens, parents, _ = _grow(size, depth, vocab, cal).tree()
+    got = []
+    for t, p in zip(tokens, parents):
+        got.append((got[p] if p >= 0 else ()) + (t,))
+    assert set(got) == want and len(got) == size
+
+
+def test_calibrated_tree_follows_the_ranks_the_target_accepts():
+    """An early exit that ranks one token first with confidence and is never right there, its
+    second token usually is: by the draft's probabilities the tree follows the top tokens (0, then
+    0 under it); calibrated by the acceptance measured per rank it follows the second-ranked
+    children (1, then 1 under it) and keeps the top one only beside them."""
+    cal = Calibration()
+    assert cal.estimate(1, 0.9) == pytest.approx(0.9)  # nothing observed: the draft's own q
+    for _ in range(10):  # rank 1 always rejected, the rank-2 child accepted
+        cal.observe([-1, -1, -1, 0], [1, 2, 3, 1], [0.9, 0.04, 0.03, 0.9], [1])
+    assert cal.trials[(rank_bucket(1),)] == 10 and cal.accepted.get((rank_bucket(1),), 0) == 0
+    assert cal.estimate(1, 0.9) < 0.2 < cal.estimate(2, 0.05)
+    root = torch.tensor([[0.9, 0.04, 0.03, 0.02, 0.01]])
+    for c, want in ((None, ([0, 0, 1], [-1, 0, 0])), (cal, ([0, 1, 1], [-1, -1, 1]))):
+        b = TreeBuilder(3, c)
+        b.add_children([-1], root)
+        nodes = b.to_expand(8)
+        for n in nodes:
+            b.expanded(n)
+        b.add_children(nodes, torch.tensor([[0.9, 0.05, 0.03, 0.01, 0.01]] * len(nodes)))
+        assert b.tree()[:2] == want
 
 
 def test_ngram_tree_is_a_trie_of_every_continuation():

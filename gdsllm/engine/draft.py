@@ -30,7 +30,7 @@ import torch
 from gdsllm.models.kv_cache import kv_bytes_per_token
 from gdsllm.engine.runner import Runner, compute_dtype
 from gdsllm.engine.sampling import Sampler
-from gdsllm.engine.tree import TreeBuilder, TreeSpec, branch_probs
+from gdsllm.engine.tree import Calibration, TreeBuilder, TreeSpec, branch_probs
 from gdsllm.models.views import unit_tensors
 from gdsllm.engine.loader import UnitLoader
 from gdsllm.format.metadata import ModelMeta, load_model_meta
@@ -42,6 +42,8 @@ class Proposal:
     tokens: list[int] = field(default_factory=list)
     probs: list[torch.Tensor] = field(default_factory=list)  # q per token (sampled chains only)
     parents: list[int] | None = None  # a token tree (gdsllm.engine.tree): node i's parent; None: a chain
+    ranks: list[int] | None = None  # a drafted tree: node i's rank among its parent's draft tokens
+    qs: list[float] | None = None  # ... and the draft's probability of it there
 
 
 def check_draft(target: ModelMeta, draft: ModelMeta) -> None:
@@ -171,18 +173,19 @@ class DraftModel:
         sids = list(feed)
         return sids, self._pass([(sid, feed[sid]) for sid in sids])
 
-    def propose_tree(self, items: list[tuple[int, list[int], int, Sampler]], sizes: dict[int, int]
-                     ) -> dict[int, Proposal]:
+    def propose_tree(self, items: list[tuple[int, list[int], int, Sampler]], sizes: dict[int, int],
+                     calibration: dict[int, Calibration] | None = None) -> dict[int, Proposal]:
         """A token tree of sizes[seq_id] nodes and depth at most k for each (seq_id, tokens, k,
-        sampler), built best first (gdsllm.engine.tree.TreeBuilder): one batched pass feeds the
-        new tokens, then one per level over the nodes worth expanding (tree attention in the
-        draft's own cache, after the sequence). keep() afterwards."""
+        sampler), built best first (gdsllm.engine.tree.TreeBuilder), scored by
+        calibration[seq_id] where given: one batched pass feeds the new tokens, then one per
+        level over the nodes worth expanding (tree attention in the draft's own cache, after the
+        sequence). keep() afterwards."""
         items = [it for it in items if it[2] > 0 and sizes.get(it[0], 0) > 0]
         if not items:
             return {}
         sids, logits = self._feed(items)
         info = {sid: (len(tokens), k, s) for sid, tokens, k, s in items}
-        builders = {sid: TreeBuilder(sizes[sid]) for sid in sids}
+        builders = {sid: TreeBuilder(sizes[sid], (calibration or {}).get(sid)) for sid in sids}
         for i, sid in enumerate(sids):
             builders[sid].add_children([-1], branch_probs(logits[i: i + 1], info[sid][2]))
         for level in range(1, max(k for _, k, _ in info.values())):
@@ -215,7 +218,7 @@ class DraftModel:
             tokens, parents, ids = b.tree()
             where = {n: j for j, n in enumerate(b.fed)}
             self._tree_slots[sid] = {i: where[n] for i, n in enumerate(ids) if n in where}
-            out[sid] = Proposal(tokens, [], parents)
+            out[sid] = Proposal(tokens, [], parents, [b.ranks[n] for n in ids], [b.qs[n] for n in ids])
         return out
 
     def propose(self, items: list[tuple[int, list[int], int, Sampler]]) -> dict[int, Proposal]:
@@ -388,8 +391,8 @@ class NgramDraft:
                 return [arr[h + n: h + n + k].tolist() for h in hits[::-1]]
         return []
 
-    def propose_tree(self, items: list[tuple[int, list[int], int, Sampler]], sizes: dict[int, int]
-                     ) -> dict[int, Proposal]:
+    def propose_tree(self, items: list[tuple[int, list[int], int, Sampler]], sizes: dict[int, int],
+                     calibration=None) -> dict[int, Proposal]:
         """A trie of the continuations lookup_all finds (the latest occurrence first), at most
         sizes[seq_id] nodes, k deep: every candidate the prompt and output suggest, one pass."""
         out = {}

@@ -45,7 +45,7 @@ from gdsllm.engine.draft import (DraftModel, NgramDraft, Proposal, SelfDraft, ch
                                  is_ngram, self_layers)
 from gdsllm.engine.sampling import AUTO_TREE, Sampler, SamplingError, check_draft_tokens, check_draft_tree
 from gdsllm.models.kv_cache import blocks_for
-from gdsllm.engine.tree import TreeSpec, accept_tree_greedy, accept_tree_sampled, depths
+from gdsllm.engine.tree import Calibration, TreeSpec, accept_tree_greedy, accept_tree_sampled, depths
 
 
 
@@ -152,6 +152,7 @@ class Speculator:
         self._t_plan: tuple[float, int, float] | None = None  # (draft s, draft passes, plan end)
         self.hist: dict[int, list[int]] = {}  # per sequence: the tokens fed to the target
         self.stats = SpecStats()
+        self.calibration = Calibration()  # tree scores from the verified trees' acceptance by rank
         self._order: list[int] = []
         self._rows: dict[int, int] = {}
         self.proposals: dict[int, Proposal] = {}  # of the pass in flight
@@ -220,8 +221,11 @@ class Speculator:
         t0, n0 = time.perf_counter(), self.draft.passes
         chain = [it for it in items if it[0] not in sizes]
         self.proposals = self.draft.propose(chain) if chain else {}
-        if sizes:
-            self.proposals.update(self.draft.propose_tree([it for it in items if it[0] in sizes], sizes))
+        if sizes:  # seeded requests: trees from the draft alone (not from other requests' outcomes)
+            cal = {sid: self.calibration for sid in sizes
+                   if samplers[sid].params.greedy or samplers[sid].params.seed is None}
+            self.proposals.update(self.draft.propose_tree([it for it in items if it[0] in sizes],
+                                                          sizes, cal))
         t1 = time.perf_counter()
         self._t_plan = (t1 - t0, self.draft.passes - n0, t1) if items else None
         self.last_draft_seconds = t1 - t0 if items else 0.0
@@ -278,6 +282,8 @@ class Speculator:
             if prop.parents is not None:  # the path's keys and values behind the prefix
                 target.compact(sid, start, [start + i for i in path])
                 self.draft.keep(sid, start, path)
+                if prop.ranks is not None and (s.params.greedy or s.params.seed is None):
+                    self.calibration.observe(prop.parents, prop.ranks, prop.qs, path)
                 st.tree_passes += 1
                 st.tree_nodes += len(prop.tokens)
                 drafted = 1 + max(depths(prop.parents), default=-1)

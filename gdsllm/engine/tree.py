@@ -12,10 +12,13 @@ keys each node sees: the prefix (cache indices below `start`) and its own ancest
 included; the other branches never. Once the target chose a path, `PagedKVCache.compact` moves
 the path's keys and values to start, start + 1, ... (their positions already) and forgets the rest.
 
-Drafts build trees best first (`best_first`, SpecExec): every node carries the draft's
-cumulative log-probability of its path; the T likeliest nodes form the tree (a node's children are
-never likelier than it, so those T are closed under parents), and only nodes whose children could
-still enter the T best are expanded, one batched draft pass per level.
+Drafts build trees best first (`TreeBuilder`, SpecExec): every node carries the cumulative
+log-probability of its path; the T likeliest nodes form the tree (a node's children are never
+likelier than it, so those T are closed under parents), and only nodes whose children could still
+enter the T best are expanded, one batched draft pass per level. A node's probability is the
+draft's own until trees have been verified, then the acceptance measured for children of its rank
+and draft probability (`Calibration`, Sequoia's acceptance vector): a draft whose confident top
+token is often wrong (an untrained early exit) gets wide trees, a calibrated one deep trees.
 
 Acceptance: greedy walks from the root while a child carries the target's argmax (the output is
 the output without a draft, token for token). Sampled requests use SpecInfer's multi-step
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_CHILDREN = 8  # children considered per expanded node (the draft's top tokens)
+MAX_CHILDREN = 64  # children considered per expanded node (the draft's top tokens)
 
 
 @dataclass
@@ -142,6 +145,72 @@ def branch_probs(row: torch.Tensor, sampler) -> torch.Tensor:
     return sampler.probs(row)
 
 
+def rank_bucket(rank: int) -> int:
+    """The statistics bucket of a child's rank among its parent's draft tokens (1: the draft's
+    top token): ranks 1-4 each their own, then 5-8, 9-16, 17-32, ... (a wider rank is rarer)."""
+    return rank if rank <= 4 else 2 + (rank - 1).bit_length()
+
+
+def prob_bucket(q: float) -> int:
+    """The statistics bucket of a child's draft probability: q >= 1/2, 1/4, ..., below 1/128."""
+    return 7 if q < 1 / 128 else min(7, max(0, int(-math.log2(max(q, 1e-30)))))
+
+
+class Calibration:
+    """How often the target accepts a child of an accepted node, by the child's rank among its
+    parent's draft tokens and its draft probability (Sequoia's acceptance vector, measured as
+    the trees are verified, split by the draft's confidence).
+
+    A draft's probabilities can be far from the target's: an early exit (self:N) of a model not
+    trained for it ranks one token first with confidence and is rarely right there, while its
+    2nd-64th tokens hold the target's choice as often as not. Best-first on such probabilities
+    spends the budget deep under wrong top tokens. The tree scores each child by
+    `estimate(rank, q)` instead: the measured rate of its (rank, probability) bucket, shrunk
+    towards its rank's rate (`WEIGHT` pseudo-trials), which is shrunk towards the draft's own q
+    (`PRIOR` pseudo-trials): before any verification, SpecExec's order. One per Speculator, from
+    the trees of greedy and unseeded requests.
+
+        cal = Calibration()
+        cal.estimate(rank=1, q=0.9)                     # 0.9 until observed
+        cal.observe(parents, ranks, qs, path)           # a verified tree and its accepted path
+    """
+
+    PRIOR = 2.0  # pseudo-trials of the draft's own probability in a rank's rate
+    WEIGHT = 4.0  # pseudo-trials of the rank's rate in a (rank, probability) bucket's
+
+    def __init__(self):
+        self.trials: dict[tuple, float] = {}  # keys: (rank bucket,), (rank bucket, prob bucket)
+        self.accepted: dict[tuple, float] = {}
+
+    def _rate(self, key: tuple, prior: float, weight: float) -> float:
+        return (self.accepted.get(key, 0.0) + weight * prior) / (self.trials.get(key, 0.0) + weight)
+
+    def estimate(self, rank: int, q: float) -> float:
+        b = rank_bucket(rank)
+        return self._rate((b, prob_bucket(q)), self._rate((b,), q, self.PRIOR), self.WEIGHT)
+
+    def best_rate(self) -> float:
+        """The highest estimate any child can get (a bound for expanding: children never score
+        above their parent times this)."""
+        best = 0.0
+        for b in range(1, rank_bucket(MAX_CHILDREN) + 1):
+            top = self._rate((b,), 1.0, self.PRIOR)  # q <= 1
+            best = max(best, *(self._rate((b, qb), top, self.WEIGHT) for qb in range(8)))
+        return max(1e-12, min(1.0, best))
+
+    def observe(self, parents: list[int], ranks: list[int], qs: list[float], path: list[int]) -> None:
+        """Every child of the root and of each accepted node was a trial; the path's a success."""
+        on_path = set(path)
+        accepted_parents = {-1} | on_path
+        for i, p in enumerate(parents):
+            if p in accepted_parents:
+                b = rank_bucket(ranks[i])
+                for key in ((b,), (b, prob_bucket(qs[i]))):
+                    self.trials[key] = self.trials.get(key, 0.0) + 1.0
+                    if i in on_path:
+                        self.accepted[key] = self.accepted.get(key, 0.0) + 1.0
+
+
 class TreeBuilder:
     """One sequence's best-first tree (module docstring) while the draft expands it.
 
@@ -151,13 +220,20 @@ class TreeBuilder:
     for n in nodes: b.expanded(n)
     b.add_children(nodes, probs_of_those_nodes)
     tokens, parents, order = b.tree()              # the `size` likeliest nodes, parents first
+
+    With a `calibration` (Calibration), a node's score is the product of its path's calibrated
+    acceptance estimates instead of the draft's probabilities; either way a child never scores
+    above its parent, so the best `size` nodes are closed under parents.
     """
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, calibration: Calibration | None = None):
         self.size = size
+        self.calibration = calibration
         self.tokens: list[int] = []
         self.parents: list[int] = []
         self.logp: list[float] = []
+        self.ranks: list[int] = []  # 1: the parent's likeliest draft token
+        self.qs: list[float] = []  # the draft's probability of the node's token after its parent
         self.fed: list[int] = []  # nodes the draft has run, in its cache order
 
     def add_children(self, nodes: list[int], probs: torch.Tensor) -> None:
@@ -165,14 +241,20 @@ class TreeBuilder:
         distributions probs [len(nodes), vocab] (one top-k and one copy to the host)."""
         k = min(self.size, MAX_CHILDREN, probs.shape[-1])
         top = torch.topk(probs.float(), k, dim=-1)
+        cal = self.calibration
         for node, values, tokens in zip(nodes, top.values.tolist(), top.indices.tolist()):
             base = 0.0 if node < 0 else self.logp[node]
-            for pr, tok in zip(values, tokens):
+            for rank, (pr, tok) in enumerate(zip(values, tokens), 1):
                 if pr <= 0:
                     break
+                est = pr if cal is None else cal.estimate(rank, pr)
+                if est <= 0:
+                    continue
                 self.tokens.append(int(tok))
                 self.parents.append(node)
-                self.logp.append(base + math.log(pr))
+                self.logp.append(base + math.log(min(1.0, est)))
+                self.ranks.append(rank)
+                self.qs.append(pr)
 
     def _best(self) -> list[int]:
         """The `size` likeliest nodes, best first (ties: the older node first)."""
@@ -180,10 +262,15 @@ class TreeBuilder:
 
     def to_expand(self, limit: int) -> list[int]:
         """Up to `limit` nodes to run through the draft next: unexpanded nodes of the best
-        `size` whose children could still be among them (not the last of the ranking)."""
+        `size` whose children could still be among them (not the last of the ranking; with a
+        calibration, not when even a child at the best measured rate would score below the
+        `size`-th node)."""
         fed = set(self.fed)
         best = self._best()
-        return [i for i in best[: self.size - 1] if i not in fed][:limit]
+        cut = -math.inf
+        if self.calibration is not None and len(best) == self.size:
+            cut = self.logp[best[-1]] - math.log(self.calibration.best_rate())
+        return [i for i in best[: self.size - 1] if i not in fed and self.logp[i] > cut][:limit]
 
     def expanded(self, node: int) -> None:
         self.fed.append(node)
