@@ -23,6 +23,9 @@
 #   bash benchmarks/gpu_session.sh tests-moe   # pytest -m gpu: the MoE files
 #   bash benchmarks/gpu_session.sh arena       # bench_arena.py: weights read from a torch allocation,
 #                                              # the arena's owner and its CUDA IPC view (issue 21)
+#   bash benchmarks/gpu_session.sh profile     # profile_decode.py: the kernels of a resident decode
+#                                              # token, 7B shape with PROFILE_LAYERS (8) blocks
+#   bash benchmarks/gpu_session.sh contexts    # probe_contexts.py: LLM beside an idle / busy serve
 #   bash benchmarks/gpu_session.sh lprep loop  # issues 21 and 22 in one call (bench_loop.py): lprep
 #                                              # (background) synthesizes the 7B float16 model and
 #                                              # re-quantizes it to int8 and int4; loop waits for it,
@@ -140,6 +143,13 @@ for step in "$@"; do
       cp /root/gl/bench-loop.log /root/gl/row-*.err "$OUT/" 2>/dev/null ;;
     arena)
       timeout 240 python3 benchmarks/bench_arena.py --gib 8 --out "$OUT/arena.json" 2>&1 | tee "$OUT/arena.log" | tail -8 ;;
+    profile)
+      timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_decode.py --work /root/pf --layers ${PROFILE_LAYERS:-8} \
+        ${PROFILE_ARGS:-} --out "$OUT/profile.json" 2>&1 | grep -v "^USDT\|synth llama" | tee "$OUT/profile.log" | tail -${PROFILE_TAIL:-70} ;;
+    contexts)
+      [ -d /root/pf/llama-7b-8-float16 ] || python3 -m gdsllm synth /root/pf/llama-7b-8-float16 --shape llama-7b --layers 8 > /dev/null 2>&1
+      timeout 300 python3 benchmarks/probe_contexts.py -m /root/pf/llama-7b-8-float16 --out "$OUT/contexts.json" 2>&1 \
+        | grep -v "^USDT" | tee "$OUT/contexts.log" | tail -30 ;;
     bench)
       python3 benchmarks/bench_7b.py --work /root/gb --parts synth,ceiling,gdsllm 2>&1 | tee "$OUT/bench.log"
       cp /root/gb/results.json "$OUT/" ;;

@@ -31,6 +31,10 @@ With `config.draft`, a resident draft model proposes up to k tokens for each seq
 A failing step is `WorkerError(message, pass_id=, unit=)` naming the pass and unit; the pass is
 dropped (Runner.abort_pass), its remaining Runs get Done without computing; the worker serves
 on. Messages are handled one at a time, in order: compute is the worker's only job.
+
+`GDSLLM_TORCH_PROFILE=DIR:SKIP:PASSES` in the environment (as vLLM's VLLM_TORCH_PROFILER_DIR):
+torch.profiler records passes SKIP+1 .. SKIP+PASSES of this worker (host ops and kernels) and
+writes DIR/compute-<pid>.json, a Chrome trace (benchmarks/profile_decode.py reads it).
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ from gdsllm.engine.planner import shared_embedding
 from gdsllm.models.views import unit_tensors
 from gdsllm.service.threads import set_threads
 
+PROFILE_ENV = "GDSLLM_TORCH_PROFILE"
 POLL_S = 0.5  # how often an idle worker checks that its parent is alive
 SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
 FLUSH_MS = 2000  # bounded wait at exit for queued replies (the socket default is LINGER 0)
@@ -65,6 +70,23 @@ def run_compute_process(config: ServiceConfig, endpoint: str) -> None:
     set_threads("compute")
     ComputeWorker(config, endpoint).run()
     sockets.fast_exit()  # its cleanup is done: skip the slow interpreter teardown
+
+
+def pass_profiler(spec: str | None):
+    """A started torch.profiler over passes, from PROFILE_ENV's value "DIR:SKIP:PASSES" (None:
+    no profiling). step() after each pass; the trace is written when PASSES have been recorded."""
+    if not spec:
+        return None
+    where, skip, passes = (spec.split(":") + ["20", "8"])[:3]
+    out = os.path.join(where, f"compute-{os.getpid()}.json")
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(
+        activities=acts, schedule=torch.profiler.schedule(skip_first=int(skip), wait=0, warmup=1, active=int(passes)),
+        on_trace_ready=lambda p: p.export_chrome_trace(out))
+    prof.start()
+    return prof
 
 
 class _Exit(Exception):
@@ -84,6 +106,7 @@ class ComputeWorker:
         self.pass_seconds = 0.0
         self.speculator = None  # with config.draft: gdsllm.engine.speculative.Speculator
         self.experts = None  # made with the runner: gdsllm.service.expert_compute.ExpertCompute
+        self.profiler = pass_profiler(os.environ.get(PROFILE_ENV))
 
     def run(self) -> None:
         try:
@@ -98,6 +121,8 @@ class ComputeWorker:
         except (TimeoutError, _Exit):
             pass  # told to stop, or the coordinator stopped reading
         finally:
+            if self.profiler is not None:
+                self.profiler.stop()
             if self.arena is not None:
                 self.arena.close()
             self.sock.close(linger=FLUSH_MS)  # a last WorkerError must reach the coordinator
@@ -289,6 +314,8 @@ class ComputeWorker:
         seconds = self.pass_seconds + time.perf_counter() - t0
         self.send(PassResult(self.pass_id, r.tokens, seconds, r.proposed, r.failed, r.draft_seconds))
         self.pass_id = None
+        if self.profiler is not None:
+            self.profiler.step()
 
     def _fail(self, msg: Run, e: Exception, done_sent: bool = False) -> None:
         unit = self.meta.units[msg.unit].name if 0 <= msg.unit < len(self.meta.units) else msg.unit

@@ -1,0 +1,216 @@
+"""Where a resident decode token's time goes on the GPU: torch.profiler over `LLM` decode passes.
+
+    PYTHONPATH=. python3 benchmarks/profile_decode.py --work /root/pf --layers 8 --out $OUT/profile.json
+
+For each qtype (--qtypes, default float16,int4) it synthesizes the LLaMA-7B shape with --layers
+blocks (`gdsllm synth --shape llama-7b`, int4 in groups of 128), opens `LLM(model, device="cuda")`
+(everything resident, CUDA graphs), warms up, times decode per token at each batch (--batches) as
+bench_loop.py does ((n tokens - 1 token) / (n - 1), best of 3), then profiles --profile-tokens
+decode tokens at each batch and reports, per token:
+- wall: the time per token on the host's clock,
+- gpu_busy: the union of the kernels' intervals (so wall - gpu_busy is time the GPU sat idle,
+  waiting for the host: launches, Python, synchronizations),
+- kernels: their count and the top kernels by time (name, calls per token, us per token).
+With --serve, the same model through `gdsllm serve` (one client, batch 1): ms/token on the
+client's clock, and the compute worker's own trace (GDSLLM_TORCH_PROFILE, see
+gdsllm.service.compute_worker) read the same way, per pass: the step's wall time, the GPU busy
+time within it and the host ops that took longest.
+Results: --out (JSON) and the tables on stdout. A tool for finding the next cost to remove, not a
+benchmark row: its figures are made under the profiler.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+PROMPT = "The storage hierarchy of a language model"
+
+
+def synth(work: Path, shape: str, q: str, layers: int, group: int) -> Path:
+    dst = work / f"{shape}-{layers}-{q}"
+    if not dst.exists():
+        cmd = [sys.executable, "-m", "gdsllm", "synth", str(dst), "--shape", shape, "--layers", str(layers)]
+        if q != "float16":
+            cmd += ["--quant", q, "--group-size", str(group)]
+        subprocess.run(cmd, check=True)
+    return dst
+
+
+def greedy(n: int):
+    from gdsllm import SamplingParams
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def kernels_of(trace: Path) -> list[dict]:
+    return [e for e in json.loads(trace.read_text())["traceEvents"] if is_kernel(e)]
+
+
+def is_kernel(e: dict) -> bool:
+    return e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e
+
+
+def top_kernels(ks: list[dict], passes: int, top: int) -> list[dict]:
+    per = defaultdict(lambda: [0, 0.0])
+    for k in ks:
+        per[k["name"]][0] += 1
+        per[k["name"]][1] += k["dur"]
+    rows = sorted(per.items(), key=lambda kv: -kv[1][1])
+    return [{"name": n[:120], "calls_per_pass": c / passes, "us_per_pass": t / passes}
+            for n, (c, t) in rows[:top]]
+
+
+def serve_profile(model: Path, device: str, tokens: int, skip: int, passes: int, top: int) -> dict:
+    """`gdsllm serve` at batch 1: ms/token on the client's clock, then one request long enough
+    for the compute worker's profiler to record `passes` decode passes after `skip`."""
+    import os
+    from gdsllm.service.benchmark import Served
+    with tempfile.TemporaryDirectory() as d:
+        os.environ["GDSLLM_TORCH_PROFILE"] = f"{d}:{skip}:{passes}"
+        try:
+            with Served(model, device=device, extra=["--max-batch", "16"], startup_s=300.0) as srv:
+                srv.decode(PROMPT, 4)  # warm-up
+                one = min(srv.decode(PROMPT, 1).total_s for _ in range(3))
+                full = min(srv.decode(PROMPT, tokens).total_s for _ in range(3))
+                srv.decode(PROMPT, skip + passes + 8)  # the profiled passes, if not already
+        finally:
+            del os.environ["GDSLLM_TORCH_PROFILE"]
+        traces = list(Path(d).glob("compute-*.json"))
+        if not traces:
+            return {"ms_per_token": (full - one) / (tokens - 1) * 1e3, "error": "no trace written"}
+        events = json.loads(traces[0].read_text())["traceEvents"]
+    ks = [e for e in events if is_kernel(e)]
+    steps = sorted((e for e in events if str(e.get("name", "")).startswith("ProfilerStep#")),
+                   key=lambda e: e["ts"])
+    per_step = []
+    for st in steps:
+        lo, hi = st["ts"], st["ts"] + st["dur"]
+        inside = [(k["ts"], k["ts"] + k["dur"]) for k in ks if lo <= k["ts"] < hi]
+        per_step.append({"wall_us": st["dur"], "gpu_busy_us": union(inside), "kernels": len(inside)})
+    host = defaultdict(float)
+    for e in events:
+        if e.get("cat") in ("cpu_op", "python_function", "user_annotation") and "dur" in e \
+                and not str(e.get("name", "")).startswith("ProfilerStep#"):
+            host[e["name"]] += e["dur"]
+    n = max(len(steps), 1)
+    return {"ms_per_token": (full - one) / (tokens - 1) * 1e3, "steps": per_step,
+            "top": top_kernels(ks, n, top),
+            "host_top": [{"name": k[:120], "us_per_pass": v / n}
+                         for k, v in sorted(host.items(), key=lambda kv: -kv[1])[:top]]}
+
+
+def profile(llm, prompts: list[str], tokens: int, top: int) -> dict:
+    llm.generate(prompts, greedy(tokens + 1))  # warm-up of this batch (graphs captured)
+    one = min(timed(lambda: llm.generate(prompts, greedy(1))) for _ in range(2))
+    with tempfile.TemporaryDirectory() as d:
+        trace = Path(d) / "trace.json"
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            full = timed(lambda: llm.generate(prompts, greedy(tokens + 1)))
+        prof.export_chrome_trace(str(trace))
+        ks = kernels_of(trace)
+    # Every kernel of both the prompt's pass and the decode passes is in the trace: per-pass
+    # figures are over tokens + 1 passes, the prompt's included (approximate).
+    busy = union([(k["ts"], k["ts"] + k["dur"]) for k in ks]) / 1e6
+    passes = tokens + 1
+    return {"batch": len(prompts), "tokens": tokens, "wall_ms_per_token": (full - one) / tokens * 1e3,
+            "profiled_wall_s": full, "gpu_busy_s": busy, "gpu_busy_ms_per_pass": busy / passes * 1e3,
+            "kernels_per_pass": len(ks) / passes,
+            "top": top_kernels(ks, passes, top)}
+
+
+def decode_ms(llm, prompts: list[str], tokens: int) -> float:
+    llm.generate(prompts, greedy(tokens))
+    one = min(timed(lambda: llm.generate(prompts, greedy(1))) for _ in range(3))
+    full = min(timed(lambda: llm.generate(prompts, greedy(tokens))) for _ in range(3))
+    return (full - one) / (tokens - 1) * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/root/pf"))
+    ap.add_argument("--shape", default="llama-7b", help="gdsllm synth --shape (tiny: a CPU check)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--qtypes", default="float16,int4")
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--tokens", type=int, default=32, help="decode tokens of the timed runs")
+    ap.add_argument("--profile-tokens", type=int, default=8)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--serve", action="store_true", help="also through gdsllm serve, batch 1")
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    from gdsllm import LLM
+    a.work.mkdir(parents=True, exist_ok=True)
+    res = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device,
+           "torch": torch.__version__, "layers": a.layers, "rows": {}}
+    for q in a.qtypes.split(","):
+        model = synth(a.work, a.shape, q, a.layers, a.group_size)
+        llm = LLM(str(model), device=a.device, max_batch=max(int(b) for b in a.batches.split(",")))
+        for b in (int(x) for x in a.batches.split(",")):
+            prompts = [PROMPT] if b == 1 else [f"{PROMPT} {i}" for i in range(b)]
+            row = {"ms_per_token": decode_ms(llm, prompts, a.tokens)}
+            row.update(profile(llm, prompts, a.profile_tokens, a.top))
+            res["rows"][f"{q}_b{b}"] = row
+            print(f"\n== {q} batch {b}: {row['ms_per_token']:.3f} ms/token unprofiled, "
+                  f"{row['wall_ms_per_token']:.3f} profiled; GPU busy {row['gpu_busy_ms_per_pass']:.3f} "
+                  f"ms/pass, {row['kernels_per_pass']:.0f} kernels/pass", flush=True)
+            for t in row["top"]:
+                print(f"  {t['us_per_pass']:9.1f} us {t['calls_per_pass']:6.1f}x  {t['name']}")
+            if a.out:
+                a.out.write_text(json.dumps(res, indent=1))
+        llm.close()
+        del llm
+        if a.serve:
+            row = serve_profile(model, a.device, a.tokens, 20, a.profile_tokens, a.top)
+            res["rows"][f"{q}_serve_b1"] = row
+            print(f"\n== {q} serve batch 1: {row['ms_per_token']:.3f} ms/token", flush=True)
+            for st in row.get("steps", []):
+                print(f"  pass: wall {st['wall_us']:8.1f} us, GPU busy {st['gpu_busy_us']:8.1f} us, "
+                      f"{st['kernels']} kernels")
+            for t in row.get("host_top", []):
+                print(f"  host {t['us_per_pass']:9.1f} us  {t['name']}")
+            for t in row.get("top", []):
+                print(f"  {t['us_per_pass']:9.1f} us {t['calls_per_pass']:6.1f}x  {t['name']}")
+            if a.out:
+                a.out.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
