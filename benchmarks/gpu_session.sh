@@ -148,7 +148,7 @@ for step in "$@"; do
         ${PROFILE_ARGS:-} --out "$OUT/profile.json" 2>&1 | grep -v "^USDT\|synth llama" | tee "$OUT/profile.log" | tail -${PROFILE_TAIL:-70} ;;
     contexts)
       [ -d /root/pf/llama-7b-8-float16 ] || python3 -m gdsllm synth /root/pf/llama-7b-8-float16 --shape llama-7b --layers 8 > /dev/null 2>&1
-      timeout 300 python3 benchmarks/probe_contexts.py -m /root/pf/llama-7b-8-float16 --out "$OUT/contexts.json" 2>&1 \
+      timeout 300 python3 benchmarks/probe_contexts.py -m /root/pf/llama-7b-8-float16 ${CONTEXTS_ARGS:-} --out "$OUT/contexts.json" 2>&1 \
         | grep -v "^USDT" | tee "$OUT/contexts.log" | tail -30 ;;
     bench)
       python3 benchmarks/bench_7b.py --work /root/gb --parts synth,ceiling,gdsllm 2>&1 | tee "$OUT/bench.log"

@@ -8,7 +8,9 @@ arena opened over CUDA IPC reads as fast as a local allocation (benchmarks/bench
 times `LLM` decode at batch 1 (ms/token, (64 tokens - 1) / 63, best of 3) in this process:
 alone, beside an idle `gdsllm serve` of the same model, beside that service while a client
 decodes through it, and alone again after it stopped; with `nvidia-smi` samples (utilization,
-SM and memory clocks) in each phase, and the service's own ms/token.
+SM and memory clocks) in each phase, and the service's own ms/token. Then (--arena) `LLM` with its
+weights buffer placed as the service places it: an ipc.arena.Arena of this process (cupy's
+cudaMalloc), and one owned by a second process and opened here over CUDA IPC.
 """
 from __future__ import annotations
 
@@ -56,11 +58,73 @@ def smi(seconds: float) -> list[str]:
     return [ln.strip() for ln in p.communicate()[0].splitlines() if ln.strip()]
 
 
+def arena_owner(nbytes: int, ready, stop) -> None:
+    """In a second process: create an arena, hand its spec over, hold it until told."""
+    from ipc.arena import Arena
+    with Arena.create("cuda", nbytes) as arena:
+        ready.put(tuple(arena.spec.__dict__.values()))
+        stop.get()
+
+
+def llm_over(model: Path, arena_tensor) -> float:
+    """LLM decode ms/token with its weights buffer (the one uint8 torch.empty it makes) taken
+    from `arena_tensor` instead."""
+    import gdsllm.engine.llm as llm_mod
+    from gdsllm import LLM
+    real = torch.empty
+
+    def empty(*size, dtype=None, device=None, **kw):
+        n = size[0] if len(size) == 1 and isinstance(size[0], int) else None
+        if dtype is torch.uint8 and n is not None and n <= arena_tensor.numel():
+            return arena_tensor[:n]
+        return real(*size, dtype=dtype, device=device, **kw)
+
+    llm_mod.torch.empty = empty
+    try:
+        llm = LLM(str(model), device="cuda", max_batch=4, kv_tokens=4096)
+    finally:
+        llm_mod.torch.empty = real
+    try:
+        return llm_ms(llm)
+    finally:
+        llm.close()
+
+
+def arena_rows(model: Path, res: dict) -> None:
+    import multiprocessing as mp
+    from gdsllm.format.metadata import load_model_meta
+    from ipc.arena import Arena, ArenaSpec
+    nbytes = int(load_model_meta(model).total_bytes * 1.25) + (64 << 20)
+    with Arena.create("cuda", nbytes) as own:
+        res["llm_over_own_arena_ms"] = llm_over(model, own.tensor)
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=arena_owner, args=(nbytes, ready, stop))
+    p.start()
+    try:
+        with Arena.attach(ArenaSpec(*ready.get(timeout=120))) as ipc:
+            res["llm_over_ipc_arena_ms"] = llm_over(model, ipc.tensor)
+    finally:
+        stop.put(None)
+        p.join(60)
+    llm = __import__("gdsllm").LLM(str(model), device="cuda", max_batch=4, kv_tokens=4096)
+    res["llm_torch_empty_again_ms"] = llm_ms(llm)
+    llm.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", type=Path, required=True)
+    ap.add_argument("--arena", action="store_true", help="only the arena rows")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    if a.arena:
+        res = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+        arena_rows(a.model, res)
+        print(res)
+        if a.out:
+            a.out.write_text(json.dumps(res, indent=1))
+        return 0
     from gdsllm import LLM
     from gdsllm.service.benchmark import Served
     res = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "gpu": torch.cuda.get_device_name()}

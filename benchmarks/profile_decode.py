@@ -36,10 +36,10 @@ import torch  # noqa: E402
 PROMPT = "The storage hierarchy of a language model"
 
 
-def synth(work: Path, shape: str, q: str, layers: int, group: int) -> Path:
-    dst = work / f"{shape}-{layers}-{q}"
+def synth(work: Path, shape: str, q: str, layers: int, group: int, dtype: str = "float16") -> Path:
+    dst = work / f"{shape}-{layers}-{q}" if dtype == "float16" else work / f"{shape}-{layers}-{q}-{dtype}"
     if not dst.exists():
-        cmd = [sys.executable, "-m", "gdsllm", "synth", str(dst), "--shape", shape, "--layers", str(layers)]
+        cmd = [sys.executable, "-m", "gdsllm", "synth", str(dst), "--shape", shape, "--layers", str(layers), "--dtype", dtype]
         if q != "float16":
             cmd += ["--quant", q, "--group-size", str(group)]
         subprocess.run(cmd, check=True)
@@ -168,6 +168,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--qtypes", default="float16,int4")
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--dtype", default="float16", help="stored dtype of the unquantized tensors (the compute dtype on CUDA)")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens of the timed runs")
     ap.add_argument("--profile-tokens", type=int, default=8)
@@ -180,14 +181,14 @@ def main() -> int:
     res = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device,
            "torch": torch.__version__, "layers": a.layers, "rows": {}}
     for q in a.qtypes.split(","):
-        model = synth(a.work, a.shape, q, a.layers, a.group_size)
+        model = synth(a.work, a.shape, q, a.layers, a.group_size, a.dtype)
         llm = LLM(str(model), device=a.device, max_batch=max(int(b) for b in a.batches.split(",")))
         for b in (int(x) for x in a.batches.split(",")):
             prompts = [PROMPT] if b == 1 else [f"{PROMPT} {i}" for i in range(b)]
             row = {"ms_per_token": decode_ms(llm, prompts, a.tokens)}
             row.update(profile(llm, prompts, a.profile_tokens, a.top))
-            res["rows"][f"{q}_b{b}"] = row
-            print(f"\n== {q} batch {b}: {row['ms_per_token']:.3f} ms/token unprofiled, "
+            res["rows"][f"{q}_{a.dtype}_b{b}"] = row
+            print(f"\n== {q} ({a.dtype}) batch {b}: {row['ms_per_token']:.3f} ms/token unprofiled, "
                   f"{row['wall_ms_per_token']:.3f} profiled; GPU busy {row['gpu_busy_ms_per_pass']:.3f} "
                   f"ms/pass, {row['kernels_per_pass']:.0f} kernels/pass", flush=True)
             for t in row["top"]:
