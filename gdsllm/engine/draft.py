@@ -97,13 +97,13 @@ class DraftModel:
         if getattr(self, "runner", None) is not None and self.runner.sequences:
             raise RuntimeError("the draft's KV cache is resized only while it holds no sequence")
         self.runner = None  # the old cache goes before the new one is allocated
-        self.runner = Runner(self.params, self.device, compute_dtype(self.device, self.meta.dtype),
+        self.runner = Runner(self.params, self.device, compute_dtype(self.device, self.meta.dtype, self.meta.qtypes),
                              architecture=self.meta.architecture, kv_tokens=kv_tokens)
 
     @property
     def kv_token_bytes(self) -> int:
         """KV cache bytes per token the draft holds (one for each token the target holds)."""
-        return kv_bytes_per_token(self.params, compute_dtype(self.device, self.meta.dtype).itemsize)
+        return kv_bytes_per_token(self.params, compute_dtype(self.device, self.meta.dtype, self.meta.qtypes).itemsize)
 
     @property
     def nbytes(self) -> int:

@@ -98,7 +98,7 @@ class LLM:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device cuda: no CUDA GPU is available to torch")
         self.meta = load_model_meta(resolve(model))
-        self.dtype = compute_dtype(self.device, self.meta.dtype)
+        self.dtype = compute_dtype(self.device, self.meta.dtype, self.meta.qtypes)
         self.tokenizer = Tokenizer(self.meta) if self.meta.tokenizer_file else None
         draft_meta = None
         if draft is not None:  # speculative decoding: the resident draft's bytes come first

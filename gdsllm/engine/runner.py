@@ -48,10 +48,19 @@ from gdsllm.models.kv_cache import KVCacheFull, PagedKVCache, blocks_for
 from gdsllm.engine.host_copies import HostCopies
 
 
-def compute_dtype(device: torch.device, stored: str) -> torch.dtype:
+def compute_dtype(device: torch.device, stored: str, qtypes: frozenset[str] = frozenset()) -> torch.dtype:
     """CPU: float32 math whatever the stored dtype (half-precision matmuls are slow and drift
-    there); CUDA: the stored dtype, so no copy of the weights is made."""
-    return torch.float32 if torch.device(device).type == "cpu" else DTYPES[stored]
+    there); CUDA: the stored dtype, so no copy of the weights is made, except that a float16
+    model with int4 weights computes in bfloat16: the int4 decode kernel (tinygemm,
+    gdsllm.quant.kernels_cuda) takes bfloat16 only, and in float16 every matmul paid a cast of
+    its input and of its output. Measured on an H200 (2026-12-03, benchmarks/profile_decode.py,
+    the LLaMA-7B shape with 8 blocks, int4 in groups of 128, resident, batch 1): 2.19 and 2.50
+    ms/token in float16 (two runs), 1.58 in bfloat16; the casts were 100 of 478 kernels a pass."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    if stored == "float16" and "int4" in qtypes:
+        return torch.bfloat16
+    return DTYPES[stored]
 
 
 def reserve_scratch(device, dtype: torch.dtype, metas) -> int:

@@ -138,6 +138,11 @@ class ModelMeta:
     def total_bytes(self) -> int:
         return sum(u.nbytes for u in self.units)
 
+    @functools.cached_property
+    def qtypes(self) -> frozenset[str]:
+        """The quantized types ("int4", "int8") some tensor of the model is stored as."""
+        return frozenset(t.quant.qtype for u in self.units for t in u.tensors if t.quant is not None)
+
     @property
     def num_params(self) -> int:
         n = sum(t.numel for u in self.units for t in u.tensors)

@@ -96,13 +96,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
 def linear(weights: dict[str, torch.Tensor | QuantWeight], name: str, x: torch.Tensor) -> torch.Tensor:
     """x @ weights[name].T (+ its bias, "<stem>.bias", where the unit has one), in x's dtype. On
     the CPU backend weights stored as fp16/bf16 are upcast here, once per unit and pass; on CUDA
-    the compute dtype is the stored dtype and this is a no-op view. A quantized weight goes to its
+    the compute dtype is the stored dtype (a no-op view), or bfloat16 beside float16 tensors in
+    an int4 model, where x is cast instead of the weight. A quantized weight goes to its
     backend's kernel (gdsllm.quant.kernels_*)."""
     w = weights[name]
     bias = weights.get(name[: -len("weight")] + "bias")
     if isinstance(w, QuantWeight):
         y = w.linear(x)
         return y if bias is None else y + bias.to(x.dtype)
+    if w.dtype != x.dtype and x.is_cuda and w.element_size() == 2 == x.element_size():
+        # a float16 tensor of a model computing in bfloat16 (int4 weights, engine.runner's
+        # compute_dtype): cast the activations and the result, never a copy of the weight
+        y = F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
+        return y.to(x.dtype)
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 

@@ -135,7 +135,7 @@ class ComputeWorker:
         if device == "cuda":
             device = f"cuda:{torch.cuda.current_device()}"
         self.device = torch.device(device)
-        self.dtype = compute_dtype(self.device, self.meta.dtype)
+        self.dtype = compute_dtype(self.device, self.meta.dtype, self.meta.qtypes)
         self.shared_embedding = shared_embedding(self.meta)  # the head reads the embed unit's bytes
         if self.config.draft is not None:
             from gdsllm.engine.speculative import make_speculator
