@@ -26,6 +26,10 @@
 #   bash benchmarks/gpu_session.sh profile     # profile_decode.py: the kernels of a resident decode
 #                                              # token, 7B shape with PROFILE_LAYERS (8) blocks
 #   bash benchmarks/gpu_session.sh contexts    # probe_contexts.py: LLM beside an idle / busy serve
+#   bash benchmarks/gpu_session.sh lprep final loop   # the session's last call: lprep in the
+#                                              # background, the GPU tests of the kernels, workers
+#                                              # and composition (FINAL_TESTS_S, 170 s) and
+#                                              # bench_fused beside it, then the bench_loop rows
 #   bash benchmarks/gpu_session.sh lprep loop  # issues 21 and 22 in one call (bench_loop.py): lprep
 #                                              # (background) synthesizes the 7B float16 model and
 #                                              # re-quantizes it to int8 and int4; loop waits for it,
@@ -146,6 +150,11 @@ for step in "$@"; do
     profile)
       timeout ${PROFILE_TIMEOUT:-300} python3 benchmarks/profile_decode.py --work /root/pf --layers ${PROFILE_LAYERS:-8} \
         ${PROFILE_ARGS:-} --out "$OUT/profile.json" 2>&1 | grep -v "^USDT\|synth llama" | tee "$OUT/profile.log" | tail -${PROFILE_TAIL:-70} ;;
+    final)
+      timeout ${FINAL_TESTS_S:-170} python3 -m pytest -m gpu -q -p no:cacheprovider ${FINAL_TESTS:-tests/test_fused.py \
+        tests/test_quant_graphs.py tests/test_composition.py tests/test_workers.py tests/test_compute_worker.py} \
+        2>&1 | tee "$OUT/gpu-tests-final.log" | tail -15
+      [ -f benchmarks/bench_fused.py ] && timeout 60 python3 benchmarks/bench_fused.py 2>&1 | tee "$OUT/fused.log" | tail -12 ;;
     contexts)
       [ -d /root/pf/llama-7b-8-float16 ] || python3 -m gdsllm synth /root/pf/llama-7b-8-float16 --shape llama-7b --layers 8 > /dev/null 2>&1
       timeout 300 python3 benchmarks/probe_contexts.py -m /root/pf/llama-7b-8-float16 ${CONTEXTS_ARGS:-} --out "$OUT/contexts.json" 2>&1 \
