@@ -60,7 +60,7 @@ def test_sigkill_io_and_compute_workers_three_times_each(model_dir, light_refere
         h = c.health()
         assert h.restarts == 6 and h.status == "ok"
         assert not [p for p in seen_pids if alive(p)], "a replaced worker is still running"
-        assert not (seen_shm & shm_entries()), "a replaced I/O worker's arena was not unlinked"
+        assert not (seen_shm & shm_entries()), "a replaced compute worker's arena was not unlinked"
 
 
 def test_watchdog_ends_a_pass_that_makes_no_progress(model_dir, light_reference):
