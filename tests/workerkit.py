@@ -72,7 +72,8 @@ class Peer:
         self.proc = SPAWN.Process(target=target, args=(args[0], ep, *args[1:]), daemon=True)
         self.proc.start()
         if arena is not None:  # queued until it connects; one that fails first never reads it
-            sockets.send(self.sock, AttachArena(arena.backend, arena.handle, arena.nbytes, arena.device), START_S)
+            attach = AttachArena(arena.backend, arena.handle, arena.nbytes, arena.device)
+            sockets.send(self.sock, attach, START_S)
         # hello=False: an I/O worker told nothing yet says nothing (unless it fails to start)
         self.hello = sockets.recv(self.sock, START_S) if hello else None
 

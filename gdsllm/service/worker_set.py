@@ -95,10 +95,10 @@ class WorkerSet:
             if self.on_death is not None:
                 self.on_death(name, p.exitcode)
 
-    async def _handshake(self, name: str, sock, expect: type, timeout: float, request=None):
-        """Send `request` (if any), then the worker's next message, both within `timeout`, while
-        watching that both workers stay alive."""
-        deadline = asyncio.get_running_loop().time() + timeout
+    async def _handshake(self, name: str, sock, expect: type, request=None):
+        """Send `request` (if any), then the worker's next message, both within the config's
+        `startup_timeout_s`, while watching that both workers stay alive."""
+        deadline = asyncio.get_running_loop().time() + self.config.startup_timeout_s
         if request is not None:  # waits while the worker has not connected yet (still importing)
             await self._watch(name, asyncio.ensure_future(sock.send(encode(request))), False, deadline)
         msg = decode(await self._watch(name, asyncio.ensure_future(sock.recv()), True, deadline),
@@ -124,8 +124,9 @@ class WorkerSet:
                     await asyncio.wait([fut], timeout=LAST_WORDS_S)  # its WorkerError may be on its way
                     if fut.done():
                         break
-                if gone:
-                    raise WorkerStartError(await self._exit_reason(gone[0], listen=not (receiving and gone[0] == name)))
+                if gone:  # its socket is free to read unless this is a receive from it
+                    listen = not (receiving and gone[0] == name)
+                    raise WorkerStartError(await self._exit_reason(gone[0], listen))
                 if loop.time() > deadline:
                     raise WorkerStartError(f"{name} worker did not report ready within "
                                            f"{self.config.startup_timeout_s:.0f} s (startup_timeout_s)")
@@ -152,19 +153,18 @@ class WorkerSet:
         """Spawn both workers (they import torch in parallel), then handshake: ComputeReady (the
         compute worker's arena), AttachArena -> IoReady, MakeRunner -> RunnerReady. Raises
         WorkerStartError; the caller then calls stop()."""
-        t = self.config.startup_timeout_s
         self._spawn("compute", self.dir.endpoint("compute"), self.arena_bytes)
         self._spawn("io", self.dir.endpoint("io"))
-        ready = await self._handshake("compute", self.compute, ComputeReady, t)
+        ready = await self._handshake("compute", self.compute, ComputeReady)
         if ready.backend == "cpu":
             self.shm_name = ready.handle.decode(errors="replace")
         if ready.arena_bytes < self.arena_bytes:
             raise WorkerStartError(f"compute worker made a {ready.arena_bytes}-byte arena, "
                                    f"{self.arena_bytes} were asked for")
         device = int(ready.device.partition(":")[2] or 0)  # "cuda:1" -> 1; "cpu" -> 0
-        io_ready = await self._handshake("io", self.io, IoReady, t,
+        io_ready = await self._handshake("io", self.io, IoReady,
                                          AttachArena(ready.backend, ready.handle, ready.arena_bytes, device))
-        opened = await self._handshake("compute", self.compute, RunnerReady, t, MakeRunner(self.resident))
+        opened = await self._handshake("compute", self.compute, RunnerReady, MakeRunner(self.resident))
         self.free_bytes, self.opened = opened.free_bytes, opened
         return io_ready
 
