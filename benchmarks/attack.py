@@ -111,7 +111,7 @@ class Attack:
         return None
 
     def workers(self) -> dict[str, int]:
-        """{"io": pid, "compute": pid}: the I/O worker is the one owning a /dev/shm arena."""
+        """{"io": pid, "compute": pid}: the compute worker is the one owning a /dev/shm arena."""
         out = {}
         for pid in children(self.proc.pid):
             try:
@@ -121,7 +121,7 @@ class Attack:
             if b"resource_tracker" in cmd:
                 continue
             owns = any(n.startswith(f"gdsllm-{pid}-") for n in os.listdir("/dev/shm"))
-            out["io" if owns else "compute"] = pid
+            out["compute" if owns else "io"] = pid
         return out
 
     # ------------------------------------------------------------------ load

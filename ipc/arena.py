@@ -1,8 +1,9 @@
-"""The slot arena: one allocation, shared by the I/O worker (which fills it) and the compute worker.
+"""The slot arena: one allocation, owned by the compute worker (which runs over it) and shared
+with the I/O worker (which fills it).
 
     with Arena.create("cpu", nbytes) as arena:        # owner: POSIX shm, or one cudaMalloc
         spec = arena.spec                             # ArenaSpec(backend, handle, nbytes): travels
-                                                      # as IoReady/OpenArena fields, never the bytes
+                                                      # as ComputeReady/AttachArena fields, never the bytes
         with Arena.attach(spec) as peer:              # in another process
             w = peer.view(offset, n)                  # torch uint8 tensor over the arena bytes
 
@@ -10,7 +11,8 @@ CPU backend: `multiprocessing.shared_memory` (page aligned, so O_DIRECT reads ca
 the owner unlinks it on close, so no /dev/shm entry outlives the service. CUDA backend: one
 `cupy.cuda.runtime.malloc` (not CuPy's pool: pool blocks cannot be exported safely) exported with
 `ipcGetMemHandle` and opened with `ipcOpenMemHandle`; torch sees it through
-`__cuda_array_interface__`. Only the owner frees; an attacher closes its mapping.
+`__cuda_array_interface__`. Only the owner frees; an attacher closes its mapping, and must do so
+before the owner frees (the service stops the I/O worker, the attacher, first).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from multiprocessing import shared_memory
 
 import torch
 
-BACKENDS = ("cpu", "cuda")
+from .worker_messages import ARENA_BACKENDS as BACKENDS
 
 
 class ArenaError(RuntimeError):

@@ -141,6 +141,6 @@ class HealthReply:
 
 
 from .worker_messages import (  # noqa: F401, E402  (the workers' messages: one namespace)
-    RESIDENT, IoReady, Load, Loaded, OpenArena, ArenaOpened, ComputeReady, SeqSampling,
+    RESIDENT, ComputeReady, AttachArena, IoReady, MakeRunner, RunnerReady, Load, Loaded, SeqSampling,
     StartPass, Run, Done, PassResult, Routed, RunExperts, ExpertsDone, WorkerError,
     Shutdown)

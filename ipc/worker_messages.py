@@ -11,20 +11,94 @@ from dataclasses import dataclass, field
 from .codec import message
 
 
-# ---------------------------------------------------------------- coordinator <-> I/O worker
+# ---------------------------------------------------------------- start-up
+#
+# Both workers are spawned at once. The compute worker allocates the slot arena (it owns it: the
+# weights it reads are memory of its own process, not a CUDA IPC mapping, which costs decode time)
+# and says ComputeReady; the coordinator hands the arena to the I/O worker (AttachArena ->
+# IoReady), then has the compute worker make its Runner in the memory left (MakeRunner ->
+# RunnerReady). Any step may be answered by WorkerError(fatal=True) instead.
+
+
+ARENA_BACKENDS = ("cpu", "cuda")  # ipc.arena's: POSIX shared memory, one cudaMalloc
+
+
+def _check_arena(backend: str, handle: bytes, arena_bytes: int) -> None:
+    if backend not in ARENA_BACKENDS:
+        raise ValueError(f"unknown arena backend {backend!r}; expected one of {ARENA_BACKENDS}")
+    if not handle:
+        raise ValueError("the arena handle is empty")
+    if arena_bytes <= 0:
+        raise ValueError(f"arena_bytes must be positive, got {arena_bytes}")
+
+
+@message("compute_ready")
+@dataclass(frozen=True)
+class ComputeReady:
+    """Compute worker -> coordinator, its first message: it loaded the model's metadata and
+    allocated the slot arena on `device` (POSIX shared memory on "cpu", one cudaMalloc on
+    "cuda"). `handle` opens it in another process (the CUDA IPC handle bytes, or the
+    shared-memory name encoded as UTF-8)."""
+
+    pid: int
+    device: str
+    backend: str
+    handle: bytes
+    arena_bytes: int
+
+    def __post_init__(self):
+        _check_arena(self.backend, self.handle, self.arena_bytes)
+
+
+@message("attach_arena")
+@dataclass(frozen=True)
+class AttachArena:
+    """Coordinator -> I/O worker: open the compute worker's arena (ComputeReady's backend,
+    handle and arena_bytes; `device`: the index of the CUDA device it is on) to read units into.
+    Replied with IoReady, or WorkerError(fatal=True) if it cannot be opened. Loads before it are
+    refused."""
+
+    backend: str
+    handle: bytes
+    arena_bytes: int
+    device: int = 0
+
+    def __post_init__(self):
+        _check_arena(self.backend, self.handle, self.arena_bytes)
+        if self.device < 0:
+            raise ValueError(f"device must be a device index, got {self.device}")
 
 
 @message("io_ready")
 @dataclass(frozen=True)
 class IoReady:
-    """The I/O worker allocated the arena: `handle` opens it in another process (CUDA IPC handle
-    bytes, or the POSIX shared-memory name encoded as UTF-8)."""
+    """I/O worker -> coordinator: the arena is open, Loads are served; `io_path` is how its reads
+    reach the arena ("gds", "compat", "posix" or "buffered")."""
 
     pid: int
-    backend: str
-    handle: bytes
-    arena_bytes: int
     io_path: str
+
+
+@message("make_runner")
+@dataclass(frozen=True)
+class MakeRunner:
+    """Coordinator -> compute worker, after IoReady (the I/O worker's device memory is then
+    taken): build the Runner with its paged KV cache in the memory left and pin the `resident`
+    units (unit -> arena offset, for good; their bytes are loaded before any pass runs them).
+    Replied with RunnerReady, or WorkerError(fatal=True). Passes before it are refused."""
+
+    resident: dict[int, int] = field(default_factory=dict)
+
+
+@message("runner_ready")
+@dataclass(frozen=True)
+class RunnerReady:
+    free_bytes: int | None = None  # device memory still free (CUDA), for the KV budget
+    kv_tokens: int = 0  # tokens the worker's paged KV cache holds (0: not reported)
+    kv_block_size: int = 0  # tokens per KV block: a sequence takes whole blocks
+
+
+# ---------------------------------------------------------------- coordinator <-> I/O worker
 
 
 RESIDENT = -1  # the `slot` of a resident unit in Load / Run / Loaded / Done (no streaming slot)
@@ -52,35 +126,6 @@ class Loaded:
 
 
 # ---------------------------------------------------------------- coordinator <-> compute worker
-
-
-@message("open_arena")
-@dataclass(frozen=True)
-class OpenArena:
-    """Coordinator -> compute worker, after its ComputeReady: open the arena the I/O worker
-    announced (copy IoReady's backend, handle and arena_bytes). Replied with ArenaOpened, or
-    WorkerError(fatal=True) if it cannot be opened. Runs before it are refused."""
-
-    backend: str
-    handle: bytes
-    arena_bytes: int
-    resident: dict[int, int] = field(default_factory=dict)  # unit -> arena offset, pinned for good
-
-
-@message("arena_opened")
-@dataclass(frozen=True)
-class ArenaOpened:
-    arena_bytes: int
-    free_bytes: int | None = None  # device memory still free (CUDA), for the KV budget
-    kv_tokens: int = 0  # tokens the worker's paged KV cache holds (0: not reported)
-    kv_block_size: int = 0  # tokens per KV block: a sequence takes whole blocks
-
-
-@message("compute_ready")
-@dataclass(frozen=True)
-class ComputeReady:
-    pid: int
-    device: str
 
 
 @dataclass(frozen=True)
@@ -122,7 +167,7 @@ class StartPass:
 @dataclass(frozen=True)
 class Run:
     """Run unit `unit` of the current pass over the weights at arena byte `offset`. A resident
-    run may name `count` consecutive resident units (offsets as OpenArena.resident gave them):
+    run may name `count` consecutive resident units (offsets as MakeRunner.resident gave them):
     one message, and on CUDA one graph replay, for all of them. A run that ends at a
     mixture-of-experts block may lend `experts`: [expert unit, arena offset] of that layer's
     experts resident now; the worker runs those its router picks at once (a cache hit costs no

@@ -67,6 +67,8 @@ class Service:
         self.shm = {name} if name else set()  # the CUDA arena is device memory, not /dev/shm
         if self.svc.config.device == "cpu":
             assert self.shm and self.shm <= shm_entries(), "the CPU arena is a /dev/shm segment"
+            owner = self.svc.coordinator.workers.pids["compute"]
+            assert name.startswith(f"gdsllm-{owner}-"), "the compute worker owns the arena"
         self.endpoint = self.svc.endpoint
         return self
 

@@ -133,7 +133,7 @@ def test_checks_that_need_no_workers_come_before_them(model_dir, tmp_path):
 
 
 def test_a_corrupt_unit_is_one_line_and_nothing_else(model_dir, tmp_path):
-    """The clean error only: no WARNING about the arena the killed I/O worker left, no
+    """The clean error only: no WARNING about the arena the killed compute worker left, no
     multiprocessing resource-tracker warnings about it at exit."""
     import shutil
     bad = tmp_path / "bad"

@@ -1,7 +1,8 @@
 """The compute worker process over loaded arena slots: the same tokens as the Runner in-process.
 
-The test plays the coordinator with both real workers (spawn processes, PAIR sockets): embed and
-head resident, the blocks streamed through two rotating slots, Run after each Loaded.
+The test plays the coordinator with both real workers (spawn processes, PAIR sockets): the compute
+worker's arena opened by the I/O worker, embed and head resident, the blocks streamed through two
+rotating slots, Run after each Loaded.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from gdsllm.service.compute_worker import run_compute_process
 from gdsllm.config import ServiceConfig
 from gdsllm.format.metadata import load_model_meta
 from gdsllm.service.io_worker import run_io_process
-from ipc.messages import (ArenaOpened, ComputeReady, Done, IoReady, Load, OpenArena, PassResult,
-                          Run, SeqSampling, StartPass, WorkerError)
-from workerkit import Peer, edir, model, write_model  # noqa: F401  (fixtures)
+from ipc.messages import (ComputeReady, Done, IoReady, Load, MakeRunner, PassResult, Run, RunnerReady,
+                          SeqSampling, StartPass, WorkerError)
+from workerkit import Peer, arena_of, edir, model, write_model  # noqa: F401  (fixtures)
 
 
 def reference_tokens(meta, prompts: dict[int, list[int]], sampling: dict[int, SeqSampling],
@@ -62,15 +63,15 @@ class Pipeline:
         slot = max(u.nbytes for u in meta.units)
         self.slots = [base, base + slot]
         cfg = ServiceConfig(model=model, device=device, prefetch_window=2)
-        self.io = Peer(run_io_process, (cfg, base + 2 * slot), edir, "io")
-        self.compute = Peer(run_compute_process, (cfg,), edir, "compute")
-        assert isinstance(self.io.hello, IoReady), self.io.hello
+        self.compute = Peer(run_compute_process, (cfg, base + 2 * slot), edir, "compute")
         assert isinstance(self.compute.hello, ComputeReady), self.compute.hello
         assert self.compute.hello.device.split(":")[0] == device
-        r = self.io.hello
-        self.compute.send(OpenArena(r.backend, r.handle, r.arena_bytes))
-        opened = self.compute.recv()  # free_bytes: the device's free memory on CUDA, None on the CPU
-        assert isinstance(opened, ArenaOpened) and opened.arena_bytes == r.arena_bytes, opened
+        assert self.compute.hello.arena_bytes == base + 2 * slot
+        self.io = Peer(run_io_process, (cfg,), edir, "io", arena=arena_of(self.compute.hello))
+        assert isinstance(self.io.hello, IoReady), self.io.hello
+        self.compute.send(MakeRunner())  # resident units run from the arena unpinned
+        ready = self.compute.recv()  # free_bytes: the device's free memory on CUDA, None on the CPU
+        assert isinstance(ready, RunnerReady) and ready.kv_tokens > 0, ready
         for unit, off in self.resident.items():
             self.io.send(Load(unit, -1, off))
         assert all(self.io.recv().error is None for _ in self.resident)
@@ -118,8 +119,8 @@ class Pipeline:
         return out
 
     def close(self) -> None:
+        assert self.io.close() == 0  # first: it maps the compute worker's arena
         assert self.compute.close() == 0
-        assert self.io.close() == 0
 
 
 @pytest.fixture
@@ -188,17 +189,18 @@ def test_compute_worker_sampling_failure_after_the_head(tmp_path, edir):
         p.close()
 
 
-def test_compute_worker_without_an_arena(model, edir):
-    c = Peer(run_compute_process, (ServiceConfig(model=model),), edir, "compute")
+def test_compute_worker_without_a_runner(model, edir):
+    c = Peer(run_compute_process, (ServiceConfig(model=model), 1 << 20), edir, "compute")
     try:
         c.send(StartPass(1, [(1, [2])], {1: SeqSampling(0.0, 1.0, 0, None)}))
         c.send(Run(0, 0, 0))
         err = c.recv()  # the pass fails to start: its Run then comes back Done, nothing computed
-        assert isinstance(err, WorkerError) and "no arena is open" in err.message and err.pass_id == 1
+        assert isinstance(err, WorkerError) and "no runner is made" in err.message and err.pass_id == 1
         assert c.recv() == Done(0, 0, 0.0)
-        c.send(OpenArena("cpu", b"gdsllm-no-such-arena", 4096))
+        c.send(MakeRunner({99: 0}))
         err = c.recv()
-        assert isinstance(err, WorkerError) and err.fatal and "cannot open" in err.message
+        assert isinstance(err, WorkerError) and err.fatal
+        assert "cannot pin the resident units: unit 99 out of range" in err.message
         c.proc.join(30)
         assert c.proc.exitcode == 0
     finally:
@@ -229,11 +231,12 @@ def test_compute_worker_tied_head_reads_the_resident_embedding(tmp_path, edir):
 
 @pytest.mark.gpu
 def test_cuda_pipeline_matches_the_cpu_reference(model, edir):
-    """KvikIO into the CUDA IPC arena, compute on the GPU: the CPU reference's greedy tokens."""
+    """KvikIO into the compute worker's arena, opened over CUDA IPC, compute on the GPU: the CPU
+    reference's greedy tokens."""
     pytest.importorskip("cupy", reason="the CUDA arena needs CuPy: pip install 'gdsllm[cuda]'")
     p = Pipeline(model, edir, device="cuda")
     try:
-        assert p.io.hello.backend == "cuda" and len(p.io.hello.handle) == 64
+        assert p.compute.hello.backend == "cuda" and len(p.compute.hello.handle) == 64
         assert p.io.hello.io_path in ("gds", "compat", "posix")
         prompts = {1: [3, 14, 15, 92, 65], 2: [7, 8]}
         greedy = {1: SeqSampling(0.0, 1.0, 0, None), 2: SeqSampling(0.0, 1.0, 0, None)}

@@ -42,7 +42,9 @@ def test_sigkill_io_and_compute_workers_three_times_each(model_dir, light_refere
         co = s.svc.coordinator
         for i, name in enumerate(["io", "compute"] * 3):
             seen_pids |= set(co.workers.pids.values())
-            seen_shm |= {co.workers.shm_name}
+            arena = co.workers.shm_name  # the compute worker's, whichever worker is killed
+            assert arena.startswith(f"gdsllm-{co.workers.pids['compute']}-")
+            seen_shm |= {arena}
             stream = c.stream_messages(PROMPTS[i % 3], max_tokens=400, temperature=0, ignore_eos=True)
             next(stream)  # mid-generation
             os.kill(co.workers.pids[name], signal.SIGKILL)
@@ -55,12 +57,13 @@ def test_sigkill_io_and_compute_workers_three_times_each(model_dir, light_refere
             assert err.value.code == "worker_died" and f"the {name} worker died" in err.value.message
             print(f"SIGKILL {name} worker: request ended after {ended:.3f} s, health ok after "
                   f"{wait_ok(c, within=30.0) + ended:.1f} s")
+            assert arena not in shm_entries(), "the replaced set's arena outlived it"
             f = c.generate(PROMPTS[3], max_tokens=N, temperature=0)
             assert f.token_ids == light_reference[PROMPTS[3]]
         h = c.health()
         assert h.restarts == 6 and h.status == "ok"
         assert not [p for p in seen_pids if alive(p)], "a replaced worker is still running"
-        assert not (seen_shm & shm_entries()), "a replaced I/O worker's arena was not unlinked"
+        assert not (seen_shm & shm_entries()), "a replaced compute worker's arena was not unlinked"
 
 
 def test_watchdog_ends_a_pass_that_makes_no_progress(model_dir, light_reference):

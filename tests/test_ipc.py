@@ -12,9 +12,9 @@ import zmq
 from ipc import sockets
 from ipc.arena import Arena, ArenaError, ArenaSpec
 from ipc.codec import MAX_REQUEST_BYTES
-from ipc.messages import (ArenaOpened, Cancel, ChatMessage, ComputeReady, Done, Error, Final,
-                          Generate, Health, HealthReply, IoReady, Load, Loaded, OpenArena,
-                          PassResult, ProtocolError, Run, SeqSampling, Shutdown,
+from ipc.messages import (AttachArena, Cancel, ChatMessage, ComputeReady, Done, Error, Final,
+                          Generate, Health, HealthReply, IoReady, Load, Loaded, MakeRunner,
+                          PassResult, RunnerReady, ProtocolError, Run, SeqSampling, Shutdown,
                           StartPass, TokenChunk, WorkerError, decode, encode)
 
 SAMPLES = [
@@ -25,10 +25,10 @@ SAMPLES = [
     Final("r1", "hello", [1, 2], "stop", 3, 2, 0.01, 0.5),
     Error("r1", "bad_request", "no"),
     HealthReply("h", "ok", "m", "cpu", "posix", 100, ["embed", "head"], 3, 2, 1, 0),
-    IoReady(7, "cpu", b"gdsllm-1-ab", 8192, "posix"),
+    ComputeReady(8, "cpu", "cpu", b"gdsllm-8-ab", 8192), AttachArena("cpu", b"gdsllm-8-ab", 8192),
+    AttachArena("cuda", b"\x01" * 64, 1 << 30, 1), IoReady(7, "posix"),
+    MakeRunner({0: 0, 4: 4096}), RunnerReady(), RunnerReady(1 << 30, 4096, 16),
     Load(3, 1, 4096), Loaded(3, 1, 4096, 0.5, "posix"), Loaded(3, 1, 0, 0.0, "posix", error="x"),
-    OpenArena("cpu", b"gdsllm-1-ab", 8192), ArenaOpened(8192),
-    ComputeReady(8, "cpu"),
     StartPass(1, [(1, [5, 6, 7]), (2, [9])], {1: SeqSampling(0.0, 1.0, 0, None),
                                              2: SeqSampling(0.7, 0.9, 40, 5)}),
     StartPass(2, [(1, [8])], {}, tables={3: [4, 5]}, released=[2], runs=[(0, -1, 0, 5)]),
@@ -59,8 +59,15 @@ def _raw(**d) -> bytes:
     (_raw(type="load", unit=1.5, slot=0, offset=0), "load.unit: expected an integer"),
     (_raw(type="load", unit=1, slot=0), "load: missing field 'offset'"),
     (_raw(type="load", unit=1, slot=0, offset=0, evil=1), "unknown field(s) ['evil']"),
-    (_raw(type="io_ready", pid=1, backend="cpu", handle="str", arena_bytes=1, io_path="posix"),
-     "io_ready.handle: expected bytes, got str"),
+    (_raw(type="compute_ready", pid=1, device="cpu", backend="cpu", handle="str", arena_bytes=1),
+     "compute_ready.handle: expected bytes, got str"),
+    (_raw(type="compute_ready", pid=1, device="cpu", backend="tpu", handle=b"x", arena_bytes=1),
+     "unknown arena backend 'tpu'"),
+    (_raw(type="attach_arena", backend="cpu", handle=b"", arena_bytes=1), "arena handle is empty"),
+    (_raw(type="attach_arena", backend="cpu", handle=b"x", arena_bytes=0), "arena_bytes must be positive"),
+    (_raw(type="attach_arena", backend="cuda", handle=b"x", arena_bytes=1, device=-1), "device index"),
+    (_raw(type="io_ready", pid=1), "io_ready: missing field 'io_path'"),
+    (_raw(type="make_runner", resident={"0": 0}), "make_runner.resident"),
     (_raw(type="start_pass", pass_id=1, chunks=[[1, [2, "x"]]], sampling={}),
      "start_pass.chunks[0][1][1]: expected an integer"),
     (_raw(type="start_pass", pass_id=1, chunks=[[1]], sampling={}), "expected 2 items, got 1"),

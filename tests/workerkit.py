@@ -1,9 +1,13 @@
 """Shared by the worker tests: a tiny model, a worker process with the coordinator's socket end.
 
-    io = Peer(run_io_process, (ServiceConfig(model=path), arena_bytes), endpoint_dir, "io")
-    io.hello                      # its handshake (IoReady, ComputeReady or WorkerError)
+    compute = Peer(run_compute_process, (ServiceConfig(model=path), arena_bytes), endpoint_dir, "compute")
+    compute.hello                 # its first message: ComputeReady (the arena it owns) or WorkerError
+    io = Peer(run_io_process, (ServiceConfig(model=path),), endpoint_dir, "io", arena=spec)
+    io.hello                      # its reply to AttachArena(spec): IoReady or WorkerError
     io.send(Load(1, 0, 0)); io.recv()
     io.close()                    # Shutdown, join (kill after a deadline); returns the exit code
+
+`spec` is an ipc.arena.ArenaSpec: of an arena the test owns (Arena.create), or `arena_of(compute.hello)`.
 """
 from __future__ import annotations
 
@@ -15,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gdsllm.format.metadata import LlamaParams, unit_layout, unit_tensor_shapes
+from gdsllm.format.metadata import LlamaParams, load_model_meta, unit_layout, unit_tensor_shapes
 from gdsllm.convert.writer import ModelWriter
 from ipc import sockets
-from ipc.messages import Load, Loaded, Shutdown
+from ipc.arena import Arena, ArenaSpec
+from ipc.messages import AttachArena, ComputeReady, Load, Loaded, Shutdown
 
 SPAWN = mp.get_context("spawn")
 START_S = 120.0  # spawn + importing torch on a loaded 2-core CI machine
@@ -50,15 +55,27 @@ def shm_of(pid: int) -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(f"gdsllm-{pid}-")]
 
 
-class Peer:
-    """A worker process and the coordinator's end of its PAIR socket."""
+def arena_of(ready: ComputeReady) -> ArenaSpec:
+    """The arena a compute worker announced, as the I/O worker opens it."""
+    return ArenaSpec(ready.backend, ready.handle, ready.arena_bytes, int(ready.device.partition(":")[2] or 0))
 
-    def __init__(self, target, args: tuple, endpoint_dir: sockets.EndpointDir, name: str):
+
+class Peer:
+    """A worker process and the coordinator's end of its PAIR socket. `arena`: an I/O worker
+    is sent AttachArena for it first (`hello` is then the reply). `hello`: wait for the first
+    message (its handshake)."""
+
+    def __init__(self, target, args: tuple, endpoint_dir: sockets.EndpointDir, name: str,
+                 arena: ArenaSpec | None = None, hello: bool = True):
         ep = endpoint_dir.endpoint(name)
         self.sock = sockets.pair(sockets.context(), ep, bind=True)
         self.proc = SPAWN.Process(target=target, args=(args[0], ep, *args[1:]), daemon=True)
         self.proc.start()
-        self.hello = sockets.recv(self.sock, START_S)
+        if arena is not None:  # queued until it connects; one that fails first never reads it
+            attach = AttachArena(arena.backend, arena.handle, arena.nbytes, arena.device)
+            sockets.send(self.sock, attach, START_S)
+        # hello=False: an I/O worker told nothing yet says nothing (unless it fails to start)
+        self.hello = sockets.recv(self.sock, START_S) if hello else None
 
     def send(self, msg) -> None:
         sockets.send(self.sock, msg, REPLY_S)
@@ -103,6 +120,13 @@ def arena_size(meta) -> int:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return write_model(tmp_path_factory.mktemp("workers") / "tiny")
+
+
+@pytest.fixture
+def arena(model):
+    """A CPU arena the test owns, as the compute worker would, sized for the tiny models."""
+    with Arena.create("cpu", arena_size(load_model_meta(model))) as a:
+        yield a
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ log = logging.getLogger("gdsllm.service.batch")
 
 
 def books_of(workers) -> BlockBooks:
-    """The books of the KV cache the compute worker made (its ArenaOpened)."""
+    """The books of the KV cache the compute worker made (its RunnerReady)."""
     o = workers.opened
     return BlockBooks(o.kv_tokens // o.kv_block_size + 1, o.kv_block_size)
 

@@ -1,14 +1,17 @@
-"""The compute worker process: runs the units the coordinator names over weights in the arena.
+"""The compute worker process: owns the slot arena and runs the units the coordinator names over it.
 
     ctx = multiprocessing.get_context("spawn")          # CUDA needs spawn
-    p = ctx.Process(target=run_compute_process, args=(config, endpoint), daemon=True)
+    p = ctx.Process(target=run_compute_process, args=(config, endpoint, arena_bytes), daemon=True)
 
-`run_compute_process(config: ServiceConfig, endpoint: str) -> None` connects a PAIR socket to
-`endpoint` (the coordinator binds it), loads `config.model`'s metadata and replies
-`ComputeReady(pid, device)` (or `WorkerError(fatal=True)`). Then `OpenArena(backend, handle,
-arena_bytes, resident)` (IoReady's fields plus the resident units' offsets): the worker opens the
-arena, builds the Runner with its paged KV cache in the memory left
-(gdsllm.service.admission.kv_cache_tokens), pins the resident units and replies `ArenaOpened`
+`run_compute_process(config: ServiceConfig, endpoint: str, arena_bytes: int) -> None` connects a
+PAIR socket to `endpoint` (the coordinator binds it), loads `config.model`'s metadata, allocates
+the slot arena of `arena_bytes` (POSIX shm on "cpu", one cudaMalloc on "cuda": the worker owns
+it, so the weights it reads are memory of its own process: decode over a CUDA IPC mapping is
+slower, as `benchmarks/probe_contexts.py --arena` shows) and replies
+`ComputeReady(pid, device, backend, handle, arena_bytes)` (or `WorkerError(fatal=True)`). The
+coordinator hands the arena to the I/O worker, then sends `MakeRunner(resident)` (the resident
+units' offsets): the worker builds the Runner with its paged KV cache in the memory left
+(gdsllm.service.admission.kv_cache_tokens), pins the resident units and replies `RunnerReady`
 with the cache's size. Then, until `Shutdown` or the parent's death:
 
 - `StartPass`: the engine scheduler's plan of one pass (gdsllm.engine.scheduler.PassPlan), run
@@ -46,9 +49,9 @@ import torch
 import zmq
 
 from ipc import sockets
-from ipc.arena import Arena, ArenaSpec
-from ipc.messages import (RESIDENT, ArenaOpened, ComputeReady, Done, ExpertsDone, OpenArena,
-                          PassResult, ProtocolError, Run, RunExperts, Shutdown, StartPass,
+from ipc.arena import Arena
+from ipc.messages import (RESIDENT, ComputeReady, Done, ExpertsDone, MakeRunner, PassResult,
+                          ProtocolError, Run, RunExperts, RunnerReady, Shutdown, StartPass,
                           WorkerError, decode)
 
 from gdsllm.config import ServiceConfig
@@ -63,12 +66,12 @@ SEND_TIMEOUT_S = 30.0  # a coordinator that takes no reply for this long is gone
 FLUSH_MS = 2000  # bounded wait at exit for queued replies (the socket default is LINGER 0)
 
 
-def run_compute_process(config: ServiceConfig, endpoint: str) -> None:
+def run_compute_process(config: ServiceConfig, endpoint: str, arena_bytes: int) -> None:
     """Entry point of the compute worker process (see the module docstring). Returns on
     Shutdown, when the parent process dies, or after a fatal error it has reported."""
     sockets.worker_signals()
     set_threads("compute")
-    ComputeWorker(config, endpoint).run()
+    ComputeWorker(config, endpoint, arena_bytes).run()
     sockets.fast_exit()  # its cleanup is done: skip the slow interpreter teardown
 
 
@@ -94,12 +97,12 @@ class _Exit(Exception):
 
 
 class ComputeWorker:
-    def __init__(self, config: ServiceConfig, endpoint: str):
-        self.config = config
+    def __init__(self, config: ServiceConfig, endpoint: str, arena_bytes: int):
+        self.config, self.arena_bytes = config, arena_bytes
         self.parent = sockets.ParentWatch()
         self.sock = sockets.pair(sockets.context(), endpoint, bind=False)
         self.arena: Arena | None = None
-        self.runner = None  # made once the arena is open (gdsllm.engine.runner.Runner)
+        self.runner = None  # made on MakeRunner (gdsllm.engine.runner.Runner)
         self.plans = None  # gdsllm.engine.executor.PlanRunner over the runner
         self.pass_id: int | None = None  # the pass in progress
         self.pass_failed = False
@@ -142,7 +145,10 @@ class ComputeWorker:
             self.speculator = make_speculator(  # a token of KV until the target's is sized
                 self.meta, self.config.draft, self.device, self.config.draft_tokens,
                 adaptive=self.config.draft_adaptive, kv_tokens=1, tree=self.config.draft_tree)
-        return ComputeReady(pid=os.getpid(), device=str(self.device))
+        self.arena = Arena.create(self.device.type, self.arena_bytes, self.device.index or 0)
+        spec = self.arena.spec
+        return ComputeReady(pid=os.getpid(), device=str(self.device), backend=spec.backend,
+                            handle=spec.handle, arena_bytes=spec.nbytes)
 
     def _loop(self) -> None:
         while True:
@@ -165,8 +171,8 @@ class ComputeWorker:
             self._start_pass(msg)
         elif isinstance(msg, RunExperts):  # a mixture of experts: ExpertsDone either way
             self._run_experts(msg.pass_id, msg.unit, msg.experts)
-        elif isinstance(msg, OpenArena):
-            self._open_arena(msg)
+        elif isinstance(msg, MakeRunner):
+            self._make_runner(msg)
         elif isinstance(msg, Shutdown):
             raise _Exit
         else:
@@ -174,15 +180,19 @@ class ComputeWorker:
 
     # ------------------------------------------------------------------ handlers
 
-    def _open_arena(self, msg: OpenArena) -> None:
-        if self.arena is not None:
-            self.send(WorkerError("compute worker: the arena is already open"))
+    def _make_runner(self, msg: MakeRunner) -> None:
+        if self.runner is not None:
+            self.send(WorkerError("compute worker: the runner is already made"))
             return
-        what = "open the arena"
+        what = "allocate its KV cache"  # after the arena: it takes a share of the memory left
         try:
-            self.arena = Arena.attach(ArenaSpec(msg.backend, msg.handle, msg.arena_bytes, self.device.index or 0))
-            what = "allocate its KV cache"  # after the arena: it takes a share of the memory left
-            self._make_runner(msg.resident)
+            self._build()
+            what = "pin the resident units"
+            for u, off in msg.resident.items():
+                if not 0 <= u < len(self.meta.units):
+                    raise ValueError(f"unit {u} out of range: the model has {len(self.meta.units)} units")
+                unit = self.meta.units[u]
+                self.runner.pin(u, unit_tensors(unit, self.arena.view(off, unit.nbytes)))
             if self.speculator is not None:  # a self:N draft reads the pinned units
                 what = "start its draft"
                 self.speculator.attach(self.runner)
@@ -190,11 +200,11 @@ class ComputeWorker:
             self.send(WorkerError(f"compute worker cannot {what}: {e}", fatal=True))
             raise _Exit from None
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
-        self.send(ArenaOpened(self.arena.spec.nbytes, free, self.runner.cache.capacity,
-                                 self.runner.cache.block_size))
+        self.send(RunnerReady(free, self.runner.cache.capacity, self.runner.cache.block_size))
 
-    def _make_runner(self, resident: dict[int, int]) -> None:
-        """The Runner with its paged KV cache, the resident units pinned (CUDA graphs run them)."""
+    def _build(self) -> None:
+        """The Runner with its paged KV cache in the memory left (resident units are pinned to it
+        next: CUDA graphs run them)."""
         from gdsllm.engine.executor import PlanRunner
         from gdsllm.engine.runner import Runner, reserve_scratch
         from gdsllm.service.admission import kv_cache_tokens
@@ -208,9 +218,6 @@ class ComputeWorker:
             draft.size_kv(self.runner.cache.capacity)
         self.experts = ExpertCompute(self.meta, self.runner, self.arena.view)
         self.plans = PlanRunner(self.runner, self.speculator)
-        for u, off in resident.items():
-            unit = self.meta.units[u]  # an index out of range fails the start-up, as it should
-            self.runner.pin(u, unit_tensors(unit, self.arena.view(off, unit.nbytes)))
 
     def _start_pass(self, msg: StartPass) -> None:
         if self.pass_id is not None and not self.pass_failed:
@@ -222,7 +229,7 @@ class ComputeWorker:
         self.pass_id, self.pass_failed, self.pass_seconds = msg.pass_id, False, 0.0
         try:
             if self.plans is None:
-                raise RuntimeError("no arena is open (OpenArena first)")
+                raise RuntimeError("no runner is made (MakeRunner first)")
             new = {sid: SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
                                        draft_tree=s.draft_tree) for sid, s in msg.sampling.items()}
             self.plans.begin(PassPlan(msg.pass_id, [(sid, list(t)) for sid, t in msg.chunks], new,
@@ -247,8 +254,8 @@ class ComputeWorker:
         t0 = time.perf_counter()
         routed = None
         try:
-            if self.arena is None:
-                raise RuntimeError("no arena is open (OpenArena first)")
+            if self.runner is None:
+                raise RuntimeError("no runner is made (MakeRunner first)")
             if not 0 <= msg.unit <= msg.unit + msg.count - 1 < len(self.meta.units):
                 raise ValueError(f"unit {msg.unit} (count {msg.count}) out of range: the model has "
                                  f"{len(self.meta.units)} units")
@@ -260,7 +267,7 @@ class ComputeWorker:
                 weights = self.runner.pinned.get(i) if msg.slot == RESIDENT else None
                 if weights is None:
                     if msg.count > 1:
-                        raise ValueError(f"unit {i} was not announced resident (OpenArena)")
+                        raise ValueError(f"unit {i} was not announced resident (MakeRunner)")
                     weights = unit_tensors(unit, self.arena.view(msg.offset, unit.nbytes))
                 self.runner.run_unit(unit, weights)
                 if unit.kind == "block" and self.meta.params.num_experts:  # the last of its run

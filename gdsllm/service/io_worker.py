@@ -1,19 +1,22 @@
-"""The I/O worker process: owns the slot arena and fills it from storage as the coordinator says.
+"""The I/O worker process: fills the compute worker's slot arena from storage as the coordinator says.
 
     ctx = multiprocessing.get_context("spawn")          # CUDA needs spawn
-    p = ctx.Process(target=run_io_process, args=(config, endpoint, arena_bytes), daemon=True)
+    p = ctx.Process(target=run_io_process, args=(config, endpoint), daemon=True)
 
-`run_io_process(config: ServiceConfig, endpoint: str, arena_bytes: int) -> None` connects a PAIR
-socket to `endpoint` (the coordinator binds it), allocates the arena (POSIX shm on "cpu", one
-cudaMalloc on "cuda"), and replies `IoReady(pid, backend, handle, arena_bytes, io_path)`, or
-`WorkerError(fatal=True)` (bad model, no arena, `require_gds` without GDS). Then, until
-`Shutdown` or the parent's death: each `Load(unit, slot, offset)` reads unit file `unit` into the
-arena at byte `offset`, several at once, and is answered by `Loaded(unit, slot, nbytes, seconds,
-io_path)`; `seconds` is the read alone. Reads go through gdsllm.engine.loader (as gdsllm.LLM's
-do). A read that fails (OSError: EIO, a vanished or short file) is retried `config.read_retries`
-times with back-off before it counts. The first load of each unit (`--verify first`) or every
-load (`--verify always`) is checksummed where it landed; a mismatch (or a read that kept failing)
-is `Loaded(..., error=...)` naming the file. Replies come in completion order, not request order.
+`run_io_process(config: ServiceConfig, endpoint: str) -> None` connects a PAIR socket to
+`endpoint` (the coordinator binds it), loads the model's metadata and opens its reader; a failure
+there (bad model, `require_gds` without GDS) is `WorkerError(fatal=True)`, sent unasked. Then
+`AttachArena(backend, handle, arena_bytes)` (the arena the compute worker allocated and owns:
+POSIX shm on "cpu", a CUDA IPC handle on "cuda"): the worker opens it and replies
+`IoReady(pid, io_path)`, or `WorkerError(fatal=True)`. Then, until `Shutdown` or the parent's
+death: each `Load(unit, slot, offset)` reads unit file `unit` into the arena at byte `offset`,
+several at once, and is answered by `Loaded(unit, slot, nbytes, seconds, io_path)`; `seconds` is
+the read alone. Reads go through gdsllm.engine.loader (as gdsllm.LLM's do). A read that fails
+(OSError: EIO, a vanished or short file) is retried `config.read_retries` times with back-off
+before it counts. The first load of each unit (`--verify first`) or every load (`--verify
+always`) is checksummed where it landed; a mismatch (or a read that kept failing) is
+`Loaded(..., error=...)` naming the file. Replies come in completion order, not request order.
+It only maps the arena: on exit it closes its mapping, and the compute worker frees it.
 Messages from the coordinator are internal: no client size limit.
 """
 from __future__ import annotations
@@ -27,8 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 import zmq
 
 from ipc import sockets
-from ipc.arena import Arena
-from ipc.messages import IoReady, Load, Loaded, ProtocolError, Shutdown, WorkerError, decode
+from ipc.arena import Arena, ArenaSpec
+from ipc.messages import (AttachArena, IoReady, Load, Loaded, ProtocolError, Shutdown, WorkerError,
+                          decode)
 
 from gdsllm.config import ServiceConfig
 from gdsllm.engine.loader import UnitLoader
@@ -41,18 +45,18 @@ FLUSH_MS = 2000  # bounded wait at exit for queued replies (the socket default i
 RETRY_S = 0.1  # first back-off of a failed read; doubled on each retry
 
 
-def run_io_process(config: ServiceConfig, endpoint: str, arena_bytes: int) -> None:
+def run_io_process(config: ServiceConfig, endpoint: str) -> None:
     """Entry point of the I/O worker process (see the module docstring). Returns on Shutdown,
     when the parent process dies, or after a fatal error it has reported."""
     sockets.worker_signals()
     set_threads("io")
-    IoWorker(config, endpoint, arena_bytes).run()
+    IoWorker(config, endpoint).run()
     sockets.fast_exit()  # its cleanup is done: skip the slow interpreter teardown
 
 
 class IoWorker:
-    def __init__(self, config: ServiceConfig, endpoint: str, arena_bytes: int):
-        self.config, self.endpoint, self.arena_bytes = config, endpoint, arena_bytes
+    def __init__(self, config: ServiceConfig, endpoint: str):
+        self.config, self.endpoint = config, endpoint
         self.parent = sockets.ParentWatch()
         self.sock = sockets.pair(sockets.context(), endpoint, bind=False)
         self.arena: Arena | None = None
@@ -66,11 +70,10 @@ class IoWorker:
     def run(self) -> None:
         try:
             try:
-                ready = self._start()
+                self._start()
             except Exception as e:
                 self._send(WorkerError(f"I/O worker failed to start: {e}", fatal=True))
                 return
-            self._send(ready)
             self._loop()
         except TimeoutError:
             pass  # the coordinator stopped reading: it is gone, so are we
@@ -79,7 +82,7 @@ class IoWorker:
 
     # ------------------------------------------------------------------ start-up
 
-    def _start(self) -> IoReady:
+    def _start(self) -> None:
         cfg = self.config
         self.meta = load_model_meta(cfg.model)
         self.loader = UnitLoader(self.meta, cfg.device, cfg.io_mode == "direct", cfg.io_threads)
@@ -88,7 +91,6 @@ class IoWorker:
             raise RuntimeError(f"--require-gds: reads would take the {self.io_path!r} path, not "
                                f"'gds' (no GPUDirect Storage: device {cfg.device}, io {cfg.io_mode}, "
                                f"nvidia-fs and a supported filesystem are needed)")
-        self.arena = Arena.create(cfg.device, self.arena_bytes)
         # A few whole-unit loads at once; each is itself split into parallel chunk reads. A
         # mixture of experts reads many small units (one expert: a few MiB, one chunk): enough
         # at once to keep the reader's `io_threads` busy (with 2, the first MoE run on the H200
@@ -96,9 +98,20 @@ class IoWorker:
         moe = 2 * cfg.io_threads if self.meta.params.num_experts else 0
         self.pool = ThreadPoolExecutor(max_workers=max(2, cfg.prefetch_window, moe),
                                        thread_name_prefix="gdsllm-load")
-        spec = self.arena.spec
-        return IoReady(pid=os.getpid(), backend=spec.backend, handle=spec.handle,
-                       arena_bytes=spec.nbytes, io_path=self.io_path)
+
+    def _attach(self, msg: AttachArena) -> bool:
+        """Open the compute worker's arena and say IoReady; False (after a fatal WorkerError) if
+        it cannot be opened."""
+        if self.arena is not None:
+            self._send(WorkerError("I/O worker: the arena is already open"))
+            return True
+        try:
+            self.arena = Arena.attach(ArenaSpec(msg.backend, msg.handle, msg.arena_bytes, msg.device))
+        except Exception as e:
+            self._send(WorkerError(f"I/O worker cannot open the arena: {e}", fatal=True))
+            return False
+        self._send(IoReady(pid=os.getpid(), io_path=self.io_path))
+        return True
 
     # ------------------------------------------------------------------ the loop
 
@@ -127,6 +140,8 @@ class IoWorker:
             return True
         if isinstance(msg, Shutdown):
             return False
+        if isinstance(msg, AttachArena):
+            return self._attach(msg)
         if not isinstance(msg, Load):
             self._send(WorkerError(f"I/O worker: unexpected message {type(msg).__name__}"))
             return True
@@ -138,13 +153,16 @@ class IoWorker:
         return True
 
     def _check(self, msg: Load) -> str | None:
+        if self.arena is None:
+            return "no arena is open (AttachArena first)"
         n = len(self.meta.units)
         if not 0 <= msg.unit < n:
             return f"unit {msg.unit} out of range: the model has {n} units"
         unit = self.meta.units[msg.unit]
-        if msg.offset % ALIGN or msg.offset < 0 or msg.offset + unit.nbytes > self.arena_bytes:
+        size = self.arena.spec.nbytes
+        if msg.offset % ALIGN or msg.offset < 0 or msg.offset + unit.nbytes > size:
             return (f"unit {unit.name}: arena bytes [{msg.offset}, {msg.offset + unit.nbytes}) are not "
-                    f"{ALIGN}-aligned or fall outside the {self.arena_bytes}-byte arena")
+                    f"{ALIGN}-aligned or fall outside the {size}-byte arena")
         return None
 
     def _publish(self) -> None:
