@@ -15,7 +15,7 @@ import torch
 
 from gdsllm.format.metadata import LlamaParams
 from gdsllm.models.attention import PassBatch
-from gdsllm.models.layers import ACTIVATIONS, linear, rms_norm, self_attention
+from gdsllm.models.layers import ACTIVATIONS, add_rms_norm, linear, rms_norm, self_attention
 
 
 class Routing:
@@ -84,8 +84,8 @@ def route(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor, cos
     """The block unit's half: pre-norm attention (appends to each KV cache), the post-attention
     norm and the router. The experts run next (`Routing.add`)."""
     h = rms_norm(x, weights["input_layernorm.weight"], p.rms_norm_eps)
-    x = x + self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
-    h = rms_norm(x, weights["post_attention_layernorm.weight"], p.rms_norm_eps)
+    a = self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
+    x, h = add_rms_norm(x, a, weights["post_attention_layernorm.weight"], p.rms_norm_eps)
     idx, w = router_topk(p, linear(weights, "mlp.gate.weight", h))
     return Routing(x, h, idx, w, ACTIVATIONS[p.hidden_act], p.num_experts)
 
