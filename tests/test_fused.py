@@ -11,13 +11,6 @@ fraction of elements that may differ by an ulp: tests/fused_cases.py.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,10 +18,7 @@ import torch.nn.functional as F
 from fused_cases import (DTYPES, FAMILY_PARAMS, block_case, compare, compile_sm90, kernel_cases,
                          ulp_tol)
 from gdsllm.models import family, fused, layers
-
-needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None,
-    reason="needs triton (pip install triton==3.5.0; its interpreter runs on CPU)")
+from triton_helpers import needs_triton, run_interpreted
 
 
 def test_cpu_path_is_the_torch_code(monkeypatch):
@@ -72,14 +62,7 @@ def test_wrappers_reject_shapes_that_do_not_fit():
 
 @needs_triton
 def test_kernels_under_interpreter():
-    root = Path(__file__).resolve().parent
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root.parent),
-                                                        os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(root / "fused_cases.py")], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_interpreted("fused_cases.py")
     blocks = len(FAMILY_PARAMS) * len(DTYPES)
     assert result["cases"] == len(list(kernel_cases())) + blocks and result["failures"] == []
 
