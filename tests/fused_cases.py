@@ -146,10 +146,11 @@ def check_interpreted() -> dict:
             n += 1
             case = block_case(fam, dtype, batch=2, ctx=20, device="cpu", seed=n)
             args = (case.p, case.weights, case.x, case.cos, case.sin, case.batch, 0)
-            want = family(fam).decoder_block(*args)
+            kw = {"experts": case.experts} if case.experts else {}
+            want = family(fam).decoder_block(*args, **kw)
             fused.usable = lambda *tensors: True
             try:
-                got = family(fam).decoder_block(*args)
+                got = family(fam).decoder_block(*args, **kw)
             finally:
                 fused.usable = usable
             tol = {k: 4 * v for k, v in ulp_tol(dtype).items()}
@@ -209,6 +210,8 @@ FAMILY_PARAMS = {
                       hidden_act="gelu_pytorch_tanh", query_pre_attn_scalar=64.0,
                       layer_types=("sliding_attention",), sliding_window=8,
                       rope_local_theta=10000.0, rope_theta=1e6),
+    "mixtral": replace(BASE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128,
+                       norm_topk_prob=True),
 }
 
 
@@ -220,21 +223,28 @@ class BlockCase:
     cos: torch.Tensor
     sin: torch.Tensor
     batch: PassBatch
+    experts: dict[int, dict[str, torch.Tensor]] | None = None  # a MoE block's expert units
 
 
 def block_case(family: str, dtype: torch.dtype, batch: int, ctx: int = 40,
                device: str = "cuda", seed: int = 0) -> BlockCase:
     """Layer 0 of `family` with random weights (norm weights around 1, or around 0 with Gemma's
-    offset), `batch` sequences each at `ctx` cached tokens (random keys / values) decoding one
-    token: a decode PassBatch as the runner builds it."""
+    offset; a MoE block's experts in `experts`), `batch` sequences each at `ctx` cached tokens
+    (random keys / values) decoding one token: a decode PassBatch as the runner builds it."""
     p = FAMILY_PARAMS[family]
     g = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name, shape in unit_tensor_shapes(p, "block").items():
-        w = torch.randn(shape, generator=g) * (0.1 if "norm" in name else 0.05)
-        if "norm" in name and not p.norm_weight_offset:
-            w += 1.0
-        weights[name] = w.to(dtype).to(device)
+
+    def unit(kind):
+        weights = {}
+        for name, shape in unit_tensor_shapes(p, kind).items():
+            w = torch.randn(shape, generator=g) * (0.1 if "norm" in name else 0.05)
+            if "norm" in name and not p.norm_weight_offset:
+                w += 1.0
+            weights[name] = w.to(dtype).to(device)
+        return weights
+
+    weights = unit("block")
+    experts = {j: unit("expert") for j in range(p.num_experts)} or None
     bs = 16
     per = -(-ctx // bs)
     cache = PagedKVCache(1, p.num_key_value_heads, p.head_dim, dtype, device,
@@ -248,7 +258,7 @@ def block_case(family: str, dtype: torch.dtype, batch: int, ctx: int = 40,
     inv = layers.rope_inv_freq(p, p.layer_rope(0)).to(device)
     cos, sin = layers.rope_cos_sin(inv, torch.full((batch,), ctx - 1, device=device), dtype)
     x = torch.randn(batch, p.hidden_size, generator=g).to(dtype).to(device)
-    return BlockCase(p, weights, x, cos, sin, pb)
+    return BlockCase(p, weights, x, cos, sin, pb, experts)
 
 
 if __name__ == "__main__":

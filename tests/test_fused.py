@@ -135,3 +135,19 @@ def test_cuda_graph_of_a_decoder_block(fam, dtype, monkeypatch):
         monkeypatch.setattr(fused, "ENABLED", True)
         tol = {k: 4 * v for k, v in ulp_tol(dtype).items()}
         torch.testing.assert_close(out, want, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_moe_block_eager(dtype, monkeypatch):
+    """A mixture-of-experts block (not captured: routing syncs with the host) with the kernels
+    in its attention half and its experts, against the torch block."""
+    case = block_case("mixtral", dtype, batch=4)
+
+    def run():
+        return family("mixtral").decoder_block(case.p, case.weights, case.x, case.cos, case.sin,
+                                               case.batch, 0, experts=case.experts)
+
+    got = run()
+    monkeypatch.setattr(fused, "ENABLED", False)
+    torch.testing.assert_close(got, run(), **{k: 4 * v for k, v in ulp_tol(dtype).items()})

@@ -1,7 +1,7 @@
 """Fused elementwise kernels of a decoder block on CUDA, one launch each (Triton).
 
     out = rms_norm(x, weight, eps, offset)             # layers.rms_norm in one kernel
-    s, out = add_rms_norm(x, y, weight, eps, offset)   # s = x + y, out = rms_norm(s): residual + norm
+    s, out = add_rms_norm(x, y, weight, eps, offset)   # s = x + y, out = rms_norm(s)
     q, k = rope_qk(q, k, cos, sin)                     # layers.apply_rope on q and on k, one kernel
     out = act_mul(gate, up, "silu")                    # act(gate) * up: SwiGLU / GeGLU
 
@@ -113,8 +113,8 @@ def _norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: fl
     if rows:
         _rms_norm_kernel[(rows,)](
             x2, y2, weight.contiguous(), out, out if total is None else total,
-            x2.stride(0), y2.stride(0), n, 1.0 / n, eps, offset, HAS_Y=y is not None, OFFSET=bool(offset),
-            BLOCK=block, num_warps=max(1, min(16, block // 512)))
+            x2.stride(0), y2.stride(0), n, 1.0 / n, eps, offset, HAS_Y=y is not None,
+            OFFSET=bool(offset), BLOCK=block, num_warps=max(1, min(16, block // 512)))
     return out, total
 
 
@@ -125,7 +125,8 @@ def _pow2(n: int) -> int:
 if triton is not None:
     @triton.jit
     def _rms_norm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_y, n, inv_n,
-                         eps, offset, HAS_Y: tl.constexpr, OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+                         eps, offset, HAS_Y: tl.constexpr, OFFSET: tl.constexpr,
+                         BLOCK: tl.constexpr):
         """One row: (x [+ y], rounded) -> float32 h * rsqrt(mean(h^2) + eps) -> times the weight
         as layers.rms_norm: LLaMA rounds h and the weight to the dtype first, Gemma multiplies
         by (offset + weight) in float32. Output rows are contiguous."""
