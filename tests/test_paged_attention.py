@@ -14,18 +14,12 @@ half precision, as flash attention does).
 """
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from gdsllm.models.paged_attention import decode_attention, decode_attention_ref
 from paged_attention_cases import INTERP_CASES, compile_sm90, make_case, sdpa_per_sequence
+from triton_helpers import needs_triton, run_interpreted
 
 MIXED = [1, 15, 16, 17, 33, 50, 64, 70]  # block size 16: 1 token .. more than 4 blocks
 
@@ -80,21 +74,13 @@ def test_non_contiguous_query():
                                atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="needs triton (pip install triton==3.5.0; its interpreter runs on CPU)")
+@needs_triton
 def test_triton_kernel_under_interpreter():
-    root = Path(__file__).resolve().parent
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root.parent),
-                                                        os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(root / "paged_attention_cases.py")], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_interpreted("paged_attention_cases.py")
     assert result["cases"] == len(INTERP_CASES) and result["failures"] == []
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@needs_triton
 @pytest.mark.parametrize("dtype,group,head_dim,split", [("fp16", 4, 128, True),
                                                         ("bf16", 1, 128, False),
                                                         ("fp16", 2, 256, True)])

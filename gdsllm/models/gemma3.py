@@ -20,7 +20,7 @@ import torch
 
 from gdsllm.format.metadata import LlamaParams
 from gdsllm.models.attention import PassBatch
-from gdsllm.models.layers import gated_mlp, lm_head, rms_norm, self_attention
+from gdsllm.models.layers import add_rms_norm, gated_mlp, lm_head, rms_norm, self_attention
 
 __all__ = ["decoder_block", "lm_head"]
 
@@ -32,6 +32,6 @@ def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Ten
     eps, off = p.rms_norm_eps, p.norm_weight_offset
     h = rms_norm(x, weights["input_layernorm.weight"], eps, off)
     a = self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
-    x = x + rms_norm(a, weights["post_attention_layernorm.weight"], eps, off)
-    h = rms_norm(x, weights["pre_feedforward_layernorm.weight"], eps, off)
+    a = rms_norm(a, weights["post_attention_layernorm.weight"], eps, off)
+    x, h = add_rms_norm(x, a, weights["pre_feedforward_layernorm.weight"], eps, off)
     return x + rms_norm(gated_mlp(p, weights, h), weights["post_feedforward_layernorm.weight"], eps, off)

@@ -13,6 +13,11 @@ The numerics follow Hugging Face transformers' `modeling_llama` exactly where it
 bit-closeness: RMSNorm in float32 and cast back before the weight multiply, rotary cos/sin built in
 float32 and cast to the activation dtype, Llama-3 frequency scaling as `_compute_llama3_parameters`.
 
+The torch code here is the reference and the CPU path. On CUDA the elementwise pieces (RMSNorm,
+the residual add fused with the norm after it, the rotary embedding of q and k, act(gate) * up)
+run as one Triton kernel each (`gdsllm.models.fused`, same rounding steps), where
+`fused.usable(...)` says so.
+
     x = embed(w_embed, ids, dtype)
     cos, sin = rope_cos_sin(rope_inv_freq(p).to(device), positions, dtype)
     q = linear(weights, "self_attn.q_proj.weight", h)
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from gdsllm.format.metadata import LlamaParams
+from gdsllm.models import fused
 from gdsllm.models.attention import PassBatch, attend
 from gdsllm.quant.schemes import QuantWeight
 
@@ -82,15 +88,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
 
 
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_rope on q [T, nh, hd] and on k [T, nkv, hd]: one kernel on CUDA."""
+    if fused.usable(q, k, cos, sin):
+        return fused.rope_qk(q, k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """As transformers' LlamaRMSNorm: float32 statistics, cast back, then times the weight.
-    With `offset` (Gemma), as Gemma3RMSNorm: times (offset + weight) in float32, then cast back."""
+    With `offset` (Gemma), as Gemma3RMSNorm: times (offset + weight) in float32, then cast back.
+    One kernel on CUDA (gdsllm.models.fused)."""
+    if fused.usable(x):
+        return fused.rms_norm(x, weight, eps, offset)
     in_dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if offset:
         return (h * (offset + weight.float())).to(in_dtype)
     return weight.to(in_dtype) * h.to(in_dtype)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                 offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, rms_norm(x + y, ...)): a residual add and the norm that reads it, one kernel on
+    CUDA."""
+    if fused.usable(x, y):
+        return fused.add_rms_norm(x, y, weight, eps, offset)
+    s = x + y
+    return s, rms_norm(s, weight, eps, offset)
 
 
 def linear(weights: dict[str, torch.Tensor | QuantWeight], name: str, x: torch.Tensor) -> torch.Tensor:
@@ -129,11 +156,18 @@ def embed(weights: dict[str, torch.Tensor | QuantWeight], ids: torch.Tensor, dty
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
+def act_mul(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """ACTIVATIONS[act](gate) * up: one kernel on CUDA."""
+    if fused.usable(gate, up):
+        return fused.act_mul(gate, up, act)
+    return ACTIVATIONS[act](gate) * up
+
+
 def gated_mlp(p: LlamaParams, weights: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """down(act(gate(h)) * up(h)): SwiGLU (silu) or GeGLU (tanh GELU), by `p.hidden_act`."""
-    act = ACTIVATIONS[p.hidden_act]
     gate = linear(weights, "mlp.gate_proj.weight", h)
-    return linear(weights, "mlp.down_proj.weight", act(gate) * linear(weights, "mlp.up_proj.weight", h))
+    up = linear(weights, "mlp.up_proj.weight", h)
+    return linear(weights, "mlp.down_proj.weight", act_mul(p.hidden_act, gate, up))
 
 
 def self_attention(p: LlamaParams, weights: dict[str, torch.Tensor], h: torch.Tensor,
@@ -153,7 +187,7 @@ def self_attention(p: LlamaParams, weights: dict[str, torch.Tensor], h: torch.Te
         off = p.norm_weight_offset
         q = rms_norm(q, weights["self_attn.q_norm.weight"], p.rms_norm_eps, off)
         k = rms_norm(k, weights["self_attn.k_norm.weight"], p.rms_norm_eps, off)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope_qk(q, k, cos, sin)
     scale = (p.query_pre_attn_scalar or hd) ** -0.5
     a = attend(batch, layer, q, k, v, scale, p.layer_window(layer), cudnn)
     assert a.shape == (T, nh * hd), a.shape

@@ -19,7 +19,7 @@ import torch
 
 from gdsllm.format.metadata import LlamaParams
 from gdsllm.models.attention import PassBatch
-from gdsllm.models.layers import gated_mlp, lm_head, rms_norm, self_attention
+from gdsllm.models.layers import add_rms_norm, gated_mlp, lm_head, rms_norm, self_attention
 
 __all__ = ["decoder_block", "lm_head"]
 
@@ -29,6 +29,6 @@ def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Ten
                   layer: int, cudnn_attention: bool = False) -> torch.Tensor:
     """One pre-norm decoder block over the flattened batch x [T, hidden]; appends to each KV cache."""
     h = rms_norm(x, weights["input_layernorm.weight"], p.rms_norm_eps)
-    x = x + self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
-    h = rms_norm(x, weights["post_attention_layernorm.weight"], p.rms_norm_eps)
+    a = self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
+    x, h = add_rms_norm(x, a, weights["post_attention_layernorm.weight"], p.rms_norm_eps)
     return x + gated_mlp(p, weights, h)

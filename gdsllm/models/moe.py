@@ -15,7 +15,7 @@ import torch
 
 from gdsllm.format.metadata import LlamaParams
 from gdsllm.models.attention import PassBatch
-from gdsllm.models.layers import ACTIVATIONS, linear, rms_norm, self_attention
+from gdsllm.models.layers import act_mul, add_rms_norm, linear, rms_norm, self_attention
 
 
 class Routing:
@@ -23,9 +23,9 @@ class Routing:
     take, each row's top-k experts and weights, and the sum of the expert outputs so far."""
 
     def __init__(self, residual: torch.Tensor, h: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-                 act=ACTIVATIONS["silu"], num_experts: int = 0):
+                 act: str = "silu", num_experts: int = 0):
         self.residual, self.h, self.idx, self.w = residual, h, idx, w  # idx, w: [T, k]
-        self.act = act
+        self.act = act  # the experts' activation, a name of layers.ACTIVATIONS
         self.acc = torch.zeros_like(h)
         self.done: set[int] = set()
         # One host sync per block: the (row, k) positions routed to each expert, grouped by a
@@ -84,17 +84,17 @@ def route(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor, cos
     """The block unit's half: pre-norm attention (appends to each KV cache), the post-attention
     norm and the router. The experts run next (`Routing.add`)."""
     h = rms_norm(x, weights["input_layernorm.weight"], p.rms_norm_eps)
-    x = x + self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
-    h = rms_norm(x, weights["post_attention_layernorm.weight"], p.rms_norm_eps)
+    a = self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
+    x, h = add_rms_norm(x, a, weights["post_attention_layernorm.weight"], p.rms_norm_eps)
     idx, w = router_topk(p, linear(weights, "mlp.gate.weight", h))
-    return Routing(x, h, idx, w, ACTIVATIONS[p.hidden_act], p.num_experts)
+    return Routing(x, h, idx, w, p.hidden_act, p.num_experts)
 
 
-def expert_mlp(weights: dict[str, torch.Tensor], h: torch.Tensor, act=ACTIVATIONS["silu"]
+def expert_mlp(weights: dict[str, torch.Tensor], h: torch.Tensor, act: str = "silu"
                ) -> torch.Tensor:
     """One expert: down(act(gate(h)) * up(h)) over its rows h [n, hidden]."""
-    return linear(weights, "down_proj.weight",
-                  act(linear(weights, "gate_proj.weight", h)) * linear(weights, "up_proj.weight", h))
+    gate, up = linear(weights, "gate_proj.weight", h), linear(weights, "up_proj.weight", h)
+    return linear(weights, "down_proj.weight", act_mul(act, gate, up))
 
 
 def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Tensor,
