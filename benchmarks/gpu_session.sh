@@ -154,7 +154,7 @@ for step in "$@"; do
       timeout ${FINAL_TESTS_S:-170} python3 -m pytest -m gpu -q -p no:cacheprovider ${FINAL_TESTS:-tests/test_fused.py \
         tests/test_quant_graphs.py tests/test_composition.py tests/test_workers.py tests/test_compute_worker.py} \
         2>&1 | tee "$OUT/gpu-tests-final.log" | tail -15
-      [ -f benchmarks/bench_fused.py ] && timeout 60 python3 benchmarks/bench_fused.py 2>&1 | tee "$OUT/fused.log" | tail -12 ;;
+      [ -f benchmarks/bench_fused.py ] && timeout 60 python3 benchmarks/bench_fused.py --out "$OUT/fused.json" 2>&1 | tee "$OUT/fused.log" | tail -12 ;;
     contexts)
       [ -d /root/pf/llama-7b-8-float16 ] || python3 -m gdsllm synth /root/pf/llama-7b-8-float16 --shape llama-7b --layers 8 > /dev/null 2>&1
       timeout 300 python3 benchmarks/probe_contexts.py -m /root/pf/llama-7b-8-float16 ${CONTEXTS_ARGS:-} --out "$OUT/contexts.json" 2>&1 \
