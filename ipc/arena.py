@@ -24,6 +24,7 @@ from multiprocessing import shared_memory
 import torch
 
 from .worker_messages import ARENA_BACKENDS as BACKENDS
+from .worker_messages import shm_prefix
 
 
 class ArenaError(RuntimeError):
@@ -101,7 +102,7 @@ class _ShmArena(Arena):
     def create(cls, nbytes: int) -> "_ShmArena":
         if nbytes <= 0:
             raise ArenaError(f"arena size must be positive, got {nbytes}")
-        name = f"gdsllm-{os.getpid()}-{secrets.token_hex(4)}"
+        name = f"{shm_prefix(os.getpid())}{secrets.token_hex(4)}"
         try:
             shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)
         except OSError as e:

@@ -6,6 +6,7 @@ Units of fields: bytes for sizes and offsets, seconds for times.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from .codec import message
@@ -21,6 +22,20 @@ from .codec import message
 
 
 ARENA_BACKENDS = ("cpu", "cuda")  # ipc.arena's: POSIX shared memory, one cudaMalloc
+
+
+def shm_prefix(pid: int) -> str:
+    """The name every shared-memory arena ("cpu" backend; the handle is the name) made by
+    process `pid` starts with: /dev/shm/gdsllm-<pid>-<random>."""
+    return f"gdsllm-{pid}-"
+
+
+def shm_names(pid: int) -> list[str]:
+    """The shared-memory arenas process `pid` made that still exist (Linux: /dev/shm)."""
+    try:
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(shm_prefix(pid)))
+    except OSError:
+        return []
 
 
 def _check_arena(backend: str, handle: bytes, arena_bytes: int) -> None:

@@ -267,3 +267,28 @@ def test_compute_worker_that_cannot_allocate_its_arena_is_a_fatal_error(model, e
     finally:
         c.close()
     assert shm_of(c.proc.pid) == []
+
+
+def test_a_compute_worker_killed_before_its_ready_leaves_no_arena(model):
+    """The arena's owner dying between making it and announcing it: the start fails naming the
+    compute worker, and stopping the set unlinks the segment it left (found by its pid)."""
+    import asyncio
+    from gdsllm.service.worker_set import WorkerSet, WorkerStartError
+    from workerkit import compute_dies_after_its_arena
+
+    async def start_and_stop() -> int:
+        ws = WorkerSet(ServiceConfig(model=model), 1 << 20, compute_target=compute_dies_after_its_arena)
+        try:
+            with pytest.raises(WorkerStartError, match="compute worker"):
+                await ws.start()
+            pid = ws.pids["compute"]
+            for _ in range(100):  # the segment exists once the child got that far
+                if shm_of(pid):
+                    break
+                await asyncio.sleep(0.05)
+            assert shm_of(pid), "the fake compute worker made no arena"
+        finally:
+            await ws.stop(graceful=False)
+        return pid
+
+    assert shm_of(asyncio.run(start_and_stop())) == []

@@ -24,6 +24,7 @@ from gdsllm.convert.writer import ModelWriter
 from ipc import sockets
 from ipc.arena import Arena, ArenaSpec
 from ipc.messages import AttachArena, ComputeReady, Load, Loaded, Shutdown
+from ipc.worker_messages import shm_names
 
 SPAWN = mp.get_context("spawn")
 START_S = 120.0  # spawn + importing torch on a loaded 2-core CI machine
@@ -52,7 +53,7 @@ def write_model(dst: Path, seed: int = 0, nan_head: bool = False, tied: bool = F
 
 def shm_of(pid: int) -> list[str]:
     """Shared-memory arenas created by process `pid` (other suites run beside this one)."""
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"gdsllm-{pid}-")]
+    return shm_names(pid)
 
 
 def arena_of(ready: ComputeReady) -> ArenaSpec:
@@ -133,3 +134,10 @@ def arena(model):
 def edir():
     with sockets.EndpointDir() as d:
         yield d
+
+
+def compute_dies_after_its_arena(config, endpoint: str, arena_bytes: int) -> None:
+    """A compute worker's entry point that makes its shared-memory arena and dies (SIGKILL-like:
+    no clean-up) before saying ComputeReady."""
+    Arena.create("cpu", arena_bytes)
+    os._exit(3)

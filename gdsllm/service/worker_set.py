@@ -29,6 +29,7 @@ import zmq
 import zmq.asyncio
 
 from ipc import sockets
+from ipc.worker_messages import shm_names
 from ipc.messages import (AttachArena, ComputeReady, IoReady, MakeRunner, ProtocolError, RunnerReady,
                           Shutdown, WorkerError, decode, encode)
 
@@ -195,6 +196,8 @@ class WorkerSet:
         # arena is shared memory, which outlives its unlinking while mapped: both are told at
         # once (an idle stop takes half).
         order = (("io", self.io), ("compute", self.compute))
+        owner = self.procs.get("compute")
+        owner_pid = owner.pid if owner is not None else None
         together = graceful and self.config.device == "cpu"
         if together:
             for name, sock in order:
@@ -218,16 +221,22 @@ class WorkerSet:
                 pass
             p.close()
         self.procs.clear()
-        if self.shm_name and os.path.exists(f"/dev/shm/{self.shm_name}"):
+        # The compute worker's arena: the one it announced, or, killed before its ComputeReady
+        # was read, any it had made (named after its pid).
+        left = [self.shm_name] if self.shm_name else (
+            shm_names(owner_pid) if owner_pid is not None and self.config.device == "cpu" else [])
+        for name in left:
+            if not os.path.exists(f"/dev/shm/{name}"):
+                continue
             # Expected after a kill (graceful=False: start-up failures, faults); a warning when a
             # worker that was asked to shut down left it.
             log.log(logging.WARNING if graceful else logging.INFO,
-                    "unlinking the shared-memory arena /dev/shm/%s left by the compute worker", self.shm_name)
+                    "unlinking the shared-memory arena /dev/shm/%s left by the compute worker", name)
             try:
-                os.unlink(f"/dev/shm/{self.shm_name}")
+                os.unlink(f"/dev/shm/{name}")
             except OSError:
                 pass
-            forget_shared_memory(self.shm_name)
+            forget_shared_memory(name)
         self.io.close(linger=0)
         self.compute.close(linger=0)
         self.ctx.term()
