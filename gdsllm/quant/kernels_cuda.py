@@ -5,7 +5,8 @@
 Per row count T (decode batches, draft verification, prefill chunks) `CHOICES` names, by
 measurement (table below), one of:
 - "tinygemm": torch's `_weight_int4pack_mm` over the stored int4 tile layout (x cast to bfloat16,
-  its only input dtype, and the result back). Its layout is probed once per process before the
+  its only input dtype, and the result back; no cast in a model with int4 weights, which
+  computes in bfloat16 on CUDA: gdsllm.engine.runner.compute_dtype). Its layout is probed once per process before the
   first use (`check_int4_layout`). Half-precision x only.
 - a tile of the Triton W4A16 / W8A16 GEMM (`gdsllm.quant.triton_gemm`), which splits the stored
   words into bit planes in registers (no copy of the weight).
