@@ -26,27 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-PROMPT = "The storage hierarchy of a language model"
-
-
-def greedy(n: int):
-    from gdsllm import SamplingParams
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-
-
-def timed(fn) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
+from benchmarks.profile_decode import PROMPT, decode_ms  # noqa: E402
 
 
 def llm_ms(llm, tokens: int = 64) -> float:
-    llm.generate([PROMPT], greedy(8))
-    one = min(timed(lambda: llm.generate([PROMPT], greedy(1))) for _ in range(3))
-    full = min(timed(lambda: llm.generate([PROMPT], greedy(tokens))) for _ in range(3))
-    return (full - one) / (tokens - 1) * 1e3
+    return decode_ms(llm, [PROMPT], tokens)
 
 
 def smi(seconds: float) -> list[str]:
@@ -67,23 +51,23 @@ def arena_owner(nbytes: int, ready, stop) -> None:
 
 
 def llm_over(model: Path, arena_tensor) -> float:
-    """LLM decode ms/token with its weights buffer (the one uint8 torch.empty it makes) taken
-    from `arena_tensor` instead."""
-    import gdsllm.engine.llm as llm_mod
+    """LLM decode ms/token with its weights buffer (the first uint8 torch.empty it makes, of the
+    plan's arena size) taken from `arena_tensor` instead; every other allocation is torch's."""
     from gdsllm import LLM
-    real = torch.empty
+    real, taken = torch.empty, []
 
     def empty(*size, dtype=None, device=None, **kw):
         n = size[0] if len(size) == 1 and isinstance(size[0], int) else None
-        if dtype is torch.uint8 and n is not None and n <= arena_tensor.numel():
+        if not taken and dtype is torch.uint8 and n is not None and n <= arena_tensor.numel():
+            taken.append(n)
             return arena_tensor[:n]
         return real(*size, dtype=dtype, device=device, **kw)
 
-    llm_mod.torch.empty = empty
+    torch.empty = empty  # torch's own: LLM's module reads it as torch.empty
     try:
         llm = LLM(str(model), device="cuda", max_batch=4, kv_tokens=4096)
     finally:
-        llm_mod.torch.empty = real
+        torch.empty = real
     try:
         return llm_ms(llm)
     finally:
