@@ -58,6 +58,7 @@ class ServiceConfig:
     verify: str = "first"  # checksum each unit's first load ("first") or every load ("always")
     read_retries: int = 3  # a failed unit read is retried this many times (with back-off)
     expert_prefetch: bool = True  # a mixture of experts: read the next layer's guessed experts early
+    schedule_ahead: bool = True  # all resident: send the next decode pass before this one's tokens are back
     exit_on_degraded: bool = False  # exit (status 3) once degraded, for systemd / compose to restart
     curve_allow: Path | None = None  # CurveZMQ client public keys allowed: a certificate file or a dir
 

@@ -166,7 +166,15 @@ class StartPass:
     and PassResult leaves them out. `draft[seq_id] = k`: the worker's draft proposes up to k
     tokens after that chunk and the pass verifies them (speculative decoding; never for a
     `partial` chunk). `runs`: the pass's first Runs as [unit, slot, offset, count], run at once
-    (all of a resident model's units: one message starts and runs the whole pass)."""
+    (all of a resident model's units: one message starts and runs the whole pass).
+
+    `follows`: set on a pass scheduled ahead (gdsllm.engine.scheduler, schedule_ahead), sent
+    while pass `follows` (= pass_id - 1) is still running: every chunk's token list is then empty,
+    a placeholder for the one token that sequence samples in pass `follows`, which the worker
+    takes from its own result of that pass (a sequence with none there is left out). Such a pass
+    is plain decoding of sequences already known: no sampling, tables, partial or draft. When
+    pass `follows` failed (or is not the worker's last pass), this one fails too. Without
+    `follows` no chunk is empty."""
 
     pass_id: int
     chunks: list[tuple[int, list[int]]]
@@ -176,6 +184,21 @@ class StartPass:
     tables: dict[int, list[int]] = field(default_factory=dict)
     released: list[int] = field(default_factory=list)
     runs: list[tuple[int, int, int, int]] = field(default_factory=list)
+    follows: int | None = None
+
+    def __post_init__(self):
+        if self.follows is None:
+            if any(not toks for _, toks in self.chunks):
+                raise ValueError(f"StartPass {self.pass_id}: an empty chunk outside a pass scheduled ahead")
+            return
+        if self.follows != self.pass_id - 1:
+            raise ValueError(f"StartPass {self.pass_id}: follows pass {self.follows}, not the one before it")
+        if any(toks for _, toks in self.chunks) or not self.chunks:
+            raise ValueError(f"StartPass {self.pass_id}: a pass scheduled ahead has one empty "
+                             f"(placeholder) chunk per sequence")
+        if self.sampling or self.tables or self.partial or self.draft:
+            raise ValueError(f"StartPass {self.pass_id}: a pass scheduled ahead has no new "
+                             f"sequences, partial chunks or drafts")
 
 
 @message("run")

@@ -243,3 +243,50 @@ def test_cuda_pipeline_matches_the_cpu_reference(model, edir):
         assert p.generate(prompts, greedy, 5) == reference_tokens(p.meta, prompts, greedy, 5)
     finally:
         p.close()
+
+
+def test_compute_worker_runs_a_pass_scheduled_ahead(model, edir):
+    """Everything resident, each StartPass carrying its Runs: the pass after it (`follows`) is
+    sent before its result is read, and begins with the tokens the worker sampled itself; the
+    same tokens as passes sent one at a time. A pass ahead of a failed pass fails too (its Runs
+    come back Done, nothing computed), and the worker serves on."""
+    meta = load_model_meta(model)
+    p = Pipeline(model, edir, resident=range(len(meta.units)))
+    try:
+        runs = [(u, -1, p.resident[u], 1) for u in range(len(meta.units))]
+        prompts = {1: [3, 14, 15, 92, 65], 2: [7]}
+        sampling = {1: SeqSampling(0.0, 1.0, 0, None), 2: SeqSampling(0.9, 0.95, 20, 1234)}
+        want = reference_tokens(meta, prompts, sampling, steps=4)
+
+        def results(n):
+            out = []
+            for m in iter(p.compute.recv, None):
+                assert isinstance(m, (Done, PassResult)), m
+                if isinstance(m, PassResult):
+                    out.append(m)
+                    if len(out) == n:
+                        return out
+
+        p.compute.send(StartPass(1, list(prompts.items()), sampling, runs=runs))
+        p.compute.send(StartPass(2, [(1, []), (2, [])], {}, runs=runs, follows=1))
+        got = results(2)
+        assert [r.pass_id for r in got] == [1, 2]
+        p.compute.send(StartPass(3, [(1, []), (2, [])], {}, runs=runs, follows=2))
+        p.compute.send(StartPass(4, [(1, []), (2, [])], {}, runs=runs, follows=3))
+        got += results(2)
+        assert {sid: [r.tokens[sid][0] for r in got] for sid in prompts} == want
+        # pass 5 fails to start (a token outside the vocabulary): pass 6, ahead of it, fails too
+        p.compute.send(StartPass(5, [(1, [meta.params.vocab_size])], {}, runs=runs))
+        p.compute.send(StartPass(6, [(1, [])], {}, runs=runs, follows=5))
+        replies = [p.compute.recv() for _ in range(2 * (1 + len(runs)))]
+        errors = [m for m in replies if isinstance(m, WorkerError)]
+        assert [e.pass_id for e in errors] == [5, 6] and "gave no tokens here" in errors[1].message
+        assert [m.seconds for m in replies if isinstance(m, Done)] == [0.0] * 2 * len(runs)
+        # a pass ahead that skips one is refused the same way; then a normal pass is served
+        p.compute.send(StartPass(8, [(2, [])], {}, runs=runs, follows=7))
+        assert p.compute.recv().pass_id == 8
+        assert [p.compute.recv() for _ in runs] == [Done(u, -1, 0.0) for u in range(len(runs))]
+        p.compute.send(StartPass(9, [(3, [5, 6])], {3: SeqSampling(0.0, 1.0, 0, None)}, runs=runs))
+        assert isinstance(results(1)[0], PassResult)
+    finally:
+        p.close()

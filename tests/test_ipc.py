@@ -5,6 +5,8 @@ import multiprocessing as mp
 import os
 
 import msgpack
+import re
+
 import pytest
 import torch
 import zmq
@@ -32,6 +34,7 @@ SAMPLES = [
     StartPass(1, [(1, [5, 6, 7]), (2, [9])], {1: SeqSampling(0.0, 1.0, 0, None),
                                              2: SeqSampling(0.7, 0.9, 40, 5)}),
     StartPass(2, [(1, [8])], {}, tables={3: [4, 5]}, released=[2], runs=[(0, -1, 0, 5)]),
+    StartPass(3, [(1, []), (4, [])], {}, released=[2], runs=[(0, -1, 0, 5)], follows=2),
     Run(3, 1, 4096), Done(3, 1, 0.25), PassResult(1, {1: [8], 2: [3, 10]}, 0.3, {2: 1}),
     WorkerError("boom"), WorkerError("pass 3 failed", pass_id=3, unit=2),
     Shutdown(),
@@ -89,6 +92,25 @@ def test_malformed_input_raises_protocol_error(raw, words):
     with pytest.raises(ProtocolError) as e:
         decode(raw)
     assert words in str(e.value)
+
+
+def _start(**kw) -> bytes:
+    return _raw(**{"type": "start_pass", "pass_id": 5, "chunks": [[1, []]], "sampling": {},
+                   "partial": [], "draft": {}, "tables": {}, "released": [], "runs": [],
+                   "follows": 4, **kw})
+
+
+@pytest.mark.parametrize("raw,words", [
+    (_start(follows=None, chunks=[[1, [3]], [2, []]]), "an empty chunk outside a pass scheduled ahead"),
+    (_start(follows=3), "follows pass 3, not the one before it"),
+    (_start(chunks=[[1, [3]]]), "one empty (placeholder) chunk per sequence"),
+    (_start(chunks=[]), "one empty (placeholder) chunk per sequence"),
+    (_start(tables={1: [2]}), "no new sequences, partial chunks or drafts"),
+    (_start(draft={1: 2}), "no new sequences, partial chunks or drafts"),
+], ids=["empty-chunk", "follows-gap", "token-in-placeholder", "no-chunks", "tables", "draft"])
+def test_a_pass_scheduled_ahead_is_validated(raw, words):
+    with pytest.raises(ProtocolError, match=re.escape(words)):
+        decode(raw, max_bytes=None)
 
 
 def test_oversized_valid_message_is_refused():

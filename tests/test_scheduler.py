@@ -22,13 +22,24 @@ class FakeExecutor:
     """Answers every chunk that ends its prompt with `token` (plus accepted drafts), and checks
     the books: a sequence's KV holds what it was fed, within the blocks its table gave it."""
 
-    def __init__(self, books: BlockBooks, token: int = 7, accept: int = 0):
+    def __init__(self, books: BlockBooks, token=7, accept: int = 0):
+        """`token`: the token sampled, or a function of (seq_id, tokens in its KV)."""
         self.books, self.token, self.accept = books, token, accept
         self.tables: dict[int, list[int]] = {}
         self.kv: dict[int, int] = {}
         self.released: list[int] = []
+        self.results: dict[int, dict[int, list[int]]] = {}  # pass_id -> its tokens
+        self.fed: dict[int, int] = {}  # seq_id -> passes that fed it
 
     def execute(self, plan) -> PassResult:
+        if plan.follows is not None:  # scheduled ahead: its tokens are those of the pass before
+            assert max(self.results) == plan.follows and not plan.tokens
+            plan = plan.resolve(self.results[plan.follows])
+        result = self._execute(plan)
+        self.results[plan.pass_id] = result.tokens
+        return result
+
+    def _execute(self, plan) -> PassResult:
         for sid in plan.released:
             self.released.append(sid)
             self.tables.pop(sid)
@@ -39,12 +50,14 @@ class FakeExecutor:
         tokens = {}
         for sid, toks in plan.chunks:
             k = plan.draft.get(sid, 0)
+            self.fed[sid] = self.fed.get(sid, 0) + 1
             self.kv[sid] += len(toks) + k
             assert self.kv[sid] <= len(self.tables[sid]) * self.books.block_size, (sid, self.kv[sid])
             if sid not in plan.partial:
                 acc = min(k, self.accept)
                 self.kv[sid] -= k - acc  # rejected drafts are rolled back
-                tokens[sid] = [self.token] * acc + [self.token]
+                t = self.token(sid, self.kv[sid]) if callable(self.token) else self.token
+                tokens[sid] = [t] * acc + [t]
         return PassResult(tokens)
 
 
@@ -189,3 +202,130 @@ def test_a_tree_drafting_sequence_keeps_room_for_its_branches():
     assert Scheduler(books, max_batch=1, draft_tokens=4, draft_tree="auto").kv_need(gen(4)) == 3 + 4 + 512
     assert "draft tree (16)" in Scheduler(BlockBooks(1 + 2, 4), max_batch=1, draft_tokens=4,
                                           draft_tree=16).never_fits(gen(5))
+
+
+# ---------------------------------------------------------------- a pass scheduled ahead
+
+
+def run_ahead(sched: Scheduler, ex: FakeExecutor, limit: int = 200) -> list:
+    """The service's loop: a plan when none is in flight, the pass ahead whenever the scheduler
+    gives one (right after sending and after each update), the executor taking them in order."""
+    plans, sent = [], []
+    while sched.has_work and limit:
+        if sched.in_flight is None:
+            sent.append(sched.schedule())
+            assert sent[-1] is not None
+        ahead = sched.schedule_ahead()
+        if ahead is not None:
+            sent.append(ahead)
+        plans.append(sent.pop(0))
+        sched.update(ex.execute(plans[-1]))
+        limit -= 1
+    assert not sent and sched.in_flight is None
+    return plans
+
+
+def varied(sid: int, n: int) -> int:
+    """A token that depends on the sequence and its length; EOS for sequence 3's 4th token."""
+    return EOS if (sid, n) == (3, 3 + 4) else 20 + (sid * 7 + n) % 50
+
+
+def test_ahead_gives_the_same_outputs_and_never_passes_max_tokens():
+    out = {}
+    for ahead in (False, True):
+        books = BlockBooks(1 + 64, 4)
+        sched, ex = Scheduler(books, max_batch=8, ahead=ahead), FakeExecutor(books, token=varied)
+        gens = [gen(1, max_tokens=3), gen(2, max_tokens=6), gen(3, max_tokens=9), gen(4, max_tokens=1)]
+        for g in gens:
+            sched.add(g)
+        plans = run_ahead(sched, ex)
+        out[ahead] = [(g.token_ids, g.finish_reason) for g in gens], ex.fed, plans
+        assert books.used_blocks == 0 and sched.take_released() + ex.released != []
+    (outs, fed, plans), (outs_a, fed_a, plans_a) = out[False], out[True]
+    assert outs == outs_a and outs[2] == ([varied(3, 3 + k) for k in range(4)] + [EOS], "stop")
+    assert [p.follows for p in plans_a if p.follows] == [p.pass_id - 1 for p in plans_a if p.follows]
+    assert sum(p.follows is not None for p in plans_a) == len(plans) - 2  # all but prefill, the first
+    # max_tokens is known ahead: no pass feeds a sequence after its last token; only the one that
+    # stopped on EOS was fed once more (its token of that pass was dropped)
+    assert fed == {1: 3, 2: 6, 3: 5, 4: 1} and fed_a == {**fed, 3: 6}
+
+
+def test_blocks_of_a_sequence_ending_in_flight_wait_for_the_pass_ahead():
+    books = BlockBooks(1 + 8, 4)
+    sched = Scheduler(books, max_batch=4, ahead=True)
+    ex = FakeExecutor(books, token=lambda sid, n: EOS if sid == 1 and n == 3 + 1 else 7)
+    a, b = gen(1, max_tokens=8), gen(2, max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    first = sched.schedule()
+    assert sched.schedule_ahead() is None  # a prefill pass is not plain decoding
+    sched.update(ex.execute(first))
+    p2 = sched.schedule()
+    p3 = sched.schedule_ahead()
+    assert p2.decode and (p3.follows, p3.chunks, p3.released) == (p2.pass_id, [(1, []), (2, [])], ())
+    assert sched.schedule() is None and sched.schedule_ahead() is None  # at most one ahead
+    steps = sched.update(ex.execute(p2))  # a ends here (EOS) while p3 computes a token for it
+    assert [(s.gen.seq_id, s.ids, s.finished) for s in steps] == [(1, [EOS], True), (2, [7], False)]
+    assert 1 not in sched.running and 1 in books.tables  # p3 still writes its blocks
+    p4 = sched.schedule_ahead()
+    assert p4.seq_ids == [2] and p4.released == ()
+    steps = sched.update(ex.execute(p3))
+    assert [(s.gen.seq_id, s.ids) for s in steps] == [(2, [7])] and a.token_ids == [7, EOS]
+    assert 1 not in books.tables  # freed once p3 is over, released by the next plan
+    p5 = sched.schedule_ahead()
+    assert p5.released == (1,) and p5.seq_ids == [2]
+
+
+def test_cancel_and_failure_with_a_pass_ahead():
+    books = BlockBooks(1 + 8, 4)
+    sched, ex = Scheduler(books, max_batch=4, ahead=True), FakeExecutor(books)
+    a, b = gen(1, max_tokens=8), gen(2, max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    sched.update(ex.execute(sched.schedule()))
+    p2 = sched.schedule()
+    p3 = sched.schedule_ahead()
+    assert sched.cancel(2) is False and b.cancelled  # in both passes in flight
+    steps = sched.update(ex.execute(p2))
+    assert [(s.gen.seq_id, s.ids, s.finished) for s in steps] == [(1, [7], False), (2, [], True)]
+    assert 2 in books.tables
+    p4 = sched.schedule_ahead()
+    assert p4.seq_ids == [1]
+    sched.update(ex.execute(p3))
+    assert 2 not in books.tables and b.token_ids == [7]  # one token: the prefill's
+    # the pass in flight fails: its sequences fail now, their blocks wait for the pass ahead
+    p5 = sched.schedule_ahead()
+    assert sched.fail_pass() == [a] and not sched.running and 1 in books.tables
+    assert sched.schedule_ahead() is None and sched.schedule() is None  # p5 is still in flight
+    assert sched.fail_pass() == [] and books.used_blocks == 0  # its executor failed it too
+    assert (p5.follows, p5.released) == (p4.pass_id, (2,)) and sched.take_released() == [1]
+
+
+def test_a_request_that_can_join_breaks_the_chain():
+    books = BlockBooks(1 + 4, 4)  # 16 tokens: two requests of 3 + 5 (or fewer) at a time
+    sched, ex = Scheduler(books, max_batch=4, ahead=True), FakeExecutor(books)
+    a, b, c = gen(1, max_tokens=2), gen(2, max_tokens=5), gen(3, max_tokens=5)
+    sched.add(a)
+    sched.add(b)
+    sched.update(ex.execute(sched.schedule()))
+    p = sched.schedule()
+    sched.add(c)  # no room: the chain goes on while it waits
+    ahead = sched.schedule_ahead()
+    assert ahead.seq_ids == [2] and list(sched.waiting) == [c]  # a's last token is p's
+    sched.update(ex.execute(p))
+    assert a.finish_reason == "length" and books.fits(sched.kv_need(c))
+    assert sched.schedule_ahead() is None  # c could join now: no pass ahead
+    sched.update(ex.execute(ahead))
+    joined = sched.schedule()
+    assert joined.new == {3: c.params} and joined.released == (1,) and not joined.decode
+    assert Scheduler(books, max_batch=4).schedule_ahead() is None  # an executor without it
+
+
+def test_no_pass_ahead_while_drafting():
+    books = BlockBooks(1 + 8, 4)
+    sched, ex = Scheduler(books, max_batch=4, draft_tokens=2, ahead=True), FakeExecutor(books)
+    sched.add(gen(1, max_tokens=8))
+    sched.add(gen(2, max_tokens=8, draft_tokens=0))
+    sched.update(ex.execute(sched.schedule()))
+    p = sched.schedule()
+    assert p.draft == {1: 2} and not p.decode and sched.schedule_ahead() is None

@@ -32,6 +32,9 @@ def add_service_options(p, endpoint_default: str | None = "tcp://127.0.0.1:5555"
     p.add_argument("--require-gds", action="store_true", help="refuse to start without GPUDirect Storage")
     p.add_argument("--no-expert-prefetch", dest="expert_prefetch", action="store_false",
                    help="mixtures of experts: read only the routed experts, no next-layer guesses")
+    p.add_argument("--no-schedule-ahead", dest="schedule_ahead", action="store_false",
+                   help="everything resident: schedule each decode pass only once the tokens of "
+                        "the one before are back (default: the next pass is sent while one runs)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences per weight pass")
     p.add_argument("--draft", default=None, metavar="MODEL",
                    help="draft model directory for speculative decoding (same tokenizer; fully "
@@ -97,7 +100,8 @@ def service_config(args, **extra):
                          draft_tokens=args.draft_tokens,
                          draft_adaptive=getattr(args, "draft_adaptive", True),
                          draft_tree=getattr(args, "draft_tree", None),
-                         expert_prefetch=getattr(args, "expert_prefetch", True), **extra)
+                         expert_prefetch=getattr(args, "expert_prefetch", True),
+                         schedule_ahead=getattr(args, "schedule_ahead", True), **extra)
 
 
 def add_parser(sub) -> None:

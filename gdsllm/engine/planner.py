@@ -8,6 +8,7 @@ Loads and Runs it returns as messages (ipc's Load and Run, the same fields).
     loads, runs = sched.step()          # Load(...)s for the I/O worker (prefetch), nothing to run yet
     sched.begin_pass(); loads, runs = sched.step()   # Run(...)s for the compute worker
     sched.on_loaded(unit, slot); sched.on_done(unit, slot); ...  then step() again
+    if sched.may_queue: runs = sched.queue_pass()   # all resident: the next pass, sent behind
 
 Why static residency (DESIGN.md): decoding visits units in the same cycle every token, so LRU would
 evict exactly the unit needed next. The budget pins embed and head first (touched every pass and
@@ -188,6 +189,9 @@ class StreamSchedule:
         self.gates = frozenset(u for u in range(n - 1) if u + 1 in self.skip and u not in self.skip)
         self.held: int | None = None  # the MoE block whose experts the pass waits for
         self.ungated = False  # the pass failed: no experts run, nothing waits for them
+        # A pass queued behind the running one (the engine scheduler's pass ahead): the Runs of
+        # it sent (and not yet Done once the running pass is over), None when none is queued.
+        self.queued: int | None = None
 
     # ------------------------------------------------------------ queries
 
@@ -230,6 +234,21 @@ class StreamSchedule:
         stop holding Runs after MoE blocks until the pass ends."""
         self.ungated, self.held = True, None
 
+    @property
+    def may_queue(self) -> bool:
+        """A whole pass may be sent behind the running one now: nothing streams (no slots, no
+        experts), the running pass has sent all its Runs, and no pass is queued yet."""
+        return (self.m == 0 and not self.skip and self.queued is None
+                and self.pass_pos == self.plan.num_units and self.held is None)
+
+    def queue_pass(self) -> list[Run]:
+        """Begin the next pass behind the running one (may_queue): all its Runs, resident."""
+        assert self.may_queue, "a pass is queued only behind a running all-resident pass"
+        self.pass_pos, running = 0, self.runs_outstanding
+        _, runs = self.step()
+        self.queued = self.runs_outstanding - running
+        return runs
+
     def begin_pass(self) -> None:
         assert self.pass_pos is None, "a pass is already running"
         self.ungated = False
@@ -254,8 +273,12 @@ class StreamSchedule:
                 f"Done(unit={unit}, slot={slot}) but the slot is {self.slot_state[slot]} with seq {seq}"
             self.slot_state[slot], self.slot_seq[slot] = "free", None
         self.runs_outstanding -= 1
-        if self.pass_pos == self.plan.num_units and self.runs_outstanding == 0:
-            self.pass_pos = None
+        if self.pass_pos == self.plan.num_units and self.runs_outstanding == (self.queued or 0):
+            if self.queued is None:
+                self.pass_pos = None
+            else:  # the queued pass runs now, every Run of it sent
+                self.queued = None
+                self.ungated = False
             self.passes += 1
             return True
         return False

@@ -14,6 +14,7 @@ executor needs). No sockets, no metrics, no torch: unit-testable with a fake exe
     sched.cancel(seq_id) -> bool        # True: gone now; False: in the pass in flight, leaves at update
     sched.remove(seq_id)                # gone now (failed by its caller), blocks freed
     sched.take_released()               # ids gone since the last plan, when no plan follows
+    ahead = sched.schedule_ahead()      # the pass after the one in flight, before its tokens
 
 What it owns:
 - **Admission.** Requests wait in arrival order; one joins when the batch has room (max_batch)
@@ -33,14 +34,29 @@ What it owns:
 - **Stop rules.** `update` appends the tokens to each Generation, whose rules (eos, stop ids, stop
   strings, max_tokens, the context) end it; the rest of a pass's tokens after the end are dropped.
 
-One pass is in flight at a time: the next pass needs this one's tokens. What the weights do
+- **A pass ahead** (vLLM v1's asynchronous scheduling; only for an executor made with
+  `ahead=True`, one that runs every unit of a pass without further messages: the service when
+  everything is resident, there is no mixture of experts and no draft). The next pass needs this
+  one's tokens, so normally one pass is in flight; but while the pass in flight is plain decoding
+  (`decode`: every chunk one decoding sequence's last token; no prompt chunk, no new sequence,
+  no draft), `schedule_ahead()` plans the one after it at once, the same sequences decoding again,
+  each chunk's token left to the executor (`follows`: the token the sequence samples in that
+  pass; `PassPlan.resolve`). Never a sequence that pass ends by max_tokens (known ahead), nor a
+  cancelled one; never when a waiting request could join now (it joins at the next schedule(),
+  which breaks the chain); at most one pass ahead. A sequence that ends in the pass in flight
+  (stop, eos, cancel, error) has its token of the pass ahead dropped at that pass's update, and
+  its KV blocks are freed, like those of any sequence removed while a pass that writes them is
+  in flight, only once the last such pass is over (updated or failed).
+
+Otherwise one pass is in flight at a time. `gdsllm.LLM` schedules synchronously (its executor
+starts a pass only when the last one returned: nothing to overlap in one thread). What the weights do
 (residency, the prefetch window, expert slots) is the VRAM ledger's plan (gdsllm.engine.budget),
 which both executors follow.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gdsllm.engine.adaptive_k import TREE_MAX
 from gdsllm.engine.blocks import BlockBooks
@@ -61,6 +77,9 @@ class PassPlan:
     partial: frozenset[int] = frozenset()  # mid-prompt chunks: nothing sampled for them
     draft: dict[int, int] = field(default_factory=dict)  # seq_id -> tokens to draft and verify
     released: tuple[int, ...] = ()  # sequences gone since the last plan: free their state first
+    decode: bool = False  # plain decoding: every chunk one decoding sequence's last token, no draft
+    follows: int | None = None  # scheduled ahead: each chunk's token is the one its sequence
+    # samples in pass `follows` (its token lists are empty until `resolve`)
 
     @property
     def seq_ids(self) -> list[int]:
@@ -69,6 +88,16 @@ class PassPlan:
     @property
     def tokens(self) -> int:
         return sum(len(t) for _, t in self.chunks)
+
+    def resolve(self, sampled: dict[int, list[int]]) -> PassPlan:
+        """A plan scheduled ahead with its tokens filled in from `sampled`, the tokens of pass
+        `follows` (PassResult.tokens): each sequence's last one. A sequence with none there (its
+        row failed: it is failed at that pass's update) is left out. ValueError when none is left."""
+        assert self.follows is not None, "only a plan scheduled ahead is resolved"
+        chunks = [(sid, sampled[sid][-1:]) for sid, _ in self.chunks if sampled.get(sid)]
+        if not chunks:
+            raise ValueError(f"no sequence of pass {self.follows} sampled a token for pass {self.pass_id}")
+        return replace(self, chunks=chunks, follows=None)
 
 
 @dataclass
@@ -103,10 +132,11 @@ class Step:
 
 class Scheduler:
     def __init__(self, books: BlockBooks, *, max_batch: int, max_pass_tokens: int = 0,
-                 draft_tokens: int = 0, draft_tree: int | str | None = None):
+                 draft_tokens: int = 0, draft_tree: int | str | None = None, ahead: bool = False):
         """`max_pass_tokens`: new tokens per pass (chunked prefill), 0 for no limit;
         `draft_tokens`: the engine's default draft length (0: no draft); `draft_tree`: the
-        engine's default token-tree size (None or 0: chains; "auto": up to TREE_MAX nodes)."""
+        engine's default token-tree size (None or 0: chains; "auto": up to TREE_MAX nodes);
+        `ahead`: the executor runs passes scheduled ahead (schedule_ahead)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.books = books
@@ -116,7 +146,10 @@ class Scheduler:
         self.running: dict[int, Generation] = {}  # seq_id -> admitted (holds KV blocks)
         self.prefilled: dict[int, int] = {}  # seq_id -> prompt tokens fed, while not all are in
         self.released: list[int] = []
-        self.in_flight: PassPlan | None = None
+        self.in_flight: PassPlan | None = None  # the oldest pass sent whose result is not back
+        self.ahead_ok = ahead
+        self.ahead: PassPlan | None = None  # the pass scheduled ahead, sent after in_flight
+        self.deferred: dict[int, int] = {}  # seq_id gone -> the pass after which its blocks free
         self.pass_id = 0
 
     # ------------------------------------------------------------------ requests
@@ -154,7 +187,7 @@ class Scheduler:
         """Cancel a request: True when it left now, False when the pass in flight serves it (it
         leaves at that pass's update, as a finished Step)."""
         gen = self.running.get(seq_id)
-        if gen is not None and self.in_flight is not None and seq_id in self.in_flight.seq_ids:
+        if gen is not None and self._last_pass_of(seq_id) is not None:
             gen.cancelled = True
             return False
         gen = gen or next((g for g in self.waiting if g.seq_id == seq_id), None)
@@ -164,14 +197,35 @@ class Scheduler:
         return True
 
     def remove(self, seq_id: int) -> None:
-        """Forget a request (finished, failed or cancelled) and free its blocks."""
+        """Forget a request (finished, failed or cancelled) and free its blocks, or, when a pass in
+        flight writes them, once the last such pass is over."""
         for g in self.waiting:
             if g.seq_id == seq_id:
                 self.waiting.remove(g)
                 break
         self.prefilled.pop(seq_id, None)
-        if self.running.pop(seq_id, None) is not None and self.books.free(seq_id):
+        if self.running.pop(seq_id, None) is None:
+            return
+        last = self._last_pass_of(seq_id)
+        if last is None:
+            self._free(seq_id)
+        else:
+            self.deferred[seq_id] = last
+
+    def _last_pass_of(self, seq_id: int) -> int | None:
+        """The id of the last pass in flight that serves `seq_id`, or None."""
+        return max((p.pass_id for p in (self.in_flight, self.ahead) if p is not None and seq_id in p.seq_ids),
+                   default=None)
+
+    def _free(self, seq_id: int) -> None:
+        if self.books.free(seq_id):
             self.released.append(seq_id)
+
+    def _pass_over(self, pass_id: int) -> None:
+        """Pass `pass_id` is over (updated or failed): the blocks that waited for it are free."""
+        for sid in [s for s, last in self.deferred.items() if last <= pass_id]:
+            del self.deferred[sid]
+            self._free(sid)
 
     def take_released(self) -> list[int]:
         """Sequences gone since the last plan, for an executor to drop now (no plan will carry them)."""
@@ -185,7 +239,8 @@ class Scheduler:
         self.running.clear()
         self.prefilled.clear()
         self.released.clear()
-        self.in_flight = None
+        self.in_flight = self.ahead = None
+        self.deferred.clear()
         self.books = books
         return lost
 
@@ -201,6 +256,7 @@ class Scheduler:
             if sid not in self.prefilled:
                 chunks.append((sid, g.token_ids[-1:]))
                 budget -= 1
+        decoding = len(chunks)
         for sid, g in self.running.items():  # prompts already started, in arrival order
             if sid in self.prefilled and budget > 0:
                 budget -= self._chunk(g, budget, chunks, partial)
@@ -225,9 +281,37 @@ class Scheduler:
                 draft[sid] = k
         self.pass_id += 1
         self.in_flight = PassPlan(self.pass_id, chunks, new, tables, frozenset(partial), draft,
-                                  tuple(self.released))
+                                  tuple(self.released), decode=decoding == len(chunks) and not draft)
         self.released = []
         return self.in_flight
+
+    def schedule_ahead(self) -> PassPlan | None:
+        """The pass after the one in flight, planned before its tokens are back (see "A pass
+        ahead" above), or None: not a steady state of plain decoding, a pass is already ahead,
+        a waiting request could join now, or every sequence ends in the pass in flight."""
+        prev = self.in_flight
+        if not self.ahead_ok or prev is None or self.ahead is not None or not prev.decode:
+            return None
+        if self.waiting and len(self.running) < self.max_batch and self.books.fits(self.kv_need(self.waiting[0])):
+            return None  # it joins at the next schedule()
+        chunks = []
+        for sid in prev.seq_ids:
+            g = self.running.get(sid)
+            if g is None or g.cancelled:
+                continue
+            remaining = g.max_new - len(g.token_ids) - 1  # after its token of the pass in flight
+            if remaining <= 0:
+                continue  # max_tokens (or the context) ends it there
+            if draft_count(g.params.draft_tokens, self.draft_tokens, remaining):
+                return None  # it drafts: its tokens per pass are not known ahead
+            chunks.append((sid, []))
+        if not chunks:
+            return None
+        self.pass_id += 1
+        self.ahead = PassPlan(self.pass_id, chunks, {}, {}, released=tuple(self.released), decode=True,
+                              follows=prev.pass_id)
+        self.released = []
+        return self.ahead
 
     def _chunk(self, g: Generation, budget, chunks: list, partial: set) -> int:
         """Add the next piece of `g`'s prompt (at most `budget` tokens); returns its length."""
@@ -244,13 +328,13 @@ class Scheduler:
     def update(self, result: PassResult) -> list[Step]:
         """Apply the pass's tokens; every sequence of the pass that got something, failed, was
         cancelled or finished has a Step, in batch order. Finished ones have left."""
-        plan, self.in_flight = self.in_flight, None
+        plan, self.in_flight, self.ahead = self.in_flight, self.ahead, None
         assert plan is not None, "update without a pass in flight"
         steps = []
         for sid in plan.seq_ids:
             g = self.running.get(sid)
             if g is None:
-                continue  # removed meanwhile (its caller failed it)
+                continue  # removed meanwhile (its caller failed it, or it ended in the pass before)
             if sid in result.failed:
                 step = Step(g, [], error=result.failed[sid])
             elif g.cancelled:
@@ -267,17 +351,20 @@ class Scheduler:
             if step.finished:
                 self.remove(sid)
             steps.append(step)
+        self._pass_over(plan.pass_id)
         return steps
 
     def fail_pass(self) -> list[Generation]:
         """The pass in flight produced nothing usable (a worker error, a unit that did not load):
-        its sequences' KV caches are undefined, so they leave; returned for their callers to fail."""
-        plan, self.in_flight = self.in_flight, None
+        its sequences' KV caches are undefined, so they leave; returned for their callers to fail.
+        A pass ahead of it stays in flight (its executor fails it too, or runs it for nobody)."""
+        plan, self.in_flight, self.ahead = self.in_flight, self.ahead, None
         if plan is None:
             return []
         failed = [self.running[sid] for sid in plan.seq_ids if sid in self.running]
         for g in failed:
             self.remove(g.seq_id)
+        self._pass_over(plan.pass_id)
         return failed
 
 

@@ -13,7 +13,13 @@ chunked prefill, draft lengths, the stop rules. This module is its executor acro
 plan goes to the compute worker as one StartPass, which also carries the pass's first Runs (for a
 resident model, the whole pass: one message out, Done and PassResult back); streamed units
 follow as their reads land, driven by the planner's StreamSchedule (gdsllm.engine.planner), whose
-next pass's loads start as soon as a slot frees, before this pass's tokens are back. For a
+next pass's loads start as soon as a slot frees, before this pass's tokens are back. When
+everything is resident (no streamed unit, no mixture of experts, no draft; ServiceConfig's
+schedule_ahead), a pass of plain decoding is followed at once by the scheduler's pass ahead
+(Scheduler.schedule_ahead): its StartPass (`follows`, every Run inline) waits in the compute
+worker's socket and begins the moment the pass before it ends, with the tokens that pass
+sampled; each PassResult then schedules the next pass ahead of the one now running. The
+device does not wait for the messages and the scheduler between passes. For a
 mixture of experts, a block's Run lends the layer's resident experts and the routed ones that are
 missing are read and run (gdsllm.service.experts.ExpertScheduler), after which the pass goes on.
 `reply(client, msg) -> bool` sends to a client; False means the client is gone, and its requests
@@ -39,6 +45,7 @@ from gdsllm.engine import scheduler as engine
 from gdsllm.engine.blocks import BlockBooks
 from gdsllm.models.kv_cache import kv_bytes_per_token
 from gdsllm.service.admission import caller_key, kv_itemsize
+from gdsllm.service.pass_trace import PassTrace
 from gdsllm.service.requests import Sequence
 
 log = logging.getLogger("gdsllm.service.batch")
@@ -58,13 +65,16 @@ class Batch:
         self.core = engine.Scheduler(books_of(workers), max_batch=config.max_batch,
                                      max_pass_tokens=config.max_pass_tokens,
                                      draft_tokens=config.draft_tokens if config.draft is not None else 0,
-                                     draft_tree=config.draft_tree if config.draft is not None else None)
+                                     draft_tree=config.draft_tree if config.draft is not None else None,
+                                     ahead=(config.schedule_ahead and config.draft is None
+                                            and experts is None and not plan.streamed))
         self.kv_token_bytes = kv_bytes_per_token(meta.params, kv_itemsize(meta, config))
         self.by_key: dict[tuple[bytes, str], Sequence] = {}
         self.passes_completed = 0
         self.largest_pass_bytes = 0  # the largest StartPass sent (bytes)
         self.healthy = True
         self.failure = ""  # why the service stopped serving, after fail_all
+        self.trace = PassTrace("coordinator")  # GDSLLM_PASS_TRACE
         self.attach(workers)
 
     def attach(self, workers) -> None:
@@ -73,7 +83,6 @@ class Batch:
         self.workers = workers
         self.sched = planner.StreamSchedule(self.plan)
         self.pass_base = self.core.pass_id  # pass_id of the schedule's pass k is pass_base + k + 1
-        self.result_pending = False
         self.poisoned: dict[int, str] = {}  # pass_id -> why its sequences fail at its result
         self.paused = workers is None
         self.stall_since: float | None = None
@@ -86,6 +95,11 @@ class Batch:
     @property
     def pass_id(self) -> int:
         return self.core.pass_id
+
+    @property
+    def result_pending(self) -> bool:
+        """A PassResult is awaited (the scheduler's pass in flight)."""
+        return self.core.in_flight is not None
 
     @property
     def in_pass(self) -> bool:
@@ -152,7 +166,7 @@ class Batch:
     def abort_running(self, code: str, why: str) -> None:
         """The workers are gone (their KV caches with them): fail the running requests now, keep
         the waiting ones for the workers that replace them (attach)."""
-        self.paused, self.result_pending = True, False
+        self.paused = True
         for seq in self.core.reset(BlockBooks(self.core.books.num_blocks, self.core.books.block_size)):
             self.fail(seq, code, f"request {seq.request.request_id} failed: {why}")
 
@@ -170,25 +184,38 @@ class Batch:
     # ------------------------------------------------------------------ passes
 
     def maybe_start_pass(self) -> None:
-        if self.result_pending or self.sched.pass_running or not self.healthy or self.paused:
+        """Send the next pass when none is in flight, then the pass ahead of it when the
+        scheduler plans one (and the stream schedule can queue it: everything resident)."""
+        if not self.healthy or self.paused:
             return
-        plan = self.core.schedule()
-        if plan is None:
-            return
+        sent = False
+        if not self.result_pending and not self.sched.pass_running:
+            plan = self.core.schedule()
+            if plan is None:
+                return
+            self.sched.begin_pass()
+            loads, runs = self._step()
+            inline = [] if any(r.experts for r in runs) else runs  # a run lending experts goes alone
+            self._send_plan(plan, inline)
+            self._send(loads, [] if inline else runs)
+            sent = True
+        if self.sched.may_queue and (plan := self.core.schedule_ahead()) is not None:
+            self._send_plan(plan, self.sched.queue_pass())
+            sent = True
+        if sent:
+            self.last_progress = time.monotonic()
+            self._gauges()
+
+    def _send_plan(self, plan: engine.PassPlan, runs) -> None:
         sampling = {sid: SeqSampling(p.temperature, p.top_p, p.top_k, p.seed, p.draft_tree)
                     for sid, p in plan.new.items()}
-        self.result_pending = True
-        self.sched.begin_pass()
-        loads, runs = self._step()
-        inline = [] if any(r.experts for r in runs) else runs  # a run lending experts goes alone
         raw = encode(StartPass(plan.pass_id, plan.chunks, sampling, sorted(plan.partial), plan.draft,
                                plan.tables, list(plan.released),
-                               [(r.unit, r.slot, r.offset, r.count) for r in inline]))
+                               [(r.unit, r.slot, r.offset, r.count) for r in runs], plan.follows))
         self.largest_pass_bytes = max(self.largest_pass_bytes, len(raw))
+        t = time.monotonic()
         self.workers.compute.send(raw)
-        self._send(loads, [] if inline else runs)
-        self.last_progress = time.monotonic()
-        self._gauges()
+        self.trace("plan_sent", plan.pass_id, t, ahead=plan.follows is not None)
 
     def pump(self) -> None:
         """Send every Load and Run the schedule allows now."""
@@ -256,9 +283,11 @@ class Batch:
                 self.passes_completed += 1
             self.pump()
         elif isinstance(msg, PassResult):
-            if msg.pass_id != self.pass_id or not self.result_pending:
+            self.trace("result_received", msg.pass_id)
+            expected = self.core.in_flight.pass_id if self.result_pending else None
+            if msg.pass_id != expected:
                 return self.fault(f"compute worker sent the result of pass {msg.pass_id} while "
-                                  f"pass {self.pass_id} was expected", "internal")
+                                  f"{f'pass {expected}' if expected else 'none'} was expected", "internal")
             self._pass_result(msg)
         elif isinstance(msg, WorkerError):
             log.error("compute worker: %s", msg.message)
@@ -271,10 +300,10 @@ class Batch:
                 self.experts.abort()
                 self.sched.ungate()
                 self.pump()
-            if msg.pass_id == self.pass_id and self.result_pending:
+            if self.result_pending and msg.pass_id == self.core.in_flight.pass_id:
                 # The pass is dropped (its remaining Runs come back Done without computing):
-                # its sequences' caches are undefined, so they fail.
-                self.result_pending = False
+                # its sequences' caches are undefined, so they fail (a pass ahead of it fails
+                # at the worker too: its WorkerError follows).
                 why = self.poisoned.pop(msg.pass_id, None)  # garbage weights may well fail it
                 code, text = ("io_error", f"pass {msg.pass_id}: {why}") if why else ("internal", msg.message)
                 for seq in self.core.fail_pass():
@@ -283,7 +312,6 @@ class Batch:
             self.maybe_start_pass()
 
     def _pass_result(self, msg: PassResult) -> None:
-        self.result_pending = False
         why = self.poisoned.pop(msg.pass_id, None)
         if why is not None:  # a unit of this pass did not load: its output is garbage
             for seq in self.core.fail_pass():
@@ -295,8 +323,9 @@ class Batch:
         steps = self.core.update(engine.PassResult(msg.tokens, msg.failed, msg.proposed, msg.seconds))
         if msg.draft_seconds:
             m.observe_draft_seconds(msg.draft_seconds)
-        # The scheduler's books are final: the next pass goes out now, and the device computes it
-        # while this one's tokens are streamed to the clients and counted.
+        # The scheduler's books are final: the next pass goes out now (or, with a pass ahead
+        # running, the one after it), and the device computes while this one's tokens are
+        # streamed to the clients and counted.
         self.maybe_start_pass()
         for step in steps:
             seq = step.gen

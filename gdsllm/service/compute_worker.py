@@ -18,7 +18,10 @@ with the cache's size. Then, until `Shutdown` or the parent's death:
   through a PlanRunner (gdsllm.engine.executor) as gdsllm.LLM runs it: the released sequences'
   state dropped, the new ones' KV block tables (the coordinator's books) and seeded samplers,
   drafts proposed; then its first Runs, carried in the same message. Messages from the
-  coordinator are internal: no client size limit.
+  coordinator are internal: no client size limit. A pass scheduled ahead (`StartPass.follows`)
+  arrives while the pass before it runs and waits in the socket; read right after that pass's
+  PassResult, its tokens are the ones that pass sampled here (PassPlan.resolve), so it begins
+  without waiting for the coordinator.
 - `Run(unit, slot, offset, count)`: the unit over the arena bytes at `offset` (or `count`
   consecutive resident units); `Done(unit, slot, seconds, count)` only after Runner.fence(), so
   the slot may then be refilled. After the head: `PassResult(pass_id, {seq_id: tokens}, seconds)`.
@@ -35,6 +38,7 @@ A failing step is `WorkerError(message, pass_id=, unit=)` naming the pass and un
 dropped (Runner.abort_pass), its remaining Runs get Done without computing; the worker serves
 on. Messages are handled one at a time, in order: compute is the worker's only job.
 
+`GDSLLM_PASS_TRACE=FILE`: per-pass timestamps (gdsllm.service.pass_trace).
 `GDSLLM_TORCH_PROFILE=DIR:SKIP:PASSES` in the environment (as vLLM's VLLM_TORCH_PROFILER_DIR):
 torch.profiler records passes SKIP+1 .. SKIP+PASSES of this worker (host ops and kernels) and
 writes DIR/compute-<pid>.json, a Chrome trace (benchmarks/profile_decode.py reads it).
@@ -58,6 +62,7 @@ from gdsllm.config import ServiceConfig
 from gdsllm.format.metadata import load_model_meta
 from gdsllm.engine.planner import shared_embedding
 from gdsllm.models.views import unit_tensors
+from gdsllm.service.pass_trace import PassTrace
 from gdsllm.service.threads import set_threads
 
 PROFILE_ENV = "GDSLLM_TORCH_PROFILE"
@@ -107,6 +112,8 @@ class ComputeWorker:
         self.pass_id: int | None = None  # the pass in progress
         self.pass_failed = False
         self.pass_seconds = 0.0
+        self.sampled: tuple[int, dict[int, list[int]]] | None = None  # the last pass's tokens, if it ended well
+        self.trace = PassTrace("worker")
         self.speculator = None  # with config.draft: gdsllm.engine.speculative.Speculator
         self.experts = None  # made with the runner: gdsllm.service.expert_compute.ExpertCompute
         self.profiler = pass_profiler(os.environ.get(PROFILE_ENV))
@@ -160,6 +167,7 @@ class ComputeWorker:
                     self._handle(self.sock.recv(zmq.NOBLOCK))
 
     def _handle(self, raw: bytes) -> None:
+        received = time.monotonic()
         try:
             msg = decode(raw, max_bytes=None)  # internal: a pass may carry many MiB of prompt ids
         except ProtocolError as e:
@@ -168,6 +176,7 @@ class ComputeWorker:
         if isinstance(msg, Run):
             self._run(msg)
         elif isinstance(msg, StartPass):
+            self.trace("plan_received", msg.pass_id, received)
             self._start_pass(msg)
         elif isinstance(msg, RunExperts):  # a mixture of experts: ExpertsDone either way
             self._run_experts(msg.pass_id, msg.unit, msg.experts)
@@ -227,16 +236,23 @@ class ComputeWorker:
         from gdsllm.engine.sampling import SamplingParams
         from gdsllm.engine.scheduler import PassPlan
         self.pass_id, self.pass_failed, self.pass_seconds = msg.pass_id, False, 0.0
+        before, self.sampled = self.sampled, None
         try:
             if self.plans is None:
                 raise RuntimeError("no runner is made (MakeRunner first)")
             new = {sid: SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
                                        draft_tree=s.draft_tree) for sid, s in msg.sampling.items()}
-            self.plans.begin(PassPlan(msg.pass_id, [(sid, list(t)) for sid, t in msg.chunks], new,
-                                      msg.tables, frozenset(msg.partial), msg.draft, tuple(msg.released)))
+            plan = PassPlan(msg.pass_id, [(sid, list(t)) for sid, t in msg.chunks], new, msg.tables,
+                            frozenset(msg.partial), msg.draft, tuple(msg.released), follows=msg.follows)
+            if msg.follows is not None:  # scheduled ahead: the tokens of the pass before, here
+                if before is None or before[0] != msg.follows:
+                    raise ValueError(f"it follows pass {msg.follows}, which gave no tokens here")
+                plan = plan.resolve(before[1])
+            self.plans.begin(plan)
         except Exception as e:
             self.pass_failed = True
             self.send(WorkerError(f"pass {msg.pass_id}: start failed: {type(e).__name__}: {e}", pass_id=msg.pass_id))
+        self.trace("plan_launched", msg.pass_id)
         for unit, slot, offset, count in msg.runs:
             try:
                 run = Run(unit, slot, offset, count)
@@ -319,7 +335,10 @@ class ComputeWorker:
             self._fail(msg, e, done_sent=True)
             return
         seconds = self.pass_seconds + time.perf_counter() - t0
+        t = time.monotonic()
         self.send(PassResult(self.pass_id, r.tokens, seconds, r.proposed, r.failed, r.draft_seconds))
+        self.trace("result_sent", self.pass_id, t)
+        self.sampled = (self.pass_id, r.tokens)  # what a pass scheduled ahead of this one reads
         self.pass_id = None
         if self.profiler is not None:
             self.profiler.step()
