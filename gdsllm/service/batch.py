@@ -71,6 +71,7 @@ class Batch:
         self.kv_token_bytes = kv_bytes_per_token(meta.params, kv_itemsize(meta, config))
         self.by_key: dict[tuple[bytes, str], Sequence] = {}
         self.passes_completed = 0
+        self.passes_ahead = 0  # passes sent ahead (Scheduler.schedule_ahead)
         self.largest_pass_bytes = 0  # the largest StartPass sent (bytes)
         self.healthy = True
         self.failure = ""  # why the service stopped serving, after fail_all
@@ -201,6 +202,7 @@ class Batch:
             sent = True
         if self.sched.may_queue and (plan := self.core.schedule_ahead()) is not None:
             self._send_plan(plan, self.sched.queue_pass())
+            self.passes_ahead += 1
             sent = True
         if sent:
             self.last_progress = time.monotonic()
