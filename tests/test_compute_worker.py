@@ -180,6 +180,13 @@ def test_compute_worker_sampling_failure_after_the_head(tmp_path, edir):
         res = p.compute.recv()
         assert isinstance(res, PassResult) and res.pass_id == p.pass_id and res.tokens == {}
         assert list(res.failed) == [1] and "not finite" in res.failed[1]
+        # a pass scheduled ahead of it has no token for that sequence: it is left out (here the
+        # only one, so that pass fails to start)
+        p.pass_id += 1
+        p.compute.send(StartPass(p.pass_id, [(1, [])], {}, follows=p.pass_id - 1))
+        err = p.compute.recv()
+        assert isinstance(err, WorkerError) and err.pass_id == p.pass_id
+        assert f"no sequence of pass {p.pass_id - 1} sampled a token" in err.message
         p.released = [1]
         replies = p.run_pass([(2, [4])], {2: SeqSampling(0.0, 1.0, 0, None)}, units=[0, 1, 2, 3, 4])
         assert [type(m) for m in replies] == [Done] * 5

@@ -329,3 +329,12 @@ def test_no_pass_ahead_while_drafting():
     sched.update(ex.execute(sched.schedule()))
     p = sched.schedule()
     assert p.draft == {1: 2} and not p.decode and sched.schedule_ahead() is None
+
+
+def test_resolve_fills_the_placeholders_and_leaves_out_failed_rows():
+    from gdsllm.engine.scheduler import PassPlan
+    plan = PassPlan(6, [(1, []), (2, []), (3, [])], {}, {}, released=(4,), decode=True, follows=5)
+    got = plan.resolve({1: [9, 11], 3: [12]})  # 1 accepted a draft first; 2's row failed
+    assert (got.chunks, got.follows, got.released, got.pass_id) == ([(1, [11]), (3, [12])], None, (4,), 6)
+    with pytest.raises(ValueError, match="no sequence of pass 5 sampled a token for pass 6"):
+        plan.resolve({2: []})
