@@ -10,6 +10,8 @@ Each round measures, for each variant, ms/token = (time of --tokens greedy token
 gives each variant's median over the rounds and serve / LLM. --before DIR: a copy of the package
 at another commit (`git archive COMMIT | tar -x -C DIR`), served as "serve_before". --trace DIR:
 each served variant writes DIR/<variant>.jsonl (GDSLLM_PASS_TRACE; benchmarks/pass_gaps.py).
+All variants are up at once (max_batch 4; on CUDA each holds its own resident copy of the weights
+and a KV cache of 4 GiB, LLM 4096 tokens). On an H200: `benchmarks/gpu_session.sh lprep ahead`.
 """
 from __future__ import annotations
 
@@ -66,12 +68,16 @@ def main() -> None:
     from gdsllm import LLM
     from gdsllm.engine.sampling import SamplingParams
     here = str(Path(__file__).resolve().parent.parent)
-    variants = {"serve_ahead": ([], here), "serve_sync": (["--no-schedule-ahead"], here)}
+    # Every variant is up at once: on CUDA each copy of the weights is resident and its KV cache
+    # is bounded (4 GiB, 4096 tokens for LLM) so that all of them fit beside each other.
+    cuda = a.device.startswith("cuda")
+    base = ["--max-batch", "4"] + (["--kv-budget", "4GiB"] if cuda else [])
+    variants = {"serve_ahead": (base, here), "serve_sync": (base + ["--no-schedule-ahead"], here)}
     if a.before:
-        variants["serve_before"] = ([], str(Path(a.before).resolve()))
+        variants["serve_before"] = (base, str(Path(a.before).resolve()))
     got: dict[str, list[float]] = {k: [] for k in ["llm", *variants]}
     with ExitStack() as stack:
-        llm = stack.enter_context(LLM(a.model, device=a.device))
+        llm = stack.enter_context(LLM(a.model, device=a.device, max_batch=4, kv_tokens=4096 if cuda else None))
         greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)  # noqa: E731
         srv = {}
         for name, (extra, path) in variants.items():

@@ -30,6 +30,8 @@
 #                                              # background, the GPU tests of the kernels, workers
 #                                              # and composition (FINAL_TESTS_S, 170 s) and
 #                                              # bench_fused beside it, then the bench_loop rows
+#   bash benchmarks/gpu_session.sh lprep ahead # bench_ahead.py: serve batch 1 with and without the
+#                                              # pass ahead against LLM, with pass traces (pass_gaps.py)
 #   bash benchmarks/gpu_session.sh lprep loop  # issues 21 and 22 in one call (bench_loop.py): lprep
 #                                              # (background) synthesizes the 7B float16 model and
 #                                              # re-quantizes it to int8 and int4; loop waits for it,
@@ -136,6 +138,15 @@ for step in "$@"; do
       setsid nohup bash -c "python3 benchmarks/bench_loop.py --work /root/gl --parts synth,quantize \
         > /root/gl-prep.log 2>&1; touch /root/gl-prep.done" > /dev/null 2>&1 < /dev/null &
       echo "lprep started" ;;
+    ahead)
+      # serve batch 1 with and without the decode pass scheduled ahead, against LLM, on lprep's
+      # 7B float16 model; each served variant's GDSLLM_PASS_TRACE summed up by pass_gaps.py
+      for _ in $(seq ${LPREP_WAIT:-60}); do [ -f /root/gl-prep.done ] && break; sleep 5; done
+      [ -f /root/gl-prep.done ] || echo "lprep NOT done: measured beside the conversion"
+      timeout ${AHEAD_S:-240} python3 benchmarks/bench_ahead.py -m /root/gl/model --device cuda \
+        --tokens 64 --rounds ${AHEAD_ROUNDS:-3} --trace "$OUT/trace" 2>&1 | tee "$OUT/ahead.log" | tail -8
+      for f in "$OUT"/trace/*.jsonl; do echo "$f"; python3 benchmarks/pass_gaps.py "$f" --skip 70; done \
+        | tee "$OUT/pass-gaps.log" ;;
     loop)
       for _ in $(seq ${LPREP_WAIT:-60}); do [ -f /root/gl-prep.done ] && break; sleep 5; done
       [ -f /root/gl-prep.done ] || echo "lprep NOT done: rows may run beside the conversion"
