@@ -236,3 +236,24 @@ def test_consecutive_resident_units_go_as_one_run():
     first_streamed = plan.streamed[0]
     assert [(r.unit, r.count) for r in runs] == [(0, first_streamed)]
     assert set(range(first_streamed)) <= set(plan.resident_offsets)
+
+
+def test_a_pass_queued_behind_the_running_one():
+    """Everything resident: the scheduler's pass ahead goes out while the running pass's Run is
+    not Done; each Done ends one pass, in order. Not with a streamed unit."""
+    names, sizes = model_units()
+    sched = StreamSchedule(plan_residency(names, sizes, None, 2))
+    assert not sched.may_queue  # nothing running
+    sched.begin_pass()
+    sched.step()
+    assert sched.may_queue
+    runs = sched.queue_pass()
+    assert [(r.unit, r.slot, r.count) for r in runs] == [(0, RESIDENT, len(sizes))]
+    assert not sched.may_queue  # one pass ahead at most
+    assert sched.on_done(0, RESIDENT) and sched.pass_running and sched.passes == 1
+    assert sched.may_queue  # the queued pass runs now: the next may queue behind it
+    assert sched.on_done(0, RESIDENT) and not sched.pass_running and sched.passes == 2
+    streamed = StreamSchedule(plan_residency(names, sizes, sum(sizes) - 1, 1))
+    streamed.begin_pass()
+    streamed.step()
+    assert not streamed.may_queue
