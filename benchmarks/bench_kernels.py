@@ -103,19 +103,55 @@ def table(rows, shapes) -> dict:
 
 
 def options(q: str, m: int) -> list:
-    """The sweep's options for qtype q at m rows: tile configurations (GEMV tiles of m to 2m
-    rows up to 8 rows; tensor-core tiles of m/4 to m rows, split along K up to 64 rows, from 2
-    rows, or 1 with the weight as the MMA's M side), tinygemm (int4, up to 64 rows) and
-    dequantize + cuBLAS."""
+    """The sweep's options for qtype q at m rows: tile configurations (GEMV tiles up to 2 rows;
+    tensor-core tiles of m/4 to m rows, at least 16, split along K up to 64 rows), tinygemm
+    (int4, up to 64 rows) and dequantize + cuBLAS."""
     out = []
     for c in triton_gemm().CANDIDATES:
-        bm, split, swap = c[0], c[4], len(c) > 6 and c[6]
-        gemv = bm < 16 and m <= 8 and m <= bm <= max(1, 2 * m)
-        tc = (bm >= 16 and (m >= 2 or swap) and min(m, 128) // 4 <= bm <= max(16, m)
-              and (split == 1 or m <= 64))
+        bm, split = c[0], c[4]
+        if q == "int8" and len(c) > 7 and c[7]:  # xperm: int4 only
+            continue
+        gemv = bm == 1 and m <= 2
+        tc = bm >= 16 and min(m, 128) // 4 <= bm <= max(16, m) and (split == 1 or m <= 64)
         if gemv or tc:
             out.append(c)
     return out + (["tinygemm"] if q == "int4" and m <= 64 else []) + ["dequant"]
+
+
+def check_tiles(shapes=((11008, 4096), (4096, 11008)), group: int = 32, rows=(1, 5, 16, 33),
+                repeats: int = 20) -> dict:
+    """Every candidate tile in bfloat16 (the sweep runs float16) in groups of `group`, against
+    float32 math; and each split-K tile run `repeats` times more, bit for bit the same (the
+    partials are summed in a fixed order: a difference is a race)."""
+    tg = triton_gemm()
+    from gdsllm.quant.rtn import quantize
+    from gdsllm.quant.schemes import QuantWeight
+    out = {}
+    for n, k in shapes:
+        w = torch.randn(n, k, device="cuda") * 0.02
+        for q in ("int4", "int8"):
+            data, sc = quantize(w, q, group, refine=0).packed()
+            qw = QuantWeight(q, (n, k), group, data.to(w.device), sc.to(w.device))
+            wf = qw.dequantize(torch.float32)
+            for c in tg.CANDIDATES:
+                for m in rows:
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    key = f"{q}/{n}x{k}/{c}/{m}"
+                    try:
+                        y = tg.matmul(x, qw, tg.Config(*c))
+                        ref = x.float() @ wf.T
+                        err = float((y.float() - ref).norm() / ref.norm())
+                        same = all(torch.equal(tg.matmul(x, qw, tg.Config(*c)), y)
+                                   for _ in range(repeats if c[4] > 1 else 0))
+                        out[key] = {"err": err, "repeatable": same}
+                        if not (err < 2e-2 and same):
+                            print("WRONG", key, err, same, flush=True)
+                    except Exception as e:
+                        out[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                        print("FAIL", key, out[key]["error"], flush=True)
+    bad = [a for a, v in out.items() if not (v.get("err", 1) < 2e-2 and v.get("repeatable"))]
+    print(f"check_tiles: {len(out)} runs, {len(bad)} wrong", flush=True)
+    return out
 
 
 def triton_gemm():
@@ -233,6 +269,9 @@ def main() -> None:
     ap.add_argument("--report", type=Path, help="print the tables of a --sweep JSON")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--big", action="store_true", help=f"also M in {BIG_ROWS}")
+    ap.add_argument("--check", action="store_true", help="only check every tile (bfloat16, "
+                    "groups of 32, split-K repeatable)")
+    ap.add_argument("--rows", help="comma-separated M to measure instead of the default")
     a = ap.parse_args()
     if a.report:
         res = json.loads(a.report.read_text())
@@ -243,7 +282,15 @@ def main() -> None:
     if a.out is None or not torch.cuda.is_available():
         sys.exit("bench_kernels: needs a CUDA GPU and --out (or --report)")
     rows = ROWS + (BIG_ROWS if a.big else ())
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if a.rows:
+        rows = tuple(int(r) for r in a.rows.split(","))
+    import triton
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__}
+    if a.check:
+        res["check"] = check_tiles()
+        a.out.write_text(json.dumps(res, indent=1))
+        return
     if a.sweep:
         res["results"] = sweep(rows, SHAPES, lambda r: a.out.write_text(json.dumps(
             dict(res, results=r), indent=1)))

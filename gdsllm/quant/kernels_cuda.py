@@ -58,9 +58,8 @@ from gdsllm.quant.schemes import QuantWeight
 # is "tinygemm", "dequant" or a triton_gemm.Config's fields. Each is the option with the least
 # time summed over the three 7B shapes at the measured T it covers (the table above).
 CHOICES = {
-    "int4": ((4, "tinygemm"), (32, (16, 64, 4, 3, 8, 16, True))),
-    "int8": ((1, (1, 32, 4, 3, 8, 16)), (16, (16, 64, 4, 3, 8, 16, True)),
-             (24, (16, 128, 4, 3, 4, 32, True)), (32, (32, 64, 4, 3, 4, 16, True))),
+    "int4": ((4, "tinygemm"), (32, (16, 64, 4, 3, 4, 128, True))),
+    "int8": ((1, (1, 32, 4, 3, 4, 256)), (32, (16, 64, 4, 3, 4, 128, True))),
 }
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -131,8 +130,9 @@ def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     n, k = w.shape
     if rows == 0:
         return x.new_empty(0, n)
-    if not capturing():  # the ledger's scratch (the largest weight) exists before any capture
-        scratch(x.device, x.dtype, n * k)
+    if not capturing():  # the ledger's scratch (the largest weight) and the split-K counters
+        scratch(x.device, x.dtype, n * k)  # exist before any capture
+        triton_gemm.lock_buffer(x.device)
     kind = choice(w.qtype, rows, k, x.dtype)
     if kind == "tinygemm":
         check_int4_layout()

@@ -48,35 +48,30 @@ from gdsllm.quant.schemes import QuantWeight, inner_k_tiles
 class Config:
     """Tile sizes and launch shape of one GEMM launch."""
 
-    block_m: int = 16
+    block_m: int = 16  # 1: GEMV (float32 products, no tensor cores); 16 and more: tl.dot
     block_n: int = 64
     warps: int = 4
     stages: int = 3
-    split_k: int = 1  # programs along K, each writing a float32 partial; summed after
-    block_w: int = 16  # int8: int32 words (4 inputs each) per step; int4 steps one k-block
+    split_k: int = 1  # programs along K; the last of a tile's to finish sums their partials
+    block_k: int = 128  # inputs per step (int4: k-blocks of 16T inputs, at least one)
     swap: bool = False  # tensor cores on W @ x.T (weight rows as the MMA's M side), not x @ W.T
+    xperm: bool = False  # int4: x permuted into the tile's column order first (`gemm_x`)
 
 
 # The tile configurations benchmarks/bench_kernels.py measures (Config fields, in order); the
-# ones kernels_cuda.CHOICES picks are among them, and tests/test_quant.py runs every one.
+# ones kernels_cuda.CHOICES picks are among them, and tests/test_quant_triton.py runs every one
+# under Triton's interpreter.
 CANDIDATES = (
-    (1, 32, 4, 3, 4, 16), (1, 64, 4, 3, 4, 16), (1, 32, 4, 3, 8, 16), (1, 128, 4, 3, 2, 32),
-    (2, 32, 4, 3, 4, 16), (4, 32, 4, 3, 4, 16), (8, 32, 4, 3, 4, 16),
-    (16, 32, 4, 3, 4, 16), (16, 64, 4, 3, 4, 16), (16, 64, 4, 4, 2, 32), (16, 32, 4, 4, 8, 16),
-    (16, 128, 4, 3, 2, 32), (16, 64, 4, 3, 1, 32), (32, 64, 4, 3, 2, 32), (32, 128, 4, 3, 1, 32),
-    (64, 128, 4, 3, 1, 32), (128, 128, 8, 3, 1, 32),
-    (16, 64, 4, 3, 4, 16, True), (16, 64, 4, 3, 8, 16, True), (16, 64, 4, 4, 2, 32, True),
-    (16, 128, 4, 3, 2, 32, True), (16, 128, 4, 3, 4, 32, True), (16, 64, 4, 3, 1, 32, True),
-    (32, 64, 4, 3, 4, 16, True), (32, 128, 4, 3, 2, 32, True), (64, 64, 4, 3, 2, 32, True),
-    (64, 128, 4, 3, 1, 32, True), (128, 128, 8, 3, 1, 32, True), (64, 256, 8, 3, 1, 32, True),
+    (1, 32, 4, 3, 4, 256), (1, 16, 4, 4, 4, 256), (1, 32, 4, 3, 8, 128), (1, 32, 8, 4, 4, 512),
+    (16, 32, 4, 3, 4, 128), (16, 64, 4, 3, 4, 128, True), (16, 64, 4, 4, 8, 128, True),
+    (16, 64, 4, 3, 4, 128, True, True), (16, 64, 8, 3, 4, 128, True), (16, 128, 8, 3, 4, 128, True), (16, 64, 4, 2, 16, 128, True), (32, 64, 4, 3, 4, 128, True),
+    (64, 64, 8, 3, 2, 128, True), (64, 128, 8, 3, 1, 128, True), (128, 128, 8, 3, 1, 128),
 )
 
 
 def usable(qtype: str, k: int, cfg: Config) -> bool:
     """Whether the GEMM runs this tile at input dimension k (else: dequantize + cuBLAS)."""
-    if qtype == "int4":
-        return cfg.block_m < 16 or inner_k_tiles(k) == 8
-    return k % 4 == 0
+    return qtype == "int4" or k % 4 == 0
 
 
 @triton.jit
@@ -91,12 +86,6 @@ def _int8_plane(words, b: tl.constexpr, s, z):
     """float32 weights of byte plane b: q * s + z (q signed: the unsigned byte xor 128 is q + 128)."""
     v = (((words >> (8 * b)) & 255) ^ 128) | 0x4B000000
     return (v.to(tl.float32, bitcast=True) - 8388736.0) * s + z  # 2^23 + 128
-
-
-@triton.jit
-def _int4_k(p: tl.constexpr, col, T: tl.constexpr):
-    """The input (within its k-block) of plane p's column col = c T/2 + jw: 32 jw + 8 i + 2 c + odd."""
-    return 32 * (col % (T // 2)) + 8 * (p % 4) + 2 * (col // (T // 2)) + p // 4
 
 
 @triton.jit
@@ -137,94 +126,175 @@ def _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, w0, N, K4, stride_qn, G: tl.conste
 
 
 @triton.jit
-def _acc(acc, x_ptr, offs_m, mask_m, stride_xm, k, mask_k, w, BLOCK_M: tl.constexpr,
-         SWAP: tl.constexpr, IEEE: tl.constexpr):
-    """acc += x[:, k] @ w.T for one plane w [BLOCK_N, len(k)], x gathered at inputs k (L1/L2
-    resident, small). GEMV (BLOCK_M < 16): per-column products, acc [BM, BN, len(k)], summed
-    along K at the end; else tensor cores, acc [BM, BN] or with SWAP [BN, BM] (W @ x.T)."""
-    if BLOCK_M < 16:
-        xb = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        out = acc + xb.to(tl.float32)[:, None, :] * w[None, :, :]
-    elif SWAP:
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None],
-                     mask=mask_m[None, :] & mask_k[:, None], other=0.0)
-        if IEEE:
-            out = tl.dot(w, xt, acc, input_precision="ieee")
-        else:
-            out = tl.dot(w.to(x_ptr.dtype.element_ty), xt, acc)
+def _int4_step(q_ptr, sz_ptr, offs_n, mask_n, ko0, N, KO, G: tl.constexpr, T: tl.constexpr,
+               KB: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
+    """k-blocks ko0 .. ko0 + KB of rows offs_n as weights [BLOCK_N, KB * 16T] in DT. Column cc
+    holds nibble p = 4 odd + i (r = cc % 8 = 2 i + odd) of the row's word cc // 8 (k-block
+    ko0 + cc // 16T, word w = cc // 8 % 2T): the words are loaded as stored (contiguous, wide
+    loads), split into 8 planes and interleaved in registers (joins, no data movement)."""
+    W: tl.constexpr = 2 * T
+    col = tl.arange(0, KB * W)
+    ko = ko0 + col // W
+    m = mask_n[:, None] & (ko < KO)[None, :]
+    words = tl.load(q_ptr + ((offs_n // 8) * KO * (16 * T) + (offs_n % 8) * W)[:, None]
+                    + (ko * (16 * T) + col % W)[None, :], mask=m, other=0)
+    if G >= 16 * T * KB:  # one group spans the step: (scale, zero) [BLOCK_N, 1]
+        grp = (ko0 * (16 * T)) // G + tl.zeros((1,), dtype=tl.int32)
+        sm = mask_n[:, None]
+    else:  # per word: its 8 nibbles lie within 32 inputs, one group
+        grp = (ko * (16 * T) + 32 * (col % W % (T // 2))) // G
+        sm = m
+    # (scale, zero) bfloat16 pairs read as one int32: bfloat16 -> float32 is a 16-bit shift
+    sz = tl.load(sz_ptr + grp[None, :] * N + offs_n[:, None], mask=sm, other=0)
+    s = (sz << 16).to(tl.float32, bitcast=True)
+    z = (sz & -65536).to(tl.float32, bitcast=True)
+    p0 = _int4_plane(words, 0, s, z).to(DT)
+    p1 = _int4_plane(words, 1, s, z).to(DT)
+    p2 = _int4_plane(words, 2, s, z).to(DT)
+    p3 = _int4_plane(words, 3, s, z).to(DT)
+    p4 = _int4_plane(words, 4, s, z).to(DT)
+    p5 = _int4_plane(words, 5, s, z).to(DT)
+    p6 = _int4_plane(words, 6, s, z).to(DT)
+    p7 = _int4_plane(words, 7, s, z).to(DT)
+    # join(a, b) appends a minor axis: [.., e_in, e_mid, e_out] holds plane order
+    # (P0, P2, P1, P3, P4, P6, P5, P7)[e_in + 2 e_mid + 4 e_out] at r = 4 e_in + 2 e_mid + e_out
+    lo = tl.join(tl.join(p0, p2), tl.join(p1, p3))
+    hi = tl.join(tl.join(p4, p6), tl.join(p5, p7))
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, KB * 16 * T))
+
+
+@triton.jit
+def _int4_cols(ko0, KO, T: tl.constexpr, KB: tl.constexpr, XPERM: tl.constexpr):
+    """The input of each column of `_int4_step`'s tile (or, XPERM, its index in x permuted by
+    `gemm_x`) and whether its k-block exists."""
+    W: tl.constexpr = 2 * T
+    cc = tl.arange(0, KB * 16 * T)
+    if XPERM:
+        k = ko0 * (16 * T) + cc
     else:
-        xb = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = cc // 8 % W
+        r = cc % 8
+        k = ((ko0 + cc // (16 * T)) * (16 * T) + 32 * (w % (T // 2)) + 2 * (w // (T // 2))
+             + 8 * (r // 2) + r % 2)
+    return k, (ko0 + cc // (16 * T)) < KO
+
+
+@triton.jit
+def _int8_step(q_ptr, sc_ptr, offs_n, mask_n, k0, N, K, stride_qn, G: tl.constexpr,
+               BK: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
+    """Inputs k0 .. k0 + BK of rows offs_n as weights [BLOCK_N, BK] in DT, in input order: the
+    int32 words (4 inputs) split into byte planes and interleaved back in registers."""
+    words, s, z = _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, k0 // 4, N, K // 4, stride_qn, G,
+                             BK // 4)
+    p0 = _int8_plane(words, 0, s, z).to(DT)
+    p1 = _int8_plane(words, 1, s, z).to(DT)
+    p2 = _int8_plane(words, 2, s, z).to(DT)
+    p3 = _int8_plane(words, 3, s, z).to(DT)
+    # [.., e_in, e_out] holds (P0, P2, P1, P3)[e_in + 2 e_out] at byte 2 e_in + e_out
+    return tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BLOCK_N, BK))
+
+
+@triton.jit
+def _mac(acc, xt, w, BLOCK_M: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr):
+    """acc += xt [BLOCK_M, BK] times w [BLOCK_N, BK] transposed. GEMV (BLOCK_M 1): float32
+    products summed per step, acc [BLOCK_N]; else tensor cores, acc
+    [BLOCK_M, BLOCK_N] or with SWAP [BLOCK_N, BLOCK_M] (w as the MMA's M side)."""
+    if BLOCK_M == 1:
+        out = acc + tl.sum(w * xt.to(tl.float32), axis=1)
+    elif SWAP:
         if IEEE:
-            out = tl.dot(xb, tl.trans(w), acc, input_precision="ieee")
+            out = tl.dot(w, tl.trans(xt), acc, input_precision="ieee")
         else:
-            out = tl.dot(xb, tl.trans(w.to(x_ptr.dtype.element_ty)), acc)
+            out = tl.dot(w, tl.trans(xt), acc)
+    else:
+        if IEEE:
+            out = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
+        else:
+            out = tl.dot(xt, tl.trans(w), acc)
     return out
 
 
 @triton.jit
-def _store(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_ys,
-           BLOCK_M: tl.constexpr, SWAP: tl.constexpr):
-    y_ptr += tl.program_id(2) * stride_ys
-    if BLOCK_M < 16:
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-                 tl.sum(acc, axis=2).to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    elif SWAP:
-        tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None],
-                 acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
-    else:
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
-                 acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-# Row counts, loop bounds and split strides are not specialized on (no compile per M or shape)
-@triton.jit(do_not_specialize=["M", "KO", "stride_ys", "per_split"])
-def _w4_gemm(x_ptr, q_ptr, sc_ptr, y_ptr, M, N, KO, stride_xm, stride_ym, stride_ys, per_split,
-             G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             SWAP: tl.constexpr, IEEE: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_n, mask_m = offs_n < N, offs_m < M
-    col = tl.arange(0, 2 * T)
-    every = col >= 0
-    if BLOCK_M < 16:
-        acc = tl.zeros((BLOCK_M, BLOCK_N, 2 * T), dtype=tl.float32)
+def _acc0(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr):
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     elif SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym,
+            BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr):
+    """Store acc as y [M, N]. Split along K: each program stores its float32 partial in the
+    workspace [SPLIT, M, N]; the last of a tile's programs to count itself in (an atomic counter
+    per tile, left at 0 again) sums the partials in split order and stores y: no second launch."""
+    if BLOCK_M == 1:
+        out = acc[None, :]
+    elif SWAP:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if SPLIT == 1:
+        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part + tl.program_id(2) * M * N, out, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the count
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        seen = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if seen == SPLIT - 1:
+            total = tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
+            for i in tl.static_range(1, SPLIT):
+                total += tl.load(part + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(y, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+# Row counts and loop bounds are not specialized on (no compile per M or shape)
+@triton.jit(do_not_specialize=["M"])
+def _w4_gemm(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KO, stride_xm, stride_ym,
+             per_split, G: tl.constexpr, T: tl.constexpr, KB: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+             SWAP: tl.constexpr, XPERM: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n, mask_m = offs_n < N, offs_m < M
+    DT: tl.constexpr = tl.float32 if BLOCK_M == 1 else x_ptr.dtype.element_ty
+    acc = _acc0(BLOCK_M, BLOCK_N, KB * 16 * T, SWAP)
     start = tl.program_id(2) * per_split
-    for ko in range(start, tl.minimum(start + per_split, KO)):
-        words, s, z = _int4_tile(q_ptr, sc_ptr, offs_n, mask_n, ko, N, KO, G, T)
-        for p in tl.static_range(8):
-            k = ko * (16 * T) + _int4_k(p, col, T)
-            acc = _acc(acc, x_ptr, offs_m, mask_m, stride_xm, k, every,
-                       _int4_plane(words, p, s, z), BLOCK_M, SWAP, IEEE)
-    _store(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_ys, BLOCK_M, SWAP)
+    # tl.range's stages pipeline the loads (cp.async) also where no tl.dot uses them (GEMV)
+    for ko0 in tl.range(start, tl.minimum(start + per_split, KO), KB, num_stages=STAGES):
+        w = _int4_step(q_ptr, sz_ptr, offs_n, mask_n, ko0, N, KO, G, T, KB, BLOCK_N, DT)
+        k, ok = _int4_cols(ko0, KO, T, KB, XPERM)
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                     mask=mask_m[:, None] & ok[None, :], other=0.0)
+        acc = _mac(acc, xt, w, BLOCK_M, SWAP, IEEE)
+    _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym, BLOCK_M, SPLIT, SWAP)
 
 
-@triton.jit(do_not_specialize=["M", "K4", "stride_ys", "per_split"])
-def _w8_gemm(x_ptr, q_ptr, sc_ptr, y_ptr, M, N, K4, stride_xm, stride_qn, stride_ym, stride_ys,
-             per_split, G: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr):
+@triton.jit(do_not_specialize=["M"])  # K, per_split: divisible by 16, so the loads stay wide
+def _w8_gemm(x_ptr, q_ptr, sc_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_qn,
+             stride_ym, per_split, G: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr,
+             STAGES: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n, mask_m = offs_n < N, offs_m < M
-    if BLOCK_M < 16:
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
-    elif SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    start = tl.program_id(2) * per_split * BLOCK_W
-    for w0 in range(start, tl.minimum(start + per_split * BLOCK_W, K4), BLOCK_W):
-        words, s, z = _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, w0, N, K4, stride_qn, G, BLOCK_W)
-        wcol = w0 + tl.arange(0, BLOCK_W)
-        for b in tl.static_range(4):
-            acc = _acc(acc, x_ptr, offs_m, mask_m, stride_xm, 4 * wcol + b, wcol < K4,
-                       _int8_plane(words, b, s, z), BLOCK_M, SWAP, IEEE)
-    _store(y_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, stride_ys, BLOCK_M, SWAP)
+    DT: tl.constexpr = tl.float32 if BLOCK_M == 1 else x_ptr.dtype.element_ty
+    acc = _acc0(BLOCK_M, BLOCK_N, BK, SWAP)
+    start = tl.program_id(2) * per_split
+    for k0 in tl.range(start, tl.minimum(start + per_split, K), BK, num_stages=STAGES):
+        w = _int8_step(q_ptr, sc_ptr, offs_n, mask_n, k0, N, K, stride_qn, G, BK, BLOCK_N, DT)
+        k = k0 + tl.arange(0, BK)
+        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                     mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
+        acc = _mac(acc, xt, w, BLOCK_M, SWAP, IEEE)
+    _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym, BLOCK_M, SPLIT, SWAP)
 
 
 @triton.jit(do_not_specialize=["KO"])
@@ -277,6 +347,33 @@ def permute_x(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return x.reshape(m, k // 4, 4).transpose(1, 2).reshape(m, k)
 
 
+LOCKS = 1 << 14  # split-K tile counters per device: int32, zero between launches
+_locks: dict[torch.device, torch.Tensor] = {}
+
+
+def lock_buffer(device: torch.device) -> torch.Tensor:
+    """The zeroed split-K counters of `device` (made eagerly, before any graph capture: one per
+    device for good, so a captured graph's address stays valid; launches on one stream in order
+    share it, each leaving its counters at 0)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    buf = _locks.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("quantized matmul: the split-K counters are made inside a CUDA "
+                               "graph capture; run a matmul eagerly first")
+        buf = _locks[device] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
+    return buf
+
+
+def gemm_x(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x [M, K] in the column order of the int4 GEMM's tile (`Config.xperm`): per k-block of
+    16T inputs, word w = c T/2 + jw then r = 2 i + odd, input 32 jw + 8 i + 2 c + odd."""
+    m = x.shape[0]
+    t = inner_k_tiles(k)  # [m, ko, jw, i, c, odd] -> [m, ko, c, jw, i, odd]
+    return x.reshape(m, k // (16 * t), t // 2, 4, 4, 2).permute(0, 1, 4, 2, 3, 5).reshape(m, k)
+
+
 def matmul(x: torch.Tensor, w: QuantWeight, cfg: Config = Config()) -> torch.Tensor:
     """x @ W.T for a 2-D x on W's device (any M; a tile `usable` at W's K), reading W as stored."""
     n, k = w.shape
@@ -284,30 +381,32 @@ def matmul(x: torch.Tensor, w: QuantWeight, cfg: Config = Config()) -> torch.Ten
     assert usable(w.qtype, k, cfg), (w.qtype, k, cfg)
     if w.qtype == "int4":
         t = inner_k_tiles(k)
-        steps = k // (16 * t)
+        unit, steps = max(1, cfg.block_k // (16 * t)), k // (16 * t)  # in k-blocks
     else:
-        steps = triton.cdiv(k // 4, cfg.block_w)
-    split = max(1, min(cfg.split_k, steps))
-    per_split = triton.cdiv(steps, split)
-    split = triton.cdiv(steps, per_split)
-    if split == 1:
-        y = out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), split)
-    common = dict(G=w.group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SWAP=cfg.swap,
-                  IEEE=x.dtype == torch.float32, num_warps=cfg.warps, num_stages=cfg.stages)
-    x = x.contiguous()
-    if w.qtype == "int4":
-        _w4_gemm[grid](x, w.data, w.scales, out, m, n, steps, x.stride(0), out.stride(-2),
-                       out.stride(0) if split > 1 else 0, per_split, T=t, **common)
-    else:
-        q = _words8(w)
-        _w8_gemm[grid](x, q, w.scales, out, m, n, k // 4, x.stride(0), q.stride(0),
-                       out.stride(-2), out.stride(0) if split > 1 else 0, per_split,
-                       BLOCK_W=cfg.block_w, **common)
+        unit, steps = cfg.block_k, k  # in inputs
+    grid = [triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), 1]
+    split = max(1, min(cfg.split_k, triton.cdiv(steps, unit)))
+    if grid[0] * grid[1] > LOCKS or split * m * n >= 2 ** 31:
+        split = 1
+    per_split = triton.cdiv(triton.cdiv(steps, split), unit) * unit
+    grid[2] = split = triton.cdiv(steps, per_split)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if split > 1:
-        y = out.sum(0, dtype=x.dtype)
+        ws, locks = torch.empty(split, m, n, dtype=torch.float32, device=x.device), lock_buffer(x.device)
+    else:
+        ws = locks = y  # unused
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split, SWAP=cfg.swap,
+                  IEEE=x.dtype == torch.float32, STAGES=cfg.stages, num_warps=cfg.warps,
+                  num_stages=cfg.stages)
+    if w.qtype == "int4":
+        xk = gemm_x(x, k) if cfg.xperm else x.contiguous()
+        _w4_gemm[tuple(grid)](xk, w.data, w.scales.view(torch.int32), y, ws, locks, m, n, steps,
+                              xk.stride(0), y.stride(0), per_split, G=w.group_size, T=t, KB=unit,
+                              XPERM=cfg.xperm, **common)
+    else:
+        x, q = x.contiguous(), _words8(w)
+        _w8_gemm[tuple(grid)](x, q, w.scales, y, ws, locks, m, n, k, x.stride(0), q.stride(0),
+                              y.stride(0), per_split, G=w.group_size, BK=unit, **common)
     return y
 
 
