@@ -59,12 +59,14 @@ class Config:
 
 
 # The tile configurations benchmarks/bench_kernels.py measures (Config fields, in order); the
-# ones kernels_cuda.CHOICES picks are among them, and tests/test_quant_triton.py runs every one
-# under Triton's interpreter.
+# ones kernels_cuda.CHOICES picks are among them; tests/quant_gemm_cases.py runs them under Triton's
+# interpreter.
 CANDIDATES = (
     (1, 32, 4, 3, 4, 256), (1, 16, 4, 4, 4, 256), (1, 32, 4, 3, 8, 128), (1, 32, 8, 4, 4, 512),
+    (1, 16, 4, 4, 2, 512), (1, 16, 4, 4, 8, 256),
     (16, 32, 4, 3, 4, 128), (16, 64, 4, 3, 4, 128, True), (16, 64, 4, 4, 8, 128, True),
-    (16, 64, 4, 3, 4, 128, True, True), (16, 64, 8, 3, 4, 128, True), (16, 128, 8, 3, 4, 128, True), (16, 64, 4, 2, 16, 128, True), (32, 64, 4, 3, 4, 128, True),
+    (16, 64, 4, 3, 4, 128, True, True), (16, 64, 8, 3, 4, 128, True), (16, 128, 8, 3, 4, 128, True),
+    (16, 64, 4, 2, 16, 128, True), (32, 64, 4, 3, 4, 128, True),
     (64, 64, 8, 3, 2, 128, True), (64, 128, 8, 3, 1, 128, True), (128, 128, 8, 3, 1, 128),
 )
 
