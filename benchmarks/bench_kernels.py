@@ -30,6 +30,9 @@ SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # [N, K]: q/o, gate/up, d
 ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)  # the decode buckets, then prefill chunks
 BIG_ROWS = (512, 1024)
 COPIES_BYTES = 256 << 20  # distinct weights per timed graph: 4x the L2, as a decode pass
+# the activations each qtype's options are timed with in --sweep: what a model with those weights
+# computes in on CUDA (gdsllm.engine.runner.compute_dtype: bfloat16 beside int4)
+XDTYPE = {"int4": torch.bfloat16, "int8": torch.float16}
 
 
 def bench(fns) -> float:
@@ -104,12 +107,13 @@ def table(rows, shapes) -> dict:
 
 def options(q: str, m: int) -> list:
     """The sweep's options for qtype q at m rows: tile configurations (GEMV tiles up to 2 rows;
-    tensor-core tiles of m/4 to m rows, at least 16, split along K up to 64 rows), tinygemm
+    tensor-core tiles of m/4 to m rows, at least 16, split along K up to 64 rows; for int4
+    those that permute x first, for int8 the others), tinygemm
     (int4, up to 64 rows) and dequantize + cuBLAS."""
     out = []
     for c in triton_gemm().CANDIDATES:
         bm, split = c[0], c[4]
-        if q == "int8" and len(c) > 7 and c[7]:  # xperm: int4 only
+        if (len(c) > 7 and c[7]) != (q == "int4") and bm > 1:  # int4 tensor cores: x permuted
             continue
         gemv = bm == 1 and m <= 2
         tc = bm >= 16 and min(m, 128) // 4 <= bm <= max(16, m) and (split == 1 or m <= 64)
@@ -118,25 +122,27 @@ def options(q: str, m: int) -> list:
     return out + (["tinygemm"] if q == "int4" and m <= 64 else []) + ["dequant"]
 
 
-def check_tiles(shapes=((11008, 4096), (4096, 11008)), group: int = 32, rows=(1, 5, 16, 33),
+def check_tiles(tiles, cases=((11008, 4096, 128), (4096, 11008, 32)), rows=(1, 5, 16, 33),
                 repeats: int = 20) -> dict:
-    """Every candidate tile in bfloat16 (the sweep runs float16) in groups of `group`, against
-    float32 math; and each split-K tile run `repeats` times more, bit for bit the same (the
-    partials are summed in a fixed order: a difference is a race)."""
+    """The tiles, in the activation dtype the sweep did not time (int4 float16, int8 bfloat16),
+    in groups spanning a step and not, against float32 math; each split-K tile run `repeats`
+    times more, bit for bit the same (partials are summed in a fixed order: a difference is a
+    race)."""
     tg = triton_gemm()
     from gdsllm.quant.rtn import quantize
     from gdsllm.quant.schemes import QuantWeight
+    other = {"int4": torch.float16, "int8": torch.bfloat16}
     out = {}
-    for n, k in shapes:
+    for n, k, group in cases:
         w = torch.randn(n, k, device="cuda") * 0.02
         for q in ("int4", "int8"):
             data, sc = quantize(w, q, group, refine=0).packed()
             qw = QuantWeight(q, (n, k), group, data.to(w.device), sc.to(w.device))
             wf = qw.dequantize(torch.float32)
-            for c in tg.CANDIDATES:
+            for c in tiles[q]:
                 for m in rows:
-                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    key = f"{q}/{n}x{k}/{c}/{m}"
+                    x = torch.randn(m, k, device="cuda", dtype=other[q])
+                    key = f"{q}/{n}x{k}/g{group}/{c}/{m}"
                     try:
                         y = tg.matmul(x, qw, tg.Config(*c))
                         ref = x.float() @ wf.T
@@ -178,7 +184,8 @@ def sweep(rows, shapes, save=lambda res: None) -> dict:
     for n, k in shapes:
         ws = weights(n, k)
         per_shape[n, k] = (ws, {q: ws[q][0].dequantize(torch.float32) for q in ("int4", "int8")})
-    buf = torch.empty(max(n * k for n, k in shapes), dtype=torch.float16, device="cuda")
+    numel = max(n * k for n, k in shapes)
+    bufs = {q: torch.empty(numel, dtype=XDTYPE[q], device="cuda") for q in XDTYPE}
     for m in rows:  # every shape per M, saved per M: a run out of time loses only the largest M
         for n, k in shapes:
             ws, wf = per_shape[n, k]
@@ -187,14 +194,15 @@ def sweep(rows, shapes, save=lambda res: None) -> dict:
             r = {"float16": bench([lambda w=w: F.linear(x, w) for w in ws["float16"]]),
                  "bfloat16": bench([lambda w=w: F.linear(xb, w) for w in ws["bfloat16"]])}
             for q in ("int4", "int8"):
-                ref = x.float() @ wf[q].T
-                qbuf = buf[:n * k]
+                xq = xb if XDTYPE[q] == torch.bfloat16 else x
+                ref = xq.float() @ wf[q].T
+                qbuf = bufs[q][:n * k]
                 for opt in options(q, m):
                     key = f"{q}/{opt}"
                     try:
-                        y = run_option(q, opt, x, ws[q][0], qbuf)
+                        y = run_option(q, opt, xq, ws[q][0], qbuf)
                         r[key + "/err"] = float((y.float() - ref).norm() / ref.norm())
-                        r[key] = bench([lambda w=w, o=opt: run_option(q, o, x, w, qbuf)
+                        r[key] = bench([lambda w=w, o=opt: run_option(q, o, xq, w, qbuf)
                                         for w in ws[q]])
                     except Exception as e:  # a tile that does not fit: say so, keep going
                         print(f"{n}x{k} M={m} {key}: {type(e).__name__}: {str(e)[:160]}", flush=True)
@@ -269,8 +277,8 @@ def main() -> None:
     ap.add_argument("--report", type=Path, help="print the tables of a --sweep JSON")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--big", action="store_true", help=f"also M in {BIG_ROWS}")
-    ap.add_argument("--check", action="store_true", help="only check every tile (bfloat16, "
-                    "groups of 32, split-K repeatable)")
+    ap.add_argument("--check", type=Path, help="only check the tiles a --sweep JSON chose "
+                    "(the other activation dtype, groups of 128 and 32, split-K repeatable)")
     ap.add_argument("--rows", help="comma-separated M to measure instead of the default")
     a = ap.parse_args()
     if a.report:
@@ -288,7 +296,13 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__}
     if a.check:
-        res["check"] = check_tiles()
+        import ast
+        from gdsllm.quant import kernels_cuda
+        chosen = json.loads(a.check.read_text())["choices"]  # and what CHOICES holds now
+        tiles = {q: sorted({ast.literal_eval(o) for _, o, _, _ in rows if o.startswith("(")}
+                           | {c for _, c in kernels_cuda.CHOICES[q] if isinstance(c, tuple)})
+                 for q, rows in chosen.items()}
+        res["check"] = check_tiles(tiles)
         a.out.write_text(json.dumps(res, indent=1))
         return
     if a.sweep:

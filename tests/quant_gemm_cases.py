@@ -20,7 +20,7 @@ from triton_helpers import numpy24_interpreter_fix
 # (qtype, N, K, group): K 384 is 3 k-blocks of 128 (a tail for 256-input steps and for splits),
 # K 96 has int4 k-blocks of 32 inputs (inner k-tiles 2); N 40 leaves part of a tile empty
 SHAPES = (("int4", 40, 384, 32), ("int4", 24, 256, 128), ("int4", 16, 96, 32),
-          ("int8", 40, 384, 16), ("int8", 24, 320, 64))
+          ("int4", 16, 512, 256), ("int8", 40, 384, 16), ("int8", 24, 320, 64), ("int8", 24, 384, 128))
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

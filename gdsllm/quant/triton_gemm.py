@@ -36,6 +36,7 @@ in `gdsllm.quant.kernels_cuda`, by the measurements in its docstring.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,8 @@ import triton
 import triton.language as tl
 
 from gdsllm.quant.schemes import QuantWeight, inner_k_tiles
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # Triton's CPU interpreter
 
 @dataclass(frozen=True)
 class Config:
@@ -56,18 +59,25 @@ class Config:
     block_k: int = 128  # inputs per step (int4: k-blocks of 16T inputs, at least one)
     swap: bool = False  # tensor cores on W @ x.T (weight rows as the MMA's M side), not x @ W.T
     xperm: bool = False  # int4: x permuted into the tile's column order first (`gemm_x`)
+    after: bool = True  # scale after the product where one group spans a step (half precision)
+    asm: bool = True  # and then unpack by PTX, two weights per instruction (`_unpack_asm`)
 
 
 # The tile configurations benchmarks/bench_kernels.py measures (Config fields, in order); the
 # ones kernels_cuda.CHOICES picks are among them; tests/quant_gemm_cases.py runs them under Triton's
 # interpreter.
 CANDIDATES = (
-    (1, 32, 4, 3, 4, 256), (1, 16, 4, 4, 4, 256), (1, 32, 4, 3, 8, 128), (1, 32, 8, 4, 4, 512),
-    (1, 16, 4, 4, 2, 512), (1, 16, 4, 4, 8, 256),
+    (1, 16, 4, 4, 4, 256), (1, 16, 4, 4, 8, 256), (1, 32, 4, 3, 4, 256),
     (16, 32, 4, 3, 4, 128), (16, 64, 4, 3, 4, 128, True), (16, 64, 4, 4, 8, 128, True),
-    (16, 64, 4, 3, 4, 128, True, True), (16, 64, 8, 3, 4, 128, True), (16, 128, 8, 3, 4, 128, True),
-    (16, 64, 4, 2, 16, 128, True), (32, 64, 4, 3, 4, 128, True),
-    (64, 64, 8, 3, 2, 128, True), (64, 128, 8, 3, 1, 128, True), (128, 128, 8, 3, 1, 128),
+    (16, 64, 8, 3, 4, 128, True), (16, 128, 8, 3, 4, 128, True), (16, 64, 4, 2, 16, 128, True),
+    (32, 64, 4, 3, 4, 128, True), (64, 64, 8, 3, 2, 128, True), (64, 128, 8, 3, 1, 128, True),
+    (128, 128, 8, 3, 1, 128), (16, 32, 4, 3, 4, 128, False, False, True, False),
+    # int4: x permuted (gathering it in the tile's order costs more than the permutation)
+    (16, 32, 4, 3, 4, 128, False, True), (16, 64, 4, 3, 4, 128, True, True),
+    (16, 64, 4, 4, 8, 128, True, True), (16, 128, 8, 3, 4, 128, True, True),
+    (16, 64, 4, 3, 2, 128, True, True), (32, 64, 4, 3, 4, 128, True, True),
+    (64, 64, 8, 3, 2, 128, True, True), (64, 128, 8, 3, 1, 128, True, True),
+    (16, 64, 4, 3, 4, 128, True, True, True, False),
 )
 
 
@@ -77,17 +87,42 @@ def usable(qtype: str, k: int, cfg: Config) -> bool:
 
 
 @triton.jit
+def _int4_q(words, p: tl.constexpr):
+    """float32 q - 8 of nibble plane p (exact)."""
+    v = ((words >> (4 * p)) & 15) | 0x4B000000  # float32 bits of 2^23: 2^23 + v
+    return v.to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+
+
+@triton.jit
 def _int4_plane(words, p: tl.constexpr, s, z):
     """float32 weights of nibble plane p: (q - 8) * s + z."""
-    v = ((words >> (4 * p)) & 15) | 0x4B000000  # float32 bits of 2^23: 2^23 + v
-    return (v.to(tl.float32, bitcast=True) - 8388616.0) * s + z  # 2^23 + 8
+    return _int4_q(words, p) * s + z
+
+
+@triton.jit
+def _int8_q(words, b: tl.constexpr):
+    """float32 q of byte plane b (exact; q signed: the unsigned byte xor 128 is q + 128)."""
+    v = (((words >> (8 * b)) & 255) ^ 128) | 0x4B000000
+    return v.to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + 128
 
 
 @triton.jit
 def _int8_plane(words, b: tl.constexpr, s, z):
-    """float32 weights of byte plane b: q * s + z (q signed: the unsigned byte xor 128 is q + 128)."""
-    v = (((words >> (8 * b)) & 255) ^ 128) | 0x4B000000
-    return (v.to(tl.float32, bitcast=True) - 8388736.0) * s + z  # 2^23 + 128
+    """float32 weights of byte plane b: q * s + z."""
+    return _int8_q(words, b) * s + z
+
+
+@triton.jit
+def _plane(words, p: tl.constexpr, s, z, INT4: tl.constexpr, SCALED: tl.constexpr,
+           DT: tl.constexpr):
+    """Plane p in DT: the weights (SCALED) or the bare integers (q - 8 for int4), exact."""
+    if INT4:
+        v = _int4_q(words, p)
+    else:
+        v = _int8_q(words, p)
+    if SCALED:
+        v = v * s + z
+    return v.to(DT)
 
 
 @triton.jit
@@ -108,13 +143,20 @@ def _int4_tile(q_ptr, sc_ptr, offs_n, mask_n, ko, N, KO, G: tl.constexpr, T: tl.
 
 
 @triton.jit
+def _int8_words(q_ptr, offs_n, mask_n, w0, K4, stride_qn, BLOCK_W: tl.constexpr):
+    """Words w0 .. w0 + BLOCK_W of rows offs_n [BLOCK_N, BLOCK_W], and their mask."""
+    wcol = w0 + tl.arange(0, BLOCK_W)
+    m = mask_n[:, None] & (wcol < K4)[None, :]
+    return tl.load(q_ptr + offs_n[:, None] * stride_qn + wcol[None, :], mask=m, other=0), m
+
+
+@triton.jit
 def _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, w0, N, K4, stride_qn, G: tl.constexpr,
                BLOCK_W: tl.constexpr):
     """Words w0 .. w0 + BLOCK_W of rows offs_n [BLOCK_N, BLOCK_W] and their (scale, zero), the
     same shape (or [BLOCK_N, 1] when one group spans the step: w0 is a multiple of BLOCK_W)."""
+    words, m = _int8_words(q_ptr, offs_n, mask_n, w0, K4, stride_qn, BLOCK_W)
     wcol = w0 + tl.arange(0, BLOCK_W)
-    m = mask_n[:, None] & (wcol < K4)[None, :]
-    words = tl.load(q_ptr + offs_n[:, None] * stride_qn + wcol[None, :], mask=m, other=0)
     if G % (4 * BLOCK_W) == 0:
         grp = (4 * w0) // G + tl.zeros((1,), dtype=tl.int32)
         sm = mask_n[:, None]
@@ -127,10 +169,77 @@ def _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, w0, N, K4, stride_qn, G: tl.conste
     return words, s, z
 
 
+def _unpack_asm(int4: bool, magic: int, sub: int) -> str:
+    """PTX for two int32 words ($8, $9; int8: $4, $5) -> a register per plane ($0 .. $7; int8 $0
+    .. $3) of two half-precision integers: the plane of the first word low, of the second high. int4: (w >> 4j) & 0x000F000F | magic puts nibbles
+    j and j + 4 of a word into the mantissas of a pair (one LOP3 for two weights), minus `sub` (a
+    packed subtraction) leaves q - 8; int8: (w >> 8j) & 0x00FF00FF ^ magic, bytes j and j + 2,
+    leaves q. PRMT then pairs the two words' values of one plane."""
+    half = "bf16x2" if magic == 0x43004300 else "f16x2"
+    lut = "0xea" if int4 else "0x6a"  # (a & b) | c, (a & b) ^ c
+    mask = "0x000f000f" if int4 else "0x00ff00ff"
+    shifts = (0, 4, 8, 12) if int4 else (0, 8)
+    lines = [".reg .b32 c, s, t<4>, u<4>;", f"mov.b32 c, {magic:#x};"]
+    first = 8 if int4 else 4  # the inputs follow the outputs
+    for j, sh in enumerate(shifts):
+        for r, src in (("t", f"${first}"), ("u", f"${first + 1}")):
+            if sh:
+                lines.append(f"shr.b32 s, {src}, {sh};")
+            lines.append(f"lop3.b32 {r}{j}, {'s' if sh else src}, {mask}, c, {lut};")
+    lines += [f"mov.b32 c, {sub:#x};", "mov.b32 s, 0x3f803f80;"]  # s: bfloat16 1.0, twice
+    for j in range(len(shifts)):
+        if half == "bf16x2":  # x * 1 + c: exact (sub.bf16x2 needs sm_90, fma sm_80)
+            lines += [f"fma.rn.bf16x2 {r}{j}, {r}{j}, s, c;" for r in "tu"]
+        else:
+            lines += [f"sub.f16x2 {r}{j}, {r}{j}, c;" for r in "tu"]
+    # register j holds planes (j, j + 4) for int4, (2j, 2j + 1)... as (low, high) halves
+    planes = [(j, j + 4) for j in range(4)] if int4 else [(0, 2), (1, 3)]
+    for j, (lo, hi) in enumerate(planes):
+        lines.append(f"prmt.b32 ${lo}, t{j}, u{j}, 0x5410;")
+        lines.append(f"prmt.b32 ${hi}, t{j}, u{j}, 0x7632;")
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+# magic: 128 (bfloat16) / 1024 (float16) in both halves; sub: magic + 8 (int4) or + 128 (int8)
+_ASM4_BF16 = tl.constexpr(_unpack_asm(True, 0x43004300, 0xC308C308))  # fma: + (-136)
+_ASM4_F16 = tl.constexpr(_unpack_asm(True, 0x64006400, 0x64086408))
+_ASM8_F16 = tl.constexpr(_unpack_asm(False, 0x64806480, 0x64806480))
+
+
+@triton.jit
+def _int4_planes_asm(words, DT: tl.constexpr):
+    """The 8 nibble planes of words as q - 8 in DT (half precision), by `_unpack_asm`."""
+    if DT == tl.bfloat16:
+        out = tl.inline_asm_elementwise(_ASM4_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
+                                        dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+    else:
+        out = tl.inline_asm_elementwise(_ASM4_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [words],
+                                        dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    return out
+
+
+@triton.jit
+def _int8_planes_asm(words):
+    """The 4 byte planes of words as q in float16, by `_unpack_asm`."""
+    return tl.inline_asm_elementwise(_ASM8_F16, "=r,=r,=r,=r,r,r", [words],
+                                     dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                     is_pure=True, pack=2)
+
+
+@triton.jit
+def _int4_scales(sz_ptr, offs, mask):
+    """float32 (scale, zero) of the bfloat16 pairs at offs, each read as one int32 (bfloat16 ->
+    float32 is a 16-bit shift)."""
+    sz = tl.load(sz_ptr + offs, mask=mask, other=0)
+    return (sz << 16).to(tl.float32, bitcast=True), (sz & -65536).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _int4_step(q_ptr, sz_ptr, offs_n, mask_n, ko0, N, KO, G: tl.constexpr, T: tl.constexpr,
-               KB: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
-    """k-blocks ko0 .. ko0 + KB of rows offs_n as weights [BLOCK_N, KB * 16T] in DT. Column cc
+               KB: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, SCALED: tl.constexpr,
+               ASM: tl.constexpr):
+    """k-blocks ko0 .. ko0 + KB of rows offs_n as weights [BLOCK_N, KB * 16T] in DT (SCALED;
+    else the integers q - 8, scaled after the product by `_mac_after`). Column cc
     holds nibble p = 4 odd + i (r = cc % 8 = 2 i + odd) of the row's word cc // 8 (k-block
     ko0 + cc // 16T, word w = cc // 8 % 2T): the words are loaded as stored (contiguous, wide
     loads), split into 8 planes and interleaved in registers (joins, no data movement)."""
@@ -140,24 +249,27 @@ def _int4_step(q_ptr, sz_ptr, offs_n, mask_n, ko0, N, KO, G: tl.constexpr, T: tl
     m = mask_n[:, None] & (ko < KO)[None, :]
     words = tl.load(q_ptr + ((offs_n // 8) * KO * (16 * T) + (offs_n % 8) * W)[:, None]
                     + (ko * (16 * T) + col % W)[None, :], mask=m, other=0)
-    if G >= 16 * T * KB:  # one group spans the step: (scale, zero) [BLOCK_N, 1]
-        grp = (ko0 * (16 * T)) // G + tl.zeros((1,), dtype=tl.int32)
-        sm = mask_n[:, None]
-    else:  # per word: its 8 nibbles lie within 32 inputs, one group
-        grp = (ko * (16 * T) + 32 * (col % W % (T // 2))) // G
-        sm = m
-    # (scale, zero) bfloat16 pairs read as one int32: bfloat16 -> float32 is a 16-bit shift
-    sz = tl.load(sz_ptr + grp[None, :] * N + offs_n[:, None], mask=sm, other=0)
-    s = (sz << 16).to(tl.float32, bitcast=True)
-    z = (sz & -65536).to(tl.float32, bitcast=True)
-    p0 = _int4_plane(words, 0, s, z).to(DT)
-    p1 = _int4_plane(words, 1, s, z).to(DT)
-    p2 = _int4_plane(words, 2, s, z).to(DT)
-    p3 = _int4_plane(words, 3, s, z).to(DT)
-    p4 = _int4_plane(words, 4, s, z).to(DT)
-    p5 = _int4_plane(words, 5, s, z).to(DT)
-    p6 = _int4_plane(words, 6, s, z).to(DT)
-    p7 = _int4_plane(words, 7, s, z).to(DT)
+    s = 0.0
+    z = 0.0
+    if SCALED:
+        if G >= 16 * T * KB:  # one group spans the step: (scale, zero) [BLOCK_N, 1]
+            grp = (ko0 * (16 * T)) // G + tl.zeros((1,), dtype=tl.int32)
+            sm = mask_n[:, None]
+        else:  # per word: its 8 nibbles lie within 32 inputs, one group
+            grp = (ko * (16 * T) + 32 * (col % W % (T // 2))) // G
+            sm = m
+        s, z = _int4_scales(sz_ptr, grp[None, :] * N + offs_n[:, None], sm)
+    if ASM:  # the integers, two per instruction (not SCALED, half precision)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _int4_planes_asm(words, DT)
+    else:
+        p0 = _plane(words, 0, s, z, True, SCALED, DT)
+        p1 = _plane(words, 1, s, z, True, SCALED, DT)
+        p2 = _plane(words, 2, s, z, True, SCALED, DT)
+        p3 = _plane(words, 3, s, z, True, SCALED, DT)
+        p4 = _plane(words, 4, s, z, True, SCALED, DT)
+        p5 = _plane(words, 5, s, z, True, SCALED, DT)
+        p6 = _plane(words, 6, s, z, True, SCALED, DT)
+        p7 = _plane(words, 7, s, z, True, SCALED, DT)
     # join(a, b) appends a minor axis: [.., e_in, e_mid, e_out] holds plane order
     # (P0, P2, P1, P3, P4, P6, P5, P7)[e_in + 2 e_mid + 4 e_out] at r = 4 e_in + 2 e_mid + e_out
     lo = tl.join(tl.join(p0, p2), tl.join(p1, p3))
@@ -183,15 +295,25 @@ def _int4_cols(ko0, KO, T: tl.constexpr, KB: tl.constexpr, XPERM: tl.constexpr):
 
 @triton.jit
 def _int8_step(q_ptr, sc_ptr, offs_n, mask_n, k0, N, K, stride_qn, G: tl.constexpr,
-               BK: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
-    """Inputs k0 .. k0 + BK of rows offs_n as weights [BLOCK_N, BK] in DT, in input order: the
-    int32 words (4 inputs) split into byte planes and interleaved back in registers."""
-    words, s, z = _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, k0 // 4, N, K // 4, stride_qn, G,
-                             BK // 4)
-    p0 = _int8_plane(words, 0, s, z).to(DT)
-    p1 = _int8_plane(words, 1, s, z).to(DT)
-    p2 = _int8_plane(words, 2, s, z).to(DT)
-    p3 = _int8_plane(words, 3, s, z).to(DT)
+               BK: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, SCALED: tl.constexpr,
+               ASM: tl.constexpr):
+    """Inputs k0 .. k0 + BK of rows offs_n as weights [BLOCK_N, BK] in DT (SCALED; else the
+    integers q), in input order: the int32 words (4 inputs) split into byte planes and
+    interleaved back in registers."""
+    if SCALED:
+        words, s, z = _int8_tile(q_ptr, sc_ptr, offs_n, mask_n, k0 // 4, N, K // 4, stride_qn,
+                                 G, BK // 4)
+    else:
+        words = _int8_words(q_ptr, offs_n, mask_n, k0 // 4, K // 4, stride_qn, BK // 4)[0]
+        s = 0.0
+        z = 0.0
+    if ASM:  # the integers, two per instruction (not SCALED, float16)
+        p0, p1, p2, p3 = _int8_planes_asm(words)
+    else:
+        p0 = _plane(words, 0, s, z, False, SCALED, DT)
+        p1 = _plane(words, 1, s, z, False, SCALED, DT)
+        p2 = _plane(words, 2, s, z, False, SCALED, DT)
+        p3 = _plane(words, 3, s, z, False, SCALED, DT)
     # [.., e_in, e_out] holds (P0, P2, P1, P3)[e_in + 2 e_out] at byte 2 e_in + e_out
     return tl.reshape(tl.join(tl.join(p0, p2), tl.join(p1, p3)), (BLOCK_N, BK))
 
@@ -213,6 +335,22 @@ def _mac(acc, xt, w, BLOCK_M: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constex
             out = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
         else:
             out = tl.dot(xt, tl.trans(w), acc)
+    return out
+
+
+@triton.jit
+def _mac_after(acc, xt, w, s, z, BLOCK_M: tl.constexpr, SWAP: tl.constexpr):
+    """acc += xt times (w s + z) transposed, for integers w [BLOCK_N, BK] of one group whose
+    (scale, zero) are s, z [BLOCK_N]: s (xt w.T) + z sum(xt), so the weights are never scaled
+    one by one (the product of half-precision integers is exact in float32)."""
+    xf = xt.to(tl.float32)
+    sx = tl.sum(xf, axis=1)  # [BLOCK_M]
+    if BLOCK_M == 1:
+        out = acc + tl.sum(w * xf, axis=1) * s + z * sx
+    elif SWAP:
+        out = acc + tl.dot(w, tl.trans(xt)) * s[:, None] + z[:, None] * sx[None, :]
+    else:
+        out = acc + tl.dot(xt, tl.trans(w)) * s[None, :] + sx[:, None] * z[None, :]
     return out
 
 
@@ -262,7 +400,8 @@ def _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym,
 def _w4_gemm(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KO, stride_xm, stride_ym,
              per_split, G: tl.constexpr, T: tl.constexpr, KB: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-             SWAP: tl.constexpr, XPERM: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr):
+             SWAP: tl.constexpr, XPERM: tl.constexpr, IEEE: tl.constexpr, STAGES: tl.constexpr,
+             AFTER: tl.constexpr, ASM: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n, mask_m = offs_n < N, offs_m < M
@@ -271,11 +410,16 @@ def _w4_gemm(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KO, stride_xm,
     start = tl.program_id(2) * per_split
     # tl.range's stages pipeline the loads (cp.async) also where no tl.dot uses them (GEMV)
     for ko0 in tl.range(start, tl.minimum(start + per_split, KO), KB, num_stages=STAGES):
-        w = _int4_step(q_ptr, sz_ptr, offs_n, mask_n, ko0, N, KO, G, T, KB, BLOCK_N, DT)
+        w = _int4_step(q_ptr, sz_ptr, offs_n, mask_n, ko0, N, KO, G, T, KB, BLOCK_N, DT, not AFTER,
+                       ASM)
         k, ok = _int4_cols(ko0, KO, T, KB, XPERM)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                      mask=mask_m[:, None] & ok[None, :], other=0.0)
-        acc = _mac(acc, xt, w, BLOCK_M, SWAP, IEEE)
+        if AFTER:
+            s, z = _int4_scales(sz_ptr, (ko0 * (16 * T)) // G * N + offs_n, mask_n)
+            acc = _mac_after(acc, xt, w, s, z, BLOCK_M, SWAP)
+        else:
+            acc = _mac(acc, xt, w, BLOCK_M, SWAP, IEEE)
     _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym, BLOCK_M, SPLIT, SWAP)
 
 
@@ -283,7 +427,7 @@ def _w4_gemm(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KO, stride_xm,
 def _w8_gemm(x_ptr, q_ptr, sc_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_qn,
              stride_ym, per_split, G: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr,
-             STAGES: tl.constexpr):
+             STAGES: tl.constexpr, AFTER: tl.constexpr, ASM: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n, mask_m = offs_n < N, offs_m < M
@@ -291,11 +435,18 @@ def _w8_gemm(x_ptr, q_ptr, sc_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, 
     acc = _acc0(BLOCK_M, BLOCK_N, BK, SWAP)
     start = tl.program_id(2) * per_split
     for k0 in tl.range(start, tl.minimum(start + per_split, K), BK, num_stages=STAGES):
-        w = _int8_step(q_ptr, sc_ptr, offs_n, mask_n, k0, N, K, stride_qn, G, BK, BLOCK_N, DT)
+        w = _int8_step(q_ptr, sc_ptr, offs_n, mask_n, k0, N, K, stride_qn, G, BK, BLOCK_N, DT,
+                       not AFTER, ASM)
         k = k0 + tl.arange(0, BK)
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                      mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
-        acc = _mac(acc, xt, w, BLOCK_M, SWAP, IEEE)
+        if AFTER:
+            sp = sc_ptr + ((k0 // G) * N + offs_n) * 2
+            s = tl.load(sp, mask=mask_n, other=0.0).to(tl.float32)
+            z = tl.load(sp + 1, mask=mask_n, other=0.0).to(tl.float32)
+            acc = _mac_after(acc, xt, w, s, z, BLOCK_M, SWAP)
+        else:
+            acc = _mac(acc, xt, w, BLOCK_M, SWAP, IEEE)
     _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym, BLOCK_M, SPLIT, SWAP)
 
 
@@ -397,8 +548,17 @@ def matmul(x: torch.Tensor, w: QuantWeight, cfg: Config = Config()) -> torch.Ten
         ws, locks = torch.empty(split, m, n, dtype=torch.float32, device=x.device), lock_buffer(x.device)
     else:
         ws = locks = y  # unused
-    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split, SWAP=cfg.swap,
-                  IEEE=x.dtype == torch.float32, STAGES=cfg.stages, num_warps=cfg.warps,
+    ieee = x.dtype == torch.float32
+    step = unit * 16 * t if w.qtype == "int4" else unit  # inputs per step
+    # half precision and a group spanning each step: integers into the product, scaled after
+    after = cfg.after and not ieee and w.group_size % step == 0
+    # and where they enter the product in half precision, unpacked two per instruction (PTX; not
+    # under Triton's interpreter, which runs no assembly); int8 in float16 only (bfloat16 holds
+    # no 1024 + byte exactly)
+    asm = (after and cfg.asm and cfg.block_m > 1 and not INTERPRETED
+           and (w.qtype == "int4" or x.dtype == torch.float16))
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split, SWAP=cfg.swap, IEEE=ieee,
+                  STAGES=cfg.stages, AFTER=after, ASM=asm, num_warps=cfg.warps,
                   num_stages=cfg.stages)
     if w.qtype == "int4":
         xk = gemm_x(x, k) if cfg.xperm else x.contiguous()
