@@ -107,7 +107,7 @@ def table(rows, shapes) -> dict:
 
 def options(q: str, m: int) -> list:
     """The sweep's options for qtype q at m rows: tile configurations (GEMV tiles up to 2 rows;
-    tensor-core tiles of m/4 to m rows, at least 16, split along K up to 64 rows; for int4
+    tensor-core tiles of m/4 to under 2m rows, at least 16, split along K up to 64 rows; for int4
     those that permute x first, for int8 the others), tinygemm
     (int4, up to 64 rows) and dequantize + cuBLAS."""
     out = []
@@ -116,7 +116,8 @@ def options(q: str, m: int) -> list:
         if (len(c) > 7 and c[7]) != (q == "int4") and bm > 1:  # int4 tensor cores: x permuted
             continue
         gemv = bm == 1 and m <= 2
-        tc = bm >= 16 and min(m, 128) // 4 <= bm <= max(16, m) and (split == 1 or m <= 64)
+        tc = (bm >= 16 and min(m, 128) // 4 <= bm and (bm == 16 or bm < 2 * m)
+              and (split == 1 or m <= 64))
         if gemv or tc:
             out.append(c)
     return out + (["tinygemm"] if q == "int4" and m <= 64 else []) + ["dequant"]
@@ -260,7 +261,7 @@ def routed(res: dict, shapes) -> None:
         if isinstance(c, str):
             return r[f"{q}/{c}"], c
         t = next(t for t in triton_gemm().CANDIDATES if triton_gemm().Config(*t) == c)
-        return r.get(f"{q}/{t}", float("nan")), f"Triton {t}"
+        return r.get(f"{q}/{t}", float("nan")), f"Triton {t}"  # nan: not timed at this M
     print("| N x K | M | bfloat16 | float16 | int4 | int4 kernel | int8 | int8 kernel |")
     print("|---|---:|---:|---:|---:|---|---:|---|")
     for n, k in shapes:

@@ -5,28 +5,36 @@ int8), dequantizing in registers; and the same dequantization written into a cal
     dequantize_into(qw, out)           # out [N, K] float, preallocated: the whole weight
     dequantize_into(qw, out, planes=True); y = F.linear(permute_x(x, qw), out.view(N, K))
 
-Bit planes, never a reshape. The stored words are loaded as they lie (contiguous per weight row)
-and split by shifts into planes: int4 words hold 8 nibbles, int8 words (4 bytes of a row viewed as
-one int32) 4 bytes. Plane p of a tile of words is a [BLOCK_N, words] matrix of weights whose
-inputs lie at fixed strides; the kernel gathers x at those inputs (x is small and stays in L1/L2),
-and the product is a sum of one small dot per plane. The values go int -> float by the exponent
-trick (`v | 0x4B000000` read as float32 is 2^23 + v, exact), then `(q - 8) * s + z` in float32 (the
-product is exact, one rounding: `QuantWeight.dequantize`'s numbers), cast to x's dtype.
+Whole tiles, unpacked in registers. Each step loads the stored words of BLOCK_N rows as they lie
+(contiguous per row and k-block: 16-byte loads, pipelined by cp.async over `stages`), splits them
+by shifts into planes (int4: 8 nibbles a word; int8: 4 bytes of a row viewed as one int32) and
+interleaves the planes back with `tl.join` + `tl.reshape` (register moves) into one weight tile
+[BLOCK_N, step], multiplied by x's [BLOCK_M, step] tile in ONE `tl.dot` per step. The values go
+int -> float by the exponent trick (`v | 0x4B000000` read as float32 is 2^23 + v, exact). Where
+one group spans a step and x is half precision (`Config.after`: groups of 128 with 128-input
+steps), the tile holds the bare integers (q - 8 for int4, exact in float16 and bfloat16) and the
+group's (scale, zero) apply after the product: s (x w.T) + z sum(x); those integers are unpacked
+by PTX two per instruction (`_unpack_asm`, `Config.asm`; not under Triton's interpreter, which
+runs no assembly). Otherwise `(q - 8) * s + z` in float32 per weight (`QuantWeight.dequantize`'s
+numbers, one rounding), cast to x's dtype.
 
 int4 (`gdsllm.quant.int4pack`): k-block `ko` of 16T inputs holds, for row n, 2T consecutive int32
 words at [n // 8, ko, 4 (n % 8) + c, jw] (c < 4, jw < T/2); nibble p = 4 odd + i of word (c, jw)
-is input k = 32 jw + 8 i + 2 c + odd of the block. One group (scale, zero) spans 32 inputs at
-least, so a column's group depends on (ko, jw) alone and one scale tile serves all 8 planes.
+is input k = 32 jw + 8 i + 2 c + odd of the block. The tile's column 8 w + 2 i + odd holds nibble
+p of the row's word w = c T/2 + jw; x is gathered in that order, or (`xperm`) permuted into it
+once per call (`gemm_x`: one small copy, cheaper than gathering). A word's 8 nibbles share a
+group (groups span 32 inputs at least).
 
 int8: word w of row n holds inputs 4w .. 4w + 3 (byte b = input 4w + b, two's complement: the
-unsigned byte xor 128 is q + 128). A word's 4 inputs share a group (groups are multiples of 16).
+unsigned byte xor 128 is q + 128); the tile's columns are in input order. A word's 4 inputs share
+a group (groups are multiples of 16).
 
-Tiles (`Config`): BLOCK_M >= 16 feeds tensor cores (`tl.dot`, float32 accumulation; int4 needs
-2T = 16, i.e. K a multiple of 128), as x @ W.T or, `swap`, as W @ x.T: then the weight rows are
-the MMA's M side and on Hopper the planes are computed in the wgmma A-operand registers, with no
-trip through shared memory (seen in the compiled TTGIR). BLOCK_M < 16 is a GEMV form: float32
-products accumulated per column, summed along K once at the end. split_k > 1: programs along K
-each write a float32 partial, summed after. The weight crosses HBM once per BLOCK_M rows of x.
+Tiles (`Config`): BLOCK_M >= 16 feeds tensor cores (`tl.dot`, float32 accumulation) as x @ W.T
+or, `swap`, as W @ x.T (the weight rows as the MMA's M side: wgmma on Hopper). BLOCK_M 1 is a
+GEMV (float32 products summed per step). split_k > 1: programs along K each write a float32
+partial to a workspace; the last of a tile's programs to finish (a per-tile atomic counter in
+`lock_buffer`, reset to 0 by that program) sums them in split order (deterministic) and writes y:
+no second launch. The weight crosses HBM once per BLOCK_M rows of x.
 
 `dequantize_into(..., planes=True)` writes each k-block plane after plane (contiguous stores);
 `permute_x` puts x in that order, so cuBLAS multiplies the two directly.
