@@ -65,7 +65,8 @@ from gdsllm.quant.schemes import QuantWeight
 
 # (largest T, kernel) by T ascending: the first with T >= rows; "dequant" past the last. A kernel
 # is "tinygemm", "dequant" or a triton_gemm.Config's fields. Each is the option with the least
-# time summed over the three 7B shapes at the measured T it covers (the table above).
+# time summed over the three 7B shapes at the measured T it covers (the table above; at 24 and 48
+# rows the next larger tile, which the sweep did not time there, as the docstring says).
 CHOICES = {
     "int4": ((4, "tinygemm"), (16, (16, 64, 4, 4, 8, 128, True, True)),
              (64, (32, 64, 4, 3, 4, 128, True, True))),
