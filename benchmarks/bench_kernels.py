@@ -30,6 +30,9 @@ SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # [N, K]: q/o, gate/up, d
 ROWS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)  # the decode buckets, then prefill chunks
 BIG_ROWS = (512, 1024)
 COPIES_BYTES = 256 << 20  # distinct weights per timed graph: 4x the L2, as a decode pass
+# the activations each qtype's options are timed with in --sweep: what a model with those weights
+# computes in on CUDA (gdsllm.engine.runner.compute_dtype: bfloat16 beside int4)
+XDTYPE = {"int4": torch.bfloat16, "int8": torch.float16}
 
 
 def bench(fns) -> float:
@@ -103,19 +106,59 @@ def table(rows, shapes) -> dict:
 
 
 def options(q: str, m: int) -> list:
-    """The sweep's options for qtype q at m rows: tile configurations (GEMV tiles of m to 2m
-    rows up to 8 rows; tensor-core tiles of m/4 to m rows, split along K up to 64 rows, from 2
-    rows, or 1 with the weight as the MMA's M side), tinygemm (int4, up to 64 rows) and
-    dequantize + cuBLAS."""
+    """The sweep's options for qtype q at m rows: tile configurations (GEMV tiles up to 2 rows;
+    tensor-core tiles of m/4 to under 2m rows, at least 16, split along K up to 64 rows; for int4
+    those that permute x first, for int8 the others), tinygemm
+    (int4, up to 64 rows) and dequantize + cuBLAS."""
     out = []
     for c in triton_gemm().CANDIDATES:
-        bm, split, swap = c[0], c[4], len(c) > 6 and c[6]
-        gemv = bm < 16 and m <= 8 and m <= bm <= max(1, 2 * m)
-        tc = (bm >= 16 and (m >= 2 or swap) and min(m, 128) // 4 <= bm <= max(16, m)
+        bm, split = c[0], c[4]
+        if (len(c) > 7 and c[7]) != (q == "int4") and bm > 1:  # int4 tensor cores: x permuted
+            continue
+        gemv = bm == 1 and m <= 2
+        tc = (bm >= 16 and min(m, 128) // 4 <= bm and (bm == 16 or bm < 2 * m)
               and (split == 1 or m <= 64))
         if gemv or tc:
             out.append(c)
     return out + (["tinygemm"] if q == "int4" and m <= 64 else []) + ["dequant"]
+
+
+def check_tiles(tiles, cases=((11008, 4096, 128), (4096, 11008, 32)), rows=(1, 5, 16, 33),
+                repeats: int = 20) -> dict:
+    """The tiles, in the activation dtype the sweep did not time (int4 float16, int8 bfloat16),
+    in groups spanning a step and not, against float32 math; each split-K tile run `repeats`
+    times more, bit for bit the same (partials are summed in a fixed order: a difference is a
+    race)."""
+    tg = triton_gemm()
+    from gdsllm.quant.rtn import quantize
+    from gdsllm.quant.schemes import QuantWeight
+    other = {"int4": torch.float16, "int8": torch.bfloat16}
+    out = {}
+    for n, k, group in cases:
+        w = torch.randn(n, k, device="cuda") * 0.02
+        for q in ("int4", "int8"):
+            data, sc = quantize(w, q, group, refine=0).packed()
+            qw = QuantWeight(q, (n, k), group, data.to(w.device), sc.to(w.device))
+            wf = qw.dequantize(torch.float32)
+            for c in tiles[q]:
+                for m in rows:
+                    x = torch.randn(m, k, device="cuda", dtype=other[q])
+                    key = f"{q}/{n}x{k}/g{group}/{c}/{m}"
+                    try:
+                        y = tg.matmul(x, qw, tg.Config(*c))
+                        ref = x.float() @ wf.T
+                        err = float((y.float() - ref).norm() / ref.norm())
+                        same = all(torch.equal(tg.matmul(x, qw, tg.Config(*c)), y)
+                                   for _ in range(repeats if c[4] > 1 else 0))
+                        out[key] = {"err": err, "repeatable": same}
+                        if not (err < 2e-2 and same):
+                            print("WRONG", key, err, same, flush=True)
+                    except Exception as e:
+                        out[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                        print("FAIL", key, out[key]["error"], flush=True)
+    bad = [a for a, v in out.items() if not (v.get("err", 1) < 2e-2 and v.get("repeatable"))]
+    print(f"check_tiles: {len(out)} runs, {len(bad)} wrong", flush=True)
+    return out
 
 
 def triton_gemm():
@@ -142,7 +185,8 @@ def sweep(rows, shapes, save=lambda res: None) -> dict:
     for n, k in shapes:
         ws = weights(n, k)
         per_shape[n, k] = (ws, {q: ws[q][0].dequantize(torch.float32) for q in ("int4", "int8")})
-    buf = torch.empty(max(n * k for n, k in shapes), dtype=torch.float16, device="cuda")
+    numel = max(n * k for n, k in shapes)
+    bufs = {q: torch.empty(numel, dtype=XDTYPE[q], device="cuda") for q in XDTYPE}
     for m in rows:  # every shape per M, saved per M: a run out of time loses only the largest M
         for n, k in shapes:
             ws, wf = per_shape[n, k]
@@ -151,14 +195,15 @@ def sweep(rows, shapes, save=lambda res: None) -> dict:
             r = {"float16": bench([lambda w=w: F.linear(x, w) for w in ws["float16"]]),
                  "bfloat16": bench([lambda w=w: F.linear(xb, w) for w in ws["bfloat16"]])}
             for q in ("int4", "int8"):
-                ref = x.float() @ wf[q].T
-                qbuf = buf[:n * k]
+                xq = xb if XDTYPE[q] == torch.bfloat16 else x
+                ref = xq.float() @ wf[q].T
+                qbuf = bufs[q][:n * k]
                 for opt in options(q, m):
                     key = f"{q}/{opt}"
                     try:
-                        y = run_option(q, opt, x, ws[q][0], qbuf)
+                        y = run_option(q, opt, xq, ws[q][0], qbuf)
                         r[key + "/err"] = float((y.float() - ref).norm() / ref.norm())
-                        r[key] = bench([lambda w=w, o=opt: run_option(q, o, x, w, qbuf)
+                        r[key] = bench([lambda w=w, o=opt: run_option(q, o, xq, w, qbuf)
                                         for w in ws[q]])
                     except Exception as e:  # a tile that does not fit: say so, keep going
                         print(f"{n}x{k} M={m} {key}: {type(e).__name__}: {str(e)[:160]}", flush=True)
@@ -216,7 +261,7 @@ def routed(res: dict, shapes) -> None:
         if isinstance(c, str):
             return r[f"{q}/{c}"], c
         t = next(t for t in triton_gemm().CANDIDATES if triton_gemm().Config(*t) == c)
-        return r.get(f"{q}/{t}", float("nan")), f"Triton {t}"
+        return r.get(f"{q}/{t}", float("nan")), f"Triton {t}"  # nan: not timed at this M
     print("| N x K | M | bfloat16 | float16 | int4 | int4 kernel | int8 | int8 kernel |")
     print("|---|---:|---:|---:|---:|---|---:|---|")
     for n, k in shapes:
@@ -233,6 +278,9 @@ def main() -> None:
     ap.add_argument("--report", type=Path, help="print the tables of a --sweep JSON")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--big", action="store_true", help=f"also M in {BIG_ROWS}")
+    ap.add_argument("--check", type=Path, help="only check the tiles a --sweep JSON chose "
+                    "(the other activation dtype, groups of 128 and 32, split-K repeatable)")
+    ap.add_argument("--rows", help="comma-separated M to measure instead of the default")
     a = ap.parse_args()
     if a.report:
         res = json.loads(a.report.read_text())
@@ -243,7 +291,21 @@ def main() -> None:
     if a.out is None or not torch.cuda.is_available():
         sys.exit("bench_kernels: needs a CUDA GPU and --out (or --report)")
     rows = ROWS + (BIG_ROWS if a.big else ())
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if a.rows:
+        rows = tuple(int(r) for r in a.rows.split(","))
+    import triton
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__}
+    if a.check:
+        import ast
+        from gdsllm.quant import kernels_cuda
+        chosen = json.loads(a.check.read_text())["choices"]  # and what CHOICES holds now
+        tiles = {q: sorted({ast.literal_eval(o) for _, o, _, _ in rows if o.startswith("(")}
+                           | {c for _, c in kernels_cuda.CHOICES[q] if isinstance(c, tuple)})
+                 for q, rows in chosen.items()}
+        res["check"] = check_tiles(tiles)
+        a.out.write_text(json.dumps(res, indent=1))
+        return
     if a.sweep:
         res["results"] = sweep(rows, SHAPES, lambda r: a.out.write_text(json.dumps(
             dict(res, results=r), indent=1)))

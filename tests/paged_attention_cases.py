@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from triton_helpers import numpy24_interpreter_fix
+
 
 @dataclass
 class Case:
@@ -106,26 +108,8 @@ INTERP_CASES = [
 # 16 x 16 x 16 product off by 1e10; loads and stores are right). The gpu test covers bfloat16.
 
 
-def _numpy24_interpreter_fix() -> None:
-    """triton 3.5's interpreter turns a 1-element array into an int with int(array), which
-    numpy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream by #9172 after 3.5): dynamic
-    loop bounds fail. Apply that fix (squeeze first) when the installed triton lacks it."""
-    from triton.runtime import interpreter
-    orig = interpreter._patch_lang_tensor
-    if getattr(orig, "_gdsllm_fixed", False):
-        return
-
-    def patched(tensor, *args, **kwargs):
-        result = orig(tensor, *args, **kwargs)
-        tensor.__index__ = lambda self: int(self.handle.data.squeeze())
-        return result
-
-    patched._gdsllm_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
 def check_interpreted() -> dict:
-    _numpy24_interpreter_fix()
+    numpy24_interpreter_fix()
     from gdsllm.models.paged_attention import decode_attention_ref, decode_attention_triton
     failures, worst = [], 0.0
     for i, (lens, h, kvh, d, bs, dtype, window, splits, bn) in enumerate(INTERP_CASES):

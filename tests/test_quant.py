@@ -18,6 +18,7 @@ from gdsllm.quant.int4pack import pack_int4, unpack_int4
 from gdsllm.quant.rtn import quantize
 from gdsllm.quant.schemes import QuantWeight, inner_k_tiles
 from llama_ref import rel_err
+from triton_helpers import needs_triton, run_interpreted
 
 
 # --- layouts and blocks -------------------------------------------------------------------------
@@ -133,6 +134,15 @@ def test_rtn_is_nearest_code(qtype, g):
 
 
 # --- CUDA kernels (the lead runs these on the GPU) ----------------------------------------------
+
+@needs_triton
+def test_triton_gemm_tiles_under_interpreter():
+    """The Triton W4A16 / W8A16 GEMMs on CPU under Triton's interpreter (tests/quant_gemm_cases.py):
+    every tile kernels_cuda.CHOICES runs and one of each other form, against float32 math."""
+    result = run_interpreted("quant_gemm_cases.py")
+    assert result["runs"] > 100 and set(result["worst"]) == {
+        "int4/bfloat16", "int4/float16", "int4/float32", "int8/bfloat16", "int8/float16"}
+
 
 @pytest.mark.gpu
 def test_cuda_int4_layout_probe_passes():

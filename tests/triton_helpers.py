@@ -35,3 +35,21 @@ def run_interpreted(script: str, timeout: float = 300) -> dict:
                           text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def numpy24_interpreter_fix() -> None:
+    """triton 3.5's interpreter turns a 1-element array into an int with int(array), which
+    numpy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream by #9172 after 3.5): dynamic
+    loop bounds fail. Apply that fix (squeeze first) when the installed triton lacks it."""
+    from triton.runtime import interpreter
+    orig = interpreter._patch_lang_tensor
+    if getattr(orig, "_gdsllm_fixed", False):
+        return
+
+    def patched(tensor, *args, **kwargs):
+        result = orig(tensor, *args, **kwargs)
+        tensor.__index__ = lambda self: int(self.handle.data.squeeze())
+        return result
+
+    patched._gdsllm_fixed = True
+    interpreter._patch_lang_tensor = patched

@@ -8,42 +8,51 @@ measurement (table below), one of:
   its only input dtype, and the result back; no cast in a model with int4 weights, which
   computes in bfloat16 on CUDA: gdsllm.engine.runner.compute_dtype). Its layout is probed once per process before the
   first use (`check_int4_layout`). Half-precision x only.
-- a tile of the Triton W4A16 / W8A16 GEMM (`gdsllm.quant.triton_gemm`), which splits the stored
-  words into bit planes in registers (no copy of the weight).
+- a tile of the Triton W4A16 / W8A16 GEMM (`gdsllm.quant.triton_gemm`), which unpacks the stored
+  words into whole weight tiles in registers (no copy of the weight), split along K where the
+  tile says so, the last program of a tile summing the partials (`triton_gemm.lock_buffer`).
 - "dequant": the weight is dequantized into ONE scratch buffer per device and dtype (`scratch`:
   grown to the largest weight by the eager calls before any capture, so never during one; its
   size is in the VRAM ledger, `gdsllm.engine.budget.scratch_bytes`) in the plane order, and
   cuBLAS multiplies it by x permuted the same way.
-float32 x (or a tile the shape cannot run: int4 tensor-core tiles need K a multiple of 128) takes
-"dequant" where the table says tinygemm or such a tile.
+float32 x takes "dequant" where the table says tinygemm (the tiles run it in float32).
 
 Nothing here touches the host inside a captured CUDA graph: no host tensor, no `.item()`; the only
 allocations are outputs, permuted activations and split-K partials from the graph's pool; a
-scratch buffer a graph captured is kept alive for good (its address is baked into the graph).
+scratch buffer a graph captured is kept alive for good (its address is baked into the graph), and
+the split-K counters are made once per device by the eager calls before any capture.
 
-Measured on an H200 (driver 580.159.04, torch 2.11.0+cu130, Triton 3.6.0, 2026-12-03;
-`benchmarks/bench_kernels.py --sweep --big`, docs/bench-kernels-planes-2026-12-03-h200.json):
-us per matmul summed over the LLaMA-7B shapes 4096x4096 + 11008x4096 + 4096x11008 (N x K, random
-weights, groups of 128, float16 x), each timed as a CUDA graph over 256 MiB of weight copies (from
-HBM, no launch cost); int4 / int8: the option CHOICES runs at that M (every option was checked
-against float32 math, relative error < 2e-2); "dq": dequantize + cuBLAS at that M, for comparison.
+Measured on an H200 (driver 580.159.04, torch 2.11.0+cu130, Triton 3.6.0, 2026-12-04 03:50 UTC;
+`benchmarks/bench_kernels.py --sweep --rows 1,2,4,8,16,24,32,48,64,128`, docs/bench-kernels-2026-12-04-
+h200.json): us per matmul summed over the LLaMA-7B shapes 4096x4096 + 11008x4096 + 4096x11008 (N x
+K, random weights, groups of 128), each timed as a CUDA graph over 256 MiB of weight copies (from
+HBM, no launch cost); int4 with bfloat16 x (what an int4 model computes in), int8 with float16 x;
+int4 / int8: the least time among the options timed at that M (every one checked against float32
+math, relative error < 2e-2; the chosen tiles also in the other dtype, groups of 32, and split-K
+repeated bit for bit); "dq": dequantize + cuBLAS; "before": what this module ran until then
+(the plane-by-plane tiles of 2026-12-03, float16 x, the same device call).
 
-    M             1     2     4     8    16    24    32    48    64   128   256   512  1024
-    bfloat16     68    68    68    69    69    69    68    70    71    74    94   153   285
-    float16      68    70    68    70    69    70    70    70    69    74    96   157   292
-    int4         55    57    69    84    88   130   134   159   160   170   192   260   422
-    int4 dq     157   156   156   157   157   158   158   159   160   170   192   260   422
-    int8         90   116   117   120   123   197   171   202   201   213   230   296   456
-    int8 dq     198   198   197   198   200   201   200   202   201   213   230   297   456
+    M               1     2     4     8    16    24    32    48    64   128
+    bfloat16       67    66    67    65    66    69    67    69    67    73
+    float16        66    66    67    65    66    69    67    69    68    73
+    int4           38    40    51    69    72   112    84   130   132   171
+    int4 before    53    57    69    84    88   130   133   160   160   171
+    int4 dq       156   157   158   156   156   158   159   160   161   171
+    int8           69    70    69    69    72   109    91   158   135   212
+    int8 before    89   115   117   119   124   196   173   202   202   211
+    int8 dq       197   198   199   197   199   199   199   202   203   212
 
-int4: tinygemm to 4 rows (it includes the two casts a float16 model pays), the Triton tile
-(16, 64, 4, 3, 8, 16, swapped) to 32, then dequantize; int8: the GEMV tile at one row, swapped
-tensor-core tiles to 32, then dequantize. Only int4 at 1-2 rows beats float16 (55 against 68 us);
-from 4 rows every quantized option here is slower than float16: the Triton tiles read the packed
-bytes slowly (int4 at 16 rows: 57 MB in 88 us, float16 214 MB in 69; not profiled), and the
-dequantization writes 2 bytes a weight that cuBLAS reads back (about +90 us summed for int4 at
-every M, +130 for int8). tinygemm without the casts (bfloat16 x, the earlier sweep of the same
-day, docs/bench-kernels-2026-12-03-h200.json): 38 us summed at 1 row, 40 at 2, 51 at 4.
+int4: tinygemm to 4 rows, the Triton tile (16, 64, 4, 4, 8, 128, swap, xperm) to 16, the 32-row
+tile to 64, then dequantize; int8: the 16-row tile (16, 64, 4, 4, 8, 128, swap) to 16, the 32-row
+tile to 32, the 64-row tile (split 2) to 64, then dequantize. At 24 and 48 rows the sweep timed
+tiles of at most that many rows; the next larger tile runs those rows in one pass as it runs its
+full count (one block of rows, the same bytes), so CHOICES takes it there (not timed at 24 / 48).
+Only tinygemm (int4, to 4 rows) is faster than float16. The Triton tiles now read the packed
+bytes at float16's time per matmul, not at its bytes: int4 at 16 rows 57 MB in 72 us (0.8 TB/s),
+int8 107 MB in 72; the time follows the weight count, not the bytes (int8 moves twice int4's in
+the same time), and halving the unpacking instructions (PTX, scales after the product) gained
+only ~8% (at 1 row, (16, 64, 4, 3, 4, 128, swap, xperm): 71 us with the PTX unpacking, 77 without),
+so the limit is neither HBM nor the unpacking ALU; not profiled (no counters read).
 """
 
 from __future__ import annotations
@@ -56,11 +65,13 @@ from gdsllm.quant.schemes import QuantWeight
 
 # (largest T, kernel) by T ascending: the first with T >= rows; "dequant" past the last. A kernel
 # is "tinygemm", "dequant" or a triton_gemm.Config's fields. Each is the option with the least
-# time summed over the three 7B shapes at the measured T it covers (the table above).
+# time summed over the three 7B shapes at the measured T it covers (the table above; at 24 and 48
+# rows the next larger tile, which the sweep did not time there, as the docstring says).
 CHOICES = {
-    "int4": ((4, "tinygemm"), (32, (16, 64, 4, 3, 8, 16, True))),
-    "int8": ((1, (1, 32, 4, 3, 8, 16)), (16, (16, 64, 4, 3, 8, 16, True)),
-             (24, (16, 128, 4, 3, 4, 32, True)), (32, (32, 64, 4, 3, 4, 16, True))),
+    "int4": ((4, "tinygemm"), (16, (16, 64, 4, 4, 8, 128, True, True)),
+             (64, (32, 64, 4, 3, 4, 128, True, True))),
+    "int8": ((16, (16, 64, 4, 4, 8, 128, True)), (32, (32, 64, 4, 3, 4, 128, True)),
+             (64, (64, 64, 8, 3, 2, 128, True))),
 }
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -131,8 +142,9 @@ def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     n, k = w.shape
     if rows == 0:
         return x.new_empty(0, n)
-    if not capturing():  # the ledger's scratch (the largest weight) exists before any capture
-        scratch(x.device, x.dtype, n * k)
+    if not capturing():  # the ledger's scratch (the largest weight) and the split-K counters
+        scratch(x.device, x.dtype, n * k)  # exist before any capture
+        triton_gemm.lock_buffer(x.device)
     kind = choice(w.qtype, rows, k, x.dtype)
     if kind == "tinygemm":
         check_int4_layout()
