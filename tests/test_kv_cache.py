@@ -64,6 +64,27 @@ def test_slots_address_the_tokens_written():
     assert c.table_row(2, 4) == c.tables[2] + [SCRATCH_BLOCK] * 3
 
 
+def test_consecutive_slots_read_as_views():
+    """Keys at consecutive slots (pass_state.consecutive finds them) read through `span` as views
+    of the pool, equal to what `gather` copies; slots that jump (a second sequence's blocks
+    between) are not consecutive."""
+    from gdsllm.engine.pass_state import consecutive
+    c = PagedKVCache(1, 2, 3, torch.float32, "cpu", num_blocks=8, block_size=4)
+    c.grow(1, 4)
+    c.grow(2, 4)
+    c.advance(1, 4)
+    c.grow(1, 3)  # sequence 1's second block comes after sequence 2's
+    one, two = c.slot_list(1, 0, 7), c.slot_list(2, 0, 4)
+    k = torch.randn(11, 2, 3)
+    c.write(0, torch.tensor(one + two), k, 2 * k)
+    assert consecutive(two) == two[0] and consecutive(one[:4]) == one[0]
+    assert consecutive(one) is None and consecutive([3, 5, 5]) is None and consecutive([7]) == 7
+    ks, vs = c.span(0, two[0], 4)
+    gk, gv = c.gather(0, torch.tensor(two))
+    assert torch.equal(ks, gk) and torch.equal(vs, gv) and torch.equal(ks, k[7:].transpose(0, 1))
+    assert ks.data_ptr() == c.k[0].view(-1, 2, 3)[two[0]].data_ptr()  # a view, no copy
+
+
 def test_a_batched_decode_equals_each_sequence_alone(tiny):
     """One decode pass for three sequences of different lengths (block tables of different
     widths, padded) against each decoded in a batch of its own, past block boundaries."""

@@ -92,6 +92,30 @@ def test_cpu_resident_forms_against_float32(qtype, rows):
         assert torch.equal(rw.linear(x), x @ rw.half.float().T)
 
 
+def test_cpu_fused_int4_equals_its_parts():
+    """Projections of one input held as one FusedInt4 (q/k/v, gate/up): each part's columns of
+    its output are bit for bit that part's own PackedInt4 matmul, at decode and prompt row
+    counts; the bytes made are fused_nbytes."""
+    from gdsllm.quant.kernels_cpu import (INT4_KERNEL, FusedInt4, PackedInt4, fusable,
+                                          fused_nbytes)
+    if not INT4_KERNEL:
+        pytest.skip("this torch has no _weight_int4pack_mm_for_cpu (2.5 and later)")
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for n in (64, 32, 32):
+        data, sc = quantize(torch.randn(n, 128, generator=g), "int4", 32).packed()
+        parts.append(QuantWeight("int4", (n, 128), 32, data, sc))
+    assert fusable(parts) and not fusable(parts + [QuantWeight("int8", (8, 128), 32, None, None)])
+    f = FusedInt4.of(parts)
+    assert f.packed.nbytes + f.scales.nbytes == fused_nbytes(parts)
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, 128, generator=g)
+        y = f.linear(x)
+        assert y.shape == (rows, 128) and f.sizes == (64, 32, 32)
+        for yp, w in zip(y.split(f.sizes, dim=1), parts):
+            assert yp.dtype == torch.float32 and torch.equal(yp, PackedInt4.of(w).linear(x))
+
+
 F16_AT = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
           "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 

@@ -195,15 +195,46 @@ def test_version_1_models_still_load(tmp_path):
     assert load_model_meta(tmp_path / "model").units
 
 
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "mlp_bias": True},
+                                       {"qk_norm": True}])
+def test_cpu_fused_projections_equal_separate_ones(tmp_path, overrides):
+    """int4 q/k/v and gate/up held as one FusedInt4 each (gdsllm.engine.host_copies), with the
+    rotary embedding of q and k done once over both: logits bit for bit those of the same copies
+    with every projection its own PackedInt4, with biases and with per-head q/k norms."""
+    from gdsllm.convert.synth import synth
+    from gdsllm.models.layers import FUSED
+    from gdsllm.quant.kernels_cpu import INT4_KERNEL, FusedInt4, PackedInt4
+    if not INT4_KERNEL:
+        pytest.skip("this torch has no _weight_int4pack_mm_for_cpu (2.5 and later)")
+    d = synth(tmp_path / "m", "tiny", dtype="float16", quant="int4", group_size=32,
+              overrides={"intermediate_size": 192, **overrides})
+    ids = list(range(1, 40))
+    with LLM(str(d)) as llm:
+        fused = llm.logits(ids), llm.logits(ids[:1])
+        copies = llm.runner.host_copies.copies
+        n = 0
+        for c in copies.values():
+            for name, parts in FUSED.items():
+                if name in c:
+                    assert isinstance(c.pop(name), FusedInt4)
+                    c.update({p: PackedInt4.of(c[p]) for p in parts})
+                    n += 1
+        assert n == 2 * llm.meta.params.num_hidden_layers
+        apart = llm.logits(ids), llm.logits(ids[:1])
+    assert torch.equal(fused[0], apart[0]) and torch.equal(fused[1], apart[1])
+
+
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_cpu_resident_copies_against_dequantizing_per_matmul(tmp_path, quant):
     """On the CPU, resident units run over copies made once (gdsllm.engine.host_copies.HostCopies):
     with cpu_exact float32 copies whose logits are bit for bit those of dequantizing per matmul
     (a budget nothing fits in); by default the packed forms of gdsllm.quant.kernels_cpu (int4
-    repacked for torch's kernel, int8 as float16), counted at their own bytes, whose logits stay
-    within 1% of the largest (bfloat16 / float16 roundings), for one token as for a prompt."""
+    repacked for torch's kernel, int8 as float16; int4 q/k/v and gate/up each one FusedInt4),
+    counted at their own bytes, whose logits stay within 1% of the largest (bfloat16 / float16
+    roundings), for one token as for a prompt."""
     from gdsllm.convert.synth import synth
-    from gdsllm.quant.kernels_cpu import INT4_KERNEL, HalfCopy, PackedInt4
+    from gdsllm.models.layers import FUSED
+    from gdsllm.quant.kernels_cpu import INT4_KERNEL, FusedInt4, HalfCopy, PackedInt4
     d = synth(tmp_path / "m", "tiny", dtype="float16", quant=quant, group_size=32,
               overrides={"intermediate_size": 192})  # a multiple of the group
     ids = list(range(1, 40))
@@ -224,10 +255,14 @@ def test_cpu_resident_copies_against_dequantizing_per_matmul(tmp_path, quant):
     with LLM(str(d)) as llm:
         copies = llm.runner.host_copies
         fast = llm.logits(ids)
-        kept = [w for c in copies.copies.values() for w in c.values() if isinstance(w, QuantWeight)]
+        parts = {n for ps in FUSED.values() for n in ps}  # fused: kept as the pinned views
+        kept = [w for c in copies.copies.values() for k, w in c.items()
+                if isinstance(w, QuantWeight) and not (k in parts and any(f in c for f in FUSED))]
         kind = PackedInt4 if quant == "int4" else HalfCopy
         assert kept and all(isinstance(w, (PackedInt4, HalfCopy)) for w in kept)
         assert any(isinstance(w, kind) for w in kept) or not INT4_KERNEL
+        fused = [w for c in copies.copies.values() for w in c.values() if isinstance(w, FusedInt4)]
+        assert len(fused) == (2 * llm.meta.params.num_hidden_layers if quant == "int4" and INT4_KERNEL else 0)
         made = 0  # the bytes the copies allocated: packed data, float16 copies, upcast norms
         for unit, c in copies.copies.items():
             for name, w in c.items():
@@ -235,6 +270,8 @@ def test_cpu_resident_copies_against_dequantizing_per_matmul(tmp_path, quant):
                     made += w.packed.nbytes
                 elif isinstance(w, HalfCopy):
                     made += w.half.nbytes
+                elif isinstance(w, FusedInt4):
+                    made += w.packed.nbytes + w.scales.nbytes
                 elif w is not llm.runner.pinned[unit][name]:
                     made += w.nbytes
         assert copies.nbytes == made > 0

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from gdsllm.engine.budget import host_available_bytes
-from gdsllm.quant.kernels_cpu import resident, resident_nbytes
+from gdsllm.models.layers import FUSED
+from gdsllm.quant.kernels_cpu import FusedInt4, fusable, fused_nbytes, resident, resident_nbytes
 from gdsllm.quant.schemes import QuantWeight
 
 
@@ -18,8 +19,9 @@ HOST_COPY_FRACTION = 0.5  # of the memory available when the first copy is made
 class HostCopies:
     """The CPU backend's copies of resident units: each quantized weight (int4 / int8) in its
     resident CPU form (`gdsllm.quant.kernels_cpu.resident`: int4 repacked for torch's CPU kernel,
-    int8 as a float16 copy), each half-precision tensor upcast once to the compute dtype, on the
-    unit's first use, as long as the copies fit in `budget` bytes (default: HOST_COPY_FRACTION of
+    int8 as a float16 copy; int4 projections of one input as one `FusedInt4` under the name
+    gdsllm.models.layers.FUSED gives them, their parts left as views), each half-precision
+    tensor upcast once to the compute dtype, on the unit's first use, as long as the copies fit in `budget` bytes (default: HOST_COPY_FRACTION of
     MemAvailable at the first copy; the bytes counted are those the copies allocate). A unit that
     does not fit keeps its views, and its quantized weights are dequantized per matmul
     (gdsllm.quant.kernels_cpu.linear).
@@ -49,13 +51,20 @@ class HostCopies:
         got = self.copies.get(unit)
         if got is not None or unit in self.skipped:
             return views if got is None else got
-        need = sum(_copy_nbytes(v, self.dtype, self.exact) for v in views.values())
+        fused = {} if self.exact else {
+            name: parts for name, parts in FUSED.items()
+            if all(n in views for n in parts) and fusable([views[n] for n in parts])}
+        parts = {n for ps in fused.values() for n in ps}  # kept as their views
+        need = sum(_copy_nbytes(v, self.dtype, self.exact) for k, v in views.items() if k not in parts)
+        need += sum(fused_nbytes([views[n] for n in ps]) for ps in fused.values())
         if self.budget is None:  # a claim on host memory: the VRAM ledger's rule for the CPU
             self.budget = int(host_available_bytes() * HOST_COPY_FRACTION)
         if self.nbytes + need > self.budget:
             self.skipped.add(unit)
             return views
-        got = self.copies[unit] = {k: _host_copy(v, self.dtype, self.exact) for k, v in views.items()}
+        got = {k: v if k in parts else _host_copy(v, self.dtype, self.exact) for k, v in views.items()}
+        got.update({name: FusedInt4.of([views[n] for n in ps]) for name, ps in fused.items()})
+        self.copies[unit] = got
         self.sizes[unit] = need
         self.nbytes += need
         return got

@@ -58,6 +58,14 @@ def decode_pass(runner, chunks) -> PassState:
     return PassState(seq_ids, packed[:, 0], runner.rope(packed[:, 1]), batch, None, commit)
 
 
+def consecutive(slots: list[int]) -> int | None:
+    """slots[0] where `slots` is slots[0], slots[0] + 1, ... (Segment.first), else None."""
+    first = slots[0]
+    if slots[-1] - first != len(slots) - 1 or slots != list(range(first, first + len(slots))):
+        return None
+    return first
+
+
 def chunked_pass(runner, chunks, rows_of: dict[int, int], trees: dict | None = None) -> PassState:
     """Prompts and multi-token chunks: per-sequence attention over gathered keys; `rows_of[sid]`
     logit rows (the chunk's last ones) for each sequence. `trees[sid]`: a TreeSpec
@@ -84,7 +92,11 @@ def chunked_pass(runner, chunks, rows_of: dict[int, int], trees: dict | None = N
     T, R = len(ids), len(last_rows)
     packed = torch.tensor(ids + positions + slots + last_rows + keys, dtype=torch.long).to(runner.device)
     key_slots = packed[3 * T + R:]
-    segments = [Segment(a, b, past, key_slots[k: k + past + b - a]) for a, b, past, k in spans]
+    # CPU only: views of the pool for consecutive keys (CUDA's prompt kernels are not measured so)
+    cpu = runner.device.type == "cpu"
+    segments = [Segment(a, b, past, key_slots[k: k + past + b - a],
+                        first=consecutive(keys[k: k + past + b - a]) if cpu else None)
+                for a, b, past, k in spans]
     for j, (mask, pos) in masks.items():  # token trees: their masks and key positions
         segments[j].mask = mask.to(runner.device)
         segments[j].positions = pos.to(runner.device)

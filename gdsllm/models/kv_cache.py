@@ -200,6 +200,13 @@ class PagedKVCache:
         self.k[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k.to(self.dtype))
         self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v.to(self.dtype))
 
+    def span(self, layer: int, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at the consecutive slots [first, first + n) as [kv_heads, n,
+        head_dim]: views of the pool, what `gather` copies for such slots."""
+        k = self.k[layer].view(-1, self.kv_heads, self.head_dim)[first:first + n]
+        v = self.v[layer].view(-1, self.kv_heads, self.head_dim)[first:first + n]
+        return k.transpose(0, 1), v.transpose(0, 1)
+
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at `slots` [L] as [kv_heads, L, head_dim] (a copy)."""
         k = self.k[layer].view(-1, self.kv_heads, self.head_dim).index_select(0, slots)

@@ -103,6 +103,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     if fused.usable(x):
         return fused.rms_norm(x, weight, eps, offset)
     in_dtype = x.dtype
+    if in_dtype == torch.float32 == weight.dtype and not offset:
+        # the CPU's: the same ops without the no-op casts, 0.54-0.58 against 0.64-0.69 ms for a
+        # token's 60 norms (benchmarks/bench_cpu_ops.py, best of 20, 2026-12-04, load 2.8-4.4)
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if offset:
@@ -139,6 +143,39 @@ def linear(weights: dict[str, torch.Tensor | QuantWeight], name: str, x: torch.T
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+# Projections of one input that a backend may hold as one weight (the CPU's resident int4:
+# gdsllm.quant.kernels_cpu.FusedInt4, made by gdsllm.engine.host_copies): the fused entry's name
+# -> its parts, in the order of its output columns. The parts stay in the dict.
+FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                       "self_attn.v_proj.weight"),
+         "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+
+def fused_linear(weights: dict, fused: str, x: torch.Tensor) -> torch.Tensor | None:
+    """Where `weights` holds the parts of FUSED[fused] as one weight under that name: x times
+    it, [T, sum of the parts' rows], each part's bias added to its columns. Otherwise None."""
+    w = weights.get(fused)
+    if w is None:
+        return None
+    y = w.linear(x)
+    start = 0
+    for name, size in zip(FUSED[fused], w.sizes):
+        bias = weights.get(name[: -len("weight")] + "bias")
+        if bias is not None:
+            y[..., start:start + size] += bias.to(y.dtype)
+        start += size
+    return y
+
+
+def linears(weights: dict, fused: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """linear(weights, name, x) for each part of FUSED[fused], in one matmul where `weights`
+    holds them fused (fused_linear; the outputs are then views of its result)."""
+    y = fused_linear(weights, fused, x)
+    if y is None:
+        return tuple(linear(weights, n, x) for n in FUSED[fused])
+    return y.split(weights[fused].sizes, dim=-1)
+
+
 def embed(weights: dict[str, torch.Tensor | QuantWeight], ids: torch.Tensor, dtype: torch.dtype,
           scale: float = 1.0) -> torch.Tensor:
     """[T] token ids -> [T, hidden] activations, times `scale` (Gemma: sqrt(hidden), rounded to
@@ -165,8 +202,7 @@ def act_mul(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def gated_mlp(p: LlamaParams, weights: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """down(act(gate(h)) * up(h)): SwiGLU (silu) or GeGLU (tanh GELU), by `p.hidden_act`."""
-    gate = linear(weights, "mlp.gate_proj.weight", h)
-    up = linear(weights, "mlp.up_proj.weight", h)
+    gate, up = linears(weights, "mlp.gate_up_proj.weight", h)
     return linear(weights, "mlp.down_proj.weight", act_mul(p.hidden_act, gate, up))
 
 
@@ -180,14 +216,22 @@ def self_attention(p: LlamaParams, weights: dict[str, torch.Tensor], h: torch.Te
     hd, nh, nkv = p.head_dim, p.num_attention_heads, p.num_key_value_heads
     # The projections run once over all tokens of all sequences: one large matmul per weight
     # is what makes a weight pass serve a whole batch for the price of one.
-    q = linear(weights, "self_attn.q_proj.weight", h).view(T, nh, hd)
-    k = linear(weights, "self_attn.k_proj.weight", h).view(T, nkv, hd)
-    v = linear(weights, "self_attn.v_proj.weight", h).view(T, nkv, hd)
-    if p.qk_norm:
-        off = p.norm_weight_offset
-        q = rms_norm(q, weights["self_attn.q_norm.weight"], p.rms_norm_eps, off)
-        k = rms_norm(k, weights["self_attn.k_norm.weight"], p.rms_norm_eps, off)
-    q, k = apply_rope_qk(q, k, cos, sin)
+    qkv = fused_linear(weights, "self_attn.qkv_proj.weight", h)
+    if qkv is not None and not p.qk_norm:
+        # q and k side by side in one tensor (the CPU's fused int4): one rotary embedding over
+        # both, elementwise as for each: 0.45-0.49 against 0.75-0.82 ms a token over 30 blocks
+        # (benchmarks/bench_cpu_ops.py, best of 20, 2026-12-04, load average 2.8-4.4)
+        qk = apply_rope(qkv[:, : (nh + nkv) * hd].view(T, nh + nkv, hd), cos, sin)
+        q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, (nh + nkv) * hd:].view(T, nkv, hd)
+    else:
+        q, k, v = (linears(weights, "self_attn.qkv_proj.weight", h) if qkv is None
+                   else qkv.split(weights["self_attn.qkv_proj.weight"].sizes, dim=-1))
+        q, k, v = q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd)
+        if p.qk_norm:
+            off = p.norm_weight_offset
+            q = rms_norm(q, weights["self_attn.q_norm.weight"], p.rms_norm_eps, off)
+            k = rms_norm(k, weights["self_attn.k_norm.weight"], p.rms_norm_eps, off)
+        q, k = apply_rope_qk(q, k, cos, sin)
     scale = (p.query_pre_attn_scalar or hd) ** -0.5
     a = attend(batch, layer, q, k, v, scale, p.layer_window(layer), cudnn)
     assert a.shape == (T, nh * hd), a.shape

@@ -49,6 +49,25 @@ on the default model: 28.0420 with float32 copies, 28.0594 (+0.06%) with these.
 Unquantized weights stay float32 on the CPU (gdsllm.engine.host_copies), exact against
 transformers' float32 reference; `LLM(cpu_exact=True)` keeps quantized ones as float32 copies.
 
+Projections that read the same input (q, k and v; gate and up) are multiplied as one int4 matmul
+over their rows concatenated (`FusedInt4`, made by gdsllm.engine.host_copies where the layer
+names them in gdsllm.models.layers.FUSED): bit-identical outputs (the kernel's sum over K per
+output column does not depend on N), one bfloat16 cast of the input, one float32 cast of the
+output and one OpenMP region instead of three or two. The 150 q/k/v/gate/up matmuls of one
+token (benchmarks/bench_cpu_ops.py, best of 20, 2026-12-04, load average 2.8-4.4 from other
+jobs): 2.64-3.22 ms as five PackedInt4 a block against 1.93-2.07 ms as two FusedInt4 with 2
+threads, 3.70 against 3.12 ms with 1 thread. `LLM` decode of the default model with this, the
+joint rotary embedding and the float32 RMSNorm path (gdsllm.models.layers) and the KV views
+(gdsllm.models.attention.Segment.first), against none of them, interleaved in one process,
+1 thread, 6 rounds of 64 tokens, load average 3.6-3.8: median 63.1 against 57.9 tokens/s.
+
+Not taken: the resident copies in transparent huge pages (anonymous 2 MiB-aligned mappings
+marked MADV_HUGEPAGE; /dev/shm has none here, shmem_enabled is `never`). The same 210 matmuls
+and the head from such memory against torch's 4 KiB pages, 1 thread, best of 20-30: 4.50-4.77
+against 4.65-4.86 ms (blocks), 2.22-2.39 against 2.16-2.33 ms (head), 7.13 against 7.56 ms
+(all, load average 4.2); `LLM` decode as above: median 63.1 with them against 63.8 tokens/s
+without. Within the noise of the shared machine: no gain shown, so no second allocator.
+
 A streamed unit would need its repack on every load, the cost of a dequantize: `linear` makes
 one temporary float copy of ONE weight, freed after its matmul (QuantWeight.dequantize runs in
 place on it), float32 math as the reference.
@@ -104,6 +123,42 @@ class PackedInt4(QuantWeight):
         q = unpack_int4(w.data, w.shape).to(torch.int32)
         return cls(w.qtype, w.shape, w.group_size, w.data, w.scales,
                    torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed,
+                                                       self.group_size, self.scales)
+        return y.to(x.dtype)
+
+
+def fusable(parts: list) -> bool:
+    """Whether these weights can be held as one `FusedInt4` (int4 with the kernel, one K and group)."""
+    return INT4_KERNEL and all(
+        isinstance(w, QuantWeight) and w.qtype == "int4" and w.shape[1] == parts[0].shape[1]
+        and w.group_size == parts[0].group_size for w in parts)
+
+
+def fused_nbytes(parts: list[QuantWeight]) -> int:
+    """Bytes `FusedInt4.of(parts)` allocates: the repacked rows and the concatenated scales."""
+    return sum(resident_nbytes(w) + w.scales.nbytes for w in parts)
+
+
+@dataclass
+class FusedInt4:
+    """Int4 weights that multiply the same input, repacked as one [sum N, K] weight for
+    `_weight_int4pack_mm_for_cpu` (module docstring); `linear` returns [T, sum N], the parts'
+    outputs side by side in the order given (`sizes` columns each)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, parts: list[QuantWeight]) -> "FusedInt4":
+        q = torch.cat([unpack_int4(w.data, w.shape) for w in parts]).to(torch.int32)
+        return cls(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2),
+                   torch.cat([w.scales for w in parts], dim=1), parts[0].group_size,
+                   tuple(w.shape[0] for w in parts))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed,
