@@ -35,7 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_CHILDREN = 64  # children considered per expanded node (the draft's top tokens)
+MAX_CHILDREN = 1024  # children considered per expanded node (the draft's top tokens): as many as
+# a tree may hold, so that a draft that is unsure gets a wide first level (a weak draft's token is
+# in its top 64 half the time, in its top 1024 two times in three: bench_tree.py's CPU table)
 
 
 @dataclass
@@ -189,13 +191,32 @@ class Calibration:
         b = rank_bucket(rank)
         return self._rate((b, prob_bucket(q)), self._rate((b,), q, self.PRIOR), self.WEIGHT)
 
+    def estimates(self, q: torch.Tensor) -> torch.Tensor:
+        """`estimate` of every entry of q [rows, k] (column j: rank j + 1), at once."""
+        k = q.shape[-1]
+        buckets = rank_bucket(k) + 1
+        a1, n1 = torch.zeros(buckets), torch.zeros(buckets)
+        a2, n2 = torch.zeros(buckets, 8), torch.zeros(buckets, 8)
+        for key, n in self.trials.items():
+            if key[0] < buckets:
+                (n1 if len(key) == 1 else n2)[key] = n
+                (a1 if len(key) == 1 else a2)[key] = self.accepted.get(key, 0.0)
+        b = torch.tensor([rank_bucket(r) for r in range(1, k + 1)])
+        qb = torch.where(q < 1 / 128, 7, torch.floor(-torch.log2(q.clamp_min(1e-30))).clamp(0, 7)).long()
+        b2 = b.expand_as(qb)
+        rank_rate = (a1[b] + self.PRIOR * q) / (n1[b] + self.PRIOR)
+        return (a2[b2, qb] + self.WEIGHT * rank_rate) / (n2[b2, qb] + self.WEIGHT)
+
     def best_rate(self) -> float:
         """The highest estimate any child can get (a bound for expanding: children never score
-        above their parent times this)."""
+        above their parent times this). A child of rank r has q <= 1 / r: a bucket of ranks from
+        r on reaches neither a higher q nor a higher probability bucket."""
         best = 0.0
         for b in range(1, rank_bucket(MAX_CHILDREN) + 1):
-            top = self._rate((b,), 1.0, self.PRIOR)  # q <= 1
-            best = max(best, *(self._rate((b, qb), top, self.WEIGHT) for qb in range(8)))
+            first = b if b <= 4 else 1 << (b - 3)  # the bucket's best rank
+            top = self._rate((b,), 1.0 / first, self.PRIOR)
+            qmin = prob_bucket(1.0 / first)
+            best = max(best, *(self._rate((b, qb), top, self.WEIGHT) for qb in range(qmin, 8)))
         return max(1e-12, min(1.0, best))
 
     def observe(self, parents: list[int], ranks: list[int], qs: list[float], path: list[int]) -> None:
@@ -238,23 +259,32 @@ class TreeBuilder:
 
     def add_children(self, nodes: list[int], probs: torch.Tensor) -> None:
         """The likeliest children of each of `nodes` (-1: the root) from the draft's
-        distributions probs [len(nodes), vocab] (one top-k and one copy to the host)."""
+        distributions probs [len(nodes), vocab]: one top-k, the scores computed together, and
+        only the children that could still be among the `size` best nodes kept (a node's
+        score only falls behind as more nodes come), one copy of those to the host."""
         k = min(self.size, MAX_CHILDREN, probs.shape[-1])
         top = torch.topk(probs.float(), k, dim=-1)
-        cal = self.calibration
-        for node, values, tokens in zip(nodes, top.values.tolist(), top.indices.tolist()):
-            base = 0.0 if node < 0 else self.logp[node]
-            for rank, (pr, tok) in enumerate(zip(values, tokens), 1):
-                if pr <= 0:
-                    break
-                est = pr if cal is None else cal.estimate(rank, pr)
-                if est <= 0:
-                    continue
-                self.tokens.append(int(tok))
-                self.parents.append(node)
-                self.logp.append(base + math.log(min(1.0, est)))
-                self.ranks.append(rank)
-                self.qs.append(pr)
+        q = top.values.cpu()
+        est = q if self.calibration is None else self.calibration.estimates(q)
+        base = torch.tensor([0.0 if n < 0 else self.logp[n] for n in nodes])
+        score = base[:, None] + torch.log(est.clamp(max=1.0))
+        score[(q <= 0) | (est <= 0)] = -math.inf
+        flat = score.reshape(-1)
+        # the size-th best of the nodes so far and these children: nothing below it ever enters
+        pool = torch.cat([torch.tensor(self.logp), flat]) if self.logp else flat
+        if pool.numel() > self.size:
+            cut = float(torch.topk(pool, self.size).values[-1])
+            keep = torch.nonzero((flat >= cut) & (flat > -math.inf)).reshape(-1)
+        else:
+            keep = torch.nonzero(flat > -math.inf).reshape(-1)
+        rows, cols = (keep // k).tolist(), (keep % k).tolist()  # ascending: node, then rank
+        toks = top.indices.reshape(-1)[keep.to(top.indices.device)].tolist()
+        for r, c, tok, lp, pr in zip(rows, cols, toks, flat[keep].tolist(), q.reshape(-1)[keep].tolist()):
+            self.tokens.append(int(tok))
+            self.parents.append(nodes[r])
+            self.logp.append(lp)
+            self.ranks.append(c + 1)
+            self.qs.append(pr)
 
     def _best(self) -> list[int]:
         """The `size` likeliest nodes, best first (ties: the older node first)."""
