@@ -271,7 +271,7 @@ def test_service_greedy_with_trees_equals_llm(kind, models, reference, monkeypat
         assert got == reference[:len(got)]
         one = c.generate(texts[0], max_tokens=24, temperature=0, ignore_eos=True, draft_tree=64)
         assert one.token_ids == reference[0]
-        with pytest.raises(ServiceError, match="draft_tree must be 0 to 1024"):
+        with pytest.raises(ServiceError, match="draft_tree must be 0 to 4096"):
             c.generate(texts[0], max_tokens=4, draft_tree=5000)
         m = s.svc.coordinator.metrics
         assert m.draft_tokens._value.get() > 0

@@ -33,7 +33,7 @@ from __future__ import annotations
 DECAY = 0.7  # weight of the past per step: about the last 3 steps count
 PRIOR = (0.7, 1.0)  # (acceptance, weight in events) before a sequence has been observed
 RATIO_DECAY = 0.8
-TREE_MIN, TREE_MAX, TREE_DEFAULT, TREE_SCALE = 4, 1024, 64, 2.0
+TREE_MIN, TREE_MAX, TREE_DEFAULT, TREE_SCALE = 4, 2048, 64, 2.0
 COST_DECAY = 0.95  # weight of the past in the pass-cost fit: about the last 20 passes
 MIN_SPREAD = 4.0  # tokens: the weighted standard deviation of the passes' sizes a fit needs
 

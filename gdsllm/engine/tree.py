@@ -35,9 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_CHILDREN = 1024  # children considered per expanded node (the draft's top tokens): as many as
-# a tree may hold, so that a draft that is unsure gets a wide first level (a weak draft's token is
-# in its top 64 half the time, in its top 1024 two times in three: bench_tree.py's CPU table)
+MAX_CHILDREN = 4096  # children considered per expanded node (the draft's top tokens): as many as
+# a tree may hold (gdsllm.engine.sampling.MAX_DRAFT_TREE), so that a draft that is unsure gets a
+# wide first level (an early exit of SmolLM2 at 8 layers has the target's token in its top 64 46%
+# of the time, in its top 1024 65%, in its top 4096 78%: docs/BENCHMARKS.md)
 
 
 @dataclass
@@ -116,25 +117,37 @@ def accept_tree_greedy(rows: torch.Tensor, tokens: list[int], parents: list[int]
 def accept_tree_sampled(rows: torch.Tensor, tokens: list[int], parents: list[int], sampler
                         ) -> tuple[list[int], list[int]]:
     """As accept_tree_greedy for a sampled request (module docstring: multi-step speculative
-    sampling with point-mass proposals); every draw from the request's generator."""
+    sampling with point-mass proposals); every draw from the request's generator. After the
+    children x_1 .. x_j-1 were rejected the target's distribution is p without them,
+    renormalized, so child x_j is accepted with probability p(x_j) / (1 - p(x_1) - ... -
+    p(x_j-1)): one copy of the children's p and of their uniforms to the host per node."""
     probs = sampler.probs(rows)
     kids = _children(parents)
     node, path = -1, []
     while True:
         p, nxt = probs[node + 1], None
-        for c in kids.get(node, ()):
-            x = tokens[c]
-            if sampler.uniform(p.device) < float(p[x]):  # u < p(x) / q(x), q = 1 at x
+        children = kids.get(node, [])
+        xs = [tokens[c] for c in children]
+        px = p[torch.tensor(xs, device=p.device)].tolist() if xs else []
+        left = float(p.sum())
+        rejected = 0
+        us = (torch.rand(len(xs), generator=sampler.rng(p.device), device=p.device).tolist()
+              if xs else [])  # one uniform per child, drawn together (independent all the same)
+        for c, pxc, u in zip(children, px, us):
+            if u < pxc / left:  # u < p(x) / q(x), q = 1 at x
                 nxt = c
                 break
-            rest = p.clone()  # normalize(max(0, p - q)): p without x
-            rest[x] = 0.0
-            mass = float(rest.sum())
-            if mass <= 0:  # rounding: x held all the mass yet was rejected; p draws x
+            if left - pxc <= 0:  # rounding: x held all the mass yet was rejected; p draws x
                 break
-            p = rest / mass
+            left -= pxc
+            rejected += 1
         if nxt is None:
-            return path, [tokens[i] for i in path] + [sampler.draw(p)]
+            rest = p
+            if rejected:  # normalize(max(0, p - q)) after each rejection: p without them
+                rest = p.clone()
+                rest[torch.tensor(xs[:rejected], device=p.device)] = 0.0
+                rest = rest / rest.sum()
+            return path, [tokens[i] for i in path] + [sampler.draw(rest)]
         path.append(nxt)
         node = nxt
 
