@@ -123,19 +123,17 @@ def run(model: Path, device: str, budget: int, n: int, **kw) -> dict:
 
 
 def disk_rate(files: list[Path], limit: int) -> dict:
-    """The drive's GB/s: O_DIRECT reads of the first `limit` bytes' worth of `files`, 32 requests in
-    flight (gdsllm.service.benchmark.storage_ceiling, bench_7b's ceiling), after dropping the page
-    cache where allowed (O_DIRECT bypasses it anyway)."""
-    from gdsllm.service.benchmark import drop_caches, storage_ceiling
+    """The drive's GB/s: O_DIRECT reads (no page cache) of the first `limit` bytes' worth of
+    `files`, 32 requests in flight (gdsllm.service.benchmark.storage_ceiling, bench_7b's ceiling)."""
+    from gdsllm.service.benchmark import storage_ceiling
     pick, total = [], 0
     for f in files:
         if total >= limit:
             break
         pick.append(f)
         total += f.stat().st_size
-    dropped = drop_caches()
     rate, nbytes = storage_ceiling(pick, threads=32)
-    return {"disk_gb_per_s": rate / 1e9, "disk_bytes_read": nbytes, "page_cache_dropped": dropped}
+    return {"disk_gb_per_s": rate / 1e9, "disk_bytes_read": nbytes}
 
 
 def big_row(a, tokens_per_pass: dict) -> dict:
@@ -160,6 +158,8 @@ def big_row(a, tokens_per_pass: dict) -> dict:
     with LLM(str(d), device=a.device, vram_budget=budget) as llm:
         streamed = [meta.units[u] for u in llm.plan.streamed]
         nbytes = sum(u.nbytes for u in streamed)
+        if not streamed:
+            raise ValueError(f"nothing streams at --big-budget {a.big_budget}: lower it")
         out.update(streamed_units=len(streamed), resident_units=len(llm.plan.resident_offsets),
                    streamed_bytes_per_pass=nbytes)
         out.update(disk_rate([meta.path(u) for u in streamed], a.big_disk_bytes))

@@ -179,15 +179,17 @@ def test_calibrated_tree_follows_the_ranks_the_target_accepts():
     """An early exit that ranks one token first with confidence and is never right there, its
     second token usually is: by the draft's probabilities the tree follows the top tokens (0, then
     0 under it); calibrated by the acceptance measured per rank it follows the second-ranked
-    children (1, then 1 under it) and keeps the top one only beside them."""
+    children (1, then 1 under it); beside them the third-ranked root child (2), not the top one:
+    both were rejected ten times in ten, but the third rank's rate is shrunk towards the second
+    rank's (Calibration.floor), the first's towards its q."""
     cal = Calibration()
     assert cal.estimate(1, 0.9) == pytest.approx(0.9)  # nothing observed: the draft's own q
     for _ in range(10):  # rank 1 always rejected, the rank-2 child accepted
         cal.observe([-1, -1, -1, 0], [1, 2, 3, 1], [0.9, 0.04, 0.03, 0.9], [1])
     assert cal.trials[(rank_bucket(1),)] == 10 and cal.accepted.get((rank_bucket(1),), 0) == 0
-    assert cal.estimate(1, 0.9) < 0.2 < cal.estimate(2, 0.05)
+    assert cal.estimate(1, 0.9) < cal.estimate(3, 0.03) < 0.2 < cal.estimate(2, 0.05)
     root = torch.tensor([[0.9, 0.04, 0.03, 0.02, 0.01]])
-    for c, want in ((None, ([0, 0, 1], [-1, 0, 0])), (cal, ([0, 1, 1], [-1, -1, 1]))):
+    for c, want in ((None, ([0, 0, 1], [-1, 0, 0])), (cal, ([1, 2, 1], [-1, -1, 0]))):
         b = TreeBuilder(3, c)
         b.add_children([-1], root)
         nodes = b.to_expand(8)
