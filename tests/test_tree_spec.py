@@ -199,6 +199,27 @@ def test_calibrated_tree_follows_the_ranks_the_target_accepts():
         assert b.tree()[:2] == want
 
 
+def test_calibration_judges_every_rank_of_an_accepted_node():
+    """observe_top: each of an accepted node's top-k children is a trial whether the tree held it
+    or not, the target's token a success; the builder keeps the top-k of each node it expands, so
+    ranks no tree held are measured too (and a rank no tree held can rise into the tree)."""
+    cal = Calibration()
+    q = torch.cat([torch.tensor([0.5, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01]),
+                   torch.linspace(1.5e-3, 1e-4, 56)])  # descending, no ties
+    for _ in range(20):
+        cal.observe_top(q, 40)  # the target's token is always the draft's 40th
+    cal.observe_top(q, None)  # beyond the draft's top 64: a trial for every rank, no success
+    b40 = rank_bucket(40)
+    assert cal.trials[(1,)] == 21 and cal.accepted.get((1,), 0) == 0
+    assert cal.trials[(b40,)] == 21 * 32 and cal.accepted[(b40,)] == 20
+    assert cal.estimate(40, float(q[39])) > cal.estimate(1, 0.5)
+    b = TreeBuilder(4, cal)
+    b.add_children([-1], q[None])
+    tokens, parents, _ = b.tree()
+    assert set(range(32, 64)) & set(tokens) and set(b.tops) == {-1}
+    assert torch.equal(b.tops[-1][0], q) and b.tops[-1][1].tolist() == list(range(64))
+
+
 def test_ngram_tree_is_a_trie_of_every_continuation():
     d = NgramDraft(300)
     s = Sampler(SamplingParams(temperature=0))

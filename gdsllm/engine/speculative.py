@@ -289,8 +289,12 @@ class Speculator:
             if prop.parents is not None:  # the path's keys and values behind the prefix
                 target.compact(sid, start, [start + i for i in path])
                 self.draft.keep(sid, start, path)
-                if prop.ranks is not None and (s.params.greedy or s.params.seed is None):
-                    self.calibration.observe(prop.parents, prop.ranks, prop.qs, path)
+                if prop.tops is not None and (s.params.greedy or s.params.seed is None):
+                    for node, tok in zip([-1] + path, toks):  # toks[i]: the target's after node i
+                        if node in prop.tops:
+                            q, ids = prop.tops[node]
+                            hit = torch.nonzero(ids == tok).reshape(-1)
+                            self.calibration.observe_top(q, int(hit[0]) + 1 if hit.numel() else None)
                 st.tree_passes += 1
                 st.tree_nodes += len(prop.tokens)
                 drafted = 1 + max(depths(prop.parents), default=-1)

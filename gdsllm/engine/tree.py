@@ -192,7 +192,9 @@ class Calibration:
 
         cal = Calibration()
         cal.estimate(rank=1, q=0.9)                     # 0.9 until observed
-        cal.observe(parents, ranks, qs, path)           # a verified tree and its accepted path
+        cal.observe_top(q_top, target_rank)            # at an accepted node: the draft's top
+                                                        # probabilities, the target's token's rank
+        cal.observe(parents, ranks, qs, path)           # or: a verified tree, its accepted path
     """
 
     PRIOR = 2.0  # acceptances the prior of a rank's rate is worth
@@ -263,6 +265,26 @@ class Calibration:
                         self.accepted[key] = self.accepted.get(key, 0.0) + 1.0
 
 
+    def observe_top(self, q: torch.Tensor, target_rank: int | None) -> None:
+        """An accepted node (or the root) whose draft distribution had top probabilities q [k]
+        (descending): each of its k likeliest children was a trial, whether or not the tree held
+        it; the one the target emitted after the node (its rank, None if beyond k) a success
+        (for a sampled request, child x is accepted with probability p(x), so the same).
+        Measured this way every rank is judged each pass, not only the ranks trees hold."""
+        k = q.numel()
+        b = torch.tensor([rank_bucket(r) for r in range(1, k + 1)])
+        qb = torch.where(q < 1 / 128, 7, torch.floor(-torch.log2(q.clamp_min(1e-30))).clamp(0, 7)).long()
+        n1 = torch.bincount(b)
+        n2 = torch.bincount(b * 8 + qb)
+        for key, n in [((int(i),), int(x)) for i, x in enumerate(n1.tolist()) if x] + \
+                [((int(i) // 8, int(i) % 8), int(x)) for i, x in enumerate(n2.tolist()) if x]:
+            self.trials[key] = self.trials.get(key, 0.0) + n
+        if target_rank is not None and 1 <= target_rank <= k:
+            rb = rank_bucket(target_rank)
+            for key in ((rb,), (rb, int(qb[target_rank - 1]))):
+                self.accepted[key] = self.accepted.get(key, 0.0) + 1.0
+
+
 class TreeBuilder:
     """One sequence's best-first tree (module docstring) while the draft expands it.
 
@@ -284,19 +306,25 @@ class TreeBuilder:
         self.tokens: list[int] = []
         self.parents: list[int] = []
         self.logp: list[float] = []
-        self.ranks: list[int] = []  # 1: the parent's likeliest draft token
-        self.qs: list[float] = []  # the draft's probability of the node's token after its parent
         self.fed: list[int] = []  # nodes the draft has run, in its cache order
+        self.tops: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # expanded node (-1: the
+        # root) -> the draft's top probabilities and tokens after it (host tensors [k])
 
     def add_children(self, nodes: list[int], probs: torch.Tensor) -> None:
         """The likeliest children of each of `nodes` (-1: the root) from the draft's
         distributions probs [len(nodes), vocab]: one top-k, the scores computed together, and
         only the children that could still be among the `size` best nodes kept (a node's
         score only falls behind as more nodes come), one copy of those to the host."""
-        k = min(self.size, MAX_CHILDREN, probs.shape[-1])
+        # uncalibrated, a child past rank `size` never outscores the `size` before it; calibrated
+        # it may (the estimates need not fall with the rank)
+        k = min(MAX_CHILDREN if self.calibration is not None else self.size, probs.shape[-1])
         top = torch.topk(probs.float(), k, dim=-1)
         q = top.values.cpu()
         est = q if self.calibration is None else self.calibration.estimates(q)
+        if self.calibration is not None:
+            ids = top.indices.cpu()
+            for i, n in enumerate(nodes):
+                self.tops[n] = (q[i], ids[i])
         base = torch.tensor([0.0 if n < 0 else self.logp[n] for n in nodes])
         score = base[:, None] + torch.log(est.clamp(max=1.0))
         score[(q <= 0) | (est <= 0)] = -math.inf
@@ -308,14 +336,12 @@ class TreeBuilder:
             keep = torch.nonzero((flat >= cut) & (flat > -math.inf)).reshape(-1)
         else:
             keep = torch.nonzero(flat > -math.inf).reshape(-1)
-        rows, cols = (keep // k).tolist(), (keep % k).tolist()  # ascending: node, then rank
+        rows = (keep // k).tolist()  # ascending: node, then rank
         toks = top.indices.reshape(-1)[keep.to(top.indices.device)].tolist()
-        for r, c, tok, lp, pr in zip(rows, cols, toks, flat[keep].tolist(), q.reshape(-1)[keep].tolist()):
+        for r, tok, lp in zip(rows, toks, flat[keep].tolist()):
             self.tokens.append(int(tok))
             self.parents.append(nodes[r])
             self.logp.append(lp)
-            self.ranks.append(c + 1)
-            self.qs.append(pr)
 
     def _best(self) -> list[int]:
         """The `size` likeliest nodes, best first (ties: the older node first)."""
