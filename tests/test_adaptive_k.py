@@ -57,9 +57,9 @@ def test_k_shrinks_on_rejections_and_grows_back():
 def test_tree_size_follows_how_a_pass_grows_with_its_tokens():
     """The fit of seconds = a + b * tokens over timed passes (the first carries the prompt, the
     others 1 + T): a streamed pass (a large, b tiny) gets TREE_MAX nodes, a compute-bound one
-    (b large against a) TREE_MIN, in between a / b; no fit until the sizes differ."""
+    (b large against a) TREE_MIN, in between a quarter of a / b; no fit until the sizes differ."""
     assert tree_size(None) == TREE_DEFAULT and tree_size(1e-6) == TREE_MAX and tree_size(0.5) == TREE_MIN
-    for a, b, want in ((0.5, 1e-7, TREE_MAX), (0.2, 0.001, 200), (0.001, 0.01, TREE_MIN)):
+    for a, b, want in ((0.5, 1e-7, TREE_MAX), (0.2, 0.001, 50), (0.001, 0.01, TREE_MIN)):
         ak = AdaptiveK()
         ak.timing(0.001, 1, a + b * 65, target_tokens=65)
         assert ak.pass_cost() is None  # one size: no fit

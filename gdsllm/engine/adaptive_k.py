@@ -21,9 +21,10 @@ Token trees (gdsllm.engine.tree) take their size T from how a target pass's time
 tokens it scores (`tree_size`). Every timed pass gives (seconds, tokens); `pass_cost` fits
 seconds = a + b * tokens to them (an exponentially weighted least-squares line): a is what a pass
 costs whatever it scores (the weights it streams or reads), b what each more token costs (compute).
-T = a / b: a tree may cost up to one more pass's fixed cost in compute. A streamed target on a GPU
-(a in tens of milliseconds to seconds, b microseconds) gets TREE_MAX nodes; a resident one where
-compute dominates (b large against a: a CPU, a big model resident) a few. Until the passes differ
+T = TREE_COST_SHARE * a / b: verifying the tree may add a quarter of the pass's fixed cost (a tree's
+last nodes add little: each is accepted rarely). A streamed target on a GPU (a in tens of
+milliseconds to seconds, b microseconds) gets TREE_MAX nodes; one where compute dominates (b large
+against a: a CPU, a big model resident) a few. Until the passes differ
 enough in tokens for a fit (the first one carries the prompt), T comes from the draft / target
 pass cost ratio, TREE_SCALE / ratio, and before any pass was timed (and for prompt lookup, which
 times no draft pass) it is TREE_DEFAULT; always within [TREE_MIN, TREE_MAX].
@@ -34,6 +35,7 @@ DECAY = 0.7  # weight of the past per step: about the last 3 steps count
 PRIOR = (0.7, 1.0)  # (acceptance, weight in events) before a sequence has been observed
 RATIO_DECAY = 0.8
 TREE_MIN, TREE_MAX, TREE_DEFAULT, TREE_SCALE = 4, 2048, 64, 2.0
+TREE_COST_SHARE = 0.25  # of a pass's fixed cost that verifying a tree may add
 COST_DECAY = 0.95  # weight of the past in the pass-cost fit: about the last 20 passes
 MIN_SPREAD = 4.0  # tokens: the weighted standard deviation of the passes' sizes a fit needs
 
@@ -43,7 +45,7 @@ def tree_size(ratio: float | None, cost: tuple[float, float] | None = None) -> i
     target-pass cost ratio (module docstring)."""
     if cost is not None:
         a, b = cost
-        t = TREE_MAX if b <= 0 else a / b
+        t = TREE_MAX if b <= 0 else TREE_COST_SHARE * a / b
     elif ratio is None:
         return TREE_DEFAULT
     else:
