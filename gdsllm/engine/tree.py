@@ -29,7 +29,6 @@ what is left. Each emitted token is then distributed exactly as the target's sam
 """
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 
@@ -39,6 +38,7 @@ MAX_CHILDREN = 4096  # children considered per expanded node (the draft's top to
 # a tree may hold (gdsllm.engine.sampling.MAX_DRAFT_TREE), so that a draft that is unsure gets a
 # wide first level (an early exit of SmolLM2 at 8 layers has the target's token in its top 64 46%
 # of the time, in its top 1024 65%, in its top 4096 78%: docs/BENCHMARKS.md)
+DEEP_CHILDREN = 256  # children considered per expanded node below the root (calibrated trees)
 
 
 @dataclass
@@ -171,6 +171,17 @@ def prob_bucket(q: float) -> int:
     return 7 if q < 1 / 128 else min(7, max(0, int(-math.log2(max(q, 1e-30)))))
 
 
+def rank_buckets(k: int, device) -> torch.Tensor:
+    """rank_bucket of ranks 1..k, as a long tensor on `device`."""
+    r = torch.arange(1, k + 1, device=device)
+    return torch.where(r <= 4, r, 2 + torch.floor(torch.log2((r - 1).double())).long() + 1)
+
+
+def prob_buckets(q: torch.Tensor) -> torch.Tensor:
+    """prob_bucket of every entry of q, as a long tensor."""
+    return torch.where(q < 1 / 128, 7, torch.floor(-torch.log2(q.clamp_min(1e-30))).clamp(0, 7)).long()
+
+
 class Calibration:
     """How often the target accepts a child of an accepted node, by the child's rank among its
     parent's draft tokens and its draft probability (Sequoia's acceptance vector, measured as
@@ -231,10 +242,11 @@ class Calibration:
             if key[0] < buckets:
                 (n1 if len(key) == 1 else n2)[key] = n
                 (a1 if len(key) == 1 else a2)[key] = self.accepted.get(key, 0.0)
-        b = torch.tensor([rank_bucket(r) for r in range(1, k + 1)])
-        qb = torch.where(q < 1 / 128, 7, torch.floor(-torch.log2(q.clamp_min(1e-30))).clamp(0, 7)).long()
-        b2 = b.expand_as(qb)
         floor = torch.tensor([self.floor(i) for i in range(buckets)])
+        a1, n1, a2, n2, floor = (t.to(q.device) for t in (a1, n1, a2, n2, floor))
+        b = rank_buckets(k, q.device)
+        qb = prob_buckets(q)
+        b2 = b.expand_as(qb)
         prior = torch.maximum(q, floor[b])
         rank_rate = (a1[b] + self.PRIOR * prior / prior.clamp_min(self.MIN_PRIOR)) / (
             n1[b] + self.PRIOR / prior.clamp_min(self.MIN_PRIOR))
@@ -271,9 +283,10 @@ class Calibration:
         it; the one the target emitted after the node (its rank, None if beyond k) a success
         (for a sampled request, child x is accepted with probability p(x), so the same).
         Measured this way every rank is judged each pass, not only the ranks trees hold."""
+        q = q.cpu()
         k = q.numel()
-        b = torch.tensor([rank_bucket(r) for r in range(1, k + 1)])
-        qb = torch.where(q < 1 / 128, 7, torch.floor(-torch.log2(q.clamp_min(1e-30))).clamp(0, 7)).long()
+        b = rank_buckets(k, q.device)
+        qb = prob_buckets(q)
         n1 = torch.bincount(b)
         n2 = torch.bincount(b * 8 + qb)
         for key, n in [((int(i),), int(x)) for i, x in enumerate(n1.tolist()) if x] + \
@@ -316,28 +329,30 @@ class TreeBuilder:
         only the children that could still be among the `size` best nodes kept (a node's
         score only falls behind as more nodes come), one copy of those to the host."""
         # uncalibrated, a child past rank `size` never outscores the `size` before it; calibrated
-        # it may (the estimates need not fall with the rank)
-        k = min(MAX_CHILDREN if self.calibration is not None else self.size, probs.shape[-1])
+        # it may (the estimates need not fall with the rank): MAX_CHILDREN at the root, fewer below
+        # it, where a child scores its parent's score times its own (< 0.1 for a weak draft)
+        wide = MAX_CHILDREN if nodes == [-1] else DEEP_CHILDREN
+        k = min(wide if self.calibration is not None else self.size, probs.shape[-1])
+        dev = probs.device  # scored where the draft's probabilities are; only the kept go to the host
         top = torch.topk(probs.float(), k, dim=-1)
-        q = top.values.cpu()
+        q = top.values
         est = q if self.calibration is None else self.calibration.estimates(q)
         if self.calibration is not None:
-            ids = top.indices.cpu()
             for i, n in enumerate(nodes):
-                self.tops[n] = (q[i], ids[i])
-        base = torch.tensor([0.0 if n < 0 else self.logp[n] for n in nodes])
+                self.tops[n] = (q[i], top.indices[i])
+        base = torch.tensor([0.0 if n < 0 else self.logp[n] for n in nodes], device=dev)
         score = base[:, None] + torch.log(est.clamp(max=1.0))
         score[(q <= 0) | (est <= 0)] = -math.inf
         flat = score.reshape(-1)
         # the size-th best of the nodes so far and these children: nothing below it ever enters
-        pool = torch.cat([torch.tensor(self.logp), flat]) if self.logp else flat
+        pool = torch.cat([torch.tensor(self.logp, device=dev), flat]) if self.logp else flat
         if pool.numel() > self.size:
-            cut = float(torch.topk(pool, self.size).values[-1])
+            cut = torch.topk(pool, self.size).values[-1]
             keep = torch.nonzero((flat >= cut) & (flat > -math.inf)).reshape(-1)
         else:
             keep = torch.nonzero(flat > -math.inf).reshape(-1)
         rows = (keep // k).tolist()  # ascending: node, then rank
-        toks = top.indices.reshape(-1)[keep.to(top.indices.device)].tolist()
+        toks = top.indices.reshape(-1)[keep].tolist()
         for r, tok, lp in zip(rows, toks, flat[keep].tolist()):
             self.tokens.append(int(tok))
             self.parents.append(nodes[r])
@@ -345,7 +360,10 @@ class TreeBuilder:
 
     def _best(self) -> list[int]:
         """The `size` likeliest nodes, best first (ties: the older node first)."""
-        return heapq.nsmallest(self.size, range(len(self.tokens)), key=lambda i: (-self.logp[i], i))
+        if not self.logp:
+            return []
+        order = torch.sort(-torch.tensor(self.logp, dtype=torch.float64), stable=True).indices
+        return order[: self.size].tolist()
 
     def to_expand(self, limit: int) -> list[int]:
         """Up to `limit` nodes to run through the draft next: unexpanded nodes of the best
