@@ -17,7 +17,8 @@ log-probability of its path; the T likeliest nodes form the tree (a node's child
 likelier than it, so those T are closed under parents), and only nodes whose children could still
 enter the T best are expanded, one batched draft pass per level. A node's probability is the
 draft's own until trees have been verified, then the acceptance measured for children of its rank
-and draft probability (`Calibration`, Sequoia's acceptance vector): a draft whose confident top
+and draft probability (`Calibration`, Sequoia's acceptance vector, measured at every rank of the
+draft's top 4096 whether a tree held it or not): a draft whose confident top
 token is often wrong (an untrained early exit) gets wide trees, a calibrated one deep trees.
 
 Acceptance: greedy walks from the root while a child carries the target's argmax (the output is
