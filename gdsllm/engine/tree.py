@@ -39,7 +39,7 @@ MAX_CHILDREN = 4096  # children considered per expanded node (the draft's top to
 # a tree may hold (gdsllm.engine.sampling.MAX_DRAFT_TREE), so that a draft that is unsure gets a
 # wide first level (an early exit of SmolLM2 at 8 layers has the target's token in its top 64 46%
 # of the time, in its top 1024 65%, in its top 4096 78%: docs/BENCHMARKS.md)
-DEEP_CHILDREN = 256  # children considered per expanded node below the root (calibrated trees)
+DEEP_CHILDREN = 1024  # children considered per expanded node below the root (calibrated trees)
 
 
 @dataclass
