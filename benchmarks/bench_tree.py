@@ -196,7 +196,9 @@ def big_row(a, tokens_per_pass: dict) -> dict:
     if tokens_per_pass:
         best = max(tokens_per_pass, key=tokens_per_pass.get)
         out.update(best_draft=best, tokens_per_pass=tokens_per_pass[best],
-                   tokens_per_s_at_7gbps=tokens_per_pass[best] / out["s_per_pass_at_7gbps"])
+                   tokens_per_s_at_7gbps=tokens_per_pass[best] / out["s_per_pass_at_7gbps"],
+                   tokens_per_s_at_7gbps_by_run={k: v / out["s_per_pass_at_7gbps"]
+                                                 for k, v in tokens_per_pass.items()})
     return out
 
 
