@@ -7,7 +7,7 @@ import pytest
 
 from gdsllm import LLM, SamplingParams
 from gdsllm.convert.synth import synth
-from gdsllm.engine.adaptive_k import AdaptiveK, best_k, expected_tokens
+from gdsllm.engine.adaptive_k import TREE_DEFAULT, TREE_MAX, TREE_MIN, AdaptiveK, best_k, expected_tokens, tree_size
 from gdsllm.service.client import Client
 from service_helpers import Service
 from spec_helpers import greedy, one_thread  # noqa: F401  (one_thread: an autouse fixture)
@@ -52,6 +52,23 @@ def test_k_shrinks_on_rejections_and_grows_back():
         assert steps < 10
     ak.release(1)
     assert ak.acceptance(1) == ak.prior[0]
+
+
+def test_tree_size_follows_how_a_pass_grows_with_its_tokens():
+    """The fit of seconds = a + b * tokens over timed passes (the first carries the prompt, the
+    others 1 + T): a streamed pass (a large, b tiny) gets TREE_MAX nodes, a compute-bound one
+    (b large against a) TREE_MIN, in between a quarter of a / b; no fit until the sizes differ."""
+    assert tree_size(None) == TREE_DEFAULT and tree_size(1e-6) == TREE_MAX and tree_size(0.5) == TREE_MIN
+    for a, b, want in ((0.5, 1e-7, TREE_MAX), (0.2, 0.001, 50), (0.001, 0.01, TREE_MIN)):
+        ak = AdaptiveK()
+        ak.timing(0.001, 1, a + b * 65, target_tokens=65)
+        assert ak.pass_cost() is None  # one size: no fit
+        ak.timing(0.001, 1, a + b * 300, target_tokens=300)  # a prompt of 236 and the tree
+        for _ in range(30):
+            ak.timing(0.001, 1, a + b * 65, target_tokens=65)
+        fa, fb = ak.pass_cost()
+        assert fa == pytest.approx(a, rel=1e-6) and fb == pytest.approx(b, rel=1e-6, abs=1e-12)
+        assert tree_size(ak.ratio, ak.pass_cost()) == want
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def test_bench_tree_smoke(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "results-tree.json").read_text())
     runs = res["runs"]
-    assert set(runs) == {"nodraft", "chain_self", "chain_self_fixed", "tree_self", "ngram", "tree_ngram",
-                         "chain_int4", "tree_int4"}
+    assert set(runs) == {"nodraft", "chain_self", "chain_self_fixed", "tree_self", "tree_self_auto", "ngram",
+                         "tree_ngram", "chain_int4", "tree_int4"}
     assert all(all(r["greedy_identical"]) for k, r in runs.items() if k != "nodraft")
     assert runs["tree_self"]["tree_nodes_per_tree_pass"] > 1 and runs["nodraft"]["streamed_units"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from gdsllm.engine.adaptive_k import TREE_MAX
 from gdsllm.engine.blocks import BlockBooks
 from gdsllm.engine.sampling import SamplingParams
 from gdsllm.engine.scheduler import PassResult, Scheduler
@@ -199,7 +200,7 @@ def test_a_tree_drafting_sequence_keeps_room_for_its_branches():
     assert [sched.kv_need(g) for g in (plain, tree, chain)] == [3 + 4 + 16, 3 + 4 + 8, 3 + 4]
     plan = sched.schedule()
     assert [len(plan.tables[s]) for s in (1, 2, 3)] == [6, 4, 2]  # blocks of 4 tokens
-    assert Scheduler(books, max_batch=1, draft_tokens=4, draft_tree="auto").kv_need(gen(4)) == 3 + 4 + 512
+    assert Scheduler(books, max_batch=1, draft_tokens=4, draft_tree="auto").kv_need(gen(4)) == 3 + 4 + TREE_MAX
     assert "draft tree (16)" in Scheduler(BlockBooks(1 + 2, 4), max_batch=1, draft_tokens=4,
                                           draft_tree=16).never_fits(gen(5))
 

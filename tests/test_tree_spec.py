@@ -179,15 +179,17 @@ def test_calibrated_tree_follows_the_ranks_the_target_accepts():
     """An early exit that ranks one token first with confidence and is never right there, its
     second token usually is: by the draft's probabilities the tree follows the top tokens (0, then
     0 under it); calibrated by the acceptance measured per rank it follows the second-ranked
-    children (1, then 1 under it) and keeps the top one only beside them."""
+    children (1, then 1 under it); beside them the third-ranked root child (2), not the top one:
+    both were rejected ten times in ten, but the third rank's rate is shrunk towards the second
+    rank's (Calibration.floor), the first's towards its q."""
     cal = Calibration()
     assert cal.estimate(1, 0.9) == pytest.approx(0.9)  # nothing observed: the draft's own q
     for _ in range(10):  # rank 1 always rejected, the rank-2 child accepted
         cal.observe([-1, -1, -1, 0], [1, 2, 3, 1], [0.9, 0.04, 0.03, 0.9], [1])
     assert cal.trials[(rank_bucket(1),)] == 10 and cal.accepted.get((rank_bucket(1),), 0) == 0
-    assert cal.estimate(1, 0.9) < 0.2 < cal.estimate(2, 0.05)
+    assert cal.estimate(1, 0.9) < cal.estimate(3, 0.03) < 0.2 < cal.estimate(2, 0.05)
     root = torch.tensor([[0.9, 0.04, 0.03, 0.02, 0.01]])
-    for c, want in ((None, ([0, 0, 1], [-1, 0, 0])), (cal, ([0, 1, 1], [-1, -1, 1]))):
+    for c, want in ((None, ([0, 0, 1], [-1, 0, 0])), (cal, ([1, 2, 1], [-1, -1, 0]))):
         b = TreeBuilder(3, c)
         b.add_children([-1], root)
         nodes = b.to_expand(8)
@@ -195,6 +197,27 @@ def test_calibrated_tree_follows_the_ranks_the_target_accepts():
             b.expanded(n)
         b.add_children(nodes, torch.tensor([[0.9, 0.05, 0.03, 0.01, 0.01]] * len(nodes)))
         assert b.tree()[:2] == want
+
+
+def test_calibration_judges_every_rank_of_an_accepted_node():
+    """observe_top: each of an accepted node's top-k children is a trial whether the tree held it
+    or not, the target's token a success; the builder keeps the top-k of each node it expands, so
+    ranks no tree held are measured too (and a rank no tree held can rise into the tree)."""
+    cal = Calibration()
+    q = torch.cat([torch.tensor([0.5, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01]),
+                   torch.linspace(1.5e-3, 1e-4, 56)])  # descending, no ties
+    for _ in range(20):
+        cal.observe_top(q, 40)  # the target's token is always the draft's 40th
+    cal.observe_top(q, None)  # beyond the draft's top 64: a trial for every rank, no success
+    b40 = rank_bucket(40)
+    assert cal.trials[(1,)] == 21 and cal.accepted.get((1,), 0) == 0
+    assert cal.trials[(b40,)] == 21 * 32 and cal.accepted[(b40,)] == 20
+    assert cal.estimate(40, float(q[39])) > cal.estimate(1, 0.5)
+    b = TreeBuilder(4, cal)
+    b.add_children([-1], q[None])
+    tokens = b.tree()[0]
+    assert set(range(32, 64)) & set(tokens) and set(b.tops) == {-1}
+    assert torch.equal(b.tops[-1][0], q) and b.tops[-1][1].tolist() == list(range(64))
 
 
 def test_ngram_tree_is_a_trie_of_every_continuation():
@@ -271,7 +294,7 @@ def test_service_greedy_with_trees_equals_llm(kind, models, reference, monkeypat
         assert got == reference[:len(got)]
         one = c.generate(texts[0], max_tokens=24, temperature=0, ignore_eos=True, draft_tree=64)
         assert one.token_ids == reference[0]
-        with pytest.raises(ServiceError, match="draft_tree must be 0 to 1024"):
+        with pytest.raises(ServiceError, match="draft_tree must be 0 to 4096"):
             c.generate(texts[0], max_tokens=4, draft_tree=5000)
         m = s.svc.coordinator.metrics
         assert m.draft_tokens._value.get() > 0

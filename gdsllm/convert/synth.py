@@ -31,8 +31,9 @@ import torch
 from safetensors.torch import save_file
 
 from gdsllm.quant.policy import target_qtype
-from gdsllm.quant.schemes import QTensor
+from gdsllm.quant.schemes import SCALE_DTYPE, QTensor
 from gdsllm.format.metadata import DTYPES, LlamaParams, unit_layout, unit_tensor_shapes
+from gdsllm.format.quant_layout import data_nbytes, data_shape
 from gdsllm.convert.synth_tokenizer import CHAT_TEMPLATE, BOS_ID, EOS_ID, synth_tokenizer_json, tokenizer_config
 from gdsllm.convert.writer import ModelWriter, unit_progress
 
@@ -53,6 +54,10 @@ SHAPES: dict[str, LlamaParams] = {
                              num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
                              head_dim=128, rope_theta=10000.0, max_position_embeddings=4096,
                              tie_word_embeddings=False, **_BASE),
+    "llama2-70b": LlamaParams(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                              num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                              head_dim=128, rope_theta=10000.0, max_position_embeddings=4096,
+                              tie_word_embeddings=False, **_BASE),
     # mixtures of experts (gdsllm.models.moe): shapes of Mixtral 8x7B and Qwen3-30B-A3B
     "tiny-moe": LlamaParams(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e6,
@@ -118,22 +123,53 @@ def _tensor(seed: int, unit: int, k: int, name: str, shape: tuple[int, ...], dt:
             ) -> torch.Tensor | QTensor:
     g = torch.Generator().manual_seed((seed * 1_000_003 + unit * 1009 + k) & 0x7FFF_FFFF_FFFF_FFFF)
     target = _std(name, moe)
-    qtype = target_qtype(name, quant) if name.endswith("_proj.weight") else None
+    qtype = target_qtype(name, quant)  # the embedding and head too (int8): no RTN pass in the writer
     if qtype is not None:  # random codes, scaled to std `target`: no float copy, no rounding pass
         # int4 stands for (q - 8) * s + z: z = s / 2 centres the codes 0..15 on zero. With z = 0
         # every row had mean -s/2, a common mode that grew layer by layer until every token's
         # router picked the same experts (the 2026-11-28 MoE run read nothing after the prompt).
         lo, hi, std = (0, 16, 4.61) if qtype == "int4" else (-127, 128, 73.3)
-        q = torch.randint(lo, hi, shape, generator=g, dtype=torch.int16)
-        q = q.to(torch.uint8 if qtype == "int4" else torch.int8)
         sc = torch.full((shape[0], shape[1] // group_size), target / std)
         zero = sc / 2 if qtype == "int4" else torch.zeros_like(sc)
+        if qtype == "int4":
+            return RandomInt4(shape, sc, zero, group_size, g)
+        q = torch.randint(lo, hi, shape, generator=g, dtype=torch.int8)
         return QTensor(qtype, q, sc, zero, group_size).prepack()
     t = torch.empty(shape, dtype=torch.float32)
     t.normal_(0.0, target, generator=g)
     if name.endswith("norm.weight"):
         t += 1.0  # RMSNorm gains near 1, as in trained models
     return t.to(dt)
+
+
+class RandomInt4(QTensor):
+    """An int4 weight of uniformly random codes 0..15, drawn straight in the stored tile layout:
+    uniform independent nibbles stay uniform and independent under the layout's permutation, so
+    random bytes are the packed form of random codes. No [N, K] code tensor is drawn and none is
+    packed (a LLaMA-2-70B block: 0.2 s instead of 8.6 s on one core); `q` is unpacked from the
+    bytes only when asked for (`codes`, `dequantize`, `to_int8`)."""
+
+    def __init__(self, shape: tuple[int, int], scale: torch.Tensor, zero: torch.Tensor,
+                 group_size: int, generator: torch.Generator):
+        words = torch.empty(data_nbytes("int4", shape) // 8, dtype=torch.int64)
+        words.random_(-2 ** 63, None, generator=generator)  # all 64 bits uniform
+        self.data = words.view(torch.int32).reshape(data_shape("int4", shape))
+        super().__init__("int4", torch.zeros((), dtype=torch.uint8).expand(shape), scale, zero, group_size)
+
+    def codes(self) -> torch.Tensor:
+        """uint8 [N, K]: the codes 0..15 the packed bytes hold."""
+        from gdsllm.quant.int4pack import unpack_int4
+        return unpack_int4(self.data, self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return QTensor("int4", self.codes(), self.scale, self.zero, self.group_size).dequantize()
+
+    def to_int8(self) -> QTensor:
+        return QTensor("int4", self.codes(), self.scale, self.zero, self.group_size).to_int8()
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        sc = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()
+        return self.data, sc.to(SCALE_DTYPE["int4"])
 
 
 def _unit(p: LlamaParams, seed: int, index: int, kind: str, dt: torch.dtype, quant, group_size):

@@ -42,8 +42,8 @@ class Proposal:
     tokens: list[int] = field(default_factory=list)
     probs: list[torch.Tensor] = field(default_factory=list)  # q per token (sampled chains only)
     parents: list[int] | None = None  # a token tree (gdsllm.engine.tree): node i's parent; None: a chain
-    ranks: list[int] | None = None  # a drafted tree: node i's rank among its parent's draft tokens
-    qs: list[float] | None = None  # ... and the draft's probability of it there
+    tops: dict | None = None  # a drafted tree scored by a Calibration: node (-1: the root) -> the
+    # draft's top probabilities and tokens after it, for the nodes it expanded (Calibration.observe_top)
 
 
 def check_draft(target: ModelMeta, draft: ModelMeta) -> None:
@@ -218,7 +218,10 @@ class DraftModel:
             tokens, parents, ids = b.tree()
             where = {n: j for j, n in enumerate(b.fed)}
             self._tree_slots[sid] = {i: where[n] for i, n in enumerate(ids) if n in where}
-            out[sid] = Proposal(tokens, [], parents, [b.ranks[n] for n in ids], [b.qs[n] for n in ids])
+            tops = {i: b.tops[n] for i, n in enumerate(ids) if n in b.tops}
+            if -1 in b.tops:
+                tops[-1] = b.tops[-1]
+            out[sid] = Proposal(tokens, [], parents, tops if b.calibration is not None else None)
         return out
 
     def propose(self, items: list[tuple[int, list[int], int, Sampler]]) -> dict[int, Proposal]:

@@ -36,7 +36,7 @@ class SamplingError(ValueError):
 
 
 MAX_DRAFT_TOKENS = 64  # speculative decoding: tokens drafted per sequence and pass, at most
-MAX_DRAFT_TREE = 1024  # token-tree nodes per sequence and pass, at most
+MAX_DRAFT_TREE = 4096  # token-tree nodes per sequence and pass, at most (SpecExec verifies up to 2048-4096)
 AUTO_TREE = "auto"  # --draft-tree auto: the tree's size from the measured pass costs
 
 

@@ -30,7 +30,8 @@ in the same one pass with tree attention, and the longest path it agrees with is
 and values are compacted behind the prefix (`Runner.compact`), the other branches dropped.
 `plan` then also fills `trees` {seq_id: TreeSpec}, which the pass needs
 (`runner.start_pass(chunks, logit_rows=rows, trees=spec.trees)`). `tree="auto"` sizes each tree
-from the measured draft / target pass costs (gdsllm.engine.adaptive_k.tree_size). T = 0 (the
+from the measured target pass costs (gdsllm.engine.adaptive_k.tree_size: large when a pass's
+time hardly grows with its tokens, as when its weights stream). T = 0 (the
 default) keeps the chain.
 """
 from __future__ import annotations
@@ -149,7 +150,8 @@ class Speculator:
         self.trees: dict[int, TreeSpec] = {}  # of the pass in flight: what start_pass needs
         self._target = None  # the target's Runner (attach): trees fit its free KV blocks
         self.last_draft_seconds = 0.0  # the last plan's drafting time
-        self._t_plan: tuple[float, int, float] | None = None  # (draft s, draft passes, plan end)
+        self._t_plan: tuple[float, int, float, int] | None = None  # (draft s, draft passes, plan end,
+        # the target pass's tokens)
         self.hist: dict[int, list[int]] = {}  # per sequence: the tokens fed to the target
         self.stats = SpecStats()
         self.calibration = Calibration()  # tree scores from the verified trees' acceptance by rank
@@ -185,13 +187,18 @@ class Speculator:
             else:
                 del sizes[sid]
 
+    def pass_cost(self) -> tuple[float, float] | None:
+        """(a, b): a target pass of n tokens has taken about a + b * n seconds (what `"auto"` trees
+        are sized from: gdsllm.engine.adaptive_k); None until measured."""
+        return self._timer.pass_cost()
+
     def tree_size(self, requested, timed: bool = True) -> int:
         """Nodes of a sequence's tree this pass: its request's draft_tree (None: the
         speculator's), "auto" from the measured costs (`timed`; else the untimed default: a
         seed's tokens must not depend on timings); 0: a chain."""
         t = self.tree if requested is None else requested
         if t == AUTO_TREE:
-            return tree_size(self._timer.ratio if timed else None)
+            return tree_size(self._timer.ratio, self._timer.pass_cost()) if timed else tree_size(None)
         return t or 0
 
     def plan(self, chunks: list[tuple[int, list[int]]], ks: dict[int, int],
@@ -227,7 +234,9 @@ class Speculator:
             self.proposals.update(self.draft.propose_tree([it for it in items if it[0] in sizes],
                                                           sizes, cal))
         t1 = time.perf_counter()
-        self._t_plan = (t1 - t0, self.draft.passes - n0, t1) if items else None
+        out = [(sid, list(new) + (self.proposals[sid].tokens if sid in self.proposals else []))
+               for sid, new in chunks]
+        self._t_plan = (t1 - t0, self.draft.passes - n0, t1, sum(len(c) for _, c in out)) if items else None
         self.last_draft_seconds = t1 - t0 if items else 0.0
         if items:
             self.stats.draft_seconds += t1 - t0
@@ -236,8 +245,6 @@ class Speculator:
                       for sid, p in self.proposals.items() if p.parents is not None}
         self._order = [sid for sid, _ in chunks]
         self._rows = {sid: len(p.tokens) + 1 for sid, p in self.proposals.items()}
-        out = [(sid, list(new) + (self.proposals[sid].tokens if sid in self.proposals else []))
-               for sid, new in chunks]
         return out, dict(self._rows)
 
     def finish(self, logits: torch.Tensor, samplers: dict[int, Sampler], target, skip=(),
@@ -282,8 +289,12 @@ class Speculator:
             if prop.parents is not None:  # the path's keys and values behind the prefix
                 target.compact(sid, start, [start + i for i in path])
                 self.draft.keep(sid, start, path)
-                if prop.ranks is not None and (s.params.greedy or s.params.seed is None):
-                    self.calibration.observe(prop.parents, prop.ranks, prop.qs, path)
+                if prop.tops is not None and (s.params.greedy or s.params.seed is None):
+                    for node, tok in zip([-1] + path, toks):  # toks[i]: the target's after node i
+                        if node in prop.tops:
+                            q, ids = prop.tops[node]
+                            hit = torch.nonzero(ids == tok).reshape(-1)
+                            self.calibration.observe_top(q, int(hit[0]) + 1 if hit.numel() else None)
                 st.tree_passes += 1
                 st.tree_nodes += len(prop.tokens)
                 drafted = 1 + max(depths(prop.parents), default=-1)
@@ -298,8 +309,8 @@ class Speculator:
             if self.adaptive is not None:
                 self.adaptive.observe(sid, drafted, len(toks) - 1)
         if self._t_plan is not None:
-            draft_s, passes, plan_end = self._t_plan
-            self._timer.timing(draft_s, passes, time.perf_counter() - plan_end)
+            draft_s, passes, plan_end, tokens = self._t_plan
+            self._timer.timing(draft_s, passes, time.perf_counter() - plan_end, tokens)
         st.draft_passes += self._t_plan[1] if self._t_plan else 0
         self._t_plan = None
         self.proposals, self.trees = {}, {}
