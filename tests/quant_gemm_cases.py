@@ -3,7 +3,8 @@ every tile kernels_cuda.CHOICES runs and one of each other form (GEMV, x @ W.T w
 and permuted, a 16-way split; `--all`: every candidate) against float32 math over
 `QuantWeight.dequantize`, for both qtypes, half and float32 activations, groups that span a step
 and groups that do not, a tail k-block, rows that do not fill a tile, split-K (the counters are
-left at 0). The PTX unpacking (`Config.asm`) runs on a GPU only (tests/test_quant.py, gpu).
+left at 0); and `dequantize_into` in both orders. The PTX unpacking (`Config.asm`) runs on a GPU
+only (tests/test_quant.py, gpu).
 Prints one JSON line last (tests/triton_helpers.py).
 
     TRITON_INTERPRET=1 PYTHONPATH=. python3 tests/quant_gemm_cases.py [--all]
@@ -47,12 +48,20 @@ def main() -> None:
     numpy24_interpreter_fix()
     every = "--all" in sys.argv
     g = torch.Generator().manual_seed(0)
-    worst, runs = {}, 0
+    worst, runs, dequantized = {}, 0, 0
     for qtype, n, k, group in SHAPES:
         qt = quantize(torch.randn(n, k, generator=g) * 0.02, qtype, group)
         data, sc = qt.packed()
         qw = QuantWeight(qtype, (n, k), group, data, sc)
         wf = qw.dequantize(torch.float32)
+        # the whole-weight dequantization ("dequant" past the tiles' rows): input order exactly,
+        # and the plane order as permute_x orders x
+        out = torch.empty(n * k, dtype=torch.float32)
+        assert torch.equal(tg.dequantize_into(qw, out), wf), (qtype, n, k, group)
+        x = torch.randn(5, k, generator=g)
+        wp = tg.dequantize_into(qw, out, planes=True)
+        assert rel(tg.permute_x(x, qw) @ wp.T, x @ wf.T) < 1e-5, (qtype, n, k, group, "planes")
+        dequantized += 1
         for c in tiles(every):
             cfg = tg.Config(*c)
             # no bfloat16 tl.dot: triton 3.5's interpreter computes it wrongly (see
@@ -74,7 +83,7 @@ def main() -> None:
                 runs += 1
     for locks in tg._locks.values():
         assert int(locks.abs().sum()) == 0, "split-K counters left non-zero"
-    print(json.dumps({"runs": runs, "worst": worst}))
+    print(json.dumps({"runs": runs, "worst": worst, "dequantized": dequantized}))
 
 
 if __name__ == "__main__":

@@ -162,9 +162,10 @@ def test_rtn_is_nearest_code(qtype, g):
 @needs_triton
 def test_triton_gemm_tiles_under_interpreter():
     """The Triton W4A16 / W8A16 GEMMs on CPU under Triton's interpreter (tests/quant_gemm_cases.py):
-    every tile kernels_cuda.CHOICES runs and one of each other form, against float32 math."""
+    every tile kernels_cuda.CHOICES runs and one of each other form, against float32 math; and the
+    whole-weight dequantization in input and plane order."""
     result = run_interpreted("quant_gemm_cases.py")
-    assert result["runs"] > 100 and set(result["worst"]) == {
+    assert result["runs"] > 100 and result["dequantized"] == 7 and set(result["worst"]) == {
         "int4/bfloat16", "int4/float16", "int4/float32", "int8/bfloat16", "int8/float16"}
 
 

@@ -116,7 +116,11 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.runner.device).wait_stream(s)
         st.x.copy_(saved_x)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
+        # thread_local: the prefetch thread (gdsllm.engine.prefetch) keeps reading into its slots
+        # on its own stream during a capture; in the default "global" mode its CUDA calls (event
+        # waits, copies) invalidate this capture (cudaErrorStreamCaptureInvalidated, seen on the
+        # H200 in streamed runs with graphs), though they touch nothing the graph records
+        with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
             body()
         self._pool = g.pool()
         seconds = time.perf_counter() - t0
