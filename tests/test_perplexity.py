@@ -117,6 +117,32 @@ def test_cli_perplexity_starts_each_window_with_bos_where_the_tokenizer_adds_it(
     assert abs(ours - ref) < abs(ours - without) / 10, (ours, ref, without)
 
 
+def test_cli_perplexity_second_half_scores_the_tokens_llama_cpp_scores(tmp_path):
+    """`--second-half`: in each window only the tokens after position ctx/2 are scored (llama-
+    perplexity's layout), each given the whole window before it: transformers' figure on those
+    tokens, counted as llama.cpp counts them."""
+    hf, d = synth_model(tmp_path)
+    f = tmp_path / "text.txt"
+    f.write_text(TEXT)
+    r = _cli("perplexity", "-m", d, "-f", f, "--ctx", 32, "--second-half")
+    assert r.returncode == 0, r.stderr
+    words = r.stdout.strip().splitlines()[-1].split()
+    ours, n = float(words[1]), int(words[3])
+    from tokenizers import Tokenizer
+    ids = Tokenizer.from_file(str(d / "tokenizer.json")).encode(TEXT, add_special_tokens=False).ids
+    wins = len(ids) // 32
+    assert wins > 1 and n == wins * 15  # ctx - 1 - ctx/2 a window
+    nll = 0.0
+    with torch.no_grad():
+        for s in range(0, wins * 32, 32):
+            x = torch.tensor([ids[s: s + 32]])
+            logits = hf(x).logits[0, 16:-1].double()
+            nll += float(torch.nn.functional.cross_entropy(logits, x[0, 17:], reduction="sum"))
+    ref = math.exp(nll / n)
+    assert abs(ours - ref) / ref < 1e-3, (ours, ref)
+    assert abs(ours - reference_perplexity(hf, ids, 32)) / ref > 1e-3  # not every token's figure
+
+
 def test_perplexity_progress_on_a_terminal():
     import io
 

@@ -1,6 +1,7 @@
-"""`gdsllm perplexity -m MODEL -f TEXT [--ctx 512] [--device cpu|cuda]`: the perplexity of a
-model over a text file (definition in gdsllm.engine.perplexity), the figure llama.cpp users
-compare quantizations by. The last line of stdout is `perplexity: P over N tokens`; stderr shows
+"""`gdsllm perplexity -m MODEL -f TEXT [--ctx 512] [--device cpu|cuda] [--second-half]`: the
+perplexity of a model over a text file (definition in gdsllm.engine.perplexity), the figure
+llama.cpp users compare quantizations by (`--second-half`: of the tokens llama-perplexity
+scores). The last line of stdout is `perplexity: P over N tokens`; stderr shows
 the windows done and tokens/s as they go (on a terminal) and a summary line at the end.
 
     gdsllm perplexity -m ~/models/x.int4 -f /usr/share/common-licenses/GPL-3 --ctx 512
@@ -18,6 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("--second-half", action="store_true",
+                   help="score only the tokens after the middle of each window, as "
+                   "llama-perplexity does (the same tokens, to compare its figure)")
     p.set_defaults(func=run)
 
 
@@ -37,7 +41,8 @@ def run(args) -> int:
     with LLM(args.model, device=args.device) as llm:
         bar = CountProgress("window", args.ctx)
         try:
-            ppl, n = perplexity(llm, text, args.ctx, args.max_windows, where=str(path), progress=bar)
+            ppl, n = perplexity(llm, text, args.ctx, args.max_windows, where=str(path), progress=bar,
+                                second_half=args.second_half)
         finally:
             summary = bar.close()
     print(f"gdsllm perplexity: {summary}", file=sys.stderr)

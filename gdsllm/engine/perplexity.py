@@ -12,7 +12,9 @@ lays it out: the ids are BOS + the text's tokens, cut as above, and each window'
 BOS (in every window after the first it replaces a text token, which is then not scored). A model
 of that kind sees no text that does not start with BOS in training: without it Gemma 3 270M
 scores GPL-3 several times worse. llama.cpp then scores only the second half of each window; this
-scores every position after the first.
+scores every position after the first, or with `second_half` (`--second-half`) the tokens
+llama.cpp scores: in each window those after position ctx/2 (ctx - 1 - ctx/2 of them), so the
+two figures are of the same tokens.
 
     ppl, n = perplexity(LLM("~/models/x"), text, ctx=512)
 """
@@ -30,10 +32,11 @@ def windows(ids: list[int], ctx: int) -> list[list[int]]:
     return [ids[i: i + ctx] for i in range(0, len(ids) - ctx + 1, ctx)]
 
 
-def window_nll(logits: torch.Tensor, window: list[int]) -> float:
-    """Sum of -log p(token i | tokens < i) for i >= 1, from the float32 logits of every position."""
-    target = torch.tensor(window[1:], dtype=torch.long, device=logits.device)
-    logp = torch.log_softmax(logits[:-1].double(), dim=-1)
+def window_nll(logits: torch.Tensor, window: list[int], first: int = 0) -> float:
+    """Sum of -log p(token i | tokens < i) for i > first, from the float32 logits of every
+    position."""
+    target = torch.tensor(window[first + 1:], dtype=torch.long, device=logits.device)
+    logp = torch.log_softmax(logits[first:-1].double(), dim=-1)
     return float(-logp.gather(1, target[:, None]).sum())
 
 
@@ -53,10 +56,10 @@ def scored_windows(ids: list[int], ctx: int, bos: int | None) -> list[list[int]]
 
 
 def perplexity(llm, text: str, ctx: int = 512, max_windows: int | None = None,
-               where: str = "text", progress=None) -> tuple[float, int]:
+               where: str = "text", progress=None, second_half: bool = False) -> tuple[float, int]:
     """(perplexity, scored tokens) of `llm` (a gdsllm.LLM) over `text`; see the module docstring.
     `max_windows` scores only the first windows (tests keep CPU time small); `progress(done,
-    total)` is called after each window."""
+    total)` is called after each window; `second_half` scores llama.cpp's tokens only."""
     if llm.tokenizer is None:
         raise ValueError(f"{llm.meta.root}: the model has no tokenizer; perplexity needs one")
     p = llm.meta.params
@@ -68,10 +71,11 @@ def perplexity(llm, text: str, ctx: int = 512, max_windows: int | None = None,
         wins = wins[:max_windows]
     if not wins:
         raise ValueError(f"{where}: {len(ids)} tokens, fewer than one window of --ctx {ctx}")
+    first = ctx // 2 if second_half else 0
     nll = 0.0
     for i, w in enumerate(wins):
-        nll += window_nll(llm.logits(w), w)
+        nll += window_nll(llm.logits(w), w, first)
         if progress is not None:
             progress(i + 1, len(wins))
-    n = len(wins) * (ctx - 1)
+    n = len(wins) * (ctx - 1 - first)
     return math.exp(nll / n), n
