@@ -50,15 +50,18 @@ def test_the_draft_is_the_first_claim(tiny, draft):
 
 def test_the_dequantization_scratch_is_the_largest_quantized_weight(tiny, tmp_path):
     """Quantized models: the ledger holds one buffer of the largest quantized weight at the
-    compute dtype's size (what kernels_cuda dequantizes into for matmuls of many rows)."""
+    compute dtype's size (what kernels_cuda dequantizes into for matmuls of many rows) and the
+    split-K counters of the Triton tiles."""
+    from gdsllm.quant.kernels_cuda import SPLIT_K_COUNTERS
     assert plan_memory(load(tiny), budget=None).scratch_bytes == 0  # float: nothing
     meta = load(synth(tmp_path / "q", "tiny", dtype="float16", quant="int4", group_size=32, seed=1,
                       overrides={"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}))
     largest = max(t.numel for u in meta.units for t in u.tensors if t.quant is not None)
     plan = plan_memory(meta, budget=None)
-    assert plan.scratch_bytes == 2 * largest == scratch_bytes([meta])
-    assert plan.device_bytes == plan.weights.arena_bytes + 2 * largest
-    assert plan_memory(meta, budget=None, itemsize=4).scratch_bytes == 4 * largest
+    counters = 4 * SPLIT_K_COUNTERS  # the split-K tile counters (int32) beside the buffer
+    assert plan.scratch_bytes == 2 * largest + counters == scratch_bytes([meta])
+    assert plan.device_bytes == plan.weights.arena_bytes + 2 * largest + counters
+    assert plan_memory(meta, budget=None, itemsize=4).scratch_bytes == 4 * largest + counters
     assert any(line.startswith("scratch ") for line in plan.describe(meta))
 
 

@@ -6,7 +6,8 @@ and `gdsllm serve`, and sizes as users write them.
     plan.weights          # ResidencyPlan: resident units + `window` streaming slots (the arena)
     plan.expert_slots     # a mixture of experts: routed experts' slots after the dense part
     plan.draft_bytes      # a resident draft model, taken first
-    plan.scratch_bytes    # quantized models: the one dequantization buffer (largest weight)
+    plan.scratch_bytes    # quantized models: the one dequantization buffer (largest weight) and
+                          # the split-K counters
     kv_tokens(...)        # the paged KV cache, sized from what is left once the arena exists
     print("\n".join(plan.describe(kv)))   # `gdsllm info --vram-budget X`
 
@@ -123,7 +124,7 @@ class MemoryPlan:
     draft_bytes: int
     weights: "object"  # gdsllm.engine.planner.ResidencyPlan
     expert_slots: "object | None"  # gdsllm.engine.experts.ExpertSlots
-    scratch_bytes: int = 0  # the quantized matmuls' dequantization buffer (gdsllm.quant.kernels_cuda)
+    scratch_bytes: int = 0  # the quantized matmuls' buffer and counters (gdsllm.quant.kernels_cuda)
 
     @property
     def device_bytes(self) -> int:
@@ -157,7 +158,8 @@ class MemoryPlan:
                    f"arena         {w.arena_bytes / mib:,.1f} MiB of device memory for weights")
         if self.scratch_bytes:
             out.append(f"scratch       {self.scratch_bytes / mib:,.1f} MiB: one quantized weight "
-                       f"dequantized at a time (the largest), for matmuls of many rows")
+                       f"dequantized at a time (the largest), for matmuls of many rows, and "
+                       f"the split-K counters")
         if kv is not None:
             out.append(f"kv cache      {kv:,} tokens" + (f", {kv * kv_token_bytes / mib:,.1f} MiB"
                                                         if kv_token_bytes else ""))
@@ -182,12 +184,21 @@ def _span(names: list[str]) -> str:
     return ", ".join(out)
 
 
+def dequant_numel(metas) -> int:
+    """Values of the largest quantized tensor of these models (0 when nothing is quantized): the
+    size of the buffer quantized matmuls dequantize a weight into (gdsllm.quant.kernels_cuda
+    `scratch`, per device and compute dtype)."""
+    return max((t.numel for m in metas if m is not None for u in m.units for t in u.tensors
+                if t.quant is not None), default=0)
+
+
 def scratch_bytes(metas, itemsize: int = 2) -> int:
-    """Bytes of the one buffer quantized matmuls dequantize a weight into (gdsllm.quant.kernels_cuda
-    `scratch`, per device and compute dtype): the largest quantized tensor of these models, at
-    `itemsize` bytes a value (the compute dtype's); 0 when nothing is quantized."""
-    return itemsize * max((t.numel for m in metas if m is not None for u in m.units
-                           for t in u.tensors if t.quant is not None), default=0)
+    """Bytes the quantized matmuls keep on a device: the dequantization buffer (`dequant_numel`
+    values at `itemsize` bytes, the compute dtype's) and the split-K tile counters (int32); 0 when
+    nothing is quantized."""
+    from gdsllm.quant.kernels_cuda import SPLIT_K_COUNTERS
+    n = dequant_numel(metas)
+    return itemsize * n + 4 * SPLIT_K_COUNTERS if n else 0
 
 
 def plan_memory(meta, *, budget: int | None, window: int = DEFAULT_WINDOW, draft=None,

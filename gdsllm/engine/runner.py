@@ -64,19 +64,22 @@ def compute_dtype(device: torch.device, stored: str, qtypes: frozenset[str] = fr
 
 
 def reserve_scratch(device, dtype: torch.dtype, metas) -> int:
-    """On CUDA, allocate the quantized matmuls' dequantization buffer now, at the VRAM ledger's
-    size (gdsllm.engine.budget.scratch_bytes): before the KV cache is sized from the memory left,
-    and before a CUDA graph is captured (a capture cannot allocate it). Returns its bytes."""
+    """On CUDA, allocate the quantized matmuls' dequantization buffer and split-K counters now, at
+    the VRAM ledger's size (gdsllm.engine.budget.scratch_bytes): before the KV cache is sized from
+    the memory left, and before a CUDA graph is captured (a capture cannot allocate them).
+    Returns their bytes."""
     device = torch.device(device)
     if device.type != "cuda":
         return 0
-    from gdsllm.engine.budget import scratch_bytes
+    from gdsllm.engine.budget import dequant_numel, scratch_bytes
     from gdsllm.quant.kernels_cuda import scratch
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    n = scratch_bytes(metas, itemsize) // itemsize
-    if n:
-        scratch(device, dtype, n)
-    return n * itemsize
+    n = dequant_numel(metas)
+    if not n:
+        return 0
+    from gdsllm.quant.triton_gemm import lock_buffer
+    scratch(device, dtype, n)
+    lock_buffer(device)
+    return scratch_bytes(metas, torch.empty((), dtype=dtype).element_size())
 
 
 def default_kv_tokens(params: LlamaParams) -> int:

@@ -74,6 +74,9 @@ CHOICES = {
              (64, (64, 64, 8, 3, 2, 128, True))),
 }
 
+# The split-K tile counters of gdsllm.quant.triton_gemm (`lock_buffer`): int32, one set per device
+# for the process's lifetime, in the VRAM ledger beside the scratch (gdsllm.engine.budget)
+SPLIT_K_COUNTERS = 1 << 14
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _captured: list[torch.Tensor] = []  # scratch buffers a graph holds the address of: never freed
 _layout_checked = False

@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gdsllm.quant.kernels_cuda import SPLIT_K_COUNTERS
 from gdsllm.quant.schemes import QuantWeight, inner_k_tiles
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # Triton's CPU interpreter
@@ -515,7 +516,7 @@ def permute_x(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return x.reshape(m, k // 4, 4).transpose(1, 2).reshape(m, k)
 
 
-LOCKS = 1 << 14  # split-K tile counters per device: int32, zero between launches
+LOCKS = SPLIT_K_COUNTERS  # split-K tile counters per device: int32, zero between launches
 _locks: dict[torch.device, torch.Tensor] = {}
 
 
