@@ -161,7 +161,7 @@ def test_perplexity_progress_on_a_terminal():
     assert [bar.close().split(" in ")[0] for bar in bars] == ["3 windows (1536 tokens)"] * 2
 
 
-@pytest.mark.slow  # five `gdsllm` processes (at once)
+@pytest.mark.slow  # six `gdsllm` processes (at once)
 def test_cli_perplexity_bad_input(tmp_path):
     _, d = synth_model(tmp_path)
     short = tmp_path / "short.txt"
@@ -171,6 +171,7 @@ def test_cli_perplexity_bad_input(tmp_path):
     cases = [(("-f", tmp_path / "nope.txt"), "nope.txt: no such file"),
              (("-f", short, "--ctx", 512), "fewer than one window of --ctx 512"),
              (("-f", short, "--ctx", 1), "--ctx must be at least 2"),
+             (("-f", short, "--ctx", 2, "--second-half"), "--second-half needs --ctx of at least 3"),
              (("-f", short, "--ctx", 100000), "exceeds the model's context"),
              (("-f", binary), "not a UTF-8 text file")]
     runs = concurrently(*(functools.partial(_cli, "perplexity", "-m", d, *args) for args, _ in cases))

@@ -65,6 +65,9 @@ def perplexity(llm, text: str, ctx: int = 512, max_windows: int | None = None,
     p = llm.meta.params
     if ctx > p.max_position_embeddings:
         raise ValueError(f"--ctx {ctx} exceeds the model's context of {p.max_position_embeddings}")
+    if second_half and ctx < 3:
+        raise ValueError(f"--second-half needs --ctx of at least 3 (it scores the tokens after the "
+                         f"middle of each window), got {ctx}")
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
     wins = scored_windows(ids, ctx, bos_to_add(llm.tokenizer, p.bos_token_id))
     if max_windows is not None:
