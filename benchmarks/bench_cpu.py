@@ -176,23 +176,20 @@ def main() -> None:
          args.threads, tokenizer)
     step("gdsllm_llm", llm_decode, args.tokens, args.rounds)
     if args.repeat > 1:  # the four decode rows again, interleaved, for medians on a noisy host
-        rows = {"llama_cpp": [], "generate": [], "single_process": [], "llm": []}
-        for i in range(args.repeat - 1):
-            step(f"repeat{i + 1}_llama_cpp", llama_bench, args.llama_cpp, gguf, args.threads,
+        first = {"llama_cpp": "llama_cpp_bench", "generate": "gdsllm_generate",
+                 "single_process": "gdsllm_generate_single_process", "llm": "gdsllm_llm"}
+        rate = {"llama_cpp": lambda r: r["decode"]["tok_s"], "generate": lambda r: r["decode_tok_s"],
+                "single_process": lambda r: r["decode_tok_s"], "llm": lambda r: max(r["decode_tok_s"])}
+        rows = {k: [rate[k](res[name])] for k, name in first.items()}
+        for i in range(1, args.repeat):
+            step(f"repeat{i}_llama_cpp", llama_bench, args.llama_cpp, gguf, args.threads,
                  args.tokens, False)
-            step(f"repeat{i + 1}_generate", cli_decode, [], args.tokens, args.threads, tokenizer)
-            step(f"repeat{i + 1}_single_process", cli_decode, ["--single-process"], args.tokens,
+            step(f"repeat{i}_generate", cli_decode, [], args.tokens, args.threads, tokenizer)
+            step(f"repeat{i}_single_process", cli_decode, ["--single-process"], args.tokens,
                  args.threads, tokenizer)
-            step(f"repeat{i + 1}_llm", llm_decode, args.tokens, 1)
-        rows["llama_cpp"].append(res["llama_cpp_bench"]["decode"]["tok_s"])
-        rows["generate"].append(res["gdsllm_generate"]["decode_tok_s"])
-        rows["single_process"].append(res["gdsllm_generate_single_process"]["decode_tok_s"])
-        rows["llm"].append(max(res["gdsllm_llm"]["decode_tok_s"]))
-        for i in range(args.repeat - 1):
-            rows["llama_cpp"].append(res[f"repeat{i + 1}_llama_cpp"]["decode"]["tok_s"])
-            rows["generate"].append(res[f"repeat{i + 1}_generate"]["decode_tok_s"])
-            rows["single_process"].append(res[f"repeat{i + 1}_single_process"]["decode_tok_s"])
-            rows["llm"].append(res[f"repeat{i + 1}_llm"]["decode_tok_s"][0])
+            step(f"repeat{i}_llm", llm_decode, args.tokens, 1)
+            for k in rows:
+                rows[k].append(rate[k](res[f"repeat{i}_{k}"]))
         med = {k: statistics.median(v) for k, v in rows.items()}
         res["decode_medians"] = {"rows": rows, "median_tok_s": med, "over_llama_cpp": {
             k: round(med[k] / med["llama_cpp"], 3) for k in ("generate", "single_process", "llm")}}

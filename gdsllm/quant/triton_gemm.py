@@ -516,7 +516,7 @@ def permute_x(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return x.reshape(m, k // 4, 4).transpose(1, 2).reshape(m, k)
 
 
-LOCKS = SPLIT_K_COUNTERS  # split-K tile counters per device: int32, zero between launches
+# split-K tile counters per device: SPLIT_K_COUNTERS int32, zero between launches
 _locks: dict[torch.device, torch.Tensor] = {}
 
 
@@ -531,7 +531,7 @@ def lock_buffer(device: torch.device) -> torch.Tensor:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("quantized matmul: the split-K counters are made inside a CUDA "
                                "graph capture; run a matmul eagerly first")
-        buf = _locks[device] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
+        buf = _locks[device] = torch.zeros(SPLIT_K_COUNTERS, dtype=torch.int32, device=device)
     return buf
 
 
@@ -555,7 +555,7 @@ def matmul(x: torch.Tensor, w: QuantWeight, cfg: Config = Config()) -> torch.Ten
         unit, steps = cfg.block_k, k  # in inputs
     grid = [triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), 1]
     split = max(1, min(cfg.split_k, triton.cdiv(steps, unit)))
-    if grid[0] * grid[1] > LOCKS or split * m * n >= 2 ** 31:
+    if grid[0] * grid[1] > SPLIT_K_COUNTERS or split * m * n >= 2 ** 31:
         split = 1
     per_split = triton.cdiv(triton.cdiv(steps, split), unit) * unit
     grid[2] = split = triton.cdiv(steps, per_split)

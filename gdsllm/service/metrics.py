@@ -32,8 +32,8 @@ TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
                  20.0, 30.0, 60.0, 120.0)
 # Tokens a sequence gains from one target pass that verified its draft: 1 (all rejected) to K + 1.
 SPEC_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 65)
-TREE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)  # draft tokens / tree
-# nodes per pass, up to the largest tree (4096 nodes)
+# Draft tokens or tree nodes per pass, up to the largest tree (4096 nodes).
+TREE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # HTTP requests: ms for /health and refusals, up to a whole generation for a non-streamed answer.
 HTTP_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health")
 REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
