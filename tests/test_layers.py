@@ -129,6 +129,8 @@ def test_no_private_name_is_imported_across_modules():
 FOREIGN_PRIVATE = {
     ("gdsllm/cli.py", "p._actions"): "argparse has no public list of a sub-parser's options",
     ("ipc/sockets.py", "os._exit"): "os._exit is public API (exit without the interpreter's teardown)",
+    ("gdsllm/models/cpu_compiled.py", "torch._dynamo"):
+        "Dynamo's specialize_float has no public spelling in torch 2.13 (torch.compiler.config lacks it)",
 }
 
 

@@ -83,7 +83,7 @@ def run(args) -> int:
         with LLM(args.model, device=pick_device(args.device, service=False), io=args.io,
                  vram_budget=size_option(args.vram_budget, "--vram-budget"), draft=args.draft,
                  draft_tokens=args.draft_tokens, draft_adaptive=args.draft_adaptive,
-                 draft_tree=args.draft_tree) as llm:
+                 draft_tree=args.draft_tree, cpu_compile=args.cpu_compile) as llm:
             for delta in llm.stream(messages or args.prompt, params):
                 _write(delta)
         _write("\n")

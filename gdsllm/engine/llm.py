@@ -76,7 +76,9 @@ class LLM:
     admitted when the KV cache holds its prompt and max_tokens, prompts fed `max_pass_tokens` at
     a time. `cpu_exact`: on the CPU, resident quantized weights as float32 copies (float32
     math, exact against the dequantized reference) instead of the faster packed forms that
-    round activations to bfloat16 (gdsllm.engine.host_copies)."""
+    round activations to bfloat16 (gdsllm.engine.host_copies). `cpu_compile`: on the CPU, decode
+    a sequence through a LLaMA block compiled as one call (gdsllm.models.cpu_compiled), compiled
+    here, at construction (5-10 s: worth it for long generations)."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
                  io: str = "direct", cudnn_attention: bool = False,
@@ -84,7 +86,8 @@ class LLM:
                  draft_tokens: int = 4, kv_tokens: int | None = None, cuda_graphs: bool = True,
                  draft_adaptive: bool = True, prefetch_window: int = 2,
                  max_batch: int = DEFAULT_MAX_BATCH, max_pass_tokens: int = DEFAULT_MAX_PASS_TOKENS,
-                 draft_tree: int | str | None = None, cpu_exact: bool = False):
+                 draft_tree: int | str | None = None, cpu_exact: bool = False,
+                 cpu_compile: bool = False):
         if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
             raise ValueError(f"device must be cpu or cuda, got {device!r}")
         if io not in ("direct", "buffered"):
@@ -130,7 +133,8 @@ class LLM:
                                              extra_per_token=extra, max_batch=max_batch)
             self.runner = Runner(self.meta.params, self.device, self.dtype,
                                  cudnn_attention=cudnn_attention, architecture=self.meta.architecture,
-                                 kv_tokens=kv_tokens, cuda_graphs=cuda_graphs, cpu_exact=cpu_exact)
+                                 kv_tokens=kv_tokens, cuda_graphs=cuda_graphs, cpu_exact=cpu_exact,
+                                 cpu_compile=cpu_compile)
             if self.speculator is not None:  # the draft holds the same sequences: the same KV room
                 self.speculator.draft.size_kv(self.runner.cache.capacity)
             self._load_resident()

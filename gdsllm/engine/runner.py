@@ -31,7 +31,9 @@ run of consecutive pinned units and batch-size bucket (gdsllm.engine.graphs) ins
 their kernels one by one; prompts and speculative chunks run eagerly. On the CPU a pinned unit
 runs over copies of its quantized / half-precision weights in the form the CPU kernels read,
 made once on its first use within a memory budget (gdsllm.engine.host_copies.HostCopies), without
-dequantizing every pass.
+dequantizing every pass; with `cpu_compile`, a decode pass of one sequence runs each LLaMA block
+over those copies as one compiled call (gdsllm.models.cpu_compiled), compiled when the first
+block unit is pinned.
 
 This interface is what the compute worker process codes against; keep its names and meaning.
 """
@@ -39,7 +41,8 @@ from __future__ import annotations
 
 import torch
 
-from gdsllm.models import family, layers
+from gdsllm.models import family, layers, llama
+from gdsllm.models.cpu_compiled import CompiledBlocks
 from gdsllm.format.metadata import DTYPES, LlamaParams, UnitMeta, unit_layout
 from gdsllm.engine.graphs import DecodeGraphs, Static
 from gdsllm.engine.pass_state import PassState, chunked_pass, decode_pass
@@ -90,14 +93,17 @@ def default_kv_tokens(params: LlamaParams) -> int:
 class Runner(ExpertSteps):
     def __init__(self, params: LlamaParams, device: str | torch.device, dtype: torch.dtype, *,
                  cudnn_attention: bool = False, architecture: str = "llama",
-                 kv_tokens: int | None = None, cuda_graphs: bool = True, cpu_exact: bool = False):
+                 kv_tokens: int | None = None, cuda_graphs: bool = True, cpu_exact: bool = False,
+                 cpu_compile: bool = False):
         """`cudnn_attention`: let torch pick SDPA's cuDNN kernel on CUDA (as transformers does);
         off by default, for its host cost (gdsllm.models.attention._CUDA_SDPA says what was
         measured). `kv_tokens`: the KV cache's size; `cuda_graphs`: replay decode passes over
         pinned units as CUDA graphs (CUDA only); `cpu_exact`: resident quantized weights as
         float32 copies on the CPU (float32 math, exact against the dequantized reference)
         instead of the faster packed forms that round activations to bfloat16
-        (gdsllm.engine.host_copies)."""
+        (gdsllm.engine.host_copies); `cpu_compile`: on the CPU, decode a sequence through a
+        LLaMA block compiled as one call where its weights are in the packed forms
+        (gdsllm.models.cpu_compiled; GDSLLM_CPU_COMPILE=0 switches it off too)."""
         self.p, self.device, self.dtype = params, torch.device(device), dtype
         self.cudnn_attention = cudnn_attention
         self.family = family(architecture)
@@ -116,6 +122,9 @@ class Runner(ExpertSteps):
         self.pinned: dict[int, dict] = {}  # unit index -> resident weights
         # CPU: pinned units run over copies made on first use (gdsllm.engine.host_copies).
         self.host_copies = HostCopies(dtype, exact=cpu_exact) if self.device.type == "cpu" else None
+        cpu = self.device.type == "cpu"
+        plain = self.family.decoder_block is llama.decoder_block and not p.num_experts
+        self.compiled = CompiledBlocks(cpu_compile) if cpu and plain and not cpu_exact else None
         self._runs: dict[int, tuple[int, int]] | None = {}  # pinned_runs(), None: to recompute
         self._pass: PassState | None = None
 
@@ -148,6 +157,8 @@ class Runner(ExpertSteps):
         self.pinned[unit] = weights
         if self.host_copies is not None:
             self.host_copies.drop(unit)
+        if self.compiled is not None and self.layout[unit][1] == "block":
+            self.compiled.warm_up(self.p, weights)  # compiled at the first pinned block
         self._runs = None  # recomputed on the next graph replay; the graphs are stale
         if self.graphs is not None:
             self.graphs.clear()
@@ -286,6 +297,11 @@ class Runner(ExpertSteps):
             ps.x = None
         elif kind == "block":
             cos, sin = ps.rope[p.layer_rope(layer)]
+            if self.compiled is not None:  # None where it does not cover the block: eager
+                y = self.compiled.decoder_block(p, weights, ps.x, cos, sin, ps.batch, layer)
+                if y is not None:
+                    ps.x = y
+                    return
             ps.x = self.family.decoder_block(p, weights, ps.x, cos, sin, ps.batch, layer,
                                              self.cudnn_attention)
         else:

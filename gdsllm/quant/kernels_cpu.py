@@ -125,9 +125,15 @@ class PackedInt4(QuantWeight):
                    torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed,
-                                                       self.group_size, self.scales)
-        return y.to(x.dtype)
+        return int4_mm(x, self.packed, self.group_size, self.scales)
+
+
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales: torch.Tensor
+            ) -> torch.Tensor:
+    """x [T, K] times a repacked int4 weight (PackedInt4 / FusedInt4), x rounded to bfloat16 (the
+    kernel's fast path), the result in x's dtype."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group_size, scales)
+    return y.to(x.dtype)
 
 
 def fusable(parts: list) -> bool:
@@ -161,9 +167,7 @@ class FusedInt4:
                    tuple(w.shape[0] for w in parts))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed,
-                                                       self.group_size, self.scales)
-        return y.to(x.dtype)
+        return int4_mm(x, self.packed, self.group_size, self.scales)
 
 
 @dataclass

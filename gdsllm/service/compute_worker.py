@@ -222,7 +222,8 @@ class ComputeWorker:
         reserve_scratch(self.device, self.dtype, (self.meta, getattr(draft, "meta", None)))
         free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         kv = kv_cache_tokens(self.meta, self.config, free, draft.kv_token_bytes if draft else 0)
-        self.runner = Runner(self.meta.params, self.device, self.dtype, architecture=self.meta.architecture, kv_tokens=kv)
+        self.runner = Runner(self.meta.params, self.device, self.dtype, architecture=self.meta.architecture, kv_tokens=kv,
+                             cpu_compile=self.config.cpu_compile)
         if draft is not None:  # it holds the same sequences: as many tokens, from the same room
             draft.size_kv(self.runner.cache.capacity)
         self.experts = ExpertCompute(self.meta, self.runner, self.arena.view)
