@@ -1,6 +1,6 @@
 """The Triton W4A16 / W8A16 GEMMs (gdsllm.quant.triton_gemm) under Triton's interpreter, on CPU:
-every tile kernels_cuda.CHOICES runs and one of each other form (GEMV, x @ W.T with x gathered
-and permuted, a 16-way split; `--all`: every candidate) against float32 math over
+every tile kernels_cuda.CHOICES runs and falls back to, and one of each other form (GEMV, x @ W.T with
+x gathered and permuted, a 16-way split; `--all`: every candidate), each where `usable`, against float32 math over
 `QuantWeight.dequantize`, for both qtypes, half and float32 activations, groups that span a step
 and groups that do not, a tail k-block, rows that do not fill a tile, split-K (the counters are
 left at 0); and `dequantize_into` in both orders. The PTX unpacking (`Config.asm`) runs on a GPU
@@ -36,7 +36,8 @@ OTHERS = ((1, 16, 4, 4, 4, 256), (16, 32, 4, 3, 4, 128), (16, 32, 4, 3, 4, 128, 
 def tiles(every: bool) -> list[tuple]:
     if every:
         return list(tg.CANDIDATES)
-    chosen = {c for q in kernels_cuda.CHOICES.values() for _, c in q if isinstance(c, tuple)}
+    chosen = {c for table in (kernels_cuda.CHOICES, kernels_cuda.FALLBACK)
+              for q in table.values() for _, c in q if isinstance(c, tuple)}
     return sorted(chosen | set(OTHERS))
 
 
@@ -48,7 +49,7 @@ def main() -> None:
     numpy24_interpreter_fix()
     every = "--all" in sys.argv
     g = torch.Generator().manual_seed(0)
-    worst, runs, dequantized = {}, 0, 0
+    worst, runs, dequantized, planes = {}, 0, 0, 0
     for qtype, n, k, group in SHAPES:
         qt = quantize(torch.randn(n, k, generator=g) * 0.02, qtype, group)
         data, sc = qt.packed()
@@ -71,6 +72,8 @@ def main() -> None:
             for rows, dtype in cases:
                 if not every and (qtype, n) != ("int4", 40) and dtype == torch.float32:
                     continue
+                if not tg.usable(qtype, k, cfg, group, dtype):  # kernels_cuda.choice's fallback
+                    continue
                 x = torch.randn(rows, k, generator=g).to(dtype)
                 ref = x.float() @ wf.T
                 y = tg.matmul(x, qw, cfg)
@@ -81,9 +84,10 @@ def main() -> None:
                 key = f"{qtype}/{dtype}".replace("torch.", "")
                 worst[key] = max(worst.get(key, 0.0), err)
                 runs += 1
+                planes += cfg.planes
     for locks in tg._locks.values():
         assert int(locks.abs().sum()) == 0, "split-K counters left non-zero"
-    print(json.dumps({"runs": runs, "worst": worst, "dequantized": dequantized}))
+    print(json.dumps({"runs": runs, "worst": worst, "dequantized": dequantized, "planes": planes}))
 
 
 if __name__ == "__main__":

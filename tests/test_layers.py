@@ -131,6 +131,9 @@ FOREIGN_PRIVATE = {
     ("ipc/sockets.py", "os._exit"): "os._exit is public API (exit without the interpreter's teardown)",
     ("gdsllm/models/cpu_compiled.py", "torch._dynamo"):
         "Dynamo's specialize_float has no public spelling in torch 2.13 (torch.compiler.config lacks it)",
+    ("gdsllm/quant/triton_gemm.py", "x._version"):
+        "a tensor's version counter (bumped by every in-place write, shared by views) has no "
+        "public name; it tells planes_x that an activation is unchanged",
 }
 
 

@@ -167,6 +167,37 @@ def test_triton_gemm_tiles_under_interpreter():
     result = run_interpreted("quant_gemm_cases.py")
     assert result["runs"] > 100 and result["dequantized"] == 7 and set(result["worst"]) == {
         "int4/bfloat16", "int4/float16", "int4/float32", "int8/bfloat16", "int8/float16"}
+    assert result["planes"] >= 4  # the planes tile, in groups of one k-block and of two
+
+
+@needs_triton
+def test_planes_tile_routing_split_and_shared_x():
+    """The planes tile where it is usable (half x, k-blocks of 128, groups spanning them), the
+    whole tiles where not (GGUF's groups of 32, float32 x); split-K by tile count as measured;
+    x put in plane order once for consecutive matmuls of one unchanged tensor."""
+    from gdsllm.quant import kernels_cuda
+    from gdsllm.quant import triton_gemm as tg
+    assert kernels_cuda.choice("int4", 2, 4096, torch.bfloat16) == "tinygemm"
+    assert kernels_cuda.choice("int4", 16, 4096, torch.bfloat16).planes
+    assert kernels_cuda.choice("int4", 32, 11008, torch.float16, 256).planes
+    for k, g, dtype in ((4096, 32, torch.bfloat16), (576, 128, torch.bfloat16),
+                        (4096, 128, torch.float32)):
+        cfg = kernels_cuda.choice("int4", 16, k, dtype, g)
+        assert cfg == tg.Config(*kernels_cuda.FALLBACK["int4"][0][1]), (k, g, dtype, cfg)
+    assert kernels_cuda.choice("int4", 48, 4096, torch.bfloat16).block_m == 32
+    assert kernels_cuda.choice("int4", 65, 4096, torch.bfloat16) == "dequant"
+    # 2 x 132 SMs' worth of programs, a power of two in [2, 8] (the H200's measured splits)
+    assert [tg.auto_split(t, 132) for t in (1, 32, 64, 86, 128, 172, 344)] == [8, 8, 4, 4, 2, 2, 2]
+    g = torch.Generator().manual_seed(0)
+    data, sc = quantize(torch.randn(8, 256, generator=g), "int4", 128).packed()
+    qw = QuantWeight("int4", (8, 256), 128, data, sc)
+    x = torch.randn(3, 256, generator=g)
+    a = tg.planes_x(x, qw)
+    assert torch.equal(a, tg.permute_x(x, qw)) and tg.planes_x(x, qw) is a  # k, v: the same copy
+    x.add_(1.0)  # changed in place: a new copy
+    b = tg.planes_x(x, qw)
+    assert b is not a and torch.equal(b, tg.permute_x(x, qw))
+    assert tg.planes_x(x.clone(), qw) is not b  # another tensor, equal or not
 
 
 @pytest.mark.gpu
@@ -179,6 +210,8 @@ def test_cuda_int4_layout_probe_passes():
 @pytest.mark.parametrize("qtype", ["int4", "int8"])
 @pytest.mark.parametrize("n,k,g,dtype", [(4096, 4096, 32, torch.float16),
                                          (11008, 4096, 64, torch.bfloat16),
+                                         (4096, 11008, 128, torch.bfloat16),  # the planes tile
+                                         (1000, 4096, 256, torch.float16),
                                          (576, 1536, 32, torch.float16),
                                          (1536, 576, 64, torch.bfloat16),
                                          (104, 256, 128, torch.float32)])
@@ -196,8 +229,10 @@ def test_cuda_triton_gemm_against_float_at_every_row_count(qtype, n, k, g, dtype
         x = torch.randn(rows, k, device="cuda", dtype=dtype)
         ref = x.float() @ wf.T
         assert rel_err(kernels_cuda.linear(qw, x), ref) < tol, rows
-        if (n, k) == (4096, 4096) and rows in (3, 33):
+        if (n, k) in ((4096, 4096), (4096, 11008)) and rows in (3, 33):
             for c in triton_gemm.CANDIDATES:
+                if not triton_gemm.usable(qtype, k, triton_gemm.Config(*c), g, dtype):
+                    continue
                 assert rel_err(triton_gemm.matmul(x, qw, triton_gemm.Config(*c)), ref) < tol, c
     out = torch.empty(n * k, device="cuda", dtype=torch.float32)
     assert torch.equal(triton_gemm.dequantize_into(qw, out), wf)

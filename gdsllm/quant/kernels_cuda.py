@@ -9,8 +9,10 @@ measurement (table below), one of:
   computes in bfloat16 on CUDA: gdsllm.engine.runner.compute_dtype). Its layout is probed once per process before the
   first use (`check_int4_layout`). Half-precision x only.
 - a tile of the Triton W4A16 / W8A16 GEMM (`gdsllm.quant.triton_gemm`), which unpacks the stored
-  words into whole weight tiles in registers (no copy of the weight), split along K where the
-  tile says so, the last program of a tile summing the partials (`triton_gemm.lock_buffer`).
+  words in registers (no copy of the weight): int4 by nibble plane, one tensor-core product per
+  plane (`Config.planes`), or into whole weight tiles; split along K where the tile says so (or
+  by the tile count, `triton_gemm.auto_split`), the last program of a tile summing the partials
+  (`triton_gemm.lock_buffer`).
 - "dequant": the weight is dequantized into ONE scratch buffer per device and dtype (`scratch`:
   grown to the largest weight by the eager calls before any capture, so never during one; its
   size is in the VRAM ledger, `gdsllm.engine.budget.scratch_bytes`) in the plane order, and
@@ -22,37 +24,43 @@ allocations are outputs, permuted activations and split-K partials from the grap
 scratch buffer a graph captured is kept alive for good (its address is baked into the graph), and
 the split-K counters are made once per device by the eager calls before any capture.
 
-Measured on an H200 (driver 580.159.04, torch 2.11.0+cu130, Triton 3.6.0, 2026-12-04 03:50 UTC;
-`benchmarks/bench_kernels.py --sweep --rows 1,2,4,8,16,24,32,48,64,128`, docs/bench-kernels-2026-12-04-
-h200.json): us per matmul summed over the LLaMA-7B shapes 4096x4096 + 11008x4096 + 4096x11008 (N x
-K, random weights, groups of 128), each timed as a CUDA graph over 256 MiB of weight copies (from
-HBM, no launch cost); int4 with bfloat16 x (what an int4 model computes in), int8 with float16 x;
-int4 / int8: the least time among the options timed at that M (every one checked against float32
-math, relative error < 2e-2; the chosen tiles also in the other dtype, groups of 32, and split-K
-repeated bit for bit); "dq": dequantize + cuBLAS; "before": what this module ran until then
-(the plane-by-plane tiles of 2026-12-03, float16 x, the same device call).
+Measured on an H200 (driver 580.159.04, torch 2.11.0+cu130, Triton 3.6.0, 2026-12-04 19:22 UTC;
+`benchmarks/bench_kernels.py --rows ...`, docs/bench-kernels-2026-12-04-1922-h200.json): us per
+matmul summed over the LLaMA-7B shapes 4096x4096 + 11008x4096 + 4096x11008 (N x K, random
+weights, groups of 128), each timed as a CUDA graph over 256 MiB of weight copies (from HBM, no
+launch cost); int4 with bfloat16 x (what an int4 model computes in), int8 with float16 x; int4 /
+int8: what `linear` runs at that M (CHOICES), every result checked against float32 math
+(relative error < 2.5e-3). The copies share one x, so at 5-32 rows the int4 figures carry one
+permutation of x per graph, not one per matmul (`triton_gemm.planes_x`: in a model q, k and v
+share one, gate and up another; the copy alone costs 2.3-3.7 us at 1-64 rows).
 
-    M               1     2     4     8    16    24    32    48    64   128
-    bfloat16       67    66    67    65    66    69    67    69    67    73
-    float16        66    66    67    65    66    69    67    69    68    73
-    int4           38    40    51    69    72   112    84   130   132   171
-    int4 before    53    57    69    84    88   130   133   160   160   171
-    int4 dq       156   157   158   156   156   158   159   160   161   171
-    int8           69    70    69    69    72   109    91   158   135   212
-    int8 before    89   115   117   119   124   196   173   202   202   211
-    int8 dq       197   198   199   197   199   199   199   202   203   212
+    M               1     2     4     8    16    24    32    48    64   128   256   512
+    bfloat16       71    71    70    70    72    70    70    72    72    76    96   152
+    float16        71    72    70    71    72    73    72    73    72    76    98   157
+    int4           38    40    52    44    47    71    72   133   134   168   191   251
+    int8           70    70    70    71    74    91    92   131   134   212   232   299
 
-int4: tinygemm to 4 rows, the Triton tile (16, 64, 4, 4, 8, 128, swap, xperm) to 16, the 32-row
-tile to 64, then dequantize; int8: the 16-row tile (16, 64, 4, 4, 8, 128, swap) to 16, the 32-row
-tile to 32, the 64-row tile (split 2) to 64, then dequantize. At 24 and 48 rows the sweep timed
-tiles of at most that many rows; the next larger tile runs those rows in one pass as it runs its
-full count (one block of rows, the same bytes), so CHOICES takes it there (not timed at 24 / 48).
-Only tinygemm (int4, to 4 rows) is faster than float16. The Triton tiles now read the packed
-bytes at float16's time per matmul, not at its bytes: int4 at 16 rows 57 MB in 72 us (0.8 TB/s),
-int8 107 MB in 72; the time follows the weight count, not the bytes (int8 moves twice int4's in
-the same time), and halving the unpacking instructions (PTX, scales after the product) gained
-only ~8% (at 1 row, (16, 64, 4, 3, 4, 128, swap, xperm): 71 us with the PTX unpacking, 77 without),
-so the limit is neither HBM nor the unpacking ALU; not profiled (no counters read).
+int4: tinygemm to 4 rows, the planes tile (16, 128, 4, 3, auto split, 128, swap, planes) to 32,
+the 32-row whole tile to 64, then dequantize; where the planes tile is not usable (groups of
+less than a k-block, as GGUF's Q4_K; float32 x) the whole tiles of FALLBACK, as before. int8:
+the 16-row tile (16, 64, 4, 4, 8, 128, swap) to 16, the 32-row tile to 32, the 64-row tile
+(split 2) to 64, then dequantize.
+
+Why the planes tile (benchmarks/probe_w4_tiles.py, same device and day): the whole int4 tiles
+spent their time in shared memory, not HBM: ncu on the 16-row tile at 11008x4096 read L1/TEX
+throughput 72% against DRAM 18%, 28 us. Interleaving the 8 nibble planes back into one weight
+tile (tl.join + reshape) leaves a layout Triton converts through shared memory before the
+tensor-core operand, 2 bytes of bfloat16 per weight written and read again, so the time
+followed the weight count, not the bytes. The planes tile gives each plane its own tl.dot over
+the matching columns of x in plane order: the stored words are loaded straight into the
+operand's register layout and unpacked there (ttgir: no layout conversion of weights). At 16
+rows, us per matmul, 4096x4096 / 11008x4096 / 4096x11008: 15.0 / 31.0 / 26.9 with the whole
+tile, 12.7 / 20.8 / 20.1 with the planes tile (the unpacking by PTX; 13.4 / 22.8 / 24.4 by
+elementwise ops), bfloat16 13.2 / 27.1 / 29.8. A tile that instead loads each word once per
+nibble (8 columns sharing an address, no planes) took 180-2,500 us: Triton pipelined the
+repeated loads through shared memory, 243 KB. From 48 rows on the planes tile loses (its x
+reductions and the small dots): the whole 32-row tile stays there, and past 64 rows the
+dequantization (16 rows per program: 3-8% quicker than 32) and cuBLAS.
 """
 
 from __future__ import annotations
@@ -68,10 +76,16 @@ from gdsllm.quant.schemes import QuantWeight
 # time summed over the three 7B shapes at the measured T it covers (the table above; at 24 and 48
 # rows the next larger tile, which the sweep did not time there, as the docstring says).
 CHOICES = {
-    "int4": ((4, "tinygemm"), (16, (16, 64, 4, 4, 8, 128, True, True)),
+    "int4": ((4, "tinygemm"), (32, (16, 128, 4, 3, 0, 128, True, False, True, True, True)),
              (64, (32, 64, 4, 3, 4, 128, True, True))),
     "int8": ((16, (16, 64, 4, 4, 8, 128, True)), (32, (32, 64, 4, 3, 4, 128, True)),
              (64, (64, 64, 8, 3, 2, 128, True))),
+}
+# Where a chosen tile is not `usable` for the weight and x (the planes tile: groups narrower than
+# a k-block, as GGUF's Q4_K kept as int4, or float32 x): the whole tiles of the 2026-12-04 sweep
+FALLBACK = {
+    "int4": ((16, (16, 64, 4, 4, 8, 128, True, True)), (64, (32, 64, 4, 3, 4, 128, True, True))),
+    "int8": (),
 }
 
 # The split-K tile counters of gdsllm.quant.triton_gemm (`lock_buffer`): int32, one set per device
@@ -103,16 +117,19 @@ def check_int4_layout() -> None:
     _layout_checked = True
 
 
-def choice(qtype: str, rows: int, k: int, dtype: torch.dtype):
-    """What runs x [rows, k] of `dtype` against a `qtype` weight: "tinygemm", "dequant" or a Config."""
+def choice(qtype: str, rows: int, k: int, dtype: torch.dtype, group_size: int = 128):
+    """What runs x [rows, k] of `dtype` against a `qtype` weight in groups of `group_size`:
+    "tinygemm", "dequant" or a Config (CHOICES, else FALLBACK, else "dequant")."""
     from gdsllm.quant.triton_gemm import Config, usable
     kind = next((c for top, c in CHOICES[qtype] if rows <= top), "dequant")
     if kind == "tinygemm":
         return kind if dtype != torch.float32 else "dequant"
     if kind == "dequant":
         return kind
-    cfg = Config(*kind)
-    return cfg if usable(qtype, k, cfg) else "dequant"
+    for c in (kind, next((c for top, c in FALLBACK[qtype] if rows <= top), None)):
+        if c is not None and usable(qtype, k, Config(*c), group_size, dtype):
+            return Config(*c)
+    return "dequant"
 
 
 def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -148,7 +165,7 @@ def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     if not capturing():  # the ledger's scratch (the largest weight) and the split-K counters
         scratch(x.device, x.dtype, n * k)  # exist before any capture
         triton_gemm.lock_buffer(x.device)
-    kind = choice(w.qtype, rows, k, x.dtype)
+    kind = choice(w.qtype, rows, k, x.dtype, w.group_size)
     if kind == "tinygemm":
         check_int4_layout()
         y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), w.data,

@@ -44,6 +44,7 @@ in `gdsllm.quant.kernels_cuda`, by the measurements in its docstring.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ class Config:
     xperm: bool = False  # int4: x permuted into the tile's column order first (`gemm_x`)
     after: bool = True  # scale after the product where one group spans a step (half precision)
     asm: bool = True  # and then unpack by PTX, two weights per instruction (`_unpack_asm`)
+    planes: bool = False  # int4: one tl.dot per nibble plane (`_w4_planes`), x in plane order
 
 
 # The tile configurations benchmarks/bench_kernels.py measures (Config fields, in order); the
@@ -88,12 +90,32 @@ CANDIDATES = (
     (16, 64, 4, 3, 2, 128, True, True), (32, 64, 4, 3, 4, 128, True, True),
     (64, 64, 8, 3, 2, 128, True, True), (64, 128, 8, 3, 1, 128, True, True),
     (16, 64, 4, 3, 4, 128, True, True, True, False),
+    # int4 one dot per nibble plane (split_k 0: `auto_split`)
+    (16, 128, 4, 3, 0, 128, True, False, True, True, True),
+    (16, 128, 4, 3, 0, 128, True, False, True, False, True),
 )
 
 
-def usable(qtype: str, k: int, cfg: Config) -> bool:
-    """Whether the GEMM runs this tile at input dimension k (else: dequantize + cuBLAS)."""
+def usable(qtype: str, k: int, cfg: Config, group_size: int = 128,
+           dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the GEMM runs this tile for a weight of input dimension k in groups of
+    `group_size`, times x of `dtype` (else: another tile, or dequantize + cuBLAS). The planes
+    tile needs half-precision x, k-blocks of 128 inputs (inner k-tiles 8) and groups that span
+    them (scaled after the products)."""
+    if cfg.planes:  # and k-blocks of 128 inputs: a plane's dot has K = 16 words
+        return (qtype == "int4" and dtype in (torch.float16, torch.bfloat16) and k % 128 == 0
+                and group_size % 128 == 0)
     return qtype == "int4" or k % 4 == 0
+
+
+def auto_split(tiles: int, sms: int) -> int:
+    """split_k for `tiles` output tiles where a Config says 0: about two programs per
+    multiprocessor, a power of two from 2 to 8. The planes tile on the H200 (132 SMs, 2026-12-04,
+    benchmarks/probe_w4_tiles.py): at 8 and 16 rows the best of splits 2 / 4 / 8 was 8 for
+    4096x4096 and 4096x11008 (32 tiles of 128 rows) and 4 for 11008x4096 (86 tiles); at 32 rows
+    4 / 4 / 2; at 64 rows within 5% of the best at 2."""
+    want = 2 * sms / max(1, tiles)
+    return max(2, min(8, 1 << max(0, round(math.log2(max(want, 1.0))))))
 
 
 @triton.jit
@@ -466,6 +488,61 @@ def _w8_gemm(x_ptr, q_ptr, sc_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, 
     _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym, BLOCK_M, SPLIT, SWAP)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _w4_planes(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KO, stride_xm, stride_ym,
+               per_split, G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr,
+               STAGES: tl.constexpr, ASM: tl.constexpr):
+    """int4, one k-block (16T inputs) a step, x in plane order (`permute_x`: plane p of k-block
+    ko is x's columns ko 16T + p 2T + w, w < 2T). The stored words [BLOCK_N, 2T] are loaded once
+    and each nibble plane, unpacked by elementwise ops only (or `_unpack_asm`), goes into its own
+    tl.dot (K = 2T) with its x columns: no join / reshape, so the words land in the dot's
+    register layout as loaded and no unpacked tile crosses shared memory (the whole tile's
+    bottleneck: L1/shared at 72% against DRAM at 18%, ncu on the H200). Groups span the k-block
+    (`usable`): the integers q - 8 go into the products, the group's (scale, zero) apply once per
+    step, s (x w.T) + z sum(x)."""
+    W: tl.constexpr = 2 * T
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n, mask_m = offs_n < N, offs_m < M
+    col = tl.arange(0, W)
+    rowbase = (offs_n // 8) * KO * (16 * T) + (offs_n % 8) * W
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    if DT == tl.bfloat16:  # the bits magic | q read as DT: 128 + q (bfloat16), 1024 + q (float16)
+        MAGIC: tl.constexpr = 0x4300
+        SUB: tl.constexpr = 136.0
+    else:
+        MAGIC: tl.constexpr = 0x6400
+        SUB: tl.constexpr = 1032.0
+    acc = _acc0(BLOCK_M, BLOCK_N, W, SWAP)
+    start = tl.program_id(2) * per_split
+    for ko in tl.range(start, tl.minimum(start + per_split, KO), 1, num_stages=STAGES):
+        words = tl.load(q_ptr + rowbase[:, None] + (ko * (16 * T) + col)[None, :],
+                        mask=mask_n[:, None], other=0)
+        t = _acc0(BLOCK_M, BLOCK_N, W, SWAP)
+        sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if ASM:
+            ps = _int4_planes_asm(words, DT)
+        for p in tl.static_range(8):
+            if ASM:
+                w = ps[p]
+            else:
+                w = (((words >> (4 * p)) & 15).to(tl.int16) | MAGIC).to(DT, bitcast=True) - SUB
+            xp = tl.load(x_ptr + offs_m[:, None] * stride_xm
+                         + (ko * (16 * T) + p * W + col)[None, :], mask=mask_m[:, None], other=0.0)
+            sx += tl.sum(xp.to(tl.float32), axis=1)
+            if SWAP:
+                t = tl.dot(w, tl.trans(xp), t)
+            else:
+                t = tl.dot(xp, tl.trans(w), t)
+        s, z = _int4_scales(sz_ptr, (ko * (16 * T)) // G * N + offs_n, mask_n)
+        if SWAP:
+            acc += t * s[:, None] + z[:, None] * sx[None, :]
+        else:
+            acc += t * s[None, :] + sx[:, None] * z[None, :]
+    _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym, BLOCK_M, SPLIT, SWAP)
+
+
 @triton.jit(do_not_specialize=["KO"])
 def _w4_dequant(q_ptr, sc_ptr, out_ptr, N, KO, G: tl.constexpr, T: tl.constexpr,
                 BLOCK_N: tl.constexpr, PLANES: tl.constexpr):
@@ -535,6 +612,36 @@ def lock_buffer(device: torch.device) -> torch.Tensor:
     return buf
 
 
+_sms: dict[torch.device, int] = {}
+# the last x put in plane order and its copy: q, k and v (gate and up) read one activation, and
+# the copy costs 2.3-3.7 us a matmul at 1-64 rows on the H200, a tenth of the planes tile's time
+_last_x: list = [(None, -1, 0, False, None)]  # (x, its version, its K, in a capture, the copy)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device not in _sms:
+        _sms[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                        if device.type == "cuda" else 132)
+    return _sms[device]
+
+
+def planes_x(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """permute_x(x, w), made once for consecutive matmuls of one x (the same tensor, unchanged
+    since: its version counter, which views share) against weights of one K. Inside a graph
+    capture the copy is a node of the graph, and later matmuls of the same x read it there; a
+    copy made outside the capture is never used inside it (the replay would read it stale).
+    Holding x keeps its identity from being reused; what the version cannot see is a graph
+    replay writing into x, so x must not be a graph's static buffer: the models multiply only
+    activations made in the same forward (a norm's or attention's output)."""
+    last, version, k, in_graph, xk = _last_x[0]
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if last is x and version == x._version and k == w.shape[1] and in_graph == capturing:
+        return xk
+    xk = permute_x(x, w)
+    _last_x[0] = (x, x._version, w.shape[1], capturing, xk)
+    return xk
+
+
 def gemm_x(x: torch.Tensor, k: int) -> torch.Tensor:
     """x [M, K] in the column order of the int4 GEMM's tile (`Config.xperm`): per k-block of
     16T inputs, word w = c T/2 + jw then r = 2 i + odd, input 32 jw + 8 i + 2 c + odd."""
@@ -544,17 +651,19 @@ def gemm_x(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def matmul(x: torch.Tensor, w: QuantWeight, cfg: Config = Config()) -> torch.Tensor:
-    """x @ W.T for a 2-D x on W's device (any M; a tile `usable` at W's K), reading W as stored."""
+    """x @ W.T for a 2-D x on W's device (any M; a tile `usable` for W and x), reading W as
+    stored."""
     n, k = w.shape
     m = x.shape[0]
-    assert usable(w.qtype, k, cfg), (w.qtype, k, cfg)
+    assert usable(w.qtype, k, cfg, w.group_size, x.dtype), (w.qtype, k, w.group_size, x.dtype, cfg)
     if w.qtype == "int4":
         t = inner_k_tiles(k)
-        unit, steps = max(1, cfg.block_k // (16 * t)), k // (16 * t)  # in k-blocks
+        unit, steps = 1 if cfg.planes else max(1, cfg.block_k // (16 * t)), k // (16 * t)  # k-blocks
     else:
         unit, steps = cfg.block_k, k  # in inputs
     grid = [triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), 1]
-    split = max(1, min(cfg.split_k, triton.cdiv(steps, unit)))
+    want = cfg.split_k or auto_split(grid[0] * grid[1], _sm_count(x.device))
+    split = max(1, min(want, triton.cdiv(steps, unit)))
     if grid[0] * grid[1] > SPLIT_K_COUNTERS or split * m * n >= 2 ** 31:
         split = 1
     per_split = triton.cdiv(triton.cdiv(steps, split), unit) * unit
@@ -576,7 +685,14 @@ def matmul(x: torch.Tensor, w: QuantWeight, cfg: Config = Config()) -> torch.Ten
     common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split, SWAP=cfg.swap, IEEE=ieee,
                   STAGES=cfg.stages, AFTER=after, ASM=asm, num_warps=cfg.warps,
                   num_stages=cfg.stages)
-    if w.qtype == "int4":
+    if cfg.planes:
+        xk = planes_x(x, w)
+        _w4_planes[tuple(grid)](xk, w.data, w.scales.view(torch.int32), y, ws, locks, m, n, steps,
+                                xk.stride(0), y.stride(0), per_split, G=w.group_size, T=t,
+                                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split,
+                                SWAP=cfg.swap, STAGES=cfg.stages, ASM=cfg.asm and not INTERPRETED,
+                                num_warps=cfg.warps, num_stages=cfg.stages)
+    elif w.qtype == "int4":
         xk = gemm_x(x, k) if cfg.xperm else x.contiguous()
         _w4_gemm[tuple(grid)](xk, w.data, w.scales.view(torch.int32), y, ws, locks, m, n, steps,
                               xk.stride(0), y.stride(0), per_split, G=w.group_size, T=t, KB=unit,
@@ -589,11 +705,14 @@ def matmul(x: torch.Tensor, w: QuantWeight, cfg: Config = Config()) -> torch.Ten
 
 
 def dequantize_into(w: QuantWeight, out: torch.Tensor, planes: bool = False,
-                    block_n: int = 32) -> torch.Tensor:
+                    block_n: int | None = None) -> torch.Tensor:
     """Write the float weight [N, K] into `out` (contiguous, numel N*K, any float dtype): in
     input order, or with `planes` in the order of `permute_x` (contiguous stores, so quicker;
-    then F.linear(permute_x(x, w), out) is x @ W.T)."""
+    then F.linear(permute_x(x, w), out) is x @ W.T). Rows per program: int4 16 (the H200,
+    2026-12-04, benchmarks/probe_w4_tiles.py, the LLaMA-7B shapes in planes: 11.3 / 32.8 / 32.7
+    us against 12.5 / 33.6 / 33.6 with 32, 13.7 / 38.2 / 37.7 with 64), int8 32."""
     n, k = w.shape
+    block_n = block_n or (16 if w.qtype == "int4" else 32)
     assert out.is_contiguous() and out.numel() == n * k, (tuple(out.shape), w.shape)
     if w.qtype == "int4":
         t = inner_k_tiles(k)
