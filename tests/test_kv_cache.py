@@ -83,6 +83,37 @@ def test_consecutive_slots_read_as_views():
     gk, gv = c.gather(0, torch.tensor(two))
     assert torch.equal(ks, gk) and torch.equal(vs, gv) and torch.equal(ks, k[7:].transpose(0, 1))
     assert ks.data_ptr() == c.k[0].view(-1, 2, 3)[two[0]].data_ptr()  # a view, no copy
+    k4, v4 = c.span4(0, two[0], 4)  # the same views with a batch dimension, one view op each
+    assert k4.shape == (1, 2, 4, 3) and k4.stride() == ks[None].stride()
+    assert torch.equal(k4[0], ks) and torch.equal(v4[0], vs) and k4.data_ptr() == ks.data_ptr()
+
+
+def test_the_cpu_decode_shortcuts_give_the_same_bits():
+    """The CPU decode's shortcuts give bit for bit what they replace: the rotary embedding by
+    one flip (layers.apply_rope_flip) and one token's attention over consecutive keys
+    (attention._decode_span), grouped heads and a window wider than the keys."""
+    from gdsllm.models import attention, layers
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 12 * 64 + 7, generator=g)[:, :12 * 64].view(3, 12, 64)  # a strided view
+    cos, sin = layers.rope_cos_sin(1 / 10000 ** (torch.arange(0, 64, 2) / 64),
+                                   torch.tensor([5, 77, 1000]), torch.float32)
+    assert torch.equal(layers.apply_rope_flip(x, *layers.rope_flip_factors(cos, sin)),
+                       layers.apply_rope(x, cos, sin))
+    c = PagedKVCache(1, 2, 8, torch.float32, "cpu", num_blocks=4, block_size=4)
+    c.grow(1, 6)
+    slots = c.slot_list(1, 0, 6)
+    c.write(0, torch.tensor(slots), torch.randn(6, 2, 8, generator=g), torch.randn(6, 2, 8, generator=g))
+    q = torch.randn(2, 6, 8, generator=g)[:, :4]  # rows of a wider q/k tensor, as in a block
+    for window in (None, 6):
+        seg = attention.Segment(1, 2, 5, torch.tensor(slots), first=slots[0])  # q's row 1
+        batch = attention.PassBatch(c, torch.tensor(slots[5:]), segments=[
+            attention.Segment(0, 1, 5, torch.tensor(slots), first=slots[0])])
+        ks, vs = c.span(0, slots[0], 6)
+        want = attention.attention(q[1:2].transpose(0, 1), ks, vs, 5, scale=0.3, window=window)
+        got = attention._decode_span(c, 0, q, seg, 0.3)
+        assert torch.equal(got, want)
+        k_new, v_new = ks[:, 5].clone()[None], vs[:, 5].clone()[None]  # rewrites the same values
+        assert torch.equal(attention.attend(batch, 0, q[1:2], k_new, v_new, 0.3, window), want)
 
 
 def test_a_batched_decode_equals_each_sequence_alone(tiny):

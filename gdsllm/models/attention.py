@@ -21,7 +21,7 @@ batch's new keys/values into the pool and runs attention in one of two ways:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,17 @@ class PassBatch:
     segments: list[Segment] | None = None
     block_tables: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
+    memos: dict = field(default_factory=dict)
+
+    def memo(self, name: str, make, *args):
+        """make(*args), made once per pass where every layer would make it alike from the same
+        tensors (e.g. gdsllm.models.layers.rope_flip_factors): remade when `args` are other
+        objects than last time. Eager only: not for a CUDA graph's static buffers, which are
+        refilled in place."""
+        got = self.memos.get(name)
+        if got is None or any(a is not b for a, b in zip(got[0], args)):
+            got = self.memos[name] = (args, make(*args))
+        return got[1]
 
     @property
     def decode(self) -> bool:
@@ -79,8 +90,13 @@ def attend(batch: PassBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: to
     if batch.decode:
         return decode_attention(q, cache.k[layer], cache.v[layer], batch.block_tables,
                                 batch.seq_lens, scale, window)
+    segs = batch.segments
+    if (len(segs) == 1 and segs[0].first is not None and segs[0].mask is None
+            and segs[0].end - segs[0].start == 1 and not q.is_cuda
+            and (window is None or segs[0].keys.shape[0] <= window)):
+        return _decode_span(cache, layer, q, segs[0], scale)
     outs = []
-    for seg in batch.segments:
+    for seg in segs:
         if seg.first is not None:
             ks, vs = cache.span(layer, seg.first, seg.keys.shape[0])
         else:
@@ -94,6 +110,24 @@ def attend(batch: PassBatch, layer: int, q: torch.Tensor, k: torch.Tensor, v: to
 
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _decode_span(cache: PagedKVCache, layer: int, q: torch.Tensor, seg: Segment,
+                 scale: float) -> torch.Tensor:
+    """`attention` for one sequence's one new token over its consecutive cached keys (the CPU's
+    decode of a lone sequence): the same SDPA call on the same values, its 4-D operands made as
+    one strided view each (cache.span4) instead of a slice, transpose and unsqueeze apiece."""
+    nh, hd = q.shape[1], q.shape[2]
+    L = seg.keys.shape[0]
+    k, v = cache.span4(layer, seg.first, L)
+    s0, s1, s2 = q.stride()  # q[start:start + 1].transpose(0, 1)[None], as one view
+    q4 = q.as_strided((1, nh, 1, hd), (nh * s1, s1, s0, s2), q.storage_offset() + seg.start * s0)
+    kw: dict = dict(scale=hd ** -0.5 if scale is None else scale)
+    if nh != k.shape[1]:
+        if not _SDPA_GQA:
+            return attention(q4[0], k[0], v[0], seg.past, scale=scale)
+        kw["enable_gqa"] = True
+    return F.scaled_dot_product_attention(q4, k, v, **kw)[0].transpose(0, 1).reshape(1, -1)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int,

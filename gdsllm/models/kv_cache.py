@@ -197,8 +197,10 @@ class PagedKVCache:
     # -- data -------------------------------------------------------------------------------
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [n, kv_heads, head_dim] into the flat slots [n] (a device tensor)."""
-        self.k[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k.to(self.dtype))
-        self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v.to(self.dtype))
+        if k.dtype != self.dtype:
+            k, v = k.to(self.dtype), v.to(self.dtype)
+        self.k[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, k)
+        self.v[layer].view(-1, self.kv_heads, self.head_dim).index_copy_(0, slots, v)
 
     def span(self, layer: int, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at the consecutive slots [first, first + n) as [kv_heads, n,
@@ -206,6 +208,14 @@ class PagedKVCache:
         k = self.k[layer].view(-1, self.kv_heads, self.head_dim)[first:first + n]
         v = self.v[layer].view(-1, self.kv_heads, self.head_dim)[first:first + n]
         return k.transpose(0, 1), v.transpose(0, 1)
+
+    def span4(self, layer: int, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """span(...) with a leading batch dimension, [1, kv_heads, n, head_dim]: the same views
+        as span(...)[i][None], one strided view each."""
+        h, d = self.kv_heads, self.head_dim
+        size, stride = (1, h, n, d), (h * d, d, h * d, 1)
+        return (self.k[layer].as_strided(size, stride, first * h * d),
+                self.v[layer].as_strided(size, stride, first * h * d))
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at `slots` [L] as [kv_heads, L, head_dim] (a copy)."""

@@ -89,7 +89,8 @@ def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
 
 HALF_ROWS = 8  # up to this many rows a float16 copy multiplies in float16 (measured above)
 try:  # torch 2.5 and later; before, an int4 weight is resident as a float32 copy
-    torch.ops.aten._weight_int4pack_mm_for_cpu
+    # the overload itself: 120 calls a token of the default model skip the packet's lookup
+    _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
     INT4_KERNEL = True
 except (AttributeError, RuntimeError):
     INT4_KERNEL = False
@@ -132,7 +133,7 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales: torc
             ) -> torch.Tensor:
     """x [T, K] times a repacked int4 weight (PackedInt4 / FusedInt4), x rounded to bfloat16 (the
     kernel's fast path), the result in x's dtype."""
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group_size, scales)
+    y = _INT4_MM(x.to(torch.bfloat16), packed, group_size, scales)
     return y.to(x.dtype)
 
 
