@@ -7,14 +7,16 @@ the tile that replaced it (now gdsllm.quant.triton_gemm's `Config.planes`). For 
         # cuBLAS bfloat16 at 11008 x 4096
 
 `time`: us per matmul over the LLaMA-7B shapes (bench_kernels' graphs over 256 MiB of weight
-copies, every weight from HBM): bfloat16 cuBLAS, what kernels_cuda runs, tinygemm, and this
-file's own copy of the planes tile (`_w4_planes`: the words loaded once, one tl.dot per nibble
-plane) over a grid of launch shapes, each checked against float32 math; the planes tile without
-the permutation of x and the permutation alone; at 512 rows the dequantization step alone by
-rows per program. Then the Triton IR op counts of every kernel compiled (layout conversions,
-shared-memory buffers). Raw results of 2026-12-04 on the H200: docs/probe-w4-tiles-2026-12-04-
-h200.json; the ncu sections of the whole tile and the planes tile: docs/ncu-w4-tiles-2026-12-04-
-h200.txt; a first version of this probe timed a tile that loads each word once per nibble
+copies, every weight from HBM): bfloat16 cuBLAS, what kernels_cuda runs, tinygemm, and
+triton_gemm's planes tile over a grid of launch shapes (an x per weight copy, so each matmul puts
+its x in plane order), each checked against float32 math; the planes tile with one x for all
+copies (one permutation) and the permutation alone; at 512 rows the dequantization step alone by
+rows per program. Then the Triton IR op counts of every kernel compiled (TRITON_CACHE_DIR set:
+layout conversions, shared-memory buffers). Raw results of 2026-12-04 on the H200 (a version of
+this probe that carried its own copy of the planes kernel, the same code as triton_gemm's
+`_w4_planes` now, and permuted x on every call): docs/probe-w4-tiles-2026-12-04-h200.json; the
+ncu sections of the whole tile and the planes tile: docs/ncu-w4-tiles-2026-12-04-h200.txt; a
+first version timed a tile that loads each word once per nibble
 (docs/probe-w4-gather-2026-12-04-h200.json, its "gather" rows; that kernel is not kept).
 """
 from __future__ import annotations
@@ -30,117 +32,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import SHAPES, bench, weights  # noqa: E402
 
-from gdsllm.format.quant_layout import inner_k_tiles  # noqa: E402
 from gdsllm.quant import kernels_cuda, triton_gemm as tg  # noqa: E402
-from gdsllm.quant.triton_gemm import _int4_planes_asm  # noqa: E402
 
 
-@triton.jit(do_not_specialize=["M"])
-def _w4_planes(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KO, stride_xm, stride_ym,
-               per_split, G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr,
-               STAGES: tl.constexpr, ASM: tl.constexpr):
-    """One k-block (16T inputs) a step, x permuted as permute_x (plane order: plane p of the
-    block is x's columns p 2T .. p 2T + 2T). The stored words [BLOCK_N, 2T] are loaded once and
-    each nibble plane, unpacked by elementwise ops only (no join / reshape), is multiplied by its
-    x columns in its own tl.dot (K = 2T): the words, not the unpacked weights, are what a layout
-    conversion would move. Groups span the step (G % 16T == 0): integers in the products, the
-    group's (scale, zero) applied once per step."""
-    W: tl.constexpr = 2 * T
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_n, mask_m = offs_n < N, offs_m < M
-    col = tl.arange(0, W)
-    rowbase = (offs_n // 8) * KO * (16 * T) + (offs_n % 8) * W
-    DT: tl.constexpr = x_ptr.dtype.element_ty
-    if DT == tl.bfloat16:  # bits magic | q = 128 + q (bfloat16) / 1024 + q (float16)
-        MAGIC: tl.constexpr = 0x4300
-        SUB: tl.constexpr = 136.0
-    else:
-        MAGIC: tl.constexpr = 0x6400
-        SUB: tl.constexpr = 1032.0
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    start = tl.program_id(2) * per_split
-    end = tl.minimum(start + per_split, KO)
-    for ko in tl.range(start, end, 1, num_stages=STAGES):
-        words = tl.load(q_ptr + rowbase[:, None] + (ko * (16 * T) + col)[None, :],
-                        mask=mask_n[:, None], other=0)
-        if SWAP:
-            t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        else:
-            t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        if ASM:  # the 8 planes two words per instruction (triton_gemm._unpack_asm)
-            ps = _int4_planes_asm(words, DT)
-        for p in tl.static_range(8):
-            if ASM:
-                w = ps[p]
-            else:
-                q = ((words >> (4 * p)) & 15).to(tl.int16)
-                w = (q | MAGIC).to(DT, bitcast=True) - SUB
-            xp = tl.load(x_ptr + offs_m[:, None] * stride_xm + (ko * (16 * T) + p * W + col)[None, :],
-                         mask=mask_m[:, None], other=0.0)
-            sx += tl.sum(xp.to(tl.float32), axis=1)
-            if SWAP:
-                t = tl.dot(w, tl.trans(xp), t)
-            else:
-                t = tl.dot(xp, tl.trans(w), t)
-        sz = tl.load(sz_ptr + (ko * (16 * T)) // G * N + offs_n, mask=mask_n, other=0)
-        s = (sz << 16).to(tl.float32, bitcast=True)
-        z = (sz & -65536).to(tl.float32, bitcast=True)
-        if SWAP:
-            acc += t * s[:, None] + z[:, None] * sx[None, :]
-        else:
-            acc += t * s[None, :] + sx[:, None] * z[None, :]
-    if SWAP:
-        out = tl.trans(acc)
-    else:
-        out = acc
-    mask = mask_m[:, None] & mask_n[None, :]
-    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    if SPLIT == 1:
-        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        part = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(part + tl.program_id(2) * M * N, out, mask=mask)
-        tl.debug_barrier()
-        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-        seen = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-        if seen == SPLIT - 1:
-            total = tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
-            for i in tl.static_range(1, SPLIT):
-                total += tl.load(part + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(y, total.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(lock_ptr + tile, 0)
-
-
-def planes(x, w, bm=16, bn=64, split=8, warps=4, stages=4, swap=True, asm=False, xk=None):
-    n, k = w.shape
-    m = x.shape[0]
-    t = inner_k_tiles(k)
-    ko = k // (16 * t)
-    assert w.group_size % (16 * t) == 0 and x.dtype != torch.float32
-    grid = [triton.cdiv(n, bn), triton.cdiv(m, bm), 1]
-    split = max(1, min(split, ko))
-    per = triton.cdiv(ko, split)
-    grid[2] = split = triton.cdiv(ko, per)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    locks = tg.lock_buffer(x.device)
-    xk = tg.permute_x(x, w) if xk is None else xk
-    _w4_planes[tuple(grid)](xk, w.data, w.scales.view(torch.int32), y, ws, locks, m, n, ko,
-                            xk.stride(0), y.stride(0), per, G=w.group_size, T=t, BLOCK_M=bm,
-                            BLOCK_N=bn, SPLIT=split, SWAP=swap, STAGES=stages, ASM=asm,
-                            num_warps=warps, num_stages=stages)
-    return y
+def planes(x, w, bm=16, bn=64, split=8, warps=4, stages=4, swap=True, asm=False):
+    """x @ W.T through gdsllm.quant.triton_gemm's planes tile at this launch shape (split 0:
+    `auto_split`). x is put in plane order unless it is the x of the previous call (planes_x)."""
+    return tg.matmul(x, w, tg.Config(bm, bn, warps, stages, split, 128, swap, False, True, asm,
+                                     True))
 
 
 PLANES = [dict(bm=16, bn=bn, split=s, warps=wp, stages=st, asm=asm)
@@ -188,7 +91,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 torch.cuda.cudart().cudaProfilerStart()
             tg.matmul(x, ws["int4"][0], cur)
-            planes(x, ws["int4"][0], bn=128, split=4, stages=3, asm=True)
+            planes(x, ws["int4"][0], bn=128, split=0, stages=3, asm=True)
             torch.ops.aten._weight_int4pack_mm(x[:1], ws["int4"][0].data, 128, ws["int4"][0].scales)
             F.linear(x, ws["bfloat16"][0])
         torch.cuda.synchronize()
@@ -212,18 +115,19 @@ def main() -> None:
                 for bn in DEQUANT_BN:
                     r[f"dequant_bn{bn}"] = bench([lambda w=w: tg.dequantize_into(
                         w, buf, planes=True, block_n=bn) for w in ws["int4"]])
-            else:  # the planes tile without the permutation of x (done once, outside)
+            else:  # the planes tile with one x for every copy: x put in plane order once
                 g = PLANES[1]
-                xk = tg.permute_x(x, ws["int4"][0])
                 r["planes_noperm" + json.dumps(g, separators=(",", ":"))] = bench(
-                    [lambda w=w: planes(x, w, xk=xk, **g) for w in ws["int4"]])
+                    [lambda w=w: planes(x, w, **g) for w in ws["int4"]])
                 r["permute_x"] = bench([lambda w=w: tg.permute_x(x, w) for w in ws["int4"]])
+            xs = [x.clone() for _ in ws["int4"]]  # an x per copy: the permutation every matmul
             for g in (PLANES if m <= 64 else []):
                 key = "planes" + json.dumps(g, separators=(",", ":"))
                 try:
                     y = planes(x, ws["int4"][0], **g)
                     err = float((y.float() - ref).norm() / ref.norm())
-                    r[key] = bench([lambda w=w: planes(x, w, **g) for w in ws["int4"]])
+                    r[key] = bench([lambda w=w, xi=xi: planes(xi, w, **g)
+                                    for w, xi in zip(ws["int4"], xs)])
                     r[key + "/err"] = err
                 except Exception as e:  # a launch shape Triton cannot compile
                     r[key] = f"{type(e).__name__}: {str(e)[:160]}"
