@@ -109,13 +109,15 @@ def table(rows, shapes) -> dict:
 def options(q: str, m: int) -> list:
     """The sweep's options for qtype q at m rows: tile configurations (GEMV tiles up to 2 rows;
     tensor-core tiles of m/4 to under 2m rows, at least 16, split along K up to 64 rows; for int4
-    those that permute x first, for int8 the others), tinygemm
+    those that permute x first or take it in plane order, for int8 the others), tinygemm
     (int4, up to 64 rows) and dequantize + cuBLAS."""
     out = []
     for c in triton_gemm().CANDIDATES:
         bm, split = c[0], c[4]
-        if (len(c) > 7 and c[7]) != (q == "int4") and bm > 1:  # int4 tensor cores: x permuted
-            continue
+        planes = len(c) > 10 and c[10]  # int4 only: x in plane order
+        if (planes and q != "int4") or (
+                not planes and (len(c) > 7 and c[7]) != (q == "int4") and bm > 1):
+            continue  # int4 tensor cores: x permuted (or in plane order)
         gemv = bm == 1 and m <= 2
         tc = (bm >= 16 and min(m, 128) // 4 <= bm and (bm == 16 or bm < 2 * m)
               and (split == 1 or m <= 64))
