@@ -65,6 +65,8 @@ dequantization (16 rows per program: 3-8% quicker than 32) and cuBLAS.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -117,6 +119,7 @@ def check_int4_layout() -> None:
     _layout_checked = True
 
 
+@functools.lru_cache(maxsize=None)  # every matmul of an eager pass asks; the tables are constant
 def choice(qtype: str, rows: int, k: int, dtype: torch.dtype, group_size: int = 128):
     """What runs x [rows, k] of `dtype` against a `qtype` weight in groups of `group_size`:
     "tinygemm", "dequant" or a Config (CHOICES, else FALLBACK, else "dequant")."""

@@ -619,6 +619,7 @@ _last_x: list = [(None, -1, 0, False, None)]  # (x, its version, its K, in a cap
 
 
 def _sm_count(device: torch.device) -> int:
+    """Multiprocessors of `device` (auto_split); off CUDA (Triton's interpreter) the H200's 132."""
     if device not in _sms:
         _sms[device] = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 132)
