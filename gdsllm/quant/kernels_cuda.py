@@ -95,6 +95,7 @@ FALLBACK = {
 SPLIT_K_COUNTERS = 1 << 14
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _captured: list[torch.Tensor] = []  # scratch buffers a graph holds the address of: never freed
+_plane_index: dict[tuple, torch.Tensor] = {}  # (qtype, K, device) -> plane_index's int32 [K]
 _layout_checked = False
 
 
@@ -159,14 +160,49 @@ def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tenso
     return buf[:numel]
 
 
+def plane_index(w: QuantWeight, x: torch.Tensor) -> torch.Tensor | None:
+    """For an activation about to be made like x (same shape, dtype, device) that linear(w, .)
+    will read: int32 [K], where each input column goes in the order w's kernel reads x in
+    (triton_gemm.planes_x: the planes tile, the dequantized weights), for the kernel making x to
+    write that copy too (outp[..., index[j]] = x[..., j]; gdsllm.models.fused); then
+    `remember_planes`. None where the kernel reads x as it is (tinygemm, the whole tiles) or the
+    index would first be made inside a graph capture (the eager passes before capture make it)."""
+    k = w.shape[1]
+    if not x.is_cuda or x.shape[-1] != k:
+        return None
+    kind = choice(w.qtype, x.numel() // k, k, x.dtype, w.group_size)
+    if kind == "tinygemm" or (kind != "dequant" and not kind.planes):
+        return None
+    key = (w.qtype, k, x.device)
+    index = _plane_index.get(key)
+    if index is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        from gdsllm.quant import triton_gemm
+        order = triton_gemm.permute_x(torch.arange(k).view(1, k), w).view(k)  # j holds input order[j]
+        index = torch.empty(k, dtype=torch.int32)
+        index[order] = torch.arange(k, dtype=torch.int32)
+        index = _plane_index[key] = index.to(x.device)
+    return index
+
+
+def remember_planes(x: torch.Tensor, w: QuantWeight, xp: torch.Tensor) -> None:
+    """xp (x's columns moved by plane_index(w, x)) is what linear(w, x) reads: no copy of x."""
+    from gdsllm.quant import triton_gemm
+    triton_gemm.remember_planes(x, w, xp)
+
+
 def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     from gdsllm.quant import triton_gemm
     rows = x.shape[0]
     n, k = w.shape
     if rows == 0:
         return x.new_empty(0, n)
-    if not capturing():  # the ledger's scratch (the largest weight) and the split-K counters
-        scratch(x.device, x.dtype, n * k)  # exist before any capture
+    # x.is_cuda first: torch.cuda.is_available() reads the environment on every call, and an eager
+    # prefill asks once per matmul (its host time, not the GPU's, set a 512-token int4 prefill's)
+    in_graph = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not in_graph:  # the ledger's scratch (the largest weight) and the split-K counters
+        buf = scratch(x.device, x.dtype, n * k)  # exist before any capture
         triton_gemm.lock_buffer(x.device)
     kind = choice(w.qtype, rows, k, x.dtype, w.group_size)
     if kind == "tinygemm":
@@ -176,5 +212,11 @@ def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
         return y.to(x.dtype)
     if kind != "dequant":
         return triton_gemm.matmul(x, w, kind)
-    wp = triton_gemm.dequantize_into(w, scratch(x.device, x.dtype, n * k), planes=True)
-    return F.linear(triton_gemm.permute_x(x, w), wp)
+    if in_graph:
+        buf = scratch(x.device, x.dtype, n * k)
+    # the weight in plane order (contiguous stores: 11-33 us a 7B weight at 512 rows, against
+    # 200-500 in input order, whose stores are 2 bytes in 16; H200, 2026-12-04, probe_w4_tiles.py),
+    # x in plane order once for the matmuls that read it (q, k, v; gate, up): each copy is one
+    # more launch of an eager prefill, which the host's launches set, not the GPU
+    wp = triton_gemm.dequantize_into(w, buf, planes=True)
+    return F.linear(triton_gemm.planes_x(x, w), wp)

@@ -615,7 +615,7 @@ def lock_buffer(device: torch.device) -> torch.Tensor:
 _sms: dict[torch.device, int] = {}
 # the last x put in plane order and its copy: q, k and v (gate and up) read one activation, and
 # the copy costs 2.3-3.7 us a matmul at 1-64 rows on the H200, a tenth of the planes tile's time
-_last_x: list = [(None, -1, 0, False, None)]  # (x, its version, its K, in a capture, the copy)
+_last_x: list = [(None, -1, None, False, None)]  # (x, its version, (qtype, K), in a capture, the copy)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -628,19 +628,27 @@ def _sm_count(device: torch.device) -> int:
 
 def planes_x(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """permute_x(x, w), made once for consecutive matmuls of one x (the same tensor, unchanged
-    since: its version counter, which views share) against weights of one K. Inside a graph
+    since: its version counter, which views share) against weights of one qtype and K (the orders
+    of int4 and int8 differ: a GGUF Q4_K_M block keeps q as int4 and v as int8). Inside a graph
     capture the copy is a node of the graph, and later matmuls of the same x read it there; a
     copy made outside the capture is never used inside it (the replay would read it stale).
     Holding x keeps its identity from being reused; what the version cannot see is a graph
     replay writing into x, so x must not be a graph's static buffer: the models multiply only
     activations made in the same forward (a norm's or attention's output)."""
-    last, version, k, in_graph, xk = _last_x[0]
+    last, version, order, in_graph, xk = _last_x[0]
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if last is x and version == x._version and k == w.shape[1] and in_graph == capturing:
+    if last is x and version == x._version and order == (w.qtype, w.shape[1]) and in_graph == capturing:
         return xk
     xk = permute_x(x, w)
-    _last_x[0] = (x, x._version, w.shape[1], capturing, xk)
+    _last_x[0] = (x, x._version, (w.qtype, w.shape[1]), capturing, xk)
     return xk
+
+
+def remember_planes(x: torch.Tensor, w: QuantWeight, xk: torch.Tensor) -> None:
+    """Make xk, equal to permute_x(x, w) and written by the kernel that made x (a fused norm or
+    activation, gdsllm.models.fused), the copy planes_x returns for x: no copy launch of its own."""
+    _last_x[0] = (x, x._version, (w.qtype, w.shape[1]),
+                  x.is_cuda and torch.cuda.is_current_stream_capturing(), xk)
 
 
 def gemm_x(x: torch.Tensor, k: int) -> torch.Tensor:
