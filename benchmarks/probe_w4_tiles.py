@@ -115,6 +115,8 @@ def main() -> None:
                 for bn in DEQUANT_BN:
                     r[f"dequant_bn{bn}"] = bench([lambda w=w: tg.dequantize_into(
                         w, buf, planes=True, block_n=bn) for w in ws["int4"]])
+                r["dequant_input_order_bn16"] = bench([lambda w=w: tg.dequantize_into(
+                    w, buf, planes=False, block_n=16) for w in ws["int4"]])
             else:  # the planes tile with one x for every copy: x put in plane order once
                 g = PLANES[1]
                 r["planes_noperm" + json.dumps(g, separators=(",", ":"))] = bench(

@@ -153,6 +153,91 @@ def profile(llm, prompts: list[str], tokens: int, top: int) -> dict:
             "top": top_kernels(ks, passes, top)}
 
 
+def prefill(llm, vocab: int, n: int, top: int) -> dict:
+    """The first token of an n-token prompt (token ids, as bench_loop.py's prefill row): best of 3
+    unprofiled, then one under the profiler with the host ops that took longest."""
+    ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(n)]
+    llm.generate([ids], greedy(1))  # warm-up: the kernels of this row count
+    best = min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(3))
+    with tempfile.TemporaryDirectory() as d:
+        trace = Path(d) / "trace.json"
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            wall = timed(lambda: llm.generate([ids], greedy(1)))
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    import cProfile
+    import pstats
+    cp = cProfile.Profile()  # the Python side of one more prefill: where the host's time goes
+    cp.enable()
+    llm.generate([ids], greedy(1))
+    sync()
+    cp.disable()
+    st = pstats.Stats(cp)
+    py = sorted(((f"{Path(f).name}:{line}:{fn}", v[0], v[2], v[3]) for (f, line, fn), v in st.stats.items()),
+                key=lambda r: -r[2])[:top]
+    ks = [e for e in events if is_kernel(e)]
+    host = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("cat") == "cpu_op" and "dur" in e:
+            host[e["name"]][0] += 1
+            host[e["name"]][1] += e["dur"]
+    return {"prompt_tokens": n, "first_token_ms": best * 1e3, "profiled_ms": wall * 1e3,
+            "gpu_busy_ms": union([(k["ts"], k["ts"] + k["dur"]) for k in ks]) / 1e3, "kernels": len(ks),
+            "top": top_kernels(ks, 1, top),
+            "host_top": [{"name": k[:120], "calls": c, "us": t}
+                         for k, (c, t) in sorted(host.items(), key=lambda kv: -kv[1][1])[:top]],
+            "python_top": [{"where": w, "calls": c, "tottime_ms": t * 1e3, "cumtime_ms": cum * 1e3}
+                           for w, c, t, cum in py]}
+
+
+def ab_shared_x(llm, vocab: int, n: int, rounds: int = 5) -> dict:
+    """The prefill's first token with x put in plane order once per activation
+    (triton_gemm.planes_x: q, k, v share a copy, gate and up another) against once per matmul
+    (permute_x patched in), interleaved."""
+    from gdsllm.quant import triton_gemm
+    ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(n)]
+    shared, times = triton_gemm.planes_x, {"shared": [], "per_matmul": []}
+    try:
+        for _ in range(rounds):
+            for arm in ("per_matmul", "shared"):
+                triton_gemm.planes_x = shared if arm == "shared" else triton_gemm.permute_x
+                llm.generate([ids], greedy(1))
+                times[arm].append(min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(2)) * 1e3)
+    finally:
+        triton_gemm.planes_x = shared
+    return {"shared_ms": times["shared"], "per_matmul_ms": times["per_matmul"]}
+
+
+def ab_plane_writes(model: Path, device: str, batch: int, tokens: int, prefill_n: int,
+                    rounds: int = 2) -> dict:
+    """Decode at `batch` (ms/token) and a prefill of `prefill_n` tokens (ms, best of 3) with the
+    norms and the activation writing the quantized matmuls' x in plane order ("written",
+    layers.rms_norm's `feeds`) against a copy kernel per input ("copied": layers._plane_index
+    patched to None), each arm its own LLM (its graphs captured that way), arms interleaved."""
+    from gdsllm import LLM
+    from gdsllm.format.metadata import load_model_meta
+    from gdsllm.models import layers
+    vocab = load_model_meta(model).params.vocab_size
+    ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(prefill_n)]
+    prompts = [f"{PROMPT} {i}" for i in range(batch)]
+    keep, res = layers._plane_index, {"written": [], "copied": []}
+    try:
+        for _ in range(rounds):
+            for arm in ("copied", "written"):
+                layers._plane_index = keep if arm == "written" else (lambda *a: None)
+                llm = LLM(str(model), device=device, max_batch=batch)
+                ms = decode_ms(llm, prompts, tokens)
+                llm.generate([ids], greedy(1))
+                pre = min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(3)) * 1e3
+                res[arm].append({"decode_ms_per_token": ms, "prefill_ms": pre})
+                llm.close()
+                del llm
+    finally:
+        layers._plane_index = keep
+    return res
+
+
 def decode_ms(llm, prompts: list[str], tokens: int) -> float:
     llm.generate(prompts, greedy(tokens))
     one = min(timed(lambda: llm.generate(prompts, greedy(1))) for _ in range(3))
@@ -173,6 +258,12 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens of the timed runs")
     ap.add_argument("--profile-tokens", type=int, default=8)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--prefill", type=int, default=0, help="also profile the first token of a prompt of this many tokens")
+    ap.add_argument("--ab-shared-x", action="store_true", help="with --prefill: x in plane order once per "
+                    "activation against once per matmul, interleaved (quantized models)")
+    ap.add_argument("--ab-plane-writes", action="store_true", help="quantized models: decode at the largest "
+                    "--batches and --prefill with x in plane order written by the norms against copied, "
+                    "interleaved, then nothing else")
     ap.add_argument("--serve", action="store_true", help="also through gdsllm serve, batch 1")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -182,6 +273,16 @@ def main() -> int:
            "torch": torch.__version__, "layers": a.layers, "rows": {}}
     for q in a.qtypes.split(","):
         model = synth(a.work, a.shape, q, a.layers, a.group_size, a.dtype)
+        if a.ab_plane_writes:
+            if q != "float16":
+                b = max(int(x) for x in a.batches.split(","))
+                res["rows"][f"{q}_ab_plane_writes"] = ab = ab_plane_writes(model, a.device, b, a.tokens, a.prefill or 512)
+                for arm, runs in ab.items():
+                    print(f"== {q} {arm}: " + "; ".join(f"b{b} {r['decode_ms_per_token']:.3f} ms/token, prefill "
+                                                         f"{r['prefill_ms']:.2f} ms" for r in runs), flush=True)
+                if a.out:
+                    a.out.write_text(json.dumps(res, indent=1))
+            continue
         llm = LLM(str(model), device=a.device, max_batch=max(int(b) for b in a.batches.split(",")))
         for b in (int(x) for x in a.batches.split(",")):
             prompts = [PROMPT] if b == 1 else [f"{PROMPT} {i}" for i in range(b)]
@@ -193,6 +294,26 @@ def main() -> int:
                   f"ms/pass, {row['kernels_per_pass']:.0f} kernels/pass", flush=True)
             for t in row["top"]:
                 print(f"  {t['us_per_pass']:9.1f} us {t['calls_per_pass']:6.1f}x  {t['name']}")
+            if a.out:
+                a.out.write_text(json.dumps(res, indent=1))
+        if a.prefill:
+            from gdsllm.format.metadata import load_model_meta
+            row = prefill(llm, load_model_meta(model).params.vocab_size, a.prefill, a.top)
+            if a.ab_shared_x and q != "float16":
+                row["ab_shared_x"] = ab = ab_shared_x(llm, load_model_meta(model).params.vocab_size, a.prefill)
+                print(f"\n== {q} prefill {a.prefill}, x in plane order once per activation: "
+                      f"{' '.join(f'{t:.2f}' for t in ab['shared_ms'])} ms; once per matmul: "
+                      f"{' '.join(f'{t:.2f}' for t in ab['per_matmul_ms'])} ms", flush=True)
+            res["rows"][f"{q}_{a.dtype}_prefill{a.prefill}"] = row
+            print(f"\n== {q} ({a.dtype}) prefill {a.prefill}: {row['first_token_ms']:.2f} ms unprofiled, "
+                  f"{row['profiled_ms']:.2f} profiled; GPU busy {row['gpu_busy_ms']:.2f} ms, {row['kernels']} kernels", flush=True)
+            for t in row["top"]:
+                print(f"  {t['us_per_pass']:9.1f} us {t['calls_per_pass']:6.1f}x  {t['name']}")
+            for t in row["host_top"]:
+                print(f"  host {t['us']:9.1f} us {t['calls']:5d}x  {t['name']}")
+            for t in row["python_top"]:
+                print(f"  python {t['tottime_ms']:8.2f} ms own {t['cumtime_ms']:8.2f} ms with callees "
+                      f"{t['calls']:5d}x  {t['where']}")
             if a.out:
                 a.out.write_text(json.dumps(res, indent=1))
         llm.close()
