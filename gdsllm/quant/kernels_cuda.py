@@ -17,6 +17,12 @@ measurement (table below), one of:
   grown to the largest weight by the eager calls before any capture, so never during one; its
   size is in the VRAM ledger, `gdsllm.engine.budget.scratch_bytes`) in the plane order, and
   cuBLAS multiplies it by x permuted the same way.
+The planes tile and "dequant" read x in plane order: `triton_gemm.planes_x` makes that copy once
+per activation (q, k and v share it), and where a fused norm or activation makes x for such a
+matmul (gdsllm.models.layers' `feeds`), that kernel writes the copy too (`plane_index`,
+`remember_planes`): no copy kernel of its own, a graph node fewer in decode and a host launch
+fewer in an eager prefill, whose time on the H200 VM is the host's launches (the BENCHMARKS
+section of 2026-12-04 21:00).
 float32 x takes "dequant" where the table says tinygemm (the tiles run it in float32).
 
 Nothing here touches the host inside a captured CUDA graph: no host tensor, no `.item()`; the only
