@@ -25,12 +25,8 @@
 #                                              # the arena's owner and its CUDA IPC view (issue 21)
 #   bash benchmarks/gpu_session.sh profile     # profile_decode.py: the kernels of a resident decode
 #                                              # token, 7B shape with PROFILE_LAYERS (8) blocks
-#   bash benchmarks/gpu_session.sh lprep tests-q planes loop  # issue 22: the quantized-matmul and
-#                                              # fused-kernel GPU tests beside lprep, the plane-order
-#                                              # A/B (profile_decode.py --ab-plane-writes), the rows
-#   bash benchmarks/gpu_session.sh lprep tests-q planes loop  # issue 22: the quantized-matmul and
-#                                              # fused-kernel GPU tests beside lprep, the plane-order
-#                                              # A/B (profile_decode.py --ab-plane-writes), the rows
+#   bash benchmarks/gpu_session.sh lprep tests-q loop  # the quantized-matmul and fused-kernel GPU
+#                                              # tests beside lprep, then the bench_loop rows
 #   bash benchmarks/gpu_session.sh contexts    # probe_contexts.py: LLM beside an idle / busy serve
 #   bash benchmarks/gpu_session.sh lprep final loop   # the session's last call: lprep in the
 #                                              # background, the GPU tests of the kernels, workers
@@ -172,12 +168,6 @@ for step in "$@"; do
         tests/test_quant_graphs.py tests/test_composition.py tests/test_workers.py tests/test_compute_worker.py} \
         2>&1 | tee "$OUT/gpu-tests-final.log" | tail -15
       [ -f benchmarks/bench_fused.py ] && timeout 60 python3 benchmarks/bench_fused.py --out "$OUT/fused.json" 2>&1 | tee "$OUT/fused.log" | tail -12 ;;
-    planes)
-      # issue 22: the norms and the activation writing the int4 matmuls' x in plane order against
-      # a copy kernel per input, each arm its own LLM, interleaved (8 blocks of the 7B shape)
-      timeout ${PLANES_S:-150} python3 benchmarks/profile_decode.py --work /root/pf --layers 8 --qtypes int4 \
-        --batches 16 --tokens 32 --prefill 512 --ab-plane-writes --out "$OUT/ab-plane-writes.json" 2>&1 \
-        | grep "==" | tee "$OUT/ab-plane-writes.log" ;;
     tests-q)
       # the quantized matmuls and the fused kernels (their GPU tests), beside lprep if started
       timeout ${TESTS_Q_S:-300} python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_quant.py \

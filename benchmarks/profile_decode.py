@@ -209,35 +209,6 @@ def ab_shared_x(llm, vocab: int, n: int, rounds: int = 5) -> dict:
     return {"shared_ms": times["shared"], "per_matmul_ms": times["per_matmul"]}
 
 
-def ab_plane_writes(model: Path, device: str, batch: int, tokens: int, prefill_n: int,
-                    rounds: int = 2) -> dict:
-    """Decode at `batch` (ms/token) and a prefill of `prefill_n` tokens (ms, best of 3) with the
-    norms and the activation writing the quantized matmuls' x in plane order ("written",
-    layers.rms_norm's `feeds`) against a copy kernel per input ("copied": layers._plane_index
-    patched to None), each arm its own LLM (its graphs captured that way), arms interleaved."""
-    from gdsllm import LLM
-    from gdsllm.format.metadata import load_model_meta
-    from gdsllm.models import layers
-    vocab = load_model_meta(model).params.vocab_size
-    ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(prefill_n)]
-    prompts = [f"{PROMPT} {i}" for i in range(batch)]
-    keep, res = layers._plane_index, {"written": [], "copied": []}
-    try:
-        for _ in range(rounds):
-            for arm in ("copied", "written"):
-                layers._plane_index = keep if arm == "written" else (lambda *a: None)
-                llm = LLM(str(model), device=device, max_batch=batch)
-                ms = decode_ms(llm, prompts, tokens)
-                llm.generate([ids], greedy(1))
-                pre = min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(3)) * 1e3
-                res[arm].append({"decode_ms_per_token": ms, "prefill_ms": pre})
-                llm.close()
-                del llm
-    finally:
-        layers._plane_index = keep
-    return res
-
-
 def decode_ms(llm, prompts: list[str], tokens: int) -> float:
     llm.generate(prompts, greedy(tokens))
     one = min(timed(lambda: llm.generate(prompts, greedy(1))) for _ in range(3))
@@ -261,9 +232,6 @@ def main() -> int:
     ap.add_argument("--prefill", type=int, default=0, help="also profile the first token of a prompt of this many tokens")
     ap.add_argument("--ab-shared-x", action="store_true", help="with --prefill: x in plane order once per "
                     "activation against once per matmul, interleaved (quantized models)")
-    ap.add_argument("--ab-plane-writes", action="store_true", help="quantized models: decode at the largest "
-                    "--batches and --prefill with x in plane order written by the norms against copied, "
-                    "interleaved, then nothing else")
     ap.add_argument("--serve", action="store_true", help="also through gdsllm serve, batch 1")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -273,16 +241,6 @@ def main() -> int:
            "torch": torch.__version__, "layers": a.layers, "rows": {}}
     for q in a.qtypes.split(","):
         model = synth(a.work, a.shape, q, a.layers, a.group_size, a.dtype)
-        if a.ab_plane_writes:
-            if q != "float16":
-                b = max(int(x) for x in a.batches.split(","))
-                res["rows"][f"{q}_ab_plane_writes"] = ab = ab_plane_writes(model, a.device, b, a.tokens, a.prefill or 512)
-                for arm, runs in ab.items():
-                    print(f"== {q} {arm}: " + "; ".join(f"b{b} {r['decode_ms_per_token']:.3f} ms/token, prefill "
-                                                         f"{r['prefill_ms']:.2f} ms" for r in runs), flush=True)
-                if a.out:
-                    a.out.write_text(json.dumps(res, indent=1))
-            continue
         llm = LLM(str(model), device=a.device, max_batch=max(int(b) for b in a.batches.split(",")))
         for b in (int(x) for x in a.batches.split(",")):
             prompts = [PROMPT] if b == 1 else [f"{PROMPT} {i}" for i in range(b)]
