@@ -11,7 +11,9 @@ decode tokens at each batch and reports, per token:
 - gpu_busy: the union of the kernels' intervals (so wall - gpu_busy is time the GPU sat idle,
   waiting for the host: launches, Python, synchronizations),
 - kernels: their count and the top kernels by time (name, calls per token, us per token).
-With --serve, the same model through `gdsllm serve` (one client, batch 1): ms/token on the
+With --prefill N, the first token of an N-token prompt too: best of 3 unprofiled, its kernels and
+host ops under torch.profiler, and its Python side under cProfile (where an eager pass's host
+time goes). With --serve, the same model through `gdsllm serve` (one client, batch 1): ms/token on the
 client's clock, and the compute worker's own trace (GDSLLM_TORCH_PROFILE, see
 gdsllm.service.compute_worker) read the same way, per pass: the step's wall time, the GPU busy
 time within it and the host ops that took longest.
@@ -191,24 +193,6 @@ def prefill(llm, vocab: int, n: int, top: int) -> dict:
                            for w, c, t, cum in py]}
 
 
-def ab_shared_x(llm, vocab: int, n: int, rounds: int = 5) -> dict:
-    """The prefill's first token with x put in plane order once per activation
-    (triton_gemm.planes_x: q, k, v share a copy, gate and up another) against once per matmul
-    (permute_x patched in), interleaved."""
-    from gdsllm.quant import triton_gemm
-    ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(n)]
-    shared, times = triton_gemm.planes_x, {"shared": [], "per_matmul": []}
-    try:
-        for _ in range(rounds):
-            for arm in ("per_matmul", "shared"):
-                triton_gemm.planes_x = shared if arm == "shared" else triton_gemm.permute_x
-                llm.generate([ids], greedy(1))
-                times[arm].append(min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(2)) * 1e3)
-    finally:
-        triton_gemm.planes_x = shared
-    return {"shared_ms": times["shared"], "per_matmul_ms": times["per_matmul"]}
-
-
 def decode_ms(llm, prompts: list[str], tokens: int) -> float:
     llm.generate(prompts, greedy(tokens))
     one = min(timed(lambda: llm.generate(prompts, greedy(1))) for _ in range(3))
@@ -230,8 +214,6 @@ def main() -> int:
     ap.add_argument("--profile-tokens", type=int, default=8)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--prefill", type=int, default=0, help="also profile the first token of a prompt of this many tokens")
-    ap.add_argument("--ab-shared-x", action="store_true", help="with --prefill: x in plane order once per "
-                    "activation against once per matmul, interleaved (quantized models)")
     ap.add_argument("--serve", action="store_true", help="also through gdsllm serve, batch 1")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -257,11 +239,6 @@ def main() -> int:
         if a.prefill:
             from gdsllm.format.metadata import load_model_meta
             row = prefill(llm, load_model_meta(model).params.vocab_size, a.prefill, a.top)
-            if a.ab_shared_x and q != "float16":
-                row["ab_shared_x"] = ab = ab_shared_x(llm, load_model_meta(model).params.vocab_size, a.prefill)
-                print(f"\n== {q} prefill {a.prefill}, x in plane order once per activation: "
-                      f"{' '.join(f'{t:.2f}' for t in ab['shared_ms'])} ms; once per matmul: "
-                      f"{' '.join(f'{t:.2f}' for t in ab['per_matmul_ms'])} ms", flush=True)
             res["rows"][f"{q}_{a.dtype}_prefill{a.prefill}"] = row
             print(f"\n== {q} ({a.dtype}) prefill {a.prefill}: {row['first_token_ms']:.2f} ms unprofiled, "
                   f"{row['profiled_ms']:.2f} profiled; GPU busy {row['gpu_busy_ms']:.2f} ms, {row['kernels']} kernels", flush=True)
