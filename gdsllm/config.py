@@ -61,7 +61,7 @@ class ServiceConfig:
     schedule_ahead: bool = True  # all resident: send the next decode pass before this one's tokens are back
     exit_on_degraded: bool = False  # exit (status 3) once degraded, for systemd / compose to restart
     curve_allow: Path | None = None  # CurveZMQ client public keys allowed: a certificate file or a dir
-    cpu_compile: bool = False  # CPU: decode through a compiled block (gdsllm.models.cpu_compiled)
+    cpu_compile: bool = False  # CPU: decode through a torch.compile'd block, not the scripted one
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):

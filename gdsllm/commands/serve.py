@@ -36,8 +36,9 @@ def add_service_options(p, endpoint_default: str | None = "tcp://127.0.0.1:5555"
                    help="everything resident: schedule each decode pass only once the tokens of "
                         "the one before are back (default: the next pass is sent while one runs)")
     p.add_argument("--cpu-compile", action="store_true",
-                   help="CPU: decode one sequence through a LLaMA block compiled as one call "
-                        "(torch.compile; int4 weights): faster tokens, 5-10 s more start-up")
+                   help="CPU: decode one sequence through a LLaMA block compiled by torch.compile "
+                        "instead of the scripted one (int4 weights): 5-10 s more start-up, not "
+                        "always the eager bits")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="sequences per weight pass")
     p.add_argument("--draft", default=None, metavar="MODEL",
                    help="draft model directory for speculative decoding (same tokenizer; fully "

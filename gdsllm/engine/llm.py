@@ -76,9 +76,10 @@ class LLM:
     admitted when the KV cache holds its prompt and max_tokens, prompts fed `max_pass_tokens` at
     a time. `cpu_exact`: on the CPU, resident quantized weights as float32 copies (float32
     math, exact against the dequantized reference) instead of the faster packed forms that
-    round activations to bfloat16 (gdsllm.engine.host_copies). `cpu_compile`: on the CPU, decode
-    a sequence through a LLaMA block compiled as one call (gdsllm.models.cpu_compiled), compiled
-    here, at construction (5-10 s: worth it for long generations)."""
+    round activations to bfloat16 (gdsllm.engine.host_copies). On the CPU a sequence decodes
+    through each LLaMA block as one scripted call (the eager block's bits); `cpu_compile`: one
+    torch.compile'd call instead (gdsllm.models.cpu_compiled), compiled here, at construction
+    (5-10 s: worth it for long generations; not always eager's bits)."""
 
     def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu",
                  io: str = "direct", cudnn_attention: bool = False,

@@ -31,9 +31,10 @@ run of consecutive pinned units and batch-size bucket (gdsllm.engine.graphs) ins
 their kernels one by one; prompts and speculative chunks run eagerly. On the CPU a pinned unit
 runs over copies of its quantized / half-precision weights in the form the CPU kernels read,
 made once on its first use within a memory budget (gdsllm.engine.host_copies.HostCopies), without
-dequantizing every pass; with `cpu_compile`, a decode pass of one sequence runs each LLaMA block
-over those copies as one compiled call (gdsllm.models.cpu_compiled), compiled when the first
-block unit is pinned.
+dequantizing every pass; a decode pass of one sequence runs each LLaMA block over those copies
+as one call (gdsllm.models.cpu_compiled): scripted by TorchScript (the eager block's ops and
+bits, without Python between them), or with `cpu_compile` compiled by torch.compile; made when the
+first block unit is pinned.
 
 This interface is what the compute worker process codes against; keep its names and meaning.
 """
@@ -102,8 +103,9 @@ class Runner(ExpertSteps):
         float32 copies on the CPU (float32 math, exact against the dequantized reference)
         instead of the faster packed forms that round activations to bfloat16
         (gdsllm.engine.host_copies); `cpu_compile`: on the CPU, decode a sequence through a
-        LLaMA block compiled as one call where its weights are in the packed forms
-        (gdsllm.models.cpu_compiled; GDSLLM_CPU_COMPILE=0 switches it off too)."""
+        LLaMA block compiled by torch.compile instead of the scripted one (both where its weights
+        are in the packed forms: gdsllm.models.cpu_compiled; GDSLLM_CPU_COMPILE=0 runs every
+        block eager)."""
         self.p, self.device, self.dtype = params, torch.device(device), dtype
         self.cudnn_attention = cudnn_attention
         self.family = family(architecture)
@@ -124,7 +126,7 @@ class Runner(ExpertSteps):
         self.host_copies = HostCopies(dtype, exact=cpu_exact) if self.device.type == "cpu" else None
         cpu = self.device.type == "cpu"
         plain = self.family.decoder_block is llama.decoder_block and not p.num_experts
-        self.compiled = CompiledBlocks(cpu_compile) if cpu and plain and not cpu_exact else None
+        self.compiled = CompiledBlocks(inductor=cpu_compile) if cpu and plain and not cpu_exact else None
         self._runs: dict[int, tuple[int, int]] | None = {}  # pinned_runs(), None: to recompute
         self._pass: PassState | None = None
 

@@ -1,8 +1,18 @@
-"""A decoder block compiled as ONE call for decode on the CPU (torch.compile, Inductor's C++
-backend): the same ops as gdsllm.models.layers in the same order, without dispatching them one
-by one from Python.
+"""A decoder block as ONE call for decode on the CPU: the same ops as gdsllm.models.layers in the
+same order, without dispatching them one by one from Python. Two ways to make the call:
 
-    blocks = CompiledBlocks()                  # one per Runner (CPU); compiles on first use
+- scripted (the default): `_block` through TorchScript, run by its plain interpreter
+  (`torch.jit.optimized_execution(False)`: no fusion, no specialization), so the block runs
+  exactly the eager block's aten ops on the same tensors and its results are the eager block's
+  bits (tests/test_cpu_compiled.py: every pass's logits, on a tiny model and the default model).
+  Scripting takes ~0.2 s. What it saves is the Python between ~50 small ops a block: the default
+  model's `LLM` decode, 8 interleaved rounds of 64 tokens in one process (2 threads, 2026-12-04
+  22:13 UTC, load 0.6-1.0), 79.3 against 73.7 tokens/s median, faster in 7 of 8 rounds, the same
+  greedy tokens (docs/BENCHMARKS.md).
+- compiled (`--cpu-compile`, `LLM(cpu_compile=True)`): `_block` through torch.compile (Inductor's
+  C++ backend), 5-10 s at start-up and NOT always eager's bits (below).
+
+    blocks = CompiledBlocks(inductor=False)    # one per Runner (CPU); made on first use
     y = blocks.decoder_block(p, weights, x, cos, sin, batch, layer)   # None: not covered, run eager
 
 Covered: a decode pass of one sequence (one new token whose keys are consecutive slots of the
@@ -15,41 +25,40 @@ slot and its key count, dynamic: no recompile as it grows); the new key/value is
 the layer's pool inside the call (an in-place index_copy_ on a view of it), attention is SDPA
 over views of the pool, as the eager path reads them.
 
-It is compiled once per process at start-up (`warm_up`, over zeros of the block's shapes, when
-the Runner pins its first block unit), so no decode pass waits for the compiler. If compiling or
-running the compiled call fails (no C++ compiler, an op Inductor does not take), the error is
-logged once and every later block runs eager: never a crash.
+It is made once per process at start-up (`warm_up`, over zeros of the block's shapes, when the
+Runner pins its first block unit), so no decode pass waits for it. If making or running the
+call fails (no C++ compiler, an op Inductor does not take, a torch without TorchScript: 2.13
+deprecates it), the error is logged once and every later block runs eager: never a crash.
+GDSLLM_CPU_COMPILE=0 in the environment runs every block eager, whatever the options say.
 
-Off by default, switched on by `--cpu-compile` (serve / run / generate, `ServiceConfig.cpu_compile`)
-or `LLM(cpu_compile=True)`; GDSLLM_CPU_COMPILE=0 in the environment switches it off whatever
-they say. Why off: the compile costs more than a short generation saves. Measured 2026-12-04
-19:10-19:16 UTC on the 2-vCPU AMD EPYC (torch 2.13, 2 threads, load average 0.7-1.2), the
-default model: the compile at start-up 8.9-10.2 s with Inductor's on-disk caches cold, 5.2-6.5 s
-warm (of which 2.8 s importing torch._dynamo / torch._inductor, 1.5 s tracing, 1.7 s loading the
-cached kernels); `gdsllm generate -n 16` 10.4 s wall against 4.6 s eager. A decode token saves
-about 3 ms (see docs/BENCHMARKS.md, issue 25), so the warm compile pays back after about 2,000
-tokens: a server or a long generation, not `generate -n 32`.
-
-Numerics: NOT always the eager block's bits. On a small random int4 model (hidden 128) every
-decode pass's logits are equal (torch.equal, tests/test_cpu_compiled.py); on the default model
-(hidden 576) Inductor's own reductions round differently: 64 greedy tokens after "The capital of
-France is" are identical, after the benchmark's chat prompt they part at the 33rd token (a near
-tie; 2026-12-04 19:30 UTC). That is one more reason it is opt-in.
+Why the compiled form is off by default: the compile costs more than a short generation saves.
+Measured 2026-12-04 19:10-19:16 UTC on the 2-vCPU AMD EPYC (torch 2.13, 2 threads, load average
+0.7-1.2), the default model: the compile at start-up 8.9-10.2 s with Inductor's on-disk caches
+cold, 5.2-6.5 s warm (of which 2.8 s importing torch._dynamo / torch._inductor, 1.5 s tracing,
+1.7 s loading the cached kernels); `gdsllm generate -n 16` 10.4 s wall against 4.6 s eager. A
+decode token saves about 3 ms (see docs/BENCHMARKS.md, issue 25), so the warm compile pays back
+after about 2,000 tokens: a server or a long generation, not `generate -n 32`. Its numerics: on
+a small random int4 model (hidden 128) every decode pass's logits are equal (torch.equal); on
+the default model (hidden 576) Inductor's own reductions round differently: 64 greedy tokens
+after "The capital of France is" are identical, after the benchmark's chat prompt they part at
+the 33rd token (a near tie; 2026-12-04 19:30 UTC, measured with the block's earlier form, the
+rotary by slices and the attention through `attention.attention`).
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from gdsllm.format.metadata import LlamaParams
-from gdsllm.models.attention import PassBatch, Segment, attention
+from gdsllm.models.attention import PassBatch, Segment
 from gdsllm.models.kv_cache import PagedKVCache
-from gdsllm.models.layers import FUSED, apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
-from gdsllm.quant.kernels_cpu import INT4_KERNEL, FusedInt4, PackedInt4, fusable, int4_mm
+from gdsllm.models.layers import FUSED, rope_cos_sin, rope_flip_factors, rope_inv_freq
+from gdsllm.quant.kernels_cpu import INT4_KERNEL, FusedInt4, PackedInt4, fusable
 from gdsllm.quant.schemes import QuantWeight
 
 log = logging.getLogger(__name__)
@@ -73,44 +82,66 @@ def covers_params(p: LlamaParams) -> bool:
 
 
 def _make_block(eps: float, nh: int, nkv: int, hd: int, inter: int, group: int):
-    """The block function for one model's shapes (constants in its closure, not guarded ints)."""
-    scale = hd ** -0.5
+    """The block function for one model's shapes (constants in its closure, not guarded ints):
+    what torch.compile compiles."""
+    scale, gqa = hd ** -0.5, nh != nkv  # constants of the closure (a SymBool is no SDPA flag)
 
-    def block(x, cos, sin, w_in, w_post, qkv_p, qkv_s, o_p, o_s, gu_p, gu_s, d_p, d_s,
+    def block(x, cos4, sin4, w_in, w_post, qkv_p, qkv_s, o_p, o_s, gu_p, gu_s, d_p, d_s,
               k_pool, v_pool, slot, first: int, n: int):
-        return _block(x, cos, sin, w_in, w_post, qkv_p, qkv_s, o_p, o_s, gu_p, gu_s, d_p, d_s,
-                      k_pool, v_pool, slot, first, n, eps, nh, nkv, hd, inter, group, scale)
+        return _block(x, cos4, sin4, w_in, w_post, qkv_p, qkv_s, o_p, o_s, gu_p, gu_s, d_p, d_s,
+                      k_pool, v_pool, slot, first, n, eps, nh, nkv, hd, inter, group, scale, gqa)
     return block
 
 
-def _block(x, cos, sin, w_in, w_post, qkv_p, qkv_s, o_p, o_s, gu_p, gu_s, d_p, d_s,
-           k_pool, v_pool, slot, first, n, eps, nh, nkv, hd, inter, group, scale):
-    """layers.rms_norm -> fused q/k/v -> joint rotary (layers.self_attention) -> the new key and
-    value into the pool -> attention.attention over the pool's views -> o_proj + residual ->
-    add_rms_norm -> gated_mlp + residual: decoder_block's ops for one token of one sequence."""
-    h = rms_norm(x, w_in, eps)
-    qkv = int4_mm(h, qkv_p, group, qkv_s)
-    qk = apply_rope(qkv[:, : (nh + nkv) * hd].view(1, nh + nkv, hd), cos, sin)
-    q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, (nh + nkv) * hd:].view(1, nkv, hd)
-    k_pool.index_copy_(0, slot, k)
-    v_pool.index_copy_(0, slot, v)
-    ks = k_pool[first:first + n].transpose(0, 1)
-    vs = v_pool[first:first + n].transpose(0, 1)
-    a = attention(q.transpose(0, 1), ks, vs, n - 1, scale=scale)
-    x = x + int4_mm(a, o_p, group, o_s)
-    h = rms_norm(x, w_post, eps)
-    gu = int4_mm(h, gu_p, group, gu_s)
-    gate, up = gu[:, :inter], gu[:, inter:]
-    return x + int4_mm(F.silu(gate) * up, d_p, group, d_s)
+def _block(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, w_in: torch.Tensor,
+           w_post: torch.Tensor, qkv_p: torch.Tensor, qkv_s: torch.Tensor, o_p: torch.Tensor,
+           o_s: torch.Tensor, gu_p: torch.Tensor, gu_s: torch.Tensor, d_p: torch.Tensor,
+           d_s: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot: torch.Tensor,
+           first: int, n: int, eps: float, nh: int, nkv: int, hd: int, inter: int, group: int,
+           scale: float, gqa: bool) -> torch.Tensor:
+    """decoder_block's ops for one token of one sequence, each as the eager code runs it on the
+    CPU: layers.rms_norm (its float32 form) -> FusedInt4 q/k/v (kernels_cpu.int4_mm) -> the joint
+    rotary embedding (layers.apply_rope_flip over the pass's rope_flip_factors cos4 / sin4) ->
+    the new key and value into the layer's pool (PagedKVCache.write) -> SDPA over its strided
+    views (attention._decode_span, PagedKVCache.span4) -> o_proj + residual -> add_rms_norm ->
+    gated_mlp (SiLU) + residual. k_pool / v_pool: the layer's flat pools (cache.k[layer]).
+    TorchScript-compatible (annotated, no Python objects): the scripted block runs exactly
+    these ops, so its results are the eager block's bits."""
+    h = w_in * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    qkv = torch.ops.aten._weight_int4pack_mm_for_cpu(h.to(torch.bfloat16), qkv_p, group,
+                                                     qkv_s).to(x.dtype)
+    qk4 = qkv[:, : (nh + nkv) * hd].view(1, nh + nkv, 2, hd // 2)
+    qk = (qk4 * cos4 + qk4.flip(2) * sin4).view(1, nh + nkv, hd)
+    v = qkv[:, (nh + nkv) * hd:].view(1, nkv, hd)
+    k_pool.view(-1, nkv, hd).index_copy_(0, slot, qk[:, nh:])
+    v_pool.view(-1, nkv, hd).index_copy_(0, slot, v)
+    size, stride = [1, nkv, n, hd], [nkv * hd, hd, nkv * hd, 1]
+    ks = k_pool.as_strided(size, stride, first * nkv * hd)
+    vs = v_pool.as_strided(size, stride, first * nkv * hd)
+    # q = qk[:, :nh] as _decode_span views it: [1, nh, 1, hd] with qk's strides (qk is new,
+    # contiguous [1, nh + nkv, hd])
+    q4 = qk.as_strided([1, nh, 1, hd], [nh * hd, hd, (nh + nkv) * hd, 1])
+    a = F.scaled_dot_product_attention(q4, ks, vs, scale=scale, enable_gqa=gqa)
+    a = a[0].transpose(0, 1).reshape(1, -1)
+    x = x + torch.ops.aten._weight_int4pack_mm_for_cpu(a.to(torch.bfloat16), o_p, group,
+                                                       o_s).to(x.dtype)
+    h = w_post * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    gu = torch.ops.aten._weight_int4pack_mm_for_cpu(h.to(torch.bfloat16), gu_p, group,
+                                                    gu_s).to(x.dtype)
+    m = F.silu(gu[:, :inter]) * gu[:, inter:]
+    return x + torch.ops.aten._weight_int4pack_mm_for_cpu(m.to(torch.bfloat16), d_p, group,
+                                                          d_s).to(x.dtype)
 
 
 class CompiledBlocks:
-    """The compiled decode block of one Runner (module docstring). `compile_s`: seconds the
-    first compiled call took (the compile), None before it; `failed`: the error that switched
-    it off."""
+    """The decode block of one Runner as one call (module docstring): scripted by TorchScript
+    (the default: the eager block's bits), or with `inductor` compiled by torch.compile.
+    `compile_s`: seconds making it took (the scripting, or the first compiled call), None
+    before; `failed`: the error that switched it off; `calls`: blocks run through it."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled and enabled_by_env()
+    def __init__(self, inductor: bool = False):
+        self.enabled = enabled_by_env()
+        self.inductor = inductor
         self.failed: str | None = None
         self.compile_s: float | None = None
         self.calls = 0
@@ -125,29 +156,44 @@ class CompiledBlocks:
         if got is None:
             return None
         key, args = got
+        cos4, sin4 = batch.memo("rope_flip", rope_flip_factors, cos, sin)  # as self_attention
         fn = self._fns.get(key)
-        if layer == 0:  # the embedding's rows can be a view of its table, later blocks' inputs are
-            x = x.clone()  # not: Dynamo guards views apart (a second graph), so never a view
+        if self.inductor and layer == 0:  # the embedding's rows can be a view of its table,
+            x = x.clone()  # later blocks' inputs are not: Dynamo guards views apart (a 2nd graph)
         start = None
         try:
             if fn is None:
                 start = time.perf_counter()
-                fn = torch.compile(_make_block(*key), dynamic=True, fullgraph=True)
+                fn = self._fns[key] = self._make(key)
+            if not self.inductor:
+                eps, nh, nkv, hd, inter, group = key
+                with torch.jit.optimized_execution(False):  # the ops as written: no fusion
+                    y = fn(x, cos4, sin4, *args, eps, nh, nkv, hd, inter, group, hd ** -0.5,
+                           nh != nkv)
+            elif start is not None:
                 # the float constants (eps, the attention scale) as constants: traced as
                 # symbolic floats, Dynamo restarts its analysis once (a second trace)
                 with torch._dynamo.config.patch(specialize_float=True):
-                    y = fn(x, cos, sin, *args)
-                self._fns[key] = fn
+                    y = fn(x, cos4, sin4, *args)
             else:
-                y = fn(x, cos, sin, *args)
+                y = fn(x, cos4, sin4, *args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: eager from now on
+            self._fns.pop(key, None)
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            log.warning("gdsllm: the compiled CPU decode block is off, running eager (%s)", self.failed)
+            log.warning("gdsllm: the %s CPU decode block is off, running eager (%s)",
+                        "compiled" if self.inductor else "scripted", self.failed)
             return None
         if start is not None:
             self.compile_s = (self.compile_s or 0.0) + time.perf_counter() - start
         self.calls += 1
         return y
+
+    def _make(self, key: tuple):
+        if self.inductor:
+            return torch.compile(_make_block(*key), dynamic=True, fullgraph=True)
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript (a fallback below)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(_block)
 
     def warm_up(self, p: LlamaParams, weights: dict) -> None:
         """Compile now, over zeros of the shapes of `weights` (a block unit's stored views, whose
@@ -200,12 +246,11 @@ class CompiledBlocks:
         if any(name.endswith(".bias") for name in weights):
             return None
         seg, cache = segs[0], batch.cache
-        hd, nkv = p.head_dim, p.num_key_value_heads
-        k_pool = cache.k[layer].view(-1, nkv, hd)
-        v_pool = cache.v[layer].view(-1, nkv, hd)
-        if k_pool.dtype != torch.float32:
+        k_pool, v_pool = cache.k[layer], cache.v[layer]  # flat, as span4 reads them
+        if k_pool.dtype != torch.float32 or k_pool.storage_offset() or v_pool.storage_offset():
             return None
-        key = (float(p.rms_norm_eps), p.num_attention_heads, nkv, hd, gu.sizes[0], qkv.group_size)
+        key = (float(p.rms_norm_eps), p.num_attention_heads, p.num_key_value_heads, p.head_dim,
+               gu.sizes[0], qkv.group_size)
         return key, (norms[0], norms[1], qkv.packed, qkv.scales, o.packed, o.scales, gu.packed,
                      gu.scales, d.packed, d.scales, k_pool, v_pool, batch.slots, seg.first,
                      seg.keys.shape[0])
