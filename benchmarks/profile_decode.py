@@ -157,7 +157,8 @@ def profile(llm, prompts: list[str], tokens: int, top: int) -> dict:
 
 def prefill(llm, vocab: int, n: int, top: int) -> dict:
     """The first token of an n-token prompt (token ids, as bench_loop.py's prefill row): best of 3
-    unprofiled, then one under the profiler with the host ops that took longest."""
+    unprofiled, then one under torch.profiler (kernels, GPU busy time, the host ops that took
+    longest) and one under cProfile (the Python functions that took longest)."""
     ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(n)]
     llm.generate([ids], greedy(1))  # warm-up: the kernels of this row count
     best = min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(3))
