@@ -6,9 +6,9 @@ same order, without dispatching them one by one from Python. Two ways to make th
   exactly the eager block's aten ops on the same tensors and its results are the eager block's
   bits (tests/test_cpu_compiled.py: every pass's logits, on a tiny model and the default model).
   Scripting takes ~0.2 s. What it saves is the Python between ~50 small ops a block: the default
-  model's `LLM` decode, 8 interleaved rounds of 64 tokens in one process (2 threads, 2026-12-04
-  22:13 UTC, load 0.6-1.0), 79.3 against 73.7 tokens/s median, faster in 7 of 8 rounds, the same
-  greedy tokens (docs/BENCHMARKS.md).
+  model's `LLM` decode, 8 interleaved rounds of 64 tokens in one process (benchmarks/
+  ab_cpu_block.py, 2 threads, 2026-12-04 22:15 UTC, load 0.9-1.1), 86.7 against 76.3 tokens/s
+  median, faster in every round (1.11-1.21x), the same text (docs/BENCHMARKS.md).
 - compiled (`--cpu-compile`, `LLM(cpu_compile=True)`): `_block` through torch.compile (Inductor's
   C++ backend), 5-10 s at start-up and NOT always eager's bits (below).
 
