@@ -104,9 +104,10 @@ def _block(x: torch.Tensor, cos4: torch.Tensor, sin4: torch.Tensor, w_in: torch.
     rotary embedding (layers.apply_rope_flip over the pass's rope_flip_factors cos4 / sin4) ->
     the new key and value into the layer's pool (PagedKVCache.write) -> SDPA over its strided
     views (attention._decode_span, PagedKVCache.span4) -> o_proj + residual -> add_rms_norm ->
-    gated_mlp (SiLU) + residual. k_pool / v_pool: the layer's flat pools (cache.k[layer]).
-    TorchScript-compatible (annotated, no Python objects): the scripted block runs exactly
-    these ops, so its results are the eager block's bits."""
+    gated_mlp (SiLU) + residual. k_pool / v_pool: the layer's pools as allocated (cache.k[layer],
+    [blocks, block_size, kv_heads, head_dim]). TorchScript-compatible (annotated, no Python
+    objects): the scripted block runs exactly these ops, so its results are the eager block's
+    bits."""
     h = w_in * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
     qkv = torch.ops.aten._weight_int4pack_mm_for_cpu(h.to(torch.bfloat16), qkv_p, group,
                                                      qkv_s).to(x.dtype)
@@ -246,7 +247,7 @@ class CompiledBlocks:
         if any(name.endswith(".bias") for name in weights):
             return None
         seg, cache = segs[0], batch.cache
-        k_pool, v_pool = cache.k[layer], cache.v[layer]  # flat, as span4 reads them
+        k_pool, v_pool = cache.k[layer], cache.v[layer]  # as allocated, as span4 reads them
         if k_pool.dtype != torch.float32 or k_pool.storage_offset() or v_pool.storage_offset():
             return None
         key = (float(p.rms_norm_eps), p.num_attention_heads, p.num_key_value_heads, p.head_dim,
