@@ -102,8 +102,10 @@ _layout_checked = False
 
 
 def capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    """Whether the current CUDA stream is capturing a graph (False without CUDA). Asked per
+    matmul: torch.cuda.is_initialized() is a flag (no capture without it), where is_available()
+    reads the environment on every call."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def check_int4_layout() -> None:
@@ -168,9 +170,7 @@ def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     n, k = w.shape
     if rows == 0:
         return x.new_empty(0, n)
-    # x.is_cuda first: torch.cuda.is_available() reads the environment on every call, and an eager
-    # prefill asks once per matmul (its host time, not the GPU's, set a 512-token int4 prefill's)
-    in_graph = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    in_graph = capturing()
     if not in_graph:  # the ledger's scratch (the largest weight) and the split-K counters
         buf = scratch(x.device, x.dtype, n * k)  # exist before any capture
         triton_gemm.lock_buffer(x.device)
