@@ -10,6 +10,7 @@ fly by the tests themselves (gdsllm.convert.synth).
 """
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import os
 import shutil
@@ -86,6 +87,27 @@ def concurrently(*calls):
     with ThreadPoolExecutor(min(len(calls), os.cpu_count() or 2)) as pool:
         futures = [pool.submit(call) for call in calls]
     return [f.result() for f in futures]
+
+
+TEST_TIMEOUT_S = float(os.environ.get("GDSLLM_TEST_TIMEOUT", "900"))  # the longest test: ~3 min
+_stderr = None  # the terminal's stderr, kept before pytest captures fd 2 during tests
+
+
+def pytest_configure(config):
+    global _stderr
+    _stderr = os.fdopen(os.dup(2), "w")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test that hangs ends the run after TEST_TIMEOUT_S, every thread's stack written to the
+    terminal: a hang otherwise runs CI into its own 90-minute limit with nothing said (it did,
+    once, in a wait on a service queue that had drained)."""
+    faulthandler.dump_traceback_later(TEST_TIMEOUT_S, exit=True, file=_stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_sessionfinish(session, exitstatus):

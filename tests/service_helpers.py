@@ -1,9 +1,12 @@
 """Shared by the service tests: a tiny synth model, its single-process reference tokens, a
 LocalService wrapper that checks the service left no worker process or /dev/shm arena behind, one
-such server per module (`server`), and a raw DEALER exchange of one msgpack message."""
+such server per module (`server`), a raw DEALER exchange of one msgpack message, and the compute
+worker held still (`compute_stopped`) so that requests queue behind a pass that cannot end."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -105,6 +108,23 @@ def server(model_dir):
     """One server for most tests: embed and head resident, blocks streamed through 2 slots."""
     with Service(model_dir, vram_budget=131072 + 135168 + 2 * UNIT, prefetch_window=2) as s:
         yield s
+
+
+@contextlib.contextmanager
+def compute_stopped(s: Service):
+    """The compute worker SIGSTOPped for the block: its pass stalls, so nothing finishes and what is
+    submitted meanwhile queues, whatever the machine's speed. The supervisor, which replaces a
+    worker stopped for STOPPED_S (2 s), is told to leave this one, held on purpose."""
+    from gdsllm.service import supervisor
+    pid = s.svc.coordinator.workers.pids["compute"]
+    held = pytest.MonkeyPatch()
+    held.setattr(supervisor, "STOPPED_S", float("inf"))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        held.undo()
 
 
 def raw_exchange(endpoint, payload: bytes, timeout=10.0):

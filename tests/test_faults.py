@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from gdsllm.service import supervisor
 from gdsllm.service.client import AsyncClient, Client, ServiceError
-from service_helpers import (N, PROMPTS, UNIT, Service, alive, generate_past_io_errors,  # noqa: F401
-                             light_reference, model_dir, shm_entries, single_thread_workers)
+from service_helpers import (N, PROMPTS, UNIT, Service, alive, compute_stopped,  # noqa: F401
+                             generate_past_io_errors, light_reference, model_dir, shm_entries,
+                             single_thread_workers)
 
 pytestmark = pytest.mark.usefixtures("single_thread_workers")
 
@@ -163,22 +163,14 @@ def narrow_dir(tmp_path_factory):
 
 
 async def _one_pass(s, ac: AsyncClient, n: int, submit):
-    """SIGSTOP the compute worker, `submit()` n requests (the first starts a pass that stalls, the
-    rest queue), SIGCONT once all n - 1 wait: the next pass takes every one of them at once. The
-    supervisor would replace a worker stopped for STOPPED_S (2 s): not this one, held on purpose."""
-    pid = s.svc.coordinator.workers.pids["compute"]
-    held = pytest.MonkeyPatch()
-    held.setattr(supervisor, "STOPPED_S", float("inf"))
-    os.kill(pid, signal.SIGSTOP)
-    try:
+    """With the compute worker stopped, `submit()` n requests (the first starts a pass that stalls,
+    the rest queue); once all n - 1 wait it resumes: the next pass takes every one of them at once."""
+    with compute_stopped(s):
         submitted = submit()
         deadline = time.monotonic() + 120
         while (await ac.health()).requests_waiting < n - 1:
             assert time.monotonic() < deadline, "requests did not queue"
             await asyncio.sleep(0.05)
-    finally:
-        os.kill(pid, signal.SIGCONT)
-        held.undo()
     return submitted
 
 

@@ -1,10 +1,15 @@
 """The shared test fixtures keep their promises: SmolLM2 converted once per run for every user and
-removed at the end, and GPU tests skipped with a reason a user understands.
+removed at the end, GPU tests skipped with a reason a user understands, and a hung test ending the
+run with its stack instead of running CI into its time limit.
 
     python3 -m pytest tests/test_fixtures.py
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -38,3 +43,12 @@ def test_gpu_tests_skip_saying_they_need_a_cuda_gpu():
              SimpleNamespace(keywords={}, add_marker=added.append)]
     conftest.pytest_collection_modifyitems(None, items)
     assert [m.kwargs["reason"] for m in added] == ["needs a CUDA GPU"]
+
+
+def test_a_hung_test_ends_the_run_with_its_stack(tmp_path):
+    (tmp_path / "test_hang.py").write_text("import time\n\ndef test_hangs():\n    time.sleep(60)\n")
+    env = dict(os.environ, GDSLLM_TEST_TIMEOUT="2", PYTHONPATH=str(Path(conftest.__file__).parent))
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+                        "test_hang.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=50)
+    assert p.returncode != 0
+    assert "Timeout (0:00:02)!" in p.stderr and 'test_hang.py", line 4 in test_hangs' in p.stderr, p.stderr

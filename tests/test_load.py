@@ -20,8 +20,8 @@ from ipc.messages import Final, Generate, TokenChunk
 
 from gdsllm.service.client import AsyncClient, Client, ServiceError
 from gdsllm.service.loadgen import run_load
-from service_helpers import (N, PROMPTS, UNIT, Service, light_reference, model_dir,  # noqa: F401
-                             single_thread_workers)
+from service_helpers import (N, PROMPTS, UNIT, Service, compute_stopped,  # noqa: F401
+                             light_reference, model_dir, single_thread_workers)
 
 pytestmark = pytest.mark.usefixtures("single_thread_workers")
 E_H = 131072 + 135168  # embed + head of the tiny shape
@@ -47,33 +47,44 @@ def test_64_clients_bounded_loop(model_dir, record_property):
 
 
 def test_client_cap_and_bounded_queue_answer_busy(model_dir):
-    long = dict(max_tokens=500, temperature=0, ignore_eos=True)  # a0 decodes while the others queue
+    long = dict(max_tokens=500, temperature=0, ignore_eos=True)
 
-    async def scenario(endpoint):
-        async with AsyncClient(endpoint, timeout=60) as a:
-            tasks = [asyncio.ensure_future(a.generate(PROMPTS[i], request_id=f"a{i}", **long))
-                     for i in range(3)]
-            done, _ = await asyncio.wait(tasks, timeout=60, return_when=asyncio.FIRST_EXCEPTION)
-            busy = [t.exception() for t in done if t.exception() is not None]
-            assert len(busy) == 1 and busy[0].code == "busy" and "in flight" in busy[0].message
-            # a0 runs (max_batch 1), a1 waits: one more waiting request fills the queue of 2
-            others = [AsyncClient(endpoint, timeout=60) for _ in range(2)]
-            b = asyncio.ensure_future(others[0].generate(PROMPTS[3], **long))
-            while (await others[1].health()).requests_waiting < 2:  # b has joined the queue
+    async def scenario(s):
+        async def until(cond, what):
+            deadline = time.monotonic() + 60
+            while not cond(h := await others[1].health()):
+                assert time.monotonic() < deadline, f"{what}: {h}"
                 await asyncio.sleep(0.005)
-            with pytest.raises(ServiceError) as err:
-                await others[1].generate(PROMPTS[4], max_tokens=2)
-            assert err.value.code == "busy" and "waiting" in err.value.message
-            for rid in ("a0", "a1"):
-                await a.cancel(rid)
-            b.cancel()
-            for t in tasks:
-                t.cancel()
-            for o in others:
-                await o.close()
+
+        others = [AsyncClient(s.endpoint, timeout=60) for _ in range(2)]
+        async with AsyncClient(s.endpoint, timeout=60) as a:
+            # The compute worker is held: a0's pass cannot end, so the limits are checked against
+            # a state that stays put, whatever the machine's speed (a 500-token decode of this
+            # model takes 0.6 s: racing it hung CI once, waiting for a queue that had drained).
+            with compute_stopped(s):
+                tasks = [asyncio.ensure_future(a.generate(PROMPTS[i], request_id=f"a{i}", **long))
+                         for i in range(3)]
+                done, _ = await asyncio.wait(tasks, timeout=60, return_when=asyncio.FIRST_EXCEPTION)
+                busy = [t.exception() for t in done if t.exception() is not None]
+                assert len(busy) == 1 and busy[0].code == "busy" and "in flight" in busy[0].message
+                # a0 runs (max_batch 1), a1 waits: one more waiting request fills the queue of 2
+                await until(lambda h: h.requests_running == 1 and h.requests_waiting == 1,
+                            "a0 runs and a1 waits")
+                b = asyncio.ensure_future(others[0].generate(PROMPTS[3], **long))
+                await until(lambda h: h.requests_waiting == 2, "b joins the queue")
+                with pytest.raises(ServiceError) as err:
+                    await others[1].generate(PROMPTS[4], max_tokens=2)
+                assert err.value.code == "busy" and "waiting" in err.value.message
+                for rid in ("a0", "a1"):
+                    await a.cancel(rid)
+                b.cancel()
+                for t in tasks:
+                    t.cancel()
+        for o in others:
+            await o.close()
 
     with Service(model_dir, max_batch=1, max_inflight_per_client=2, max_waiting=2) as s:
-        asyncio.run(scenario(s.endpoint))
+        asyncio.run(scenario(s))
         with Client(s.endpoint, timeout=30) as c:
             deadline = time.monotonic() + 30
             while c.health().requests_running + c.health().requests_waiting:
@@ -129,7 +140,9 @@ def test_chunked_prefill_same_tokens_and_no_stall(model_dir, light_reference):
                                                    ignore_eos=True):
                     times.append(time.monotonic())
             d = asyncio.ensure_future(decode())
+            deadline = time.monotonic() + 60
             while len(times) < 3:
+                assert not d.done() and time.monotonic() < deadline, "the decode did not start"
                 await asyncio.sleep(0.01)
             t0 = time.monotonic()
             f = await c.generate(long_prompt, max_tokens=1, temperature=0)
