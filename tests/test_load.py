@@ -93,6 +93,40 @@ def test_client_cap_and_bounded_queue_answer_busy(model_dir):
             assert c.generate(PROMPTS[5], max_tokens=2, temperature=0).finish_reason == "length"
 
 
+def test_the_queue_bound_counts_only_requests_beyond_the_free_places(model_dir):
+    """--max-waiting bounds the requests that wait behind a full batch. With a pass in flight
+    (the compute worker held) and --max-batch 2: a0 runs, a1 and a2 join the waiting list until
+    the next pass, but one of them has a free place, so one queues and a2 goes in; a3 finds the
+    queue of 1 full. All three admitted finish."""
+    async def scenario(s):
+        cs = [AsyncClient(s.endpoint, timeout=60) for _ in range(4)]
+        try:
+            with compute_stopped(s):
+                a0 = asyncio.ensure_future(cs[0].generate(PROMPTS[0], max_tokens=N, temperature=0))
+                deadline = time.monotonic() + 60
+                while (await cs[3].health()).requests_running < 1:  # a0's pass is in flight
+                    assert time.monotonic() < deadline and not a0.done()
+                    await asyncio.sleep(0.005)
+                others = [asyncio.ensure_future(c.generate(PROMPTS[i], max_tokens=N, temperature=0))
+                          for i, c in ((1, cs[1]), (2, cs[2]))]
+                while (await cs[3].health()).requests_waiting < 2:
+                    refused = [t.exception() for t in others if t.done()]
+                    assert not refused, refused  # a2 went in: a1 had a free place
+                    assert time.monotonic() < deadline, "a1 and a2 did not join the waiting list"
+                    await asyncio.sleep(0.005)
+                with pytest.raises(ServiceError) as err:
+                    await cs[3].generate(PROMPTS[3], max_tokens=N, temperature=0)
+                assert err.value.code == "busy" and "waiting" in err.value.message
+            finals = await asyncio.gather(a0, *others)
+            assert [f.finish_reason for f in finals] == ["length"] * 3
+        finally:
+            for c in cs:
+                await c.close()
+
+    with Service(model_dir, max_batch=2, max_waiting=1) as s:
+        asyncio.run(scenario(s))
+
+
 def test_kv_budget_admits_a_request_only_when_its_cache_fits(model_dir, light_reference):
     budget = 48 * KV_PER_TOKEN  # room for one request of <= 32 tokens (its cache doubles to 32)
     with Service(model_dir, kv_budget=budget) as s:

@@ -114,6 +114,15 @@ class Batch:
     def waiting(self):
         return self.core.waiting
 
+    def queued(self, coming: int = 0) -> int:
+        """Requests that will wait behind a full batch: those waiting and `coming` (being
+        tokenized) beyond the places the batch has free. What --max-waiting bounds: a request
+        that joins the waiting list only until the next pass schedules it into a free place
+        does not queue (two requests at once to an idle `--max-batch 1 --max-waiting 1`
+        service both go in)."""
+        free = max(0, self.core.max_batch - len(self.core.running))
+        return max(0, len(self.core.waiting) + coming - free)
+
     def kv_bytes(self) -> tuple[int, int]:
         """(the KV cache's bytes, the bytes its admitted sequences hold)."""
         b = self.core.books

@@ -223,9 +223,10 @@ class Coordinator:
         if key in self.batch.by_key or key in self.tokenizing:
             return self._reply(client, Error(rid, "bad_request", f"request {rid!r} is already in flight"))
         # the cap counts per caller (an HTTP front end serves many); requests being tokenized count
-        # as waiting and as the caller's, and their characters are bounded too
+        # toward the queue (beyond the batch's free places) and as the caller's, and their
+        # characters are bounded too
         caller = caller_key(client, msg.caller)
-        busy = self.admission.refuse(caller, len(self.batch.waiting) + len(self.tokenizing),
+        busy = self.admission.refuse(caller, self.batch.queued(len(self.tokenizing)),
                                      self.tokenizing_by_client[caller])
         chars = _prompt_chars(msg)
         if not busy and self.tokenizing_chars + chars > MAX_TOKENIZING_CHARS:
@@ -276,7 +277,7 @@ class Coordinator:
                 raise ValueError(too_big)
         except Exception as e:
             return self._reply(client, Error(rid, "bad_request", str(e)))
-        busy = self.admission.refuse(client, len(self.batch.waiting))
+        busy = self.admission.refuse(client, self.batch.queued())
         if busy:
             return self._reply(client, Error(rid, "busy", f"request {rid}: {busy}"))
         self.next_seq += 1
