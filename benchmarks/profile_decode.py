@@ -194,6 +194,26 @@ def prefill(llm, vocab: int, n: int, top: int) -> dict:
                            for w, c, t, cum in py]}
 
 
+def ab_fused_dequant(llm, vocab: int, n: int, rounds: int = 5) -> dict:
+    """The first token of an n-token prompt (ms, best of 2 a round) with the weights of one input
+    dequantized and multiplied together (kernels_cuda.linears: q+k+v, gate+up) against one
+    dequantization and one matmul per weight (linears patched to call linear for each), arms
+    interleaved in one LLM (an eager prefill: nothing captured)."""
+    from gdsllm.quant import kernels_cuda
+    ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(n)]
+    fused, times = kernels_cuda.linears, {"fused": [], "each": []}
+    try:
+        for _ in range(rounds):
+            for arm in ("each", "fused"):
+                kernels_cuda.linears = fused if arm == "fused" else (
+                    lambda ws, x: tuple(kernels_cuda.linear(w, x) for w in ws))
+                llm.generate([ids], greedy(1))
+                times[arm].append(min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(2)) * 1e3)
+    finally:
+        kernels_cuda.linears = fused
+    return {"prompt_tokens": n, "fused_ms": times["fused"], "each_ms": times["each"]}
+
+
 def decode_ms(llm, prompts: list[str], tokens: int) -> float:
     llm.generate(prompts, greedy(tokens))
     one = min(timed(lambda: llm.generate(prompts, greedy(1))) for _ in range(3))
@@ -215,6 +235,8 @@ def main() -> int:
     ap.add_argument("--profile-tokens", type=int, default=8)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--prefill", type=int, default=0, help="also profile the first token of a prompt of this many tokens")
+    ap.add_argument("--ab-fused-dequant", action="store_true", help="quantized models, with --prefill: "
+                    "weights of one input dequantized and multiplied together against one at a time, interleaved")
     ap.add_argument("--serve", action="store_true", help="also through gdsllm serve, batch 1")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -224,8 +246,9 @@ def main() -> int:
            "torch": torch.__version__, "layers": a.layers, "rows": {}}
     for q in a.qtypes.split(","):
         model = synth(a.work, a.shape, q, a.layers, a.group_size, a.dtype)
-        llm = LLM(str(model), device=a.device, max_batch=max(int(b) for b in a.batches.split(",")))
-        for b in (int(x) for x in a.batches.split(",")):
+        batches = [int(x) for x in a.batches.split(",") if x]  # "": no decode rows
+        llm = LLM(str(model), device=a.device, max_batch=max(batches, default=1))
+        for b in batches:
             prompts = [PROMPT] if b == 1 else [f"{PROMPT} {i}" for i in range(b)]
             row = {"ms_per_token": decode_ms(llm, prompts, a.tokens)}
             row.update(profile(llm, prompts, a.profile_tokens, a.top))
@@ -250,6 +273,14 @@ def main() -> int:
             for t in row["python_top"]:
                 print(f"  python {t['tottime_ms']:8.2f} ms own {t['cumtime_ms']:8.2f} ms with callees "
                       f"{t['calls']:5d}x  {t['where']}")
+            if a.out:
+                a.out.write_text(json.dumps(res, indent=1))
+        if a.prefill and a.ab_fused_dequant and q != "float16":
+            from gdsllm.format.metadata import load_model_meta
+            row = ab_fused_dequant(llm, load_model_meta(model).params.vocab_size, a.prefill)
+            res["rows"][f"{q}_{a.dtype}_prefill{a.prefill}_ab_fused_dequant"] = row
+            print(f"\n== {q} prefill {a.prefill} ms, fused: {' '.join(f'{t:.2f}' for t in row['fused_ms'])}; "
+                  f"each: {' '.join(f'{t:.2f}' for t in row['each_ms'])}", flush=True)
             if a.out:
                 a.out.write_text(json.dumps(res, indent=1))
         llm.close()

@@ -3,7 +3,8 @@ every tile kernels_cuda.CHOICES runs and falls back to, and one of each other fo
 x gathered and permuted, a 16-way split; `--all`: every candidate), each where `usable`, against float32 math over
 `QuantWeight.dequantize`, for both qtypes, half and float32 activations, groups that span a step
 and groups that do not, a tail k-block, rows that do not fill a tile, split-K (the counters are
-left at 0); and `dequantize_into` in both orders. The PTX unpacking (`Config.asm`) runs on a GPU
+left at 0); `dequantize_into` in both orders, and of weights one after another (q, k, v: one
+int4 launch) as `kernels_cuda.linears` multiplies them. The PTX unpacking (`Config.asm`) runs on a GPU
 only (tests/test_quant.py, gpu).
 Prints one JSON line last (tests/triton_helpers.py).
 
@@ -85,9 +86,50 @@ def main() -> None:
                 worst[key] = max(worst.get(key, 0.0), err)
                 runs += 1
                 planes += cfg.planes
+    fused = fused_cases(g)
     for locks in tg._locks.values():
         assert int(locks.abs().sum()) == 0, "split-K counters left non-zero"
-    print(json.dumps({"runs": runs, "worst": worst, "dequantized": dequantized, "planes": planes}))
+    print(json.dumps({"runs": runs, "worst": worst, "dequantized": dequantized, "planes": planes,
+                      "fused": fused}))
+
+
+def fused_cases(g: torch.Generator) -> int:
+    """Weights of one input dequantized one after another (int4 q/k/v and gate/up: one launch;
+    int8: one a launch) equal each dequantized alone; kernels_cuda.linears gives linear's
+    results, one matmul where they are dequantized (80 rows), linear's own calls below that
+    (8 rows, a tile) and where qtypes differ (GGUF's Q4_K_M keeps v as int8)."""
+    def weight(qtype, n, k, group):
+        data, sc = quantize(torch.randn(n, k, generator=g) * 0.02, qtype, group).packed()
+        return QuantWeight(qtype, (n, k), group, data, sc)
+
+    checked = 0
+    for qtype, rows_of, k, group in (("int4", (48, 16, 16), 256, 128), ("int4", (40, 40), 384, 32),
+                                     ("int8", (40, 24, 24), 320, 64)):
+        ws = tuple(weight(qtype, n, k, group) for n in rows_of)
+        for planes in (False, True):
+            alone = [tg.dequantize_into(w, torch.empty(w.shape[0] * k), planes) for w in ws]
+            together = tg.dequantize_into(ws, torch.empty(sum(rows_of) * k), planes)
+            assert torch.equal(together, torch.cat(alone)), (qtype, rows_of, planes)
+        for rows, dtype in ((80, torch.float32), (8, torch.float16)):
+            x = torch.randn(rows, k, generator=g).to(dtype)
+            got = kernels_cuda.linears(ws, x)
+            for y, w in zip(got, ws):
+                ref = kernels_cuda.linear(w, x)
+                assert y.shape == ref.shape and rel(y, ref.float()) < 1e-6, (qtype, rows, rel(y, ref))
+            # where dequantized, one matmul's result: the outputs are its column views
+            fused = got[0].data_ptr() + got[0].element_size() * rows_of[0] == got[1].data_ptr()
+            assert fused == (rows == 80), (qtype, rows)
+        checked += 1
+    mixed = (weight("int4", 32, 256, 128), weight("int8", 32, 256, 128))
+    x = torch.randn(80, 256, generator=g)
+    for y, w in zip(kernels_cuda.linears(mixed, x), mixed):
+        assert torch.equal(y, kernels_cuda.linear(w, x))
+    try:
+        tg.dequantize_into(mixed, torch.empty(64 * 256))
+        raise AssertionError("weights of two qtypes dequantized together")
+    except ValueError as e:
+        assert "differ in qtype" in str(e)
+    return checked
 
 
 if __name__ == "__main__":

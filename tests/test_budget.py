@@ -48,20 +48,24 @@ def test_the_draft_is_the_first_claim(tiny, draft):
         plan_memory(meta, budget=dmeta.total_bytes, window=2, draft=dmeta)
 
 
-def test_the_dequantization_scratch_is_the_largest_quantized_weight(tiny, tmp_path):
-    """Quantized models: the ledger holds one buffer of the largest quantized weight at the
-    compute dtype's size (what kernels_cuda dequantizes into for matmuls of many rows) and the
-    split-K counters of the Triton tiles."""
+def test_the_dequantization_scratch_is_the_largest_quantized_weight_or_group(tiny, tmp_path):
+    """Quantized models: the ledger holds one buffer at the compute dtype's size for what
+    kernels_cuda dequantizes for matmuls of many rows: the largest quantized weight, or group of
+    weights read by one input (gate and up here; kernels_cuda.linears), and the split-K counters
+    of the Triton tiles."""
     from gdsllm.quant.kernels_cuda import SPLIT_K_COUNTERS
     assert plan_memory(load(tiny), budget=None).scratch_bytes == 0  # float: nothing
     meta = load(synth(tmp_path / "q", "tiny", dtype="float16", quant="int4", group_size=32, seed=1,
-                      overrides={"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}))
+                      overrides={"hidden_size": 128, "intermediate_size": 384, "head_dim": 32}))
     largest = max(t.numel for u in meta.units for t in u.tensors if t.quant is not None)
+    numel = {t.name: t.numel for t in meta.units[1].tensors}
+    gate_up = numel["mlp.gate_proj.weight"] + numel["mlp.up_proj.weight"]
+    assert gate_up > largest
     plan = plan_memory(meta, budget=None)
     counters = 4 * SPLIT_K_COUNTERS  # the split-K tile counters (int32) beside the buffer
-    assert plan.scratch_bytes == 2 * largest + counters == scratch_bytes([meta])
-    assert plan.device_bytes == plan.weights.arena_bytes + 2 * largest + counters
-    assert plan_memory(meta, budget=None, itemsize=4).scratch_bytes == 4 * largest + counters
+    assert plan.scratch_bytes == 2 * gate_up + counters == scratch_bytes([meta])
+    assert plan.device_bytes == plan.weights.arena_bytes + 2 * gate_up + counters
+    assert plan_memory(meta, budget=None, itemsize=4).scratch_bytes == 4 * gate_up + counters
     assert any(line.startswith("scratch ") for line in plan.describe(meta))
 
 

@@ -168,6 +168,47 @@ def test_triton_gemm_tiles_under_interpreter():
     assert result["runs"] > 100 and result["dequantized"] == 7 and set(result["worst"]) == {
         "int4/bfloat16", "int4/float16", "int4/float32", "int8/bfloat16", "int8/float16"}
     assert result["planes"] >= 4  # the planes tile, in groups of one k-block and of two
+    assert result["fused"] == 3  # weights of one input dequantized together: int4 twice, int8
+
+
+def test_linears_of_quantized_parts_equal_linear_of_each_with_its_bias():
+    """layers.linears over quantized q, k and v (QuantWeight.linears: on CUDA one matmul where
+    dequantized, here each part's kernel) gives linear's result for each, its bias added."""
+    from gdsllm.models import layers
+    g = torch.Generator().manual_seed(3)
+    weights = {}
+    for name, n in zip(layers.FUSED["self_attn.qkv_proj.weight"], (64, 32, 32)):
+        data, sc = quantize(torch.randn(n, 128, generator=g) * 0.02, "int4", 32).packed()
+        weights[name] = QuantWeight("int4", (n, 128), 32, data, sc)
+    weights["self_attn.q_proj.bias"] = torch.randn(64, generator=g)
+    weights["self_attn.v_proj.bias"] = torch.randn(32, generator=g)
+    x = torch.randn(5, 128, generator=g)
+    got = layers.linears(weights, "self_attn.qkv_proj.weight", x)
+    for y, name in zip(got, layers.FUSED["self_attn.qkv_proj.weight"]):
+        assert torch.equal(y, layers.linear(weights, name, x)), name
+    assert not torch.equal(got[0], weights["self_attn.q_proj.weight"].linear(x))  # bias added
+
+
+@needs_triton
+@pytest.mark.parametrize("planes", [True, False])
+def test_one_launch_dequantization_of_three_weights_compiles_for_hopper(planes):
+    """No GPU needed: the int4 dequantization of up to three weights in one launch (a branch per
+    weight's programs, which the interpreter runs as Python) lowers for sm_90 and ptxas
+    assembles it, with the 16-byte alignment Triton's launcher assumes for the pointers."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gdsllm.quant import triton_gemm
+    sig = {"q0": "*i32", "s0": "*bf16", "q1": "*i32", "s1": "*bf16", "q2": "*i32", "s2": "*bf16",
+           "out_ptr": "*bf16", "N0": "i32", "N1": "i32", "N2": "i32", "B1": "i32", "B2": "i32",
+           "KO": "i32"}
+    const = dict(G=128, T=8, BLOCK_N=16, PLANES=planes)
+    sig.update(dict.fromkeys(const, "constexpr"))
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(7)}
+    src = ASTSource(triton_gemm._w4_dequant, sig, const, aligned)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    assert ptx.count("st.global") >= 3  # each weight's branch stores
 
 
 @needs_triton

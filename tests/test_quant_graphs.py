@@ -106,3 +106,32 @@ def test_every_kernel_choice_is_captured_at_every_bucket(qtype, group, dtype):
             same = 1e-6 if dtype == torch.float32 else 1e-3  # cuBLAS may pick another algorithm
             assert rel_err(y, eager) < same, (n, k, rows)
             assert rel_err(y, x.float() @ wf.T) < (1e-5 if dtype == torch.float32 else 2e-2), (n, k, rows)
+
+
+@pytest.mark.parametrize("qtype,group", QUANTS, ids=[f"{q}-g{g}" for q, g in QUANTS])
+def test_weights_of_one_input_in_one_matmul_eager_and_captured(qtype, group):
+    """kernels_cuda.linears at 128 rows (past the tiles: dequantized): q, k and v dequantized
+    one after another and multiplied in one matmul, their outputs column views of its result,
+    each equal to linear's within cuBLAS's choice of algorithm; captured in a CUDA graph, the
+    replay on new inputs gives the eager result."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    k, rows = 512, 128
+    ws = []
+    for n in (256, 128, 128):
+        data, sc = quantize(torch.randn(n, k, device="cuda") * 0.02, qtype, group).packed()
+        ws.append(QuantWeight(qtype, (n, k), group, data, sc))
+    ws = tuple(ws)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    eager = kernels_cuda.linears(ws, x)  # eager first: compiles and sizes the scratch
+    assert eager[1].data_ptr() == eager[0].data_ptr() + 2 * 256, "not one matmul's views"
+    for y, w in zip(eager, ws):
+        assert rel_err(y, kernels_cuda.linear(w, x)) < 1e-3
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ys = kernels_cuda.linears(ws, x)
+    x.copy_(torch.randn(rows, k, device="cuda", dtype=torch.bfloat16))
+    g.replay()
+    torch.cuda.synchronize()
+    for y, want in zip(ys, kernels_cuda.linears(ws, x)):
+        assert rel_err(y, want) < 1e-3  # cuBLAS may pick another algorithm

@@ -6,8 +6,8 @@ and `gdsllm serve`, and sizes as users write them.
     plan.weights          # ResidencyPlan: resident units + `window` streaming slots (the arena)
     plan.expert_slots     # a mixture of experts: routed experts' slots after the dense part
     plan.draft_bytes      # a resident draft model, taken first
-    plan.scratch_bytes    # quantized models: the one dequantization buffer (largest weight) and
-                          # the split-K counters
+    plan.scratch_bytes    # quantized models: the one dequantization buffer (largest weight, or
+                          # q+k+v / gate+up: dequant_numel) and the split-K counters
     kv_tokens(...)        # the paged KV cache, sized from what is left once the arena exists
     print("\n".join(plan.describe(kv)))   # `gdsllm info --vram-budget X`
 
@@ -157,9 +157,9 @@ class MemoryPlan:
                    f"(+ {self.draft_bytes / mib:,.1f} MiB draft)" if self.draft_bytes else
                    f"arena         {w.arena_bytes / mib:,.1f} MiB of device memory for weights")
         if self.scratch_bytes:
-            out.append(f"scratch       {self.scratch_bytes / mib:,.1f} MiB: one quantized weight "
-                       f"dequantized at a time (the largest), for matmuls of many rows, and "
-                       f"the split-K counters")
+            out.append(f"scratch       {self.scratch_bytes / mib:,.1f} MiB: the largest quantized "
+                       f"weight (or q+k+v, gate+up) dequantized, for matmuls of many rows, "
+                       f"and the split-K counters")
         if kv is not None:
             out.append(f"kv cache      {kv:,} tokens" + (f", {kv * kv_token_bytes / mib:,.1f} MiB"
                                                         if kv_token_bytes else ""))
@@ -185,11 +185,21 @@ def _span(names: list[str]) -> str:
 
 
 def dequant_numel(metas) -> int:
-    """Values of the largest quantized tensor of these models (0 when nothing is quantized): the
-    size of the buffer quantized matmuls dequantize a weight into (gdsllm.quant.kernels_cuda
-    `scratch`, per device and compute dtype)."""
-    return max((t.numel for m in metas if m is not None for u in m.units for t in u.tensors
-                if t.quant is not None), default=0)
+    """Values of the largest quantized tensor of these models, or of the largest group of them
+    that read one input and are dequantized together (gdsllm.models.layers.FUSED: q, k and v;
+    gate and up; of one qtype, K and group size: gdsllm.quant.kernels_cuda.linears); 0 when
+    nothing is quantized: the size of the buffer quantized matmuls dequantize into
+    (gdsllm.quant.kernels_cuda `scratch`, per device and compute dtype)."""
+    from gdsllm.models.layers import FUSED
+    most = 0
+    for u in (u for m in metas if m is not None for u in m.units):
+        quantized = {t.name: t for t in u.tensors if t.quant is not None}
+        most = max(most, *(t.numel for t in quantized.values()), 0)
+        for parts in FUSED.values():
+            ts = [quantized.get(n) for n in parts]
+            if all(ts) and len({(t.quant.qtype, t.shape[1], t.quant.group_size) for t in ts}) == 1:
+                most = max(most, sum(t.numel for t in ts))
+    return most
 
 
 def scratch_bytes(metas, itemsize: int = 2) -> int:

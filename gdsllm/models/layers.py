@@ -188,11 +188,18 @@ def fused_linear(weights: dict, fused: str, x: torch.Tensor) -> torch.Tensor | N
 
 def linears(weights: dict, fused: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """linear(weights, name, x) for each part of FUSED[fused], in one matmul where `weights`
-    holds them fused (fused_linear; the outputs are then views of its result)."""
+    holds them fused (fused_linear; the outputs are then views of its result), or where the
+    parts are quantized weights their backend multiplies together (QuantWeight.linears: the
+    dequantized path on CUDA)."""
     y = fused_linear(weights, fused, x)
-    if y is None:
+    if y is not None:
+        return y.split(weights[fused].sizes, dim=-1)
+    parts = tuple(weights[n] for n in FUSED[fused])
+    if not all(isinstance(w, QuantWeight) for w in parts):
         return tuple(linear(weights, n, x) for n in FUSED[fused])
-    return y.split(weights[fused].sizes, dim=-1)
+    ys = QuantWeight.linears(parts, x)
+    biases = (weights.get(n[: -len("weight")] + "bias") for n in FUSED[fused])
+    return tuple(y if b is None else y + b.to(x.dtype) for y, b in zip(ys, biases))
 
 
 def embed(weights: dict[str, torch.Tensor | QuantWeight], ids: torch.Tensor, dtype: torch.dtype,

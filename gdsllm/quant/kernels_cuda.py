@@ -1,6 +1,7 @@
 """CUDA kernels for quantized weights, reading the packed bytes where they landed (a VRAM slot).
 
     y = linear(qw, x)      # x [T, K] (float16 / bfloat16 / float32) -> [T, N] in x's dtype
+    q, k, v = linears((wq, wk, wv), x)   # weights of one input: as linear each, fused when dequantized
 
 Per row count T (decode batches, draft verification, prefill chunks) `CHOICES` names, by
 measurement (table below), one of:
@@ -17,6 +18,11 @@ measurement (table below), one of:
   grown to the largest weight by the eager calls before any capture, so never during one; its
   size is in the VRAM ledger, `gdsllm.engine.budget.scratch_bytes`) in the plane order, and
   cuBLAS multiplies it by x permuted the same way.
+`linears` takes the weights that read one x (q, k and v; gate and up): where they would be
+dequantized, they are dequantized into the scratch one after another (int4: one launch) and
+multiplied by x in one cuBLAS call, their outputs column views of its result; two launches
+for three weights instead of six (the scratch then holds the largest such group: the VRAM
+ledger's `gdsllm.engine.budget.dequant_numel`). Not yet timed on the GPU.
 An eager int4 prefill of 512 tokens on the H200 VM is set by the host's launches (dequantize, x
 permuted, cuBLAS per matmul), not by the GPU (docs/BENCHMARKS.md, "Where an int4 prefill's time
 goes").
@@ -140,16 +146,20 @@ def choice(qtype: str, rows: int, k: int, dtype: torch.dtype, group_size: int = 
     return "dequant"
 
 
+def _scratch_key(device: torch.device | str, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # one buffer for "cuda" and "cuda:0"
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device, dtype
+
+
 def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
     """A buffer of at least `numel` elements, shared by every weight of this device and dtype
     (kernels on one stream run in order, so one weight's use ends before the next is written).
     Called at load with the ledger's size (gdsllm.engine.budget.scratch_bytes / itemsize), it
     takes the memory before the KV cache is sized from what is left."""
-    if not isinstance(device, torch.device):
-        device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # one buffer for "cuda" and "cuda:0"
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device, dtype)
+    key = _scratch_key(device, dtype)
     buf = _scratch.get(key)
     in_graph = capturing()
     if buf is None or buf.numel() < numel:
@@ -190,3 +200,25 @@ def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     # takes it) measured within the noise of a 512-token prefill (BENCHMARKS, 2026-12-04 21:14)
     wp = triton_gemm.dequantize_into(w, buf, planes=True)
     return F.linear(triton_gemm.permute_x(x, w), wp)
+
+
+def linears(ws: tuple[QuantWeight, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(linear(w, x) for w in ws): weights that read one x. Where each would be dequantized
+    (more rows than the tiles take) and they share qtype, K and group size, their dequantized
+    rows go one after another into the scratch and ONE cuBLAS call multiplies them by x: the
+    outputs are column views of its [T, sum of N] result."""
+    from gdsllm.quant import triton_gemm
+    rows, w0 = x.shape[0], ws[0]
+    n, k = sum(w.shape[0] for w in ws), w0.shape[1]
+    if (rows == 0 or len(ws) == 1
+            or any((w.qtype, w.shape[1], w.group_size) != (w0.qtype, k, w0.group_size) for w in ws)
+            or choice(w0.qtype, rows, k, x.dtype, w0.group_size) != "dequant"):
+        return tuple(linear(w, x) for w in ws)
+    if capturing():  # a scratch no eager call grew to the group (LLM's holds it: budget's
+        held = _scratch.get(_scratch_key(x.device, x.dtype))  # dequant_numel): one matmul each
+        if held is None or held.numel() < n * k:
+            return tuple(linear(w, x) for w in ws)
+    else:
+        triton_gemm.lock_buffer(x.device)  # as linear's: the counters exist before any capture
+    wp = triton_gemm.dequantize_into(tuple(ws), scratch(x.device, x.dtype, n * k), planes=True)
+    return F.linear(triton_gemm.planes_x(x, w0), wp).split([w.shape[0] for w in ws], dim=1)

@@ -96,6 +96,15 @@ class QuantWeight:
             from gdsllm.quant import kernels_cpu as k
         return k.linear(self, x)
 
+    @staticmethod
+    def linears(ws: "tuple[QuantWeight, ...]", x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(w.linear(x) for w in ws), weights that read one x (q, k and v): on CUDA in one matmul
+        where their backend dequantizes them (gdsllm.quant.kernels_cuda.linears)."""
+        if x.device.type == "cuda":
+            from gdsllm.quant import kernels_cuda
+            return kernels_cuda.linears(ws, x)
+        return tuple(w.linear(x) for w in ws)
+
     def values(self) -> torch.Tensor:
         """Integer values [N, K] as int16 with the int4 offset removed (q - 8), on data's device."""
         if self.qtype == "int8":

@@ -543,11 +543,11 @@ def _w4_planes(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KO, stride_x
     _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym, BLOCK_M, SPLIT, SWAP)
 
 
-@triton.jit(do_not_specialize=["KO"])
-def _w4_dequant(q_ptr, sc_ptr, out_ptr, N, KO, G: tl.constexpr, T: tl.constexpr,
-                BLOCK_N: tl.constexpr, PLANES: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ko = tl.program_id(1)
+@triton.jit
+def _w4_dequant_rows(q_ptr, sc_ptr, out_ptr, N, pid_n, ko, KO, G: tl.constexpr, T: tl.constexpr,
+                     BLOCK_N: tl.constexpr, PLANES: tl.constexpr):
+    """Rows pid_n * BLOCK_N ... of one weight, k-block ko, into its [N, K] float output."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     words, s, z = _int4_tile(q_ptr, sc_ptr, offs_n, mask_n, ko, N, KO, G, T)
     col = tl.arange(0, 2 * T)
@@ -559,6 +559,23 @@ def _w4_dequant(q_ptr, sc_ptr, out_ptr, N, KO, G: tl.constexpr, T: tl.constexpr,
         else:
             k = _int4_k(p, col, T)
         tl.store(row + k[None, :], w, mask=mask_n[:, None])
+
+
+@triton.jit(do_not_specialize=["KO"])
+def _w4_dequant(q0, s0, q1, s1, q2, s2, out_ptr, N0, N1, N2, B1, B2, KO, G: tl.constexpr,
+                T: tl.constexpr, BLOCK_N: tl.constexpr, PLANES: tl.constexpr):
+    """Up to three weights of one K (q, k and v; gate and up) one after another into out: the
+    programs below B1 do the first's rows, below B2 the second's, the rest the third's."""
+    pid = tl.program_id(0)
+    ko = tl.program_id(1)
+    if pid < B1:
+        _w4_dequant_rows(q0, s0, out_ptr, N0, pid, ko, KO, G, T, BLOCK_N, PLANES)
+    elif pid < B2:
+        _w4_dequant_rows(q1, s1, out_ptr + N0 * (KO * 16 * T), N1, pid - B1, ko, KO, G, T,
+                         BLOCK_N, PLANES)
+    else:
+        _w4_dequant_rows(q2, s2, out_ptr + (N0 + N1) * (KO * 16 * T), N2, pid - B2, ko, KO, G, T,
+                         BLOCK_N, PLANES)
 
 
 @triton.jit(do_not_specialize=["K4"])
@@ -706,24 +723,43 @@ def matmul(x: torch.Tensor, w: QuantWeight, cfg: Config = Config()) -> torch.Ten
     return y
 
 
-def dequantize_into(w: QuantWeight, out: torch.Tensor, planes: bool = False,
-                    block_n: int | None = None) -> torch.Tensor:
+def dequantize_into(w: QuantWeight | tuple[QuantWeight, ...], out: torch.Tensor,
+                    planes: bool = False, block_n: int | None = None) -> torch.Tensor:
     """Write the float weight [N, K] into `out` (contiguous, numel N*K, any float dtype): in
     input order, or with `planes` in the order of `permute_x` (contiguous stores, so quicker;
     then F.linear(permute_x(x, w), out) is x @ W.T). Rows per program: int4 16 (the H200,
     2026-12-04, benchmarks/probe_w4_tiles.py, the LLaMA-7B shapes in planes: 11.3 / 32.8 / 32.7
-    us against 12.5 / 33.6 / 33.6 with 32, 13.7 / 38.2 / 37.7 with 64), int8 32."""
-    n, k = w.shape
-    block_n = block_n or (16 if w.qtype == "int4" else 32)
-    assert out.is_contiguous() and out.numel() == n * k, (tuple(out.shape), w.shape)
-    if w.qtype == "int4":
+    us against 12.5 / 33.6 / 33.6 with 32, 13.7 / 38.2 / 37.7 with 64), int8 32.
+
+    A tuple of weights of one qtype, K and group size (q, k and v): their rows one after another,
+    [sum of N, K], as one weight of those rows would be; int4 in one launch for up to three."""
+    ws = w if isinstance(w, tuple) else (w,)
+    qtype, k, group = ws[0].qtype, ws[0].shape[1], ws[0].group_size
+    if any((v.qtype, v.shape[1], v.group_size) != (qtype, k, group) for v in ws):
+        raise ValueError("dequantize_into: the weights differ in qtype, K or group size: "
+                         + ", ".join(f"{v.qtype} {tuple(v.shape)} g{v.group_size}" for v in ws))
+    n = sum(v.shape[0] for v in ws)
+    block_n = block_n or (16 if qtype == "int4" else 32)
+    assert out.is_contiguous() and out.numel() == n * k, (tuple(out.shape), [v.shape for v in ws])
+    if qtype == "int4" and len(ws) <= 3:
         t = inner_k_tiles(k)
-        _w4_dequant[(triton.cdiv(n, block_n), k // (16 * t))](
-            w.data, w.scales, out, n, k // (16 * t), G=w.group_size, T=t, BLOCK_N=block_n,
-            PLANES=planes)
-    else:
-        q, bw = _words8(w), min(32, max(16, w.group_size // 4))  # one group a step from 64
-        _w8_dequant[(triton.cdiv(n, block_n), triton.cdiv(k // 4, bw))](
-            q, w.scales, out, n, k // 4, q.stride(0), G=w.group_size, BLOCK_W=bw,
-            BLOCK_N=block_n, PLANES=planes)
+        p = list(ws) + [ws[0]] * (3 - len(ws))  # absent parts: no program reaches them
+        b = [triton.cdiv(v.shape[0], block_n) for v in ws] + [0] * (3 - len(ws))
+        _w4_dequant[(sum(b), k // (16 * t))](
+            p[0].data, p[0].scales, p[1].data, p[1].scales, p[2].data, p[2].scales, out,
+            p[0].shape[0], p[1].shape[0], p[2].shape[0], b[0], b[0] + b[1], k // (16 * t),
+            G=group, T=t, BLOCK_N=block_n, PLANES=planes)
+        return out.view(n, k)
+    start = 0
+    for v in ws:
+        rows = v.shape[0]
+        part = out[start * k:(start + rows) * k]
+        if qtype == "int4":
+            dequantize_into(v, part, planes, block_n)
+        else:
+            q, bw = _words8(v), min(32, max(16, group // 4))  # one group a step from 64
+            _w8_dequant[(triton.cdiv(rows, block_n), triton.cdiv(k // 4, bw))](
+                q, v.scales, part, rows, k // 4, q.stride(0), G=group, BLOCK_W=bw,
+                BLOCK_N=block_n, PLANES=planes)
+        start += rows
     return out.view(n, k)
