@@ -30,6 +30,9 @@
 #   bash benchmarks/gpu_session.sh lprep tests-q fusedq loop  # the GPU tests, the A/B of
 #                                              # q+k+v / gate+up dequantized together in a 512-token
 #                                              # int4 prefill (profile_decode --ab-fused-dequant), rows
+#   bash benchmarks/gpu_session.sh lprep tests-q planes loop  # the quantized-matmul and
+#                                              # fused-kernel GPU tests beside lprep, the plane-order
+#                                              # A/B (profile_decode.py --ab-plane-writes), the rows
 #   bash benchmarks/gpu_session.sh contexts    # probe_contexts.py: LLM beside an idle / busy serve
 #   bash benchmarks/gpu_session.sh lprep final loop   # the session's last call: lprep in the
 #                                              # background, the GPU tests of the kernels, workers
@@ -177,6 +180,12 @@ for step in "$@"; do
       timeout ${FUSEDQ_S:-200} python3 benchmarks/profile_decode.py --work /root/pf --layers 8 \
         --qtypes float16,int4 --batches "" --prefill 512 --top 12 --ab-fused-dequant \
         --out "$OUT/ab-fused-dequant.json" 2>&1 | grep "^==\|^  " | tee "$OUT/ab-fused-dequant.log" | tail -60 ;;
+    planes)
+      # issue 22: the norms and the activation writing the int4 matmuls' x in plane order against
+      # a copy kernel per input, each arm its own LLM, interleaved (8 blocks of the 7B shape)
+      timeout ${PLANES_S:-150} python3 benchmarks/profile_decode.py --work /root/pf --layers 8 --qtypes int4 \
+        --batches 16 --tokens 32 --prefill 512 --ab-plane-writes --out "$OUT/ab-plane-writes.json" 2>&1 \
+        | grep "==" | tee "$OUT/ab-plane-writes.log" ;;
     tests-q)
       # the quantized matmuls and the fused kernels (their GPU tests), beside lprep if started
       timeout ${TESTS_Q_S:-300} python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_quant.py \

@@ -212,6 +212,51 @@ def ab_fused_dequant(llm, vocab: int, n: int, rounds: int = 5) -> dict:
     finally:
         kernels_cuda.linears = fused
     return {"prompt_tokens": n, "fused_ms": times["fused"], "each_ms": times["each"]}
+def ab_shared_x(llm, vocab: int, n: int, rounds: int = 5) -> dict:
+    """The prefill's first token with x put in plane order once per activation
+    (triton_gemm.planes_x: q, k, v share a copy, gate and up another) against once per matmul
+    (permute_x patched in), interleaved."""
+    from gdsllm.quant import triton_gemm
+    ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(n)]
+    shared, times = triton_gemm.planes_x, {"shared": [], "per_matmul": []}
+    try:
+        for _ in range(rounds):
+            for arm in ("per_matmul", "shared"):
+                triton_gemm.planes_x = shared if arm == "shared" else triton_gemm.permute_x
+                llm.generate([ids], greedy(1))
+                times[arm].append(min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(2)) * 1e3)
+    finally:
+        triton_gemm.planes_x = shared
+    return {"shared_ms": times["shared"], "per_matmul_ms": times["per_matmul"]}
+
+
+def ab_plane_writes(model: Path, device: str, batch: int, tokens: int, prefill_n: int,
+                    rounds: int = 2) -> dict:
+    """Decode at `batch` (ms/token) and a prefill of `prefill_n` tokens (ms, best of 3) with the
+    norms and the activation writing the quantized matmuls' x in plane order ("written",
+    layers.rms_norm's `feeds`) against a copy kernel per input ("copied": layers._plane_index
+    patched to None), each arm its own LLM (its graphs captured that way), arms interleaved."""
+    from gdsllm import LLM
+    from gdsllm.format.metadata import load_model_meta
+    from gdsllm.models import layers
+    vocab = load_model_meta(model).params.vocab_size
+    ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(prefill_n)]
+    prompts = [f"{PROMPT} {i}" for i in range(batch)]
+    keep, res = layers._plane_index, {"written": [], "copied": []}
+    try:
+        for _ in range(rounds):
+            for arm in ("copied", "written"):
+                layers._plane_index = keep if arm == "written" else (lambda *a: None)
+                llm = LLM(str(model), device=device, max_batch=batch)
+                ms = decode_ms(llm, prompts, tokens)
+                llm.generate([ids], greedy(1))
+                pre = min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(3)) * 1e3
+                res[arm].append({"decode_ms_per_token": ms, "prefill_ms": pre})
+                llm.close()
+                del llm
+    finally:
+        layers._plane_index = keep
+    return res
 
 
 def decode_ms(llm, prompts: list[str], tokens: int) -> float:
@@ -237,6 +282,11 @@ def main() -> int:
     ap.add_argument("--prefill", type=int, default=0, help="also profile the first token of a prompt of this many tokens")
     ap.add_argument("--ab-fused-dequant", action="store_true", help="quantized models, with --prefill: "
                     "weights of one input dequantized and multiplied together against one at a time, interleaved")
+    ap.add_argument("--ab-shared-x", action="store_true", help="with --prefill: x in plane order once per "
+                    "activation against once per matmul, interleaved (quantized models)")
+    ap.add_argument("--ab-plane-writes", action="store_true", help="quantized models: decode at the largest "
+                    "--batches and --prefill with x in plane order written by the norms against copied, "
+                    "interleaved, then nothing else")
     ap.add_argument("--serve", action="store_true", help="also through gdsllm serve, batch 1")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -247,6 +297,16 @@ def main() -> int:
     for q in a.qtypes.split(","):
         model = synth(a.work, a.shape, q, a.layers, a.group_size, a.dtype)
         batches = [int(x) for x in a.batches.split(",") if x]  # "": no decode rows
+        if a.ab_plane_writes:
+            if q != "float16":
+                b = max(batches)
+                res["rows"][f"{q}_ab_plane_writes"] = ab = ab_plane_writes(model, a.device, b, a.tokens, a.prefill or 512)
+                for arm, runs in ab.items():
+                    print(f"== {q} {arm}: " + "; ".join(f"b{b} {r['decode_ms_per_token']:.3f} ms/token, prefill "
+                                                         f"{r['prefill_ms']:.2f} ms" for r in runs), flush=True)
+                if a.out:
+                    a.out.write_text(json.dumps(res, indent=1))
+            continue
         llm = LLM(str(model), device=a.device, max_batch=max(batches, default=1))
         for b in batches:
             prompts = [PROMPT] if b == 1 else [f"{PROMPT} {i}" for i in range(b)]

@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from gdsllm.format.metadata import LlamaParams, unit_tensor_shapes
 from gdsllm.models import layers
@@ -62,12 +63,26 @@ def kernel_cases(device: str = "cpu", sizes=((1, 576), (5, 4096)), heads=((64, 6
                        lambda x=x, y=y, w=w, o=off: fused.add_rms_norm(x, y, w, 1e-6, o),
                        lambda x=x, y=y, w=w, o=off: (x + y, layers.rms_norm(x + y, w, 1e-6, o)),
                        0.01)
+            # the planes forms: the output and a copy with column j at index[j] (one launch)
+            index = torch.randperm(n, generator=g).to(torch.int32).to(device)
+            w = rnd(n, scale=0.1, shift=1.0).to(dtype)
+            yield (f"rms_norm_planes {dtype} T={t} n={n}",
+                   lambda x=x, w=w, i=index: fused.rms_norm_planes(x, w, 1e-6, 0.0, i),
+                   lambda x=x, w=w, i=index: moved(layers.rms_norm(x, w, 1e-6), i), 0.01)
+            yield (f"add_rms_norm_planes {dtype} T={t} n={n}",
+                   lambda x=x, y=y, w=w, i=index: fused.add_rms_norm_planes(x, y, w, 1e-6, 0.0, i),
+                   lambda x=x, y=y, w=w, i=index: (x + y, *moved(layers.rms_norm(x + y, w, 1e-6), i)),
+                   0.01)
             gate, up = rnd(t, 3 * n, scale=3.0).to(dtype), rnd(t, 3 * n).to(dtype)
             for act in fused.ACTS:
                 yield (f"act_mul {act} {dtype} T={t}",
                        lambda gate=gate, up=up, a=act: fused.act_mul(gate, up, a),
                        lambda gate=gate, up=up, a=act: layers.ACTIVATIONS[a](gate) * up,
                        0.01 if act == "silu" else 0.1)
+            index3 = torch.randperm(3 * n, generator=g).to(torch.int32).to(device)
+            yield (f"act_mul_planes silu {dtype} T={t}",
+                   lambda gate=gate, up=up, i=index3: fused.act_mul_planes(gate, up, "silu", i),
+                   lambda gate=gate, up=up, i=index3: moved(F.silu(gate) * up, i), 0.01)
             for hd, nh, nkv in heads:
                 qkv = rnd(t, (nh + 2 * nkv) * hd).to(dtype)  # q, k: slices of one projection
                 q = qkv[:, :nh * hd].view(t, nh, hd)
@@ -86,6 +101,13 @@ def kernel_cases(device: str = "cpu", sizes=((1, 576), (5, 4096)), heads=((64, 6
                 yield (f"rms_norm heads {dtype} T={t} hd={hd}",
                        lambda q=q, w=w: fused.rms_norm(q, w, 1e-6),
                        lambda q=q, w=w: layers.rms_norm(q, w, 1e-6), 0.01)
+
+
+def moved(out: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, out with column j at index[j]): what the planes forms of the kernels return."""
+    outp = torch.empty_like(out)
+    outp[..., index.long()] = out
+    return out, outp
 
 
 def compare(got, ref, max_differ: float) -> str | None:
@@ -164,7 +186,8 @@ def check_interpreted() -> dict:
 # -- compiled for Hopper, no GPU ---------------------------------------------------------------
 
 def compile_sm90(kernel: str, dtype: str) -> str:
-    """One of the kernels ("rms_norm", "add_rms_norm_offset", "rope", "silu", "gelu") lowered
+    """One of the kernels ("rms_norm", "add_rms_norm_offset", "add_rms_norm_planes", "rope",
+    "silu", "gelu", "silu_planes") lowered
     for sm_90 by Triton and assembled by ptxas, with the launch options gdsllm.models.fused
     uses and the 16-byte alignment Triton's launcher would assume; returns the PTX."""
     import triton
@@ -177,8 +200,10 @@ def compile_sm90(kernel: str, dtype: str) -> str:
     if kernel.startswith(("rms_norm", "add_rms_norm")):
         fn = fused._rms_norm_kernel
         sig = dict.fromkeys(("x_ptr", "y_ptr", "w_ptr", "out_ptr", "sum_ptr"), ptr)
-        sig.update(stride_x="i32", stride_y="i32", n="i32", inv_n="fp32", eps="fp32", offset="fp32")
-        const = dict(HAS_Y=kernel.startswith("add"), OFFSET=kernel.endswith("offset"), BLOCK=4096)
+        sig.update(idx_ptr="*i32", outp_ptr=ptr, stride_x="i32", stride_y="i32", n="i32",
+                   inv_n="fp32", eps="fp32", offset="fp32")
+        const = dict(HAS_Y=kernel.startswith("add"), OFFSET=kernel.endswith("offset"),
+                     HAS_P=kernel.endswith("planes"), BLOCK=4096)
         options["num_warps"] = 8
     elif kernel == "rope":
         fn = fused._rope_kernel
@@ -189,8 +214,9 @@ def compile_sm90(kernel: str, dtype: str) -> str:
         options["enable_fp_fusion"] = False
     else:
         fn = fused._act_mul_kernel
-        sig = dict(gate_ptr=ptr, up_ptr=ptr, out_ptr=ptr, n="i32")
-        const = dict(GELU=kernel == "gelu", BLOCK=1024)
+        sig = dict(gate_ptr=ptr, up_ptr=ptr, out_ptr=ptr, idx_ptr="*i32", outp_ptr=ptr, n="i32",
+                   cols="i32")
+        const = dict(GELU=kernel == "gelu", HAS_P=kernel.endswith("planes"), BLOCK=1024)
         options["num_warps"] = 4
     sig.update(dict.fromkeys(const, "constexpr"))
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(sig) - len(const))}

@@ -68,7 +68,8 @@ def test_kernels_under_interpreter():
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel", ["rms_norm", "add_rms_norm_offset", "rope", "silu", "gelu"])
+@pytest.mark.parametrize("kernel", ["rms_norm", "add_rms_norm_offset", "add_rms_norm_planes", "rope",
+                                    "silu", "gelu", "silu_planes"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_kernels_compile_for_hopper(kernel, dtype):
     """No GPU needed: Triton lowers each kernel for sm_90 and ptxas assembles it. The rotary

@@ -247,6 +247,55 @@ def test_planes_tile_routing_split_and_shared_x():
     assert torch.equal(c, tg.permute_x(x, qw8)) and not torch.equal(c, b)
 
 
+@pytest.mark.parametrize("qtype,k", [("int4", 256), ("int4", 4096), ("int4", 11008), ("int8", 576)])
+def test_plane_order_moves_columns_as_permute_x(qtype, k):
+    """The index a fused kernel writes x's plane-order copy by (outp[..., index[j]] = x[..., j])
+    gives what triton_gemm.permute_x gives."""
+    from gdsllm.quant import kernels_cuda, triton_gemm
+    w = QuantWeight(qtype, (8, k), 32, torch.zeros(1), torch.zeros(1))  # permute_x reads the shape
+    index = kernels_cuda.plane_order(w)
+    x = torch.randn(3, k)
+    outp = torch.empty_like(x)
+    outp[:, index.long()] = x
+    assert index.dtype == torch.int32 and torch.equal(outp, triton_gemm.permute_x(x, w))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype,rows", [("int4", 16), ("int4", 100), ("int8", 100), ("int4", 2)])
+def test_cuda_norm_and_activation_write_x_in_plane_order(qtype, rows, monkeypatch):
+    """A norm or an activation whose output goes into a quantized matmul that reads x in plane
+    order (the planes tile, the dequantized weight) writes that copy in the same launch; the
+    matmul takes it (no copy of its own) and gives what it gives x as made without it. tinygemm
+    (2 rows) reads x as it is: no copy."""
+    from gdsllm.models import fused, layers
+    from gdsllm.quant import kernels_cuda, triton_gemm
+    n, k = 256, 512
+    data, sc = quantize(torch.randn(n, k, device="cuda") * 0.02, qtype, 128).packed()
+    qw = QuantWeight(qtype, (n, k), 128, data, sc)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, y = (torch.randn(rows, k, device="cuda", generator=g, dtype=torch.bfloat16) for _ in "xy")
+    nw = torch.rand(k, device="cuda", generator=g, dtype=torch.bfloat16) + 0.5
+    gate = torch.randn(rows, k, device="cuda", generator=g, dtype=torch.bfloat16)
+    made = {"norm": lambda f: layers.rms_norm(x, nw, 1e-6, feeds=f),
+            "add_norm": lambda f: layers.add_rms_norm(x, y, nw, 1e-6, feeds=f)[1],
+            "act": lambda f: layers.act_mul("silu", gate, y, f)}
+    index = kernels_cuda.plane_index(qw, x)
+    assert (index is None) == (rows == 2)
+    for name, make in made.items():
+        plain = make(None)
+        want = kernels_cuda.linear(qw, plain)
+        out = make(qw)
+        assert torch.equal(out, plain), name
+        with monkeypatch.context() as m:
+            if index is not None:  # the copy the kernel wrote: planes_x makes none
+                m.setattr(triton_gemm, "permute_x", lambda *a: pytest.fail(f"{name}: x copied"))
+            got = kernels_cuda.linear(qw, out)
+            xp = triton_gemm.planes_x(out, qw) if index is not None else None
+        assert torch.equal(got, want), name
+        assert xp is None or torch.equal(xp, triton_gemm.permute_x(out, qw)), name
+    assert fused.usable(x)
+
+
 @pytest.mark.gpu
 def test_cuda_int4_layout_probe_passes():
     from gdsllm.quant.int4pack import probe_torch_layout

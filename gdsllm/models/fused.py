@@ -4,6 +4,10 @@
     s, out = add_rms_norm(x, y, weight, eps, offset)   # s = x + y, out = rms_norm(s)
     q, k = rope_qk(q, k, cos, sin)                     # layers.apply_rope on q and on k, one kernel
     out = act_mul(gate, up, "silu")                    # act(gate) * up: SwiGLU / GeGLU
+    out, outp = rms_norm_planes(x, weight, eps, offset, index)     # each with a copy of out in
+    s, out, outp = add_rms_norm_planes(x, y, weight, eps, offset, index)  # another column order:
+    out, outp = act_mul_planes(gate, up, act, index)     # outp[.., index[j]] = out[.., j] (the
+                                                         # order a quantized matmul reads x in)
 
 In torch these are ~8 kernels per norm, 5 per rotary call, 2 for the gate and 1 per residual add,
 each costing a launch's 1-3 us on the GPU whatever its size: most of a small-batch decode block's
@@ -56,8 +60,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
                  offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + y, layers.rms_norm(x + y, ...)): a residual add and the norm after it."""
-    out, total = _norm(x, y, weight, eps, offset)
+    out, total, _ = _norm(x, y, weight, eps, offset)
     return total, out
+
+
+def rms_norm_planes(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+                    index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm and its output with columns moved (outp[..., index[j]] = out[..., j]), one
+    launch: a quantized matmul's x in plane order (gdsllm.quant.kernels_cuda.plane_index)
+    without a copy kernel of its own."""
+    out, _, outp = _norm(x, None, weight, eps, offset, index)
+    return out, outp
+
+
+def add_rms_norm_planes(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                        offset: float, index: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x + y, rms_norm(x + y), that norm with its columns moved as rms_norm_planes)."""
+    out, total, outp = _norm(x, y, weight, eps, offset, index)
+    return total, out, outp
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -82,29 +103,48 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 def act_mul(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:
     """act(gate) * up in gate's dtype, act one of ACTS (torch: F.silu / tanh F.gelu)."""
+    return _act_mul(gate, up, act, None)[0]
+
+
+def act_mul_planes(gate: torch.Tensor, up: torch.Tensor, act: str, index: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """act_mul and its output with columns moved (outp[..., index[j]] = out[..., j]), one launch."""
+    return _act_mul(gate, up, act, index)
+
+
+def _act_mul(gate: torch.Tensor, up: torch.Tensor, act: str, index: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if act not in ACTS:
         raise ValueError(f"act_mul: activation {act!r} is not one of {', '.join(ACTS)}")
     if gate.shape != up.shape:
         raise ValueError(f"act_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
-    n = gate.numel()
+    outp = None if index is None else torch.empty_like(gate)
+    n, cols = gate.numel(), gate.shape[-1]
+    if index is not None and index.shape != (cols,):
+        raise ValueError(f"act_mul: column index {tuple(index.shape)} for {cols} columns")
     if n:
         _act_mul_kernel[(triton.cdiv(n, _ACT_BLOCK),)](
-            gate, up, out, n, GELU=act == "gelu_pytorch_tanh", BLOCK=_ACT_BLOCK, num_warps=4)
-    return out
+            gate, up, out, index if index is not None else out, out if outp is None else outp, n,
+            cols, GELU=act == "gelu_pytorch_tanh", HAS_P=index is not None, BLOCK=_ACT_BLOCK,
+            num_warps=4)
+    return out, outp
 
 
 def _norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float,
-          offset: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+          offset: float, index: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     n = x.shape[-1]
-    if weight.shape != (n,) or (y is not None and y.shape != x.shape):
+    if weight.shape != (n,) or (y is not None and y.shape != x.shape) or (
+            index is not None and index.shape != (n,)):
         raise ValueError(f"rms_norm: x {tuple(x.shape)}, weight {tuple(weight.shape)}"
                          + ("" if y is None else f", residual {tuple(y.shape)}") + " do not fit")
     x2 = x.reshape(-1, n)  # a view for the rows the models pass (contiguous last dimension)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     total = None if y is None else torch.empty_like(out)
+    outp = None if index is None else torch.empty_like(out)
     y2 = x2
     if y is not None:
         y2 = y.reshape(-1, n)
@@ -113,9 +153,11 @@ def _norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: fl
     if rows:
         _rms_norm_kernel[(rows,)](
             x2, y2, weight.contiguous(), out, out if total is None else total,
+            out if index is None else index, out if outp is None else outp,
             x2.stride(0), y2.stride(0), n, 1.0 / n, eps, offset, HAS_Y=y is not None,
-            OFFSET=bool(offset), BLOCK=block, num_warps=max(1, min(16, block // 512)))
-    return out, total
+            OFFSET=bool(offset), HAS_P=index is not None, BLOCK=block,
+            num_warps=max(1, min(16, block // 512)))
+    return out, total, outp
 
 
 def _pow2(n: int) -> int:
@@ -124,9 +166,9 @@ def _pow2(n: int) -> int:
 
 if triton is not None:
     @triton.jit
-    def _rms_norm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, sum_ptr, stride_x, stride_y, n, inv_n,
-                         eps, offset, HAS_Y: tl.constexpr, OFFSET: tl.constexpr,
-                         BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, sum_ptr, idx_ptr, outp_ptr, stride_x,
+                         stride_y, n, inv_n, eps, offset, HAS_Y: tl.constexpr,
+                         OFFSET: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr):
         """One row: (x [+ y], rounded) -> float32 h * rsqrt(mean(h^2) + eps) -> times the weight
         as layers.rms_norm: LLaMA rounds h and the weight to the dtype first, Gemma multiplies
         by (offset + weight) in float32. Output rows are contiguous."""
@@ -147,6 +189,9 @@ if triton is not None:
         else:
             out = w.to(dt).to(tl.float32) * h.to(dt).to(tl.float32)
         tl.store(out_ptr + row * n + cols, out.to(dt), mask=mask)
+        if HAS_P:  # the same values, column j at idx[j]
+            dest = tl.load(idx_ptr + cols, mask=mask, other=0)
+            tl.store(outp_ptr + row * n + dest, out.to(dt), mask=mask)
 
     @triton.jit
     def _rope_head(src, dst, c1, c2, s1, s2, offs, mask, HALF: tl.constexpr):
@@ -181,7 +226,8 @@ if triton is not None:
                        ko_ptr + (t * nkv + j - nh) * (2 * HALF), c1, c2, s1, s2, offs, mask, HALF)
 
     @triton.jit
-    def _act_mul_kernel(gate_ptr, up_ptr, out_ptr, n, GELU: tl.constexpr, BLOCK: tl.constexpr):
+    def _act_mul_kernel(gate_ptr, up_ptr, out_ptr, idx_ptr, outp_ptr, n, cols,
+                        GELU: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr):
         """act(gate) in float32, rounded to the dtype (as F.silu / F.gelu return it), times up.
         silu: g / (1 + exp(-g)); tanh GELU: 0.5 g (1 + tanh(z)) = g / (1 + exp(-2z)) with
         z = sqrt(2/pi) (g + 0.044715 g^3) (Triton has no tanh; this form saturates cleanly)."""
@@ -195,4 +241,9 @@ if triton is not None:
             a = g / (1.0 + tl.exp(-2.0 * z))
         else:
             a = g / (1.0 + tl.exp(-g))
-        tl.store(out_ptr + offs, (a.to(dt).to(tl.float32) * u).to(dt), mask=mask)
+        y = (a.to(dt).to(tl.float32) * u).to(dt)
+        tl.store(out_ptr + offs, y, mask=mask)
+        if HAS_P:  # the same values, column j of each row at idx[j]
+            col = offs % cols
+            dest = offs - col + tl.load(idx_ptr + col, mask=mask, other=0)
+            tl.store(outp_ptr + dest, y, mask=mask)

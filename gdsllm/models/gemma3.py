@@ -30,8 +30,10 @@ def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Ten
                   layer: int, cudnn_attention: bool = False) -> torch.Tensor:
     """One Gemma 3 block over the flattened batch x [T, hidden]; appends to each KV cache."""
     eps, off = p.rms_norm_eps, p.norm_weight_offset
-    h = rms_norm(x, weights["input_layernorm.weight"], eps, off)
+    h = rms_norm(x, weights["input_layernorm.weight"], eps, off,
+                 feeds=weights.get("self_attn.q_proj.weight"))
     a = self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
     a = rms_norm(a, weights["post_attention_layernorm.weight"], eps, off)
-    x, h = add_rms_norm(x, a, weights["pre_feedforward_layernorm.weight"], eps, off)
+    x, h = add_rms_norm(x, a, weights["pre_feedforward_layernorm.weight"], eps, off,
+                        feeds=weights.get("mlp.gate_proj.weight"))
     return x + rms_norm(gated_mlp(p, weights, h), weights["post_feedforward_layernorm.weight"], eps, off)

@@ -115,12 +115,34 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+def _plane_index(feeds, x: torch.Tensor) -> torch.Tensor | None:
+    """Where the output of a fused kernel reading x (its shape) goes next into a quantized matmul
+    that reads its input in another column order: that order (kernels_cuda.plane_index)."""
+    if not isinstance(feeds, QuantWeight):
+        return None
+    from gdsllm.quant import kernels_cuda
+    return kernels_cuda.plane_index(feeds, x)
+
+
+def _remember(out: torch.Tensor, feeds, outp: torch.Tensor) -> torch.Tensor:
+    from gdsllm.quant import kernels_cuda
+    kernels_cuda.remember_planes(out, feeds, outp)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+             feeds: QuantWeight | torch.Tensor | None = None) -> torch.Tensor:
     """As transformers' LlamaRMSNorm: float32 statistics, cast back, then times the weight.
     With `offset` (Gemma), as Gemma3RMSNorm: times (offset + weight) in float32, then cast back.
-    One kernel on CUDA (gdsllm.models.fused)."""
+    One kernel on CUDA (gdsllm.models.fused). `feeds`: the weight the first matmul of the output
+    has; where it is quantized and reads x in plane order, the same kernel writes that copy too
+    (one launch less per matmul input: a graph node in decode, a host launch in prefill)."""
     if fused.usable(x):
-        return fused.rms_norm(x, weight, eps, offset)
+        index = _plane_index(feeds, x)
+        if index is None:
+            return fused.rms_norm(x, weight, eps, offset)
+        out, outp = fused.rms_norm_planes(x, weight, eps, offset, index)
+        return _remember(out, feeds, outp)
     in_dtype = x.dtype
     if in_dtype == torch.float32 == weight.dtype and not offset:
         # the CPU's: the same ops without the no-op casts, 0.54-0.58 against 0.64-0.69 ms for a
@@ -134,11 +156,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
 
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
-                 offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                 offset: float = 0.0, feeds: QuantWeight | torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + y, rms_norm(x + y, ...)): a residual add and the norm that reads it, one kernel on
-    CUDA."""
+    CUDA (`feeds` as rms_norm's)."""
     if fused.usable(x, y):
-        return fused.add_rms_norm(x, y, weight, eps, offset)
+        index = _plane_index(feeds, x)
+        if index is None:
+            return fused.add_rms_norm(x, y, weight, eps, offset)
+        s, out, outp = fused.add_rms_norm_planes(x, y, weight, eps, offset, index)
+        return s, _remember(out, feeds, outp)
     s = x + y
     return s, rms_norm(s, weight, eps, offset)
 
@@ -219,17 +246,23 @@ def embed(weights: dict[str, torch.Tensor | QuantWeight], ids: torch.Tensor, dty
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
-def act_mul(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """ACTIVATIONS[act](gate) * up: one kernel on CUDA."""
+def act_mul(act: str, gate: torch.Tensor, up: torch.Tensor,
+            feeds: QuantWeight | torch.Tensor | None = None) -> torch.Tensor:
+    """ACTIVATIONS[act](gate) * up: one kernel on CUDA (`feeds` as rms_norm's)."""
     if fused.usable(gate, up):
-        return fused.act_mul(gate, up, act)
+        index = _plane_index(feeds, gate)
+        if index is None:
+            return fused.act_mul(gate, up, act)
+        out, outp = fused.act_mul_planes(gate, up, act, index)
+        return _remember(out, feeds, outp)
     return ACTIVATIONS[act](gate) * up
 
 
 def gated_mlp(p: LlamaParams, weights: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """down(act(gate(h)) * up(h)): SwiGLU (silu) or GeGLU (tanh GELU), by `p.hidden_act`."""
     gate, up = linears(weights, "mlp.gate_up_proj.weight", h)
-    return linear(weights, "mlp.down_proj.weight", act_mul(p.hidden_act, gate, up))
+    down = "mlp.down_proj.weight"
+    return linear(weights, down, act_mul(p.hidden_act, gate, up, weights.get(down)))
 
 
 def self_attention(p: LlamaParams, weights: dict[str, torch.Tensor], h: torch.Tensor,

@@ -28,7 +28,9 @@ def decoder_block(p: LlamaParams, weights: dict[str, torch.Tensor], x: torch.Ten
                   cos: torch.Tensor, sin: torch.Tensor, batch: PassBatch,
                   layer: int, cudnn_attention: bool = False) -> torch.Tensor:
     """One pre-norm decoder block over the flattened batch x [T, hidden]; appends to each KV cache."""
-    h = rms_norm(x, weights["input_layernorm.weight"], p.rms_norm_eps)
+    h = rms_norm(x, weights["input_layernorm.weight"], p.rms_norm_eps,
+                 feeds=weights.get("self_attn.q_proj.weight"))
     a = self_attention(p, weights, h, cos, sin, batch, layer, cudnn_attention)
-    x, h = add_rms_norm(x, a, weights["post_attention_layernorm.weight"], p.rms_norm_eps)
+    x, h = add_rms_norm(x, a, weights["post_attention_layernorm.weight"], p.rms_norm_eps,
+                        feeds=weights.get("mlp.gate_proj.weight"))
     return x + gated_mlp(p, weights, h)

@@ -23,9 +23,12 @@ dequantized, they are dequantized into the scratch one after another (int4: one 
 multiplied by x in one cuBLAS call, their outputs column views of its result; two launches
 for three weights instead of six (the scratch then holds the largest such group: the VRAM
 ledger's `gdsllm.engine.budget.dequant_numel`). Not yet timed on the GPU.
-An eager int4 prefill of 512 tokens on the H200 VM is set by the host's launches (dequantize, x
-permuted, cuBLAS per matmul), not by the GPU (docs/BENCHMARKS.md, "Where an int4 prefill's time
-goes").
+The planes tile and "dequant" read x in plane order: `triton_gemm.planes_x` makes that copy once
+per activation (q, k and v share it), and where a fused norm or activation makes x for such a
+matmul (gdsllm.models.layers' `feeds`), that kernel writes the copy too (`plane_index`,
+`remember_planes`): no copy kernel of its own, a graph node fewer in decode and a host launch
+fewer in an eager prefill, whose time on the H200 VM is the host's launches (the BENCHMARKS
+section of 2026-12-04 21:00).
 float32 x takes "dequant" where the table says tinygemm (the tiles run it in float32).
 
 Nothing here touches the host inside a captured CUDA graph: no host tensor, no `.item()`; the only
@@ -104,6 +107,7 @@ FALLBACK = {
 SPLIT_K_COUNTERS = 1 << 14
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _captured: list[torch.Tensor] = []  # scratch buffers a graph holds the address of: never freed
+_plane_index: dict[tuple, torch.Tensor] = {}  # (qtype, K, device) -> plane_index's int32 [K]
 _layout_checked = False
 
 
@@ -174,6 +178,44 @@ def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tenso
     return buf[:numel]
 
 
+def plane_index(w: QuantWeight, x: torch.Tensor) -> torch.Tensor | None:
+    """For an activation about to be made like x (same shape, dtype, device) that linear(w, .)
+    will read: int32 [K], where each input column goes in the order w's kernel reads x in
+    (triton_gemm.planes_x: the planes tile, the dequantized weights), for the kernel making x to
+    write that copy too (outp[..., index[j]] = x[..., j]; gdsllm.models.fused); then
+    `remember_planes`. None where the kernel reads x as it is (tinygemm, the whole tiles) or the
+    index would first be made inside a graph capture (the eager passes before capture make it)."""
+    k = w.shape[1]
+    if not x.is_cuda or x.shape[-1] != k:
+        return None
+    kind = choice(w.qtype, x.numel() // k, k, x.dtype, w.group_size)
+    if kind == "tinygemm" or (kind != "dequant" and not kind.planes):
+        return None
+    key = (w.qtype, k, x.device)
+    index = _plane_index.get(key)
+    if index is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        index = _plane_index[key] = plane_order(w).to(x.device)
+    return index
+
+
+def plane_order(w: QuantWeight) -> torch.Tensor:
+    """int32 [K] on the CPU: where input column j of x lands in triton_gemm.permute_x(x, w)."""
+    from gdsllm.quant import triton_gemm
+    k = w.shape[1]
+    order = triton_gemm.permute_x(torch.arange(k).view(1, k), w).view(k)  # j holds input order[j]
+    index = torch.empty(k, dtype=torch.int32)
+    index[order] = torch.arange(k, dtype=torch.int32)
+    return index
+
+
+def remember_planes(x: torch.Tensor, w: QuantWeight, xp: torch.Tensor) -> None:
+    """xp (x's columns moved by plane_index(w, x)) is what linear(w, x) reads: no copy of x."""
+    from gdsllm.quant import triton_gemm
+    triton_gemm.remember_planes(x, w, xp)
+
+
 def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     from gdsllm.quant import triton_gemm
     rows = x.shape[0]
@@ -195,11 +237,11 @@ def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     if in_graph:
         buf = scratch(x.device, x.dtype, n * k)
     # the weight in plane order (contiguous stores: 11-33 us a 7B weight at 512 rows, against
-    # 200-550 in input order, whose stores are 2 bytes in 16; H200, 2026-12-04, probe_w4_tiles.py)
-    # and x permuted to match. One copy of x per activation instead (planes_x, as the planes tile
-    # takes it) measured within the noise of a 512-token prefill (BENCHMARKS, 2026-12-04 21:14)
+    # 200-500 in input order, whose stores are 2 bytes in 16; H200, 2026-12-04, probe_w4_tiles.py),
+    # x in plane order once for the matmuls that read it (q, k, v; gate, up): each copy is one
+    # more launch of an eager prefill, which the host's launches set, not the GPU
     wp = triton_gemm.dequantize_into(w, buf, planes=True)
-    return F.linear(triton_gemm.permute_x(x, w), wp)
+    return F.linear(triton_gemm.planes_x(x, w), wp)
 
 
 def linears(ws: tuple[QuantWeight, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:

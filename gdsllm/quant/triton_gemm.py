@@ -661,6 +661,13 @@ def planes_x(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     return xk
 
 
+def remember_planes(x: torch.Tensor, w: QuantWeight, xk: torch.Tensor) -> None:
+    """Make xk, equal to permute_x(x, w) and written by the kernel that made x (a fused norm or
+    activation, gdsllm.models.fused), the copy planes_x returns for x: no copy launch of its own."""
+    _last_x[0] = (x, x._version, (w.qtype, w.shape[1]),
+                  x.is_cuda and torch.cuda.is_current_stream_capturing(), xk)
+
+
 def gemm_x(x: torch.Tensor, k: int) -> torch.Tensor:
     """x [M, K] in the column order of the int4 GEMM's tile (`Config.xperm`): per k-block of
     16T inputs, word w = c T/2 + jw then r = 2 i + odd, input 32 jw + 8 i + 2 c + odd."""
