@@ -190,6 +190,18 @@ def test_linears_of_quantized_parts_equal_linear_of_each_with_its_bias():
 
 
 @needs_triton
+@pytest.mark.slow
+def test_quantized_block_through_the_cuda_paths_under_interpreter():
+    """LLaMA, Qwen 3 and Gemma 3 blocks with int4 projections through the CUDA code paths on CPU
+    (tests/quant_block_cases.py): the norms and the activation write x in plane order for the
+    matmuls after them (only o_proj's input is copied), q+k+v and gate+up are dequantized
+    together past the tiles, and the output is float32 math's over the dequantized weights."""
+    result = run_interpreted("quant_block_cases.py")
+    assert set(result["errors"]) == {f"{f}/{r}" for f in ("llama", "qwen3", "gemma3") for r in (8, 80)}
+    assert result["worst"] < 5e-3
+
+
+@needs_triton
 @pytest.mark.parametrize("planes", [True, False])
 def test_one_launch_dequantization_of_three_weights_compiles_for_hopper(planes):
     """No GPU needed: the int4 dequantization of up to three weights in one launch (a branch per

@@ -186,15 +186,15 @@ def plane_index(w: QuantWeight, x: torch.Tensor) -> torch.Tensor | None:
     `remember_planes`. None where the kernel reads x as it is (tinygemm, the whole tiles) or the
     index would first be made inside a graph capture (the eager passes before capture make it)."""
     k = w.shape[1]
-    if not x.is_cuda or x.shape[-1] != k:
-        return None
+    if x.shape[-1] != k:  # x is on CUDA (gdsllm.models.fused.usable), or the CPU under Triton's
+        return None        # interpreter (tests/quant_block_cases.py)
     kind = choice(w.qtype, x.numel() // k, k, x.dtype, w.group_size)
     if kind == "tinygemm" or (kind != "dequant" and not kind.planes):
         return None
     key = (w.qtype, k, x.device)
     index = _plane_index.get(key)
     if index is None:
-        if torch.cuda.is_current_stream_capturing():
+        if capturing():
             return None
         index = _plane_index[key] = plane_order(w).to(x.device)
     return index
