@@ -202,25 +202,36 @@ def test_quantized_block_through_the_cuda_paths_under_interpreter():
 
 
 @needs_triton
-@pytest.mark.parametrize("planes", [True, False])
-def test_one_launch_dequantization_of_three_weights_compiles_for_hopper(planes):
-    """No GPU needed: the int4 dequantization of up to three weights in one launch (a branch per
-    weight's programs, which the interpreter runs as Python) lowers for sm_90 and ptxas
-    assembles it, with the 16-byte alignment Triton's launcher assumes for the pointers."""
+@pytest.mark.parametrize("kernel", ["dequant-planes", "dequant-input-order", "planes-1", "planes-3"])
+def test_one_launch_kernels_of_three_weights_compile_for_hopper(kernel):
+    """No GPU needed: the int4 kernels that take up to three weights in one launch (a branch per
+    weight's programs, which the interpreter runs as Python) lower for sm_90 and ptxas assembles
+    them, with the 16-byte alignment Triton's launcher assumes for the pointers: the
+    dequantization in both orders, and the planes tile for one weight and for three (split 4,
+    the PTX unpacking)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from gdsllm.quant import triton_gemm
-    sig = {"q0": "*i32", "s0": "*bf16", "q1": "*i32", "s1": "*bf16", "q2": "*i32", "s2": "*bf16",
-           "out_ptr": "*bf16", "N0": "i32", "N1": "i32", "N2": "i32", "B1": "i32", "B2": "i32",
-           "KO": "i32"}
-    const = dict(G=128, T=8, BLOCK_N=16, PLANES=planes)
-    sig.update(dict.fromkeys(const, "constexpr"))
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(7)}
-    src = ASTSource(triton_gemm._w4_dequant, sig, const, aligned)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-    assert ptx.count("st.global") >= 3  # each weight's branch stores
+    if kernel.startswith("dequant"):
+        fn, ptrs = triton_gemm._w4_dequant, {"q0": "*i32", "s0": "*bf16", "q1": "*i32", "s1": "*bf16",
+                                             "q2": "*i32", "s2": "*bf16", "out_ptr": "*bf16"}
+        ints = ("N0", "N1", "N2", "B1", "B2", "KO")
+        const = dict(G=128, T=8, BLOCK_N=16, PLANES=kernel == "dequant-planes")
+    else:
+        fn, ptrs = triton_gemm._w4_planes, {"x_ptr": "*bf16", "q_ptr": "*i32", "sz_ptr": "*i32",
+                                            "q1": "*i32", "sz1": "*i32", "q2": "*i32",
+                                            "sz2": "*i32", "y_ptr": "*bf16", "ws_ptr": "*fp32",
+                                            "lock_ptr": "*i32"}
+        ints = ("M", "N", "N1", "N2", "B1", "B2", "KO", "stride_xm", "stride_ym", "per_split")
+        const = dict(G=128, T=8, BLOCK_M=16, BLOCK_N=128, SPLIT=4, SWAP=True, STAGES=3, ASM=True,
+                     PARTS=int(kernel[-1]))
+    sig = {**ptrs, **dict.fromkeys(ints, "i32"), **dict.fromkeys(const, "constexpr")}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))}
+    ptx = triton.compile(ASTSource(fn, sig, const, aligned), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 4, "num_stages": 3}).asm["ptx"]
+    assert "st.global" in ptx
 
 
 @needs_triton

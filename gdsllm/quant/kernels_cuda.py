@@ -18,11 +18,13 @@ measurement (table below), one of:
   grown to the largest weight by the eager calls before any capture, so never during one; its
   size is in the VRAM ledger, `gdsllm.engine.budget.scratch_bytes`) in the plane order, and
   cuBLAS multiplies it by x permuted the same way.
-`linears` takes the weights that read one x (q, k and v; gate and up): where they would be
-dequantized, they are dequantized into the scratch one after another (int4: one launch) and
-multiplied by x in one cuBLAS call, their outputs column views of its result; two launches
-for three weights instead of six (the scratch then holds the largest such group: the VRAM
-ledger's `gdsllm.engine.budget.dequant_numel`). Not yet timed on the GPU.
+`linears` takes the weights that read one x (q, k and v; gate and up): where each would run
+the planes tile, one launch of it covers all their rows (a graph node for three at 5-32 rows);
+where they would be dequantized, they are dequantized into the scratch one after another
+(int4: one launch) and multiplied by x in one cuBLAS call, two launches for three weights
+instead of six (the scratch then holds the largest such group: the VRAM ledger's
+`gdsllm.engine.budget.dequant_numel`). Their outputs are column views of the one result. Not
+yet timed on the GPU.
 The planes tile and "dequant" read x in plane order: `triton_gemm.planes_x` makes that copy once
 per activation (q, k and v share it), and where a fused norm or activation makes x for such a
 matmul (gdsllm.models.layers' `feeds`), that kernel writes the copy too (`plane_index`,
@@ -245,22 +247,29 @@ def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
 
 
 def linears(ws: tuple[QuantWeight, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(linear(w, x) for w in ws): weights that read one x. Where each would be dequantized
-    (more rows than the tiles take) and they share qtype, K and group size, their dequantized
-    rows go one after another into the scratch and ONE cuBLAS call multiplies them by x: the
-    outputs are column views of its [T, sum of N] result."""
+    """(linear(w, x) for w in ws): weights that read one x. Where they share qtype, K and group
+    size and each would run the planes tile (int4, 5 to 32 rows) or be dequantized (more rows
+    than the tiles take), they go together: the planes tile in ONE launch over all their rows
+    (up to three weights), or their dequantized rows one after another in the scratch and ONE
+    cuBLAS call. The outputs are then column views of the [T, sum of N] result."""
     from gdsllm.quant import triton_gemm
     rows, w0 = x.shape[0], ws[0]
     n, k = sum(w.shape[0] for w in ws), w0.shape[1]
-    if (rows == 0 or len(ws) == 1
-            or any((w.qtype, w.shape[1], w.group_size) != (w0.qtype, k, w0.group_size) for w in ws)
-            or choice(w0.qtype, rows, k, x.dtype, w0.group_size) != "dequant"):
+    sizes = [w.shape[0] for w in ws]
+    kind = None
+    if rows and len(ws) > 1 and all(
+            (w.qtype, w.shape[1], w.group_size) == (w0.qtype, k, w0.group_size) for w in ws):
+        kind = choice(w0.qtype, rows, k, x.dtype, w0.group_size)
+    in_graph = capturing()
+    if not in_graph:
+        triton_gemm.lock_buffer(x.device)  # as linear's: the counters exist before any capture
+    if not isinstance(kind, str) and kind is not None and kind.planes and len(ws) <= 3:
+        return triton_gemm.matmul(x, tuple(ws), kind).split(sizes, dim=1)
+    if kind != "dequant":
         return tuple(linear(w, x) for w in ws)
-    if capturing():  # a scratch no eager call grew to the group (LLM's holds it: budget's
+    if in_graph:  # a scratch no eager call grew to the group (LLM's holds it: budget's
         held = _scratch.get(_scratch_key(x.device, x.dtype))  # dequant_numel): one matmul each
         if held is None or held.numel() < n * k:
             return tuple(linear(w, x) for w in ws)
-    else:
-        triton_gemm.lock_buffer(x.device)  # as linear's: the counters exist before any capture
     wp = triton_gemm.dequantize_into(tuple(ws), scratch(x.device, x.dtype, n * k), planes=True)
-    return F.linear(triton_gemm.planes_x(x, w0), wp).split([w.shape[0] for w in ws], dim=1)
+    return F.linear(triton_gemm.planes_x(x, w0), wp).split(sizes, dim=1)

@@ -404,11 +404,13 @@ def _acc0(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, SWAP: 
 
 
 @triton.jit
-def _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym,
+def _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, NW, stride_ym,
             BLOCK_M: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr):
     """Store acc as y [M, N]. Split along K: each program stores its float32 partial in the
-    workspace [SPLIT, M, N]; the last of a tile's programs to count itself in (an atomic counter
-    per tile, left at 0 again) sums the partials in split order and stores y: no second launch."""
+    workspace [SPLIT, M, NW] (NW = N, or the columns of all the weights of one launch, y's
+    and the workspace's pointers then at this weight's first column); the last of a tile's
+    programs to count itself in (an atomic counter per tile, left at 0 again) sums the partials
+    in split order and stores y: no second launch."""
     if BLOCK_M == 1:
         out = acc[None, :]
     elif SWAP:
@@ -420,15 +422,15 @@ def _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym,
     if SPLIT == 1:
         tl.store(y, out.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        part = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(part + tl.program_id(2) * M * N, out, mask=mask)
+        part = ws_ptr + offs_m[:, None] * NW + offs_n[None, :]
+        tl.store(part + tl.program_id(2) * M * NW, out, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the count
         tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         seen = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
         if seen == SPLIT - 1:
             total = tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")
             for i in tl.static_range(1, SPLIT):
-                total += tl.load(part + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                total += tl.load(part + i * M * NW, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y, total.to(y_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(lock_ptr + tile, 0)
 
@@ -458,7 +460,7 @@ def _w4_gemm(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KO, stride_xm,
             acc = _mac_after(acc, xt, w, s, z, BLOCK_M, SWAP)
         else:
             acc = _mac(acc, xt, w, BLOCK_M, SWAP, IEEE)
-    _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym, BLOCK_M, SPLIT, SWAP)
+    _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, N, stride_ym, BLOCK_M, SPLIT, SWAP)
 
 
 @triton.jit(do_not_specialize=["M"])  # K, per_split: divisible by 16, so the loads stay wide
@@ -485,14 +487,43 @@ def _w8_gemm(x_ptr, q_ptr, sc_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, 
             acc = _mac_after(acc, xt, w, s, z, BLOCK_M, SWAP)
         else:
             acc = _mac(acc, xt, w, BLOCK_M, SWAP, IEEE)
-    _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym, BLOCK_M, SPLIT, SWAP)
+    _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, N, stride_ym, BLOCK_M, SPLIT, SWAP)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _w4_planes(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KO, stride_xm, stride_ym,
-               per_split, G: tl.constexpr, T: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr,
-               STAGES: tl.constexpr, ASM: tl.constexpr):
+def _w4_planes(x_ptr, q_ptr, sz_ptr, q1, sz1, q2, sz2, y_ptr, ws_ptr, lock_ptr, M, N, N1, N2, B1,
+               B2, KO, stride_xm, stride_ym, per_split, G: tl.constexpr, T: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+               SWAP: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PARTS: tl.constexpr):
+    """`_w4_planes_tile` for one weight (PARTS 1: the others' arguments unused) or for up to
+    three weights that read one x, their outputs side by side in y [M, N + N1 + N2] (q, k and
+    v): the programs below B1 take the first's tiles, below B2 the second's, the rest the third's."""
+    pid = tl.program_id(0)
+    if PARTS == 1:
+        _w4_planes_tile(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, pid, M, N, N, KO,
+                        stride_xm, stride_ym, per_split, G, T, BLOCK_M, BLOCK_N, SPLIT, SWAP,
+                        STAGES, ASM)
+    else:
+        NW = N + N1 + N2
+        if pid < B1:
+            _w4_planes_tile(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, pid, M, N, NW, KO,
+                            stride_xm, stride_ym, per_split, G, T, BLOCK_M, BLOCK_N, SPLIT, SWAP,
+                            STAGES, ASM)
+        elif pid < B2:
+            _w4_planes_tile(x_ptr, q1, sz1, y_ptr + N, ws_ptr + N, lock_ptr, pid - B1, M, N1, NW,
+                            KO, stride_xm, stride_ym, per_split, G, T, BLOCK_M, BLOCK_N, SPLIT,
+                            SWAP, STAGES, ASM)
+        else:
+            _w4_planes_tile(x_ptr, q2, sz2, y_ptr + N + N1, ws_ptr + N + N1, lock_ptr, pid - B2,
+                            M, N2, NW, KO, stride_xm, stride_ym, per_split, G, T, BLOCK_M,
+                            BLOCK_N, SPLIT, SWAP, STAGES, ASM)
+
+
+@triton.jit
+def _w4_planes_tile(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, M, N, NW, KO,
+                    stride_xm, stride_ym, per_split, G: tl.constexpr, T: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                    SWAP: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
     """int4, one k-block (16T inputs) a step, x in plane order (`permute_x`: plane p of k-block
     ko is x's columns ko 16T + p 2T + w, w < 2T). The stored words [BLOCK_N, 2T] are loaded once
     and each nibble plane, unpacked by elementwise ops only (or `_unpack_asm`), goes into its own
@@ -502,7 +533,7 @@ def _w4_planes(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KO, stride_x
     (`usable`): the integers q - 8 go into the products, the group's (scale, zero) apply once per
     step, s (x w.T) + z sum(x)."""
     W: tl.constexpr = 2 * T
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n, mask_m = offs_n < N, offs_m < M
     col = tl.arange(0, W)
@@ -540,7 +571,7 @@ def _w4_planes(x_ptr, q_ptr, sz_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KO, stride_x
             acc += t * s[:, None] + z[:, None] * sx[None, :]
         else:
             acc += t * s[None, :] + sx[:, None] * z[None, :]
-    _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, stride_ym, BLOCK_M, SPLIT, SWAP)
+    _finish(y_ptr, ws_ptr, lock_ptr, acc, offs_m, offs_n, M, N, NW, stride_ym, BLOCK_M, SPLIT, SWAP)
 
 
 @triton.jit
@@ -676,10 +707,19 @@ def gemm_x(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(m, k // (16 * t), t // 2, 4, 4, 2).permute(0, 1, 4, 2, 3, 5).reshape(m, k)
 
 
-def matmul(x: torch.Tensor, w: QuantWeight, cfg: Config = Config()) -> torch.Tensor:
+def matmul(x: torch.Tensor, w: QuantWeight | tuple[QuantWeight, ...],
+           cfg: Config = Config()) -> torch.Tensor:
     """x @ W.T for a 2-D x on W's device (any M; a tile `usable` for W and x), reading W as
-    stored."""
-    n, k = w.shape
+    stored. With the planes tile, W may be up to three int4 weights of one K and group size
+    that read this x (q, k and v): one launch, y [M, sum of their N] their outputs side by side."""
+    parts = w if isinstance(w, tuple) else (w,)
+    w = parts[0]
+    if len(parts) > 1 and (not cfg.planes or len(parts) > 3 or any(
+            (v.qtype, v.shape[1], v.group_size) != (w.qtype, w.shape[1], w.group_size) for v in parts)):
+        raise ValueError(f"matmul: {len(parts)} weights in one launch need the planes tile, at most "
+                         "three, of one qtype, K and group size: "
+                         + ", ".join(f"{v.qtype} {tuple(v.shape)} g{v.group_size}" for v in parts))
+    n, k = sum(v.shape[0] for v in parts), w.shape[1]
     m = x.shape[0]
     assert usable(w.qtype, k, cfg, w.group_size, x.dtype), (w.qtype, k, w.group_size, x.dtype, cfg)
     if w.qtype == "int4":
@@ -687,7 +727,8 @@ def matmul(x: torch.Tensor, w: QuantWeight, cfg: Config = Config()) -> torch.Ten
         unit, steps = 1 if cfg.planes else max(1, cfg.block_k // (16 * t)), k // (16 * t)  # k-blocks
     else:
         unit, steps = cfg.block_k, k  # in inputs
-    grid = [triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), 1]
+    tiles = [triton.cdiv(v.shape[0], cfg.block_n) for v in parts]
+    grid = [sum(tiles), triton.cdiv(m, cfg.block_m), 1]
     want = cfg.split_k or auto_split(grid[0] * grid[1], _sm_count(x.device))
     split = max(1, min(want, triton.cdiv(steps, unit)))
     if grid[0] * grid[1] > SPLIT_K_COUNTERS or split * m * n >= 2 ** 31:
@@ -713,10 +754,15 @@ def matmul(x: torch.Tensor, w: QuantWeight, cfg: Config = Config()) -> torch.Ten
                   num_stages=cfg.stages)
     if cfg.planes:
         xk = planes_x(x, w)
-        _w4_planes[tuple(grid)](xk, w.data, w.scales.view(torch.int32), y, ws, locks, m, n, steps,
-                                xk.stride(0), y.stride(0), per_split, G=w.group_size, T=t,
-                                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split,
-                                SWAP=cfg.swap, STAGES=cfg.stages, ASM=cfg.asm and not INTERPRETED,
+        p = list(parts) + [w] * (3 - len(parts))  # absent parts: no program reaches them
+        rows, b = [v.shape[0] for v in parts] + [0] * (3 - len(parts)), tiles + [0] * (3 - len(parts))
+        _w4_planes[tuple(grid)](xk, p[0].data, p[0].scales.view(torch.int32), p[1].data,
+                                p[1].scales.view(torch.int32), p[2].data,
+                                p[2].scales.view(torch.int32), y, ws, locks, m, rows[0], rows[1],
+                                rows[2], b[0], b[0] + b[1], steps, xk.stride(0), y.stride(0),
+                                per_split, G=w.group_size, T=t, BLOCK_M=cfg.block_m,
+                                BLOCK_N=cfg.block_n, SPLIT=split, SWAP=cfg.swap, STAGES=cfg.stages,
+                                ASM=cfg.asm and not INTERPRETED, PARTS=len(parts),
                                 num_warps=cfg.warps, num_stages=cfg.stages)
     elif w.qtype == "int4":
         xk = gemm_x(x, k) if cfg.xperm else x.contiguous()
