@@ -27,12 +27,11 @@
 #                                              # token, 7B shape with PROFILE_LAYERS (8) blocks
 #   bash benchmarks/gpu_session.sh lprep tests-q loop  # the quantized-matmul and fused-kernel GPU
 #                                              # tests beside lprep, then the bench_loop rows
-#   bash benchmarks/gpu_session.sh lprep tests-q fusedq loop  # the GPU tests, the A/B of
-#                                              # q+k+v / gate+up dequantized together in a 512-token
-#                                              # int4 prefill (profile_decode --ab-fused-dequant), rows
-#   bash benchmarks/gpu_session.sh lprep tests-q planes loop  # the quantized-matmul and
-#                                              # fused-kernel GPU tests beside lprep, the plane-order
-#                                              # A/B (profile_decode.py --ab-plane-writes), the rows
+#   bash benchmarks/gpu_session.sh tests-q ab22  # the quantized-matmul and fused-kernel GPU
+#                                              # tests, then issue 22's launch savings on and off
+#                                              # (profile_decode.py --ab-arms; nothing beside it:
+#                                              # the host's time is what it measures), then in a
+#                                              # second call `lprep loop` for the 7B rows
 #   bash benchmarks/gpu_session.sh contexts    # probe_contexts.py: LLM beside an idle / busy serve
 #   bash benchmarks/gpu_session.sh lprep final loop   # the session's last call: lprep in the
 #                                              # background, the GPU tests of the kernels, workers
@@ -174,18 +173,12 @@ for step in "$@"; do
         tests/test_quant_graphs.py tests/test_composition.py tests/test_workers.py tests/test_compute_worker.py} \
         2>&1 | tee "$OUT/gpu-tests-final.log" | tail -15
       [ -f benchmarks/bench_fused.py ] && timeout 60 python3 benchmarks/bench_fused.py --out "$OUT/fused.json" 2>&1 | tee "$OUT/fused.log" | tail -12 ;;
-    fusedq)
-      # issue 22: an int4 prefill's weights of one input dequantized and multiplied together
-      # against one at a time, interleaved in one LLM; float16's prefill beside it (8 blocks, 7B)
-      timeout ${FUSEDQ_S:-200} python3 benchmarks/profile_decode.py --work /root/pf --layers 8 \
-        --qtypes float16,int4 --batches "" --prefill 512 --top 12 --ab-fused-dequant \
-        --out "$OUT/ab-fused-dequant.json" 2>&1 | grep "^==\|^  " | tee "$OUT/ab-fused-dequant.log" | tail -60 ;;
-    planes)
-      # issue 22: the norms and the activation writing the int4 matmuls' x in plane order against
-      # a copy kernel per input, each arm its own LLM, interleaved (8 blocks of the 7B shape)
-      timeout ${PLANES_S:-150} python3 benchmarks/profile_decode.py --work /root/pf --layers 8 --qtypes int4 \
-        --batches 16 --tokens 32 --prefill 512 --ab-plane-writes --out "$OUT/ab-plane-writes.json" 2>&1 \
-        | grep "==" | tee "$OUT/ab-plane-writes.log" ;;
+    ab22)
+      # issue 22: x in plane order written by the norms, and weights of one input in one launch,
+      # each on and off, each arm its own LLM, interleaved (8 blocks of the 7B shape, int4)
+      timeout ${AB22_S:-280} python3 benchmarks/profile_decode.py --work /root/pf --layers 8 --qtypes int4 \
+        --batches 16 --tokens 32 --prefill 512 --ab-arms --out "$OUT/ab22.json" 2>&1 \
+        | grep "==" | tee "$OUT/ab22.log" ;;
     tests-q)
       # the quantized matmuls and the fused kernels (their GPU tests), beside lprep if started
       timeout ${TESTS_Q_S:-300} python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_quant.py \

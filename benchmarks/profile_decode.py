@@ -194,59 +194,33 @@ def prefill(llm, vocab: int, n: int, top: int) -> dict:
                            for w, c, t, cum in py]}
 
 
-def ab_fused_dequant(llm, vocab: int, n: int, rounds: int = 5) -> dict:
-    """The first token of an n-token prompt (ms, best of 2 a round) with the weights of one input
-    dequantized and multiplied together (kernels_cuda.linears: q+k+v, gate+up) against one
-    dequantization and one matmul per weight (linears patched to call linear for each), arms
-    interleaved in one LLM (an eager prefill: nothing captured)."""
-    from gdsllm.quant import kernels_cuda
-    ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(n)]
-    fused, times = kernels_cuda.linears, {"fused": [], "each": []}
-    try:
-        for _ in range(rounds):
-            for arm in ("each", "fused"):
-                kernels_cuda.linears = fused if arm == "fused" else (
-                    lambda ws, x: tuple(kernels_cuda.linear(w, x) for w in ws))
-                llm.generate([ids], greedy(1))
-                times[arm].append(min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(2)) * 1e3)
-    finally:
-        kernels_cuda.linears = fused
-    return {"prompt_tokens": n, "fused_ms": times["fused"], "each_ms": times["each"]}
-def ab_shared_x(llm, vocab: int, n: int, rounds: int = 5) -> dict:
-    """The prefill's first token with x put in plane order once per activation
-    (triton_gemm.planes_x: q, k, v share a copy, gate and up another) against once per matmul
-    (permute_x patched in), interleaved."""
-    from gdsllm.quant import triton_gemm
-    ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(n)]
-    shared, times = triton_gemm.planes_x, {"shared": [], "per_matmul": []}
-    try:
-        for _ in range(rounds):
-            for arm in ("per_matmul", "shared"):
-                triton_gemm.planes_x = shared if arm == "shared" else triton_gemm.permute_x
-                llm.generate([ids], greedy(1))
-                times[arm].append(min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(2)) * 1e3)
-    finally:
-        triton_gemm.planes_x = shared
-    return {"shared_ms": times["shared"], "per_matmul_ms": times["per_matmul"]}
+# issue 22's launch savings, each on or off: (x in plane order written by the norms and the
+# activation, weights of one input in one launch)
+ARMS = {"neither": (False, False), "planes": (True, False), "grouped": (False, True), "both": (True, True)}
 
 
-def ab_plane_writes(model: Path, device: str, batch: int, tokens: int, prefill_n: int,
-                    rounds: int = 2) -> dict:
-    """Decode at `batch` (ms/token) and a prefill of `prefill_n` tokens (ms, best of 3) with the
-    norms and the activation writing the quantized matmuls' x in plane order ("written",
-    layers.rms_norm's `feeds`) against a copy kernel per input ("copied": layers._plane_index
-    patched to None), each arm its own LLM (its graphs captured that way), arms interleaved."""
+def ab_arms(model: Path, device: str, batch: int, tokens: int, prefill_n: int, rounds: int = 2) -> dict:
+    """Decode at `batch` (ms/token) and a prefill of `prefill_n` tokens (ms, best of 3) with each
+    of issue 22's launch savings on and off: the norms and the activation writing the quantized
+    matmuls' x in plane order (layers.rms_norm's `feeds`; off: layers._plane_index patched to
+    None, a copy kernel per input) and the weights of one input in one launch
+    (kernels_cuda.linears: q+k+v, gate+up; off: one linear each). Each arm its own LLM (its
+    graphs captured that way), arms interleaved."""
     from gdsllm import LLM
     from gdsllm.format.metadata import load_model_meta
     from gdsllm.models import layers
+    from gdsllm.quant import kernels_cuda
     vocab = load_model_meta(model).params.vocab_size
     ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(prefill_n)]
     prompts = [f"{PROMPT} {i}" for i in range(batch)]
-    keep, res = layers._plane_index, {"written": [], "copied": []}
+    index, grouped = layers._plane_index, kernels_cuda.linears
+    res = {arm: [] for arm in ARMS}
     try:
         for _ in range(rounds):
-            for arm in ("copied", "written"):
-                layers._plane_index = keep if arm == "written" else (lambda *a: None)
+            for arm, (planes, group) in ARMS.items():
+                layers._plane_index = index if planes else (lambda *a: None)
+                kernels_cuda.linears = grouped if group else (
+                    lambda ws, x: tuple(kernels_cuda.linear(w, x) for w in ws))
                 llm = LLM(str(model), device=device, max_batch=batch)
                 ms = decode_ms(llm, prompts, tokens)
                 llm.generate([ids], greedy(1))
@@ -255,7 +229,7 @@ def ab_plane_writes(model: Path, device: str, batch: int, tokens: int, prefill_n
                 llm.close()
                 del llm
     finally:
-        layers._plane_index = keep
+        layers._plane_index, kernels_cuda.linears = index, grouped
     return res
 
 
@@ -280,13 +254,9 @@ def main() -> int:
     ap.add_argument("--profile-tokens", type=int, default=8)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--prefill", type=int, default=0, help="also profile the first token of a prompt of this many tokens")
-    ap.add_argument("--ab-fused-dequant", action="store_true", help="quantized models, with --prefill: "
-                    "weights of one input dequantized and multiplied together against one at a time, interleaved")
-    ap.add_argument("--ab-shared-x", action="store_true", help="with --prefill: x in plane order once per "
-                    "activation against once per matmul, interleaved (quantized models)")
-    ap.add_argument("--ab-plane-writes", action="store_true", help="quantized models: decode at the largest "
-                    "--batches and --prefill with x in plane order written by the norms against copied, "
-                    "interleaved, then nothing else")
+    ap.add_argument("--ab-arms", action="store_true", help="quantized models: decode at the largest --batches "
+                    "and --prefill with x in plane order written by the norms, and weights of one input in one "
+                    "launch, each on and off (ARMS), interleaved, then nothing else")
     ap.add_argument("--serve", action="store_true", help="also through gdsllm serve, batch 1")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -297,10 +267,10 @@ def main() -> int:
     for q in a.qtypes.split(","):
         model = synth(a.work, a.shape, q, a.layers, a.group_size, a.dtype)
         batches = [int(x) for x in a.batches.split(",") if x]  # "": no decode rows
-        if a.ab_plane_writes:
+        if a.ab_arms:
             if q != "float16":
                 b = max(batches)
-                res["rows"][f"{q}_ab_plane_writes"] = ab = ab_plane_writes(model, a.device, b, a.tokens, a.prefill or 512)
+                res["rows"][f"{q}_ab_arms"] = ab = ab_arms(model, a.device, b, a.tokens, a.prefill or 512)
                 for arm, runs in ab.items():
                     print(f"== {q} {arm}: " + "; ".join(f"b{b} {r['decode_ms_per_token']:.3f} ms/token, prefill "
                                                          f"{r['prefill_ms']:.2f} ms" for r in runs), flush=True)
@@ -333,14 +303,6 @@ def main() -> int:
             for t in row["python_top"]:
                 print(f"  python {t['tottime_ms']:8.2f} ms own {t['cumtime_ms']:8.2f} ms with callees "
                       f"{t['calls']:5d}x  {t['where']}")
-            if a.out:
-                a.out.write_text(json.dumps(res, indent=1))
-        if a.prefill and a.ab_fused_dequant and q != "float16":
-            from gdsllm.format.metadata import load_model_meta
-            row = ab_fused_dequant(llm, load_model_meta(model).params.vocab_size, a.prefill)
-            res["rows"][f"{q}_{a.dtype}_prefill{a.prefill}_ab_fused_dequant"] = row
-            print(f"\n== {q} prefill {a.prefill} ms, fused: {' '.join(f'{t:.2f}' for t in row['fused_ms'])}; "
-                  f"each: {' '.join(f'{t:.2f}' for t in row['each_ms'])}", flush=True)
             if a.out:
                 a.out.write_text(json.dumps(res, indent=1))
         llm.close()
