@@ -108,15 +108,17 @@ def test_every_kernel_choice_is_captured_at_every_bucket(qtype, group, dtype):
             assert rel_err(y, x.float() @ wf.T) < (1e-5 if dtype == torch.float32 else 2e-2), (n, k, rows)
 
 
+@pytest.mark.parametrize("rows", [16, 128])
 @pytest.mark.parametrize("qtype,group", QUANTS, ids=[f"{q}-g{g}" for q, g in QUANTS])
-def test_weights_of_one_input_in_one_matmul_eager_and_captured(qtype, group):
-    """kernels_cuda.linears at 128 rows (past the tiles: dequantized): q, k and v dequantized
-    one after another and multiplied in one matmul, their outputs column views of its result,
-    each equal to linear's within cuBLAS's choice of algorithm; captured in a CUDA graph, the
-    replay on new inputs gives the eager result."""
+def test_weights_of_one_input_in_one_launch_eager_and_captured(qtype, group, rows):
+    """kernels_cuda.linears over q, k and v: at 16 rows the planes tile takes the three in one
+    launch (int4 in groups of 128; the other tiles run per weight), at 128 (past the tiles) they
+    are dequantized one after another and multiplied in one matmul; one launch's outputs are
+    column views of its result, each equal to linear's within the split and cuBLAS's choice of
+    algorithm; captured in a CUDA graph, the replay on new inputs gives the eager result."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    k, rows = 512, 128
+    k = 512
     ws = []
     for n in (256, 128, 128):
         data, sc = quantize(torch.randn(n, k, device="cuda") * 0.02, qtype, group).packed()
@@ -124,9 +126,11 @@ def test_weights_of_one_input_in_one_matmul_eager_and_captured(qtype, group):
     ws = tuple(ws)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     eager = kernels_cuda.linears(ws, x)  # eager first: compiles and sizes the scratch
-    assert eager[1].data_ptr() == eager[0].data_ptr() + 2 * 256, "not one matmul's views"
+    together = rows == 128 or (qtype, group) == ("int4", 128)
+    assert (eager[1].data_ptr() == eager[0].data_ptr() + 2 * 256) == together
     for y, w in zip(eager, ws):
-        assert rel_err(y, kernels_cuda.linear(w, x)) < 1e-3
+        assert rel_err(y, kernels_cuda.linear(w, x)) < (3e-3 if together else 1e-6)
+        assert rel_err(y, x.float() @ w.dequantize(torch.float32).T) < 2e-2
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         ys = kernels_cuda.linears(ws, x)
