@@ -113,6 +113,7 @@ def fused_cases(g: torch.Generator) -> int:
             assert torch.equal(together, torch.cat(alone)), (qtype, rows_of, planes)
         for rows, dtype in ((80, torch.float32), (8, torch.float16)):
             x = torch.randn(rows, k, generator=g).to(dtype)
+            kernels_cuda.scratch(x.device, dtype, sum(rows_of) * k)  # as the ledger reserves it
             got = kernels_cuda.linears(ws, x)
             # dequantized (80 rows), or the planes tile (int4 in groups of 128, 8 rows): one
             # launch's result, the outputs its column views; else linear's own calls

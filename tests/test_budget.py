@@ -48,25 +48,30 @@ def test_the_draft_is_the_first_claim(tiny, draft):
         plan_memory(meta, budget=dmeta.total_bytes, window=2, draft=dmeta)
 
 
-def test_the_dequantization_scratch_is_the_largest_quantized_weight_or_group(tiny, tmp_path):
+def test_the_dequantization_scratch_is_the_largest_quantized_weight_or_q_k_v(tiny, tmp_path):
     """Quantized models: the ledger holds one buffer at the compute dtype's size for what
-    kernels_cuda dequantizes for matmuls of many rows: the largest quantized weight, or group of
-    weights read by one input (gate and up here; kernels_cuda.linears), and the split-K counters
-    of the Triton tiles."""
+    kernels_cuda dequantizes for matmuls of many rows: the largest quantized weight, or q, k and
+    v together where larger (kernels_cuda.linears), never gate and up together (that doubles
+    it); and the split-K counters of the Triton tiles."""
     from gdsllm.quant.kernels_cuda import SPLIT_K_COUNTERS
     assert plan_memory(load(tiny), budget=None).scratch_bytes == 0  # float: nothing
-    meta = load(synth(tmp_path / "q", "tiny", dtype="float16", quant="int4", group_size=32, seed=1,
-                      overrides={"hidden_size": 128, "intermediate_size": 384, "head_dim": 32}))
-    largest = max(t.numel for u in meta.units for t in u.tensors if t.quant is not None)
-    numel = {t.name: t.numel for t in meta.units[1].tensors}
-    gate_up = numel["mlp.gate_proj.weight"] + numel["mlp.up_proj.weight"]
-    assert gate_up > largest
-    plan = plan_memory(meta, budget=None)
     counters = 4 * SPLIT_K_COUNTERS  # the split-K tile counters (int32) beside the buffer
-    assert plan.scratch_bytes == 2 * gate_up + counters == scratch_bytes([meta])
-    assert plan.device_bytes == plan.weights.arena_bytes + 2 * gate_up + counters
-    assert plan_memory(meta, budget=None, itemsize=4).scratch_bytes == 4 * gate_up + counters
-    assert any(line.startswith("scratch ") for line in plan.describe(meta))
+    for inter in (256, 64):
+        meta = load(synth(tmp_path / f"q{inter}", "tiny", dtype="float16", quant="int4",
+                          group_size=32, seed=1, overrides={"hidden_size": 128, "head_dim": 32,
+                                                            "intermediate_size": inter,
+                                                            "vocab_size": 64}))
+        largest = max(t.numel for u in meta.units for t in u.tensors if t.quant is not None)
+        numel = {t.name: t.numel for t in meta.units[1].tensors}
+        qkv = sum(numel[f"self_attn.{n}_proj.weight"] for n in "qkv")
+        gate_up = numel["mlp.gate_proj.weight"] + numel["mlp.up_proj.weight"]
+        want = largest if inter == 256 else qkv
+        assert (gate_up > want and largest >= qkv) if inter == 256 else qkv > largest
+        plan = plan_memory(meta, budget=None)
+        assert plan.scratch_bytes == 2 * want + counters == scratch_bytes([meta])
+        assert plan.device_bytes == plan.weights.arena_bytes + 2 * want + counters
+        assert plan_memory(meta, budget=None, itemsize=4).scratch_bytes == 4 * want + counters
+        assert any(line.startswith("scratch ") for line in plan.describe(meta))
 
 
 def test_kv_tokens_rules(tiny):

@@ -7,7 +7,7 @@ and `gdsllm serve`, and sizes as users write them.
     plan.expert_slots     # a mixture of experts: routed experts' slots after the dense part
     plan.draft_bytes      # a resident draft model, taken first
     plan.scratch_bytes    # quantized models: the one dequantization buffer (largest weight, or
-                          # q+k+v / gate+up: dequant_numel) and the split-K counters
+                          # q+k+v: dequant_numel) and the split-K counters
     kv_tokens(...)        # the paged KV cache, sized from what is left once the arena exists
     print("\n".join(plan.describe(kv)))   # `gdsllm info --vram-budget X`
 
@@ -158,7 +158,7 @@ class MemoryPlan:
                    f"arena         {w.arena_bytes / mib:,.1f} MiB of device memory for weights")
         if self.scratch_bytes:
             out.append(f"scratch       {self.scratch_bytes / mib:,.1f} MiB: the largest quantized "
-                       f"weight (or q+k+v, gate+up) dequantized, for matmuls of many rows, "
+                       f"weight (or q+k+v) dequantized, for matmuls of many rows, "
                        f"and the split-K counters")
         if kv is not None:
             out.append(f"kv cache      {kv:,} tokens" + (f", {kv * kv_token_bytes / mib:,.1f} MiB"
@@ -185,20 +185,22 @@ def _span(names: list[str]) -> str:
 
 
 def dequant_numel(metas) -> int:
-    """Values of the largest quantized tensor of these models, or of the largest group of them
-    that read one input and are dequantized together (gdsllm.models.layers.FUSED: q, k and v;
-    gate and up; of one qtype, K and group size: gdsllm.quant.kernels_cuda.linears); 0 when
-    nothing is quantized: the size of the buffer quantized matmuls dequantize into
-    (gdsllm.quant.kernels_cuda `scratch`, per device and compute dtype)."""
+    """Values of the buffer quantized matmuls dequantize into (gdsllm.quant.kernels_cuda
+    `scratch`, per device and compute dtype); 0 when nothing is quantized. The largest quantized
+    tensor of these models, or q, k and v of one block together where larger (kernels_cuda
+    `linears` dequantizes them into it one after another, for one matmul: LLaMA-7B's 50M values
+    against 45M for its largest projection, less than the largest where keys and values have
+    fewer heads). Gate and up together would double the buffer: they share it only where it is
+    that large already (an int8 LM head larger than both, as LLaMA-7B's 131M values)."""
     from gdsllm.models.layers import FUSED
+    qkv = FUSED["self_attn.qkv_proj.weight"]
     most = 0
     for u in (u for m in metas if m is not None for u in m.units):
         quantized = {t.name: t for t in u.tensors if t.quant is not None}
         most = max(most, *(t.numel for t in quantized.values()), 0)
-        for parts in FUSED.values():
-            ts = [quantized.get(n) for n in parts]
-            if all(ts) and len({(t.quant.qtype, t.shape[1], t.quant.group_size) for t in ts}) == 1:
-                most = max(most, sum(t.numel for t in ts))
+        ts = [quantized.get(n) for n in qkv]
+        if all(ts) and len({(t.quant.qtype, t.shape[1], t.quant.group_size) for t in ts}) == 1:
+            most = max(most, sum(t.numel for t in ts))
     return most
 
 

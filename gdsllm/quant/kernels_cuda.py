@@ -20,10 +20,10 @@ measurement (table below), one of:
   cuBLAS multiplies it by x permuted the same way.
 `linears` takes the weights that read one x (q, k and v; gate and up): where each would run
 the planes tile, one launch of it covers all their rows (a graph node for three at 5-32 rows);
-where they would be dequantized, they are dequantized into the scratch one after another
-(int4: one launch) and multiplied by x in one cuBLAS call, two launches for three weights
-instead of six (the scratch then holds the largest such group: the VRAM ledger's
-`gdsllm.engine.budget.dequant_numel`). Their outputs are column views of the one result. Not
+where they would be dequantized and the scratch as reserved holds them all (the VRAM ledger's
+`gdsllm.engine.budget.dequant_numel`: q+k+v, gate+up where the LM head is larger), they are
+dequantized into it one after another (int4: one launch) and multiplied by x in one cuBLAS
+call, two launches for three weights instead of six. Their outputs are column views of the one result. Not
 yet timed on the GPU.
 The planes tile and "dequant" read x in plane order: `triton_gemm.planes_x` makes that copy once
 per activation (q, k and v share it), and where a fused norm or activation makes x for such a
@@ -250,8 +250,9 @@ def linears(ws: tuple[QuantWeight, ...], x: torch.Tensor) -> tuple[torch.Tensor,
     """(linear(w, x) for w in ws): weights that read one x. Where they share qtype, K and group
     size and each would run the planes tile (int4, 5 to 32 rows) or be dequantized (more rows
     than the tiles take), they go together: the planes tile in ONE launch over all their rows
-    (up to three weights), or their dequantized rows one after another in the scratch and ONE
-    cuBLAS call. The outputs are then column views of the [T, sum of N] result."""
+    (up to three weights), or, where the scratch as reserved holds them all, their dequantized
+    rows one after another in it and ONE cuBLAS call. The outputs are then column views of the
+    [T, sum of N] result."""
     from gdsllm.quant import triton_gemm
     rows, w0 = x.shape[0], ws[0]
     n, k = sum(w.shape[0] for w in ws), w0.shape[1]
@@ -265,11 +266,10 @@ def linears(ws: tuple[QuantWeight, ...], x: torch.Tensor) -> tuple[torch.Tensor,
         triton_gemm.lock_buffer(x.device)  # as linear's: the counters exist before any capture
     if not isinstance(kind, str) and kind is not None and kind.planes and len(ws) <= 3:
         return triton_gemm.matmul(x, tuple(ws), kind).split(sizes, dim=1)
-    if kind != "dequant":
+    held = _scratch.get(_scratch_key(x.device, x.dtype))
+    if kind != "dequant" or held is None or held.numel() < n * k:
+        # only into the scratch as reserved (the VRAM ledger's, gdsllm.engine.budget
+        # .dequant_numel: q+k+v, and gate+up where the LM head is larger): never grown for a group
         return tuple(linear(w, x) for w in ws)
-    if in_graph:  # a scratch no eager call grew to the group (LLM's holds it: budget's
-        held = _scratch.get(_scratch_key(x.device, x.dtype))  # dequant_numel): one matmul each
-        if held is None or held.numel() < n * k:
-            return tuple(linear(w, x) for w in ws)
     wp = triton_gemm.dequantize_into(tuple(ws), scratch(x.device, x.dtype, n * k), planes=True)
     return F.linear(triton_gemm.planes_x(x, w0), wp).split(sizes, dim=1)
