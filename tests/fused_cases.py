@@ -83,6 +83,15 @@ def kernel_cases(device: str = "cpu", sizes=((1, 576), (5, 4096)), heads=((64, 6
             yield (f"act_mul_planes silu {dtype} T={t}",
                    lambda gate=gate, up=up, i=index3: fused.act_mul_planes(gate, up, "silu", i),
                    lambda gate=gate, up=up, i=index3: moved(F.silu(gate) * up, i), 0.01)
+            # gate and up as column views of one [T, 6n] result (a grouped matmul's), read in place
+            gu = torch.cat([gate, up], dim=1)
+            gv, uv = gu[:, :3 * n], gu[:, 3 * n:]
+            yield (f"act_mul_planes of column views silu {dtype} T={t}",
+                   lambda gate=gv, up=uv, i=index3: fused.act_mul_planes(gate, up, "silu", i),
+                   lambda gate=gv, up=uv, i=index3: moved(F.silu(gate) * up, i), 0.01)
+            yield (f"act_mul of column views gelu {dtype} T={t}",
+                   lambda gate=gv, up=uv: fused.act_mul(gate, up, "gelu_pytorch_tanh"),
+                   lambda gate=gv, up=uv: layers.ACTIVATIONS["gelu_pytorch_tanh"](gate) * up, 0.1)
             for hd, nh, nkv in heads:
                 qkv = rnd(t, (nh + 2 * nkv) * hd).to(dtype)  # q, k: slices of one projection
                 q = qkv[:, :nh * hd].view(t, nh, hd)
@@ -215,8 +224,9 @@ def compile_sm90(kernel: str, dtype: str) -> str:
     else:
         fn = fused._act_mul_kernel
         sig = dict(gate_ptr=ptr, up_ptr=ptr, out_ptr=ptr, idx_ptr="*i32", outp_ptr=ptr, n="i32",
-                   cols="i32")
-        const = dict(GELU=kernel == "gelu", HAS_P=kernel.endswith("planes"), BLOCK=1024)
+                   cols="i32", stride_g="i32", stride_u="i32")
+        const = dict(GELU=kernel == "gelu", HAS_P=kernel.endswith("planes"),
+                     STRIDED=kernel.endswith("planes"), BLOCK=1024)
         options["num_warps"] = 4
     sig.update(dict.fromkeys(const, "constexpr"))
     aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(sig) - len(const))}

@@ -118,17 +118,23 @@ def _act_mul(gate: torch.Tensor, up: torch.Tensor, act: str, index: torch.Tensor
         raise ValueError(f"act_mul: activation {act!r} is not one of {', '.join(ACTS)}")
     if gate.shape != up.shape:
         raise ValueError(f"act_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    outp = None if index is None else torch.empty_like(gate)
     n, cols = gate.numel(), gate.shape[-1]
+    # rows read where they lie when only the rows are apart (gate and up: column views of one
+    # [T, 2I] matmul result, gdsllm.quant.kernels_cuda.linears), not copied first
+    strided = gate.dim() == 2 and gate.stride(1) == up.stride(1) == 1 and (
+        gate.stride(0) != cols or up.stride(0) != cols)
+    if not strided:
+        gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    outp = None if index is None else torch.empty_like(out)
     if index is not None and index.shape != (cols,):
         raise ValueError(f"act_mul: column index {tuple(index.shape)} for {cols} columns")
     if n:
         _act_mul_kernel[(triton.cdiv(n, _ACT_BLOCK),)](
             gate, up, out, index if index is not None else out, out if outp is None else outp, n,
-            cols, GELU=act == "gelu_pytorch_tanh", HAS_P=index is not None, BLOCK=_ACT_BLOCK,
-            num_warps=4)
+            cols, gate.stride(0) if strided else cols, up.stride(0) if strided else cols,
+            GELU=act == "gelu_pytorch_tanh", HAS_P=index is not None, STRIDED=strided,
+            BLOCK=_ACT_BLOCK, num_warps=4)
     return out, outp
 
 
@@ -226,16 +232,23 @@ if triton is not None:
                        ko_ptr + (t * nkv + j - nh) * (2 * HALF), c1, c2, s1, s2, offs, mask, HALF)
 
     @triton.jit
-    def _act_mul_kernel(gate_ptr, up_ptr, out_ptr, idx_ptr, outp_ptr, n, cols,
-                        GELU: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr):
+    def _act_mul_kernel(gate_ptr, up_ptr, out_ptr, idx_ptr, outp_ptr, n, cols, stride_g,
+                        stride_u, GELU: tl.constexpr, HAS_P: tl.constexpr, STRIDED: tl.constexpr,
+                        BLOCK: tl.constexpr):
         """act(gate) in float32, rounded to the dtype (as F.silu / F.gelu return it), times up.
         silu: g / (1 + exp(-g)); tanh GELU: 0.5 g (1 + tanh(z)) = g / (1 + exp(-2z)) with
-        z = sqrt(2/pi) (g + 0.044715 g^3) (Triton has no tanh; this form saturates cleanly)."""
+        z = sqrt(2/pi) (g + 0.044715 g^3) (Triton has no tanh; this form saturates cleanly).
+        STRIDED: gate's and up's rows lie stride_g / stride_u elements apart (out is contiguous)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         dt = out_ptr.dtype.element_ty
-        g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if STRIDED:
+            row, c = offs // cols, offs % cols
+            g = tl.load(gate_ptr + row * stride_g + c, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(up_ptr + row * stride_u + c, mask=mask, other=0.0).to(tl.float32)
+        else:
+            g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if GELU:
             z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
             a = g / (1.0 + tl.exp(-2.0 * z))

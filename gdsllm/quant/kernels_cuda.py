@@ -1,7 +1,7 @@
 """CUDA kernels for quantized weights, reading the packed bytes where they landed (a VRAM slot).
 
     y = linear(qw, x)      # x [T, K] (float16 / bfloat16 / float32) -> [T, N] in x's dtype
-    q, k, v = linears((wq, wk, wv), x)   # weights of one input: as linear each, fused when dequantized
+    q, k, v = linears((wq, wk, wv), x)   # one x: linear's results, one launch where it can
 
 Per row count T (decode batches, draft verification, prefill chunks) `CHOICES` names, by
 measurement (table below), one of:
@@ -23,8 +23,8 @@ the planes tile, one launch of it covers all their rows (a graph node for three 
 where they would be dequantized and the scratch as reserved holds them all (the VRAM ledger's
 `gdsllm.engine.budget.dequant_numel`: q+k+v, gate+up where the LM head is larger), they are
 dequantized into it one after another (int4: one launch) and multiplied by x in one cuBLAS
-call, two launches for three weights instead of six. Their outputs are column views of the one result. Not
-yet timed on the GPU.
+call, two launches for three weights instead of six. Their outputs are column views of the one
+result (the fused activation reads gate and up as they lie). Not yet timed on the GPU.
 The planes tile and "dequant" read x in plane order: `triton_gemm.planes_x` makes that copy once
 per activation (q, k and v share it), and where a fused norm or activation makes x for such a
 matmul (gdsllm.models.layers' `feeds`), that kernel writes the copy too (`plane_index`,
