@@ -110,6 +110,10 @@ def kernel_cases(device: str = "cpu", sizes=((1, 576), (5, 4096)), heads=((64, 6
                 yield (f"rms_norm heads {dtype} T={t} hd={hd}",
                        lambda q=q, w=w: fused.rms_norm(q, w, 1e-6),
                        lambda q=q, w=w: layers.rms_norm(q, w, 1e-6), 0.01)
+                # k from the middle of the projection, Gemma's offset: read where it lies
+                yield (f"rms_norm heads offset {dtype} T={t} hd={hd}",
+                       lambda k=k, w=w: fused.rms_norm(k, w - 1.0, 1e-6, 1.0),
+                       lambda k=k, w=w: layers.rms_norm(k, w - 1.0, 1e-6, 1.0), 0.01)
 
 
 def moved(out: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,8 +213,8 @@ def compile_sm90(kernel: str, dtype: str) -> str:
     if kernel.startswith(("rms_norm", "add_rms_norm")):
         fn = fused._rms_norm_kernel
         sig = dict.fromkeys(("x_ptr", "y_ptr", "w_ptr", "out_ptr", "sum_ptr"), ptr)
-        sig.update(idx_ptr="*i32", outp_ptr=ptr, stride_x="i32", stride_y="i32", n="i32",
-                   inv_n="fp32", eps="fp32", offset="fp32")
+        sig.update(idx_ptr="*i32", outp_ptr=ptr, stride_x="i32", heads="i32", stride_xh="i32",
+                   stride_y="i32", n="i32", inv_n="fp32", eps="fp32", offset="fp32")
         const = dict(HAS_Y=kernel.startswith("add"), OFFSET=kernel.endswith("offset"),
                      HAS_P=kernel.endswith("planes"), BLOCK=4096)
         options["num_warps"] = 8

@@ -146,8 +146,14 @@ def _norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: fl
             index is not None and index.shape != (n,)):
         raise ValueError(f"rms_norm: x {tuple(x.shape)}, weight {tuple(weight.shape)}"
                          + ("" if y is None else f", residual {tuple(y.shape)}") + " do not fit")
-    x2 = x.reshape(-1, n)  # a view for the rows the models pass (contiguous last dimension)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    if x.dim() == 3 and x.stride(-1) == 1 and y is None:
+        # [T, heads, hd] as it lies: per-head q / k of a grouped q+k+v result (column views,
+        # gdsllm.quant.kernels_cuda.linears), whose rows no single stride reaches
+        x2, heads, stride_h = x, x.shape[1], x.stride(1)
+    else:
+        x2 = x.reshape(-1, n)  # a view for the rows the models pass (contiguous last dimension)
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        heads, stride_h = 1, 0
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     total = None if y is None else torch.empty_like(out)
     outp = None if index is None else torch.empty_like(out)
@@ -155,12 +161,13 @@ def _norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: fl
     if y is not None:
         y2 = y.reshape(-1, n)
         y2 = y2 if y2.stride(-1) == 1 else y2.contiguous()
-    rows, block = x2.shape[0], _pow2(n)
+    rows, block = x.numel() // n if n else 0, _pow2(n)
     if rows:
         _rms_norm_kernel[(rows,)](
             x2, y2, weight.contiguous(), out, out if total is None else total,
             out if index is None else index, out if outp is None else outp,
-            x2.stride(0), y2.stride(0), n, 1.0 / n, eps, offset, HAS_Y=y is not None,
+            x2.stride(0), heads, stride_h, y2.stride(0), n, 1.0 / n, eps, offset,
+            HAS_Y=y is not None,
             OFFSET=bool(offset), HAS_P=index is not None, BLOCK=block,
             num_warps=max(1, min(16, block // 512)))
     return out, total, outp
@@ -173,16 +180,18 @@ def _pow2(n: int) -> int:
 if triton is not None:
     @triton.jit
     def _rms_norm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, sum_ptr, idx_ptr, outp_ptr, stride_x,
-                         stride_y, n, inv_n, eps, offset, HAS_Y: tl.constexpr,
+                         heads, stride_xh, stride_y, n, inv_n, eps, offset, HAS_Y: tl.constexpr,
                          OFFSET: tl.constexpr, HAS_P: tl.constexpr, BLOCK: tl.constexpr):
         """One row: (x [+ y], rounded) -> float32 h * rsqrt(mean(h^2) + eps) -> times the weight
         as layers.rms_norm: LLaMA rounds h and the weight to the dtype first, Gemma multiplies
-        by (offset + weight) in float32. Output rows are contiguous."""
+        by (offset + weight) in float32. Output rows are contiguous; x's row r is head
+        r % heads of token r // heads (heads 1: rows stride_x apart)."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
         dt = out_ptr.dtype.element_ty
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        x = tl.load(x_ptr + (row // heads) * stride_x + (row % heads) * stride_xh + cols,
+                    mask=mask, other=0.0)
         if HAS_Y:
             y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
             x = (x.to(tl.float32) + y.to(tl.float32)).to(dt)
