@@ -199,7 +199,8 @@ def prefill(llm, vocab: int, n: int, top: int) -> dict:
 ARMS = {"neither": (False, False), "planes": (True, False), "grouped": (False, True), "both": (True, True)}
 
 
-def ab_arms(model: Path, device: str, batch: int, tokens: int, prefill_n: int, rounds: int = 2) -> dict:
+def ab_arms(model: Path, device: str, batch: int, tokens: int, prefill_n: int, rounds: int = 2,
+            only: tuple[str, ...] = tuple(ARMS)) -> dict:
     """Decode at `batch` (ms/token) and a prefill of `prefill_n` tokens (ms, best of 3) with each
     of issue 22's launch savings on and off: the norms and the activation writing the quantized
     matmuls' x in plane order (layers.rms_norm's `feeds`; off: layers._plane_index patched to
@@ -214,10 +215,10 @@ def ab_arms(model: Path, device: str, batch: int, tokens: int, prefill_n: int, r
     ids = [(7 + 7919 * i) % (vocab - 8) + 4 for i in range(prefill_n)]
     prompts = [f"{PROMPT} {i}" for i in range(batch)]
     index, grouped = layers._plane_index, kernels_cuda.linears
-    res = {arm: [] for arm in ARMS}
+    res = {arm: [] for arm in only}
     try:
         for _ in range(rounds):
-            for arm, (planes, group) in ARMS.items():
+            for arm, (planes, group) in ((a, ARMS[a]) for a in only):
                 layers._plane_index = index if planes else (lambda *a: None)
                 kernels_cuda.linears = grouped if group else (
                     lambda ws, x: tuple(kernels_cuda.linear(w, x) for w in ws))
@@ -226,6 +227,7 @@ def ab_arms(model: Path, device: str, batch: int, tokens: int, prefill_n: int, r
                 llm.generate([ids], greedy(1))
                 pre = min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(3)) * 1e3
                 res[arm].append({"decode_ms_per_token": ms, "prefill_ms": pre})
+                print(f"== {arm}: b{batch} {ms:.3f} ms/token, prefill {pre:.2f} ms", flush=True)
                 llm.close()
                 del llm
     finally:
@@ -257,6 +259,8 @@ def main() -> int:
     ap.add_argument("--ab-arms", action="store_true", help="quantized models: decode at the largest --batches "
                     "and --prefill with x in plane order written by the norms, and weights of one input in one "
                     "launch, each on and off (ARMS), interleaved, then nothing else")
+    ap.add_argument("--ab-rounds", type=int, default=2)
+    ap.add_argument("--ab-only", default=",".join(ARMS), help="--ab-arms: these arms only")
     ap.add_argument("--serve", action="store_true", help="also through gdsllm serve, batch 1")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -270,7 +274,8 @@ def main() -> int:
         if a.ab_arms:
             if q != "float16":
                 b = max(batches)
-                res["rows"][f"{q}_ab_arms"] = ab = ab_arms(model, a.device, b, a.tokens, a.prefill or 512)
+                res["rows"][f"{q}_ab_arms"] = ab = ab_arms(model, a.device, b, a.tokens, a.prefill or 512,
+                                                           a.ab_rounds, tuple(a.ab_only.split(",")))
                 for arm, runs in ab.items():
                     print(f"== {q} {arm}: " + "; ".join(f"b{b} {r['decode_ms_per_token']:.3f} ms/token, prefill "
                                                          f"{r['prefill_ms']:.2f} ms" for r in runs), flush=True)
