@@ -23,6 +23,7 @@ benchmark row: its figures are made under the profiler.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -222,7 +223,11 @@ def ab_arms(model: Path, device: str, batch: int, tokens: int, prefill_n: int, r
                 layers._plane_index = index if planes else (lambda *a: None)
                 kernels_cuda.linears = grouped if group else (
                     lambda ws, x: tuple(kernels_cuda.linear(w, x) for w in ws))
-                llm = LLM(str(model), device=device, max_batch=batch)
+                # a KV cache of its own size: by default each LLM takes 90% of the memory the
+                # driver calls free, which the arms before it still hold in torch's cache, and
+                # the sixth arm's capture then found no memory (seen on the H200, 2026-12-05)
+                llm = LLM(str(model), device=device, max_batch=batch,
+                          kv_tokens=batch * (tokens + 64) + 2 * prefill_n)
                 ms = decode_ms(llm, prompts, tokens)
                 llm.generate([ids], greedy(1))
                 pre = min(timed(lambda: llm.generate([ids], greedy(1))) for _ in range(3)) * 1e3
@@ -230,6 +235,8 @@ def ab_arms(model: Path, device: str, batch: int, tokens: int, prefill_n: int, r
                 print(f"== {arm}: b{batch} {ms:.3f} ms/token, prefill {pre:.2f} ms", flush=True)
                 llm.close()
                 del llm
+                gc.collect()
+                torch.cuda.empty_cache()
     finally:
         layers._plane_index, kernels_cuda.linears = index, grouped
     return res
