@@ -62,7 +62,12 @@ less than a k-block, as GGUF's Q4_K; float32 x) the whole tiles of FALLBACK, as 
 the 16-row tile (16, 64, 4, 4, 8, 128, swap) to 16, the 32-row tile to 32, the 64-row tile
 (split 2) to 64, then dequantize.
 
-Why the planes tile (benchmarks/probe_w4_tiles.py, same device and day): the whole int4 tiles
+Re-timed over an int4 block's launches as `linears` makes them (q+k+v, o, gate+up, down; H200,
+2026-12-05 03:52 UTC, `benchmarks/probe_w4_tiles.py grouped`): at 16 rows the chosen planes tile
+was the quickest of 18 launch shapes, 78 us a block against 121 for bfloat16 cuBLAS; loading the
+next step's x before this step's products was 25-50% slower (not kept).
+
+Why the planes tile (benchmarks/probe_w4_tiles.py, the H200, 2026-12-04): the whole int4 tiles
 spent their time in shared memory, not HBM: ncu on the 16-row tile at 11008x4096 read L1/TEX
 throughput 72% against DRAM 18%, 28 us. Interleaving the 8 nibble planes back into one weight
 tile (tl.join + reshape) leaves a layout Triton converts through shared memory before the
