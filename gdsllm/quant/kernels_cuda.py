@@ -246,7 +246,7 @@ def linear(w: QuantWeight, x: torch.Tensor) -> torch.Tensor:
     if in_graph:
         buf = scratch(x.device, x.dtype, n * k)
     # the weight in plane order (contiguous stores: 11-33 us a 7B weight at 512 rows, against
-    # 200-500 in input order, whose stores are 2 bytes in 16; H200, 2026-12-04, probe_w4_tiles.py),
+    # 200-550 in input order, whose stores are 2 bytes in 16; H200, 2026-12-04, probe_w4_tiles.py),
     # x in plane order once for the matmuls that read it (q, k, v; gate, up): each copy is one
     # more launch of an eager prefill, which the host's launches set, not the GPU
     wp = triton_gemm.dequantize_into(w, buf, planes=True)
@@ -265,13 +265,11 @@ def linears(ws: tuple[QuantWeight, ...], x: torch.Tensor) -> tuple[torch.Tensor,
     n, k = sum(w.shape[0] for w in ws), w0.shape[1]
     sizes = [w.shape[0] for w in ws]
     kind = None
-    if rows and len(ws) > 1 and all(
-            (w.qtype, w.shape[1], w.group_size) == (w0.qtype, k, w0.group_size) for w in ws):
+    if rows and len(ws) > 1 and triton_gemm.one_layout(ws):
         kind = choice(w0.qtype, rows, k, x.dtype, w0.group_size)
-    in_graph = capturing()
-    if not in_graph:
+    if not capturing():
         triton_gemm.lock_buffer(x.device)  # as linear's: the counters exist before any capture
-    if not isinstance(kind, str) and kind is not None and kind.planes and len(ws) <= 3:
+    if kind not in (None, "tinygemm", "dequant") and kind.planes and len(ws) <= 3:
         return triton_gemm.matmul(x, tuple(ws), kind).split(sizes, dim=1)
     held = _scratch.get(_scratch_key(x.device, x.dtype))
     if kind != "dequant" or held is None or held.numel() < n * k:

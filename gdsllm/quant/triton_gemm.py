@@ -707,6 +707,17 @@ def gemm_x(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(m, k // (16 * t), t // 2, 4, 4, 2).permute(0, 1, 4, 2, 3, 5).reshape(m, k)
 
 
+def one_layout(ws: tuple[QuantWeight, ...]) -> bool:
+    """Whether weights share qtype, K and group size: what one launch over all of them needs
+    (matmul's planes tile, dequantize_into)."""
+    w = ws[0]
+    return all((v.qtype, v.shape[1], v.group_size) == (w.qtype, w.shape[1], w.group_size) for v in ws)
+
+
+def _layouts(ws: tuple[QuantWeight, ...]) -> str:
+    return ", ".join(f"{v.qtype} {tuple(v.shape)} g{v.group_size}" for v in ws)
+
+
 def matmul(x: torch.Tensor, w: QuantWeight | tuple[QuantWeight, ...],
            cfg: Config = Config()) -> torch.Tensor:
     """x @ W.T for a 2-D x on W's device (any M; a tile `usable` for W and x), reading W as
@@ -714,11 +725,9 @@ def matmul(x: torch.Tensor, w: QuantWeight | tuple[QuantWeight, ...],
     that read this x (q, k and v): one launch, y [M, sum of their N] their outputs side by side."""
     parts = w if isinstance(w, tuple) else (w,)
     w = parts[0]
-    if len(parts) > 1 and (not cfg.planes or len(parts) > 3 or any(
-            (v.qtype, v.shape[1], v.group_size) != (w.qtype, w.shape[1], w.group_size) for v in parts)):
+    if len(parts) > 1 and (not cfg.planes or len(parts) > 3 or not one_layout(parts)):
         raise ValueError(f"matmul: {len(parts)} weights in one launch need the planes tile, at most "
-                         "three, of one qtype, K and group size: "
-                         + ", ".join(f"{v.qtype} {tuple(v.shape)} g{v.group_size}" for v in parts))
+                         f"three, of one qtype, K and group size: {_layouts(parts)}")
     n, k = sum(v.shape[0] for v in parts), w.shape[1]
     m = x.shape[0]
     assert usable(w.qtype, k, cfg, w.group_size, x.dtype), (w.qtype, k, w.group_size, x.dtype, cfg)
@@ -788,9 +797,8 @@ def dequantize_into(w: QuantWeight | tuple[QuantWeight, ...], out: torch.Tensor,
     [sum of N, K], as one weight of those rows would be; int4 in one launch for up to three."""
     ws = w if isinstance(w, tuple) else (w,)
     qtype, k, group = ws[0].qtype, ws[0].shape[1], ws[0].group_size
-    if any((v.qtype, v.shape[1], v.group_size) != (qtype, k, group) for v in ws):
-        raise ValueError("dequantize_into: the weights differ in qtype, K or group size: "
-                         + ", ".join(f"{v.qtype} {tuple(v.shape)} g{v.group_size}" for v in ws))
+    if not one_layout(ws):
+        raise ValueError(f"dequantize_into: the weights differ in qtype, K or group size: {_layouts(ws)}")
     n = sum(v.shape[0] for v in ws)
     block_n = block_n or (16 if qtype == "int4" else 32)
     assert out.is_contiguous() and out.numel() == n * k, (tuple(out.shape), [v.shape for v in ws])
