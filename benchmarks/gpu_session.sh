@@ -32,6 +32,10 @@
 #                                              # (profile_decode.py --ab-arms; nothing beside it:
 #                                              # the host's time is what it measures), then in a
 #                                              # second call `lprep loop` for the 7B rows
+#   bash benchmarks/gpu_session.sh lprep pair  # issue 22's ratios with their spread (pair_loop.py):
+#                                              # the 7B float16 / int4 / int8 side by side in one
+#                                              # process, rounds interleaved until PAIR_BUDGET_S
+#                                              # (470) after the call began; PAIR_ARGS=--profile
 #   bash benchmarks/gpu_session.sh contexts    # probe_contexts.py: LLM beside an idle / busy serve
 #   bash benchmarks/gpu_session.sh lprep final loop   # the session's last call: lprep in the
 #                                              # background, the GPU tests of the kernels, workers
@@ -183,6 +187,14 @@ for step in "$@"; do
       # the quantized matmuls and the fused kernels (their GPU tests), beside lprep if started
       timeout ${TESTS_Q_S:-300} python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_quant.py \
         tests/test_quant_graphs.py tests/test_fused.py 2>&1 | tee "$OUT/gpu-tests-q.log" | tail -8 ;;
+    pair)
+      # issue 22's ratios with their spread: the 7B models of lprep side by side in one process,
+      # rounds interleaved (pair_loop.py), then one profiled decode and prefill each
+      for _ in $(seq ${LPREP_WAIT:-60}); do [ -f /root/gl-prep.done ] && break; sleep 5; done
+      [ -f /root/gl-prep.done ] || echo "lprep NOT done: measured beside the conversion"
+      left=$(( T0 + ${PAIR_BUDGET_S:-470} - $(date +%s) )); [ $left -lt 1 ] && left=1
+      timeout $(( left + 120 )) python3 benchmarks/pair_loop.py --work /root/gl --rounds ${PAIR_ROUNDS:-6} \
+        --deadline-s $left ${PAIR_ARGS:-} --out "$OUT/pair.json" 2>&1 | grep "==" | tee "$OUT/pair.log" ;;
     contexts)
       [ -d /root/pf/llama-7b-8-float16 ] || python3 -m gdsllm synth /root/pf/llama-7b-8-float16 --shape llama-7b --layers 8 > /dev/null 2>&1
       timeout 300 python3 benchmarks/probe_contexts.py -m /root/pf/llama-7b-8-float16 ${CONTEXTS_ARGS:-} --out "$OUT/contexts.json" 2>&1 \

@@ -156,6 +156,33 @@ def profile(llm, prompts: list[str], tokens: int, top: int) -> dict:
             "top": top_kernels(ks, passes, top)}
 
 
+def python_top(fn, top: int, key: int = 2) -> list[dict]:
+    """cProfile of fn() (then a device sync): the `top` Python functions by their own time
+    (key 2) or with their callees (key 3): where the host's time goes."""
+    import cProfile
+    import pstats
+    cp = cProfile.Profile()
+    cp.enable()
+    fn()
+    sync()
+    cp.disable()
+    rows = sorted(((f"{Path(f).name}:{line}:{name}", v[0], v[2], v[3])
+                   for (f, line, name), v in pstats.Stats(cp).stats.items()), key=lambda r: -r[key])[:top]
+    return [{"where": w, "calls": c, "tottime_ms": t * 1e3, "cumtime_ms": cum * 1e3} for w, c, t, cum in rows]
+
+
+def host_decode(llm, prompts: list[str], tokens: int, top: int) -> dict:
+    """The host's side of decode passes: cProfile over one generate of `tokens` tokens (the
+    prompt's pass one of tokens + 1), by own time and with callees, per token."""
+    llm.generate(prompts, greedy(tokens))  # warm-up
+    wall = timed(lambda: llm.generate(prompts, greedy(tokens)))
+    own = python_top(lambda: llm.generate(prompts, greedy(tokens)), top)
+    cum = python_top(lambda: llm.generate(prompts, greedy(tokens)), top, key=3)
+    per = lambda rows: [{**r, "tottime_us_per_token": r["tottime_ms"] * 1e3 / tokens,
+                         "cumtime_us_per_token": r["cumtime_ms"] * 1e3 / tokens} for r in rows]
+    return {"tokens": tokens, "wall_ms_per_token": wall / tokens * 1e3, "own": per(own), "cum": per(cum)}
+
+
 def prefill(llm, vocab: int, n: int, top: int) -> dict:
     """The first token of an n-token prompt (token ids, as bench_loop.py's prefill row): best of 3
     unprofiled, then one under torch.profiler (kernels, GPU busy time, the host ops that took
@@ -170,16 +197,7 @@ def prefill(llm, vocab: int, n: int, top: int) -> dict:
             wall = timed(lambda: llm.generate([ids], greedy(1)))
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
-    import cProfile
-    import pstats
-    cp = cProfile.Profile()  # the Python side of one more prefill: where the host's time goes
-    cp.enable()
-    llm.generate([ids], greedy(1))
-    sync()
-    cp.disable()
-    st = pstats.Stats(cp)
-    py = sorted(((f"{Path(f).name}:{line}:{fn}", v[0], v[2], v[3]) for (f, line, fn), v in st.stats.items()),
-                key=lambda r: -r[2])[:top]
+    py = python_top(lambda: llm.generate([ids], greedy(1)), top)  # the Python side of one more prefill
     ks = [e for e in events if is_kernel(e)]
     host = defaultdict(lambda: [0, 0.0])
     for e in events:
@@ -191,8 +209,7 @@ def prefill(llm, vocab: int, n: int, top: int) -> dict:
             "top": top_kernels(ks, 1, top),
             "host_top": [{"name": k[:120], "calls": c, "us": t}
                          for k, (c, t) in sorted(host.items(), key=lambda kv: -kv[1][1])[:top]],
-            "python_top": [{"where": w, "calls": c, "tottime_ms": t * 1e3, "cumtime_ms": cum * 1e3}
-                           for w, c, t, cum in py]}
+            "python_top": py}
 
 
 # issue 22's launch savings, each on or off: (x in plane order written by the norms and the
@@ -269,6 +286,8 @@ def main() -> int:
     ap.add_argument("--ab-rounds", type=int, default=2)
     ap.add_argument("--ab-only", default=",".join(ARMS), help="--ab-arms: these arms only")
     ap.add_argument("--serve", action="store_true", help="also through gdsllm serve, batch 1")
+    ap.add_argument("--host", action="store_true", help="decode rows: cProfile of the host's side instead of "
+                    "torch.profiler's kernels")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     from gdsllm import LLM
@@ -293,6 +312,18 @@ def main() -> int:
         for b in batches:
             prompts = [PROMPT] if b == 1 else [f"{PROMPT} {i}" for i in range(b)]
             row = {"ms_per_token": decode_ms(llm, prompts, a.tokens)}
+            if a.host:
+                row["host"] = h = host_decode(llm, prompts, a.tokens, a.top)
+                print(f"\n== {q} ({a.dtype}) batch {b}: {row['ms_per_token']:.3f} ms/token; host (cProfile) "
+                      f"{h['wall_ms_per_token']:.3f} ms/token unprofiled", flush=True)
+                for kind in ("cum", "own"):
+                    for t in h[kind]:
+                        print(f"  {kind} {t['tottime_us_per_token']:8.1f} us own {t['cumtime_us_per_token']:8.1f} us "
+                              f"with callees {t['calls'] / a.tokens:6.1f}x  {t['where']}")
+                if a.out:
+                    a.out.write_text(json.dumps(res | {"rows": {**res["rows"], f"{q}_{a.dtype}_b{b}": row}}, indent=1))
+                res["rows"][f"{q}_{a.dtype}_b{b}"] = row
+                continue
             row.update(profile(llm, prompts, a.profile_tokens, a.top))
             res["rows"][f"{q}_{a.dtype}_b{b}"] = row
             print(f"\n== {q} ({a.dtype}) batch {b}: {row['ms_per_token']:.3f} ms/token unprofiled, "

@@ -101,7 +101,7 @@ from gdsllm.quant.schemes import QuantWeight
 CHOICES = {
     "int4": ((4, "tinygemm"), (32, (16, 128, 4, 3, 0, 128, True, False, True, True, True)),
              (64, (32, 64, 4, 3, 4, 128, True, True))),
-    "int8": ((16, (16, 64, 4, 4, 8, 128, True)), (32, (32, 64, 4, 3, 4, 128, True)),
+    "int8": ((16, (16, 64, 4, 3, 8, 128, True)), (32, (32, 64, 4, 3, 4, 128, True)),
              (64, (64, 64, 8, 3, 2, 128, True))),
 }
 # Where a chosen tile is not `usable` for the weight and x (the planes tile: groups narrower than
