@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="then torch.profiler over one decode and one prefill")
     ap.add_argument("--profile-tokens", type=int, default=8)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--toggle", default=None, help="MODULE.FLAG: a boolean set in even rounds, cleared in odd "
+                    "ones (an A/B in the same process), reported by its value too")
     ap.add_argument("--deadline-s", type=float, default=None, help="no new round after this many seconds")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -124,18 +126,30 @@ def main() -> None:
         if a.out:
             a.out.write_text(json.dumps(res, indent=1))
 
+    if a.toggle:
+        import importlib
+        mod, flag = a.toggle.rsplit(".", 1)
+        toggled = importlib.import_module(mod)
+        res["run"]["toggle"] = a.toggle
     llms = open_models(a)
     for r in range(a.rounds):
         if a.deadline_s is not None and r and time.monotonic() - t0 > a.deadline_s:
             res["stopped"] = f"deadline after {r} rounds"
             break
         order = a.qtypes[r % len(a.qtypes):] + a.qtypes[:r % len(a.qtypes)]
+        if a.toggle:  # an A/B inside the pairing: the flag on in even rounds, off in odd ones
+            setattr(toggled, flag, r % 2 == 0)
         row = {q: measure(a, q, llms[q]) for q in order}
+        if a.toggle:
+            row["toggle"] = r % 2 == 0
         res["rounds"].append(row)
-        print(f"== round {r}: " + "; ".join(
+        print(f"== round {r}{' ' + flag + '=' + str(row['toggle']) if a.toggle else ''}: " + "; ".join(
             f"{q} b1 {row[q]['b1_ms']:.3f} ms, b{a.batch} {row[q]['batch_tok_s']:.0f} tok/s, "
             f"prefill {row[q]['prefill_s'] * 1e3:.1f} ms" for q in a.qtypes), flush=True)
         res["summary"] = summary(res["rounds"], a.qtypes)
+        if a.toggle:
+            res["summary_by_toggle"] = {str(on): summary([x for x in res["rounds"] if x["toggle"] == on], a.qtypes)
+                                        for on in (True, False) if any(x["toggle"] == on for x in res["rounds"])}
         save()
     tokens_equal = {q: all(r[q]["batch_ids"] == res["rounds"][0][q]["batch_ids"] for r in res["rounds"])
                     for q in a.qtypes}
@@ -148,6 +162,12 @@ def main() -> None:
         else:
             print(f"== {k}: b1 median {v['b1_ms']['median']:.3f} ms ({v['b1_ms']['min']:.3f}-{v['b1_ms']['max']:.3f})",
                   flush=True)
+    for on, sm in res.get("summary_by_toggle", {}).items():
+        print(f"== {a.toggle}={on}: " + "; ".join(
+            f"{q} prefill median {sm[q]['prefill_s']['median'] * 1e3:.1f} ms, b{a.batch} "
+            f"{sm[q]['batch_tok_s']['median']:.0f} tok/s" for q in a.qtypes), flush=True)
+    if a.toggle:
+        setattr(toggled, flag, True)
     save()
     if a.profile:
         res["profile"] = profiles(a, llms)
