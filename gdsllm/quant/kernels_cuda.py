@@ -59,8 +59,13 @@ share one, gate and up another; the copy alone costs 2.3-3.7 us at 1-64 rows).
 int4: tinygemm to 4 rows, the planes tile (16, 128, 4, 3, auto split, 128, swap, planes) to 32,
 the 32-row whole tile to 64, then dequantize; where the planes tile is not usable (groups of
 less than a k-block, as GGUF's Q4_K; float32 x) the whole tiles of FALLBACK, as before. int8:
-the 16-row tile (16, 64, 4, 4, 8, 128, swap) to 16, the 32-row tile to 32, the 64-row tile
-(split 2) to 64, then dequantize.
+the 16-row tile (16, 64, 4, 3, 8, 128, swap) to 16, the 32-row tile to 32, the 64-row tile
+(split 2) to 64, then dequantize. The 16-row int8 tile pipelines 3 stages, not the sweep's 4:
+in `probe_w4_tiles.py grouped` (H200, 2026-12-05 03:52 UTC) 3 stages were quicker at every shape
+and row count timed (o / gate / down at 1 row 12.6 / 27.3 / 25.1 us against 12.9 / 29.5 / 25.5;
+at 16 rows 13.5 / 29.1 / 26.0 against 13.8 / 31.8 / 26.2); the 7B int8 model then decoded one
+sequence in 5.44 ms a token (median of 6 rounds, docs/BENCHMARKS.md 2026-12-05 05:23), its
+greedy tokens at batch 1 and 16 the same as with 4 stages.
 
 Re-timed over an int4 block's launches as `linears` makes them (q+k+v, o, gate+up, down; H200,
 2026-12-05 03:52 UTC, `benchmarks/probe_w4_tiles.py grouped`): at 16 rows the chosen planes tile
