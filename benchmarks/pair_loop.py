@@ -37,8 +37,8 @@ def open_models(a) -> dict:
     from gdsllm import LLM
     llms = {}
     for q in a.qtypes:
-        kv = a.batch * (a.tokens + 64) + 2 * a.prefill_tokens  # fixed: not 90% of what is free
-        llms[q] = LLM(str(bench_loop.model_dir(a, q)), device=a.device, max_batch=a.batch, kv_tokens=kv)
+        llms[q] = LLM(str(bench_loop.model_dir(a, q)), device=a.device, max_batch=a.batch,
+                      kv_tokens=profile_decode.fixed_kv_tokens(a.batch, a.tokens, a.prefill_tokens))
     return llms
 
 
@@ -130,6 +130,7 @@ def main() -> None:
         import importlib
         mod, flag = a.toggle.rsplit(".", 1)
         toggled = importlib.import_module(mod)
+        before = getattr(toggled, flag)
         res["run"]["toggle"] = a.toggle
     llms = open_models(a)
     for r in range(a.rounds):
@@ -167,7 +168,7 @@ def main() -> None:
             f"{q} prefill median {sm[q]['prefill_s']['median'] * 1e3:.1f} ms, b{a.batch} "
             f"{sm[q]['batch_tok_s']['median']:.0f} tok/s" for q in a.qtypes), flush=True)
     if a.toggle:
-        setattr(toggled, flag, True)
+        setattr(toggled, flag, before)
     save()
     if a.profile:
         res["profile"] = profiles(a, llms)
