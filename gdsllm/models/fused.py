@@ -130,7 +130,7 @@ def _act_mul(gate: torch.Tensor, up: torch.Tensor, act: str, index: torch.Tensor
     if index is not None and index.shape != (cols,):
         raise ValueError(f"act_mul: column index {tuple(index.shape)} for {cols} columns")
     if n:
-        _act_mul_kernel[(triton.cdiv(n, _ACT_BLOCK),)](
+        _act_mul_kernel[(-(-n // _ACT_BLOCK),)](  # not triton.cdiv: 2 us on the host
             gate, up, out, index if index is not None else out, out if outp is None else outp, n,
             cols, gate.stride(0) if strided else cols, up.stride(0) if strided else cols,
             GELU=act == "gelu_pytorch_tanh", HAS_P=index is not None, STRIDED=strided,

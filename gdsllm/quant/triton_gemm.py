@@ -628,6 +628,13 @@ def _w8_dequant(q_ptr, sc_ptr, out_ptr, N, K4, stride_qn, G: tl.constexpr, BLOCK
         tl.store(row + k[None, :], w, mask=mask_n[:, None] & (wcol < K4)[None, :])
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host: triton.cdiv is a constexpr function, 2 us a call from Python
+    (Triton 3.5, this repository's 2-vCPU VM) against 0.03, and a dequantization or GEMM launch
+    asked it three to six times."""
+    return -(-a // b)
+
+
 def _words8(w: QuantWeight) -> torch.Tensor:
     """The int8 weight [N, K] as int32 words [N, K/4] (a view)."""
     return w.data.view(torch.int32)
@@ -737,14 +744,14 @@ def matmul(x: torch.Tensor, w: QuantWeight | tuple[QuantWeight, ...],
         unit, steps = 1 if cfg.planes else max(1, cfg.block_k // (16 * t)), k // (16 * t)  # k-blocks
     else:
         unit, steps = cfg.block_k, k  # in inputs
-    tiles = [triton.cdiv(v.shape[0], cfg.block_n) for v in parts]
-    grid = [sum(tiles), triton.cdiv(m, cfg.block_m), 1]
+    tiles = [_cdiv(v.shape[0], cfg.block_n) for v in parts]
+    grid = [sum(tiles), _cdiv(m, cfg.block_m), 1]
     want = cfg.split_k or auto_split(grid[0] * grid[1], _sm_count(x.device))
-    split = max(1, min(want, triton.cdiv(steps, unit)))
+    split = max(1, min(want, _cdiv(steps, unit)))
     if grid[0] * grid[1] > SPLIT_K_COUNTERS or split * m * n >= 2 ** 31:
         split = 1
-    per_split = triton.cdiv(triton.cdiv(steps, split), unit) * unit
-    grid[2] = split = triton.cdiv(steps, per_split)
+    per_split = _cdiv(_cdiv(steps, split), unit) * unit
+    grid[2] = split = _cdiv(steps, per_split)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if split > 1:
         ws, locks = torch.empty(split, m, n, dtype=torch.float32, device=x.device), lock_buffer(x.device)
@@ -806,7 +813,7 @@ def dequantize_into(w: QuantWeight | tuple[QuantWeight, ...], out: torch.Tensor,
     if qtype == "int4" and len(ws) <= 3:
         t = inner_k_tiles(k)
         p = list(ws) + [ws[0]] * (3 - len(ws))  # absent parts: no program reaches them
-        b = [triton.cdiv(v.shape[0], block_n) for v in ws] + [0] * (3 - len(ws))
+        b = [_cdiv(v.shape[0], block_n) for v in ws] + [0] * (3 - len(ws))
         _w4_dequant[(sum(b), k // (16 * t))](
             p[0].data, p[0].scales, p[1].data, p[1].scales, p[2].data, p[2].scales, out,
             p[0].shape[0], p[1].shape[0], p[2].shape[0], b[0], b[0] + b[1], k // (16 * t),
@@ -820,7 +827,7 @@ def dequantize_into(w: QuantWeight | tuple[QuantWeight, ...], out: torch.Tensor,
             dequantize_into(v, part, planes, block_n)
         else:
             q, bw = _words8(v), min(32, max(16, group // 4))  # one group a step from 64
-            _w8_dequant[(triton.cdiv(rows, block_n), triton.cdiv(k // 4, bw))](
+            _w8_dequant[(_cdiv(rows, block_n), _cdiv(k // 4, bw))](
                 q, v.scales, part, rows, k // 4, q.stride(0), G=group, BLOCK_W=bw,
                 BLOCK_N=block_n, PLANES=planes)
         start += rows
